@@ -1,0 +1,128 @@
+//! [`ConfigError`]: what is wrong with a config file, and where.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// A place in a config file: `file:line:column` (line and column from 1; either may be unknown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The file the config was read from (or a name such as `<embedded>`).
+    pub file: PathBuf,
+    /// The line, from 1, when known.
+    pub line: Option<usize>,
+    /// The column, from 1, when known.
+    pub column: Option<usize>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown key, or a value of the wrong type or form.
+    #[error("{at}: {key}: {message}")]
+    Parse {
+        /// Where.
+        at: Location,
+        /// The key path (`network.pod_network_cidr`, `wireguard_peers[1].public_key`).
+        key: String,
+        /// What the parser said, without its position.
+        message: String,
+    },
+    /// Every value parsed, but they do not fit together.
+    #[error("{at}: {key}: {problem}")]
+    Invalid {
+        /// Where.
+        at: Location,
+        /// The key path.
+        key: String,
+        /// What is wrong.
+        #[source]
+        problem: Problem,
+    },
+}
+
+impl ConfigError {
+    /// The key path the error is about.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Parse { key, .. } | Self::Invalid { key, .. } => Some(key),
+        }
+    }
+
+    /// Where in the file the error is.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Parse { at, .. } | Self::Invalid { at, .. } => Some(at),
+        }
+    }
+}
+
+/// A value that parsed on its own but is wrong in context.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// `pod_network_cidr` has more than one prefix of one family.
+    #[error("at most one IPv4 and one IPv6 CIDR, found {0} of the same family")]
+    TwoOfOneFamily(String),
+    /// `pod_network_cidr` is an empty list.
+    #[error("must name at least one CIDR")]
+    Empty,
+    /// A node block size is not longer than the pool prefix, or beyond the address width.
+    #[error("mask size /{mask} does not fit the pool {pool} (it must be longer than /{} and at most /{max})", pool.prefix_len())]
+    MaskSize {
+        /// The mask size.
+        mask: u8,
+        /// The pool.
+        pool: ipnet::IpNet,
+        /// The widest mask of the family.
+        max: u8,
+    },
+    /// `node.pod_cidr` lies outside `pod_network_cidr`.
+    #[error("{block} is not inside the pod network {pools}")]
+    OutsidePool {
+        /// The block.
+        block: ipnet::IpNet,
+        /// The pools, comma separated.
+        pools: String,
+    },
+    /// Two `wireguard_peers` have the same name.
+    #[error("duplicate peer name {0:?}")]
+    DuplicateName(String),
+    /// Two `wireguard_peers` have the same public key.
+    #[error("duplicate public key {0} (also used by peer {1:?})")]
+    DuplicateKey(String, String),
+    /// Two peers claim the same prefix.
+    #[error("{0} is already claimed by peer {1:?}")]
+    DuplicatePrefix(ipnet::IpNet, String),
+    /// The MTU is below what IPv6 needs or above what a tunnel can carry.
+    #[error("{0} is out of range 1280-65455")]
+    Mtu(u16),
+    /// An interface name the kernel would refuse.
+    #[error("interface name {0:?} must be 1-15 characters without '/' or whitespace")]
+    InterfaceName(String),
+    /// A name that is empty.
+    #[error("must not be empty")]
+    EmptyName,
+}

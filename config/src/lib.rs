@@ -1,0 +1,220 @@
+//! weft's config: the YAML schema of `DESIGN.md`, its defaults, and its validation into typed values.
+//!
+//! # Architecture
+//!
+//! [`Config::parse`] deserializes the text into raw structs (`raw`, every key optional, unknown keys
+//! refused) whose scalar values (`value`: CIDRs, addresses, ports, keys, durations) parse themselves,
+//! so a bad value is reported with its line and key. The raw structs then become a [`Config`] with
+//! every default filled in and the values checked against each other; a [`ConfigError`] names the
+//! file, line and key of the first problem. Loading ([`Config::load`]) reads the file and the
+//! machine's hostname and is kept apart from parsing so tests need neither.
+
+mod error;
+mod locate;
+mod raw;
+mod validate;
+pub mod value;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use crate::error::{ConfigError, Location, Problem};
+pub use crate::value::PublicKey;
+
+/// Where `weft run` reads its config unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weft.yaml";
+
+/// The whole validated config, defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// This node.
+    pub node: Node,
+    /// The overlay network.
+    pub network: Network,
+    /// The gossip mesh.
+    pub mesh: Mesh,
+    /// The data plane.
+    pub router: Router,
+    /// Plain WireGuard peers outside the mesh.
+    pub wireguard_peers: Vec<WireguardPeer>,
+    /// The CNI network config the daemon writes.
+    pub cni: Cni,
+    /// The Kubernetes node source.
+    pub kubernetes: Kubernetes,
+    /// Where keys and IPAM state live.
+    pub state_dir: PathBuf,
+    /// The local API's unix socket.
+    pub api_socket: PathBuf,
+    /// Where Prometheus metrics and `/healthz` are served.
+    pub metrics_address: SocketAddr,
+}
+
+/// This node's identity and addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// The node name (default: the hostname).
+    pub name: String,
+    /// The region, when known from the config.
+    pub region: Option<String>,
+    /// The address peers in the same region use.
+    pub private_address: Option<IpAddr>,
+    /// The address peers in other regions use.
+    pub public_address: Option<IpAddr>,
+    /// The WireGuard private key file (default `state_dir/private.key`).
+    pub key_file: PathBuf,
+    /// A static pod CIDR block, at most one per family.
+    pub pod_cidr: Vec<IpNet>,
+}
+
+/// The overlay network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Network {
+    /// The cluster's pod network: one IPv4 and/or one IPv6 prefix.
+    pub pod_network_cidr: Vec<IpNet>,
+    /// Node block size for IPv4 (default 24).
+    pub node_cidr_mask_size_ipv4: u8,
+    /// Node block size for IPv6 (default 64).
+    pub node_cidr_mask_size_ipv6: u8,
+    /// How long a dead node's block is kept before reclaim (default 24h).
+    pub block_expiry: Duration,
+    /// Underlay subnets where plaintext is allowed when both ends agree.
+    pub trusted_subnets: Vec<IpNet>,
+    /// The TUN MTU; `None` means underlay MTU minus the encapsulation overhead.
+    pub mtu: Option<u16>,
+    /// Masquerade pod traffic leaving the pod network (default true).
+    pub nat_outgoing: bool,
+    /// Destinations that keep the pod source address.
+    pub no_masquerade: Vec<IpNet>,
+}
+
+/// The gossip mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mesh {
+    /// TCP port for gossip (default 6783).
+    pub port: u16,
+    /// Bootstrap peers, each with its port (the mesh port when none was given).
+    pub peers: Vec<SocketAddr>,
+    /// The cluster secret file.
+    pub secret_file: PathBuf,
+}
+
+/// Whether the data path uses kernel offloads where it finds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Offload {
+    /// Use batching, GSO/GRO and TUN offloads where the kernel has them.
+    #[default]
+    Auto,
+    /// The plain path: one packet per system call.
+    Off,
+}
+
+/// The data plane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Router {
+    /// UDP port for WireGuard and plaintext encapsulation (default 51820).
+    pub port: u16,
+    /// The TUN device's name (default `weft0`).
+    pub interface: String,
+    /// Offload setting (default auto).
+    pub offload: Offload,
+}
+
+/// A plain WireGuard peer outside the mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireguardPeer {
+    /// A name for status and logs.
+    pub name: String,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Where to reach it; `None` for a roaming peer until it speaks first.
+    pub endpoint: Option<SocketAddr>,
+    /// The overlay prefixes routed to it and accepted from it.
+    pub allowed_ips: Vec<IpNet>,
+    /// Keepalive interval in seconds.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The CNI network config the daemon writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cni {
+    /// Path of the conflist.
+    pub conflist: PathBuf,
+}
+
+/// The Kubernetes node source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kubernetes {
+    /// Whether nodes, regions and pod CIDRs come from the Kubernetes API.
+    pub enabled: bool,
+}
+
+impl Config {
+    /// Reads and parses the config file at `path`; the hostname is the default node name.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path, &hostname())
+    }
+
+    /// Parses config text; `origin` names it in errors, `hostname` is the default node name.
+    pub fn parse(text: &str, origin: &Path, hostname: &str) -> Result<Self, ConfigError> {
+        let raw = parse_raw(text, origin)?;
+        validate::validate(raw, text, origin, hostname)
+    }
+}
+
+/// The machine's hostname, or `localhost` when it cannot be read.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+fn parse_raw(text: &str, origin: &Path) -> Result<raw::RawConfig, ConfigError> {
+    // An empty file (or one of only comments) is the all-defaults config.
+    if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        return Ok(raw::RawConfig::default());
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // A syntax error leaves `?` where the parser lost track; keep the part it knew.
+        let key = e.path().to_string();
+        let key = key.split(".?").next().unwrap_or(".").to_owned();
+        let inner = e.into_inner();
+        let mut pos = inner.location().map(|l| (l.line(), l.column()));
+        // Inside a list item the parser points at the item's first line; the key's own line is
+        // more precise when it can be found at or below that.
+        if let Some(found) = locate::locate(text, &key)
+            && pos.is_none_or(|p| found.0 >= p.0)
+        {
+            pos = Some(found);
+        }
+        let mut message = inner.to_string();
+        // The parser appends its own position and prefixes the path; both are reported apart.
+        if let Some(cut) = message.rfind(" at line ") {
+            message.truncate(cut);
+        }
+        if let Some((prefix, rest)) = message.split_once(": ")
+            && !prefix.contains(' ')
+            && key.starts_with(prefix)
+        {
+            message = rest.to_owned();
+        }
+        ConfigError::Parse {
+            at: Location {
+                file: origin.to_owned(),
+                line: pos.map(|p| p.0),
+                column: pos.map(|p| p.1),
+            },
+            key: if key == "." { "(top level)".to_owned() } else { key },
+            message,
+        }
+    })
+}

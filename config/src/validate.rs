@@ -1,0 +1,212 @@
+//! Turns a [`RawConfig`] into a [`Config`]: defaults filled in, values checked against each other.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::raw::RawConfig;
+use crate::value::Cidr;
+use crate::{
+    Cni, Config, ConfigError, Kubernetes, Location, Mesh, Network, Node, Problem, Router,
+    WireguardPeer,
+};
+
+const DEFAULT_POD_NETWORK: &str = "100.64.0.0/16";
+const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
+
+/// Builds the error for `key`, locating it in `text`.
+struct Errors<'a> {
+    text: &'a str,
+    origin: &'a Path,
+}
+
+impl Errors<'_> {
+    fn at(&self, key: &str, problem: Problem) -> ConfigError {
+        let pos = crate::locate::locate(self.text, key);
+        ConfigError::Invalid {
+            at: Location {
+                file: self.origin.to_owned(),
+                line: pos.map(|p| p.0),
+                column: pos.map(|p| p.1),
+            },
+            key: key.to_owned(),
+            problem,
+        }
+    }
+}
+
+fn nets(cidrs: Vec<Cidr>) -> Vec<IpNet> {
+    cidrs.into_iter().map(|c| c.0).collect()
+}
+
+/// At most one prefix per family.
+fn one_per_family(errs: &Errors<'_>, key: &str, list: &[IpNet]) -> Result<(), ConfigError> {
+    let v4 = list.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
+    let v6 = list.len() - v4;
+    if v4 > 1 || v6 > 1 {
+        let fam = if v4 > 1 { "IPv4" } else { "IPv6" };
+        return Err(errs.at(key, Problem::TwoOfOneFamily(fam.to_owned())));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate(
+    raw: RawConfig,
+    text: &str,
+    origin: &Path,
+    hostname: &str,
+) -> Result<Config, ConfigError> {
+    let errs = Errors { text, origin };
+
+    // network
+    let n = raw.network;
+    let pod_network_cidr = match n.pod_network_cidr {
+        Some(list) => nets(list.0),
+        // Invariant: the default is a literal, canonical CIDR.
+        None => vec![DEFAULT_POD_NETWORK.parse().expect("default pod network parses")],
+    };
+    if pod_network_cidr.is_empty() {
+        return Err(errs.at("network.pod_network_cidr", Problem::Empty));
+    }
+    one_per_family(&errs, "network.pod_network_cidr", &pod_network_cidr)?;
+    let mask_v4 = n.node_cidr_mask_size_ipv4.or(n.node_cidr_mask_size).unwrap_or(24);
+    let mask_v6 = n.node_cidr_mask_size_ipv6.unwrap_or(64);
+    for pool in &pod_network_cidr {
+        let (mask, key, max) = match pool {
+            IpNet::V4(_) if n.node_cidr_mask_size_ipv4.is_some() => {
+                (mask_v4, "network.node_cidr_mask_size_ipv4", 32)
+            }
+            IpNet::V4(_) => (mask_v4, "network.node_cidr_mask_size", 32),
+            IpNet::V6(_) => (mask_v6, "network.node_cidr_mask_size_ipv6", 128),
+        };
+        if mask <= pool.prefix_len() || mask > max {
+            return Err(errs.at(key, Problem::MaskSize { mask, pool: *pool, max }));
+        }
+    }
+    if let Some(mtu) = n.mtu
+        && !(1280..=65455).contains(&mtu)
+    {
+        return Err(errs.at("network.mtu", Problem::Mtu(mtu)));
+    }
+    let network = Network {
+        node_cidr_mask_size_ipv4: mask_v4,
+        node_cidr_mask_size_ipv6: mask_v6,
+        block_expiry: n.block_expiry.map_or(Duration::from_secs(24 * 3600), |d| d.0),
+        trusted_subnets: nets(n.trusted_subnets.unwrap_or_default()),
+        mtu: n.mtu,
+        nat_outgoing: n.nat_outgoing.unwrap_or(true),
+        no_masquerade: nets(n.no_masquerade.unwrap_or_default()),
+        pod_network_cidr,
+    };
+
+    // node
+    let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let name = raw.node.name.unwrap_or_else(|| hostname.to_owned());
+    if name.trim().is_empty() {
+        return Err(errs.at("node.name", Problem::EmptyName));
+    }
+    let pod_cidr = raw.node.pod_cidr.map(|l| nets(l.0)).unwrap_or_default();
+    one_per_family(&errs, "node.pod_cidr", &pod_cidr)?;
+    for block in &pod_cidr {
+        if !network.pod_network_cidr.iter().any(|pool| pool.contains(block)) {
+            let pools = network.pod_network_cidr.iter().map(ToString::to_string).collect();
+            let pools: Vec<String> = pools;
+            return Err(errs.at(
+                "node.pod_cidr",
+                Problem::OutsidePool { block: *block, pools: pools.join(", ") },
+            ));
+        }
+    }
+    let node = Node {
+        name,
+        region: raw.node.region.filter(|r| !r.trim().is_empty()),
+        private_address: raw.node.private_address.map(|a| a.0),
+        public_address: raw.node.public_address.map(|a| a.0),
+        key_file: raw.node.key_file.unwrap_or_else(|| state_dir.join("private.key")),
+        pod_cidr,
+    };
+
+    // mesh and router
+    let mesh_port = raw.mesh.port.map_or(6783, |p| p.0);
+    let mesh = Mesh {
+        port: mesh_port,
+        peers: raw
+            .mesh
+            .peers
+            .unwrap_or_default()
+            .into_iter()
+            .map(|hp| SocketAddr::new(hp.ip, hp.port.unwrap_or(mesh_port)))
+            .collect(),
+        secret_file: raw.mesh.secret_file.unwrap_or_else(|| PathBuf::from("/etc/weft/secret")),
+    };
+    let interface = raw.router.interface.unwrap_or_else(|| "weft0".to_owned());
+    if interface.is_empty()
+        || interface.len() > 15
+        || interface.contains('/')
+        || interface.contains(char::is_whitespace)
+    {
+        return Err(errs.at("router.interface", Problem::InterfaceName(interface)));
+    }
+    let router = Router {
+        port: raw.router.port.map_or(51820, |p| p.0),
+        interface,
+        offload: raw.router.offload.unwrap_or_default(),
+    };
+
+    // wireguard_peers: unique names, keys and prefixes (our own block counts as claimed).
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut keys: HashMap<[u8; 32], String> = HashMap::new();
+    let mut prefixes: HashMap<IpNet, String> =
+        node.pod_cidr.iter().map(|b| (*b, format!("{} (this node)", node.name))).collect();
+    let mut wireguard_peers = Vec::new();
+    for (i, p) in raw.wireguard_peers.into_iter().enumerate() {
+        if p.name.trim().is_empty() {
+            return Err(errs.at(&format!("wireguard_peers[{i}].name"), Problem::EmptyName));
+        }
+        if names.insert(p.name.clone(), i).is_some() {
+            let key = format!("wireguard_peers[{i}].name");
+            return Err(errs.at(&key, Problem::DuplicateName(p.name)));
+        }
+        if let Some(other) = keys.insert(p.public_key.0, p.name.clone()) {
+            let key = format!("wireguard_peers[{i}].public_key");
+            return Err(errs.at(&key, Problem::DuplicateKey(p.public_key.to_string(), other)));
+        }
+        for (j, net) in p.allowed_ips.iter().enumerate() {
+            if let Some(other) = prefixes.insert(net.0, p.name.clone()) {
+                let key = format!("wireguard_peers[{i}].allowed_ips[{j}]");
+                return Err(errs.at(&key, Problem::DuplicatePrefix(net.0, other)));
+            }
+        }
+        wireguard_peers.push(WireguardPeer {
+            name: p.name,
+            public_key: p.public_key,
+            endpoint: p.endpoint.map(|e| e.0),
+            allowed_ips: nets(p.allowed_ips),
+            persistent_keepalive: p.persistent_keepalive.filter(|&k| k > 0),
+        });
+    }
+
+    Ok(Config {
+        node,
+        network,
+        mesh,
+        router,
+        wireguard_peers,
+        cni: Cni {
+            conflist: raw
+                .cni
+                .conflist
+                .unwrap_or_else(|| PathBuf::from("/etc/cni/net.d/10-weft.conflist")),
+        },
+        kubernetes: Kubernetes { enabled: raw.kubernetes.enabled.unwrap_or(false) },
+        api_socket: raw.api_socket.unwrap_or_else(|| PathBuf::from("/run/weft/weft.sock")),
+        metrics_address: raw.metrics_address.map_or_else(
+            || SocketAddr::from(([127, 0, 0, 1], 6782)),
+            |e| e.0,
+        ),
+        state_dir,
+    })
+}

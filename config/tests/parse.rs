@@ -1,0 +1,175 @@
+//! The config file contract: every key of DESIGN.md parses, defaults fill the rest, and every kind
+//! of bad input is refused with the file, line and key it is about.
+
+use std::path::Path;
+use std::time::Duration;
+
+use weft_config::{Config, ConfigError, Offload};
+
+const FULL: &str = r#"
+node:
+  name: node-a
+  region: eu-west
+  private_address: 198.18.1.1
+  public_address: 198.19.0.1
+  key_file: /var/lib/weft/private.key
+  pod_cidr: 100.64.1.0/24
+network:
+  pod_network_cidr: 100.64.0.0/16
+  node_cidr_mask_size: 24
+  block_expiry: 24h
+  trusted_subnets: [198.18.0.0/16]
+  mtu: 1420
+  nat_outgoing: true
+  no_masquerade: []
+mesh:
+  port: 6783
+  peers: [198.18.1.2, "198.19.0.3:6783"]
+  secret_file: /etc/weft/secret
+router:
+  port: 51820
+  interface: weft0
+  offload: auto
+wireguard_peers:
+  - name: laptop
+    public_key: aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd28=
+    endpoint: 198.18.1.2:51820
+    allowed_ips: [100.64.200.0/24]
+    persistent_keepalive: 25
+cni:
+  conflist: /etc/cni/net.d/10-weft.conflist
+kubernetes:
+  enabled: false
+state_dir: /var/lib/weft
+api_socket: /run/weft/weft.sock
+metrics_address: 127.0.0.1:6782
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/weft/weft.yaml"), "host-1")
+}
+
+/// Parses `text`, expects an error, and checks it names the file, `line` and `key`.
+fn refused(text: &str, line: usize, key: &str) -> String {
+    let err = parse(text).expect_err("config should be refused");
+    let msg = err.to_string();
+    assert!(msg.starts_with(&format!("/etc/weft/weft.yaml:{line}:")), "wrong file or line: {msg}");
+    assert_eq!(err.key(), Some(key), "wrong key: {msg}");
+    assert!(msg.contains(key), "message does not name the key: {msg}");
+    msg
+}
+
+#[test]
+fn the_design_example_parses_in_full() {
+    let c = parse(FULL).unwrap();
+    assert_eq!(c.node.name, "node-a");
+    assert_eq!(c.node.region.as_deref(), Some("eu-west"));
+    assert_eq!(c.node.pod_cidr, vec!["100.64.1.0/24".parse().unwrap()]);
+    assert_eq!(c.network.block_expiry, Duration::from_secs(86400));
+    assert_eq!(c.network.mtu, Some(1420));
+    assert_eq!(c.mesh.peers, vec!["198.18.1.2:6783".parse().unwrap(), "198.19.0.3:6783".parse().unwrap()]);
+    assert_eq!(c.router.offload, Offload::Auto);
+    assert_eq!(c.wireguard_peers.len(), 1);
+    assert_eq!(c.wireguard_peers[0].persistent_keepalive, Some(25));
+    assert_eq!(c.wireguard_peers[0].endpoint, Some("198.18.1.2:51820".parse().unwrap()));
+}
+
+#[test]
+fn an_empty_file_is_all_defaults() {
+    let c = parse("# nothing here\n").unwrap();
+    assert_eq!(c.node.name, "host-1");
+    assert_eq!(c.node.key_file, Path::new("/var/lib/weft/private.key"));
+    assert_eq!(c.network.pod_network_cidr, vec!["100.64.0.0/16".parse().unwrap()]);
+    assert_eq!((c.network.node_cidr_mask_size_ipv4, c.network.node_cidr_mask_size_ipv6), (24, 64));
+    assert!(c.network.nat_outgoing);
+    assert_eq!((c.mesh.port, c.router.port), (6783, 51820));
+    assert_eq!(c.router.interface, "weft0");
+    assert_eq!(c.api_socket, Path::new("/run/weft/weft.sock"));
+    assert_eq!(c.metrics_address, "127.0.0.1:6782".parse().unwrap());
+}
+
+#[test]
+fn dual_stack_pod_network_takes_a_list() {
+    let c = parse(
+        "network:\n  pod_network_cidr: [100.64.0.0/16, 'fd00:64::/48']\n  node_cidr_mask_size_ipv6: 64\n",
+    )
+    .unwrap();
+    assert_eq!(c.network.pod_network_cidr.len(), 2);
+}
+
+#[test]
+fn syntax_error_names_line() {
+    let msg = refused("node:\n  name: a\n   region: [unclosed\n", 3, "node");
+    assert!(msg.contains("mapping values are not allowed") || msg.contains("did not find"), "{msg}");
+}
+
+#[test]
+fn unknown_key_is_refused() {
+    let msg = refused("node:\n  name: a\n  colour: blue\n", 3, "node.colour");
+    assert!(msg.contains("unknown field `colour`"), "{msg}");
+}
+
+#[test]
+fn bad_cidr_is_refused() {
+    let msg = refused("network:\n  pod_network_cidr: 100.64.0.0/33\n", 2, "network.pod_network_cidr");
+    assert!(msg.contains("invalid CIDR \"100.64.0.0/33\""), "{msg}");
+    let msg = refused("network:\n  trusted_subnets:\n    - 198.18.0.1/16\n", 3, "network.trusted_subnets[0]");
+    assert!(msg.contains("did you mean 198.18.0.0/16"), "{msg}");
+}
+
+#[test]
+fn bad_key_is_refused() {
+    let text = "wireguard_peers:\n  - name: x\n    public_key: not-a-key\n    allowed_ips: []\n";
+    let msg = refused(text, 3, "wireguard_peers[0].public_key");
+    assert!(msg.contains("invalid WireGuard public key"), "{msg}");
+}
+
+#[test]
+fn port_out_of_range_is_refused() {
+    let msg = refused("router:\n  port: 70000\n", 2, "router.port");
+    assert!(msg.contains("port 70000 is out of range"), "{msg}");
+    refused("mesh:\n  port: 0\n", 2, "mesh.port");
+}
+
+#[test]
+fn static_block_outside_the_pool_is_refused() {
+    let msg = refused("node:\n  pod_cidr: 100.65.1.0/24\n", 2, "node.pod_cidr");
+    assert!(msg.contains("not inside the pod network 100.64.0.0/16"), "{msg}");
+}
+
+#[test]
+fn peers_may_not_share_names_keys_or_prefixes() {
+    let k1 = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let k2 = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+    let text = format!(
+        "wireguard_peers:\n  - name: a\n    public_key: {k1}\n    allowed_ips: [100.64.2.0/24]\n  - name: b\n    public_key: {k2}\n    allowed_ips:\n      - 100.64.3.0/24\n      - 100.64.2.0/24\n"
+    );
+    let msg = refused(&text, 9, "wireguard_peers[1].allowed_ips[1]");
+    assert!(msg.contains("already claimed by peer \"a\""), "{msg}");
+    let text = format!(
+        "wireguard_peers:\n  - name: a\n    public_key: {k1}\n  - name: b\n    public_key: {k1}\n"
+    );
+    refused(&text, 5, "wireguard_peers[1].public_key");
+    let text = format!(
+        "wireguard_peers:\n  - name: a\n    public_key: {k1}\n  - name: a\n    public_key: {k2}\n"
+    );
+    refused(&text, 4, "wireguard_peers[1].name");
+}
+
+#[test]
+fn mask_size_must_fit_the_pool() {
+    let msg = refused("network:\n  node_cidr_mask_size: 12\n", 2, "network.node_cidr_mask_size");
+    assert!(msg.contains("does not fit the pool 100.64.0.0/16"), "{msg}");
+}
+
+#[test]
+fn wrong_type_is_refused() {
+    refused("network:\n  nat_outgoing: maybe\n", 2, "network.nat_outgoing");
+    refused("router:\n  offload: fast\n", 2, "router.offload");
+}
+
+#[test]
+fn unreadable_file_names_the_path() {
+    let err = Config::load(Path::new("/nonexistent/weft.yaml")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/weft.yaml"), "{err}");
+}
