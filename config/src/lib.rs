@@ -156,8 +156,10 @@ pub struct Kubernetes {
 impl Config {
     /// Reads and parses the config file at `path`; the hostname is the default node name.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path, &hostname())
     }
 
@@ -179,7 +181,10 @@ fn hostname() -> String {
 
 fn parse_raw(text: &str, origin: &Path) -> Result<raw::RawConfig, ConfigError> {
     // An empty file (or one of only comments) is the all-defaults config.
-    if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
         return Ok(raw::RawConfig::default());
     }
     let de = serde_yaml_ng::Deserializer::from_str(text);
@@ -213,7 +218,11 @@ fn parse_raw(text: &str, origin: &Path) -> Result<raw::RawConfig, ConfigError> {
                 line: pos.map(|p| p.0),
                 column: pos.map(|p| p.1),
             },
-            key: if key == "." { "(top level)".to_owned() } else { key },
+            key: if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            },
             message,
         }
     })

@@ -58,7 +58,9 @@ pub(crate) fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
                     (deeper(col) && lines[i][col..].starts_with('-')).then_some((i, col))
                 });
                 items.next().and_then(|first| {
-                    std::iter::once(first).chain(items.filter(|&(_, c)| c == first.1)).nth(n)
+                    std::iter::once(first)
+                        .chain(items.filter(|&(_, c)| c == first.1))
+                        .nth(n)
                 })
             }
         };
@@ -69,7 +71,11 @@ pub(crate) fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
             .find(|&i| indent(lines[i]).is_some_and(|c| c <= col))
             .unwrap_or(lines.len());
         // A list item's first key sits on the dash's own line; a key's value starts below it.
-        start = if matches!(step, Step::Index(_)) { line } else { line + 1 };
+        start = if matches!(step, Step::Index(_)) {
+            line
+        } else {
+            line + 1
+        };
     }
     found
 }
@@ -99,12 +105,18 @@ wireguard_peers:
         assert_eq!(locate(TEXT, "network.pod_network_cidr"), Some((4, 3)));
         assert_eq!(locate(TEXT, "wireguard_peers[0].allowed_ips"), Some((7, 5)));
         assert_eq!(locate(TEXT, "wireguard_peers[1].name"), Some((8, 5)));
-        assert_eq!(locate(TEXT, "wireguard_peers[1].allowed_ips[1]"), Some((12, 7)));
+        assert_eq!(
+            locate(TEXT, "wireguard_peers[1].allowed_ips[1]"),
+            Some((12, 7))
+        );
     }
 
     #[test]
     fn missing_parts_fall_back_to_the_deepest_found() {
-        assert_eq!(locate(TEXT, "wireguard_peers[0].allowed_ips[0]"), Some((7, 5)));
+        assert_eq!(
+            locate(TEXT, "wireguard_peers[0].allowed_ips[0]"),
+            Some((7, 5))
+        );
         assert_eq!(locate(TEXT, "router.port"), None);
     }
 }

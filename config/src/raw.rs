@@ -5,9 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::value::{
-    Address, Cidr, Endpoint, HostPort, HumanDuration, OneOrMany, Port, PublicKey,
-};
+use crate::value::{Address, Cidr, Endpoint, HostPort, HumanDuration, OneOrMany, Port, PublicKey};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

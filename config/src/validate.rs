@@ -66,13 +66,20 @@ pub(crate) fn validate(
     let pod_network_cidr = match n.pod_network_cidr {
         Some(list) => nets(list.0),
         // Invariant: the default is a literal, canonical CIDR.
-        None => vec![DEFAULT_POD_NETWORK.parse().expect("default pod network parses")],
+        None => vec![
+            DEFAULT_POD_NETWORK
+                .parse()
+                .expect("default pod network parses"),
+        ],
     };
     if pod_network_cidr.is_empty() {
         return Err(errs.at("network.pod_network_cidr", Problem::Empty));
     }
     one_per_family(&errs, "network.pod_network_cidr", &pod_network_cidr)?;
-    let mask_v4 = n.node_cidr_mask_size_ipv4.or(n.node_cidr_mask_size).unwrap_or(24);
+    let mask_v4 = n
+        .node_cidr_mask_size_ipv4
+        .or(n.node_cidr_mask_size)
+        .unwrap_or(24);
     let mask_v6 = n.node_cidr_mask_size_ipv6.unwrap_or(64);
     for pool in &pod_network_cidr {
         let (mask, key, max) = match pool {
@@ -83,7 +90,14 @@ pub(crate) fn validate(
             IpNet::V6(_) => (mask_v6, "network.node_cidr_mask_size_ipv6", 128),
         };
         if mask <= pool.prefix_len() || mask > max {
-            return Err(errs.at(key, Problem::MaskSize { mask, pool: *pool, max }));
+            return Err(errs.at(
+                key,
+                Problem::MaskSize {
+                    mask,
+                    pool: *pool,
+                    max,
+                },
+            ));
         }
     }
     if let Some(mtu) = n.mtu
@@ -94,7 +108,9 @@ pub(crate) fn validate(
     let network = Network {
         node_cidr_mask_size_ipv4: mask_v4,
         node_cidr_mask_size_ipv6: mask_v6,
-        block_expiry: n.block_expiry.map_or(Duration::from_secs(24 * 3600), |d| d.0),
+        block_expiry: n
+            .block_expiry
+            .map_or(Duration::from_secs(24 * 3600), |d| d.0),
         trusted_subnets: nets(n.trusted_subnets.unwrap_or_default()),
         mtu: n.mtu,
         nat_outgoing: n.nat_outgoing.unwrap_or(true),
@@ -103,7 +119,9 @@ pub(crate) fn validate(
     };
 
     // node
-    let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let name = raw.node.name.unwrap_or_else(|| hostname.to_owned());
     if name.trim().is_empty() {
         return Err(errs.at("node.name", Problem::EmptyName));
@@ -111,12 +129,23 @@ pub(crate) fn validate(
     let pod_cidr = raw.node.pod_cidr.map(|l| nets(l.0)).unwrap_or_default();
     one_per_family(&errs, "node.pod_cidr", &pod_cidr)?;
     for block in &pod_cidr {
-        if !network.pod_network_cidr.iter().any(|pool| pool.contains(block)) {
-            let pools = network.pod_network_cidr.iter().map(ToString::to_string).collect();
+        if !network
+            .pod_network_cidr
+            .iter()
+            .any(|pool| pool.contains(block))
+        {
+            let pools = network
+                .pod_network_cidr
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             let pools: Vec<String> = pools;
             return Err(errs.at(
                 "node.pod_cidr",
-                Problem::OutsidePool { block: *block, pools: pools.join(", ") },
+                Problem::OutsidePool {
+                    block: *block,
+                    pools: pools.join(", "),
+                },
             ));
         }
     }
@@ -125,7 +154,10 @@ pub(crate) fn validate(
         region: raw.node.region.filter(|r| !r.trim().is_empty()),
         private_address: raw.node.private_address.map(|a| a.0),
         public_address: raw.node.public_address.map(|a| a.0),
-        key_file: raw.node.key_file.unwrap_or_else(|| state_dir.join("private.key")),
+        key_file: raw
+            .node
+            .key_file
+            .unwrap_or_else(|| state_dir.join("private.key")),
         pod_cidr,
     };
 
@@ -140,7 +172,10 @@ pub(crate) fn validate(
             .into_iter()
             .map(|hp| SocketAddr::new(hp.ip, hp.port.unwrap_or(mesh_port)))
             .collect(),
-        secret_file: raw.mesh.secret_file.unwrap_or_else(|| PathBuf::from("/etc/weft/secret")),
+        secret_file: raw
+            .mesh
+            .secret_file
+            .unwrap_or_else(|| PathBuf::from("/etc/weft/secret")),
     };
     let interface = raw.router.interface.unwrap_or_else(|| "weft0".to_owned());
     if interface.is_empty()
@@ -159,8 +194,11 @@ pub(crate) fn validate(
     // wireguard_peers: unique names, keys and prefixes (our own block counts as claimed).
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut keys: HashMap<[u8; 32], String> = HashMap::new();
-    let mut prefixes: HashMap<IpNet, String> =
-        node.pod_cidr.iter().map(|b| (*b, format!("{} (this node)", node.name))).collect();
+    let mut prefixes: HashMap<IpNet, String> = node
+        .pod_cidr
+        .iter()
+        .map(|b| (*b, format!("{} (this node)", node.name)))
+        .collect();
     let mut wireguard_peers = Vec::new();
     for (i, p) in raw.wireguard_peers.into_iter().enumerate() {
         if p.name.trim().is_empty() {
@@ -201,12 +239,15 @@ pub(crate) fn validate(
                 .conflist
                 .unwrap_or_else(|| PathBuf::from("/etc/cni/net.d/10-weft.conflist")),
         },
-        kubernetes: Kubernetes { enabled: raw.kubernetes.enabled.unwrap_or(false) },
-        api_socket: raw.api_socket.unwrap_or_else(|| PathBuf::from("/run/weft/weft.sock")),
-        metrics_address: raw.metrics_address.map_or_else(
-            || SocketAddr::from(([127, 0, 0, 1], 6782)),
-            |e| e.0,
-        ),
+        kubernetes: Kubernetes {
+            enabled: raw.kubernetes.enabled.unwrap_or(false),
+        },
+        api_socket: raw
+            .api_socket
+            .unwrap_or_else(|| PathBuf::from("/run/weft/weft.sock")),
+        metrics_address: raw
+            .metrics_address
+            .map_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6782)), |e| e.0),
         state_dir,
     })
 }

@@ -18,8 +18,9 @@ macro_rules! deserialize_from_str {
         impl<'de> Deserialize<'de> for $ty {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
-                s.parse()
-                    .map_err(|e| de::Error::custom(format_args!("invalid {} {:?}: {}", $what, s, e)))
+                s.parse().map_err(|e| {
+                    de::Error::custom(format_args!("invalid {} {:?}: {}", $what, s, e))
+                })
             }
         }
     };
@@ -85,7 +86,9 @@ impl<'de> Deserialize<'de> for Port {
         let n = i64::deserialize(d)?;
         match u16::try_from(n) {
             Ok(p) if p != 0 => Ok(Self(p)),
-            _ => Err(de::Error::custom(format_args!("port {n} is out of range 1-65535"))),
+            _ => Err(de::Error::custom(format_args!(
+                "port {n} is out of range 1-65535"
+            ))),
         }
     }
 }
@@ -116,7 +119,10 @@ impl FromStr for HostPort {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(Self { ip: sa.ip(), port: Some(sa.port()) });
+            return Ok(Self {
+                ip: sa.ip(),
+                port: Some(sa.port()),
+            });
         }
         s.parse().map(|ip| Self { ip, port: None })
     }
@@ -143,7 +149,10 @@ impl FromStr for PublicKey {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bytes = BASE64.decode(s.trim()).map_err(|_| KeyError::Base64)?;
         let len = bytes.len();
-        bytes.try_into().map(Self).map_err(|_| KeyError::Length(len))
+        bytes
+            .try_into()
+            .map(Self)
+            .map_err(|_| KeyError::Length(len))
     }
 }
 deserialize_from_str!(PublicKey, "WireGuard public key");
@@ -176,7 +185,9 @@ impl FromStr for HumanDuration {
     type Err = DurationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or(DurationError::Syntax)?;
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or(DurationError::Syntax)?;
         let (num, unit) = s.split_at(split);
         let n: u64 = num.parse().map_err(|_| DurationError::Syntax)?;
         let mult = match unit {
@@ -186,7 +197,9 @@ impl FromStr for HumanDuration {
             "d" => 86400,
             _ => return Err(DurationError::Syntax),
         };
-        n.checked_mul(mult).map(|secs| Self(Duration::from_secs(secs))).ok_or(DurationError::Syntax)
+        n.checked_mul(mult)
+            .map(|secs| Self(Duration::from_secs(secs)))
+            .ok_or(DurationError::Syntax)
     }
 }
 deserialize_from_str!(HumanDuration, "duration");
@@ -234,8 +247,14 @@ mod tests {
 
     #[test]
     fn durations_take_units() {
-        assert_eq!("24h".parse::<HumanDuration>().unwrap().0, Duration::from_secs(86400));
-        assert_eq!("90s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(90));
+        assert_eq!(
+            "24h".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(86400)
+        );
+        assert_eq!(
+            "90s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(90)
+        );
         assert!("24".parse::<HumanDuration>().is_err());
         assert!("h".parse::<HumanDuration>().is_err());
         assert!("99999999999999999999d".parse::<HumanDuration>().is_err());

@@ -53,7 +53,10 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 fn refused(text: &str, line: usize, key: &str) -> String {
     let err = parse(text).expect_err("config should be refused");
     let msg = err.to_string();
-    assert!(msg.starts_with(&format!("/etc/weft/weft.yaml:{line}:")), "wrong file or line: {msg}");
+    assert!(
+        msg.starts_with(&format!("/etc/weft/weft.yaml:{line}:")),
+        "wrong file or line: {msg}"
+    );
     assert_eq!(err.key(), Some(key), "wrong key: {msg}");
     assert!(msg.contains(key), "message does not name the key: {msg}");
     msg
@@ -67,11 +70,20 @@ fn the_design_example_parses_in_full() {
     assert_eq!(c.node.pod_cidr, vec!["100.64.1.0/24".parse().unwrap()]);
     assert_eq!(c.network.block_expiry, Duration::from_secs(86400));
     assert_eq!(c.network.mtu, Some(1420));
-    assert_eq!(c.mesh.peers, vec!["198.18.1.2:6783".parse().unwrap(), "198.19.0.3:6783".parse().unwrap()]);
+    assert_eq!(
+        c.mesh.peers,
+        vec![
+            "198.18.1.2:6783".parse().unwrap(),
+            "198.19.0.3:6783".parse().unwrap()
+        ]
+    );
     assert_eq!(c.router.offload, Offload::Auto);
     assert_eq!(c.wireguard_peers.len(), 1);
     assert_eq!(c.wireguard_peers[0].persistent_keepalive, Some(25));
-    assert_eq!(c.wireguard_peers[0].endpoint, Some("198.18.1.2:51820".parse().unwrap()));
+    assert_eq!(
+        c.wireguard_peers[0].endpoint,
+        Some("198.18.1.2:51820".parse().unwrap())
+    );
 }
 
 #[test]
@@ -79,8 +91,17 @@ fn an_empty_file_is_all_defaults() {
     let c = parse("# nothing here\n").unwrap();
     assert_eq!(c.node.name, "host-1");
     assert_eq!(c.node.key_file, Path::new("/var/lib/weft/private.key"));
-    assert_eq!(c.network.pod_network_cidr, vec!["100.64.0.0/16".parse().unwrap()]);
-    assert_eq!((c.network.node_cidr_mask_size_ipv4, c.network.node_cidr_mask_size_ipv6), (24, 64));
+    assert_eq!(
+        c.network.pod_network_cidr,
+        vec!["100.64.0.0/16".parse().unwrap()]
+    );
+    assert_eq!(
+        (
+            c.network.node_cidr_mask_size_ipv4,
+            c.network.node_cidr_mask_size_ipv6
+        ),
+        (24, 64)
+    );
     assert!(c.network.nat_outgoing);
     assert_eq!((c.mesh.port, c.router.port), (6783, 51820));
     assert_eq!(c.router.interface, "weft0");
@@ -100,7 +121,10 @@ fn dual_stack_pod_network_takes_a_list() {
 #[test]
 fn syntax_error_names_line() {
     let msg = refused("node:\n  name: a\n   region: [unclosed\n", 3, "node");
-    assert!(msg.contains("mapping values are not allowed") || msg.contains("did not find"), "{msg}");
+    assert!(
+        msg.contains("mapping values are not allowed") || msg.contains("did not find"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -111,9 +135,17 @@ fn unknown_key_is_refused() {
 
 #[test]
 fn bad_cidr_is_refused() {
-    let msg = refused("network:\n  pod_network_cidr: 100.64.0.0/33\n", 2, "network.pod_network_cidr");
+    let msg = refused(
+        "network:\n  pod_network_cidr: 100.64.0.0/33\n",
+        2,
+        "network.pod_network_cidr",
+    );
     assert!(msg.contains("invalid CIDR \"100.64.0.0/33\""), "{msg}");
-    let msg = refused("network:\n  trusted_subnets:\n    - 198.18.0.1/16\n", 3, "network.trusted_subnets[0]");
+    let msg = refused(
+        "network:\n  trusted_subnets:\n    - 198.18.0.1/16\n",
+        3,
+        "network.trusted_subnets[0]",
+    );
     assert!(msg.contains("did you mean 198.18.0.0/16"), "{msg}");
 }
 
@@ -134,7 +166,10 @@ fn port_out_of_range_is_refused() {
 #[test]
 fn static_block_outside_the_pool_is_refused() {
     let msg = refused("node:\n  pod_cidr: 100.65.1.0/24\n", 2, "node.pod_cidr");
-    assert!(msg.contains("not inside the pod network 100.64.0.0/16"), "{msg}");
+    assert!(
+        msg.contains("not inside the pod network 100.64.0.0/16"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -158,13 +193,21 @@ fn peers_may_not_share_names_keys_or_prefixes() {
 
 #[test]
 fn mask_size_must_fit_the_pool() {
-    let msg = refused("network:\n  node_cidr_mask_size: 12\n", 2, "network.node_cidr_mask_size");
+    let msg = refused(
+        "network:\n  node_cidr_mask_size: 12\n",
+        2,
+        "network.node_cidr_mask_size",
+    );
     assert!(msg.contains("does not fit the pool 100.64.0.0/16"), "{msg}");
 }
 
 #[test]
 fn wrong_type_is_refused() {
-    refused("network:\n  nat_outgoing: maybe\n", 2, "network.nat_outgoing");
+    refused(
+        "network:\n  nat_outgoing: maybe\n",
+        2,
+        "network.nat_outgoing",
+    );
     refused("router:\n  offload: fast\n", 2, "router.offload");
 }
 

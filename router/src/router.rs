@@ -1,0 +1,681 @@
+//! [`Router`]: the sans-IO forwarding core.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
+use tracing::{debug, trace};
+
+use crate::packet;
+use crate::peer::{PathKind, Peer, PeerConfig, PeerId, PeerStatus};
+use crate::plaintext;
+use crate::stats::{DropReason, Drops, PeerCounters};
+use crate::table::PrefixTable;
+use crate::tunnel::Tunnel;
+
+/// How often WireGuard's timers run (boringtun asks for about every 250 ms).
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshake initiations accepted per second before the router answers with cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// The smallest output buffer the router accepts: a handshake initiation is 148 bytes.
+pub const MIN_BUFFER: usize = 148;
+/// What WireGuard adds to an inner packet: 16 bytes header, 16 bytes tag.
+pub const WIREGUARD_OVERHEAD: usize = 32;
+
+/// A datagram for the driver to send; its bytes are the first `len` of the caller's buffer.
+#[must_use = "a transmit must be sent"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: SocketAddr,
+    /// Its length in the caller's buffer.
+    pub len: usize,
+}
+
+/// What to do after [`Router::handle_tun_packet`].
+#[must_use = "the packet must be sent or its drop accounted for"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunAction {
+    /// Send this datagram.
+    Transmit(Transmit),
+    /// The packet waits for a handshake already under way.
+    Queued,
+    /// The packet was dropped and counted.
+    Dropped(DropReason),
+}
+
+/// What to do after [`Router::handle_datagram`].
+#[must_use = "the output must be written or sent"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetAction {
+    /// Write the first `len` bytes of the buffer to the TUN device.
+    WriteTun(usize),
+    /// Send this datagram (a handshake response, cookie or keepalive).
+    Transmit(Transmit),
+    /// Nothing to write (a keepalive, a cookie).
+    Done,
+    /// The datagram was dropped and counted.
+    Dropped(DropReason),
+}
+
+/// Something the control plane may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A WireGuard handshake with the peer completed: its endpoint is confirmed.
+    HandshakeCompleted {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// The peer's authenticated packets arrived from a new address, which is now its endpoint.
+    EndpointChanged {
+        /// The peer.
+        peer: PeerId,
+        /// The new endpoint.
+        endpoint: SocketAddr,
+    },
+    /// The peer's session expired with no new handshake.
+    SessionExpired {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// Why a peer could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// Another peer has this public key.
+    #[error("public key already belongs to peer {0:?}")]
+    DuplicateKey(String),
+    /// The key is this router's own.
+    #[error("public key is this node's own")]
+    OwnKey,
+    /// Another peer already owns a prefix.
+    #[error("{net} already belongs to peer {owner:?}")]
+    PrefixTaken {
+        /// The prefix.
+        net: IpNet,
+        /// Its owner.
+        owner: String,
+    },
+    /// A plaintext peer is known by its address, so it needs one.
+    #[error("a plaintext peer needs an endpoint")]
+    PlaintextWithoutEndpoint,
+    /// Another plaintext peer has this address.
+    #[error("plaintext endpoint {0} already belongs to peer {1:?}")]
+    DuplicateAddress(IpAddr, String),
+    /// All 2^24 session indexes are in use.
+    #[error("no free session index")]
+    NoIndex,
+}
+
+/// The forwarding core: an allowed-IPs table from overlay prefixes to peers, and per peer a
+/// WireGuard session or a plaintext one.
+///
+/// It owns no socket and reads no clock. Inputs: [`handle_tun_packet`](Self::handle_tun_packet)
+/// for a packet read from the TUN device, [`handle_datagram`](Self::handle_datagram) for one from
+/// the UDP socket, [`handle_timeout`](Self::handle_timeout) when
+/// [`poll_timeout`](Self::poll_timeout) is reached. Both packet inputs write their output into a
+/// caller-owned buffer and say what to do with it; nothing is allocated per packet. After every
+/// input the caller drains, in this order, [`poll_transmit`](Self::poll_transmit) until `None`,
+/// then [`poll_timeout`](Self::poll_timeout), then [`poll_event`](Self::poll_event). Commands:
+/// [`add_peer`](Self::add_peer), [`remove_peer`](Self::remove_peer),
+/// [`set_endpoint`](Self::set_endpoint).
+///
+/// Anti-spoofing: a packet from peer P reaches the TUN device only if its inner source address
+/// routes back to P in the allowed-IPs table; everything else is dropped and counted.
+pub struct Router {
+    private_key: StaticSecret,
+    public_key: PublicKey,
+    /// Verifies handshake initiations' MAC before the costly anonymous parse, and answers floods
+    /// with cookies.
+    rate_limiter: Arc<RateLimiter>,
+    peers: HashMap<PeerId, Peer>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    /// Plaintext peers by underlay address.
+    by_addr: HashMap<IpAddr, PeerId>,
+    routes: PrefixTable<PeerId>,
+    next_index: u32,
+    /// Drops not attributable to a known peer.
+    drops: Drops,
+    next_tick: Option<Instant>,
+    last_rate_reset: Option<Instant>,
+    /// Peers whose session may have queued output after a handshake (boringtun: "call
+    /// `decapsulate` again with an empty datagram until `Done`").
+    flush: VecDeque<PeerId>,
+    /// Peers whose timers are due this tick.
+    timers: VecDeque<PeerId>,
+    events: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("peers", &self.peers.len())
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_error(e: &WireGuardError, data: bool) -> DropReason {
+    use WireGuardError as E;
+    match e {
+        E::DuplicateCounter | E::InvalidCounter | E::WrongTai64nTimestamp => DropReason::Replay,
+        E::InvalidMac | E::InvalidAeadTag | E::WrongKey | E::InvalidTai64nTimestamp => {
+            DropReason::Unauthenticated
+        }
+        E::WrongIndex => DropReason::UnknownPeer,
+        E::NoCurrentSession | E::ConnectionExpired => DropReason::NoSession,
+        E::UnderLoad => DropReason::RateLimited,
+        E::DestinationBufferTooSmall => DropReason::TooLarge,
+        E::InvalidPacket if data => DropReason::BadInnerPacket,
+        E::InvalidPacket
+        | E::IncorrectPacketLength
+        | E::WrongPacketType
+        | E::UnexpectedPacket
+        | E::LockFailed => DropReason::Malformed,
+    }
+}
+
+impl Router {
+    /// A router with no peers. `index_seed` picks where session indexes start, so that a
+    /// restarted node does not reuse the indexes of its previous life (and tests replay exactly).
+    pub fn new(private_key: StaticSecret, index_seed: u32) -> Self {
+        let public_key = PublicKey::from(&private_key);
+        Self {
+            rate_limiter: Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT)),
+            private_key,
+            public_key,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            by_addr: HashMap::new(),
+            routes: PrefixTable::default(),
+            next_index: index_seed & PeerId::MAX,
+            drops: Drops::default(),
+            next_tick: None,
+            last_rate_reset: None,
+            flush: VecDeque::new(),
+            timers: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key.to_bytes()
+    }
+
+    /// Drops not attributable to a known peer (malformed datagrams, unknown senders).
+    pub fn drops(&self) -> &Drops {
+        &self.drops
+    }
+
+    /// A snapshot of every peer, in index order.
+    pub fn peers(&self, now: Instant) -> Vec<PeerStatus> {
+        let mut out: Vec<_> = self.peers.values().map(|p| p.status(now)).collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// The peer with this public key.
+    pub fn peer_by_key(&self, key: &[u8; 32]) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Adds a peer with a real WireGuard session (or a plaintext one), and routes its prefixes.
+    pub fn add_peer(&mut self, now: Instant, config: PeerConfig) -> Result<PeerId, PeerError> {
+        let id = self.check_new_peer(&config)?;
+        let tunnel: Option<Box<dyn Tunnel>> = match config.path {
+            PathKind::Encrypted => Some(Box::new(Tunn::new(
+                self.private_key.clone(),
+                PublicKey::from(config.public_key),
+                None,
+                config.persistent_keepalive,
+                id.index(),
+                None,
+            ))),
+            PathKind::Plaintext => None,
+        };
+        Ok(self.insert_peer(now, id, config, tunnel))
+    }
+
+    /// Adds a peer around the given tunnel (tests use a fake one).
+    #[cfg(test)]
+    pub(crate) fn add_peer_with(
+        &mut self,
+        now: Instant,
+        config: PeerConfig,
+        tunnel: Box<dyn Tunnel>,
+    ) -> Result<PeerId, PeerError> {
+        let id = self.check_new_peer(&config)?;
+        Ok(self.insert_peer(now, id, config, Some(tunnel)))
+    }
+
+    fn check_new_peer(&mut self, config: &PeerConfig) -> Result<PeerId, PeerError> {
+        if config.public_key == self.public_key.to_bytes() {
+            return Err(PeerError::OwnKey);
+        }
+        if let Some(other) = self.by_key.get(&config.public_key) {
+            return Err(PeerError::DuplicateKey(
+                self.peers[other].config.name.clone(),
+            ));
+        }
+        for net in &config.allowed_ips {
+            if let Some(owner) = self.routes.iter().find(|(n, _)| **n == net.trunc()) {
+                let owner = self.peers[owner.1].config.name.clone();
+                return Err(PeerError::PrefixTaken { net: *net, owner });
+            }
+        }
+        if config.path == PathKind::Plaintext {
+            let ip = config
+                .endpoint
+                .ok_or(PeerError::PlaintextWithoutEndpoint)?
+                .ip();
+            if let Some(other) = self.by_addr.get(&ip.to_canonical()) {
+                return Err(PeerError::DuplicateAddress(
+                    ip,
+                    self.peers[other].config.name.clone(),
+                ));
+            }
+        }
+        // Find a free 24-bit index, starting from the seed. Index 0 is never used.
+        for _ in 0..=PeerId::MAX {
+            self.next_index = (self.next_index + 1) & PeerId::MAX;
+            let id = PeerId::new(self.next_index);
+            if self.next_index != 0 && !self.peers.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(PeerError::NoIndex)
+    }
+
+    fn insert_peer(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        config: PeerConfig,
+        tunnel: Option<Box<dyn Tunnel>>,
+    ) -> PeerId {
+        for net in &config.allowed_ips {
+            self.routes.insert(*net, id);
+        }
+        self.by_key.insert(config.public_key, id);
+        if tunnel.is_none()
+            && let Some(ep) = config.endpoint
+        {
+            self.by_addr.insert(ep.ip().to_canonical(), id);
+        }
+        debug!(peer = %id, name = %config.name, path = config.path.as_str(), "peer added");
+        let peer = Peer {
+            id,
+            endpoint: config.endpoint,
+            endpoint_learned: false,
+            config,
+            tunnel,
+            counters: PeerCounters::default(),
+            last_handshake_at: None,
+            last_rx_at: None,
+            expired: false,
+        };
+        self.peers.insert(id, peer);
+        self.next_tick.get_or_insert(now + TIMER_TICK);
+        id
+    }
+
+    /// Removes a peer and its routes; returns its configuration.
+    pub fn remove_peer(&mut self, id: PeerId) -> Option<PeerConfig> {
+        let peer = self.peers.remove(&id)?;
+        self.routes.retain(|_, p| *p != id);
+        self.by_key.remove(&peer.config.public_key);
+        self.by_addr.retain(|_, p| *p != id);
+        self.flush.retain(|p| *p != id);
+        self.timers.retain(|p| *p != id);
+        if self.peers.is_empty() {
+            self.next_tick = None;
+        }
+        debug!(peer = %id, name = %peer.config.name, "peer removed");
+        Some(peer.config)
+    }
+
+    /// Points a WireGuard peer at a new endpoint (the control plane's choice).
+    pub fn set_endpoint(&mut self, id: PeerId, endpoint: SocketAddr) {
+        if let Some(peer) = self.peers.get_mut(&id)
+            && peer.tunnel.is_some()
+        {
+            peer.endpoint = Some(endpoint);
+            peer.endpoint_learned = false;
+        }
+    }
+
+    /// Routes one packet read from the TUN device; the datagram to send is written into `out`,
+    /// which must hold at least `packet.len() + 32` and [`MIN_BUFFER`] bytes.
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> TunAction {
+        let _ = now;
+        let Some(addrs) = packet::addrs(packet) else {
+            self.drops.count(DropReason::BadInnerPacket);
+            return TunAction::Dropped(DropReason::BadInnerPacket);
+        };
+        let Some(peer) = self
+            .routes
+            .lookup(addrs.dst)
+            .and_then(|id| self.peers.get_mut(id))
+        else {
+            trace!(dst = %addrs.dst, "no route");
+            self.drops.count(DropReason::NoRoute);
+            return TunAction::Dropped(DropReason::NoRoute);
+        };
+        let drop = |peer: &mut Peer, reason| {
+            peer.counters.drops.count(reason);
+            TunAction::Dropped(reason)
+        };
+        let Some(destination) = peer.endpoint else {
+            return drop(peer, DropReason::NoEndpoint);
+        };
+        if out.len() < MIN_BUFFER.max(packet.len() + WIREGUARD_OVERHEAD) {
+            return drop(peer, DropReason::TooLarge);
+        }
+        let Some(tunnel) = peer.tunnel.as_mut() else {
+            let Some(len) = plaintext::encode(packet, out) else {
+                return drop(peer, DropReason::TooLarge);
+            };
+            peer.counters.tx_bytes += len as u64;
+            peer.counters.tx_packets += 1;
+            return TunAction::Transmit(Transmit { destination, len });
+        };
+        match tunnel.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(b) => {
+                let len = b.len();
+                peer.counters.tx_bytes += len as u64;
+                // A data message carries the packet; an initiation means it was queued.
+                if b.first() == Some(&4) {
+                    peer.counters.tx_packets += 1;
+                }
+                TunAction::Transmit(Transmit { destination, len })
+            }
+            TunnResult::Done => TunAction::Queued,
+            TunnResult::Err(e) => {
+                debug!(peer = %peer.id, error = ?e, "encapsulate failed");
+                drop(peer, map_error(&e, false))
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                drop(peer, DropReason::NoSession)
+            }
+        }
+    }
+
+    /// Handles one datagram from the UDP socket; output goes into `out`, which must hold at
+    /// least the datagram's length and [`MIN_BUFFER`] bytes.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> NetAction {
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if out.len() < MIN_BUFFER.max(datagram.len()) {
+            self.drops.count(DropReason::TooLarge);
+            return NetAction::Dropped(DropReason::TooLarge);
+        }
+        if plaintext::is_plaintext(datagram) {
+            return self.handle_plaintext(now, from, datagram, out);
+        }
+        let id = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                // Check the MAC (and the load) before the Diffie-Hellman of the anonymous parse.
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, out)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let len = cookie.len();
+                        self.drops.count(DropReason::RateLimited);
+                        return NetAction::Transmit(Transmit {
+                            destination: from,
+                            len,
+                        });
+                    }
+                    Err(_) => {
+                        self.drops.count(DropReason::Unauthenticated);
+                        return NetAction::Dropped(DropReason::Unauthenticated);
+                    }
+                }
+                match parse_handshake_anon(&self.private_key, &self.public_key, &init) {
+                    Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                        Some(id) => *id,
+                        None => {
+                            debug!(%from, "handshake from an unknown key");
+                            self.drops.count(DropReason::UnknownPeer);
+                            return NetAction::Dropped(DropReason::UnknownPeer);
+                        }
+                    },
+                    Err(_) => {
+                        self.drops.count(DropReason::Unauthenticated);
+                        return NetAction::Dropped(DropReason::Unauthenticated);
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => PeerId::from_receiver_idx(p.receiver_idx),
+            Ok(Packet::PacketCookieReply(p)) => PeerId::from_receiver_idx(p.receiver_idx),
+            Ok(Packet::PacketData(p)) => PeerId::from_receiver_idx(p.receiver_idx),
+            Err(_) => {
+                self.drops.count(DropReason::Malformed);
+                return NetAction::Dropped(DropReason::Malformed);
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            self.drops.count(DropReason::UnknownPeer);
+            return NetAction::Dropped(DropReason::UnknownPeer);
+        };
+        let Some(tunnel) = peer.tunnel.as_mut() else {
+            peer.counters.drops.count(DropReason::WrongPath);
+            return NetAction::Dropped(DropReason::WrongPath);
+        };
+        let kind = datagram[0];
+        let (action, authenticated) = match tunnel.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(b) => {
+                let len = b.len();
+                // After a handshake the session may hold queued packets: drain them next.
+                self.flush.push_back(id);
+                if kind == 1 || kind == 2 {
+                    peer.last_handshake_at = Some(now);
+                    peer.expired = false;
+                    self.events
+                        .push_back(Event::HandshakeCompleted { peer: id });
+                    debug!(peer = %id, name = %peer.config.name, "handshake completed");
+                }
+                peer.counters.tx_bytes += len as u64;
+                (
+                    NetAction::Transmit(Transmit {
+                        destination: from,
+                        len,
+                    }),
+                    true,
+                )
+            }
+            TunnResult::WriteToTunnelV4(b, src) => {
+                let len = b.len();
+                (
+                    Self::accept_inner(&self.routes, peer, src.into(), len),
+                    true,
+                )
+            }
+            TunnResult::WriteToTunnelV6(b, src) => {
+                let len = b.len();
+                (
+                    Self::accept_inner(&self.routes, peer, src.into(), len),
+                    true,
+                )
+            }
+            // A keepalive (data) or a cookie reply.
+            TunnResult::Done => (NetAction::Done, kind == 4),
+            TunnResult::Err(e) => {
+                let reason = map_error(&e, kind == 4);
+                trace!(peer = %id, error = ?e, "datagram dropped");
+                peer.counters.drops.count(reason);
+                (NetAction::Dropped(reason), false)
+            }
+        };
+        if authenticated {
+            peer.counters.rx_bytes += datagram.len() as u64;
+            peer.last_rx_at = Some(now);
+            // Roaming: the endpoint follows the peer's authenticated packets.
+            if peer.endpoint != Some(from) {
+                debug!(peer = %id, name = %peer.config.name, endpoint = %from, "endpoint changed");
+                peer.endpoint = Some(from);
+                peer.endpoint_learned = true;
+                self.events.push_back(Event::EndpointChanged {
+                    peer: id,
+                    endpoint: from,
+                });
+            }
+        }
+        action
+    }
+
+    /// The anti-spoofing check: the inner source must route back to the sending peer.
+    fn accept_inner(
+        routes: &PrefixTable<PeerId>,
+        peer: &mut Peer,
+        src: IpAddr,
+        len: usize,
+    ) -> NetAction {
+        if routes.lookup(src) != Some(&peer.id) {
+            trace!(peer = %peer.id, %src, "spoofed source dropped");
+            peer.counters.drops.count(DropReason::Spoofed);
+            return NetAction::Dropped(DropReason::Spoofed);
+        }
+        peer.counters.rx_packets += 1;
+        NetAction::WriteTun(len)
+    }
+
+    fn handle_plaintext(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> NetAction {
+        let Ok(inner) = plaintext::decode(datagram) else {
+            self.drops.count(DropReason::Malformed);
+            return NetAction::Dropped(DropReason::Malformed);
+        };
+        let Some(peer) = self
+            .by_addr
+            .get(&from.ip())
+            .and_then(|id| self.peers.get_mut(id))
+        else {
+            // Plaintext from an address no plaintext peer has: never accepted.
+            self.drops.count(DropReason::WrongPath);
+            return NetAction::Dropped(DropReason::WrongPath);
+        };
+        let Some(addrs) = packet::addrs(inner) else {
+            peer.counters.drops.count(DropReason::BadInnerPacket);
+            return NetAction::Dropped(DropReason::BadInnerPacket);
+        };
+        // Anti-spoofing before anything else is recorded.
+        let action = Self::accept_inner(&self.routes, peer, addrs.src, inner.len());
+        if let NetAction::WriteTun(len) = action {
+            out[..len].copy_from_slice(&inner[..len]);
+            peer.counters.rx_bytes += datagram.len() as u64;
+            peer.last_rx_at = Some(now);
+        }
+        action
+    }
+
+    /// Runs the timers when [`poll_timeout`](Self::poll_timeout) is reached.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(tick) = self.next_tick else { return };
+        if now < tick {
+            return;
+        }
+        self.next_tick = Some(now + TIMER_TICK);
+        if self
+            .last_rate_reset
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.rate_limiter.reset_count();
+            self.last_rate_reset = Some(now);
+        }
+        let mut due: Vec<PeerId> = self
+            .peers
+            .values()
+            .filter(|p| p.tunnel.is_some())
+            .map(|p| p.id)
+            .collect();
+        due.sort();
+        self.timers.extend(due);
+    }
+
+    /// The next datagram the router wants sent, written into `buf` (at least [`MIN_BUFFER`] and
+    /// the largest packet plus 32 bytes): packets released by a handshake, then timer output
+    /// (keepalives, handshake retries, rekeys).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        while let Some(&id) = self.flush.front() {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                self.flush.pop_front();
+                continue;
+            };
+            let (Some(tunnel), Some(destination)) = (peer.tunnel.as_mut(), peer.endpoint) else {
+                self.flush.pop_front();
+                continue;
+            };
+            match tunnel.decapsulate(None, &[], buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    let len = b.len();
+                    peer.counters.tx_bytes += len as u64;
+                    peer.counters.tx_packets += 1;
+                    return Some(Transmit { destination, len });
+                }
+                _ => {
+                    self.flush.pop_front();
+                }
+            }
+        }
+        while let Some(id) = self.timers.pop_front() {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            let Some(tunnel) = peer.tunnel.as_mut() else {
+                continue;
+            };
+            match tunnel.update_timers(buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    let len = b.len();
+                    let Some(destination) = peer.endpoint else {
+                        peer.counters.drops.count(DropReason::NoEndpoint);
+                        continue;
+                    };
+                    peer.counters.tx_bytes += len as u64;
+                    return Some(Transmit { destination, len });
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) if !peer.expired => {
+                    peer.expired = true;
+                    debug!(peer = %id, name = %peer.config.name, "session expired");
+                    self.events.push_back(Event::SessionExpired { peer: id });
+                }
+                TunnResult::Err(e) => trace!(peer = %id, error = ?e, "timer error"),
+                _ => {}
+            }
+        }
+        let _ = now;
+        None
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_tick
+    }
+
+    /// The next event for the control plane.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}

@@ -1,0 +1,340 @@
+//! Two routers with real boringtun sessions, joined by an in-memory network: handshake, data both
+//! ways (IPv4 and IPv6), and the untrusted-input paths through the real `Tunn`.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::packet::test_packet;
+use crate::{
+    DropReason, Event, NetAction, PathKind, PeerConfig, PeerId, PeerState, Router, TunAction,
+};
+
+const A_ADDR: &str = "198.18.1.1:51820";
+const B_ADDR: &str = "198.18.1.2:51820";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test socket address")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn peer(name: &str, key: &StaticSecret, endpoint: Option<&str>, allowed: &[&str]) -> PeerConfig {
+    PeerConfig {
+        name: name.into(),
+        public_key: PublicKey::from(key).to_bytes(),
+        endpoint: endpoint.map(sa),
+        allowed_ips: allowed.iter().map(|n| n.parse().expect("prefix")).collect(),
+        persistent_keepalive: None,
+        path: PathKind::Encrypted,
+    }
+}
+
+/// One side: a router, its address, and what it wrote to its TUN device.
+struct Node {
+    router: Router,
+    addr: SocketAddr,
+    tun: Vec<Vec<u8>>,
+    drops: Vec<DropReason>,
+}
+
+/// Two nodes and the datagrams in flight between them.
+struct Pair {
+    a: Node,
+    b: Node,
+    a_id: PeerId,
+    b_id: PeerId,
+    wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+    /// Every datagram that crossed the wire, for replay and inspection.
+    seen: Vec<Vec<u8>>,
+    now: Instant,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+        let now = Instant::now();
+        let mut a = Router::new(ka.clone(), 100);
+        let mut b = Router::new(kb.clone(), 200);
+        let b_id = a
+            .add_peer(
+                now,
+                peer("b", &kb, Some(B_ADDR), &["100.64.2.0/24", "fd00:64:2::/64"]),
+            )
+            .expect("b");
+        let a_id = b
+            .add_peer(
+                now,
+                peer("a", &ka, Some(A_ADDR), &["100.64.1.0/24", "fd00:64:1::/64"]),
+            )
+            .expect("a");
+        Self {
+            a: Node {
+                router: a,
+                addr: sa(A_ADDR),
+                tun: Vec::new(),
+                drops: Vec::new(),
+            },
+            b: Node {
+                router: b,
+                addr: sa(B_ADDR),
+                tun: Vec::new(),
+                drops: Vec::new(),
+            },
+            a_id,
+            b_id,
+            wire: VecDeque::new(),
+            seen: Vec::new(),
+            now,
+        }
+    }
+
+    fn node(&mut self, addr: SocketAddr) -> &mut Node {
+        if addr == self.a.addr {
+            &mut self.a
+        } else {
+            &mut self.b
+        }
+    }
+
+    /// A packet enters `from`'s TUN device.
+    fn send(&mut self, from_a: bool, src: &str, dst: &str, payload: &[u8]) -> TunAction {
+        let pkt = test_packet(ip(src), ip(dst), payload);
+        let now = self.now;
+        let node = if from_a { &mut self.a } else { &mut self.b };
+        let mut out = vec![0; 2048];
+        let action = node.router.handle_tun_packet(now, &pkt, &mut out);
+        let from = node.addr;
+        if let TunAction::Transmit(t) = action {
+            self.wire
+                .push_back((from, t.destination, out[..t.len].to_vec()));
+        }
+        self.drain(from);
+        action
+    }
+
+    /// Everything `addr`'s router wants sent now.
+    fn drain(&mut self, addr: SocketAddr) {
+        let now = self.now;
+        let mut out = vec![0; 2048];
+        let mut sends = Vec::new();
+        let node = self.node(addr);
+        while let Some(t) = node.router.poll_transmit(now, &mut out) {
+            sends.push((addr, t.destination, out[..t.len].to_vec()));
+        }
+        self.wire.extend(sends);
+    }
+
+    /// Delivers one datagram, as if from `from`, to the node at `to`.
+    fn deliver(&mut self, from: SocketAddr, to: SocketAddr, dgram: &[u8]) -> NetAction {
+        let now = self.now;
+        let mut out = vec![0; 2048];
+        let node = self.node(to);
+        let action = node.router.handle_datagram(now, from, dgram, &mut out);
+        match action {
+            NetAction::WriteTun(n) => node.tun.push(out[..n].to_vec()),
+            NetAction::Dropped(r) => node.drops.push(r),
+            NetAction::Transmit(t) => {
+                self.wire
+                    .push_back((to, t.destination, out[..t.len].to_vec()))
+            }
+            NetAction::Done => {}
+        }
+        self.drain(to);
+        action
+    }
+
+    /// Runs the wire until nothing is in flight (bounded).
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            let Some((from, to, d)) = self.wire.pop_front() else {
+                return;
+            };
+            self.seen.push(d.clone());
+            let _ = self.deliver(from, to, &d);
+        }
+        panic!("the wire did not settle in 100 datagrams");
+    }
+}
+
+#[test]
+fn handshake_then_data_both_ways_v4_and_v6() {
+    let mut p = Pair::new();
+    // The first packet waits for the handshake, which the initiation on the wire starts.
+    assert!(matches!(
+        p.send(true, "100.64.1.1", "100.64.2.1", b"first"),
+        TunAction::Transmit(_)
+    ));
+    assert_eq!(
+        p.wire.front().map(|w| w.2[0]),
+        Some(1),
+        "a handshake initiation"
+    );
+    p.settle();
+    assert_eq!(
+        p.b.tun.len(),
+        1,
+        "the queued packet arrives after the handshake"
+    );
+    assert_eq!(
+        p.b.tun[0],
+        test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"first")
+    );
+    assert!(
+        p.seen.iter().all(|d| (1..=4).contains(&d[0])),
+        "only WireGuard messages on the wire"
+    );
+    assert!(
+        p.seen.iter().all(|d| !d.windows(5).any(|w| w == b"first")),
+        "payload never in clear"
+    );
+
+    assert!(matches!(
+        p.send(false, "fd00:64:2::1", "fd00:64:1::1", b"six"),
+        TunAction::Transmit(_)
+    ));
+    p.settle();
+    assert_eq!(
+        p.a.tun,
+        vec![test_packet(ip("fd00:64:2::1"), ip("fd00:64:1::1"), b"six")]
+    );
+
+    for r in [&p.a.router, &p.b.router] {
+        let s = &r.peers(p.now)[0];
+        assert_eq!(s.state, PeerState::Up);
+        assert!(s.last_handshake.is_some());
+        assert!(s.counters.rx_bytes > 0 && s.counters.tx_bytes > 0);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = p.a.router.poll_event() {
+        events.push(e);
+    }
+    assert!(
+        events.contains(&Event::HandshakeCompleted { peer: p.b_id }),
+        "{events:?}"
+    );
+    assert!(
+        p.a.drops.is_empty() && p.b.drops.is_empty(),
+        "{:?} {:?}",
+        p.a.drops,
+        p.b.drops
+    );
+}
+
+#[test]
+fn replayed_flipped_truncated_and_garbage_datagrams_are_dropped_and_counted() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
+    p.settle();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"again");
+    let (from, to, data) = p.wire.pop_front().expect("a data message");
+    assert_eq!(data[0], 4);
+    assert!(matches!(p.deliver(from, to, &data), NetAction::WriteTun(_)));
+    assert_eq!(
+        p.deliver(from, to, &data),
+        NetAction::Dropped(DropReason::Replay)
+    );
+    // A fresh message (a new counter) with one ciphertext bit flipped.
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"third");
+    let (_, _, fresh) = p.wire.pop_front().expect("a data message");
+    let mut flipped = fresh.clone();
+    flipped[20] ^= 0x01;
+    assert_eq!(
+        p.deliver(from, to, &flipped),
+        NetAction::Dropped(DropReason::Unauthenticated)
+    );
+    for n in [0, 1, 4, 15, 31] {
+        assert_eq!(
+            p.deliver(from, to, &data[..n]),
+            NetAction::Dropped(DropReason::Malformed),
+            "{n} bytes"
+        );
+    }
+    assert_eq!(
+        p.deliver(from, to, b"GET / HTTP/1.1\r\n\r\n"),
+        NetAction::Dropped(DropReason::Malformed)
+    );
+    // A replayed handshake initiation (its timestamp is not newer).
+    let init = p
+        .seen
+        .iter()
+        .find(|d| d[0] == 1)
+        .expect("an initiation")
+        .clone();
+    assert_eq!(
+        p.deliver(from, to, &init),
+        NetAction::Dropped(DropReason::Replay)
+    );
+    // Every other drop was counted against the peer or the router.
+    let peer = &p.b.router.peers(p.now)[0];
+    assert_eq!(peer.counters.drops.get(DropReason::Replay), 2);
+    assert_eq!(peer.counters.drops.get(DropReason::Unauthenticated), 1);
+    assert_eq!(p.b.router.drops().get(DropReason::Malformed), 6);
+    assert_eq!(p.b.tun.len(), 2, "only the two genuine packets arrived");
+}
+
+#[test]
+fn a_handshake_from_an_unknown_key_is_refused() {
+    let mut p = Pair::new();
+    let stranger_key = StaticSecret::from([9; 32]);
+    let mut stranger = Router::new(stranger_key, 300);
+    let b_key = StaticSecret::from([2; 32]);
+    let now = p.now;
+    stranger
+        .add_peer(now, peer("b", &b_key, Some(B_ADDR), &["100.64.2.0/24"]))
+        .expect("peer");
+    let mut out = vec![0; 2048];
+    let pkt = test_packet(ip("100.64.9.1"), ip("100.64.2.1"), b"let me in");
+    let TunAction::Transmit(t) = stranger.handle_tun_packet(now, &pkt, &mut out) else {
+        panic!("expected an initiation");
+    };
+    let init = out[..t.len].to_vec();
+    assert_eq!(
+        p.deliver(sa("198.18.1.9:51820"), sa(B_ADDR), &init),
+        NetAction::Dropped(DropReason::UnknownPeer)
+    );
+    assert!(p.wire.is_empty(), "no response to a stranger");
+    assert_eq!(p.b.router.drops().get(DropReason::UnknownPeer), 1);
+}
+
+#[test]
+fn a_decrypted_packet_with_a_forged_source_is_not_delivered() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
+    p.settle();
+    assert_eq!(p.b.tun.len(), 1);
+    // a sends from an address it does not own (b's own block, then an unowned one).
+    for src in ["100.64.2.77", "100.65.0.1"] {
+        let _ = p.send(true, src, "100.64.2.1", b"forged");
+        p.settle();
+    }
+    assert_eq!(
+        p.b.tun.len(),
+        1,
+        "forged packets never reach the TUN device"
+    );
+    let s = &p.b.router.peers(p.now)[0];
+    assert_eq!(s.id, p.a_id);
+    assert_eq!(s.counters.drops.get(DropReason::Spoofed), 2);
+}
+
+#[test]
+fn roaming_follows_the_authenticated_sender() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
+    p.settle();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"moved");
+    let (_, to, data) = p.wire.pop_front().expect("data");
+    let new_addr = sa("198.19.0.1:40000");
+    assert!(matches!(
+        p.deliver(new_addr, to, &data),
+        NetAction::WriteTun(_)
+    ));
+    let s = &p.b.router.peers(p.now)[0];
+    assert_eq!(s.endpoint, Some(new_addr));
+    assert!(s.endpoint_learned);
+}
