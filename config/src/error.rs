@@ -58,7 +58,7 @@ pub enum ConfigError {
         key: String,
         /// What is wrong.
         #[source]
-        problem: Problem,
+        problem: Box<Problem>,
     },
 }
 

@@ -33,7 +33,7 @@ impl Errors<'_> {
                 column: pos.map(|p| p.1),
             },
             key: key.to_owned(),
-            problem,
+            problem: Box::new(problem),
         }
     }
 }

@@ -1,1 +1,107 @@
-fn main() {}
+//! `weft`: the daemon (`weft run`) and its command-line tools.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use weft::{api, daemon, keys};
+
+/// weft: a userspace overlay router. Nodes gossip their pod CIDRs, regions, addresses and
+/// WireGuard keys, and forward pod traffic through a TUN device, WireGuard-encrypted (or plain
+/// UDP between trusted subnets).
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the daemon in the foreground (systemd Type=notify). Creates the TUN device, its
+    /// address and routes; removes them on SIGTERM/SIGINT.
+    Run {
+        /// The config file (YAML).
+        #[arg(long, short, default_value = weft_config::DEFAULT_CONFIG_PATH, env = "WEFT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Shows this node and its peers, from the running daemon.
+    Status {
+        /// The daemon's API socket.
+        #[arg(long, default_value = "/run/weft/weft.sock", env = "WEFT_SOCKET")]
+        socket: PathBuf,
+        /// Prints JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints a new WireGuard private key (base64), as `wg genkey` does.
+    Genkey,
+    /// Reads a private key on standard input and prints its public key, as `wg pubkey` does.
+    Pubkey,
+    /// Prints a new cluster secret (32 random bytes, base64).
+    Gensecret,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run { config } => {
+            init_logging();
+            runtime().and_then(|rt| rt.block_on(daemon::run(&config)))
+        }
+        Cmd::Status { socket, json } => runtime().and_then(|rt| {
+            let st = rt.block_on(api::status(&socket))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", st.table());
+            }
+            Ok(())
+        }),
+        Cmd::Genkey => {
+            println!("{}", keys::encode(&keys::generate().to_bytes()));
+            Ok(())
+        }
+        Cmd::Gensecret => {
+            println!("{}", keys::encode(&keys::generate_secret()));
+            Ok(())
+        }
+        Cmd::Pubkey => (|| {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading standard input")?;
+            let key = keys::decode(&text, "standard input")?;
+            println!(
+                "{}",
+                keys::public_of(&boringtun::x25519::StaticSecret::from(key))
+            );
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

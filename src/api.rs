@@ -1,0 +1,156 @@
+//! The local API: one JSON request per line on a unix socket, one JSON response per line.
+//!
+//! ```text
+//! → {"command":"status"}
+//! ← {"ok":true,"status":{...}}        or        {"ok":false,"error":"unknown command \"x\""}
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::status::Status;
+
+/// The longest request line the server reads.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    /// The status report.
+    Status,
+}
+
+/// A response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request was served.
+    pub ok: bool,
+    /// The status, for `status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// What went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The bound socket; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct ApiSocket {
+    /// The listener.
+    pub listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiSocket {
+    /// Binds `path`, creating its directory. A socket file left by a dead daemon is replaced; a
+    /// live daemon's is not.
+    pub async fn bind(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                bail!(
+                    "API socket {} is in use: is another weft daemon running?",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale API socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the API socket {}", path.display()))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Parses one request line into a request or the error to send back.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Serves one connection: reads request lines and answers each with `answer`.
+pub async fn serve_connection<F, Fut>(stream: UnixStream, answer: F) -> std::io::Result<()>
+where
+    F: Fn(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd.take(MAX_REQUEST));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let response = match parse_request(&line) {
+            Ok(req) => answer(req).await,
+            Err(error) => Response {
+                ok: false,
+                status: None,
+                error: Some(error),
+            },
+        };
+        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        wr.write_all(&out).await?;
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Asks the daemon at `path` for its status.
+pub async fn status(path: &Path) -> anyhow::Result<Status> {
+    let call = async {
+        let mut s = UnixStream::connect(path).await.with_context(|| {
+            format!(
+                "cannot reach the weft daemon at {} (is it running?)",
+                path.display()
+            )
+        })?;
+        s.write_all(b"{\"command\":\"status\"}\n").await?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).await?;
+        let r: Response = serde_json::from_str(&line)
+            .with_context(|| format!("the daemon's answer is not a response: {line:?}"))?;
+        match (r.ok, r.status, r.error) {
+            (true, Some(st), _) => Ok(st),
+            (_, _, e) => bail!("the daemon refused: {}", e.unwrap_or_default()),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .with_context(|| format!("no answer from {} in 10 s", path.display()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_request("{\"command\":\"status\"}\n"),
+            Ok(Request::Status)
+        );
+        let e = parse_request("{\"command\":\"reboot\"}").unwrap_err();
+        assert!(e.contains("reboot"), "{e}");
+        assert!(parse_request("not json").is_err());
+    }
+}

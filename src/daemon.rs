@@ -1,0 +1,370 @@
+//! `weft run`: wires the config, the key, the TUN device, the UDP socket, the router driver and
+//! the local API together, and takes them apart again on SIGTERM/SIGINT.
+//!
+//! Everything that can be checked is checked before the host is touched (config, key file,
+//! peers, interface name free, UDP port free, API socket free); the TUN device is created last,
+//! and any failure after that deletes it again, so a daemon that cannot start leaves the host as
+//! it found it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use ipnet::IpNet;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+use weft_config::Config;
+use weft_router::driver::{Command, Driver, Snapshot, bind_udp};
+use weft_router::{PathKind, PeerConfig, Router};
+
+use crate::api::{self, ApiSocket, Request, Response};
+use crate::keys;
+use crate::netlink::Netlink;
+use crate::status::{NodeStatus, PeerStatus, Status};
+
+/// Overlay MTU when the underlay's cannot be found.
+const FALLBACK_MTU: u16 = 1420;
+/// How long shutdown waits for the data plane to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the daemon will set up, computed from the config before anything is touched.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The node's pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+    /// The TUN device's addresses: the first host of each pod CIDR, as a host prefix.
+    pub addresses: Vec<IpNet>,
+    /// Routes into the TUN device: `pod_network_cidr`, and peers' prefixes outside it.
+    pub routes: Vec<IpNet>,
+    /// The router's peers.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// The first host address of `net` (the network address itself for a host prefix).
+pub fn first_host(net: IpNet) -> IpAddr {
+    let n = net.trunc();
+    match n {
+        IpNet::V4(v4) if v4.prefix_len() < 32 => {
+            std::net::Ipv4Addr::from(u32::from(v4.network()) + 1).into()
+        }
+        IpNet::V6(v6) if v6.prefix_len() < 128 => {
+            std::net::Ipv6Addr::from(u128::from(v6.network()) + 1).into()
+        }
+        _ => n.addr(),
+    }
+}
+
+impl Plan {
+    /// The plan for `config`, read from `origin`.
+    pub fn new(config: &Config, origin: &Path) -> anyhow::Result<Self> {
+        if config.node.pod_cidr.is_empty() {
+            bail!(
+                "{}: node.pod_cidr: required: this build has no mesh or Kubernetes source to \
+                 assign the node's block, so set it (for example `pod_cidr: 100.64.1.0/24`)",
+                origin.display()
+            );
+        }
+        let pod_cidrs = config.node.pod_cidr.clone();
+        let addresses = pod_cidrs
+            .iter()
+            .map(|n| {
+                let a = first_host(*n);
+                IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
+            })
+            .collect();
+        let mut routes = config.network.pod_network_cidr.clone();
+        let mut peers = Vec::new();
+        for p in &config.wireguard_peers {
+            for net in &p.allowed_ips {
+                if !routes.iter().any(|r| r.contains(net)) {
+                    routes.push(*net);
+                }
+            }
+            peers.push(PeerConfig {
+                name: p.name.clone(),
+                public_key: p.public_key.0,
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: p.persistent_keepalive,
+                path: PathKind::Encrypted,
+            });
+        }
+        Ok(Self {
+            pod_cidrs,
+            addresses,
+            routes,
+            peers,
+        })
+    }
+}
+
+/// The overlay MTU: the configured one, else the underlay's (the link of the private address)
+/// minus WireGuard's overhead, else [`FALLBACK_MTU`].
+async fn choose_mtu(config: &Config, nl: &Netlink) -> anyhow::Result<u16> {
+    if let Some(mtu) = config.network.mtu {
+        return Ok(mtu);
+    }
+    let Some(addr) = config.node.private_address else {
+        return Ok(FALLBACK_MTU);
+    };
+    let overhead = if addr.is_ipv4() { 60 } else { 80 };
+    Ok(match nl.mtu_of_address(addr).await? {
+        Some(m) => u16::try_from(m.saturating_sub(overhead))
+            .unwrap_or(FALLBACK_MTU)
+            .max(1280),
+        None => {
+            warn!(%addr, "node.private_address is on no local link; using MTU {FALLBACK_MTU}");
+            FALLBACK_MTU
+        }
+    })
+}
+
+fn ready(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        warn!(error = %e, "systemd notification failed");
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let plan = Plan::new(&config, config_path)?;
+    let (key, created) = keys::load_or_create(&config.node.key_file)?;
+    let public_key = keys::public_of(&key);
+    if created {
+        info!(path = %config.node.key_file.display(), %public_key, "created a new private key");
+    }
+    let seed = u32::from_le_bytes(keys::generate_secret()[..4].try_into().expect("4 bytes"));
+    let mut router = Router::new(key, seed);
+    let now = std::time::Instant::now();
+    for (i, p) in plan.peers.iter().enumerate() {
+        router.add_peer(now, p.clone()).with_context(|| {
+            format!(
+                "{}: wireguard_peers[{i}] ({})",
+                config_path.display(),
+                p.name
+            )
+        })?;
+    }
+
+    let iface = config.router.interface.clone();
+    let nl = Netlink::connect().context("opening a netlink socket")?;
+    if nl.link(&iface).await?.is_some() {
+        bail!(
+            "interface {iface} already exists: another weft daemon may be running, or set \
+             router.interface to another name"
+        );
+    }
+    let mtu = choose_mtu(&config, &nl).await?;
+    let udp = bind_udp(config.router.port)
+        .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
+    let api_socket = ApiSocket::bind(&config.api_socket).await?;
+
+    // From here on the host changes: the TUN device is deleted again on any failure.
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&iface)
+        .build_async()
+        .with_context(|| format!("creating TUN device {iface}"))?;
+    let index = match nl.link(&iface).await {
+        Ok(Some((index, _))) => index,
+        Ok(None) => bail!("TUN device {iface} vanished right after its creation"),
+        Err(e) => return Err(e.into()),
+    };
+    if let Err(e) = nl
+        .configure(&iface, index, mtu, &plan.addresses, &plan.routes)
+        .await
+    {
+        drop(tun);
+        remove_link(&nl, &iface).await;
+        return Err(e.into());
+    }
+    let driver = Driver::new(router, tun, udp)?;
+    info!(
+        node = %config.node.name, interface = %iface, mtu, port = config.router.port,
+        addresses = ?plan.addresses, routes = ?plan.routes, peers = plan.peers.len(), %public_key,
+        "weft is up"
+    );
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut data_plane = tokio::spawn(driver.run(cmd_rx, stop_rx));
+    let node = Arc::new(NodeStatus {
+        name: config.node.name.clone(),
+        region: config.node.region.clone(),
+        public_key,
+        pod_cidrs: plan.pod_cidrs.iter().map(ToString::to_string).collect(),
+        private_address: config.node.private_address.map(|a| a.to_string()),
+        public_address: config.node.public_address.map(|a| a.to_string()),
+        interface: iface.clone(),
+        mtu,
+        listen_port: config.router.port,
+    });
+    ready(sd_notify::NotifyState::Ready);
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let outcome: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()) }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()) }
+            _ = hup.recv() => warn!("SIGHUP: reloading the config is not supported by this build; ignored"),
+            accepted = api_socket.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (tx, node) = (cmd_tx.clone(), node.clone());
+                    tokio::spawn(async move {
+                        let answer = |req| answer(req, tx.clone(), node.clone());
+                        if let Err(e) = api::serve_connection(stream, answer).await {
+                            tracing::debug!(error = %e, "API connection ended");
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "API accept failed"),
+            },
+            r = &mut data_plane => {
+                break match r {
+                    Ok(Ok(_)) => Err(anyhow::anyhow!("the data plane stopped unexpectedly")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("the data plane failed")),
+                    Err(e) => Err(anyhow::Error::new(e).context("the data plane panicked")),
+                };
+            }
+        }
+    };
+    ready(sd_notify::NotifyState::Stopping);
+    let _ = stop_tx.send(true);
+    if !data_plane.is_finished() {
+        match tokio::time::timeout(STOP_TIMEOUT, &mut data_plane).await {
+            Ok(_) => {}
+            Err(_) => {
+                error!("the data plane did not stop in {STOP_TIMEOUT:?}");
+                data_plane.abort();
+            }
+        }
+    }
+    // The TUN device went with the driver; make sure, and take the routes with it.
+    remove_link(&nl, &iface).await;
+    drop(api_socket);
+    info!("weft stopped");
+    outcome
+}
+
+/// Deletes the link called `name` if it is still there.
+async fn remove_link(nl: &Netlink, name: &str) {
+    match nl.link(name).await {
+        Ok(Some((index, _))) => match nl.delete_link(index).await {
+            Ok(()) => info!(interface = name, "deleted"),
+            Err(e) => error!(interface = name, error = %e, "could not delete"),
+        },
+        Ok(None) => {}
+        Err(e) => error!(interface = name, error = %e, "could not check"),
+    }
+}
+
+async fn answer(req: Request, tx: mpsc::Sender<Command>, node: Arc<NodeStatus>) -> Response {
+    match req {
+        Request::Status => {
+            let (reply, rx) = oneshot::channel();
+            let snap = match tx.send(Command::Status(reply)).await {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            match snap {
+                Some(s) => Response {
+                    ok: true,
+                    status: Some(status(&node, &s)),
+                    error: None,
+                },
+                None => Response {
+                    ok: false,
+                    status: None,
+                    error: Some("the data plane is stopping".into()),
+                },
+            }
+        }
+    }
+}
+
+fn drops(d: &weft_router::Drops) -> BTreeMap<String, u64> {
+    d.nonzero()
+        .map(|(r, n)| (r.as_str().to_owned(), n))
+        .collect()
+}
+
+/// The status report from the node's facts and a router snapshot.
+pub fn status(node: &NodeStatus, snap: &Snapshot) -> Status {
+    let peers = snap
+        .peers
+        .iter()
+        .map(|p| PeerStatus {
+            name: p.config.name.clone(),
+            region: None,
+            public_key: keys::encode(&p.config.public_key),
+            pod_cidrs: p
+                .config
+                .allowed_ips
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            endpoint_reason: match (p.endpoint, p.endpoint_learned) {
+                (None, _) => "none",
+                (Some(_), true) => "learned",
+                (Some(_), false) => "configured",
+            }
+            .to_owned(),
+            path: p.config.path.as_str().to_owned(),
+            state: p.state.as_str().to_owned(),
+            last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
+            rx_bytes: p.counters.rx_bytes,
+            tx_bytes: p.counters.tx_bytes,
+            drops: drops(&p.counters.drops),
+        })
+        .collect();
+    let mut d = drops(&snap.drops);
+    if snap.send_errors > 0 {
+        d.insert("send_error".into(), snap.send_errors);
+    }
+    Status {
+        node: node.clone(),
+        peers,
+        drops: d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_host_of_v4_v6_and_host_prefixes() {
+        let f = |s: &str| first_host(s.parse().unwrap()).to_string();
+        assert_eq!(f("100.64.1.0/24"), "100.64.1.1");
+        assert_eq!(f("100.64.1.77/24"), "100.64.1.1");
+        assert_eq!(f("fd00:64:1::/64"), "fd00:64:1::1");
+        assert_eq!(f("100.64.1.9/32"), "100.64.1.9");
+    }
+
+    #[test]
+    fn plan_requires_a_pod_cidr_and_routes_outside_prefixes() {
+        let path = Path::new("/etc/weft/test.yaml");
+        let c = Config::parse("node: {name: a}\n", path, "h").unwrap();
+        let e = Plan::new(&c, path).unwrap_err().to_string();
+        assert!(
+            e.contains("/etc/weft/test.yaml") && e.contains("node.pod_cidr"),
+            "{e}"
+        );
+        let key = keys::encode(&[3; 32]);
+        let text = format!(
+            "node: {{pod_cidr: 100.64.1.0/24}}\nwireguard_peers:\n  - name: laptop\n    public_key: {key}\n    allowed_ips: [100.64.2.0/24, 10.99.0.0/16]\n"
+        );
+        let c = Config::parse(&text, path, "h").unwrap();
+        let p = Plan::new(&c, path).unwrap();
+        let routes: Vec<String> = p.routes.iter().map(ToString::to_string).collect();
+        assert_eq!(routes, ["100.64.0.0/16", "10.99.0.0/16"]);
+        assert_eq!(p.addresses[0].to_string(), "100.64.1.1/32");
+    }
+}

@@ -1,0 +1,161 @@
+//! The host side of the TUN device, over rtnetlink: MTU, overlay address, link state, routes;
+//! and the underlay MTU that sets the default overlay MTU.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// A netlink request that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct NetlinkError {
+    what: String,
+    #[source]
+    source: rtnetlink::Error,
+}
+
+fn err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |source| NetlinkError { what, source }
+}
+
+/// A connection to the kernel's routing netlink in the current network namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens the connection; its reader runs as a tokio task.
+    pub fn connect() -> std::io::Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The index and MTU of the link called `name`, if there is one.
+    pub async fn link(&self, name: &str) -> Result<Option<(u32, u32)>, NetlinkError> {
+        let mut links = self
+            .handle
+            .clone()
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => {
+                let mtu = msg.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(m) => Some(*m),
+                    _ => None,
+                });
+                Ok(Some((msg.header.index, mtu.unwrap_or(0))))
+            }
+            Ok(None) => Ok(None),
+            // ENODEV: no such link.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+            Err(e) => Err(err(format!("looking up link {name}"))(e)),
+        }
+    }
+
+    /// The MTU of the link that carries `addr`, if any link does.
+    pub async fn mtu_of_address(&self, addr: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_address_filter(addr)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(err(format!("looking up address {addr}")))?
+        {
+            let has = msg.attributes.iter().any(|a| {
+                matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == addr)
+            });
+            if has {
+                let mut links = self
+                    .handle
+                    .clone()
+                    .link()
+                    .get()
+                    .match_index(msg.header.index)
+                    .execute();
+                if let Some(link) = links.try_next().await.map_err(err("looking up link"))? {
+                    return Ok(link.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Mtu(m) => Some(*m),
+                        _ => None,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Gives link `index` its MTU and addresses, brings it up, and routes `routes` into it.
+    pub async fn configure(
+        &self,
+        name: &str,
+        index: u32,
+        mtu: u16,
+        addresses: &[IpNet],
+        routes: &[IpNet],
+    ) -> Result<(), NetlinkError> {
+        let set = LinkUnspec::new_with_index(index)
+            .mtu(u32::from(mtu))
+            .build();
+        self.handle
+            .link()
+            .set(set)
+            .execute()
+            .await
+            .map_err(err(format!("setting MTU {mtu} on {name}")))?;
+        for a in addresses {
+            self.handle
+                .address()
+                .add(index, a.addr(), a.prefix_len())
+                .execute()
+                .await
+                .map_err(err(format!("adding address {a} to {name}")))?;
+        }
+        let up = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(up)
+            .execute()
+            .await
+            .map_err(err(format!("bringing {name} up")))?;
+        for r in routes {
+            let msg = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(r.network(), r.prefix_len())
+                .map_err(|e| NetlinkError {
+                    what: format!("route {r}"),
+                    source: rtnetlink::Error::InvalidNla(e.to_string()),
+                })?
+                .output_interface(index)
+                .build();
+            self.handle
+                .route()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(err(format!("adding route {r} dev {name}")))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes link `index` (its addresses and routes go with it).
+    pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .clone()
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(err("deleting link"))
+    }
+}

@@ -1,0 +1,199 @@
+//! The status report: the JSON of `weft status --json` (DESIGN.md's contract) and its table form.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// This node, its peers and the drops no peer is blamed for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// This node.
+    pub node: NodeStatus,
+    /// Every peer, by name.
+    pub peers: Vec<PeerStatus>,
+    /// Datagrams and packets dropped before a peer was known, by reason.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// This node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its name.
+    pub name: String,
+    /// Its region, if it has one.
+    pub region: Option<String>,
+    /// Its WireGuard public key, base64.
+    pub public_key: String,
+    /// The pod CIDRs it owns.
+    pub pod_cidrs: Vec<String>,
+    /// Its address for peers in the same region.
+    pub private_address: Option<String>,
+    /// Its address for peers in other regions.
+    pub public_address: Option<String>,
+    /// The TUN device.
+    pub interface: String,
+    /// The TUN device's MTU.
+    pub mtu: u16,
+    /// The UDP port of the data plane.
+    pub listen_port: u16,
+}
+
+/// One peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Its name.
+    pub name: String,
+    /// Its region, if known.
+    pub region: Option<String>,
+    /// Its WireGuard public key, base64.
+    pub public_key: String,
+    /// The overlay prefixes routed to it.
+    pub pod_cidrs: Vec<String>,
+    /// The `address:port` in use, if any.
+    pub endpoint: Option<String>,
+    /// Why that endpoint: `configured`, `learned` (from its authenticated packets), or `none`.
+    pub endpoint_reason: String,
+    /// `encrypted` or `plaintext`.
+    pub path: String,
+    /// `up`, `connecting` or `down`.
+    pub state: String,
+    /// Seconds since the last handshake, if one completed.
+    pub last_handshake_secs: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Drops attributed to this peer, by reason.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+impl Status {
+    /// The table `weft status` prints.
+    pub fn table(&self) -> String {
+        let n = &self.node;
+        let mut s = String::new();
+        let dash = || "-".to_owned();
+        let _ = writeln!(
+            s,
+            "node {} (region {})",
+            n.name,
+            n.region.clone().unwrap_or_else(dash)
+        );
+        let _ = writeln!(s, "  public key  {}", n.public_key);
+        let _ = writeln!(s, "  pod cidrs   {}", n.pod_cidrs.join(", "));
+        let _ = writeln!(
+            s,
+            "  addresses   private {}  public {}",
+            n.private_address.clone().unwrap_or_else(dash),
+            n.public_address.clone().unwrap_or_else(dash)
+        );
+        let _ = writeln!(
+            s,
+            "  interface   {} mtu {}  udp port {}",
+            n.interface, n.mtu, n.listen_port
+        );
+        let _ = writeln!(s);
+        let rows: Vec<[String; 9]> = self
+            .peers
+            .iter()
+            .map(|p| {
+                [
+                    p.name.clone(),
+                    p.region.clone().unwrap_or_else(dash),
+                    p.state.clone(),
+                    p.path.clone(),
+                    p.endpoint.clone().unwrap_or_else(dash),
+                    p.endpoint_reason.clone(),
+                    p.last_handshake_secs
+                        .map_or_else(dash, |s| format!("{s}s ago")),
+                    p.rx_bytes.to_string(),
+                    p.tx_bytes.to_string(),
+                ]
+            })
+            .collect();
+        let head = [
+            "PEER",
+            "REGION",
+            "STATE",
+            "PATH",
+            "ENDPOINT",
+            "REASON",
+            "HANDSHAKE",
+            "RX",
+            "TX",
+        ];
+        let mut widths = head.map(str::len);
+        for r in &rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let mut line = |cells: &[&str]| {
+            let cols: Vec<String> = cells
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            let _ = writeln!(s, "{}", cols.join("  ").trim_end());
+        };
+        line(&head);
+        for r in &rows {
+            line(&r.each_ref().map(String::as_str));
+        }
+        if self.peers.is_empty() {
+            s.push_str("(no peers)\n");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_every_peer_field() {
+        let st = Status {
+            node: NodeStatus {
+                name: "a".into(),
+                region: Some("eu".into()),
+                public_key: "KEY".into(),
+                pod_cidrs: vec!["100.64.1.0/24".into()],
+                private_address: Some("198.18.1.1".into()),
+                public_address: None,
+                interface: "weft0".into(),
+                mtu: 1420,
+                listen_port: 51820,
+            },
+            peers: vec![PeerStatus {
+                name: "b".into(),
+                region: None,
+                public_key: "PK".into(),
+                pod_cidrs: vec!["100.64.2.0/24".into()],
+                endpoint: Some("198.18.1.2:51820".into()),
+                endpoint_reason: "configured".into(),
+                path: "encrypted".into(),
+                state: "up".into(),
+                last_handshake_secs: Some(3),
+                rx_bytes: 1234,
+                tx_bytes: 5678,
+                drops: Default::default(),
+            }],
+            drops: Default::default(),
+        };
+        let t = st.table();
+        for want in [
+            "node a (region eu)",
+            "198.18.1.2:51820",
+            "configured",
+            "3s ago",
+            "1234",
+            "5678",
+            "encrypted",
+        ] {
+            assert!(t.contains(want), "{want} missing from\n{t}");
+        }
+        let json = serde_json::to_string(&st).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), st);
+    }
+}
