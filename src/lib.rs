@@ -10,5 +10,6 @@
 pub mod api;
 pub mod daemon;
 pub mod keys;
+pub mod lab;
 pub mod netlink;
 pub mod status;

@@ -1,1 +1,4 @@
-fn main() {}
+//! End-to-end tests: real `weft` daemons in network namespaces (underlay 198.18.0.0/15, pods
+//! 100.64.0.0/10), run as root. Build the binaries first: `cargo build --bins`.
+
+mod two_nodes;

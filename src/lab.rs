@@ -1,0 +1,330 @@
+//! A lab of network namespaces on this machine, for the end-to-end tests and `weft demo`.
+//!
+//! Every namespace, and every directory of configs, keys and logs, is named after the lab, so
+//! labs of concurrent tests never meet; dropping the lab stops its processes and deletes its
+//! namespaces (which takes their links with them) and its directory, also when a test fails.
+//! Nothing is configured in the root namespace: veth pairs are created directly inside the
+//! namespaces they join. The lab drives `ip` (iproute2) for its plumbing; the daemon under test
+//! uses netlink itself.
+
+use std::fs;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Fails with a clear message unless the process runs as root (namespaces need it).
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "{what} needs root (network namespaces, TUN devices): run it as root, e.g. with sudo"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cmd`, failing with its stderr when it exits non-zero.
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Polls `f` until it returns `Some`, at most until `timeout`; `what` names the wait in errors.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a harness deadline, not a core's clock"
+    )]
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() >= timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A set of namespaces, processes and files that disappear together.
+#[derive(Debug)]
+pub struct Lab {
+    /// The prefix of every name in the lab.
+    pub id: String,
+    /// The lab's directory (configs, keys, sockets, logs).
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+}
+
+impl Lab {
+    /// A new, empty lab; `tag` (a few letters) helps tell labs apart in `ip netns list`.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        require_root("the network-namespace lab")?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("wl{}{}{}", std::process::id(), n, tag);
+        let dir = std::env::temp_dir().join(format!("weft-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            id,
+            dir,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        })
+    }
+
+    /// The full name of the lab's namespace `short`.
+    pub fn ns(&self, short: &str) -> String {
+        format!("{}-{short}", self.id)
+    }
+
+    /// Creates namespace `short` with its loopback up; returns its full name.
+    pub fn add_ns(&mut self, short: &str) -> anyhow::Result<String> {
+        let name = self.ns(short);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        self.namespaces.push(name.clone());
+        self.ip(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    /// `ip -n NS ARGS…`.
+    pub fn ip(&self, ns: &str, args: &[&str]) -> anyhow::Result<Output> {
+        run(Command::new("ip").arg("-n").arg(ns).args(args))
+    }
+
+    /// A command that runs inside namespace `ns`.
+    pub fn cmd(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// Joins namespaces `a` and `b` by a veth pair named `a_if` / `b_if` inside them, with the
+    /// given addresses (CIDR notation), both ends up.
+    pub fn link(
+        &mut self,
+        (a, a_if, a_addr): (&str, &str, &str),
+        (b, b_if, b_addr): (&str, &str, &str),
+    ) -> anyhow::Result<()> {
+        run(Command::new("ip").args([
+            "link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b,
+        ]))?;
+        for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+            if !addr.is_empty() {
+                self.ip(ns, &["addr", "add", addr, "dev", ifname])?;
+            }
+            self.ip(ns, &["link", "set", ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// A bridge called `name` inside namespace `ns` (a lab "switch").
+    pub fn bridge(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
+        self.ip(ns, &["link", "add", name, "type", "bridge"])?;
+        self.ip(ns, &["link", "set", name, "up"])?;
+        Ok(())
+    }
+
+    /// Connects `node`'s interface `ifname` (address `addr`) to `bridge` in namespace `switch`.
+    pub fn plug(
+        &mut self,
+        (switch, bridge): (&str, &str),
+        (node, ifname, addr): (&str, &str, &str),
+    ) -> anyhow::Result<()> {
+        let port = format!("p{}", COUNTER.fetch_add(1, Ordering::Relaxed));
+        self.link((node, ifname, addr), (switch, &port, ""))?;
+        self.ip(switch, &["link", "set", &port, "master", bridge])?;
+        Ok(())
+    }
+
+    /// Starts `cmd` and keeps it until the lab is dropped (or [`stop`](Self::stop)).
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        log: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        cmd.stdin(Stdio::null());
+        match log {
+            Some(path) => {
+                let f = fs::File::create(path)?;
+                cmd.stdout(f.try_clone()?).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Sends SIGTERM to process `name` and waits for it (up to `timeout`, then SIGKILL); returns
+    /// whether it exited on its own with status 0.
+    pub fn stop(&mut self, name: &str, timeout: Duration) -> anyhow::Result<bool> {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no process {name} in the lab"))?;
+        let (_, mut child) = self.children.remove(pos);
+        Ok(terminate(&mut child, timeout))
+    }
+
+    /// Whether process `name` is still running.
+    pub fn running(&mut self, name: &str) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Runs `f` on a new thread inside namespace `ns` (sockets it opens live there).
+    pub fn in_ns<T: Send + 'static>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> std::thread::JoinHandle<anyhow::Result<T>> {
+        let path = PathBuf::from("/run/netns").join(ns);
+        std::thread::spawn(move || {
+            let file =
+                fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering {}", path.display()))?;
+            f()
+        })
+    }
+}
+
+/// SIGTERM, wait up to `timeout`, then SIGKILL; true when it exited 0 on its own.
+fn terminate(child: &mut Child, timeout: Duration) -> bool {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let exited = wait_for("process exit", timeout, || child.try_wait().ok().flatten());
+    match exited {
+        Ok(status) => status.success(),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            false
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            terminate(child, Duration::from_secs(5));
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A weft daemon in the lab: its namespace and files.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// The node's name (and the lab process name).
+    pub name: String,
+    /// Its namespace.
+    pub ns: String,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its API socket.
+    pub socket: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its private key file.
+    pub key_file: PathBuf,
+}
+
+impl Lab {
+    /// Files for a daemon called `name` in namespace `ns`: writes its config, which is
+    /// `body` (YAML) plus the lab's paths (key file, state dir, API socket).
+    pub fn daemon(&self, name: &str, ns: &str, body: &str) -> anyhow::Result<Daemon> {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir)?;
+        let d = Daemon {
+            name: name.to_owned(),
+            ns: ns.to_owned(),
+            config: dir.join("weft.yaml"),
+            socket: dir.join("weft.sock"),
+            log: dir.join("weft.log"),
+            key_file: dir.join("private.key"),
+        };
+        let text = format!(
+            "{body}\nstate_dir: {dir}\napi_socket: {sock}\n",
+            dir = dir.display(),
+            sock = d.socket.display()
+        );
+        let text = text.replace("KEY_FILE", &d.key_file.display().to_string());
+        fs::write(&d.config, text)?;
+        Ok(d)
+    }
+
+    /// Starts `daemon` with the weft binary `bin` and waits until its API answers.
+    pub fn start(&mut self, bin: &Path, d: &Daemon) -> anyhow::Result<()> {
+        let mut cmd = self.cmd(&d.ns, bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&d.config)
+            .env("WEFT_LOG", "info,weft=debug");
+        self.spawn(&d.name, cmd, Some(&d.log))?;
+        let name = d.name.clone();
+        let r = wait_for(
+            &format!("{name} to answer on {}", d.socket.display()),
+            Duration::from_secs(20),
+            || {
+                if !self.running(&name) {
+                    return Some(false);
+                }
+                let st = Command::new(bin)
+                    .arg("status")
+                    .arg("--socket")
+                    .arg(&d.socket)
+                    .output()
+                    .ok()?;
+                st.status.success().then_some(true)
+            },
+        )?;
+        if !r {
+            let log = fs::read_to_string(&d.log).unwrap_or_default();
+            bail!("daemon {name} exited during startup:\n{log}");
+        }
+        Ok(())
+    }
+
+    /// `weft status --json` of `daemon`, parsed.
+    pub fn status(&self, bin: &Path, d: &Daemon) -> anyhow::Result<serde_json::Value> {
+        let out = run(Command::new(bin)
+            .arg("status")
+            .arg("--json")
+            .arg("--socket")
+            .arg(&d.socket))?;
+        serde_json::from_slice(&out.stdout).context("parsing weft status --json")
+    }
+}
