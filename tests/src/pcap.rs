@@ -5,6 +5,10 @@ use anyhow::{bail, ensure};
 /// A UDP datagram from a capture.
 #[derive(Debug, Clone)]
 pub struct Datagram {
+    /// Source address.
+    pub src: std::net::Ipv4Addr,
+    /// Destination address.
+    pub dst: std::net::Ipv4Addr,
     /// Source port.
     pub src_port: u16,
     /// Destination port.
@@ -49,6 +53,8 @@ pub fn udp_datagrams(file: &[u8]) -> anyhow::Result<Vec<Datagram>> {
         }
         let udp = &ip[ihl..];
         out.push(Datagram {
+            src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
             src_port: u16::from_be_bytes([udp[0], udp[1]]),
             dst_port: u16::from_be_bytes([udp[2], udp[3]]),
             payload: udp[8..].to_vec(),
