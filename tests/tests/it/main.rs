@@ -1,4 +1,5 @@
 //! End-to-end tests: real `weft` daemons in network namespaces (underlay 198.18.0.0/15, pods
 //! 100.64.0.0/10), run as root. Build the binaries first: `cargo build --bins`.
 
+mod bad_config;
 mod two_nodes;
