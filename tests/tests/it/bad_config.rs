@@ -134,7 +134,12 @@ fn a_taken_interface_name_or_port_fails_before_touching_the_host() -> anyhow::Re
     let mut lab = Lab::new("bt")?;
     let ns = lab.add_ns("host")?;
     // Something else already holds the interface name.
-    lab.ip(&ns, &["link", "add", "weft0", "type", "veth", "peer", "name", "weft0p"])?;
+    lab.ip(
+        &ns,
+        &[
+            "link", "add", "weft0", "type", "veth", "peer", "name", "weft0p",
+        ],
+    )?;
     let before = snapshot(&lab, &ns)?;
     let d = lab.daemon(
         "a",

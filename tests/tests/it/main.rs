@@ -2,4 +2,5 @@
 //! 100.64.0.0/10), run as root. Build the binaries first: `cargo build --bins`.
 
 mod bad_config;
+mod interop;
 mod two_nodes;
