@@ -140,6 +140,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     let seed = u32::from_le_bytes(keys::generate_secret()[..4].try_into().expect("4 bytes"));
     let mut router = Router::new(key, seed);
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the daemon is a driver: it owns the clock"
+    )]
     let now = std::time::Instant::now();
     for (i, p) in plan.peers.iter().enumerate() {
         router.add_peer(now, p.clone()).with_context(|| {

@@ -33,10 +33,6 @@ pub enum KeyError {
 }
 
 /// 32 random bytes from the OS.
-#[expect(
-    clippy::disallowed_types,
-    reason = "key generation is where the OS source belongs"
-)]
 fn random32() -> [u8; 32] {
     use rand_core::RngCore;
     let mut b = [0; 32];

@@ -72,7 +72,7 @@ fn weft_and_wireguard_go_exchange_traffic_and_survive_restarts_of_either_side() 
     );
     let a = lab.daemon("a", &na, "")?;
     let weft_pub = make_key(&a)?;
-    let wg_key = String::from_utf8(run(&mut Command::new("wg").arg("genkey"))?.stdout)?;
+    let wg_key = String::from_utf8(run(Command::new("wg").arg("genkey"))?.stdout)?;
     let wg_key_file = lab.dir.join("wg.key");
     std::fs::write(&wg_key_file, &wg_key)?;
     let mut pubkey = Command::new("wg");

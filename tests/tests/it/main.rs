@@ -2,5 +2,6 @@
 //! 100.64.0.0/10), run as root. Build the binaries first: `cargo build --bins`.
 
 mod bad_config;
+mod cli;
 mod interop;
 mod two_nodes;

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every check weft's CI runs: formatting, clippy, docs, unit and simulation tests, the
+# network-namespace end-to-end tests (root), and the fuzz targets' build.
+#
+#   sudo scripts/test.sh
+#
+# Debian packages the end-to-end tests drive (iproute2, wireguard-go, wireguard-tools, tcpdump,
+# iputils-ping, iperf3) are installed first when missing and apt-get is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: the end-to-end tests need root (network namespaces, TUN devices); run it as root, e.g. sudo scripts/test.sh" >&2
+    exit 1
+fi
+
+packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "==> installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+step() { echo; echo "==> $*"; "$@"; }
+
+step cargo fmt --all --check
+step cargo clippy --workspace --all-targets --locked -- -D warnings
+step cargo clippy -p weft-router --no-default-features --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" step cargo doc --workspace --no-deps --locked
+# The end-to-end tests run the weft binary of this build.
+step cargo build --workspace --bins --locked
+if cargo nextest --version >/dev/null 2>&1; then
+    step cargo nextest run --workspace --locked --no-fail-fast
+    step cargo test --workspace --doc --locked
+else
+    step cargo test --workspace --locked --no-fail-fast
+fi
+step cargo check --manifest-path fuzz/Cargo.toml --locked --bins
+echo
+echo "==> all checks passed"
