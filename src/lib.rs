@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod daemon;
+pub mod demo;
 pub mod keys;
 pub mod lab;
 pub mod netlink;

@@ -3,6 +3,8 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -42,6 +44,9 @@ enum Cmd {
     Pubkey,
     /// Prints a new cluster secret (32 random bytes, base64).
     Gensecret,
+    /// Builds a lab of three nodes in two regions in network namespaces on this machine, runs
+    /// the real daemon on each, shows pod-to-pod traffic and status, and cleans up. Needs root.
+    Demo,
 }
 
 fn init_logging() {
@@ -60,6 +65,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Runs the demo; SIGINT/SIGTERM stop it between steps and the lab is still cleaned up.
+fn demo() -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let rt = runtime()?;
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        flag.store(true, Ordering::Relaxed);
+        Ok::<_, std::io::Error>(())
+    });
+    weft::demo::run_demo(&weft::demo::current_binary()?, stop)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -76,6 +98,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Cmd::Demo => demo(),
         Cmd::Genkey => {
             println!("{}", keys::encode(&keys::generate().to_bytes()));
             Ok(())

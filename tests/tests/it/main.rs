@@ -3,5 +3,6 @@
 
 mod bad_config;
 mod cli;
+mod demo;
 mod interop;
 mod two_nodes;
