@@ -6,6 +6,8 @@
     reason = "a test reads the clock once to start its simulated time; the core never does"
 )]
 
+#[cfg(feature = "driver")]
+mod driver;
 mod fake;
 mod pairwise;
 mod routing;

@@ -5,6 +5,10 @@
 //! without waiting (up to [`BATCH`]), handing each to the router with the same two buffers; after
 //! the batch it drains the router's transmits, timeout and events. Commands from the daemon
 //! (status, peer changes) arrive on a channel; shutdown on a watch.
+//!
+//! The TUN device and the UDP socket sit behind [`TunIo`] and [`UdpIo`]; the real ones are
+//! `tun_rs::AsyncDevice` and `tokio::net::UdpSocket`, and [`channel`] has in-memory ones so the
+//! driver is tested without root.
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -74,11 +78,74 @@ pub fn bind_udp(port: u16) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// What the driver needs of a TUN device.
+pub trait TunIo: Send + Sync + 'static {
+    /// Waits for one packet.
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// One packet if one is ready, else `WouldBlock`.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one packet.
+    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+/// What the driver needs of a UDP socket.
+pub trait UdpIo: Send + Sync + 'static {
+    /// Waits for one datagram.
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
+    /// One datagram if one is ready, else `WouldBlock`.
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)>;
+    /// Sends one datagram.
+    fn send_to(
+        &self,
+        datagram: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+    /// The bound address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl TunIo for tun_rs::AsyncDevice {
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        Self::recv(self, buf)
+    }
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Self::try_recv(self, buf)
+    }
+    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        Self::send(self, packet)
+    }
+}
+
+impl UdpIo for UdpSocket {
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
+        Self::recv_from(self, buf)
+    }
+    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        Self::try_recv_from(self, buf)
+    }
+    fn send_to(
+        &self,
+        datagram: &[u8],
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        Self::send_to(self, datagram, to)
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Self::local_addr(self)
+    }
+}
+
 /// The driver's I/O and state.
-pub struct Driver {
+pub struct Driver<T = tun_rs::AsyncDevice, U = UdpSocket> {
     router: Router,
-    tun: tun_rs::AsyncDevice,
-    udp: UdpSocket,
+    tun: T,
+    udp: U,
     /// The socket is IPv6 (dual-stack): IPv4 destinations are sent as mapped addresses.
     udp_v6: bool,
     tun_buf: Vec<u8>,
@@ -88,7 +155,7 @@ pub struct Driver {
     start: Instant,
 }
 
-impl std::fmt::Debug for Driver {
+impl<T, U> std::fmt::Debug for Driver<T, U> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
             .field("router", &self.router)
@@ -104,9 +171,9 @@ fn clock() -> Instant {
     Instant::now()
 }
 
-impl Driver {
+impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// A driver around a router, an open TUN device and a bound UDP socket.
-    pub fn new(router: Router, tun: tun_rs::AsyncDevice, udp: UdpSocket) -> io::Result<Self> {
+    pub fn new(router: Router, tun: T, udp: U) -> io::Result<Self> {
         let udp_v6 = udp.local_addr()?.is_ipv6();
         Ok(Self {
             router,
@@ -254,3 +321,5 @@ impl Driver {
         }
     }
 }
+
+pub mod channel;
