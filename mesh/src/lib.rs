@@ -1,0 +1,22 @@
+//! weft's gossip core: who is in the mesh and what each member says about itself.
+//!
+//! # Architecture
+//!
+//! Every node signs its own [`NodeRecord`] (name, region, addresses, WireGuard key, pod CIDRs,
+//! trusted subnets) with an ed25519 [`Identity`] derived from its WireGuard key, so a member can
+//! only ever speak for itself; records carry a version that only grows, so a replayed old record
+//! never replaces a newer one. The wire format is [`wire`]: pure encode and decode, where
+//! malformed input is a [`DecodeError`] and never a panic.
+//!
+//! # Layout
+//!
+//! - `record`: [`NodeId`], [`Identity`], [`NodeRecord`], [`SignedRecord`].
+//! - `wire`: [`Frame`] and its codec.
+
+mod record;
+pub mod wire;
+
+pub use crate::record::{
+    Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, SignedRecord, VerifyError,
+};
+pub use crate::wire::{DecodeError, Entry, Frame};

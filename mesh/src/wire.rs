@@ -1,0 +1,404 @@
+//! The gossip wire format: pure encode and decode of [`Frame`]s.
+//!
+//! A frame is one message on an (already authenticated and encrypted) gossip connection; the
+//! transport delimits frames. Integers are big-endian; strings and blobs carry a length first;
+//! an address is a family tag (0 none, 4, 6) and its bytes; a prefix is an address and a length.
+//!
+//! ```text
+//! frame      = type:u8 body
+//! 1 Hello    = node:32 mesh_port:u16
+//! 2 Records  = count:u16 (signer:32 body_len:u16 body signature:64)*
+//! 3 Digest   = reply:u8 count:u32 (node:32 version:u64 heartbeat:u64)*
+//! 4 Beats    = count:u32 (node:32 version:u64 heartbeat:u64)*
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, SignedRecord, VerifyError};
+
+/// The largest frame accepted.
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// Why bytes are not a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes end inside a field.
+    #[error("truncated: {0} more bytes needed")]
+    Truncated(usize),
+    /// Bytes are left after the frame.
+    #[error("{0} bytes after the end of the frame")]
+    Trailing(usize),
+    /// A frame type this build does not know.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// A field holds a value it cannot hold.
+    #[error("bad {0}: {1}")]
+    BadValue(&'static str, u64),
+    /// A string is not UTF-8.
+    #[error("a string is not UTF-8")]
+    NotUtf8,
+    /// The frame is larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+}
+
+/// One entry of a digest or a heartbeat batch: what a node knows of one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// The member.
+    pub node: NodeId,
+    /// The version of its record.
+    pub version: u64,
+    /// Its heartbeat counter.
+    pub heartbeat: u64,
+}
+
+/// A gossip message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// The first frame on a connection: who is speaking.
+    Hello {
+        /// The sender.
+        node: NodeId,
+        /// The sender's gossip port.
+        mesh_port: u16,
+    },
+    /// Signed records; each verified on its own (a bad one does not spoil the others).
+    Records(Vec<Result<SignedRecord, VerifyError>>),
+    /// What the sender knows, for anti-entropy; `reply` asks for the receiver's digest back.
+    Digest {
+        /// Whether the receiver should answer with its own digest.
+        reply: bool,
+        /// One entry per member the sender knows.
+        entries: Vec<Entry>,
+    },
+    /// Newer heartbeats (and versions) the receiver lacked.
+    Beats(Vec<Entry>),
+}
+
+/// Appends big-endian fields to a buffer.
+#[derive(Debug, Default)]
+pub(crate) struct Writer(Vec<u8>);
+
+impl Writer {
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+    pub(crate) fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    pub(crate) fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    pub(crate) fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    pub(crate) fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    /// A blob of at most 65535 bytes (longer ones are cut; records are far smaller).
+    pub(crate) fn blob(&mut self, b: &[u8]) {
+        let n = b.len().min(usize::from(u16::MAX));
+        self.u16(n as u16);
+        self.bytes(&b[..n]);
+    }
+    /// A string of at most [`MAX_NAME`] bytes.
+    pub(crate) fn str(&mut self, s: &str) {
+        let mut n = s.len().min(MAX_NAME);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.u8(n as u8);
+        self.bytes(&s.as_bytes()[..n]);
+    }
+    pub(crate) fn addr(&mut self, a: Option<IpAddr>) {
+        match a {
+            None => self.u8(0),
+            Some(IpAddr::V4(v4)) => {
+                self.u8(4);
+                self.bytes(&v4.octets());
+            }
+            Some(IpAddr::V6(v6)) => {
+                self.u8(6);
+                self.bytes(&v6.octets());
+            }
+        }
+    }
+    /// At most [`MAX_PREFIXES`] prefixes.
+    pub(crate) fn nets(&mut self, nets: &[IpNet]) {
+        let nets = &nets[..nets.len().min(MAX_PREFIXES)];
+        self.u8(nets.len() as u8);
+        for n in nets {
+            self.addr(Some(n.addr()));
+            self.u8(n.prefix_len());
+        }
+    }
+    fn entries(&mut self, entries: &[Entry]) {
+        self.u32(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+        for e in entries {
+            self.bytes(&e.node.0);
+            self.u64(e.version);
+            self.u64(e.heartbeat);
+        }
+    }
+}
+
+/// Reads big-endian fields, never past the end.
+#[derive(Debug)]
+pub(crate) struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Self(b)
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated(n - self.0.len()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    pub(crate) fn blob(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = usize::from(self.u16()?);
+        self.take(n)
+    }
+    pub(crate) fn str(&mut self) -> Result<String, DecodeError> {
+        let n = usize::from(self.u8()?);
+        if n > MAX_NAME {
+            return Err(DecodeError::BadValue("string length", n as u64));
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| DecodeError::NotUtf8)
+    }
+    pub(crate) fn addr(&mut self) -> Result<Option<IpAddr>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            4 => Ok(Some(Ipv4Addr::from(self.array::<4>()?).into())),
+            6 => Ok(Some(Ipv6Addr::from(self.array::<16>()?).into())),
+            t => Err(DecodeError::BadValue("address family", u64::from(t))),
+        }
+    }
+    pub(crate) fn nets(&mut self) -> Result<Vec<IpNet>, DecodeError> {
+        let n = usize::from(self.u8()?);
+        if n > MAX_PREFIXES {
+            return Err(DecodeError::BadValue("prefix count", n as u64));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let addr = self
+                .addr()?
+                .ok_or(DecodeError::BadValue("prefix family", 0))?;
+            let len = self.u8()?;
+            let net = IpNet::new(addr, len)
+                .map_err(|_| DecodeError::BadValue("prefix length", u64::from(len)))?;
+            out.push(net);
+        }
+        Ok(out)
+    }
+    fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
+        let n = self.u32()? as usize;
+        // 48 bytes each: refuse a count the bytes cannot hold before allocating for it.
+        if n.saturating_mul(48) > self.0.len() {
+            return Err(DecodeError::Truncated(n.saturating_mul(48) - self.0.len()));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(Entry {
+                node: NodeId(self.array()?),
+                version: self.u64()?,
+                heartbeat: self.u64()?,
+            });
+        }
+        Ok(out)
+    }
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Trailing(self.0.len()))
+        }
+    }
+}
+
+impl Frame {
+    /// The frame's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Self::Hello { node, mesh_port } => {
+                w.u8(1);
+                w.bytes(&node.0);
+                w.u16(*mesh_port);
+            }
+            Self::Records(records) => {
+                w.u8(2);
+                let ok: Vec<&SignedRecord> =
+                    records.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let n = ok.len().min(usize::from(u16::MAX));
+                w.u16(n as u16);
+                for r in &ok[..n] {
+                    r.encode(&mut w);
+                }
+            }
+            Self::Digest { reply, entries } => {
+                w.u8(3);
+                w.u8(u8::from(*reply));
+                w.entries(entries);
+            }
+            Self::Beats(entries) => {
+                w.u8(4);
+                w.entries(entries);
+            }
+        }
+        w.into_bytes()
+    }
+
+    /// Decodes one frame; every byte must belong to it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_FRAME {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let mut r = Reader::new(bytes);
+        let frame = match r.u8()? {
+            1 => Self::Hello {
+                node: NodeId(r.array()?),
+                mesh_port: r.u16()?,
+            },
+            2 => {
+                let n = r.u16()?;
+                let mut records = Vec::new();
+                for _ in 0..n {
+                    records.push(SignedRecord::decode(&mut r)?);
+                }
+                Self::Records(records)
+            }
+            3 => {
+                let reply = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(DecodeError::BadValue("reply", u64::from(v))),
+                };
+                Self::Digest {
+                    reply,
+                    entries: r.entries()?,
+                }
+            }
+            4 => Self::Beats(r.entries()?),
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        r.finish()?;
+        Ok(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::Identity;
+    use crate::record::tests::record;
+
+    fn frames() -> Vec<Frame> {
+        let id = Identity::from_wireguard_key(&[5; 32]);
+        let e = Entry {
+            node: id.id(),
+            version: 3,
+            heartbeat: 99,
+        };
+        vec![
+            Frame::Hello {
+                node: id.id(),
+                mesh_port: 6783,
+            },
+            Frame::Records(vec![
+                Ok(id.sign(&record("a", 1))),
+                Ok(id.sign(&record("a", 2))),
+            ]),
+            Frame::Digest {
+                reply: true,
+                entries: vec![e, e],
+            },
+            Frame::Beats(vec![e]),
+            Frame::Records(vec![]),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in frames() {
+            assert_eq!(Frame::decode(&f.encode()), Ok(f));
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_an_error() {
+        for f in frames() {
+            let b = f.encode();
+            for n in 0..b.len() {
+                assert!(Frame::decode(&b[..n]).is_err(), "{f:?} cut at {n}");
+            }
+            let mut longer = b.clone();
+            longer.push(0);
+            assert_eq!(Frame::decode(&longer), Err(DecodeError::Trailing(1)));
+        }
+        assert_eq!(Frame::decode(&[9]), Err(DecodeError::UnknownType(9)));
+        // A count that claims more entries than the bytes hold is refused before allocating.
+        assert!(matches!(
+            Frame::decode(&[4, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::Truncated(_))
+        ));
+    }
+
+    #[test]
+    fn a_record_with_a_bad_signature_is_refused_alone() {
+        let id = Identity::from_wireguard_key(&[5; 32]);
+        let good = id.sign(&record("a", 1));
+        let mut bad = id.sign(&record("a", 2));
+        bad.signature[0] ^= 1;
+        let bytes = Frame::Records(vec![Ok(good.clone()), Ok(bad)]).encode();
+        let Ok(Frame::Records(rs)) = Frame::decode(&bytes) else {
+            panic!("decodes")
+        };
+        assert_eq!(rs[0], Ok(good));
+        assert_eq!(rs[1], Err(VerifyError::BadSignature));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Frame::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(i in 0usize..4, pos in any::<usize>(), bit in 0u8..8) {
+            let mut b = frames()[i].encode();
+            let p = pos % b.len();
+            b[p] ^= 1 << bit;
+            let _ = Frame::decode(&b);
+        }
+    }
+}
