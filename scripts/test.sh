@@ -30,7 +30,7 @@ step() { echo; echo "==> $*"; "$@"; }
 
 step cargo fmt --all --check
 step cargo clippy --workspace --all-targets --locked -- -D warnings
-step cargo clippy -p weft-router --no-default-features --all-targets --locked -- -D warnings
+step cargo clippy -p weft-router -p weft-mesh --no-default-features --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" step cargo doc --workspace --no-deps --locked
 # The end-to-end tests run the weft binary of this build.
 step cargo build --workspace --bins --locked

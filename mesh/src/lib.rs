@@ -11,11 +11,16 @@
 //! # Layout
 //!
 //! - `record`: [`NodeId`], [`Identity`], [`NodeRecord`], [`SignedRecord`].
+//! - `membership`: [`Membership`], the state machine, and its inputs and outputs.
 //! - `wire`: [`Frame`] and its codec.
 
+mod membership;
 mod record;
 pub mod wire;
 
+pub use crate::membership::{
+    ConnId, Drops, Event, Member, Membership, MeshConfig, Transmit, mesh_address,
+};
 pub use crate::record::{
     Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, SignedRecord, VerifyError,
 };

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail, ensure};
 use weft::lab::{Daemon, Lab};
 
 pub mod pcap;
+pub mod sim;
 
 /// The `weft` binary of this build (built by `cargo build --bins` before the tests).
 pub fn weft_bin() -> anyhow::Result<PathBuf> {

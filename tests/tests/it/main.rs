@@ -5,4 +5,5 @@ mod bad_config;
 mod cli;
 mod demo;
 mod interop;
+mod mesh_sim;
 mod two_nodes;

@@ -1,0 +1,310 @@
+//! `Sim`: many mesh cores over an in-memory network with a virtual clock, latency and
+//! partitions. The clock jumps to the earliest pending delivery or timeout, so minutes of
+//! gossip among hundreds of nodes run in milliseconds, and a run replays exactly.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use weft_mesh::{ConnId, Event, Identity, Membership, MeshConfig, NodeId, NodeRecord};
+
+/// One simulated node.
+#[derive(Debug)]
+pub struct SimNode {
+    /// Its core.
+    pub mesh: Membership,
+    /// Its gossip address.
+    pub addr: SocketAddr,
+    /// Every event it reported, with the virtual time.
+    pub events: Vec<(Duration, Event)>,
+}
+
+/// A simulated network of mesh nodes.
+#[derive(Debug)]
+pub struct Sim {
+    /// The virtual clock's start.
+    pub start: Instant,
+    /// The virtual clock.
+    pub now: Instant,
+    /// The nodes; `None` once killed.
+    pub nodes: Vec<Option<SimNode>>,
+    /// One-way latency of every frame.
+    pub latency: Duration,
+    /// Frame bytes sent so far, by node.
+    pub bytes_sent: Vec<u64>,
+    addrs: HashMap<SocketAddr, usize>,
+    /// conn → (its node, the node at the other end, the other end's conn).
+    links: BTreeMap<ConnId, (usize, usize, ConnId)>,
+    queue: BinaryHeap<Reverse<(Instant, u64, usize, ConnId)>>,
+    frames: HashMap<u64, Vec<u8>>,
+    seq: u64,
+    next_conn: u64,
+    /// Partition group of each node, when partitioned.
+    groups: Option<Vec<usize>>,
+}
+
+/// The record of simulated node `i`: region `r{i % regions}`, addresses from 198.18/15.
+pub fn sim_record(i: usize, version: u64) -> NodeRecord {
+    let (hi, lo) = ((i / 250) as u8, (i % 250) as u8 + 1);
+    NodeRecord {
+        version,
+        left: false,
+        name: format!("n{i}"),
+        region: Some(format!("r{}", i % 2)),
+        private_address: Some(std::net::Ipv4Addr::new(198, 18, hi, lo).into()),
+        public_address: Some(std::net::Ipv4Addr::new(198, 19, hi, lo).into()),
+        mesh_port: 6783,
+        router_port: 51820,
+        wireguard_key: [0; 32],
+        pod_cidrs: vec![format!("100.64.{}.0/24", i % 256).parse().expect("prefix")],
+        trusted_subnets: vec![],
+    }
+}
+
+/// The identity of simulated node `i`.
+pub fn sim_identity(i: usize) -> Identity {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    Identity::from_wireguard_key(&k)
+}
+
+impl Sim {
+    /// `n` nodes; node `i` bootstraps from `bootstrap(i)` (by index), or none.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the simulation's clock starts from a real instant"
+    )]
+    pub fn new(n: usize, config: MeshConfig, bootstrap: impl Fn(usize) -> Option<usize>) -> Self {
+        let start = Instant::now();
+        let mut sim = Self {
+            start,
+            now: start,
+            nodes: Vec::new(),
+            latency: Duration::from_millis(20),
+            bytes_sent: vec![0; n],
+            addrs: HashMap::new(),
+            links: BTreeMap::new(),
+            queue: BinaryHeap::new(),
+            frames: HashMap::new(),
+            seq: 0,
+            next_conn: 1,
+            groups: None,
+        };
+        for i in 0..n {
+            let rec = sim_record(i, 1);
+            // Gossip over the public address: the simulation has one flat network.
+            let addr = SocketAddr::new(rec.public_address.expect("set"), rec.mesh_port);
+            let mesh = Membership::new(start, sim_identity(i), rec, config, i as u64 + 7);
+            sim.addrs.insert(addr, i);
+            sim.nodes.push(Some(SimNode {
+                mesh,
+                addr,
+                events: Vec::new(),
+            }));
+        }
+        for i in 0..n {
+            if let Some(b) = bootstrap(i) {
+                let addr = sim.node(b).addr;
+                sim.node_mut(i).mesh.join(&[addr]);
+            }
+        }
+        sim.drain_all();
+        sim
+    }
+
+    /// Node `i` (panics if killed).
+    pub fn node(&self, i: usize) -> &SimNode {
+        self.nodes[i].as_ref().expect("node is alive")
+    }
+
+    /// Node `i`, mutably.
+    pub fn node_mut(&mut self, i: usize) -> &mut SimNode {
+        self.nodes[i].as_mut().expect("node is alive")
+    }
+
+    /// The ids of the live nodes.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_some())
+            .collect()
+    }
+
+    fn separated(&self, a: usize, b: usize) -> bool {
+        self.groups.as_ref().is_some_and(|g| g[a] != g[b])
+    }
+
+    fn drain_all(&mut self) {
+        for _ in 0..1000 {
+            let mut busy = false;
+            for i in 0..self.nodes.len() {
+                busy |= self.drain(i);
+            }
+            if !busy {
+                return;
+            }
+        }
+        panic!("the simulation did not settle in 1000 rounds at one instant");
+    }
+
+    /// Moves node `i`'s output onto the network; true if there was any.
+    fn drain(&mut self, i: usize) -> bool {
+        let now = self.now;
+        let elapsed = now - self.start;
+        let Some(node) = self.nodes[i].as_mut() else {
+            return false;
+        };
+        let mut busy = false;
+        let mut sends = Vec::new();
+        while let Some(t) = node.mesh.poll_transmit() {
+            sends.push(t);
+        }
+        let mut dials = Vec::new();
+        while let Some(a) = node.mesh.poll_dial() {
+            dials.push(a);
+        }
+        while let Some(e) = node.mesh.poll_event() {
+            node.events.push((elapsed, e));
+        }
+        for t in sends {
+            busy = true;
+            self.bytes_sent[i] += t.frame.len() as u64;
+            if let Some(&(_, to, their)) = self.links.get(&t.conn) {
+                self.seq += 1;
+                self.frames.insert(self.seq, t.frame);
+                self.queue
+                    .push(Reverse((now + self.latency, self.seq, to, their)));
+            }
+        }
+        for addr in dials {
+            let Some(&j) = self.addrs.get(&addr) else {
+                continue;
+            };
+            if j == i || self.nodes[j].is_none() || self.separated(i, j) {
+                continue;
+            }
+            busy = true;
+            let (ci, cj) = (ConnId(self.next_conn), ConnId(self.next_conn + 1));
+            self.next_conn += 2;
+            self.links.insert(ci, (i, j, cj));
+            self.links.insert(cj, (j, i, ci));
+            self.node_mut(i).mesh.handle_connected(now, ci);
+            self.node_mut(j).mesh.handle_connected(now, cj);
+        }
+        busy
+    }
+
+    /// Advances the clock to the next delivery or timeout and handles everything due then.
+    pub fn step(&mut self) {
+        let next_frame = self.queue.peek().map(|Reverse((t, ..))| *t);
+        let next_timer = self
+            .nodes
+            .iter()
+            .flatten()
+            .filter_map(|n| n.mesh.poll_timeout())
+            .min();
+        let Some(next) = [next_frame, next_timer].into_iter().flatten().min() else {
+            return;
+        };
+        self.now = self.now.max(next);
+        while let Some(Reverse((t, seq, to, conn))) = self.queue.peek().copied() {
+            if t > self.now {
+                break;
+            }
+            self.queue.pop();
+            let frame = self.frames.remove(&seq).expect("queued frame");
+            if !self.links.contains_key(&conn) {
+                continue;
+            }
+            let now = self.now;
+            if let Some(n) = self.nodes[to].as_mut() {
+                n.mesh.handle_frame(now, conn, &frame);
+            }
+        }
+        let now = self.now;
+        for n in self.nodes.iter_mut().flatten() {
+            if n.mesh.poll_timeout().is_some_and(|t| t <= now) {
+                n.mesh.handle_timeout(now);
+            }
+        }
+        self.drain_all();
+    }
+
+    /// Steps until `done` holds or `limit` of virtual time has passed since now; returns the
+    /// virtual time it took, or `None` on timeout.
+    pub fn run_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Option<Duration> {
+        let from = self.now;
+        for _ in 0..10_000_000 {
+            if done(self) {
+                return Some(self.now - from);
+            }
+            if self.now - from > limit {
+                return None;
+            }
+            self.step();
+        }
+        None
+    }
+
+    /// Runs for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        let _ = self.run_until(d + Duration::from_secs(1), |s| s.now >= until);
+    }
+
+    /// Whether every live node knows every other live node, alive, at the same version.
+    pub fn converged(&self) -> bool {
+        let live = self.live();
+        let versions: HashMap<NodeId, u64> = live
+            .iter()
+            .map(|i| (self.node(*i).mesh.id(), self.node(*i).mesh.record().version))
+            .collect();
+        live.iter().all(|i| {
+            let members = self.node(*i).mesh.members();
+            let alive: Vec<_> = members.iter().filter(|m| m.alive).collect();
+            alive.len() == live.len() - 1
+                && alive
+                    .iter()
+                    .all(|m| versions.get(&m.id) == Some(&m.record.version))
+        })
+    }
+
+    fn cut(&mut self, pred: impl Fn(usize, usize) -> bool) {
+        let doomed: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, (a, b, _))| pred(*a, *b))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in doomed {
+            if let Some((a, _, _)) = self.links.remove(&c)
+                && let Some(n) = self.nodes[a].as_mut()
+            {
+                n.mesh.handle_disconnected(c);
+            }
+        }
+        self.drain_all();
+    }
+
+    /// Splits the network: `group(i)` for each node; connections across groups break.
+    pub fn partition(&mut self, group: impl Fn(usize) -> usize) {
+        let g: Vec<usize> = (0..self.nodes.len()).map(group).collect();
+        self.groups = Some(g.clone());
+        self.cut(|a, b| g[a] != g[b]);
+    }
+
+    /// Ends the partition.
+    pub fn heal(&mut self) {
+        self.groups = None;
+    }
+
+    /// Kills node `i` without a goodbye: its connections drop.
+    pub fn kill(&mut self, i: usize) {
+        self.cut(|a, b| a == i || b == i);
+        self.nodes[i] = None;
+    }
+}

@@ -1,0 +1,139 @@
+//! The mesh cores over the simulated network: convergence at 200 nodes, partitions that heal,
+//! dead nodes marked down everywhere within the liveness timeout. No root needed.
+
+use std::time::Duration;
+
+use weft_mesh::{Event, MeshConfig};
+use weft_tests::sim::{Sim, sim_record};
+
+/// Restated from the defaults the tests rely on, not imported.
+const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn config() -> MeshConfig {
+    MeshConfig {
+        gossip_interval: GOSSIP_INTERVAL,
+        liveness_timeout: LIVENESS_TIMEOUT,
+        ..MeshConfig::default()
+    }
+}
+
+/// Node i bootstraps from one earlier node only (a pseudo-random one).
+fn one_earlier(i: usize) -> Option<usize> {
+    (i > 0).then(|| (i * 7919) % i)
+}
+
+#[test]
+fn two_hundred_nodes_each_bootstrapped_from_one_other_converge() {
+    let mut sim = Sim::new(200, config(), one_earlier);
+    let took = sim.run_until(Duration::from_secs(120), Sim::converged);
+    let took = took.expect("200 nodes did not converge within 120 s of virtual time");
+    eprintln!("200 nodes converged in {took:?} of virtual time");
+    // And stay converged, with no one marked down, while the heartbeats keep flowing.
+    sim.run_for(2 * LIVENESS_TIMEOUT);
+    assert!(sim.converged(), "lost convergence in steady state");
+    for i in sim.live() {
+        assert!(
+            !sim.node(i)
+                .events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::Down(_))),
+            "node {i} saw someone go down in steady state"
+        );
+        assert_eq!(sim.node(i).mesh.drops().malformed, 0);
+        assert_eq!(sim.node(i).mesh.drops().unauthenticated, 0);
+    }
+}
+
+#[test]
+fn a_change_during_a_partition_wins_everywhere_after_it_heals() {
+    let n = 40;
+    let mut sim = Sim::new(n, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    sim.partition(|i| usize::from(i >= n / 2));
+    // Each side changes one of its nodes; the sides cannot see each other's change.
+    let mut r = sim_record(3, 0);
+    r.region = Some("moved".into());
+    sim.node_mut(3).mesh.update(r);
+    let mut r = sim_record(30, 0);
+    r.pod_cidrs = vec!["100.64.200.0/24".parse().unwrap()];
+    sim.node_mut(30).mesh.update(r);
+    sim.run_for(LIVENESS_TIMEOUT + Duration::from_secs(10));
+    // Across the cut, everyone is down.
+    let other_side_alive = sim
+        .node(0)
+        .mesh
+        .members()
+        .iter()
+        .filter(|m| m.alive && m.record.name == "n30")
+        .count();
+    assert_eq!(
+        other_side_alive, 0,
+        "n30 still alive for n0 during the partition"
+    );
+    sim.heal();
+    let took = sim
+        .run_until(Duration::from_secs(120), Sim::converged)
+        .expect("converges after healing");
+    eprintln!("40 nodes re-converged {took:?} after the partition healed");
+    for i in sim.live() {
+        let m = sim.node(i).mesh.members();
+        let n3 = m.iter().find(|m| m.record.name == "n3");
+        let n30 = m.iter().find(|m| m.record.name == "n30");
+        if i != 3 {
+            assert_eq!(
+                n3.map(|m| m.record.region.clone()),
+                Some(Some("moved".into())),
+                "node {i}"
+            );
+        }
+        if i != 30 {
+            assert_eq!(
+                n30.map(|m| m.record.pod_cidrs[0].to_string()),
+                Some("100.64.200.0/24".into()),
+                "node {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_killed_node_is_marked_down_everywhere_within_the_liveness_timeout() {
+    let mut sim = Sim::new(60, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    let victim = 17;
+    let id = sim.node(victim).mesh.id();
+    let killed_at = sim.now - sim.start;
+    sim.kill(victim);
+    // Everyone's last news of the victim is at most a few gossip rounds old when it dies.
+    let bound = LIVENESS_TIMEOUT + 10 * GOSSIP_INTERVAL;
+    sim.run_for(bound);
+    for i in sim.live() {
+        let down = sim
+            .node(i)
+            .events
+            .iter()
+            .find(|(_, e)| *e == Event::Down(id));
+        let (t, _) = down.unwrap_or_else(|| panic!("node {i} never marked the victim down"));
+        assert!(
+            *t - killed_at <= bound,
+            "node {i} took {:?}",
+            *t - killed_at
+        );
+        assert!(
+            *t - killed_at >= LIVENESS_TIMEOUT - 10 * GOSSIP_INTERVAL,
+            "node {i} too early: {:?}",
+            *t - killed_at
+        );
+        // Nobody else went down.
+        let others = sim
+            .node(i)
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Down(x) if *x != id))
+            .count();
+        assert_eq!(others, 0, "node {i}");
+    }
+}
