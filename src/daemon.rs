@@ -6,7 +6,7 @@
 //! and any failure after that deletes it again, so a daemon that cannot start leaves the host as
 //! it found it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,13 +18,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use weft_config::Config;
+use weft_mesh::driver::{Command as MeshCommand, MeshDriver, Snapshot as MeshSnapshot};
+use weft_mesh::{Identity, Membership, MeshConfig};
 use weft_router::driver::{Command, Driver, Snapshot, bind_udp};
 use weft_router::{PathKind, PeerConfig, Router};
 
 use crate::api::{self, ApiSocket, Request, Response};
+use crate::control;
 use crate::keys;
 use crate::netlink::Netlink;
-use crate::status::{NodeStatus, PeerStatus, Status};
+use crate::status::{MeshMember, MeshStatus, NodeStatus, PeerStatus, Status};
 
 /// Overlay MTU when the underlay's cannot be found.
 const FALLBACK_MTU: u16 = 1420;
@@ -133,13 +136,18 @@ fn ready(state: sd_notify::NotifyState<'_>) {
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let plan = Plan::new(&config, config_path)?;
+    let secret = control::load_secret(&config, config_path)?;
     let (key, created) = keys::load_or_create(&config.node.key_file)?;
     let public_key = keys::public_of(&key);
     if created {
         info!(path = %config.node.key_file.display(), %public_key, "created a new private key");
     }
-    let seed = u32::from_le_bytes(keys::generate_secret()[..4].try_into().expect("4 bytes"));
+    let seed_bytes = keys::generate_secret();
+    let seed = u32::from_le_bytes(seed_bytes[..4].try_into().expect("4 of 32 bytes"));
+    let mesh_seed = u64::from_le_bytes(seed_bytes[8..16].try_into().expect("8 of 32 bytes"));
+    let key_bytes = key.to_bytes();
     let mut router = Router::new(key, seed);
+    let wireguard_key = router.public_key();
     #[expect(
         clippy::disallowed_methods,
         reason = "the daemon is a driver: it owns the clock"
@@ -166,6 +174,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mtu = choose_mtu(&config, &nl).await?;
     let udp = bind_udp(config.router.port)
         .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
+    let gossip = match secret {
+        Some(secret) => Some((secret, control::bind_gossip(config.mesh.port).await?)),
+        None => None,
+    };
     let api_socket = ApiSocket::bind(&config.api_socket).await?;
 
     // From here on the host changes: the TUN device is deleted again on any failure.
@@ -195,7 +207,38 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut data_plane = tokio::spawn(driver.run(cmd_rx, stop_rx));
+    let mut data_plane = tokio::spawn(driver.run(cmd_rx, stop_rx.clone()));
+    let infos = control::PeerInfos::default();
+    let (mesh_tx, mesh_rx) = mpsc::channel(64);
+    let mut helpers = Vec::new();
+    if let Some((secret, listener)) = gossip {
+        let record = control::own_record(&config, wireguard_key, &plan.pod_cidrs);
+        let mesh_config = MeshConfig {
+            gossip_interval: config.mesh.gossip_interval,
+            liveness_timeout: config.mesh.liveness_timeout,
+            ..MeshConfig::default()
+        };
+        let identity = Identity::from_wireguard_key(&key_bytes);
+        let mut mesh = Membership::new(now, identity, record, mesh_config, mesh_seed);
+        mesh.join(&config.mesh.peers);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let driver = MeshDriver::new(mesh, listener, secret);
+        helpers.push(tokio::spawn(async move {
+            if let Err(e) = driver.run(mesh_rx, ev_tx, stop_rx).await {
+                error!(error = %e, "the mesh failed");
+            }
+        }));
+        helpers.push(tokio::spawn(control::reconcile_loop(
+            plan.peers.clone(),
+            cmd_tx.clone(),
+            mesh_tx.clone(),
+            ev_rx,
+            infos.clone(),
+            stop_tx.subscribe(),
+        )));
+    } else {
+        drop(mesh_rx);
+    }
     let node = Arc::new(NodeStatus {
         name: config.node.name.clone(),
         region: config.node.region.clone(),
@@ -220,8 +263,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             accepted = api_socket.listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (tx, node) = (cmd_tx.clone(), node.clone());
+                    let (mesh, infos) = (mesh_tx.clone(), infos.clone());
                     tokio::spawn(async move {
-                        let answer = |req| answer(req, tx.clone(), node.clone());
+                        let answer = |req| {
+                            answer(req, tx.clone(), mesh.clone(), infos.clone(), node.clone())
+                        };
                         if let Err(e) = api::serve_connection(stream, answer).await {
                             tracing::debug!(error = %e, "API connection ended");
                         }
@@ -240,6 +286,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     ready(sd_notify::NotifyState::Stopping);
     let _ = stop_tx.send(true);
+    // The mesh says goodbye (a tombstone) while the data plane still runs.
+    for h in helpers {
+        if tokio::time::timeout(STOP_TIMEOUT, h).await.is_err() {
+            error!("a control task did not stop in {STOP_TIMEOUT:?}");
+        }
+    }
     if !data_plane.is_finished() {
         match tokio::time::timeout(STOP_TIMEOUT, &mut data_plane).await {
             Ok(_) => {}
@@ -268,7 +320,13 @@ async fn remove_link(nl: &Netlink, name: &str) {
     }
 }
 
-async fn answer(req: Request, tx: mpsc::Sender<Command>, node: Arc<NodeStatus>) -> Response {
+async fn answer(
+    req: Request,
+    tx: mpsc::Sender<Command>,
+    mesh: mpsc::Sender<MeshCommand>,
+    infos: control::PeerInfos,
+    node: Arc<NodeStatus>,
+) -> Response {
     match req {
         Request::Status => {
             let (reply, rx) = oneshot::channel();
@@ -276,10 +334,12 @@ async fn answer(req: Request, tx: mpsc::Sender<Command>, node: Arc<NodeStatus>) 
                 Ok(()) => rx.await.ok(),
                 Err(_) => None,
             };
+            let mesh = control::mesh_snapshot(&mesh).await;
+            let infos = infos.lock().map(|i| i.clone()).unwrap_or_default();
             match snap {
                 Some(s) => Response {
                     ok: true,
-                    status: Some(status(&node, &s)),
+                    status: Some(status(&node, &s, mesh.as_ref(), &infos)),
                     error: None,
                 },
                 None => Response {
@@ -298,14 +358,21 @@ fn drops(d: &weft_router::Drops) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The status report from the node's facts and a router snapshot.
-pub fn status(node: &NodeStatus, snap: &Snapshot) -> Status {
+/// The status report from the node's facts, a router snapshot and the mesh's view.
+pub fn status(
+    node: &NodeStatus,
+    snap: &Snapshot,
+    mesh: Option<&MeshSnapshot>,
+    infos: &HashMap<[u8; 32], control::PeerInfo>,
+) -> Status {
     let peers = snap
         .peers
         .iter()
         .map(|p| PeerStatus {
             name: p.config.name.clone(),
-            region: None,
+            region: infos
+                .get(&p.config.public_key)
+                .and_then(|i| i.region.clone()),
             public_key: keys::encode(&p.config.public_key),
             pod_cidrs: p
                 .config
@@ -317,7 +384,9 @@ pub fn status(node: &NodeStatus, snap: &Snapshot) -> Status {
             endpoint_reason: match (p.endpoint, p.endpoint_learned) {
                 (None, _) => "none",
                 (Some(_), true) => "learned",
-                (Some(_), false) => "configured",
+                (Some(_), false) => infos
+                    .get(&p.config.public_key)
+                    .map_or("configured", |i| i.reason.as_str()),
             }
             .to_owned(),
             path: p.config.path.as_str().to_owned(),
@@ -332,10 +401,45 @@ pub fn status(node: &NodeStatus, snap: &Snapshot) -> Status {
     if snap.send_errors > 0 {
         d.insert("send_error".into(), snap.send_errors);
     }
+    let mesh = mesh.map(|m| {
+        let mut drops = BTreeMap::new();
+        for (k, v) in [
+            ("malformed", m.drops.malformed),
+            ("unauthenticated", m.drops.unauthenticated),
+            ("stale", m.drops.stale),
+            ("unexpected", m.drops.unexpected),
+            ("handshake_failed", m.transport.handshake_failed),
+            ("undecryptable", m.transport.undecryptable),
+            ("write_queue_full", m.transport.write_queue_full),
+        ] {
+            if v > 0 {
+                drops.insert(k.to_owned(), v);
+            }
+        }
+        MeshStatus {
+            node_id: m.me.to_string(),
+            members: m
+                .members
+                .iter()
+                .map(|x| MeshMember {
+                    name: x.record.name.clone(),
+                    node_id: x.id.to_string(),
+                    region: x.record.region.clone(),
+                    alive: x.alive,
+                    left: x.record.left,
+                    version: x.record.version,
+                    pod_cidrs: x.record.pod_cidrs.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            connections: m.connections,
+            drops,
+        }
+    });
     Status {
         node: node.clone(),
         peers,
         drops: d,
+        mesh,
     }
 }
 

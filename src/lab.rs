@@ -260,11 +260,15 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Its private key file.
     pub key_file: PathBuf,
+    /// Its cluster secret file (`SECRET_FILE` in a config body); the mesh runs only when it
+    /// exists.
+    pub secret_file: PathBuf,
 }
 
 impl Lab {
     /// Files for a daemon called `name` in namespace `ns`: writes its config, which is
-    /// `body` (YAML) plus the lab's paths (key file, state dir, API socket).
+    /// `body` (YAML, where `KEY_FILE` and `SECRET_FILE` stand for the daemon's own paths) plus
+    /// the lab's state dir and API socket.
     pub fn daemon(&self, name: &str, ns: &str, body: &str) -> anyhow::Result<Daemon> {
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir)?;
@@ -275,13 +279,16 @@ impl Lab {
             socket: dir.join("weft.sock"),
             log: dir.join("weft.log"),
             key_file: dir.join("private.key"),
+            secret_file: dir.join("secret"),
         };
         let text = format!(
             "{body}\nstate_dir: {dir}\napi_socket: {sock}\n",
             dir = dir.display(),
             sock = d.socket.display()
         );
-        let text = text.replace("KEY_FILE", &d.key_file.display().to_string());
+        let text = text
+            .replace("KEY_FILE", &d.key_file.display().to_string())
+            .replace("SECRET_FILE", &dir.join("secret").display().to_string());
         fs::write(&d.config, text)?;
         Ok(d)
     }

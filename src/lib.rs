@@ -8,9 +8,11 @@
 //! prints). The binaries in `src/bin` only parse arguments and call in here.
 
 pub mod api;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod keys;
 pub mod lab;
 pub mod netlink;
+pub mod reconcile;
 pub mod status;

@@ -13,6 +13,41 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Datagrams and packets dropped before a peer was known, by reason.
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// The gossip mesh, when it runs.
+    #[serde(default)]
+    pub mesh: Option<MeshStatus>,
+}
+
+/// The gossip mesh as this node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    /// This node's mesh id.
+    pub node_id: String,
+    /// Every member learned (departed ones included).
+    pub members: Vec<MeshMember>,
+    /// Open gossip connections.
+    pub connections: usize,
+    /// Gossip refused, by reason.
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// One mesh member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshMember {
+    /// Its name.
+    pub name: String,
+    /// Its mesh id.
+    pub node_id: String,
+    /// Its region.
+    pub region: Option<String>,
+    /// Heard from within the liveness timeout.
+    pub alive: bool,
+    /// Left on purpose.
+    pub left: bool,
+    /// Its record's version.
+    pub version: u64,
+    /// Its pod CIDRs.
+    pub pod_cidrs: Vec<String>,
 }
 
 /// This node.
@@ -143,6 +178,15 @@ impl Status {
         if self.peers.is_empty() {
             s.push_str("(no peers)\n");
         }
+        if let Some(m) = &self.mesh {
+            let alive = m.members.iter().filter(|x| x.alive).count();
+            let _ = writeln!(
+                s,
+                "\nmesh: {} members ({alive} alive), {} connections",
+                m.members.len(),
+                m.connections
+            );
+        }
         s
     }
 }
@@ -180,6 +224,7 @@ mod tests {
                 drops: Default::default(),
             }],
             drops: Default::default(),
+            mesh: None,
         };
         let t = st.table();
         for want in [

@@ -122,6 +122,12 @@ pub enum Problem {
     /// An interface name the kernel would refuse.
     #[error("interface name {0:?} must be 1-15 characters without '/' or whitespace")]
     InterfaceName(String),
+    /// A duration that must not be zero.
+    #[error("must be longer than zero")]
+    ZeroDuration,
+    /// A liveness timeout shorter than three gossip intervals would mark live nodes down.
+    #[error("{0:?} is shorter than three gossip intervals ({1:?} each)")]
+    LivenessTooShort(std::time::Duration, std::time::Duration),
     /// A name that is empty.
     #[error("must not be empty")]
     EmptyName,

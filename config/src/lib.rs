@@ -100,6 +100,10 @@ pub struct Mesh {
     pub peers: Vec<SocketAddr>,
     /// The cluster secret file.
     pub secret_file: PathBuf,
+    /// How often a node gossips its digest to one neighbour (default 1s).
+    pub gossip_interval: Duration,
+    /// A member not heard from for this long is down and its routes withdrawn (default 30s).
+    pub liveness_timeout: Duration,
 }
 
 /// Whether the data path uses kernel offloads where it finds them.

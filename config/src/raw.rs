@@ -60,6 +60,8 @@ pub(crate) struct RawMesh {
     pub(crate) port: Option<Port>,
     pub(crate) peers: Option<Vec<HostPort>>,
     pub(crate) secret_file: Option<PathBuf>,
+    pub(crate) gossip_interval: Option<HumanDuration>,
+    pub(crate) liveness_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -176,7 +176,24 @@ pub(crate) fn validate(
             .mesh
             .secret_file
             .unwrap_or_else(|| PathBuf::from("/etc/weft/secret")),
+        gossip_interval: raw
+            .mesh
+            .gossip_interval
+            .map_or(Duration::from_secs(1), |d| d.0),
+        liveness_timeout: raw
+            .mesh
+            .liveness_timeout
+            .map_or(Duration::from_secs(30), |d| d.0),
     };
+    if mesh.gossip_interval.is_zero() {
+        return Err(errs.at("mesh.gossip_interval", Problem::ZeroDuration));
+    }
+    if mesh.liveness_timeout < 3 * mesh.gossip_interval {
+        return Err(errs.at(
+            "mesh.liveness_timeout",
+            Problem::LivenessTooShort(mesh.liveness_timeout, mesh.gossip_interval),
+        ));
+    }
     let interface = raw.router.interface.unwrap_or_else(|| "weft0".to_owned());
     if interface.is_empty()
         || interface.len() > 15

@@ -13,7 +13,11 @@
 //! - `record`: [`NodeId`], [`Identity`], [`NodeRecord`], [`SignedRecord`].
 //! - `membership`: [`Membership`], the state machine, and its inputs and outputs.
 //! - `wire`: [`Frame`] and its codec.
+//! - `driver` (feature `driver`, on by default): the tokio driver and the encrypted TCP
+//!   transport keyed by the cluster secret.
 
+#[cfg(feature = "driver")]
+pub mod driver;
 mod membership;
 mod record;
 pub mod wire;

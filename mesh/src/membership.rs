@@ -106,7 +106,8 @@ struct Conn {
 /// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout) is reached.
 /// Commands: [`join`](Self::join), [`update`](Self::update), [`leave`](Self::leave). After every
 /// input the caller drains [`poll_transmit`](Self::poll_transmit),
-/// [`poll_dial`](Self::poll_dial) (addresses to open a connection to), then
+/// [`poll_dial`](Self::poll_dial) (addresses to open a connection to),
+/// [`poll_close`](Self::poll_close) (connections to close), then
 /// [`poll_timeout`](Self::poll_timeout) and [`poll_event`](Self::poll_event).
 ///
 /// Records spread by push (a newer record is forwarded to every other connection at once) and
@@ -127,6 +128,7 @@ pub struct Membership {
     next_dial: Instant,
     out: VecDeque<Transmit>,
     dials: VecDeque<SocketAddr>,
+    closes: VecDeque<ConnId>,
     events: VecDeque<Event>,
     drops: Drops,
 }
@@ -165,6 +167,7 @@ impl Membership {
             next_dial: now,
             out: VecDeque::new(),
             dials: VecDeque::new(),
+            closes: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
         }
@@ -268,7 +271,9 @@ impl Membership {
         match frame {
             Frame::Hello { node, .. } => {
                 if node == self.me {
-                    self.drops.unexpected += 1;
+                    // A connection to ourselves (our own address among the bootstrap peers).
+                    self.handle_disconnected(conn);
+                    self.closes.push_back(conn);
                     return;
                 }
                 c.peer = Some(node);
@@ -495,7 +500,11 @@ impl Membership {
             }
         }
         if now >= self.next_dial {
-            self.next_dial = now + self.config.dial_interval;
+            // Jittered (0.5 to 1.5 intervals), so nodes that lost a link together do not redial
+            // in lockstep.
+            let interval = self.config.dial_interval;
+            let jitter = interval.mul_f64(self.random(1000) as f64 / 1000.0);
+            self.next_dial = now + interval / 2 + jitter;
             if self.conns.is_empty() {
                 self.dials.extend(self.bootstrap.iter().copied());
             }
@@ -534,6 +543,11 @@ impl Membership {
     /// The next address to open a gossip connection to.
     pub fn poll_dial(&mut self) -> Option<SocketAddr> {
         self.dials.pop_front()
+    }
+
+    /// The next connection to close (one to this node itself).
+    pub fn poll_close(&mut self) -> Option<ConnId> {
+        self.closes.pop_front()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.

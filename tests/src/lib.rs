@@ -61,7 +61,7 @@ pub fn node_config(
 ) -> String {
     let mut s = format!(
         "node:\n  name: {name}\n  private_address: {addr}\n  key_file: KEY_FILE\n  pod_cidr: {pods}\n\
-         router:\n  port: 51820\n  interface: weft0\n"
+         router:\n  port: 51820\n  interface: weft0\nmesh:\n  secret_file: SECRET_FILE\n"
     );
     if !peers.is_empty() {
         s.push_str("wireguard_peers:\n");

@@ -1,0 +1,406 @@
+//! The reconciler's pure part: from the mesh's records and the local config to the router peers
+//! this node should have, and from those and the router's actual peers to a list of changes.
+//!
+//! The rules are DESIGN.md's. Endpoint: a peer in the same region is reached at its private
+//! address, any other at its public one, a peer with one address at that one; a choice that no
+//! handshake confirms within [`FALLBACK_AFTER`] falls back to the next candidate. Plaintext: only
+//! when this node's address toward the peer and the peer's chosen address both lie in this
+//! node's trusted subnets AND in the peer's (as its record says), so both ends agree; region
+//! labels alone never make a path plaintext.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use weft_mesh::{Member, NodeRecord};
+use weft_router::{PathKind, PeerConfig, PeerState};
+
+/// How long an endpoint may go without a handshake before the next candidate is tried.
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(10);
+
+/// Why a peer's endpoint is the one in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Same region: the private address.
+    SameRegion,
+    /// Another region: the public address.
+    OtherRegion,
+    /// The peer advertises one address only.
+    OnlyAddress,
+    /// The preferred address saw no handshake in time; this is the next candidate.
+    Fallback,
+    /// A `wireguard_peers` entry's endpoint.
+    Configured,
+    /// Learned from the peer's authenticated packets (roaming).
+    Learned,
+    /// No address known.
+    None,
+}
+
+impl Reason {
+    /// The status string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SameRegion => "same-region",
+            Self::OtherRegion => "other-region",
+            Self::OnlyAddress => "only-address",
+            Self::Fallback => "fallback",
+            Self::Configured => "configured",
+            Self::Learned => "learned",
+            Self::None => "none",
+        }
+    }
+}
+
+/// A peer this node should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPeer {
+    /// The router's view.
+    pub config: PeerConfig,
+    /// The peer's region, as its record says.
+    pub region: Option<String>,
+    /// Why its endpoint.
+    pub reason: Reason,
+    /// The underlay candidates in order of preference, with the reason each would have.
+    pub candidates: Vec<(IpAddr, Reason)>,
+}
+
+fn same_region(me: &NodeRecord, peer: &NodeRecord) -> bool {
+    me.region.is_some() && me.region == peer.region
+}
+
+/// The peer's addresses in order of preference, each with its reason.
+pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(IpAddr, Reason)> {
+    match (peer.private_address, peer.public_address) {
+        (Some(p), Some(q)) if p == q => vec![(p, Reason::OnlyAddress)],
+        (Some(p), Some(q)) if same_region(me, peer) => {
+            vec![(p, Reason::SameRegion), (q, Reason::Fallback)]
+        }
+        (Some(p), Some(q)) => vec![(q, Reason::OtherRegion), (p, Reason::Fallback)],
+        (Some(a), None) | (None, Some(a)) => vec![(a, Reason::OnlyAddress)],
+        (None, None) => vec![],
+    }
+}
+
+/// This node's address as `peer` sees it: the private one within the region, else the public.
+pub fn local_address(me: &NodeRecord, peer: &NodeRecord) -> Option<IpAddr> {
+    if same_region(me, peer) {
+        me.private_address.or(me.public_address)
+    } else {
+        me.public_address.or(me.private_address)
+    }
+}
+
+/// Whether the path between `me` (at `mine`) and `peer` (at `theirs`) may be plaintext.
+pub fn plaintext(me: &NodeRecord, mine: IpAddr, peer: &NodeRecord, theirs: IpAddr) -> bool {
+    let trusts = |r: &NodeRecord, a: IpAddr| r.trusted_subnets.iter().any(|n| n.contains(&a));
+    trusts(me, mine) && trusts(me, theirs) && trusts(peer, mine) && trusts(peer, theirs)
+}
+
+/// Per-peer endpoint choice over time: which candidate is in use and since when.
+#[derive(Debug, Default)]
+pub struct Choices {
+    chosen: HashMap<[u8; 32], (usize, Instant)>,
+}
+
+impl Choices {
+    /// Moves a peer that has not come up within [`FALLBACK_AFTER`] of its current choice to
+    /// its next candidate (cycling).
+    pub fn observe(&mut self, now: Instant, key: [u8; 32], state: PeerState, n_candidates: usize) {
+        let entry = self.chosen.entry(key).or_insert((0, now));
+        if state == PeerState::Up {
+            entry.1 = now;
+            return;
+        }
+        if n_candidates > 1 && now.saturating_duration_since(entry.1) >= FALLBACK_AFTER {
+            entry.0 = (entry.0 + 1) % n_candidates;
+            entry.1 = now;
+        }
+    }
+
+    fn index(&self, key: &[u8; 32]) -> usize {
+        self.chosen.get(key).map_or(0, |c| c.0)
+    }
+
+    /// Forgets peers that are gone.
+    pub fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) {
+        self.chosen.retain(|k, _| keep(k));
+    }
+}
+
+/// The peers this node should have: the static `wireguard_peers`, then every alive member that
+/// does not collide with them or with this node (same key, overlapping prefixes).
+pub fn desired(
+    me: &NodeRecord,
+    members: &[Member],
+    statics: &[PeerConfig],
+    choices: &Choices,
+) -> (Vec<DesiredPeer>, Vec<String>) {
+    let mut out: Vec<DesiredPeer> = statics
+        .iter()
+        .map(|c| DesiredPeer {
+            config: c.clone(),
+            region: None,
+            reason: if c.endpoint.is_some() {
+                Reason::Configured
+            } else {
+                Reason::None
+            },
+            candidates: vec![],
+        })
+        .collect();
+    let mut skipped = Vec::new();
+    let mut sorted: Vec<&Member> = members
+        .iter()
+        .filter(|m| m.alive && !m.record.left)
+        .collect();
+    // Deterministic: by name, then id.
+    sorted.sort_by(|a, b| (&a.record.name, a.id).cmp(&(&b.record.name, b.id)));
+    for m in sorted {
+        let r = &m.record;
+        let taken = |n: &IpNet| {
+            me.pod_cidrs.iter().any(|o| overlaps(o, n))
+                || out
+                    .iter()
+                    .any(|d| d.config.allowed_ips.iter().any(|o| overlaps(o, n)))
+        };
+        if r.wireguard_key == me.wireguard_key
+            || out.iter().any(|d| d.config.public_key == r.wireguard_key)
+        {
+            skipped.push(format!("{}: its WireGuard key is already in use", r.name));
+            continue;
+        }
+        if let Some(n) = r.pod_cidrs.iter().find(|n| taken(n)) {
+            skipped.push(format!(
+                "{}: its pod CIDR {n} overlaps one already routed",
+                r.name
+            ));
+            continue;
+        }
+        let cands = candidates(me, r);
+        let (endpoint, reason, path) =
+            match cands.get(choices.index(&r.wireguard_key) % cands.len().max(1)) {
+                Some(&(addr, reason)) => {
+                    let mine = local_address(me, r);
+                    let path = match mine {
+                        Some(mine) if plaintext(me, mine, r, addr) => PathKind::Plaintext,
+                        _ => PathKind::Encrypted,
+                    };
+                    (Some(SocketAddr::new(addr, r.router_port)), reason, path)
+                }
+                None => (None, Reason::None, PathKind::Encrypted),
+            };
+        out.push(DesiredPeer {
+            config: PeerConfig {
+                name: r.name.clone(),
+                public_key: r.wireguard_key,
+                endpoint,
+                allowed_ips: r.pod_cidrs.clone(),
+                persistent_keepalive: Some(25),
+                path,
+            },
+            region: r.region.clone(),
+            reason,
+            candidates: cands,
+        });
+    }
+    (out, skipped)
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// One change to the router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Add this peer.
+    Add(PeerConfig),
+    /// Remove the peer with this key.
+    Remove([u8; 32]),
+    /// Replace the peer with this key (its prefixes, path or endpoint changed).
+    Replace(PeerConfig),
+}
+
+/// The changes that turn `current` (by key) into `desired`. A peer whose configuration is
+/// unchanged is left alone, so its session and traffic are never disturbed.
+pub fn diff(current: &BTreeMap<[u8; 32], PeerConfig>, desired: &[DesiredPeer]) -> Vec<Change> {
+    let mut out = Vec::new();
+    let want: BTreeMap<[u8; 32], &PeerConfig> = desired
+        .iter()
+        .map(|d| (d.config.public_key, &d.config))
+        .collect();
+    for key in current.keys() {
+        if !want.contains_key(key) {
+            out.push(Change::Remove(*key));
+        }
+    }
+    for (key, cfg) in &want {
+        match current.get(key) {
+            None => out.push(Change::Add((*cfg).clone())),
+            Some(have) if have != *cfg => out.push(Change::Replace((*cfg).clone())),
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "tests start their clock from a real instant"
+    )]
+
+    use super::*;
+
+    fn rec(
+        name: &str,
+        region: &str,
+        private: &str,
+        public: &str,
+        block: u8,
+        key: u8,
+    ) -> NodeRecord {
+        NodeRecord {
+            version: 1,
+            left: false,
+            name: name.into(),
+            region: Some(region.into()),
+            private_address: Some(private.parse().unwrap()),
+            public_address: Some(public.parse().unwrap()),
+            mesh_port: 6783,
+            router_port: 51820,
+            wireguard_key: [key; 32],
+            pod_cidrs: vec![format!("100.64.{block}.0/24").parse().unwrap()],
+            trusted_subnets: vec![],
+        }
+    }
+
+    fn member(r: NodeRecord) -> Member {
+        Member {
+            id: weft_mesh::NodeId([r.wireguard_key[0]; 32]),
+            record: r,
+            alive: true,
+            heartbeat: 1,
+        }
+    }
+
+    #[test]
+    fn same_region_uses_private_other_region_public() {
+        let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
+        let c = rec("c", "us", "198.18.2.3", "198.19.0.3", 3, 3);
+        let (d, skipped) = desired(&me, &[member(b), member(c)], &[], &Choices::default());
+        assert!(skipped.is_empty());
+        assert_eq!(
+            d[0].config.endpoint,
+            Some("198.18.1.2:51820".parse().unwrap())
+        );
+        assert_eq!(d[0].reason, Reason::SameRegion);
+        assert_eq!(
+            d[1].config.endpoint,
+            Some("198.19.0.3:51820".parse().unwrap())
+        );
+        assert_eq!(d[1].reason, Reason::OtherRegion);
+        assert!(
+            d.iter().all(|p| p.config.path == PathKind::Encrypted),
+            "no trusted subnets"
+        );
+    }
+
+    #[test]
+    fn plaintext_needs_both_ends_to_trust_both_addresses() {
+        let lan: IpNet = "198.18.1.0/24".parse().unwrap();
+        let mut me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let mut b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
+        me.trusted_subnets = vec![lan];
+        // b does not trust us: encrypted.
+        let (d, _) = desired(&me, &[member(b.clone())], &[], &Choices::default());
+        assert_eq!(d[0].config.path, PathKind::Encrypted);
+        b.trusted_subnets = vec![lan];
+        let (d, _) = desired(&me, &[member(b.clone())], &[], &Choices::default());
+        assert_eq!(d[0].config.path, PathKind::Plaintext);
+        // A peer that merely claims our region but sits elsewhere stays encrypted.
+        let mut liar = rec("x", "eu", "198.18.9.9", "198.19.0.9", 9, 9);
+        liar.trusted_subnets = vec!["0.0.0.0/0".parse().unwrap()];
+        let (d, _) = desired(&me, &[member(liar)], &[], &Choices::default());
+        assert_eq!(d[0].config.path, PathKind::Encrypted);
+    }
+
+    #[test]
+    fn no_handshake_in_time_falls_back_to_the_next_candidate() {
+        let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
+        let mut ch = Choices::default();
+        let t0 = Instant::now();
+        ch.observe(t0, b.wireguard_key, PeerState::Connecting, 2);
+        ch.observe(
+            t0 + FALLBACK_AFTER / 2,
+            b.wireguard_key,
+            PeerState::Connecting,
+            2,
+        );
+        let (d, _) = desired(&me, &[member(b.clone())], &[], &ch);
+        assert_eq!(d[0].reason, Reason::SameRegion, "not yet");
+        ch.observe(
+            t0 + FALLBACK_AFTER,
+            b.wireguard_key,
+            PeerState::Connecting,
+            2,
+        );
+        let (d, _) = desired(&me, &[member(b.clone())], &[], &ch);
+        assert_eq!(d[0].reason, Reason::Fallback);
+        assert_eq!(
+            d[0].config.endpoint,
+            Some("198.19.0.2:51820".parse().unwrap())
+        );
+        // Once up, it stays.
+        let t1 = t0 + 3 * FALLBACK_AFTER;
+        ch.observe(t1, b.wireguard_key, PeerState::Up, 2);
+        ch.observe(t1 + FALLBACK_AFTER, b.wireguard_key, PeerState::Up, 2);
+        let (d, _) = desired(&me, &[member(b)], &[], &ch);
+        assert_eq!(d[0].reason, Reason::Fallback);
+    }
+
+    #[test]
+    fn colliding_members_are_skipped_with_a_reason() {
+        let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let same_block = rec("b", "eu", "198.18.1.2", "198.19.0.2", 1, 2);
+        let same_key = rec("c", "eu", "198.18.1.3", "198.19.0.3", 3, 1);
+        let (d, skipped) = desired(
+            &me,
+            &[member(same_block), member(same_key)],
+            &[],
+            &Choices::default(),
+        );
+        assert!(d.is_empty());
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+    }
+
+    #[test]
+    fn diff_touches_only_what_changed() {
+        let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
+        let c = rec("c", "us", "198.18.2.3", "198.19.0.3", 3, 3);
+        let (d, _) = desired(
+            &me,
+            &[member(b.clone()), member(c.clone())],
+            &[],
+            &Choices::default(),
+        );
+        let current: BTreeMap<_, _> = d
+            .iter()
+            .map(|p| (p.config.public_key, p.config.clone()))
+            .collect();
+        assert!(diff(&current, &d).is_empty());
+        let mut c2 = c;
+        c2.region = Some("eu".into());
+        let (d2, _) = desired(&me, &[member(b), member(c2)], &[], &Choices::default());
+        let changes = diff(&current, &d2);
+        assert_eq!(changes.len(), 1);
+        assert!(matches!(&changes[0], Change::Replace(cfg) if cfg.name == "c"));
+        assert_eq!(diff(&current, &[]).len(), 2);
+    }
+}
