@@ -155,7 +155,12 @@ pub async fn reconcile_loop(
                 )
             })
             .collect();
-        for p in &actual.peers {
+        // Only WireGuard paths are confirmed by a handshake; a plaintext path needs none.
+        for p in actual
+            .peers
+            .iter()
+            .filter(|p| p.config.path == weft_router::PathKind::Encrypted)
+        {
             if let Some(n) = cands.get(&p.config.public_key) {
                 choices.observe(now, p.config.public_key, p.state, *n);
             }
@@ -193,9 +198,14 @@ pub async fn reconcile_loop(
             }
             if let Some(c) = add {
                 let (name, endpoint, path) = (c.name.clone(), c.endpoint, c.path.as_str());
+                let mesh_peer = cands.contains_key(&c.public_key);
                 match ask(&router, |r| RouterCommand::AddPeer(c, r)).await {
-                    Some(Ok(_)) => {
+                    Some(Ok(id)) => {
                         info!(peer = %name, endpoint = ?endpoint, path, "peer routed");
+                        // Confirm the endpoint now rather than at the first packet.
+                        if mesh_peer {
+                            let _ = router.send(RouterCommand::Connect(id)).await;
+                        }
                     }
                     Some(Err(e)) => warn!(peer = %name, error = %e, "peer not routed"),
                     None => return,

@@ -193,6 +193,19 @@ impl Lab {
         Ok(terminate(&mut child, timeout))
     }
 
+    /// Kills process `name` with SIGKILL (no cleanup on its side) and reaps it.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no process {name} in the lab"))?;
+        let (_, mut child) = self.children.remove(pos);
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Whether process `name` is still running.
     pub fn running(&mut self, name: &str) -> bool {
         self.children

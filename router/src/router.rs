@@ -151,6 +151,8 @@ pub struct Router {
     flush: VecDeque<PeerId>,
     /// Peers whose timers are due this tick.
     timers: VecDeque<PeerId>,
+    /// Peers to start a handshake with.
+    connect: VecDeque<PeerId>,
     events: VecDeque<Event>,
 }
 
@@ -202,6 +204,7 @@ impl Router {
             last_rate_reset: None,
             flush: VecDeque::new(),
             timers: VecDeque::new(),
+            connect: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
@@ -336,11 +339,21 @@ impl Router {
         self.by_addr.retain(|_, p| *p != id);
         self.flush.retain(|p| *p != id);
         self.timers.retain(|p| *p != id);
+        self.connect.retain(|p| *p != id);
         if self.peers.is_empty() {
             self.next_tick = None;
         }
         debug!(peer = %id, name = %peer.config.name, "peer removed");
         Some(peer.config)
+    }
+
+    /// Starts a WireGuard handshake with the peer without waiting for traffic, so that the
+    /// control plane learns soon whether its endpoint works; the initiation comes out of
+    /// [`poll_transmit`](Self::poll_transmit).
+    pub fn connect(&mut self, id: PeerId) {
+        if self.peers.get(&id).is_some_and(|p| p.tunnel.is_some()) && !self.connect.contains(&id) {
+            self.connect.push_back(id);
+        }
     }
 
     /// Points a WireGuard peer at a new endpoint (the control plane's choice).
@@ -637,6 +650,19 @@ impl Router {
                 _ => {
                     self.flush.pop_front();
                 }
+            }
+        }
+        while let Some(id) = self.connect.pop_front() {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            let (Some(tunnel), Some(destination)) = (peer.tunnel.as_mut(), peer.endpoint) else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(b) = tunnel.initiate(buf) {
+                let len = b.len();
+                peer.counters.tx_bytes += len as u64;
+                return Some(Transmit { destination, len });
             }
         }
         while let Some(id) = self.timers.pop_front() {

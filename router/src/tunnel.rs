@@ -21,6 +21,8 @@ pub(crate) trait Tunnel: Send {
     ) -> TunnResult<'a>;
     /// Runs the WireGuard timers: keepalives, rekeys, handshake retries.
     fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a>;
+    /// Starts a handshake now (unless one is already under way).
+    fn initiate<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a>;
 }
 
 impl Tunnel for Tunn {
@@ -37,5 +39,8 @@ impl Tunnel for Tunn {
     }
     fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a> {
         Self::update_timers(self, dst)
+    }
+    fn initiate<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a> {
+        Self::format_handshake_initiation(self, dst, false)
     }
 }

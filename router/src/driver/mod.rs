@@ -39,6 +39,8 @@ pub enum Command {
     AddPeer(PeerConfig, oneshot::Sender<Result<PeerId, PeerError>>),
     /// Removes a peer.
     RemovePeer(PeerId),
+    /// Starts a handshake with a peer now.
+    Connect(PeerId),
 }
 
 /// The router's state at one instant.
@@ -261,6 +263,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             Command::RemovePeer(id) => {
                 let _ = self.router.remove_peer(id);
             }
+            Command::Connect(id) => self.router.connect(id),
         }
     }
 

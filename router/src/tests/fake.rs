@@ -26,6 +26,7 @@ pub(crate) enum Timer {
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     pub(crate) timer_calls: usize,
+    pub(crate) initiations: usize,
     pub(crate) script: VecDeque<Timer>,
 }
 
@@ -114,6 +115,14 @@ impl Tunnel for FakeTunnel {
             }
             _ => TunnResult::Err(WireGuardError::InvalidPacket),
         }
+    }
+
+    fn initiate<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a> {
+        // A stand-in initiation: type 1, the right length.
+        let mut m = vec![0u8; 148];
+        m[0] = 1;
+        self.shared.lock().expect("lock").initiations += 1;
+        write(dst, &m)
     }
 
     fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a> {

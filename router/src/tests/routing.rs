@@ -477,3 +477,30 @@ fn session_indexes_are_unique_and_skip_zero() {
     assert_eq!(idx, vec![PeerId::MAX, 1, 2, 3]);
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn connect_starts_a_handshake_without_waiting_for_traffic() {
+    let mut lab = Lab::new();
+    let (a, shared) = lab.add(
+        config("a", 1, Some("198.18.1.2:51820"), &["100.64.2.0/24"]),
+        9,
+    );
+    let (roamer, _) = lab.add(config("r", 2, None, &["100.64.3.0/24"]), 9);
+    lab.router.connect(a);
+    lab.router.connect(a);
+    lab.router.connect(roamer);
+    let t = lab
+        .router
+        .poll_transmit(lab.now, &mut lab.out)
+        .expect("an initiation");
+    assert_eq!(
+        (t.destination, t.len, lab.out[0]),
+        (sa("198.18.1.2:51820"), 148, 1)
+    );
+    assert_eq!(
+        lab.router.poll_transmit(lab.now, &mut lab.out),
+        None,
+        "once, and none to a peer without an address"
+    );
+    assert_eq!(shared.lock().unwrap().initiations, 1);
+}

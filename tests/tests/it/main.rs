@@ -5,5 +5,6 @@ mod bad_config;
 mod cli;
 mod demo;
 mod interop;
+mod mesh;
 mod mesh_sim;
 mod two_nodes;

@@ -1,0 +1,208 @@
+//! The lab of DESIGN.md with the mesh on: nodes in two regions, each with a private address on
+//! its region's LAN (198.18.R.0/24, trusted by the nodes in it) and a public one on a shared
+//! "internet" (198.19.0.0/24). Region LANs are not connected to each other.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use weft::lab::{Daemon, Lab, wait_for};
+
+use crate::weft_bin;
+
+/// One node of the mesh lab.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Name (and namespace suffix).
+    pub name: &'static str,
+    /// Region label.
+    pub region: &'static str,
+    /// LAN (1 or 2): 198.18.{lan}.0/24.
+    pub lan: u8,
+    /// Host number on the LAN and on the internet (198.19.0.{host + 10 * (lan - 1)}).
+    pub host: u8,
+    /// Pod block 100.64.{block}.0/24.
+    pub block: u8,
+    /// Bootstrap peer address (IP), if any.
+    pub bootstrap: Option<&'static str>,
+}
+
+impl Spec {
+    /// Its private address.
+    pub fn private(&self) -> String {
+        format!("198.18.{}.{}", self.lan, self.host)
+    }
+    /// Its public address.
+    pub fn public(&self) -> String {
+        format!("198.19.0.{}", self.host + 10 * (self.lan - 1))
+    }
+    /// Its overlay address.
+    pub fn overlay(&self) -> String {
+        format!("100.64.{}.1", self.block)
+    }
+}
+
+/// Two nodes per region; e1 and e2 in eu (LAN 1), u1 and u2 in us (LAN 2); each bootstraps
+/// from one other node only.
+pub const FOUR: [Spec; 4] = [
+    Spec {
+        name: "e1",
+        region: "eu",
+        lan: 1,
+        host: 1,
+        block: 1,
+        bootstrap: Some("198.18.1.2"),
+    },
+    Spec {
+        name: "e2",
+        region: "eu",
+        lan: 1,
+        host: 2,
+        block: 2,
+        bootstrap: Some("198.18.1.1"),
+    },
+    Spec {
+        name: "u1",
+        region: "us",
+        lan: 2,
+        host: 1,
+        block: 3,
+        bootstrap: Some("198.19.0.1"),
+    },
+    Spec {
+        name: "u2",
+        region: "us",
+        lan: 2,
+        host: 2,
+        block: 4,
+        bootstrap: Some("198.18.2.1"),
+    },
+];
+
+/// The running lab.
+#[derive(Debug)]
+pub struct MeshLab {
+    /// The lab.
+    pub lab: Lab,
+    /// The weft binary.
+    pub bin: PathBuf,
+    /// The switch namespace.
+    pub switch: String,
+    /// The cluster secret (base64).
+    pub secret: String,
+    /// The daemons, in spec order.
+    pub daemons: Vec<Daemon>,
+    /// The specs, in the same order.
+    pub specs: Vec<Spec>,
+}
+
+/// The config of a mesh lab node.
+pub fn config(s: &Spec, region: &str) -> String {
+    let boot = s.bootstrap.map_or(String::new(), |b| format!("[{b}]"));
+    format!(
+        "node:\n  name: {n}\n  region: {region}\n  private_address: {p}\n  public_address: {q}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{b}.0/24\n\
+         network:\n  trusted_subnets: [198.18.{lan}.0/24]\n\
+         mesh:\n  secret_file: SECRET_FILE\n  peers: {boot}\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
+         router:\n  interface: weft0\n",
+        n = s.name,
+        p = s.private(),
+        q = s.public(),
+        b = s.block,
+        lan = s.lan,
+        boot = if boot.is_empty() {
+            "[]".to_owned()
+        } else {
+            boot
+        },
+    )
+}
+
+impl MeshLab {
+    /// Builds the underlay for `specs` and starts every node with the same secret.
+    pub fn start(tag: &str, specs: &[Spec]) -> anyhow::Result<Self> {
+        let bin = weft_bin()?;
+        let mut lab = Lab::new(tag)?;
+        let switch = lab.add_ns("sw")?;
+        for br in ["lan1", "lan2", "inet"] {
+            lab.bridge(&switch, br)?;
+        }
+        let secret = String::from_utf8(
+            weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+        )?;
+        let mut me = Self {
+            lab,
+            bin,
+            switch,
+            secret,
+            daemons: Vec::new(),
+            specs: specs.to_vec(),
+        };
+        for s in specs {
+            let d = me.add_node(s, s.region, &me.secret.clone())?;
+            me.daemons.push(d);
+        }
+        for d in me.daemons.clone() {
+            me.lab.start(&me.bin, &d)?;
+        }
+        Ok(me)
+    }
+
+    /// Creates node `s`'s namespace and config (with `secret`), without starting it.
+    pub fn add_node(&mut self, s: &Spec, region: &str, secret: &str) -> anyhow::Result<Daemon> {
+        let ns = self.lab.add_ns(s.name)?;
+        let sw = self.switch.clone();
+        self.lab.plug(
+            (&sw, &format!("lan{}", s.lan)),
+            (&ns, "lan0", &format!("{}/24", s.private())),
+        )?;
+        self.lab
+            .plug((&sw, "inet"), (&ns, "wan0", &format!("{}/24", s.public())))?;
+        let d = self.lab.daemon(s.name, &ns, &config(s, region))?;
+        std::fs::write(&d.secret_file, secret)?;
+        Ok(d)
+    }
+
+    /// The daemon called `name`.
+    pub fn daemon(&self, name: &str) -> &Daemon {
+        self.daemons
+            .iter()
+            .find(|d| d.name == name)
+            .expect("a node of the lab")
+    }
+
+    /// `weft status --json` of node `name`.
+    pub fn status(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        self.lab.status(&self.bin, self.daemon(name))
+    }
+
+    /// Node `name`'s status entry for peer `peer`, once it has one.
+    pub fn peer(&self, name: &str, peer: &str) -> Option<serde_json::Value> {
+        let st = self.status(name).ok()?;
+        st["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == peer)
+            .cloned()
+    }
+
+    /// Waits until every running node routes every other one and pings its overlay address.
+    pub fn wait_full_mesh(&self, names: &[&str]) -> anyhow::Result<()> {
+        for a in names {
+            for b in names.iter().filter(|b| *b != a) {
+                wait_for(
+                    &format!("{a} to route {b}"),
+                    Duration::from_secs(30),
+                    || self.peer(a, b),
+                )?;
+            }
+        }
+        for a in names {
+            for b in names.iter().filter(|b| *b != a) {
+                let spec = self.specs.iter().find(|s| s.name == *b).context("spec")?;
+                crate::ping(&self.lab, &self.daemon(a).ns, &spec.overlay(), None)
+                    .with_context(|| format!("{a} -> {b}"))?;
+            }
+        }
+        Ok(())
+    }
+}
