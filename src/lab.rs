@@ -184,23 +184,22 @@ impl Lab {
     /// Sends SIGTERM to process `name` and waits for it (up to `timeout`, then SIGKILL); returns
     /// whether it exited on its own with status 0.
     pub fn stop(&mut self, name: &str, timeout: Duration) -> anyhow::Result<bool> {
+        let mut child = self.take(name)?;
+        Ok(terminate(&mut child, timeout))
+    }
+
+    fn take(&mut self, name: &str) -> anyhow::Result<Child> {
         let pos = self
             .children
             .iter()
             .position(|(n, _)| n == name)
             .with_context(|| format!("no process {name} in the lab"))?;
-        let (_, mut child) = self.children.remove(pos);
-        Ok(terminate(&mut child, timeout))
+        Ok(self.children.remove(pos).1)
     }
 
     /// Kills process `name` with SIGKILL (no cleanup on its side) and reaps it.
     pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
-        let pos = self
-            .children
-            .iter()
-            .position(|(n, _)| n == name)
-            .with_context(|| format!("no process {name} in the lab"))?;
-        let (_, mut child) = self.children.remove(pos);
+        let mut child = self.take(name)?;
         child.kill()?;
         child.wait()?;
         Ok(())

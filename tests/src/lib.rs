@@ -122,6 +122,43 @@ impl Pair {
     }
 }
 
+/// Starts tcpdump as lab process `name` on `dev` in namespace `ns`, writing every packet that
+/// matches `filter` to `<lab dir>/<name>.pcap` as it reads it; returns once it listens.
+pub fn capture(
+    lab: &mut Lab,
+    name: &str,
+    ns: &str,
+    dev: &str,
+    filter: &[&str],
+) -> anyhow::Result<PathBuf> {
+    let file = lab.dir.join(format!("{name}.pcap"));
+    let log = lab.dir.join(format!("{name}.log"));
+    let mut cmd = lab.cmd(ns, "tcpdump");
+    cmd.args(["-i", dev, "-U", "-n", "-s", "0", "-w"])
+        .arg(&file)
+        .args(filter);
+    lab.spawn(name, cmd, Some(&log))?;
+    weft::lab::wait_for(
+        &format!("{name} to listen"),
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("listening on"))
+        },
+    )?;
+    Ok(file)
+}
+
+/// The alive members in a `weft status --json` report.
+pub fn alive_members(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    let members = status["mesh"]["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    members.into_iter().filter(|x| x["alive"] == true).collect()
+}
+
 /// Pings `dst` from `ns` (optionally from address `src`): succeeds once a reply arrives within
 /// 15 one-second tries.
 pub fn ping(lab: &Lab, ns: &str, dst: &str, src: Option<&str>) -> anyhow::Result<()> {

@@ -4,34 +4,9 @@ use std::time::Duration;
 
 use weft::lab::wait_for;
 use weft_tests::meshlab::{FOUR, MeshLab, Spec};
-use weft_tests::{pcap, ping};
+use weft_tests::{alive_members, capture, pcap, ping};
 
 const ALL: [&str; 4] = ["e1", "e2", "u1", "u2"];
-
-fn capture(
-    m: &mut MeshLab,
-    name: &str,
-    node: &str,
-    dev: &str,
-) -> anyhow::Result<std::path::PathBuf> {
-    let file = m.lab.dir.join(format!("{name}.pcap"));
-    let log = m.lab.dir.join(format!("{name}.log"));
-    let mut cmd = m.lab.cmd(&m.daemon(node).ns.clone(), "tcpdump");
-    cmd.args(["-i", dev, "-U", "-n", "-s", "0", "-w"])
-        .arg(&file)
-        .args(["udp", "port", "51820"]);
-    m.lab.spawn(name, cmd, Some(&log))?;
-    wait_for(
-        &format!("{name} to listen"),
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|l| l.contains("listening on"))
-        },
-    )?;
-    Ok(file)
-}
 
 #[test]
 fn four_nodes_in_two_regions_learn_each_other_and_pick_paths_by_region_and_trust()
@@ -40,15 +15,7 @@ fn four_nodes_in_two_regions_learn_each_other_and_pick_paths_by_region_and_trust
     m.wait_full_mesh(&ALL)?;
     for n in ALL {
         let st = m.status(n)?;
-        let members = st["mesh"]["members"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(
-            members.iter().filter(|x| x["alive"] == true).count(),
-            3,
-            "{n}: {st}"
-        );
+        assert_eq!(alive_members(&st).len(), 3, "{n}: {st}");
     }
     // Same region: private address, plaintext. Other region: public address, WireGuard.
     let e2 = m.peer("e1", "e2").expect("e1 routes e2");
@@ -67,8 +34,9 @@ fn four_nodes_in_two_regions_learn_each_other_and_pick_paths_by_region_and_trust
     );
 
     // What the segments carry: plaintext on e1's LAN, only WireGuard on its internet link.
-    let lan = capture(&mut m, "lan", "e1", "lan0")?;
-    let wan = capture(&mut m, "wan", "e1", "wan0")?;
+    let e1_ns = m.daemon("e1").ns.clone();
+    let lan = capture(&mut m.lab, "lan", &e1_ns, "lan0", &["udp", "port", "51820"])?;
+    let wan = capture(&mut m.lab, "wan", &e1_ns, "wan0", &["udp", "port", "51820"])?;
     let marker = "WEFT-MESH-MARKER-3c1e";
     let hex: String = marker
         .bytes()
@@ -131,7 +99,10 @@ fn a_killed_node_is_withdrawn_within_the_timeout_and_rejoins_with_its_key() -> a
     let id_before = m.status("u2")?["mesh"]["node_id"].clone();
     // kill -9: no goodbye.
     m.lab.kill("u2")?;
-    #[expect(clippy::disallowed_methods, reason = "measuring how long the withdrawal takes")]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "measuring how long the withdrawal takes"
+    )]
     let killed = std::time::Instant::now();
     for n in ["e1", "e2", "u1"] {
         wait_for(
@@ -223,19 +194,15 @@ fn a_node_without_the_secret_never_joins_and_garbage_on_the_gossip_port_changes_
     std::thread::sleep(Duration::from_secs(8));
     for n in ALL {
         let st = m.status(n)?;
-        let members = st["mesh"]["members"]
+        let known = st["mesh"]["members"]
             .as_array()
             .cloned()
             .unwrap_or_default();
         assert!(
-            members.iter().all(|x| x["name"] != "x"),
+            known.iter().all(|x| x["name"] != "x"),
             "{n} knows the intruder: {st}"
         );
-        assert_eq!(
-            members.iter().filter(|x| x["alive"] == true).count(),
-            3,
-            "{n}: {st}"
-        );
+        assert_eq!(alive_members(&st).len(), 3, "{n}: {st}");
         assert!(
             st["peers"]
                 .as_array()

@@ -2,32 +2,15 @@
 
 use std::time::Duration;
 
-use weft_tests::{Pair, pcap, tcp_transfer};
+use weft_tests::{Pair, capture, pcap, tcp_transfer};
 
 #[test]
 fn ping_and_100_mb_tcp_arrive_intact_and_the_wire_carries_only_wireguard() -> anyhow::Result<()> {
     let mut p = Pair::start("tn")?;
     // Capture the underlay at a, and the overlay at b (where the marker must be visible).
-    let under = p.lab.dir.join("underlay.pcap");
-    let over = p.lab.dir.join("overlay.pcap");
-    for (name, ns, dev, file) in [
-        ("tcpdump-under", p.a.ns.clone(), "eth0", &under),
-        ("tcpdump-over", p.b.ns.clone(), "weft0", &over),
-    ] {
-        let log = p.lab.dir.join(format!("{name}.log"));
-        let mut cmd = p.lab.cmd(&ns, "tcpdump");
-        cmd.args(["-i", dev, "-U", "-n", "-s", "0", "-w"]).arg(file);
-        p.lab.spawn(name, cmd, Some(&log))?;
-        weft::lab::wait_for(
-            &format!("{name} to listen"),
-            Duration::from_secs(10),
-            || {
-                std::fs::read_to_string(&log)
-                    .ok()
-                    .filter(|l| l.contains("listening on"))
-            },
-        )?;
-    }
+    let (a_ns, b_ns) = (p.a.ns.clone(), p.b.ns.clone());
+    let under = capture(&mut p.lab, "tcpdump-under", &a_ns, "eth0", &[])?;
+    let over = capture(&mut p.lab, "tcpdump-over", &b_ns, "weft0", &[])?;
 
     p.ping(&p.a.ns, "100.64.2.1")?;
     p.ping(&p.b.ns, "100.64.1.1")?;
@@ -207,18 +190,14 @@ fn a_peer_sending_from_outside_its_allowed_ips_is_dropped_and_counted() -> anyho
 #[test]
 fn garbage_truncated_forged_and_replayed_datagrams_are_dropped_and_counted() -> anyhow::Result<()> {
     let mut p = Pair::start("ud")?;
-    let cap = p.lab.dir.join("cap.pcap");
-    let log = p.lab.dir.join("tcpdump.log");
-    let mut cmd = p.lab.cmd(&p.a.ns, "tcpdump");
-    cmd.args(["-i", "eth0", "-U", "-n", "-s", "0", "-w"])
-        .arg(&cap)
-        .args(["udp", "port", "51820"]);
-    p.lab.spawn("tcpdump", cmd, Some(&log))?;
-    weft::lab::wait_for("tcpdump to listen", Duration::from_secs(10), || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|l| l.contains("listening on"))
-    })?;
+    let a_ns = p.a.ns.clone();
+    let cap = capture(
+        &mut p.lab,
+        "tcpdump",
+        &a_ns,
+        "eth0",
+        &["udp", "port", "51820"],
+    )?;
     p.ping(&p.b.ns, "100.64.1.1")?;
     // tcpdump writes what it has read; wait until the data message is in the file.
     let data = weft::lab::wait_for(
