@@ -41,5 +41,7 @@ else
     step cargo test --workspace --locked --no-fail-fast
 fi
 step cargo check --manifest-path fuzz/Cargo.toml --locked --bins
+# The mesh benchmark's harness, small (the full run and its targets: bench/results/mesh.md).
+step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 echo
 echo "==> all checks passed"

@@ -4,14 +4,11 @@
 //! alone in us-east (198.18.2.0/24), and all three have a public address on a shared "internet"
 //! segment (198.19.0.0/24). The region LANs are not connected, so a node that used a private
 //! address across regions would fail visibly. Each node runs the real daemon (this binary) and
-//! hosts one pod namespace; the demo pings pod to pod across every pair, moves a few megabytes,
-//! and prints each node's `weft status`.
-//!
-//! Until the mesh exists, the nodes know each other through `wireguard_peers`, and the demo's
-//! configs pick each peer's private address within a region and its public one across regions,
-//! the rule the mesh will apply by itself.
+//! hosts one pod namespace. The nodes share a cluster secret and each knows one other node only;
+//! the mesh does the rest: `a` and `b` reach each other at their private addresses in plaintext
+//! (both trust the eu-west LAN), and `c` at its public address over WireGuard. The demo pings
+//! pod to pod across every pair and prints each node's `weft status`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -25,6 +22,8 @@ use crate::lab::{Daemon, Lab, run, wait_for};
 /// One demo node.
 struct Node {
     name: &'static str,
+    /// The one node it knows at start (an address).
+    bootstrap: &'static str,
     region: &'static str,
     private: &'static str,
     public: &'static str,
@@ -35,6 +34,7 @@ struct Node {
 const NODES: [Node; 3] = [
     Node {
         name: "a",
+        bootstrap: "198.18.1.2",
         region: "eu-west",
         private: "198.18.1.1",
         public: "198.19.0.1",
@@ -42,6 +42,7 @@ const NODES: [Node; 3] = [
     },
     Node {
         name: "b",
+        bootstrap: "198.18.1.1",
         region: "eu-west",
         private: "198.18.1.2",
         public: "198.19.0.2",
@@ -49,6 +50,7 @@ const NODES: [Node; 3] = [
     },
     Node {
         name: "c",
+        bootstrap: "198.19.0.1",
         region: "us-east",
         private: "198.18.2.3",
         public: "198.19.0.3",
@@ -89,15 +91,25 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         lab.bridge(&sw, br)?;
     }
     let mut daemons: Vec<Daemon> = Vec::new();
-    let mut keys = Vec::new();
+    let secret = crate::keys::encode(&crate::keys::generate_secret());
     for n in &NODES {
         let ns = lab.add_ns(n.name)?;
         let lan = if n.region == "eu-west" { "eu" } else { "us" };
         lab.plug((&sw, lan), (&ns, "lan0", &format!("{}/24", n.private)))?;
         lab.plug((&sw, "inet"), (&ns, "wan0", &format!("{}/24", n.public)))?;
-        let d = lab.daemon(n.name, &ns, "")?;
-        let (key, _) = crate::keys::load_or_create(&d.key_file)?;
-        keys.push(crate::keys::public_of(&key));
+        let lan_net = if n.region == "eu-west" {
+            "198.18.1.0/24"
+        } else {
+            "198.18.2.0/24"
+        };
+        let cfg = format!(
+            "node:\n  name: {}\n  region: {}\n  private_address: {}\n  public_address: {}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{}.0/24\n\
+             network:\n  trusted_subnets: [{lan_net}]\n\
+             mesh:\n  secret_file: SECRET_FILE\n  peers: [{}]\n",
+            n.name, n.region, n.private, n.public, n.block, n.bootstrap
+        );
+        let d = lab.daemon(n.name, &ns, &cfg)?;
+        std::fs::write(&d.secret_file, &secret)?;
         daemons.push(d);
         // A pod: its own namespace, a veth to the node, the node routes its /32 to it.
         let pod = lab.add_ns(&format!("pod-{}", n.name))?;
@@ -113,33 +125,30 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv4/conf/pod0/proxy_arp && echo 0 > /proc/sys/net/ipv4/neigh/pod0/proxy_delay",
         ]))?;
     }
-    for (i, n) in NODES.iter().enumerate() {
-        let mut cfg = format!(
-            "node:\n  name: {}\n  region: {}\n  private_address: {}\n  public_address: {}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{}.0/24\nwireguard_peers:\n",
-            n.name, n.region, n.private, n.public, n.block
-        );
-        for (j, p) in NODES.iter().enumerate().filter(|(j, _)| *j != i) {
-            // Same region: the private address; across regions: the public one.
-            let ep = if p.region == n.region {
-                p.private
-            } else {
-                p.public
-            };
-            let _ = write!(
-                cfg,
-                "  - name: {}\n    public_key: {}\n    endpoint: {ep}:51820\n    allowed_ips: [100.64.{}.0/24]\n",
-                p.name, keys[j], p.block
-            );
-        }
-        let ns = daemons[i].ns.clone();
-        daemons[i] = lab.daemon(n.name, &ns, &cfg)?;
-    }
     for d in &daemons {
         interrupted(&stop)?;
         lab.start(bin, d)
             .with_context(|| format!("starting weft on node {}", d.name))?;
         println!("started weft on node {} (log {})", d.name, d.log.display());
     }
+
+    for (i, n) in NODES.iter().enumerate() {
+        let want = NODES.len() - 1;
+        wait_for(
+            &format!("node {} to learn every other node", n.name),
+            Duration::from_secs(30),
+            || {
+                let out = Command::new(bin)
+                    .args(["status", "--json", "--socket"])
+                    .arg(&daemons[i].socket)
+                    .output()
+                    .ok()?;
+                let st: crate::status::Status = serde_json::from_slice(&out.stdout).ok()?;
+                (st.peers.len() == want).then_some(())
+            },
+        )?;
+    }
+    println!("every node learned the others through the mesh");
 
     println!("\npod-to-pod traffic, every pair:");
     for from in &NODES {
@@ -161,9 +170,9 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 .and_then(|s| s.split_whitespace().next())
                 .unwrap_or("?");
             let how = if from.region == to.region {
-                "same region, private address"
+                "same region: private address, plaintext"
             } else {
-                "across regions, public address"
+                "across regions: public address, WireGuard"
             };
             println!(
                 "  pod-{} 100.64.{}.2 -> pod-{} {dst}: reply in {rtt} ms ({how})",

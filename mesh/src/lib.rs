@@ -26,6 +26,6 @@ pub use crate::membership::{
     ConnId, Drops, Event, Member, Membership, MeshConfig, Transmit, mesh_address,
 };
 pub use crate::record::{
-    Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, SignedRecord, VerifyError,
+    Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord, VerifyError,
 };
 pub use crate::wire::{DecodeError, Entry, Frame};

@@ -1,25 +1,31 @@
 //! [`Membership`]: the sans-IO gossip state machine.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, trace};
 
-use crate::record::{Identity, NodeId, NodeRecord, SignedRecord};
+use crate::record::{Identity, NodeId, NodeRecord, ShortId, SignedRecord};
 use crate::wire::{Entry, Frame};
 
 /// Timing and fan-out of the gossip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeshConfig {
-    /// How often a node sends its digest to one random neighbour (and bumps its heartbeat).
+    /// How often a node sends the heartbeats it learned since the last round to its
+    /// connections (and checks liveness).
     pub gossip_interval: Duration,
-    /// A member whose heartbeat has not grown for this long is down.
+    /// A member whose heartbeat has not grown for this long is down. A node bumps its own
+    /// heartbeat every third of this.
     pub liveness_timeout: Duration,
-    /// How many gossip connections a node keeps.
+    /// How many gossip connections a node dials; it accepts up to twice as many and closes
+    /// the excess, so no node becomes a hub.
     pub max_connections: usize,
     /// How often a node short of connections dials another member.
     pub dial_interval: Duration,
+    /// How often (in gossip intervals) a node sends a full digest to one neighbour, to repair
+    /// anything the pushes missed.
+    pub digest_every: u32,
 }
 
 impl Default for MeshConfig {
@@ -29,6 +35,7 @@ impl Default for MeshConfig {
             liveness_timeout: Duration::from_secs(30),
             max_connections: 4,
             dial_interval: Duration::from_secs(2),
+            digest_every: 10,
         }
     }
 }
@@ -71,7 +78,7 @@ pub struct Drops {
     pub unauthenticated: u64,
     /// Records not newer than the one held (replays, echoes).
     pub stale: u64,
-    /// Frames on a connection that had not said hello, or from this node itself.
+    /// Frames on a connection that had not said hello.
     pub unexpected: u64,
 }
 
@@ -85,12 +92,12 @@ pub struct Member {
     /// Whether it is alive (heard from within the liveness timeout, not left).
     pub alive: bool,
     /// Its heartbeat counter as last heard.
-    pub heartbeat: u64,
+    pub heartbeat: u32,
 }
 
 struct Known {
     signed: SignedRecord,
-    heartbeat: u64,
+    heartbeat: u32,
     heard_at: Instant,
     alive: bool,
 }
@@ -110,22 +117,29 @@ struct Conn {
 /// [`poll_close`](Self::poll_close) (connections to close), then
 /// [`poll_timeout`](Self::poll_timeout) and [`poll_event`](Self::poll_event).
 ///
-/// Records spread by push (a newer record is forwarded to every other connection at once) and
-/// by anti-entropy (every `gossip_interval` a node sends one random neighbour a digest of
-/// versions and heartbeats, and gets back what it lacks). Liveness compares only local times:
-/// a member is down when its heartbeat has not grown here for `liveness_timeout`.
+/// Records spread by push: a newer record goes to every other connection at once. Heartbeats
+/// spread as rumours: each round a node sends the heartbeats that grew since the last round to
+/// its connections. A full digest (20 bytes a member) goes to one random neighbour every
+/// `digest_every` rounds and on every new connection, and is answered with whatever either
+/// side lacks. Liveness compares only local times: a member is down when its heartbeat has not
+/// grown here for `liveness_timeout`.
 pub struct Membership {
     identity: Identity,
     me: NodeId,
     own: SignedRecord,
-    heartbeat: u64,
+    heartbeat: u32,
     known: BTreeMap<NodeId, Known>,
+    by_short: HashMap<ShortId, NodeId>,
     conns: BTreeMap<ConnId, Conn>,
     bootstrap: Vec<SocketAddr>,
     config: MeshConfig,
     rng: u64,
     next_tick: Instant,
+    next_beat: Instant,
     next_dial: Instant,
+    rounds: u32,
+    /// Heartbeats that grew since the last round, to pass on.
+    rumours: BTreeMap<ShortId, Entry>,
     out: VecDeque<Transmit>,
     dials: VecDeque<SocketAddr>,
     closes: VecDeque<ConnId>,
@@ -159,12 +173,16 @@ impl Membership {
             own,
             heartbeat: 0,
             known: BTreeMap::new(),
+            by_short: HashMap::new(),
             conns: BTreeMap::new(),
             bootstrap: Vec::new(),
             config,
             rng: seed | 1,
             next_tick: now + config.gossip_interval,
+            next_beat: now,
             next_dial: now,
+            rounds: 0,
+            rumours: BTreeMap::new(),
             out: VecDeque::new(),
             dials: VecDeque::new(),
             closes: VecDeque::new(),
@@ -233,7 +251,7 @@ impl Membership {
         self.update(r);
     }
 
-    /// A connection (dialled or accepted) is up; greets it.
+    /// A connection (dialled or accepted) is up; greets it with a digest.
     pub fn handle_connected(&mut self, now: Instant, conn: ConnId) {
         let _ = now;
         self.conns.insert(conn, Conn { peer: None });
@@ -349,15 +367,14 @@ impl Membership {
                 true
             }
             None => {
-                self.known.insert(
-                    id,
-                    Known {
-                        signed: s,
-                        heartbeat: 0,
-                        heard_at: now,
-                        alive: !left,
-                    },
-                );
+                self.by_short.insert(id.short(), id);
+                let k = Known {
+                    signed: s,
+                    heartbeat: 0,
+                    heard_at: now,
+                    alive: !left,
+                };
+                self.known.insert(id, k);
                 self.events.push_back(if left {
                     Event::Left(id)
                 } else {
@@ -368,9 +385,13 @@ impl Membership {
         }
     }
 
-    /// A heartbeat entry: a grown heartbeat of the current version means the member is alive.
+    /// A heartbeat entry: a grown heartbeat of the current version means the member is alive,
+    /// and the news is passed on next round.
     fn heard(&mut self, now: Instant, e: Entry) {
-        let Some(k) = self.known.get_mut(&e.node) else {
+        let Some(id) = self.by_short.get(&e.node) else {
+            return;
+        };
+        let Some(k) = self.known.get_mut(id) else {
             return;
         };
         if k.signed.record.version != e.version || e.heartbeat <= k.heartbeat {
@@ -378,86 +399,91 @@ impl Membership {
         }
         k.heartbeat = e.heartbeat;
         k.heard_at = now;
+        self.rumours.insert(e.node, e);
         if !k.alive && !k.signed.record.left {
             k.alive = true;
-            self.events.push_back(Event::Up(e.node));
+            self.events.push_back(Event::Up(*id));
+        }
+    }
+
+    fn own_entry(&self) -> Entry {
+        Entry {
+            node: self.me.short(),
+            version: self.own.record.version,
+            heartbeat: self.heartbeat,
         }
     }
 
     fn handle_digest(&mut self, now: Instant, conn: ConnId, reply: bool, entries: &[Entry]) {
         let mut records = Vec::new();
         let mut beats = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        let mut they_know_more = false;
+        let me = self.me.short();
         for e in entries {
             seen.insert(e.node);
-            if e.node == self.me {
-                if e.version > self.own.record.version {
-                    // Someone holds a record of an earlier life newer than ours; it arrives
-                    // with their digest answer, and `accept` outdoes it.
-                    continue;
-                }
+            if e.node == me {
                 if e.version < self.own.record.version {
                     records.push(Ok(self.own.clone()));
+                } else if e.heartbeat < self.heartbeat {
+                    beats.push(self.own_entry());
                 }
+                // A version above ours is an earlier life's record: it arrives with their
+                // answer, and `accept` outdoes it.
+                they_know_more |= e.version > self.own.record.version;
                 continue;
             }
-            // Their news about third parties' heartbeats counts as hearing of them.
+            // Their heartbeats count as news of those members.
             self.heard(now, *e);
-            if let Some(k) = self.known.get(&e.node) {
-                if k.signed.record.version > e.version {
-                    records.push(Ok(k.signed.clone()));
-                } else if k.signed.record.version == e.version && k.heartbeat > e.heartbeat {
-                    beats.push(self.entry(e.node, k));
+            match self.by_short.get(&e.node).and_then(|id| self.known.get(id)) {
+                Some(k) if k.signed.record.version > e.version => {
+                    records.push(Ok(k.signed.clone()))
                 }
+                Some(k) if k.signed.record.version < e.version => they_know_more = true,
+                Some(k) if k.heartbeat > e.heartbeat => beats.push(Entry {
+                    node: e.node,
+                    version: k.signed.record.version,
+                    heartbeat: k.heartbeat,
+                }),
+                Some(_) => {}
+                None => they_know_more = true,
             }
         }
-        if !seen.contains(&self.me) {
+        if !seen.contains(&me) {
             records.push(Ok(self.own.clone()));
         }
         for (id, k) in &self.known {
-            if !seen.contains(id) {
+            if !seen.contains(&id.short()) {
                 records.push(Ok(k.signed.clone()));
             }
         }
-        // Our own heartbeat always goes back: it is what keeps us alive over there.
-        beats.push(Entry {
-            node: self.me,
-            version: self.own.record.version,
-            heartbeat: self.heartbeat,
-        });
         if !records.is_empty() {
             self.out.push_back(Transmit {
                 conn,
                 frame: Frame::Records(records).encode(),
             });
         }
-        self.out.push_back(Transmit {
-            conn,
-            frame: Frame::Beats(beats).encode(),
-        });
-        if reply {
-            self.send_digest(conn, false);
+        if !beats.is_empty() {
+            self.out.push_back(Transmit {
+                conn,
+                frame: Frame::Beats(beats).encode(),
+            });
         }
-    }
-
-    fn entry(&self, id: NodeId, k: &Known) -> Entry {
-        let _ = self;
-        Entry {
-            node: id,
-            version: k.signed.record.version,
-            heartbeat: k.heartbeat,
+        // Our digest back only when asked, or when they hold records we lack.
+        if reply || they_know_more {
+            self.send_digest(conn, false);
         }
     }
 
     fn send_digest(&mut self, conn: ConnId, reply: bool) {
         let mut entries = Vec::with_capacity(self.known.len() + 1);
-        entries.push(Entry {
-            node: self.me,
-            version: self.own.record.version,
-            heartbeat: self.heartbeat,
-        });
+        entries.push(self.own_entry());
         for (id, k) in &self.known {
-            entries.push(self.entry(*id, k));
+            entries.push(Entry {
+                node: id.short(),
+                version: k.signed.record.version,
+                heartbeat: k.heartbeat,
+            });
         }
         self.out.push_back(Transmit {
             conn,
@@ -477,27 +503,16 @@ impl Membership {
 
     /// Runs the gossip round, the liveness check and dialling when due.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_beat {
+            self.next_beat = now + self.config.liveness_timeout / 3;
+            self.heartbeat = self.heartbeat.wrapping_add(1);
+            let e = self.own_entry();
+            self.rumours.insert(e.node, e);
+        }
         if now >= self.next_tick {
             self.next_tick = now + self.config.gossip_interval;
-            self.heartbeat += 1;
-            let ready: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.peer.is_some())
-                .map(|(id, _)| *id)
-                .collect();
-            if !ready.is_empty() {
-                let pick = ready[self.random(ready.len())];
-                self.send_digest(pick, true);
-            }
-            let timeout = self.config.liveness_timeout;
-            for (id, k) in &mut self.known {
-                if k.alive && now.saturating_duration_since(k.heard_at) > timeout {
-                    k.alive = false;
-                    debug!(node = %id, name = %k.signed.record.name, "member down");
-                    self.events.push_back(Event::Down(*id));
-                }
-            }
+            self.rounds = self.rounds.wrapping_add(1);
+            self.round(now);
         }
         if now >= self.next_dial {
             // Jittered (0.5 to 1.5 intervals), so nodes that lost a link together do not redial
@@ -505,33 +520,77 @@ impl Membership {
             let interval = self.config.dial_interval;
             let jitter = interval.mul_f64(self.random(1000) as f64 / 1000.0);
             self.next_dial = now + interval / 2 + jitter;
-            if self.conns.is_empty() {
-                self.dials.extend(self.bootstrap.iter().copied());
+            self.dial();
+        }
+    }
+
+    fn round(&mut self, now: Instant) {
+        let ready: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if !self.rumours.is_empty() && !ready.is_empty() {
+            let beats: Vec<Entry> = std::mem::take(&mut self.rumours).into_values().collect();
+            let frame = Frame::Beats(beats).encode();
+            for c in &ready {
+                self.out.push_back(Transmit {
+                    conn: *c,
+                    frame: frame.clone(),
+                });
             }
-            if self.conns.len() < self.config.max_connections {
-                let connected: Vec<NodeId> = self.conns.values().filter_map(|c| c.peer).collect();
-                let candidates: Vec<SocketAddr> = self
-                    .known
-                    .iter()
-                    .filter(|(id, k)| k.alive && !connected.contains(id))
-                    .filter_map(|(_, k)| mesh_address(&self.own.record, &k.signed.record))
-                    .collect();
-                if !candidates.is_empty() {
-                    let pick = candidates[self.random(candidates.len())];
-                    self.dials.push_back(pick);
-                }
+        }
+        if !ready.is_empty() && self.rounds % self.config.digest_every.max(1) == 0 {
+            let pick = ready[self.random(ready.len())];
+            self.send_digest(pick, false);
+        }
+        let timeout = self.config.liveness_timeout;
+        for (id, k) in &mut self.known {
+            if k.alive && now.saturating_duration_since(k.heard_at) > timeout {
+                k.alive = false;
+                debug!(node = %id, name = %k.signed.record.name, "member down");
+                self.events.push_back(Event::Down(*id));
             }
-            // Probe one member that is down (not departed): this is how a partition heals.
-            let down: Vec<SocketAddr> = self
+        }
+    }
+
+    fn dial(&mut self) {
+        if self.conns.is_empty() {
+            self.dials.extend(self.bootstrap.iter().copied());
+        }
+        // Too many connections (others dialled us): close the excess, newest first.
+        let cap = self.config.max_connections * 2;
+        while self.conns.len() > cap {
+            let Some((&c, _)) = self.conns.iter().next_back() else {
+                break;
+            };
+            self.handle_disconnected(c);
+            self.closes.push_back(c);
+        }
+        let connected: Vec<NodeId> = self.conns.values().filter_map(|c| c.peer).collect();
+        if self.conns.len() < self.config.max_connections {
+            let candidates: Vec<SocketAddr> = self
                 .known
-                .values()
-                .filter(|k| !k.alive && !k.signed.record.left)
-                .filter_map(|k| mesh_address(&self.own.record, &k.signed.record))
+                .iter()
+                .filter(|(id, k)| k.alive && !connected.contains(id))
+                .filter_map(|(_, k)| mesh_address(&self.own.record, &k.signed.record))
                 .collect();
-            if !down.is_empty() {
-                let pick = down[self.random(down.len())];
+            if !candidates.is_empty() {
+                let pick = candidates[self.random(candidates.len())];
                 self.dials.push_back(pick);
             }
+        }
+        // Probe one member that is down (not departed): this is how a partition heals.
+        let down: Vec<SocketAddr> = self
+            .known
+            .values()
+            .filter(|k| !k.alive && !k.signed.record.left)
+            .filter_map(|k| mesh_address(&self.own.record, &k.signed.record))
+            .collect();
+        if !down.is_empty() {
+            let pick = down[self.random(down.len())];
+            self.dials.push_back(pick);
         }
     }
 
@@ -545,14 +604,14 @@ impl Membership {
         self.dials.pop_front()
     }
 
-    /// The next connection to close (one to this node itself).
+    /// The next connection to close (to this node itself, or beyond the connection cap).
     pub fn poll_close(&mut self) -> Option<ConnId> {
         self.closes.pop_front()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        Some(self.next_tick.min(self.next_dial))
+        Some(self.next_tick.min(self.next_dial).min(self.next_beat))
     }
 
     /// The next membership change.

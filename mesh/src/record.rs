@@ -35,6 +35,19 @@ impl std::fmt::Display for NodeId {
     }
 }
 
+/// The first 8 bytes of a [`NodeId`], as digests and heartbeats name members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShortId(pub u64);
+
+impl NodeId {
+    /// Its short form.
+    pub fn short(&self) -> ShortId {
+        let mut b = [0; 8];
+        b.copy_from_slice(&self.0[..8]);
+        ShortId(u64::from_be_bytes(b))
+    }
+}
+
 /// A node's signing identity.
 #[derive(Clone)]
 pub struct Identity {

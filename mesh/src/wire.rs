@@ -8,15 +8,19 @@
 //! frame      = type:u8 body
 //! 1 Hello    = node:32 mesh_port:u16
 //! 2 Records  = count:u16 (signer:32 body_len:u16 body signature:64)*
-//! 3 Digest   = reply:u8 count:u32 (node:32 version:u64 heartbeat:u64)*
-//! 4 Beats    = count:u32 (node:32 version:u64 heartbeat:u64)*
+//! 3 Digest   = reply:u8 count:u32 entry*
+//! 4 Beats    = count:u32 entry*
+//! entry      = node:u64 version:u64 heartbeat:u32     (node: the first 8 bytes of its id)
 //! ```
+//!
+//! Digest and heartbeat entries name a member by the first 8 bytes of its id, so that the
+//! frames that make up steady-state gossip stay small (20 bytes per member).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, SignedRecord, VerifyError};
+use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, ShortId, SignedRecord, VerifyError};
 
 /// The largest frame accepted.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -48,12 +52,15 @@ pub enum DecodeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     /// The member.
-    pub node: NodeId,
+    pub node: ShortId,
     /// The version of its record.
     pub version: u64,
     /// Its heartbeat counter.
-    pub heartbeat: u64,
+    pub heartbeat: u32,
 }
+
+/// Bytes of one entry on the wire.
+const ENTRY_LEN: usize = 20;
 
 /// A gossip message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,9 +148,9 @@ impl Writer {
     fn entries(&mut self, entries: &[Entry]) {
         self.u32(u32::try_from(entries.len()).unwrap_or(u32::MAX));
         for e in entries {
-            self.bytes(&e.node.0);
+            self.u64(e.node.0);
             self.u64(e.version);
-            self.u64(e.heartbeat);
+            self.u32(e.heartbeat);
         }
     }
 }
@@ -220,16 +227,17 @@ impl<'a> Reader<'a> {
     }
     fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
         let n = self.u32()? as usize;
-        // 48 bytes each: refuse a count the bytes cannot hold before allocating for it.
-        if n.saturating_mul(48) > self.0.len() {
-            return Err(DecodeError::Truncated(n.saturating_mul(48) - self.0.len()));
+        // Refuse a count the bytes cannot hold before allocating for it.
+        let need = n.saturating_mul(ENTRY_LEN);
+        if need > self.0.len() {
+            return Err(DecodeError::Truncated(need - self.0.len()));
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             out.push(Entry {
-                node: NodeId(self.array()?),
+                node: ShortId(self.u64()?),
                 version: self.u64()?,
-                heartbeat: self.u64()?,
+                heartbeat: self.u32()?,
             });
         }
         Ok(out)
@@ -325,7 +333,7 @@ mod tests {
     fn frames() -> Vec<Frame> {
         let id = Identity::from_wireguard_key(&[5; 32]);
         let e = Entry {
-            node: id.id(),
+            node: id.id().short(),
             version: 3,
             heartbeat: 99,
         };

@@ -163,8 +163,21 @@ impl Sim {
         while let Some(a) = node.mesh.poll_dial() {
             dials.push(a);
         }
+        let mut closes = Vec::new();
+        while let Some(c) = node.mesh.poll_close() {
+            closes.push(c);
+        }
         while let Some(e) = node.mesh.poll_event() {
             node.events.push((elapsed, e));
+        }
+        for c in closes {
+            busy = true;
+            if let Some((_, other, theirs)) = self.links.remove(&c) {
+                self.links.remove(&theirs);
+                if let Some(n) = self.nodes[other].as_mut() {
+                    n.mesh.handle_disconnected(theirs);
+                }
+            }
         }
         for t in sends {
             busy = true;

@@ -18,6 +18,31 @@ fn weft_demo_shows_pod_to_pod_traffic_for_every_pair_and_cleans_up() -> anyhow::
     assert_eq!(replies, 6, "{stdout}");
     assert_eq!(stdout.matches("$ weft status").count(), 3, "{stdout}");
     assert!(stdout.contains("done: the lab is gone"), "{stdout}");
+    assert!(
+        stdout.contains("every node learned the others through the mesh"),
+        "{stdout}"
+    );
+    // In a's table: b over plaintext in its region, c over WireGuard across.
+    let table_a = stdout
+        .split("# on node a")
+        .nth(1)
+        .unwrap_or("")
+        .split("$ weft status")
+        .next()
+        .unwrap_or("");
+    let row = |peer: &str| {
+        table_a
+            .lines()
+            .find(|l| l.starts_with(peer))
+            .unwrap_or("")
+            .to_owned()
+    };
+    for want in ["eu-west", "plaintext", "198.18.1.2:51820", "same-region"] {
+        assert!(row("b ").contains(want), "b's row lacks {want}:\n{table_a}");
+    }
+    for want in ["us-east", "encrypted", "198.19.0.3:51820", "other-region"] {
+        assert!(row("c ").contains(want), "c's row lacks {want}:\n{table_a}");
+    }
     let id = stdout
         .split_whitespace()
         .skip_while(|w| *w != "lab")
