@@ -216,3 +216,21 @@ fn unreadable_file_names_the_path() {
     let err = Config::load(Path::new("/nonexistent/weft.yaml")).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/weft.yaml"), "{err}");
 }
+
+#[test]
+fn gossip_timing_has_defaults_and_is_checked() {
+    let c = parse("").unwrap();
+    assert_eq!(c.mesh.gossip_interval, Duration::from_secs(1));
+    assert_eq!(c.mesh.liveness_timeout, Duration::from_secs(30));
+    let c = parse("mesh:\n  gossip_interval: 2s\n  liveness_timeout: 1m\n").unwrap();
+    assert_eq!(
+        (c.mesh.gossip_interval, c.mesh.liveness_timeout),
+        (Duration::from_secs(2), Duration::from_secs(60))
+    );
+    let e = refused(
+        "mesh:\n  gossip_interval: 5s\n  liveness_timeout: 10s\n",
+        3,
+        "mesh.liveness_timeout",
+    );
+    assert!(e.contains("shorter than three gossip intervals"), "{e}");
+}

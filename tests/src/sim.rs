@@ -134,7 +134,8 @@ impl Sim {
         self.groups.as_ref().is_some_and(|g| g[a] != g[b])
     }
 
-    fn drain_all(&mut self) {
+    /// Moves every node's pending output onto the network (call after commanding a node).
+    pub fn drain_all(&mut self) {
         for _ in 0..1000 {
             let mut busy = false;
             for i in 0..self.nodes.len() {

@@ -139,3 +139,53 @@ fn a_killed_node_is_marked_down_everywhere_within_the_liveness_timeout() {
         assert_eq!(others, 0, "node {i}");
     }
 }
+
+#[test]
+fn a_node_that_leaves_is_a_tombstone_everywhere_and_stays_one() {
+    let mut sim = Sim::new(30, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    let id = sim.node(9).mesh.id();
+    sim.node_mut(9).mesh.leave();
+    sim.drain_all();
+    let took = sim
+        .run_until(Duration::from_secs(10), |s| {
+            s.live().iter().filter(|i| **i != 9).all(|i| {
+                s.node(*i)
+                    .mesh
+                    .members()
+                    .iter()
+                    .any(|m| m.id == id && m.record.left && !m.alive)
+            })
+        })
+        .expect("the goodbye reaches everyone");
+    // Pushed, not waited out: far sooner than the liveness timeout would notice.
+    assert!(took < 5 * GOSSIP_INTERVAL, "the goodbye took {took:?}");
+    sim.kill(9);
+    // Long after, nobody resurrects it or reports it down: it left.
+    sim.run_for(2 * LIVENESS_TIMEOUT);
+    for i in sim.live() {
+        let m = sim
+            .node(i)
+            .mesh
+            .members()
+            .into_iter()
+            .find(|m| m.id == id)
+            .expect("tombstone kept");
+        assert!(m.record.left && !m.alive, "node {i}");
+        assert!(
+            sim.node(i)
+                .events
+                .iter()
+                .any(|(_, e)| *e == Event::Left(id)),
+            "node {i}"
+        );
+        assert!(
+            !sim.node(i)
+                .events
+                .iter()
+                .any(|(_, e)| *e == Event::Down(id)),
+            "node {i}"
+        );
+    }
+}
