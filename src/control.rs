@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use weft_config::Config;
+use weft_ipam::{Allocator, Claim, Decision, Other, Pool, SavedBlock, Snapshot};
 use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
 use weft_mesh::{Event, NodeRecord};
 use weft_router::PeerConfig;
@@ -60,22 +61,22 @@ pub fn load_secret(config: &Config, origin: &Path) -> anyhow::Result<Option<[u8;
     }
 }
 
-/// This node's record for the mesh, versioned by the wall clock so a restarted node's record
-/// outranks its earlier life's (only the origin ever compares its own versions).
-pub fn own_record(
-    config: &Config,
-    wireguard_key: [u8; 32],
-    pod_cidrs: &[ipnet::IpNet],
-) -> NodeRecord {
+/// Milliseconds since the epoch on this node's clock.
+pub fn now_millis() -> u64 {
     #[expect(
         clippy::disallowed_methods,
         reason = "the daemon is a driver: it owns the clock"
     )]
-    let version = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now = SystemTime::now();
+    now.duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// This node's record for the mesh, versioned by the wall clock so a restarted node's record
+/// outranks its earlier life's (only the origin ever compares its own versions).
+pub fn own_record(config: &Config, wireguard_key: [u8; 32], blocks: &[SavedBlock]) -> NodeRecord {
     NodeRecord {
-        version,
+        version: now_millis(),
         left: false,
         name: config.node.name.clone(),
         region: config.node.region.clone(),
@@ -84,7 +85,8 @@ pub fn own_record(
         mesh_port: config.mesh.port,
         router_port: config.router.port,
         wireguard_key,
-        pod_cidrs: pod_cidrs.to_vec(),
+        pod_cidrs: blocks.iter().map(|b| b.block).collect(),
+        claimed_at: blocks.iter().map(|b| b.since).collect(),
         trusted_subnets: config.network.trusted_subnets.clone(),
     }
 }
@@ -113,13 +115,15 @@ pub async fn mesh_snapshot(tx: &mpsc::Sender<MeshCommand>) -> Option<MeshSnapsho
     ask(tx, MeshCommand::Snapshot).await
 }
 
-/// Keeps the router's peers in line with the mesh until `shutdown`.
+/// Keeps the router's peers in line with the mesh, and this node's blocks with the others'
+/// claims, until `shutdown`.
 pub async fn reconcile_loop(
     statics: Vec<PeerConfig>,
     router: mpsc::Sender<RouterCommand>,
     mesh: mpsc::Sender<MeshCommand>,
     mut events: mpsc::UnboundedReceiver<Event>,
     infos: PeerInfos,
+    mut ipam: Ipam,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut choices = Choices::default();
@@ -137,9 +141,18 @@ pub async fn reconcile_loop(
             }
             () = tokio::time::sleep(RESYNC) => {}
         }
-        let Some(snap) = mesh_snapshot(&mesh).await else {
+        let Some(mut snap) = mesh_snapshot(&mesh).await else {
             return;
         };
+        if let Some(blocks) = ipam.step(&snap).await {
+            let mut r = snap.record.clone();
+            r.pod_cidrs = blocks.iter().map(|b| b.block).collect();
+            r.claimed_at = blocks.iter().map(|b| b.since).collect();
+            snap.record = r.clone();
+            if mesh.send(MeshCommand::Update(r)).await.is_err() {
+                return;
+            }
+        }
         let Some(actual) = ask(&router, RouterCommand::Status).await else {
             return;
         };
@@ -167,7 +180,7 @@ pub async fn reconcile_loop(
         }
         choices.retain(|k| cands.contains_key(k));
         let (desired, skipped) =
-            reconcile::desired(&snap.record, &snap.members, &statics, &choices);
+            reconcile::desired(&snap.record, snap.me.0, &snap.members, &statics, &choices);
         for s in skipped {
             if warned.insert(s.clone()) {
                 warn!(reason = %s, "mesh member not routed");
@@ -225,5 +238,193 @@ pub async fn reconcile_loop(
         if let Ok(mut infos) = infos.lock() {
             *infos = map;
         }
+    }
+}
+
+/// This node's side of IPAM: which blocks it holds, and the TUN addresses that follow them.
+#[derive(Debug)]
+pub struct Ipam {
+    /// One pool per family of `pod_network_cidr`.
+    pub pools: Vec<Pool>,
+    /// This node's mesh id, the claims' owner.
+    pub owner: [u8; 32],
+    /// Configured blocks (`node.pod_cidr`): kept whatever the conflicts, and reported.
+    pub fixed: Vec<ipnet::IpNet>,
+    /// The blocks held now.
+    pub blocks: Vec<SavedBlock>,
+    /// Where they are persisted.
+    pub state_file: std::path::PathBuf,
+    /// A member down for this long holds its blocks no more.
+    pub expiry: Duration,
+    /// The first claim waits this long for the mesh to tell what is taken.
+    pub settle: Duration,
+    /// When the daemon started.
+    pub started: std::time::Instant,
+    /// The TUN device, whose addresses follow the blocks.
+    pub netlink: crate::netlink::Netlink,
+    /// Its index.
+    pub index: u32,
+    /// Conflicts already reported.
+    pub reported: BTreeSet<String>,
+}
+
+impl Ipam {
+    /// One round: decides per pool, applies a change (state file, TUN address), and returns
+    /// the new blocks when they changed.
+    pub async fn step(&mut self, snap: &MeshSnapshot) -> Option<Vec<SavedBlock>> {
+        #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
+        let now = std::time::Instant::now();
+        let settled = now.saturating_duration_since(self.started) >= self.settle;
+        let others: Vec<Other> = snap
+            .members
+            .iter()
+            .map(|m| Other {
+                owner: m.id.0,
+                claims: m
+                    .record
+                    .pod_cidrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| Claim {
+                        block: *n,
+                        owner: m.id.0,
+                        since: m.record.claimed_at.get(i).copied().unwrap_or(0),
+                    })
+                    .collect(),
+                holds: !m.record.left
+                    && (m.alive || now.saturating_duration_since(m.last_heard) < self.expiry),
+            })
+            .collect();
+        let mut next = self.blocks.clone();
+        for pool in &self.pools {
+            let pos = next.iter().position(|b| pool.cidr().contains(&b.block));
+            let mine = pos.map(|i| Claim {
+                block: next[i].block,
+                owner: self.owner,
+                since: next[i].since,
+            });
+            if mine.is_none() && !settled {
+                continue;
+            }
+            let fixed = mine.is_some_and(|c| self.fixed.contains(&c.block));
+            let decision = Allocator {
+                pool: *pool,
+                owner: self.owner,
+            }
+            .decide(mine, &others, now_millis(), fixed);
+            let claim = match decision {
+                Ok(Decision::Keep(_)) => continue,
+                Ok(Decision::New(c)) => {
+                    info!(block = %c.block, pool = %pool.cidr(), "claimed a pod block");
+                    c
+                }
+                Ok(Decision::Reclaim { claim, lost_to }) => {
+                    let winner = snap
+                        .members
+                        .iter()
+                        .find(|m| m.id.0 == lost_to.owner)
+                        .map_or_else(String::new, |m| m.record.name.clone());
+                    warn!(
+                        lost = %lost_to.block, to = %winner, new = %claim.block,
+                        "re-claimed: our pod block was claimed earlier by another node"
+                    );
+                    claim
+                }
+                Ok(Decision::StaticConflict { mine, winner }) => {
+                    let name = snap
+                        .members
+                        .iter()
+                        .find(|m| m.id.0 == winner.owner)
+                        .map_or_else(String::new, |m| m.record.name.clone());
+                    let msg = format!("{} {}", mine.block, name);
+                    if self.reported.insert(msg) {
+                        error!(
+                            block = %mine.block, other = %name, other_block = %winner.block,
+                            "node.pod_cidr overlaps a block another node claimed earlier: that node keeps it and the others route it there; change node.pod_cidr"
+                        );
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if self.reported.insert(e.to_string()) {
+                        error!(error = %e, "no pod block");
+                    }
+                    continue;
+                }
+            };
+            let saved = SavedBlock {
+                block: claim.block,
+                since: claim.since,
+            };
+            match pos {
+                Some(i) => next[i] = saved,
+                None => next.push(saved),
+            }
+        }
+        if next == self.blocks {
+            return None;
+        }
+        if let Err(e) = write_state(&self.state_file, &next) {
+            error!(error = %e, path = %self.state_file.display(), "could not persist the pod blocks; keeping the old ones");
+            return None;
+        }
+        let host = |b: &SavedBlock| {
+            let a = crate::daemon::first_host(b.block);
+            ipnet::IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix")
+        };
+        let old: Vec<ipnet::IpNet> = self
+            .blocks
+            .iter()
+            .filter(|b| !next.contains(b))
+            .map(host)
+            .collect();
+        let new: Vec<ipnet::IpNet> = next
+            .iter()
+            .filter(|b| !self.blocks.contains(b))
+            .map(host)
+            .collect();
+        if let Err(e) = self.netlink.swap_addresses(self.index, &old, &new).await {
+            error!(error = %e, "could not move the overlay address to the new block");
+        }
+        self.blocks = next.clone();
+        Some(next)
+    }
+}
+
+/// Writes the blocks to `path` atomically (a temporary file, fsync, rename).
+pub fn write_state(path: &Path, blocks: &[SavedBlock]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(Snapshot::new(blocks.to_vec()).to_json().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the persisted blocks: none when the file does not exist, an error naming the file when
+/// it cannot be read or parsed (`--reset-state` starts afresh instead).
+pub fn read_state(path: &Path, reset: bool) -> anyhow::Result<Vec<SavedBlock>> {
+    if reset {
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                warn!(path = %path.display(), "--reset-state: the saved pod blocks are forgotten")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        return Ok(Vec::new());
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => Snapshot::from_json(&text).map(|s| s.blocks).with_context(|| {
+            format!(
+                "IPAM state file {} is unreadable (fix or remove it, or start with `weft run --reset-state`)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading IPAM state file {}", path.display())),
     }
 }

@@ -18,6 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use weft_config::Config;
+use weft_ipam::{Pool, SavedBlock};
 use weft_mesh::driver::{Command as MeshCommand, MeshDriver, Snapshot as MeshSnapshot};
 use weft_mesh::{Identity, Membership, MeshConfig};
 use weft_router::driver::{Command, Driver, Snapshot, bind_udp};
@@ -63,15 +64,23 @@ pub fn first_host(net: IpNet) -> IpAddr {
 
 impl Plan {
     /// The plan for `config`, read from `origin`.
-    pub fn new(config: &Config, origin: &Path) -> anyhow::Result<Self> {
-        if config.node.pod_cidr.is_empty() {
+    /// The plan for `config`, read from `origin`; `blocks` are the node's pod blocks (static,
+    /// or restored), and may be empty only when the mesh will claim them (`mesh_on`).
+    pub fn new(
+        config: &Config,
+        origin: &Path,
+        blocks: &[IpNet],
+        mesh_on: bool,
+    ) -> anyhow::Result<Self> {
+        if blocks.is_empty() && !mesh_on {
             bail!(
-                "{}: node.pod_cidr: required: this build has no mesh or Kubernetes source to \
-                 assign the node's block, so set it (for example `pod_cidr: 100.64.1.0/24`)",
+                "{}: node.pod_cidr: required when the node has no mesh to claim a block from: \
+                 set it (for example `pod_cidr: 100.64.1.0/24`), or give the node the cluster \
+                 secret (mesh.secret_file)",
                 origin.display()
             );
         }
-        let pod_cidrs = config.node.pod_cidr.clone();
+        let pod_cidrs = blocks.to_vec();
         let addresses = pod_cidrs
             .iter()
             .map(|n| {
@@ -133,10 +142,35 @@ fn ready(state: sd_notify::NotifyState<'_>) {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let plan = Plan::new(&config, config_path)?;
     let secret = control::load_secret(&config, config_path)?;
+    let state_file = config.state_dir.join("ipam.json");
+    let pools = config
+        .network
+        .pod_network_cidr
+        .iter()
+        .map(|n| {
+            let mask = if n.addr().is_ipv4() {
+                config.network.node_cidr_mask_size_ipv4
+            } else {
+                config.network.node_cidr_mask_size_ipv6
+            };
+            Pool::new(*n, mask)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: network.pod_network_cidr", config_path.display()))?;
+    let blocks = initial_blocks(
+        &config,
+        &pools,
+        &control::read_state(&state_file, reset_state)?,
+    );
+    let plan = Plan::new(
+        &config,
+        config_path,
+        &blocks.iter().map(|b| b.block).collect::<Vec<_>>(),
+        secret.is_some(),
+    )?;
     let (key, created) = keys::load_or_create(&config.node.key_file)?;
     let public_key = keys::public_of(&key);
     if created {
@@ -212,13 +246,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let (mesh_tx, mesh_rx) = mpsc::channel(64);
     let mut helpers = Vec::new();
     if let Some((secret, listener)) = gossip {
-        let record = control::own_record(&config, wireguard_key, &plan.pod_cidrs);
+        let record = control::own_record(&config, wireguard_key, &blocks);
         let mesh_config = MeshConfig {
             gossip_interval: config.mesh.gossip_interval,
             liveness_timeout: config.mesh.liveness_timeout,
             ..MeshConfig::default()
         };
         let identity = Identity::from_wireguard_key(&key_bytes);
+        let identity_id = identity.id();
         let mut mesh = Membership::new(now, identity, record, mesh_config, mesh_seed);
         mesh.join(&config.mesh.peers);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -228,12 +263,31 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 error!(error = %e, "the mesh failed");
             }
         }));
+        if !blocks.is_empty()
+            && let Err(e) = control::write_state(&state_file, &blocks)
+        {
+            warn!(error = %e, path = %state_file.display(), "could not persist the pod blocks");
+        }
+        let ipam = control::Ipam {
+            pools,
+            owner: identity_id.0,
+            fixed: config.node.pod_cidr.clone(),
+            blocks: blocks.clone(),
+            state_file: state_file.clone(),
+            expiry: config.network.block_expiry,
+            settle: 3 * config.mesh.gossip_interval,
+            started: now,
+            netlink: nl.clone(),
+            index,
+            reported: std::collections::BTreeSet::new(),
+        };
         helpers.push(tokio::spawn(control::reconcile_loop(
             plan.peers.clone(),
             cmd_tx.clone(),
             mesh_tx.clone(),
             ev_rx,
             infos.clone(),
+            ipam,
             stop_tx.subscribe(),
         )));
     } else {
@@ -308,6 +362,36 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     outcome
 }
 
+/// The node's blocks at start: the configured `node.pod_cidr` (keeping the claim time saved
+/// for the same block), else the saved blocks that still fit the pools.
+fn initial_blocks(config: &Config, pools: &[Pool], saved: &[SavedBlock]) -> Vec<SavedBlock> {
+    if !config.node.pod_cidr.is_empty() {
+        return config
+            .node
+            .pod_cidr
+            .iter()
+            .map(|b| SavedBlock {
+                block: *b,
+                since: saved
+                    .iter()
+                    .find(|s| s.block == *b)
+                    .map_or_else(control::now_millis, |s| s.since),
+            })
+            .collect();
+    }
+    saved
+        .iter()
+        .filter(|s| {
+            let fits = pools.iter().any(|p| p.holds(&s.block));
+            if !fits {
+                warn!(block = %s.block, "saved pod block no longer fits network.pod_network_cidr; claiming a new one");
+            }
+            fits
+        })
+        .copied()
+        .collect()
+}
+
 /// Deletes the link called `name` if it is still there.
 async fn remove_link(nl: &Netlink, name: &str) {
     match nl.link(name).await {
@@ -365,6 +449,7 @@ pub fn status(
     mesh: Option<&MeshSnapshot>,
     infos: &HashMap<[u8; 32], control::PeerInfo>,
 ) -> Status {
+    let mesh_snap = mesh;
     let peers = snap
         .peers
         .iter()
@@ -435,8 +520,12 @@ pub fn status(
             drops,
         }
     });
+    let mut node = node.clone();
+    if let Some(m) = mesh.as_ref().and(mesh_snap) {
+        node.pod_cidrs = m.record.pod_cidrs.iter().map(ToString::to_string).collect();
+    }
     Status {
-        node: node.clone(),
+        node,
         peers,
         drops: d,
         mesh,
@@ -460,7 +549,9 @@ mod tests {
     fn plan_requires_a_pod_cidr_and_routes_outside_prefixes() {
         let path = Path::new("/etc/weft/test.yaml");
         let c = Config::parse("node: {name: a}\n", path, "h").unwrap();
-        let e = Plan::new(&c, path).unwrap_err().to_string();
+        let e = Plan::new(&c, path, &c.node.pod_cidr, false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("/etc/weft/test.yaml") && e.contains("node.pod_cidr"),
             "{e}"
@@ -470,7 +561,7 @@ mod tests {
             "node: {{pod_cidr: 100.64.1.0/24}}\nwireguard_peers:\n  - name: laptop\n    public_key: {key}\n    allowed_ips: [100.64.2.0/24, 10.99.0.0/16]\n"
         );
         let c = Config::parse(&text, path, "h").unwrap();
-        let p = Plan::new(&c, path).unwrap();
+        let p = Plan::new(&c, path, &c.node.pod_cidr, false).unwrap();
         let routes: Vec<String> = p.routes.iter().map(ToString::to_string).collect();
         assert_eq!(routes, ["100.64.0.0/16", "10.99.0.0/16"]);
         assert_eq!(p.addresses[0].to_string(), "100.64.1.1/32");

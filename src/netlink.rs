@@ -148,6 +148,46 @@ impl Netlink {
         Ok(())
     }
 
+    /// Removes addresses `old` from link `index` and adds `new`.
+    pub async fn swap_addresses(
+        &self,
+        index: u32,
+        old: &[IpNet],
+        new: &[IpNet],
+    ) -> Result<(), NetlinkError> {
+        for a in new {
+            self.handle
+                .address()
+                .add(index, a.addr(), a.prefix_len())
+                .execute()
+                .await
+                .map_err(err(format!("adding address {a}")))?;
+        }
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await.map_err(err("listing addresses"))? {
+            let matches = msg.attributes.iter().any(|attr| {
+                matches!(attr, AddressAttribute::Address(a) if old.iter().any(|o| o.addr() == *a && o.prefix_len() == msg.header.prefix_len))
+            });
+            if matches {
+                self.handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(err("removing an old address"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes link `index` (its addresses and routes go with it).
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
         self.handle

@@ -130,9 +130,11 @@ impl Choices {
 }
 
 /// The peers this node should have: the static `wireguard_peers`, then every alive member that
-/// does not collide with them or with this node (same key, overlapping prefixes).
+/// does not collide with them or with this node (same key), each with the prefixes whose claims
+/// win (older claim, then smaller id; `me_id` is this node's mesh id).
 pub fn desired(
     me: &NodeRecord,
+    me_id: [u8; 32],
     members: &[Member],
     statics: &[PeerConfig],
     choices: &Choices,
@@ -151,6 +153,22 @@ pub fn desired(
         })
         .collect();
     let mut skipped = Vec::new();
+    // Every claim that can win: this node's, the alive members', and the configured peers'
+    // (as the oldest of all).
+    let mut claims: Vec<(IpNet, u64, [u8; 32])> = Vec::new();
+    for (i, n) in me.pod_cidrs.iter().enumerate() {
+        claims.push((*n, me.claimed_at.get(i).copied().unwrap_or(0), me_id));
+    }
+    for d in &out {
+        for n in &d.config.allowed_ips {
+            claims.push((*n, 0, [0; 32]));
+        }
+    }
+    for m in members.iter().filter(|m| m.alive && !m.record.left) {
+        for (i, n) in m.record.pod_cidrs.iter().enumerate() {
+            claims.push((*n, m.record.claimed_at.get(i).copied().unwrap_or(0), m.id.0));
+        }
+    }
     let mut sorted: Vec<&Member> = members
         .iter()
         .filter(|m| m.alive && !m.record.left)
@@ -159,23 +177,29 @@ pub fn desired(
     sorted.sort_by(|a, b| (&a.record.name, a.id).cmp(&(&b.record.name, b.id)));
     for m in sorted {
         let r = &m.record;
-        let taken = |n: &IpNet| {
-            me.pod_cidrs.iter().any(|o| overlaps(o, n))
-                || out
-                    .iter()
-                    .any(|d| d.config.allowed_ips.iter().any(|o| overlaps(o, n)))
-        };
         if r.wireguard_key == me.wireguard_key
             || out.iter().any(|d| d.config.public_key == r.wireguard_key)
         {
             skipped.push(format!("{}: its WireGuard key is already in use", r.name));
             continue;
         }
-        if let Some(n) = r.pod_cidrs.iter().find(|n| taken(n)) {
-            skipped.push(format!(
-                "{}: its pod CIDR {n} overlaps one already routed",
-                r.name
-            ));
+        // Where claims overlap, the older claim (then the smaller id) is routed; configured
+        // wireguard_peers always keep theirs.
+        let mut routed = Vec::new();
+        for (i, n) in r.pod_cidrs.iter().enumerate() {
+            let mine = (r.claimed_at.get(i).copied().unwrap_or(0), m.id.0);
+            let beaten_by = claims.iter().find(|(net, since, owner)| {
+                *owner != m.id.0 && overlaps(net, n) && (*since, *owner) < mine
+            });
+            match beaten_by {
+                Some((net, ..)) => skipped.push(format!(
+                    "{}: its pod CIDR {n} overlaps {net}, claimed earlier by another node",
+                    r.name
+                )),
+                None => routed.push(*n),
+            }
+        }
+        if routed.is_empty() && !r.pod_cidrs.is_empty() {
             continue;
         }
         let cands = candidates(me, r);
@@ -196,7 +220,7 @@ pub fn desired(
                 name: r.name.clone(),
                 public_key: r.wireguard_key,
                 endpoint,
-                allowed_ips: r.pod_cidrs.clone(),
+                allowed_ips: routed,
                 persistent_keepalive: Some(25),
                 path,
             },
@@ -274,6 +298,7 @@ mod tests {
             router_port: 51820,
             wireguard_key: [key; 32],
             pod_cidrs: vec![format!("100.64.{block}.0/24").parse().unwrap()],
+            claimed_at: vec![0],
             trusted_subnets: vec![],
         }
     }
@@ -284,6 +309,7 @@ mod tests {
             record: r,
             alive: true,
             heartbeat: 1,
+            last_heard: Instant::now(),
         }
     }
 
@@ -292,7 +318,13 @@ mod tests {
         let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
         let b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
         let c = rec("c", "us", "198.18.2.3", "198.19.0.3", 3, 3);
-        let (d, skipped) = desired(&me, &[member(b), member(c)], &[], &Choices::default());
+        let (d, skipped) = desired(
+            &me,
+            [1; 32],
+            &[member(b), member(c)],
+            &[],
+            &Choices::default(),
+        );
         assert!(skipped.is_empty());
         assert_eq!(
             d[0].config.endpoint,
@@ -317,15 +349,15 @@ mod tests {
         let mut b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
         me.trusted_subnets = vec![lan];
         // b does not trust us: encrypted.
-        let (d, _) = desired(&me, &[member(b.clone())], &[], &Choices::default());
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &Choices::default());
         assert_eq!(d[0].config.path, PathKind::Encrypted);
         b.trusted_subnets = vec![lan];
-        let (d, _) = desired(&me, &[member(b.clone())], &[], &Choices::default());
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &Choices::default());
         assert_eq!(d[0].config.path, PathKind::Plaintext);
         // A peer that merely claims our region but sits elsewhere stays encrypted.
         let mut liar = rec("x", "eu", "198.18.9.9", "198.19.0.9", 9, 9);
         liar.trusted_subnets = vec!["0.0.0.0/0".parse().unwrap()];
-        let (d, _) = desired(&me, &[member(liar)], &[], &Choices::default());
+        let (d, _) = desired(&me, [1; 32], &[member(liar)], &[], &Choices::default());
         assert_eq!(d[0].config.path, PathKind::Encrypted);
     }
 
@@ -342,7 +374,7 @@ mod tests {
             PeerState::Connecting,
             2,
         );
-        let (d, _) = desired(&me, &[member(b.clone())], &[], &ch);
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &ch);
         assert_eq!(d[0].reason, Reason::SameRegion, "not yet");
         ch.observe(
             t0 + FALLBACK_AFTER,
@@ -350,7 +382,7 @@ mod tests {
             PeerState::Connecting,
             2,
         );
-        let (d, _) = desired(&me, &[member(b.clone())], &[], &ch);
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &ch);
         assert_eq!(d[0].reason, Reason::Fallback);
         assert_eq!(
             d[0].config.endpoint,
@@ -360,7 +392,7 @@ mod tests {
         let t1 = t0 + 3 * FALLBACK_AFTER;
         ch.observe(t1, b.wireguard_key, PeerState::Up, 2);
         ch.observe(t1 + FALLBACK_AFTER, b.wireguard_key, PeerState::Up, 2);
-        let (d, _) = desired(&me, &[member(b)], &[], &ch);
+        let (d, _) = desired(&me, [1; 32], &[member(b)], &[], &ch);
         assert_eq!(d[0].reason, Reason::Fallback);
     }
 
@@ -371,12 +403,30 @@ mod tests {
         let same_key = rec("c", "eu", "198.18.1.3", "198.19.0.3", 3, 1);
         let (d, skipped) = desired(
             &me,
+            [1; 32],
             &[member(same_block), member(same_key)],
             &[],
             &Choices::default(),
         );
         assert!(d.is_empty());
         assert_eq!(skipped.len(), 2, "{skipped:?}");
+        // An older claim than ours is routed to its owner (and we will re-claim).
+        let mut me_late = me.clone();
+        me_late.claimed_at = vec![50];
+        let mut older = rec("b", "eu", "198.18.1.2", "198.19.0.2", 1, 2);
+        older.claimed_at = vec![10];
+        let (d, skipped) = desired(
+            &me_late,
+            [1; 32],
+            &[member(older)],
+            &[],
+            &Choices::default(),
+        );
+        assert_eq!(d.len(), 1, "{skipped:?}");
+        assert_eq!(
+            d[0].config.allowed_ips,
+            vec!["100.64.1.0/24".parse::<IpNet>().unwrap()]
+        );
     }
 
     #[test]
@@ -386,6 +436,7 @@ mod tests {
         let c = rec("c", "us", "198.18.2.3", "198.19.0.3", 3, 3);
         let (d, _) = desired(
             &me,
+            [1; 32],
             &[member(b.clone()), member(c.clone())],
             &[],
             &Choices::default(),
@@ -397,7 +448,13 @@ mod tests {
         assert!(diff(&current, &d).is_empty());
         let mut c2 = c;
         c2.region = Some("eu".into());
-        let (d2, _) = desired(&me, &[member(b), member(c2)], &[], &Choices::default());
+        let (d2, _) = desired(
+            &me,
+            [1; 32],
+            &[member(b), member(c2)],
+            &[],
+            &Choices::default(),
+        );
         let changes = diff(&current, &d2);
         assert_eq!(changes.len(), 1);
         assert!(matches!(&changes[0], Change::Replace(cfg) if cfg.name == "c"));

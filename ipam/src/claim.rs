@@ -153,7 +153,9 @@ mod tests {
             claims: vec![mk("100.64.3.0/24", 2, 10)],
             holds: true,
         };
-        let d = a.decide(Some(mine), std::slice::from_ref(&theirs), 30, false).unwrap();
+        let d = a
+            .decide(Some(mine), std::slice::from_ref(&theirs), 30, false)
+            .unwrap();
         let Decision::Reclaim { claim, lost_to } = d else {
             panic!("{d:?}")
         };

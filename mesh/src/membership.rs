@@ -93,6 +93,8 @@ pub struct Member {
     pub alive: bool,
     /// Its heartbeat counter as last heard.
     pub heartbeat: u32,
+    /// When this node last heard it alive (a newer record or heartbeat).
+    pub last_heard: Instant,
 }
 
 struct Known {
@@ -215,6 +217,7 @@ impl Membership {
                 record: k.signed.record.clone(),
                 alive: k.alive,
                 heartbeat: k.heartbeat,
+                last_heard: k.heard_at,
             })
             .collect()
     }

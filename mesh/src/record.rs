@@ -119,6 +119,9 @@ pub struct NodeRecord {
     pub wireguard_key: [u8; 32],
     /// The pod CIDRs it owns.
     pub pod_cidrs: Vec<IpNet>,
+    /// When it first claimed each of `pod_cidrs` (its own clock, milliseconds since the epoch;
+    /// same order): older claims win conflicts.
+    pub claimed_at: Vec<u64>,
     /// The underlay subnets it trusts for plaintext.
     pub trusted_subnets: Vec<IpNet>,
 }
@@ -140,6 +143,9 @@ impl NodeRecord {
         w.u16(self.router_port);
         w.bytes(&self.wireguard_key);
         w.nets(&self.pod_cidrs);
+        for i in 0..self.pod_cidrs.len().min(MAX_PREFIXES) {
+            w.u64(self.claimed_at.get(i).copied().unwrap_or(0));
+        }
         w.nets(&self.trusted_subnets);
     }
 
@@ -152,17 +158,27 @@ impl NodeRecord {
         };
         let name = r.str()?;
         let region = Some(r.str()?).filter(|s| !s.is_empty());
+        let private_address = r.addr()?;
+        let public_address = r.addr()?;
+        let mesh_port = r.u16()?;
+        let router_port = r.u16()?;
+        let wireguard_key = r.array()?;
+        let pod_cidrs = r.nets()?;
+        let claimed_at = (0..pod_cidrs.len())
+            .map(|_| r.u64())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             version,
             left,
             name,
             region,
-            private_address: r.addr()?,
-            public_address: r.addr()?,
-            mesh_port: r.u16()?,
-            router_port: r.u16()?,
-            wireguard_key: r.array()?,
-            pod_cidrs: r.nets()?,
+            private_address,
+            public_address,
+            mesh_port,
+            router_port,
+            wireguard_key,
+            pod_cidrs,
+            claimed_at,
             trusted_subnets: r.nets()?,
         })
     }
@@ -245,6 +261,7 @@ pub(crate) mod tests {
                 "100.64.1.0/24".parse().unwrap(),
                 "fd00:64:1::/64".parse().unwrap(),
             ],
+            claimed_at: vec![5, 6],
             trusted_subnets: vec!["198.18.1.0/24".parse().unwrap()],
         }
     }

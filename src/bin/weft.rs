@@ -28,6 +28,10 @@ enum Cmd {
         /// The config file (YAML).
         #[arg(long, short, default_value = weft_config::DEFAULT_CONFIG_PATH, env = "WEFT_CONFIG")]
         config: PathBuf,
+        /// Forgets the pod blocks saved in state_dir (ipam.json) and claims afresh; for a state
+        /// file that cannot be read, or a node moved to another cluster.
+        #[arg(long)]
+        reset_state: bool,
     },
     /// Shows this node and its peers, from the running daemon.
     Status {
@@ -85,9 +89,12 @@ fn demo() -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run { config } => {
+        Cmd::Run {
+            config,
+            reset_state,
+        } => {
             init_logging();
-            runtime().and_then(|rt| rt.block_on(daemon::run(&config)))
+            runtime().and_then(|rt| rt.block_on(daemon::run(&config, reset_state)))
         }
         Cmd::Status { socket, json } => runtime().and_then(|rt| {
             let st = rt.block_on(api::status(&socket))?;

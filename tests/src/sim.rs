@@ -58,6 +58,7 @@ pub fn sim_record(i: usize, version: u64) -> NodeRecord {
         router_port: 51820,
         wireguard_key: [0; 32],
         pod_cidrs: vec![format!("100.64.{}.0/24", i % 256).parse().expect("prefix")],
+        claimed_at: vec![0],
         trusted_subnets: vec![],
     }
 }
