@@ -15,12 +15,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 use weft_config::Config;
-use weft_ipam::{Allocator, Claim, Decision, Other, Pool, SavedBlock, Snapshot};
+use weft_ipam::{SavedBlock, Snapshot};
 use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
 use weft_mesh::{Event, NodeRecord};
 use weft_router::PeerConfig;
 use weft_router::driver::Command as RouterCommand;
 
+use crate::blocks::{BlockEvent, Blocks};
 use crate::keys;
 use crate::reconcile::{self, Change, Choices, Reason};
 
@@ -241,21 +242,14 @@ pub async fn reconcile_loop(
     }
 }
 
-/// This node's side of IPAM: which blocks it holds, and the TUN addresses that follow them.
+/// This node's side of IPAM: the rounds of [`Blocks`], the state file and the TUN addresses
+/// that follow the blocks.
 #[derive(Debug)]
 pub struct Ipam {
-    /// One pool per family of `pod_network_cidr`.
-    pub pools: Vec<Pool>,
-    /// This node's mesh id, the claims' owner.
-    pub owner: [u8; 32],
-    /// Configured blocks (`node.pod_cidr`): kept whatever the conflicts, and reported.
-    pub fixed: Vec<ipnet::IpNet>,
-    /// The blocks held now.
-    pub blocks: Vec<SavedBlock>,
-    /// Where they are persisted.
+    /// What the node holds and how it decides.
+    pub blocks: Blocks,
+    /// Where the blocks are persisted.
     pub state_file: std::path::PathBuf,
-    /// A member down for this long holds its blocks no more.
-    pub expiry: Duration,
     /// The first claim waits this long for the mesh to tell what is taken.
     pub settle: Duration,
     /// When the daemon started.
@@ -264,7 +258,7 @@ pub struct Ipam {
     pub netlink: crate::netlink::Netlink,
     /// Its index.
     pub index: u32,
-    /// Conflicts already reported.
+    /// Conflicts and failures already reported.
     pub reported: BTreeSet<String>,
 }
 
@@ -275,93 +269,42 @@ impl Ipam {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let settled = now.saturating_duration_since(self.started) >= self.settle;
-        let others: Vec<Other> = snap
-            .members
-            .iter()
-            .map(|m| Other {
-                owner: m.id.0,
-                claims: m
-                    .record
-                    .pod_cidrs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| Claim {
-                        block: *n,
-                        owner: m.id.0,
-                        since: m.record.claimed_at.get(i).copied().unwrap_or(0),
-                    })
-                    .collect(),
-                holds: !m.record.left
-                    && (m.alive || now.saturating_duration_since(m.last_heard) < self.expiry),
-            })
-            .collect();
-        let mut next = self.blocks.clone();
-        for pool in &self.pools {
-            let pos = next.iter().position(|b| pool.cidr().contains(&b.block));
-            let mine = pos.map(|i| Claim {
-                block: next[i].block,
-                owner: self.owner,
-                since: next[i].since,
-            });
-            if mine.is_none() && !settled {
-                continue;
-            }
-            let fixed = mine.is_some_and(|c| self.fixed.contains(&c.block));
-            let decision = Allocator {
-                pool: *pool,
-                owner: self.owner,
-            }
-            .decide(mine, &others, now_millis(), fixed);
-            let claim = match decision {
-                Ok(Decision::Keep(_)) => continue,
-                Ok(Decision::New(c)) => {
-                    info!(block = %c.block, pool = %pool.cidr(), "claimed a pod block");
-                    c
+        let (next, events) = self.blocks.round(&snap.members, now, now_millis(), settled);
+        let name = |id: &[u8; 32]| {
+            snap.members
+                .iter()
+                .find(|m| m.id.0 == *id)
+                .map_or_else(String::new, |m| m.record.name.clone())
+        };
+        for e in events {
+            match e {
+                BlockEvent::Claimed { block, pool } => {
+                    info!(%block, %pool, "claimed a pod block");
                 }
-                Ok(Decision::Reclaim { claim, lost_to }) => {
-                    let winner = snap
-                        .members
-                        .iter()
-                        .find(|m| m.id.0 == lost_to.owner)
-                        .map_or_else(String::new, |m| m.record.name.clone());
-                    warn!(
-                        lost = %lost_to.block, to = %winner, new = %claim.block,
-                        "re-claimed: our pod block was claimed earlier by another node"
-                    );
-                    claim
-                }
-                Ok(Decision::StaticConflict { mine, winner }) => {
-                    let name = snap
-                        .members
-                        .iter()
-                        .find(|m| m.id.0 == winner.owner)
-                        .map_or_else(String::new, |m| m.record.name.clone());
-                    let msg = format!("{} {}", mine.block, name);
-                    if self.reported.insert(msg) {
+                BlockEvent::Reclaimed { lost, winner, new } => warn!(
+                    %lost, to = %name(&winner), %new,
+                    "re-claimed: our pod block was claimed earlier by another node"
+                ),
+                BlockEvent::StaticConflict {
+                    mine,
+                    winner,
+                    theirs,
+                } => {
+                    if self.reported.insert(format!("{mine} {}", name(&winner))) {
                         error!(
-                            block = %mine.block, other = %name, other_block = %winner.block,
+                            block = %mine, other = %name(&winner), other_block = %theirs,
                             "node.pod_cidr overlaps a block another node claimed earlier: that node keeps it and the others route it there; change node.pod_cidr"
                         );
                     }
-                    continue;
                 }
-                Err(e) => {
+                BlockEvent::Failed(e) => {
                     if self.reported.insert(e.to_string()) {
                         error!(error = %e, "no pod block");
                     }
-                    continue;
                 }
-            };
-            let saved = SavedBlock {
-                block: claim.block,
-                since: claim.since,
-            };
-            match pos {
-                Some(i) => next[i] = saved,
-                None => next.push(saved),
             }
         }
-        if next == self.blocks {
+        if next == self.blocks.held {
             return None;
         }
         if let Err(e) = write_state(&self.state_file, &next) {
@@ -372,21 +315,21 @@ impl Ipam {
             let a = crate::daemon::first_host(b.block);
             ipnet::IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix")
         };
-        let old: Vec<ipnet::IpNet> = self
-            .blocks
+        let held = &self.blocks.held;
+        let old: Vec<ipnet::IpNet> = held
             .iter()
             .filter(|b| !next.contains(b))
             .map(host)
             .collect();
         let new: Vec<ipnet::IpNet> = next
             .iter()
-            .filter(|b| !self.blocks.contains(b))
+            .filter(|b| !held.contains(b))
             .map(host)
             .collect();
         if let Err(e) = self.netlink.swap_addresses(self.index, &old, &new).await {
             error!(error = %e, "could not move the overlay address to the new block");
         }
-        self.blocks = next.clone();
+        self.blocks.held = next.clone();
         Some(next)
     }
 }

@@ -269,12 +269,14 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
             warn!(error = %e, path = %state_file.display(), "could not persist the pod blocks");
         }
         let ipam = control::Ipam {
-            pools,
-            owner: identity_id.0,
-            fixed: config.node.pod_cidr.clone(),
-            blocks: blocks.clone(),
+            blocks: crate::blocks::Blocks {
+                pools,
+                owner: identity_id.0,
+                fixed: config.node.pod_cidr.clone(),
+                held: blocks.clone(),
+                expiry: config.network.block_expiry,
+            },
             state_file: state_file.clone(),
-            expiry: config.network.block_expiry,
             settle: 3 * config.mesh.gossip_interval,
             started: now,
             netlink: nl.clone(),

@@ -1,13 +1,16 @@
 //! weft: the daemon wiring and the command-line tools around weft's libraries.
 //!
 //! The libraries decide: `weft-config` turns a file into typed values, `weft-router` routes and
-//! encrypts packets. This crate connects them to the host: [`keys`] (the 0600 key file and the
+//! encrypts packets, `weft-mesh` gossips node records, `weft-ipam` settles pod blocks. This crate
+//! connects them to the host: [`reconcile`] and [`blocks`] (pure: the mesh's view turned into
+//! router peers and this node's pod blocks), [`control`] (the loop that applies them), [`keys`] (the 0600 key file and the
 //! `genkey`/`pubkey`/`gensecret` tools), [`netlink`] (the TUN device's MTU, addresses and routes),
 //! [`daemon`] (`weft run`: setup in an order that leaves the host unchanged on failure, signals,
 //! teardown), [`api`] (the local unix-socket API) and [`status`] (the report `weft status`
 //! prints). The binaries in `src/bin` only parse arguments and call in here.
 
 pub mod api;
+pub mod blocks;
 pub mod control;
 pub mod daemon;
 pub mod demo;

@@ -228,13 +228,16 @@ mod tests {
     }
 
     proptest! {
-        /// Any start (random, colliding claims; some nodes dead, some of those expired) ends,
-        /// once every live node has decided with the converged view, with no two holding
-        /// claims overlapping, every block inside the pool, one block per live node.
+        /// Any start (random, colliding claims; some nodes dead, some of those expired),
+        /// followed by claims made in a random order while the cluster is split in two sides
+        /// that see only themselves, ends, once the partition heals and every live node has
+        /// decided with the converged view, with no two holding claims overlapping, every block
+        /// inside the pool, one block per live node.
         #[test]
-        fn any_start_converges_to_disjoint_blocks(
+        fn any_start_and_partition_converges_to_disjoint_blocks(
             nodes in proptest::collection::vec((proptest::option::of((0u32..16, 0u64..5)), any::<bool>(), any::<bool>()), 1..14),
             order in proptest::collection::vec(any::<proptest::sample::Index>(), 0..40),
+            sides in proptest::collection::vec(any::<bool>(), 14),
         ) {
             let p = pool();
             let mut model: Vec<Node> = nodes
@@ -246,32 +249,33 @@ mod tests {
                     expired: *expired && !(*alive || i == 0),
                 })
                 .collect();
-            let others = |model: &[Node], me: usize| -> Vec<Other> {
-                model.iter().enumerate().filter(|(j, _)| *j != me).map(|(j, n)| Other {
+            let others = |model: &[Node], me: usize, split: bool| -> Vec<Other> {
+                model.iter().enumerate().filter(|(j, _)| *j != me && (!split || sides[*j] == sides[me])).map(|(j, n)| Other {
                     owner: [j as u8 + 1; 32],
                     claims: n.claim.into_iter().collect(),
                     holds: n.alive || !n.expired,
                 }).collect()
             };
-            // Some nodes act in a random order first (a partial, racing start) ...
+            // Some nodes act in a random order first, each seeing only its side ...
             let mut clock = 100;
             for idx in &order {
                 let i = idx.index(model.len());
                 if !model[i].alive { continue; }
                 clock += 1;
                 let a = Allocator { pool: p, owner: [i as u8 + 1; 32] };
-                if let Ok(d) = a.decide(model[i].claim, &others(&model, i), clock, false) {
+                if let Ok(d) = a.decide(model[i].claim, &others(&model, i, true), clock, false) {
                     model[i].claim = match d { Decision::Keep(c) | Decision::New(c) => Some(c), Decision::Reclaim { claim, .. } => Some(claim), Decision::StaticConflict { mine, .. } => Some(mine) };
                 }
             }
-            // ... then every live node decides until nothing changes (bounded).
+            // ... then the partition heals and every live node decides until nothing changes
+            // (bounded).
             for _ in 0..(model.len() * 4) {
                 let mut changed = false;
                 for i in 0..model.len() {
                     if !model[i].alive { continue; }
                     clock += 1;
                     let a = Allocator { pool: p, owner: [i as u8 + 1; 32] };
-                    let d = a.decide(model[i].claim, &others(&model, i), clock, false).expect("16 blocks for at most 14 nodes");
+                    let d = a.decide(model[i].claim, &others(&model, i, false), clock, false).expect("16 blocks for at most 14 nodes");
                     let next = match d { Decision::Keep(c) | Decision::New(c) => c, Decision::Reclaim { claim, .. } => claim, Decision::StaticConflict { mine, .. } => mine };
                     changed |= model[i].claim != Some(next);
                     model[i].claim = Some(next);

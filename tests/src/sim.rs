@@ -33,6 +33,7 @@ pub struct Sim {
     pub latency: Duration,
     /// Frame bytes sent so far, by node.
     pub bytes_sent: Vec<u64>,
+    config: MeshConfig,
     addrs: HashMap<SocketAddr, usize>,
     /// conn → (its node, the node at the other end, the other end's conn).
     links: BTreeMap<ConnId, (usize, usize, ConnId)>,
@@ -83,7 +84,8 @@ impl Sim {
             now: start,
             nodes: Vec::new(),
             latency: Duration::from_millis(20),
-            bytes_sent: vec![0; n],
+            bytes_sent: Vec::new(),
+            config,
             addrs: HashMap::new(),
             links: BTreeMap::new(),
             queue: BinaryHeap::new(),
@@ -93,16 +95,7 @@ impl Sim {
             groups: None,
         };
         for i in 0..n {
-            let rec = sim_record(i, 1);
-            // Gossip over the public address: the simulation has one flat network.
-            let addr = SocketAddr::new(rec.public_address.expect("set"), rec.mesh_port);
-            let mesh = Membership::new(start, sim_identity(i), rec, config, i as u64 + 7);
-            sim.addrs.insert(addr, i);
-            sim.nodes.push(Some(SimNode {
-                mesh,
-                addr,
-                events: Vec::new(),
-            }));
+            sim.add(sim_record(i, 1), sim_identity(i), None);
         }
         for i in 0..n {
             if let Some(b) = bootstrap(i) {
@@ -112,6 +105,42 @@ impl Sim {
         }
         sim.drain_all();
         sim
+    }
+
+    /// Adds a node with this record and identity (gossiping on the record's public address),
+    /// joining through node `bootstrap`; during a partition it lands on its bootstrap's side.
+    /// Returns its index.
+    pub fn add(
+        &mut self,
+        record: NodeRecord,
+        identity: Identity,
+        bootstrap: Option<usize>,
+    ) -> usize {
+        let i = self.nodes.len();
+        // Gossip over the public address: the simulation has one flat network.
+        let addr = SocketAddr::new(
+            record
+                .public_address
+                .expect("simulated records have a public address"),
+            record.mesh_port,
+        );
+        let mut mesh = Membership::new(self.now, identity, record, self.config, i as u64 + 7);
+        if let Some(b) = bootstrap {
+            mesh.join(&[self.node(b).addr]);
+        }
+        self.addrs.insert(addr, i);
+        self.bytes_sent.push(0);
+        if let Some(g) = self.groups.as_mut() {
+            let side = bootstrap.map_or(0, |b| g[b]);
+            g.push(side);
+        }
+        self.nodes.push(Some(SimNode {
+            mesh,
+            addr,
+            events: Vec::new(),
+        }));
+        self.drain_all();
+        i
     }
 
     /// Node `i` (panics if killed).
@@ -211,6 +240,12 @@ impl Sim {
 
     /// Advances the clock to the next delivery or timeout and handles everything due then.
     pub fn step(&mut self) {
+        self.step_until(None);
+    }
+
+    /// As [`Sim::step`], stopping at `deadline` when that comes first (a driver's own timer
+    /// above the mesh).
+    pub fn step_until(&mut self, deadline: Option<Instant>) {
         let next_frame = self.queue.peek().map(|Reverse((t, ..))| *t);
         let next_timer = self
             .nodes
@@ -218,7 +253,11 @@ impl Sim {
             .flatten()
             .filter_map(|n| n.mesh.poll_timeout())
             .min();
-        let Some(next) = [next_frame, next_timer].into_iter().flatten().min() else {
+        let Some(next) = [next_frame, next_timer, deadline]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             return;
         };
         self.now = self.now.max(next);
