@@ -45,6 +45,25 @@ pub struct Sim {
     groups: Option<Vec<usize>>,
 }
 
+/// The gossip interval the simulation tests use (restated from the defaults, not imported).
+pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
+/// The liveness timeout the simulation tests use.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The mesh timing of the simulation tests.
+pub fn test_config() -> MeshConfig {
+    MeshConfig {
+        gossip_interval: GOSSIP_INTERVAL,
+        liveness_timeout: LIVENESS_TIMEOUT,
+        ..MeshConfig::default()
+    }
+}
+
+/// A bootstrap plan: node `i` joins through one earlier node only (a pseudo-random one).
+pub fn one_earlier(i: usize) -> Option<usize> {
+    (i > 0).then(|| (i * 7919) % i)
+}
+
 /// The record of simulated node `i`: region `r{i % regions}`, addresses from 198.18/15.
 pub fn sim_record(i: usize, version: u64) -> NodeRecord {
     let (hi, lo) = ((i / 250) as u8, (i % 250) as u8 + 1);

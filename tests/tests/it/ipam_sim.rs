@@ -6,25 +6,8 @@ use std::time::Duration;
 
 use weft::blocks::BlockEvent;
 use weft_ipam::{Pool, choose};
-use weft_mesh::MeshConfig;
 use weft_tests::ipam_sim::IpamSim;
-use weft_tests::sim::sim_identity;
-
-/// Restated from the defaults the tests rely on, not imported.
-const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
-const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn config() -> MeshConfig {
-    MeshConfig {
-        gossip_interval: GOSSIP_INTERVAL,
-        liveness_timeout: LIVENESS_TIMEOUT,
-        ..MeshConfig::default()
-    }
-}
-
-fn one_earlier(i: usize) -> Option<usize> {
-    (i > 0).then(|| (i * 7919) % i)
-}
+use weft_tests::sim::{LIVENESS_TIMEOUT, one_earlier, sim_identity, test_config as config};
 
 fn reclaims(sim: &IpamSim, i: usize) -> Vec<BlockEvent> {
     sim.nodes[i]

@@ -3,25 +3,10 @@
 
 use std::time::Duration;
 
-use weft_mesh::{Event, MeshConfig};
-use weft_tests::sim::{Sim, sim_record};
-
-/// Restated from the defaults the tests rely on, not imported.
-const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
-const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn config() -> MeshConfig {
-    MeshConfig {
-        gossip_interval: GOSSIP_INTERVAL,
-        liveness_timeout: LIVENESS_TIMEOUT,
-        ..MeshConfig::default()
-    }
-}
-
-/// Node i bootstraps from one earlier node only (a pseudo-random one).
-fn one_earlier(i: usize) -> Option<usize> {
-    (i > 0).then(|| (i * 7919) % i)
-}
+use weft_mesh::Event;
+use weft_tests::sim::{
+    GOSSIP_INTERVAL, LIVENESS_TIMEOUT, Sim, one_earlier, sim_record, test_config as config,
+};
 
 #[test]
 fn two_hundred_nodes_each_bootstrapped_from_one_other_converge() {
