@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use weft_ipam::{AllocError, Allocator, Claim, Decision, Other, Pool, SavedBlock};
+use weft_ipam::{AllocError, Allocator, Claim, Decision, Other, Pool, SavedBlock, overlaps};
 use weft_mesh::Member;
 
 /// What one node holds and how it decides.
@@ -50,6 +50,18 @@ pub enum BlockEvent {
         /// The winner's id.
         winner: [u8; 32],
         /// The winner's block.
+        theirs: IpNet,
+    },
+    /// A younger claim of `other` overlaps our block `mine`, which we keep: the other node
+    /// should re-claim, unless its block is configured.
+    Overlapped {
+        /// Our block.
+        mine: IpNet,
+        /// Whether ours is configured (`node.pod_cidr`).
+        fixed: bool,
+        /// The other node's id.
+        other: [u8; 32],
+        /// Its block.
         theirs: IpNet,
     },
     /// No block could be had in a pool.
@@ -112,7 +124,22 @@ impl Blocks {
             }
             .decide(mine, &others, now_ms, fixed);
             let claim = match decision {
-                Ok(Decision::Keep(_)) => continue,
+                Ok(Decision::Keep(mine)) => {
+                    events.extend(
+                        others
+                            .iter()
+                            .filter(|o| o.holds && o.owner != self.owner)
+                            .flat_map(|o| o.claims.iter())
+                            .filter(|c| overlaps(&c.block, &mine.block))
+                            .map(|c| BlockEvent::Overlapped {
+                                mine: mine.block,
+                                fixed,
+                                other: c.owner,
+                                theirs: c.block,
+                            }),
+                    );
+                    continue;
+                }
                 Ok(Decision::New(c)) => {
                     events.push(BlockEvent::Claimed {
                         block: c.block,

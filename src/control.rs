@@ -297,6 +297,28 @@ impl Ipam {
                         );
                     }
                 }
+                BlockEvent::Overlapped {
+                    mine,
+                    fixed: true,
+                    other,
+                    theirs,
+                } => {
+                    if self.reported.insert(format!("{mine} {}", name(&other))) {
+                        error!(
+                            block = %mine, other = %name(&other), other_block = %theirs,
+                            "another node claims a block overlapping our node.pod_cidr later than we did: we keep it and the others route it here; that node must change its block"
+                        );
+                    }
+                }
+                BlockEvent::Overlapped {
+                    mine,
+                    fixed: false,
+                    other,
+                    theirs,
+                } => debug!(
+                    block = %mine, other = %name(&other), other_block = %theirs,
+                    "a younger claim overlaps our block; it will move"
+                ),
                 BlockEvent::Failed(e) => {
                     if self.reported.insert(e.to_string()) {
                         error!(error = %e, "no pod block");

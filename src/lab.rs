@@ -157,13 +157,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts `cmd` and keeps it until the lab is dropped (or [`stop`](Self::stop)).
+    /// Starts `cmd` and keeps it until the lab is dropped (or [`stop`](Self::stop)). A process
+    /// of the same name that has exited is forgotten; one still running is an error.
     pub fn spawn(
         &mut self,
         name: &str,
         mut cmd: Command,
         log: Option<&Path>,
     ) -> anyhow::Result<()> {
+        if self.running(name) {
+            bail!("process {name} is already running in the lab");
+        }
+        self.children.retain(|(n, _)| n != name);
         cmd.stdin(Stdio::null());
         match log {
             Some(path) => {
@@ -307,10 +312,16 @@ impl Lab {
 
     /// Starts `daemon` with the weft binary `bin` and waits until its API answers.
     pub fn start(&mut self, bin: &Path, d: &Daemon) -> anyhow::Result<()> {
+        self.start_with(bin, d, &[])
+    }
+
+    /// As [`Lab::start`], with more arguments to `weft run`.
+    pub fn start_with(&mut self, bin: &Path, d: &Daemon, args: &[&str]) -> anyhow::Result<()> {
         let mut cmd = self.cmd(&d.ns, bin);
         cmd.arg("run")
             .arg("--config")
             .arg(&d.config)
+            .args(args)
             .env("WEFT_LOG", "info,weft=debug");
         self.spawn(&d.name, cmd, Some(&d.log))?;
         let name = d.name.clone();

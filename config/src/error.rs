@@ -56,8 +56,8 @@ pub enum ConfigError {
         at: Location,
         /// The key path.
         key: String,
-        /// What is wrong.
-        #[source]
+        /// What is wrong (shown in the message, so not also a source: a chain printer would
+        /// say it twice).
         problem: Box<Problem>,
     },
 }
@@ -83,9 +83,9 @@ impl ConfigError {
 /// A value that parsed on its own but is wrong in context.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
-    /// `pod_network_cidr` has more than one prefix of one family.
-    #[error("at most one IPv4 and one IPv6 CIDR, found {0} of the same family")]
-    TwoOfOneFamily(String),
+    /// A list of prefixes has more than one of one family.
+    #[error("at most one IPv4 and one IPv6 CIDR, found two {0} ones: {1} and {2}")]
+    TwoOfOneFamily(String, ipnet::IpNet, ipnet::IpNet),
     /// `pod_network_cidr` is an empty list.
     #[error("must name at least one CIDR")]
     Empty,

@@ -44,11 +44,14 @@ fn nets(cidrs: Vec<Cidr>) -> Vec<IpNet> {
 
 /// At most one prefix per family.
 fn one_per_family(errs: &Errors<'_>, key: &str, list: &[IpNet]) -> Result<(), ConfigError> {
-    let v4 = list.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
-    let v6 = list.len() - v4;
-    if v4 > 1 || v6 > 1 {
-        let fam = if v4 > 1 { "IPv4" } else { "IPv6" };
-        return Err(errs.at(key, Problem::TwoOfOneFamily(fam.to_owned())));
+    for (i, a) in list.iter().enumerate() {
+        if let Some(b) = list[i + 1..]
+            .iter()
+            .find(|b| b.addr().is_ipv4() == a.addr().is_ipv4())
+        {
+            let fam = if a.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+            return Err(errs.at(key, Problem::TwoOfOneFamily(fam.to_owned(), *a, *b)));
+        }
     }
     Ok(())
 }

@@ -22,5 +22,5 @@ mod pool;
 mod snapshot;
 
 pub use crate::claim::{Allocator, Claim, Decision, Other};
-pub use crate::pool::{AllocError, Pool, choose};
+pub use crate::pool::{AllocError, Pool, choose, overlaps};
 pub use crate::snapshot::{SavedBlock, Snapshot, SnapshotError};

@@ -95,7 +95,7 @@ impl Pool {
 }
 
 /// Whether two prefixes share an address.
-pub(crate) fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use weft::blocks::{BlockEvent, Blocks};
-use weft_ipam::Pool;
+use weft_ipam::{Pool, overlaps};
 use weft_mesh::{MeshConfig, NodeRecord};
 
 use crate::sim::{Sim, sim_identity, sim_record};
@@ -203,11 +203,10 @@ impl IpamSim {
                     .all(|p| b.iter().filter(|x| p.holds(x)).count() == 1)
         });
         let all: Vec<IpNet> = held.iter().flat_map(|(_, b)| b.iter().copied()).collect();
-        let disjoint = all.iter().enumerate().all(|(k, a)| {
-            all[k + 1..]
-                .iter()
-                .all(|b| !a.contains(&b.network()) && !b.contains(&a.network()))
-        });
+        let disjoint = all
+            .iter()
+            .enumerate()
+            .all(|(k, a)| all[k + 1..].iter().all(|b| !overlaps(a, b)));
         one_per_pool && disjoint && self.sim.converged()
     }
 }

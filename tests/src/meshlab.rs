@@ -21,8 +21,9 @@ pub struct Spec {
     pub lan: u8,
     /// Host number on the LAN and on the internet (198.19.0.{host + 10 * (lan - 1)}).
     pub host: u8,
-    /// Pod block 100.64.{block}.0/24.
-    pub block: u8,
+    /// Static pod block 100.64.{block}.0/24, or `None` to claim one (and an IPv6 one) from
+    /// the lab's dual-stack pool, [`POOLS`].
+    pub block: Option<u8>,
     /// Bootstrap peer address (IP), if any.
     pub bootstrap: Option<&'static str>,
 }
@@ -36,11 +37,10 @@ impl Spec {
     pub fn public(&self) -> String {
         format!("198.19.0.{}", self.host + 10 * (self.lan - 1))
     }
-    /// Its overlay address.
-    pub fn overlay(&self) -> String {
-        format!("100.64.{}.1", self.block)
-    }
 }
+
+/// The pools of the lab's nodes without a static block (`network.pod_network_cidr`).
+pub const POOLS: &str = "[100.64.0.0/20, fd00:64::/48]";
 
 /// Two nodes per region; e1 and e2 in eu (LAN 1), u1 and u2 in us (LAN 2); each bootstraps
 /// from one other node only.
@@ -50,7 +50,7 @@ pub const FOUR: [Spec; 4] = [
         region: "eu",
         lan: 1,
         host: 1,
-        block: 1,
+        block: Some(1),
         bootstrap: Some("198.18.1.2"),
     },
     Spec {
@@ -58,7 +58,7 @@ pub const FOUR: [Spec; 4] = [
         region: "eu",
         lan: 1,
         host: 2,
-        block: 2,
+        block: Some(2),
         bootstrap: Some("198.18.1.1"),
     },
     Spec {
@@ -66,7 +66,7 @@ pub const FOUR: [Spec; 4] = [
         region: "us",
         lan: 2,
         host: 1,
-        block: 3,
+        block: Some(3),
         bootstrap: Some("198.19.0.1"),
     },
     Spec {
@@ -74,7 +74,7 @@ pub const FOUR: [Spec; 4] = [
         region: "us",
         lan: 2,
         host: 2,
-        block: 4,
+        block: Some(4),
         bootstrap: Some("198.18.2.1"),
     },
 ];
@@ -99,15 +99,18 @@ pub struct MeshLab {
 /// The config of a mesh lab node.
 pub fn config(s: &Spec, region: &str) -> String {
     let boot = s.bootstrap.map_or(String::new(), |b| format!("[{b}]"));
+    let (pod_cidr, pools) = match s.block {
+        Some(b) => (format!("  pod_cidr: 100.64.{b}.0/24\n"), String::new()),
+        None => (String::new(), format!("  pod_network_cidr: {POOLS}\n")),
+    };
     format!(
-        "node:\n  name: {n}\n  region: {region}\n  private_address: {p}\n  public_address: {q}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{b}.0/24\n\
-         network:\n  trusted_subnets: [198.18.{lan}.0/24]\n\
+        "node:\n  name: {n}\n  region: {region}\n  private_address: {p}\n  public_address: {q}\n  key_file: KEY_FILE\n{pod_cidr}\
+         network:\n  trusted_subnets: [198.18.{lan}.0/24]\n{pools}\
          mesh:\n  secret_file: SECRET_FILE\n  peers: {boot}\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
          router:\n  interface: weft0\n",
         n = s.name,
         p = s.private(),
         q = s.public(),
-        b = s.block,
         lan = s.lan,
         boot = if boot.is_empty() {
             "[]".to_owned()
@@ -185,7 +188,33 @@ impl MeshLab {
             .cloned()
     }
 
-    /// Waits until every running node routes every other one and pings its overlay address.
+    /// Node `name`'s pod blocks, as its status shows them.
+    pub fn blocks(&self, name: &str) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        let st = self.status(name)?;
+        st["node"]["pod_cidrs"]
+            .as_array()
+            .context("node.pod_cidrs")?
+            .iter()
+            .map(|b| {
+                b.as_str()
+                    .context("a block")?
+                    .parse()
+                    .context("parsing a block")
+            })
+            .collect()
+    }
+
+    /// Node `name`'s overlay addresses: the first host of each of its blocks.
+    pub fn overlay(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .blocks(name)?
+            .into_iter()
+            .map(|b| weft::daemon::first_host(b).to_string())
+            .collect())
+    }
+
+    /// Waits until every running node routes every other one and pings each of its overlay
+    /// addresses.
     pub fn wait_full_mesh(&self, names: &[&str]) -> anyhow::Result<()> {
         for a in names {
             for b in names.iter().filter(|b| *b != a) {
@@ -196,11 +225,14 @@ impl MeshLab {
                 )?;
             }
         }
-        for a in names {
-            for b in names.iter().filter(|b| *b != a) {
-                let spec = self.specs.iter().find(|s| s.name == *b).context("spec")?;
-                crate::ping(&self.lab, &self.daemon(a).ns, &spec.overlay(), None)
-                    .with_context(|| format!("{a} -> {b}"))?;
+        for b in names {
+            let addrs = self.overlay(b)?;
+            anyhow::ensure!(!addrs.is_empty(), "{b} has no pod block");
+            for a in names.iter().filter(|a| *a != b) {
+                for addr in &addrs {
+                    crate::ping(&self.lab, &self.daemon(a).ns, addr, None)
+                        .with_context(|| format!("{a} -> {b} ({addr})"))?;
+                }
             }
         }
         Ok(())

@@ -40,6 +40,21 @@ const CASES: &[(&str, &str, &str)] = &[
         ":2:3: node.pod_cidr: 100.65.1.0/24 is not inside the pod network 100.64.0.0/16",
     ),
     (
+        "pool-smaller-than-a-block",
+        "node:\n  name: a\nnetwork:\n  pod_network_cidr: 100.64.0.0/26\n",
+        ":3:1: network.node_cidr_mask_size: mask size /24 does not fit the pool 100.64.0.0/26",
+    ),
+    (
+        "ipv6-mask-outside-the-pool",
+        "node:\n  name: a\nnetwork:\n  pod_network_cidr: [100.64.0.0/16, 'fd00:64::/48']\n  node_cidr_mask_size_ipv6: 40\n",
+        ":5:3: network.node_cidr_mask_size_ipv6: mask size /40 does not fit the pool fd00:64::/48",
+    ),
+    (
+        "overlapping-static-blocks",
+        "node:\n  name: a\n  pod_cidr: [100.64.1.0/24, 100.64.1.128/25]\n",
+        ":3:3: node.pod_cidr: at most one IPv4 and one IPv6 CIDR, found two IPv4 ones: 100.64.1.0/24 and 100.64.1.128/25",
+    ),
+    (
         "no-pod-cidr",
         "node:\n  name: a\n",
         ": node.pod_cidr: required",

@@ -5,6 +5,7 @@ mod bad_config;
 mod cli;
 mod demo;
 mod interop;
+mod ipam;
 mod ipam_sim;
 mod mesh;
 mod mesh_sim;

@@ -149,7 +149,7 @@ fn a_node_without_the_secret_never_joins_and_garbage_on_the_gossip_port_changes_
         region: "us",
         lan: 2,
         host: 3,
-        block: 9,
+        block: Some(9),
         bootstrap: Some("198.18.2.1"),
     };
     let wrong = String::from_utf8(
