@@ -113,3 +113,48 @@ fn the_same_block_handed_out_on_both_sides_of_a_partition_heals_into_one_winner_
         assert!(reclaims(&sim, i).is_empty(), "node {i} re-claimed");
     }
 }
+
+#[test]
+fn a_dead_nodes_block_is_taken_only_after_the_expiry_and_a_full_pool_is_an_error_naming_it() {
+    // Four blocks, four nodes: the pool is full.
+    let pool = "100.64.0.0/22";
+    let mut sim = IpamSim::new(4, config(), &[pool], one_earlier);
+    sim.run_until(Duration::from_secs(60), IpamSim::settled)
+        .expect("4 nodes settle");
+    let expiry = Duration::from_secs(300);
+    for n in &mut sim.nodes {
+        n.blocks.expiry = expiry;
+    }
+    sim.expiry = expiry;
+    let victim = 2;
+    let dead_block = sim.nodes[victim].blocks.held[0].block;
+    let killed = sim.sim.now;
+    sim.sim.kill(victim);
+    let newcomer = sim.add(50, 0);
+    // Long past the liveness timeout, but before the expiry: nothing to claim.
+    let until = killed + 2 * LIVENESS_TIMEOUT;
+    sim.run_until(3 * LIVENESS_TIMEOUT, |s| s.sim.now >= until);
+    assert!(sim.nodes[newcomer].blocks.held.is_empty());
+    let failed = sim.nodes[newcomer]
+        .events
+        .iter()
+        .find_map(|(_, e)| match e {
+            BlockEvent::Failed(e) => Some(e.to_string()),
+            _ => None,
+        })
+        .expect("the newcomer reports the full pool");
+    assert!(failed.contains(pool), "{failed}");
+    // After the expiry the dead node's block is free, and the newcomer takes it.
+    let took = sim
+        .run_until(expiry, |s| !s.nodes[newcomer].blocks.held.is_empty())
+        .expect("the newcomer claims once the dead node's block expires");
+    let claimed_at = sim.sim.now - killed;
+    eprintln!("claimed {claimed_at:?} after the kill (expiry {expiry:?}, waited {took:?})");
+    assert!(claimed_at >= expiry, "claimed after {claimed_at:?}");
+    assert!(
+        claimed_at <= expiry + LIVENESS_TIMEOUT,
+        "claimed after {claimed_at:?}"
+    );
+    assert_eq!(sim.nodes[newcomer].blocks.held[0].block, dead_block);
+    assert!(sim.settled());
+}
