@@ -128,13 +128,18 @@ impl Status {
             n.interface, n.mtu, n.listen_port
         );
         let _ = writeln!(s);
-        let rows: Vec<[String; 9]> = self
+        let rows: Vec<[String; 10]> = self
             .peers
             .iter()
             .map(|p| {
                 [
                     p.name.clone(),
                     p.region.clone().unwrap_or_else(dash),
+                    if p.pod_cidrs.is_empty() {
+                        dash()
+                    } else {
+                        p.pod_cidrs.join(",")
+                    },
                     p.state.clone(),
                     p.path.clone(),
                     p.endpoint.clone().unwrap_or_else(dash),
@@ -149,6 +154,7 @@ impl Status {
         let head = [
             "PEER",
             "REGION",
+            "POD CIDRS",
             "STATE",
             "PATH",
             "ENDPOINT",
@@ -229,6 +235,9 @@ mod tests {
         let t = st.table();
         for want in [
             "node a (region eu)",
+            "pod cidrs   100.64.1.0/24",
+            "POD CIDRS",
+            "100.64.2.0/24",
             "198.18.1.2:51820",
             "configured",
             "3s ago",
