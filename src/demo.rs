@@ -1,23 +1,34 @@
 //! `weft demo`: a small lab on this machine that shows weft working, then cleans up.
 //!
-//! Three nodes in two regions: `a` and `b` share region eu-west's LAN (198.18.1.0/24), `c` is
-//! alone in us-east (198.18.2.0/24), and all three have a public address on a shared "internet"
-//! segment (198.19.0.0/24). The region LANs are not connected, so a node that used a private
-//! address across regions would fail visibly. Each node runs the real daemon (this binary) and
-//! hosts one pod namespace. The nodes share a cluster secret and each knows one other node only;
-//! the mesh does the rest: `a` and `b` reach each other at their private addresses in plaintext
-//! (both trust the eu-west LAN), and `c` at its public address over WireGuard. The demo pings
-//! pod to pod across every pair and prints each node's `weft status`.
+//! Four nodes in two regions, the lab of DESIGN.md: `a` and `b` share region eu-west's LAN
+//! (198.18.1.0/24), which both trust; `c` and `d` share us-east's LAN (198.18.2.0/24), which
+//! they do not trust; all four have a public address on a shared "internet" segment
+//! (198.19.0.0/24). The region LANs are not connected, so a node that used a private address
+//! across regions would fail visibly. Each node runs the real daemon (this binary) and hosts one
+//! pod namespace. The nodes share a cluster secret and each knows one other node only; the mesh
+//! does the rest: `a`–`b` at private addresses in plaintext, `c`–`d` at private addresses over
+//! WireGuard, every pair across regions at public addresses over WireGuard. The demo shows one
+//! node's status, pings pod to pod across every pair, moves a few megabytes over TCP between
+//! pods and shows from the daemon's counters where they went.
 
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 
 use crate::lab::{Daemon, Lab, run, wait_for};
+use crate::status::Status;
+
+/// The tag of the demo's lab (the end of its id).
+const TAG: &str = "demo";
+
+/// Bytes each TCP transfer moves.
+const TRANSFER: usize = 32 << 20;
 
 /// One demo node.
 struct Node {
@@ -31,7 +42,13 @@ struct Node {
     block: u8,
 }
 
-const NODES: [Node; 3] = [
+impl Node {
+    fn pod_ip(&self) -> String {
+        format!("100.64.{}.2", self.block)
+    }
+}
+
+const NODES: [Node; 4] = [
     Node {
         name: "a",
         bootstrap: "198.18.1.2",
@@ -56,6 +73,14 @@ const NODES: [Node; 3] = [
         public: "198.19.0.3",
         block: 3,
     },
+    Node {
+        name: "d",
+        bootstrap: "198.18.2.3",
+        region: "us-east",
+        private: "198.18.2.4",
+        public: "198.19.0.4",
+        block: 4,
+    },
 ];
 
 fn need(program: &str, package: &str) -> anyhow::Result<()> {
@@ -74,37 +99,34 @@ fn interrupted(flag: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the demo: builds the lab, starts the daemons, shows traffic and status, cleans up.
-pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    crate::lab::require_root("weft demo")?;
-    need("ip", "iproute2")?;
-    need("ping", "iputils-ping")?;
-    let mut lab = Lab::new("demo")?;
-    println!(
-        "weft demo: lab {} (namespaces {}-*), cleaned up on exit\n",
-        lab.id, lab.id
-    );
+fn status(bin: &Path, d: &Daemon) -> anyhow::Result<Status> {
+    let out = run(Command::new(bin)
+        .args(["status", "--json", "--socket"])
+        .arg(&d.socket))?;
+    serde_json::from_slice(&out.stdout).context("parsing weft status --json")
+}
 
-    // The underlay: one switch namespace with a bridge per segment.
+/// Builds the underlay, the nodes' configs and their pods.
+fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
     let sw = lab.add_ns("switch")?;
     for br in ["eu", "us", "inet"] {
         lab.bridge(&sw, br)?;
     }
-    let mut daemons: Vec<Daemon> = Vec::new();
+    let mut daemons = Vec::new();
     let secret = crate::keys::encode(&crate::keys::generate_secret());
     for n in &NODES {
         let ns = lab.add_ns(n.name)?;
-        let lan = if n.region == "eu-west" { "eu" } else { "us" };
-        lab.plug((&sw, lan), (&ns, "lan0", &format!("{}/24", n.private)))?;
+        let eu = n.region == "eu-west";
+        lab.plug(
+            (&sw, if eu { "eu" } else { "us" }),
+            (&ns, "lan0", &format!("{}/24", n.private)),
+        )?;
         lab.plug((&sw, "inet"), (&ns, "wan0", &format!("{}/24", n.public)))?;
-        let lan_net = if n.region == "eu-west" {
-            "198.18.1.0/24"
-        } else {
-            "198.18.2.0/24"
-        };
+        // eu-west trusts its LAN; us-east does not, so its nodes encrypt even between each other.
+        let trusted = if eu { "[198.18.1.0/24]" } else { "[]" };
         let cfg = format!(
             "node:\n  name: {}\n  region: {}\n  private_address: {}\n  public_address: {}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{}.0/24\n\
-             network:\n  trusted_subnets: [{lan_net}]\n\
+             network:\n  trusted_subnets: {trusted}\n\
              mesh:\n  secret_file: SECRET_FILE\n  peers: [{}]\n",
             n.name, n.region, n.private, n.public, n.block, n.bootstrap
         );
@@ -113,7 +135,7 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         daemons.push(d);
         // A pod: its own namespace, a veth to the node, the node routes its /32 to it.
         let pod = lab.add_ns(&format!("pod-{}", n.name))?;
-        let pod_ip = format!("100.64.{}.2", n.block);
+        let pod_ip = n.pod_ip();
         lab.link((&ns, "pod0", ""), (&pod, "eth0", &format!("{pod_ip}/32")))?;
         lab.ip(&pod, &["route", "add", "default", "dev", "eth0"])?;
         lab.ip(
@@ -124,7 +146,94 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             "-c",
             "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv4/conf/pod0/proxy_arp && echo 0 > /proc/sys/net/ipv4/neigh/pod0/proxy_delay",
         ]))?;
+        println!(
+            "  node {} ({}): private {} public {}, pod {pod_ip}",
+            n.name, n.region, n.private, n.public
+        );
     }
+    Ok(daemons)
+}
+
+/// Moves [`TRANSFER`] bytes over TCP from pod namespace `from` to `to_ip` in pod namespace
+/// `to`, checking the count at the far end; returns how long it took.
+fn transfer(lab: &Lab, from: &str, to: &str, to_ip: &str) -> anyhow::Result<Duration> {
+    let addr: SocketAddr = format!("{to_ip}:5201").parse()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = lab.in_ns(to, move || {
+        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let _ = ready_tx.send(());
+        let (mut conn, _) = wait_for("the sender to connect", Duration::from_secs(20), || {
+            listener.accept().ok()
+        })?;
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0u64;
+        loop {
+            let n = conn.read(&mut buf).context("receiving")?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        conn.write_all(&got.to_be_bytes())?;
+        Ok(got)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the receiving pod did not listen")?;
+    let client = lab.in_ns(from, move || {
+        let start = Instant::now();
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connecting to {addr}"))?;
+        conn.set_write_timeout(Some(Duration::from_secs(20)))?;
+        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let chunk = vec![0x5au8; 1 << 16];
+        for _ in 0..TRANSFER / chunk.len() {
+            conn.write_all(&chunk).context("sending")?;
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut ack = [0u8; 8];
+        conn.read_exact(&mut ack).context("waiting for the count")?;
+        Ok((start.elapsed(), u64::from_be_bytes(ack)))
+    });
+    let sent = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sender panicked"))?;
+    let got = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    let (took, acked) = sent?;
+    ensure!(
+        got == TRANSFER as u64 && acked == got,
+        "sent {TRANSFER} bytes, {got} arrived"
+    );
+    Ok(took)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// Runs the demo: builds the lab, starts the daemons, shows traffic and status, then cleans
+/// up, or with `keep` leaves the lab running and says how to look around.
+pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result<()> {
+    crate::lab::require_root("weft demo")?;
+    need("ip", "iproute2")?;
+    need("ping", "iputils-ping")?;
+    let mut lab = Lab::new(TAG)?;
+    println!(
+        "weft demo: building lab {} (namespaces {}-*){}",
+        lab.id,
+        lab.id,
+        if keep {
+            ", kept after the demo (--keep)"
+        } else {
+            ", removed on exit"
+        }
+    );
+    let daemons = build(&mut lab)?;
     for d in &daemons {
         interrupted(&stop)?;
         lab.start(bin, d)
@@ -132,29 +241,25 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         println!("started weft on node {} (log {})", d.name, d.log.display());
     }
 
-    for (i, n) in NODES.iter().enumerate() {
-        let want = NODES.len() - 1;
+    println!("waiting for the mesh to converge...");
+    for d in &daemons {
+        interrupted(&stop)?;
         wait_for(
-            &format!("node {} to learn every other node", n.name),
+            &format!("node {} to learn every other node", d.name),
             Duration::from_secs(30),
             || {
-                let out = Command::new(bin)
-                    .args(["status", "--json", "--socket"])
-                    .arg(&daemons[i].socket)
-                    .output()
-                    .ok()?;
-                let st: crate::status::Status = serde_json::from_slice(&out.stdout).ok()?;
-                (st.peers.len() == want).then_some(())
+                let st = status(bin, d).ok()?;
+                (st.peers.len() == NODES.len() - 1).then_some(())
             },
         )?;
     }
-    println!("every node learned the others through the mesh");
+    println!("every node learned the others through the mesh\n");
 
-    println!("\npod-to-pod traffic, every pair:");
+    println!("pod-to-pod ping, every pair:");
     for from in &NODES {
         for to in NODES.iter().filter(|t| t.name != from.name) {
             interrupted(&stop)?;
-            let dst = format!("100.64.{}.2", to.block);
+            let dst = to.pod_ip();
             let pod = lab.ns(&format!("pod-{}", from.name));
             let mut ping = lab.cmd(&pod, "ping");
             ping.args(["-c", "1", "-W", "1", "-n", &dst]);
@@ -169,29 +274,84 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 .nth(1)
                 .and_then(|s| s.split_whitespace().next())
                 .unwrap_or("?");
-            let how = if from.region == to.region {
-                "same region: private address, plaintext"
-            } else {
-                "across regions: public address, WireGuard"
-            };
             println!(
-                "  pod-{} 100.64.{}.2 -> pod-{} {dst}: reply in {rtt} ms ({how})",
-                from.name, from.block, to.name
+                "  pod-{} {} -> pod-{} {dst}: reply in {rtt} ms",
+                from.name,
+                from.pod_ip(),
+                to.name
             );
         }
     }
 
-    for d in &daemons {
+    let a = &daemons[0];
+    let out = run(Command::new(bin)
+        .arg("status")
+        .arg("--socket")
+        .arg(&a.socket))?;
+    println!(
+        "\n$ weft status   # on node a\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    println!(
+        "TCP between pods ({} MB each), and where it went:",
+        TRANSFER >> 20
+    );
+    for (from, to) in [(0, 1), (0, 2), (2, 3)] {
         interrupted(&stop)?;
-        let out = run(Command::new(bin)
-            .arg("status")
-            .arg("--socket")
-            .arg(&d.socket))?;
-        println!(
-            "\n$ weft status   # on node {}\n{}",
-            d.name,
-            String::from_utf8_lossy(&out.stdout)
+        let (src, dst) = (&NODES[from], &NODES[to]);
+        let before = status(bin, &daemons[from])?;
+        let took = transfer(
+            &lab,
+            &lab.ns(&format!("pod-{}", src.name)),
+            &lab.ns(&format!("pod-{}", dst.name)),
+            &dst.pod_ip(),
+        )?;
+        let after = status(bin, &daemons[from])?;
+        let peer = |st: &Status| st.peers.iter().find(|p| p.name == dst.name).cloned();
+        let (p0, p1) = (
+            peer(&before).context("peer before")?,
+            peer(&after).context("peer after")?,
         );
+        let rate = TRANSFER as f64 * 8.0 / took.as_secs_f64() / 1e6;
+        println!(
+            "  pod-{} -> pod-{}: {} MB in {:.2} s ({rate:.0} Mbit/s); node {} sent {:.1} MB to node {} at {} ({}, {}){}",
+            src.name,
+            dst.name,
+            TRANSFER >> 20,
+            took.as_secs_f64(),
+            src.name,
+            mb(p1.tx_bytes.saturating_sub(p0.tx_bytes)),
+            dst.name,
+            p1.endpoint.as_deref().unwrap_or("-"),
+            p1.path,
+            p1.endpoint_reason,
+            if p1.path == "plaintext" {
+                ": both trust the LAN"
+            } else {
+                ""
+            }
+        );
+    }
+
+    if keep {
+        let id = lab.id.clone();
+        let (ns_a, pod_a) = (lab.ns("a"), lab.ns("pod-a"));
+        let file = lab.keep()?;
+        println!(
+            "\nthe lab is still running (listed in {}). Look around:\n  \
+             ip netns exec {ns_a} {bin} status --socket {}\n  \
+             ip netns exec {ns_a} {bin} status --json --socket {}\n  \
+             ip netns exec {pod_a} ping {pod_c}\n  \
+             ip netns list | grep {id}\n\
+             and remove it with:\n  {bin} demo down",
+            file.display(),
+            a.socket.display(),
+            a.socket.display(),
+            pod_c = NODES[2].pod_ip(),
+            bin = bin.display(),
+        );
+        return Ok(());
     }
     println!("stopping the daemons and removing the lab...");
     for d in &daemons {
@@ -205,6 +365,23 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     drop(lab);
     println!("done: the lab is gone. Next: `weft run --config /etc/weft/weft.yaml` on real nodes.");
+    Ok(())
+}
+
+/// `weft demo down`: removes every lab a `weft demo --keep` left.
+pub fn down() -> anyhow::Result<()> {
+    crate::lab::require_root("weft demo down")?;
+    let labs = crate::lab::kept_labs(TAG);
+    if labs.is_empty() {
+        println!("no kept demo lab to remove");
+        return Ok(());
+    }
+    for dir in labs {
+        for line in crate::lab::remove_kept(&dir, Duration::from_secs(10))? {
+            println!("{line}");
+        }
+    }
+    println!("done: the kept lab is gone");
     Ok(())
 }
 

@@ -74,7 +74,12 @@ pub struct Lab {
     pub dir: PathBuf,
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
+    /// Left running on drop ([`Lab::keep`]).
+    kept: bool,
 }
+
+/// The file in a kept lab's directory that lists what [`remove_kept`] removes.
+pub const KEPT_FILE: &str = "kept";
 
 impl Lab {
     /// A new, empty lab; `tag` (a few letters) helps tell labs apart in `ip netns list`.
@@ -90,6 +95,7 @@ impl Lab {
             dir,
             namespaces: Vec::new(),
             children: Vec::new(),
+            kept: false,
         })
     }
 
@@ -250,8 +256,94 @@ fn terminate(child: &mut Child, timeout: Duration) -> bool {
     }
 }
 
+impl Lab {
+    /// Leaves the lab running when it is dropped: its processes, namespaces and directory stay,
+    /// listed in `<dir>/kept` for [`remove_kept`]. Returns that file.
+    pub fn keep(mut self) -> anyhow::Result<PathBuf> {
+        let mut list = String::new();
+        for (name, child) in &self.children {
+            list.push_str(&format!("pid {} {name}\n", child.id()));
+        }
+        for ns in &self.namespaces {
+            list.push_str(&format!("netns {ns}\n"));
+        }
+        let file = self.dir.join(KEPT_FILE);
+        fs::write(&file, list).with_context(|| format!("writing {}", file.display()))?;
+        self.kept = true;
+        Ok(file)
+    }
+}
+
+/// The kept labs under the temporary directory whose id ends with `tag`.
+pub fn kept_labs(tag: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("weft-wl") && n.ends_with(tag))
+                && p.join(KEPT_FILE).exists()
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Removes a lab left by [`Lab::keep`]: SIGTERM to its processes (SIGKILL after `timeout`),
+/// then its namespaces, then its directory. Returns what it removed, for the user.
+pub fn remove_kept(dir: &Path, timeout: Duration) -> anyhow::Result<Vec<String>> {
+    let file = dir.join(KEPT_FILE);
+    let list = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let mut done = Vec::new();
+    for line in list.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("pid") {
+            continue;
+        }
+        let (Some(pid), name) = (
+            words.next().and_then(|p| p.parse::<i32>().ok()),
+            words.next(),
+        ) else {
+            continue;
+        };
+        let pid = nix::unistd::Pid::from_raw(pid);
+        // Only a process still running from this lab's directory is ours to stop.
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(&dir.display().to_string()) {
+            continue;
+        }
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let gone = wait_for("a kept process to exit", timeout, || {
+            (!Path::new(&format!("/proc/{pid}")).exists()
+                || fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")))
+            .then_some(())
+        });
+        if gone.is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        done.push(format!("stopped {} (pid {pid})", name.unwrap_or("?")));
+    }
+    for line in list.lines().rev() {
+        if let Some(ns) = line.strip_prefix("netns ") {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            done.push(format!("deleted namespace {ns}"));
+        }
+    }
+    fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    done.push(format!("removed {}", dir.display()));
+    Ok(done)
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         for (_, child) in &mut self.children {
             terminate(child, Duration::from_secs(5));
         }

@@ -48,9 +48,23 @@ enum Cmd {
     Pubkey,
     /// Prints a new cluster secret (32 random bytes, base64).
     Gensecret,
-    /// Builds a lab of three nodes in two regions in network namespaces on this machine, runs
-    /// the real daemon on each, shows pod-to-pod traffic and status, and cleans up. Needs root.
-    Demo,
+    /// Builds a lab of four nodes in two regions in network namespaces on this machine, runs
+    /// the real daemon on each, shows status and pod-to-pod traffic (ping and TCP), and cleans
+    /// up. Needs root, iproute2 and ping; touches nothing outside its namespaces.
+    Demo {
+        /// Leaves the lab running afterwards and prints how to look around; `weft demo down`
+        /// removes it.
+        #[arg(long)]
+        keep: bool,
+        #[command(subcommand)]
+        action: Option<DemoCmd>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DemoCmd {
+    /// Removes a lab that `weft demo --keep` left running.
+    Down,
 }
 
 fn init_logging() {
@@ -70,7 +84,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs the demo; SIGINT/SIGTERM stop it between steps and the lab is still cleaned up.
-fn demo() -> anyhow::Result<()> {
+fn demo(keep: bool) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let rt = runtime()?;
@@ -83,7 +97,7 @@ fn demo() -> anyhow::Result<()> {
         flag.store(true, Ordering::Relaxed);
         Ok::<_, std::io::Error>(())
     });
-    weft::demo::run_demo(&weft::demo::current_binary()?, stop)
+    weft::demo::run_demo(&weft::demo::current_binary()?, stop, keep)
 }
 
 fn main() -> ExitCode {
@@ -105,7 +119,11 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Cmd::Demo => demo(),
+        Cmd::Demo {
+            action: Some(DemoCmd::Down),
+            ..
+        } => weft::demo::down(),
+        Cmd::Demo { keep, action: None } => demo(keep),
         Cmd::Genkey => {
             println!("{}", keys::encode(&keys::generate().to_bytes()));
             Ok(())

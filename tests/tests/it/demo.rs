@@ -1,11 +1,25 @@
-//! `weft demo`, exactly as the README tells a newcomer to run it.
+//! `weft demo`, exactly as the README tells a newcomer to run it, and `--keep` / `demo down`.
 
 use std::process::Command;
 
 use weft_tests::weft_bin;
 
+fn netns_list() -> anyhow::Result<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn lab_id(stdout: &str) -> anyhow::Result<String> {
+    Ok(stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "lab")
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no lab id in {stdout}"))?
+        .to_owned())
+}
+
 #[test]
-fn weft_demo_shows_pod_to_pod_traffic_for_every_pair_and_cleans_up() -> anyhow::Result<()> {
+fn weft_demo_shows_status_ping_and_tcp_between_pods_and_cleans_up() -> anyhow::Result<()> {
     weft::lab::require_root("weft demo")?;
     let out = Command::new(weft_bin()?).arg("demo").output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -14,20 +28,18 @@ fn weft_demo_shows_pod_to_pod_traffic_for_every_pair_and_cleans_up() -> anyhow::
         out.status.success(),
         "weft demo failed:\n{stdout}\n{stderr}"
     );
-    let replies = stdout.lines().filter(|l| l.contains(": reply in ")).count();
-    assert_eq!(replies, 6, "{stdout}");
-    assert_eq!(stdout.matches("$ weft status").count(), 3, "{stdout}");
-    assert!(stdout.contains("done: the lab is gone"), "{stdout}");
     assert!(
         stdout.contains("every node learned the others through the mesh"),
         "{stdout}"
     );
-    // In a's table: b over plaintext in its region, c over WireGuard across.
+    let replies = stdout.lines().filter(|l| l.contains(": reply in ")).count();
+    assert_eq!(replies, 12, "{stdout}");
+    // Node a's table: b over plaintext in its region, c and d over WireGuard across.
     let table_a = stdout
         .split("# on node a")
         .nth(1)
         .unwrap_or("")
-        .split("$ weft status")
+        .split("TCP between pods")
         .next()
         .unwrap_or("");
     let row = |peer: &str| {
@@ -37,26 +49,112 @@ fn weft_demo_shows_pod_to_pod_traffic_for_every_pair_and_cleans_up() -> anyhow::
             .unwrap_or("")
             .to_owned()
     };
-    for want in ["eu-west", "plaintext", "198.18.1.2:51820", "same-region"] {
+    for want in [
+        "eu-west",
+        "100.64.2.0/24",
+        "plaintext",
+        "198.18.1.2:51820",
+        "same-region",
+    ] {
         assert!(row("b ").contains(want), "b's row lacks {want}:\n{table_a}");
     }
-    for want in ["us-east", "encrypted", "198.19.0.3:51820", "other-region"] {
-        assert!(row("c ").contains(want), "c's row lacks {want}:\n{table_a}");
+    for (peer, addr) in [("c ", "198.19.0.3:51820"), ("d ", "198.19.0.4:51820")] {
+        for want in ["us-east", "encrypted", addr, "other-region"] {
+            assert!(
+                row(peer).contains(want),
+                "{peer}row lacks {want}:\n{table_a}"
+            );
+        }
     }
-    let id = stdout
-        .split_whitespace()
-        .skip_while(|w| *w != "lab")
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("no lab id in {stdout}"))?
-        .to_owned();
-    let netns = Command::new("ip").args(["netns", "list"]).output()?;
+    // TCP: where the bytes went, one line per transfer, each at least the payload on the wire.
+    let tcp: Vec<&str> = stdout.lines().filter(|l| l.contains(" MB in ")).collect();
+    assert_eq!(tcp.len(), 3, "{stdout}");
+    for (line, want) in tcp.iter().zip([
+        "to node b at 198.18.1.2:51820 (plaintext, same-region)",
+        "to node c at 198.19.0.3:51820 (encrypted, other-region)",
+        "to node d at 198.18.2.4:51820 (encrypted, same-region)",
+    ]) {
+        assert!(line.contains(want), "{line:?} lacks {want:?}");
+        let sent: f64 = line
+            .split(" sent ")
+            .nth(1)
+            .and_then(|s| s.split(" MB").next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            sent >= 33.5,
+            "{line}: {sent} MB counted for 32 MiB of payload"
+        );
+    }
+    assert!(stdout.contains("done: the lab is gone"), "{stdout}");
+    let id = lab_id(&stdout)?;
     assert!(
-        !String::from_utf8_lossy(&netns.stdout).contains(&id),
+        !netns_list()?.contains(&id),
         "namespaces of {id} left behind"
     );
     assert!(
         !std::env::temp_dir().join(format!("weft-{id}")).exists(),
         "lab directory left behind"
     );
+    Ok(())
+}
+
+#[test]
+fn weft_demo_keep_leaves_the_lab_running_and_demo_down_removes_it() -> anyhow::Result<()> {
+    weft::lab::require_root("weft demo --keep")?;
+    let bin = weft_bin()?;
+    let out = Command::new(&bin).args(["demo", "--keep"]).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let id = lab_id(&stdout)?;
+    let dir = std::env::temp_dir().join(format!("weft-{id}"));
+    // Whatever happens below, the kept lab goes.
+    struct Down(std::path::PathBuf);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            if self.0.exists() {
+                let _ = weft::lab::remove_kept(&self.0, std::time::Duration::from_secs(10));
+            }
+        }
+    }
+    let _guard = Down(dir.clone());
+    assert!(
+        out.status.success(),
+        "weft demo --keep failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The printed way to look around works: status from node a's namespace.
+    let socket = dir.join("a").join("weft.sock");
+    assert!(
+        stdout.contains(&format!("ip netns exec {id}-a")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("demo down"), "{stdout}");
+    let st = Command::new("ip")
+        .args(["netns", "exec", &format!("{id}-a")])
+        .arg(&bin)
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()?;
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
+    assert_eq!(st["peers"].as_array().map(Vec::len), Some(3), "{st}");
+
+    let down = Command::new(&bin).args(["demo", "down"]).output()?;
+    let text = String::from_utf8_lossy(&down.stdout);
+    assert!(down.status.success(), "{text}");
+    assert!(text.contains("done: the kept lab is gone"), "{text}");
+    assert!(
+        !netns_list()?.contains(&id),
+        "namespaces of {id} left behind"
+    );
+    assert!(!dir.exists(), "lab directory left behind");
+    let procs = Command::new("pgrep")
+        .args(["-f", &dir.display().to_string()])
+        .output()?;
+    assert!(procs.stdout.is_empty(), "daemons left running");
     Ok(())
 }
