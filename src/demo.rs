@@ -184,6 +184,10 @@ fn transfer(lab: &Lab, from: &str, to: &str, to_ip: &str) -> anyhow::Result<Dura
         .recv_timeout(Duration::from_secs(10))
         .context("the receiving pod did not listen")?;
     let client = lab.in_ns(from, move || {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the demo is a driver: it times a transfer"
+        )]
         let start = Instant::now();
         let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .with_context(|| format!("connecting to {addr}"))?;

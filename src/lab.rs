@@ -216,6 +216,14 @@ impl Lab {
         Ok(())
     }
 
+    /// The pid of process `name`, if the lab holds it.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
     /// Whether process `name` is still running.
     pub fn running(&mut self, name: &str) -> bool {
         self.children

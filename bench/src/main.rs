@@ -1,5 +1,8 @@
 //! `weft-bench`: weft's benchmarks.
 //!
+//! `weft-bench net` measures the data path side by side with plain veth, wireguard-go and
+//! boringtun-cli in one run and writes `bench/RESULTS.md` (see [`net`]).
+//!
 //! `weft-bench mesh` runs the mesh cores in the simulator (virtual time, no sockets) and reports,
 //! at several sizes, how long one record change takes to reach every node and how many gossip
 //! bytes each node sends per second in steady state. The numbers are deterministic for a given
@@ -7,7 +10,10 @@
 //! run and the targets.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
+
+mod net;
 
 use clap::{Parser, Subcommand};
 use weft_mesh::MeshConfig;
@@ -27,6 +33,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The data path side by side in one run (root): plain veth, weft encrypted, weft
+    /// plaintext, wireguard-go, boringtun-cli; TCP, UDP packet rate, ping, CPU and memory;
+    /// medians of several runs. Writes bench/RESULTS.md.
+    Net(NetOpts),
     /// Mesh scale in simulation: convergence time and steady-state gossip bytes per node.
     Mesh {
         /// Cluster sizes to simulate.
@@ -37,8 +47,34 @@ enum Cmd {
         steady_secs: u64,
         /// Also write the Markdown table to this file.
         #[arg(long)]
-        out: Option<std::path::PathBuf>,
+        out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct NetOpts {
+    /// Seconds per iperf3 test.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// boringtun-cli thread counts to measure (the best is compared against).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    boringtun_threads: Vec<u32>,
+    /// Paths to measure: veth, weft, weft-plaintext, wireguard-go, boringtun.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "veth,weft,weft-plaintext,wireguard-go,boringtun"
+    )]
+    paths: Vec<String>,
+    /// Where to write the report (Markdown).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    out: PathBuf,
+    /// Where boringtun-cli is (or gets installed): <tools>/bin/boringtun-cli.
+    #[arg(long, default_value = "bench/.tools")]
+    tools: PathBuf,
 }
 
 struct Row {
@@ -93,9 +129,99 @@ fn measure(n: usize, steady: Duration) -> anyhow::Result<Row> {
     })
 }
 
+/// The weft binary next to this one, rebuilt first when run through cargo.
+fn weft_binary() -> anyhow::Result<PathBuf> {
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        eprintln!("building weft (release)...");
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "--release", "--locked", "--bin", "weft"])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "cargo build --release --bin weft failed");
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("weft");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release --bin weft` first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
+    let (secs, reps, out) = (o.secs, o.reps, &o.out);
+    weft::lab::require_root("weft-bench net")?;
+    anyhow::ensure!(
+        reps >= 1 && secs >= 1,
+        "--reps and --secs must be at least 1"
+    );
+    let mut kinds = Vec::new();
+    for p in &o.paths {
+        match p.as_str() {
+            "veth" => kinds.push(net::PathKind::Veth),
+            "weft" => kinds.push(net::PathKind::WeftEncrypted),
+            "weft-plaintext" => kinds.push(net::PathKind::WeftPlaintext),
+            "wireguard-go" => kinds.push(net::PathKind::WireguardGo),
+            "boringtun" => kinds.extend(
+                o.boringtun_threads
+                    .iter()
+                    .map(|t| net::PathKind::Boringtun(*t)),
+            ),
+            other => anyhow::bail!(
+                "unknown path {other:?}: use veth, weft, weft-plaintext, wireguard-go, boringtun"
+            ),
+        }
+    }
+    net::check_tools(&kinds)?;
+    let boringtun = if kinds
+        .iter()
+        .any(|k| matches!(k, net::PathKind::Boringtun(_)))
+    {
+        net::boringtun(&o.tools)?
+    } else {
+        PathBuf::new()
+    };
+    let args = net::NetArgs {
+        secs,
+        reps,
+        paths: kinds.clone(),
+        weft: weft_binary()?,
+        boringtun,
+    };
+    let mut rows = Vec::new();
+    for k in &args.paths {
+        rows.push(net::measure(&args, k)?);
+    }
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let report = format!(
+        "# weft-bench net\n\n- date: {date}\n- machine: {}\n- command: `{command}`\n- each figure: the median of {reps} runs of {secs} s (ping: 200 at 10 ms); two network namespaces joined by one veth pair; every tunnel at MTU 1440; iperf3 {}\n\n{}\n## Ratios\n\n{}",
+        net::machine(),
+        net::iperf_version(),
+        net::table(&rows),
+        net::ratios(&rows),
+    );
+    print!("{report}");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, &report)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    let command = std::iter::once("cargo run --release -p weft-bench --".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Net(o) => run_net(&o, &command)?,
         Cmd::Mesh {
             sizes,
             steady_secs,

@@ -1,0 +1,618 @@
+//! `weft-bench net`: the data path side by side, in one run.
+//!
+//! Every path gets a fresh two-node lab (namespaces `l` and `r` joined by one veth pair,
+//! 198.18.0.1 ↔ 198.18.0.2) and the same measurements with the same tools: iperf3 TCP with one
+//! and four streams, iperf3 UDP at full rate with 64- and 1400-byte payloads (received packets
+//! per second), ping RTT percentiles, the tunnel processes' CPU seconds per GB moved (from
+//! `/proc/<pid>/stat`), and their peak RSS (`VmHWM`). Each measurement repeats `reps` times and
+//! the median is reported. Paths: plain veth (the ceiling), weft encrypted (two daemons with
+//! `wireguard_peers`), weft plaintext (two mesh nodes that trust the LAN), wireguard-go + wg,
+//! boringtun-cli at each thread count asked for. A path that cannot run stops the run with an
+//! error; nothing is reported as zero.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use weft::lab::{Lab, run, wait_for};
+
+/// Where the tunnel ends: server side (r) address reached from the client side (l).
+const OVERLAY_DST: &str = "100.64.2.1";
+const UNDERLAY_DST: &str = "198.18.0.2";
+/// Every tunnel gets the same MTU: a 1500-byte veth minus WireGuard's 60 bytes over IPv4.
+const TUNNEL_MTU: &str = "1440";
+
+/// One path under test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PathKind {
+    /// Plain veth, no tunnel.
+    Veth,
+    /// weft, WireGuard.
+    WeftEncrypted,
+    /// weft, plaintext between trusted subnets.
+    WeftPlaintext,
+    /// wireguard-go (Debian) configured with wg.
+    WireguardGo,
+    /// boringtun-cli with this many threads.
+    Boringtun(u32),
+}
+
+impl PathKind {
+    /// The label in the table.
+    pub(crate) fn label(&self) -> String {
+        match self {
+            Self::Veth => "plain veth".into(),
+            Self::WeftEncrypted => "weft encrypted".into(),
+            Self::WeftPlaintext => "weft plaintext".into(),
+            Self::WireguardGo => "wireguard-go".into(),
+            Self::Boringtun(t) => format!("boringtun-cli --threads {t}"),
+        }
+    }
+}
+
+/// The settings of a run.
+#[derive(Debug, Clone)]
+pub(crate) struct NetArgs {
+    /// Seconds per iperf3 test.
+    pub(crate) secs: u64,
+    /// Repetitions of each measurement.
+    pub(crate) reps: usize,
+    /// The paths, in order.
+    pub(crate) paths: Vec<PathKind>,
+    /// The weft binary.
+    pub(crate) weft: PathBuf,
+    /// The boringtun-cli binary.
+    pub(crate) boringtun: PathBuf,
+}
+
+/// The medians of one path.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Row {
+    /// Path label.
+    pub(crate) label: String,
+    /// Single-stream TCP, Gbit/s.
+    pub(crate) tcp1: f64,
+    /// Four-stream TCP, Gbit/s.
+    pub(crate) tcp4: f64,
+    /// UDP 64-byte payloads received, packets/s.
+    pub(crate) udp64: f64,
+    /// UDP 1400-byte payloads received, packets/s.
+    pub(crate) udp1400: f64,
+    /// Ping RTT p50, µs.
+    pub(crate) rtt50: f64,
+    /// Ping RTT p99, µs.
+    pub(crate) rtt99: f64,
+    /// Tunnel CPU seconds per GB in the single-stream test (both ends); `None` without a
+    /// tunnel process.
+    pub(crate) cpu_per_gb: Option<f64>,
+    /// Peak RSS of the larger tunnel process, MB.
+    pub(crate) rss_mb: Option<f64>,
+}
+
+/// A lab with one path set up in it.
+struct Bench {
+    lab: Lab,
+    client: String,
+    server: String,
+    dst: &'static str,
+    /// Lab process names of the tunnel processes.
+    procs: Vec<String>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
+}
+
+fn write_key(path: &Path, key: &[u8; 32]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{}", weft::keys::encode(key))?;
+    Ok(())
+}
+
+fn two_nodes(tag: &str) -> anyhow::Result<(Lab, String, String)> {
+    let mut lab = Lab::new(tag)?;
+    let l = lab.add_ns("l")?;
+    let r = lab.add_ns("r")?;
+    lab.link((&l, "eth0", "198.18.0.1/24"), (&r, "eth0", "198.18.0.2/24"))?;
+    Ok((lab, l, r))
+}
+
+/// Keys of both ends: (private l, private r, public l, public r), public keys base64.
+fn keys() -> ([u8; 32], [u8; 32], String, String) {
+    let (kl, kr) = (weft::keys::generate(), weft::keys::generate());
+    (
+        kl.to_bytes(),
+        kr.to_bytes(),
+        weft::keys::public_of(&kl),
+        weft::keys::public_of(&kr),
+    )
+}
+
+fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
+    let (mut lab, l, r) = two_nodes("bn")?;
+    let mut procs = Vec::new();
+    let dst = match kind {
+        PathKind::Veth => UNDERLAY_DST,
+        PathKind::WeftEncrypted | PathKind::WeftPlaintext => {
+            let (kl, kr, pl, pr) = keys();
+            let secret = weft::keys::encode(&weft::keys::generate_secret());
+            let mut daemons = Vec::new();
+            for (name, ns, me, other, block, peer_block, key, peer_pub) in [
+                ("l", &l, "198.18.0.1", "198.18.0.2", 1, 2, kl, &pr),
+                ("r", &r, "198.18.0.2", "198.18.0.1", 2, 1, kr, &pl),
+            ] {
+                let body = if *kind == PathKind::WeftEncrypted {
+                    format!(
+                        "node:\n  name: {name}\n  private_address: {me}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{block}.0/24\n\
+                         mesh:\n  secret_file: SECRET_FILE\n\
+                         wireguard_peers:\n  - name: peer\n    public_key: {peer_pub}\n    endpoint: {other}:51820\n    allowed_ips: [100.64.{peer_block}.0/24]\n"
+                    )
+                } else {
+                    format!(
+                        "node:\n  name: {name}\n  region: bench\n  private_address: {me}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{block}.0/24\n\
+                         network:\n  trusted_subnets: [198.18.0.0/24]\n\
+                         mesh:\n  secret_file: SECRET_FILE\n  peers: [{other}]\n"
+                    )
+                };
+                let d = lab.daemon(name, ns, &body)?;
+                write_key(&d.key_file, &key)?;
+                if *kind == PathKind::WeftPlaintext {
+                    std::fs::write(&d.secret_file, &secret)?;
+                }
+                daemons.push(d);
+            }
+            for d in &daemons {
+                lab.start(&args.weft, d)?;
+                procs.push(d.name.clone());
+            }
+            let want = if *kind == PathKind::WeftEncrypted {
+                "encrypted"
+            } else {
+                "plaintext"
+            };
+            wait_for(
+                &format!("weft to route the peer {want}"),
+                Duration::from_secs(30),
+                || {
+                    let st = lab.status(&args.weft, &daemons[0]).ok()?;
+                    st["peers"]
+                        .as_array()?
+                        .iter()
+                        .any(|p| p["path"] == want)
+                        .then_some(())
+                },
+            )?;
+            OVERLAY_DST
+        }
+        PathKind::WireguardGo | PathKind::Boringtun(_) => {
+            let (kl, kr, pl, pr) = keys();
+            // The UAPI sockets live in /var/run/wireguard, shared by every namespace: the
+            // interface names must differ between the ends and from anything else running.
+            let tag = lab.id.chars().rev().take(6).collect::<String>();
+            let names = [format!("wgl{tag}"), format!("wgr{tag}")];
+            for (i, (ns, name)) in [(&l, &names[0]), (&r, &names[1])].into_iter().enumerate() {
+                let proc_name = format!("tunnel-{i}");
+                let mut cmd = match kind {
+                    PathKind::WireguardGo => {
+                        let mut c = lab.cmd(ns, "wireguard-go");
+                        c.args(["-f", name]);
+                        c
+                    }
+                    PathKind::Boringtun(t) => {
+                        let mut c = lab.cmd(ns, &args.boringtun);
+                        c.args(["-f", "--disable-drop-privileges", "-t", &t.to_string()])
+                            .arg("-l")
+                            .arg(lab.dir.join(format!("{proc_name}.bt.log")))
+                            .arg(name);
+                        c
+                    }
+                    _ => unreachable!("only userspace WireGuard here"),
+                };
+                cmd.env("LOG_LEVEL", "error");
+                let log = lab.dir.join(format!("{proc_name}.log"));
+                lab.spawn(&proc_name, cmd, Some(&log))?;
+                procs.push(proc_name.clone());
+                let sock = PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+                wait_for(
+                    &format!("{} to open {}", kind.label(), sock.display()),
+                    Duration::from_secs(20),
+                    || sock.exists().then_some(()),
+                )
+                .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+            }
+            for (ns, name, key, peer_pub, other, me, peer_block) in [
+                (&l, &names[0], kl, &pr, "198.18.0.2", "100.64.1.1/16", 2),
+                (&r, &names[1], kr, &pl, "198.18.0.1", "100.64.2.1/16", 1),
+            ] {
+                let key_file = lab.dir.join(format!("{name}.key"));
+                write_key(&key_file, &key)?;
+                run(lab
+                    .cmd(ns, "wg")
+                    .args(["set", name, "private-key"])
+                    .arg(&key_file)
+                    .args([
+                        "listen-port",
+                        "51820",
+                        "peer",
+                        peer_pub,
+                        "endpoint",
+                        &format!("{other}:51820"),
+                        "allowed-ips",
+                        &format!("100.64.{peer_block}.0/24"),
+                    ]))?;
+                lab.ip(ns, &["addr", "add", me, "dev", name])?;
+                lab.ip(ns, &["link", "set", name, "mtu", TUNNEL_MTU, "up"])?;
+            }
+            OVERLAY_DST
+        }
+    };
+    // The server, and a first packet through (which also completes any handshake).
+    let log = lab.dir.join("iperf3-server.log");
+    let server_cmd = {
+        let mut c = lab.cmd(&r, "iperf3");
+        c.args(["-s", "-B", dst, "--forceflush"]);
+        c
+    };
+    lab.spawn("iperf3-server", server_cmd, Some(&log))?;
+    wait_for("iperf3 to listen", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("Server listening"))
+    })?;
+    let mut ping = lab.cmd(&l, "ping");
+    ping.args(["-c", "1", "-W", "1", "-n", dst]);
+    wait_for(
+        &format!("a first ping through {}", kind.label()),
+        Duration::from_secs(20),
+        || ping.output().ok().filter(|o| o.status.success()),
+    )?;
+    Ok(Bench {
+        lab,
+        client: l,
+        server: r,
+        dst,
+        procs,
+    })
+}
+
+/// Runs iperf3 against the server; its JSON report.
+fn iperf(b: &Bench, secs: u64, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = b
+        .lab
+        .cmd(&b.client, "iperf3")
+        .args(["-c", b.dst, "-J", "--connect-timeout", "5000", "-t"])
+        .arg(secs.to_string())
+        .args(extra)
+        .output()
+        .context("running iperf3")?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 {extra:?} printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = json["error"].as_str() {
+        bail!("iperf3 {extra:?} through {}: {e}", b.dst);
+    }
+    Ok(json)
+}
+
+/// (Gbit/s received, bytes received) of a TCP test.
+fn tcp(b: &Bench, secs: u64, streams: u32) -> anyhow::Result<(f64, f64)> {
+    let j = iperf(b, secs, &["-P", &streams.to_string()])?;
+    let bps = j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received.bits_per_second")?;
+    let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    ensure!(bps > 0.0, "TCP with {streams} stream(s) moved nothing");
+    Ok((bps / 1e9, bytes))
+}
+
+/// Packets per second received in a full-rate UDP test with `len`-byte payloads.
+fn udp(b: &Bench, secs: u64, len: u32) -> anyhow::Result<f64> {
+    let j = iperf(b, secs, &["-u", "-b", "0", "-l", &len.to_string()])?;
+    let sum = &j["end"]["sum"];
+    let (packets, lost, seconds) = (
+        sum["packets"].as_f64().context("end.sum.packets")?,
+        sum["lost_packets"].as_f64().unwrap_or(0.0),
+        sum["seconds"].as_f64().context("end.sum.seconds")?,
+    );
+    let pps = (packets - lost).max(0.0) / seconds.max(1e-9);
+    ensure!(pps > 0.0, "UDP with {len}-byte payloads: nothing arrived");
+    Ok(pps)
+}
+
+/// Ping RTT p50 and p99 in µs over `count` pings 10 ms apart.
+fn rtt(b: &Bench, count: u32) -> anyhow::Result<(f64, f64)> {
+    let out = run(b.lab.cmd(&b.client, "ping").args([
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.01",
+        "-n",
+        b.dst,
+    ]))?;
+    let mut times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .split("time=")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    ensure!(
+        times.len() as u32 >= count * 9 / 10,
+        "only {} of {count} pings answered",
+        times.len()
+    );
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    Ok((pick(0.5), pick(0.99)))
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+/// User + system CPU seconds of the tunnel processes so far.
+fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for name in &b.procs {
+        let pid = b.lab.pid(name).context("tunnel process gone")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th.
+        let rest = stat.rsplit_once(')').context("/proc stat format")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (u, s): (f64, f64) = (f[11].parse()?, f[12].parse()?);
+        total += (u + s) / clock_ticks();
+    }
+    Ok(total)
+}
+
+/// The larger peak RSS of the tunnel processes, MB.
+fn peak_rss(b: &Bench) -> anyhow::Result<f64> {
+    let mut max = 0.0f64;
+    for name in &b.procs {
+        let pid = b.lab.pid(name).context("tunnel process gone")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmHWM")?;
+        max = max.max(kb / 1024.0);
+    }
+    Ok(max)
+}
+
+/// Measures one path.
+pub(crate) fn measure(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Row> {
+    eprintln!("== {}: setting up", kind.label());
+    let b = setup(args, kind)?;
+    let _ = &b.server;
+    let (mut t1, mut t4, mut u64s, mut u1400, mut r50, mut r99, mut cpu) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for rep in 1..=args.reps {
+        eprintln!("   {} run {rep}/{}", kind.label(), args.reps);
+        let c0 = cpu_seconds(&b)?;
+        let (gbps, bytes) = tcp(&b, args.secs, 1)?;
+        let c1 = cpu_seconds(&b)?;
+        t1.push(gbps);
+        if !b.procs.is_empty() {
+            cpu.push((c1 - c0) / (bytes / 1e9).max(1e-9));
+        }
+        t4.push(tcp(&b, args.secs, 4)?.0);
+        u64s.push(udp(&b, args.secs, 64)?);
+        u1400.push(udp(&b, args.secs, 1400)?);
+        let (p50, p99) = rtt(&b, 200)?;
+        r50.push(p50);
+        r99.push(p99);
+    }
+    let rss = if b.procs.is_empty() {
+        None
+    } else {
+        Some(peak_rss(&b)?)
+    };
+    let row = Row {
+        label: kind.label(),
+        tcp1: median(t1),
+        tcp4: median(t4),
+        udp64: median(u64s),
+        udp1400: median(u1400),
+        rtt50: median(r50),
+        rtt99: median(r99),
+        cpu_per_gb: (!cpu.is_empty()).then(|| median(cpu)),
+        rss_mb: rss,
+    };
+    eprintln!(
+        "   {}: TCP {:.2} Gbit/s (4 streams {:.2}), UDP64 {:.0} pps, RTT p50 {:.0} µs",
+        row.label, row.tcp1, row.tcp4, row.udp64, row.rtt50
+    );
+    Ok(row)
+}
+
+/// The Markdown table of `rows`.
+pub(crate) fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| path | TCP 1 stream (Gbit/s) | TCP 4 streams (Gbit/s) | UDP 64 B (kpps) | UDP 1400 B (kpps) | ping p50 (µs) | ping p99 (µs) | tunnel CPU (s/GB) | tunnel peak RSS (MB) |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let opt = |v: Option<f64>, prec: usize| {
+            v.map_or_else(|| "n/a (no process)".to_owned(), |v| format!("{v:.prec$}"))
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            r.label,
+            r.tcp1,
+            r.tcp4,
+            r.udp64 / 1e3,
+            r.udp1400 / 1e3,
+            r.rtt50,
+            r.rtt99,
+            opt(r.cpu_per_gb, 2),
+            opt(r.rss_mb, 1),
+        );
+    }
+    s
+}
+
+/// The ratios that matter, and the speed issue's targets against them.
+pub(crate) fn ratios(rows: &[Row]) -> String {
+    let find = |p: &str| rows.iter().find(|r| r.label == p);
+    let best_bt = rows
+        .iter()
+        .filter(|r| r.label.starts_with("boringtun-cli"))
+        .max_by(|a, b| a.tcp1.total_cmp(&b.tcp1));
+    let mut s = String::new();
+    let mut line =
+        |what: &str, a: Option<&Row>, b: Option<&Row>, f: fn(&Row) -> f64, target: &str| {
+            if let (Some(a), Some(b)) = (a, b) {
+                let _ = writeln!(
+                    s,
+                    "| {what} | {} / {} | {:.2}× | {target} |",
+                    a.label,
+                    b.label,
+                    f(a) / f(b)
+                );
+            }
+        };
+    let enc = find("weft encrypted");
+    line("TCP 1 stream", enc, best_bt, |r| r.tcp1, "≥ 5×");
+    line(
+        "TCP 1 stream",
+        enc,
+        find("wireguard-go"),
+        |r| r.tcp1,
+        "≥ 10×",
+    );
+    line(
+        "TCP 1 stream",
+        find("weft plaintext"),
+        find("plain veth"),
+        |r| r.tcp1,
+        "≥ 0.4×",
+    );
+    line("UDP 64 B pps", enc, best_bt, |r| r.udp64, "≥ 2×");
+    line(
+        "ping p50 (lower is better)",
+        enc,
+        best_bt,
+        |r| r.rtt50,
+        "≤ 1×",
+    );
+    let mut out =
+        String::from("| metric | ratio of | value | speed-issue target |\n|---|---|---:|---|\n");
+    out.push_str(&s);
+    out
+}
+
+/// A short description of this machine: cores, CPU model, kernel.
+pub(crate) fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
+    format!("{cores} cores, {model}, Linux {kernel}")
+}
+
+/// Finds boringtun-cli in `tools/bin`, installing it there with cargo when missing.
+pub(crate) fn boringtun(tools: &Path) -> anyhow::Result<PathBuf> {
+    let bin = tools.join("bin").join("boringtun-cli");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "boringtun-cli not found: installing it into {} (cargo install boringtun-cli)...",
+        tools.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "install",
+            "boringtun-cli",
+            "--version",
+            "0.7.1",
+            "--locked",
+            "--root",
+        ])
+        .arg(tools)
+        .status()
+        .context("running cargo install boringtun-cli")?;
+    ensure!(
+        status.success() && bin.exists(),
+        "cargo install boringtun-cli failed"
+    );
+    Ok(bin)
+}
+
+/// Checks that the tools every path needs are installed; names the Debian package otherwise.
+pub(crate) fn check_tools(paths: &[PathKind]) -> anyhow::Result<()> {
+    let mut need = vec![
+        ("iperf3", "iperf3"),
+        ("ping", "iputils-ping"),
+        ("ip", "iproute2"),
+    ];
+    if paths
+        .iter()
+        .any(|p| matches!(p, PathKind::WireguardGo | PathKind::Boringtun(_)))
+    {
+        need.push(("wg", "wireguard-tools"));
+    }
+    if paths.contains(&PathKind::WireguardGo) {
+        need.push(("wireguard-go", "wireguard-go"));
+    }
+    for (program, package) in need {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()));
+        ensure!(
+            found,
+            "`{program}` is missing: apt-get install {package} (the comparison cannot run without it)"
+        );
+    }
+    Ok(())
+}
+
+/// The iperf3 version line, for the report.
+pub(crate) fn iperf_version() -> String {
+    Command::new("iperf3")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
