@@ -43,5 +43,9 @@ fi
 step cargo check --manifest-path fuzz/Cargo.toml --locked --bins
 # The mesh benchmark's harness, small (the full run and its targets: bench/results/mesh.md).
 step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
+# The data-path and router-core harnesses, small (the full runs: bench/RESULTS.md,
+# bench/results/router.md); they fail loudly when a comparison cannot run.
+step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --out target/net-smoke.md
+step cargo run -q -p weft-bench --locked -- router --secs 1 --out target/router-smoke.md
 echo
 echo "==> all checks passed"

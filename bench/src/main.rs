@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod net;
+mod router;
 
 use clap::{Parser, Subcommand};
 use weft_mesh::MeshConfig;
@@ -37,6 +38,17 @@ enum Cmd {
     /// plaintext, wireguard-go, boringtun-cli; TCP, UDP packet rate, ping, CPU and memory;
     /// medians of several runs. Writes bench/RESULTS.md.
     Net(NetOpts),
+    /// The router core alone, with criterion: per-packet encapsulation and decapsulation
+    /// (WireGuard and plaintext) and a lookup among 10 000 prefixes. Writes
+    /// bench/results/router.md.
+    Router {
+        /// Seconds of measurement per benchmark.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Where to write the table.
+        #[arg(long, default_value = "bench/results/router.md")]
+        out: PathBuf,
+    },
     /// Mesh scale in simulation: convergence time and steady-state gossip bytes per node.
     Mesh {
         /// Cluster sizes to simulate.
@@ -129,15 +141,21 @@ fn measure(n: usize, steady: Duration) -> anyhow::Result<Row> {
     })
 }
 
-/// The weft binary next to this one, rebuilt first when run through cargo.
+/// The weft binary next to this one, rebuilt first (in this build's profile) when run
+/// through cargo.
 fn weft_binary() -> anyhow::Result<PathBuf> {
     if let Some(cargo) = std::env::var_os("CARGO") {
-        eprintln!("building weft (release)...");
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "--release", "--locked", "--bin", "weft"])
-            .status()?
-            .success();
-        anyhow::ensure!(ok, "cargo build --release --bin weft failed");
+        let release = !cfg!(debug_assertions);
+        eprintln!(
+            "building weft ({})...",
+            if release { "release" } else { "debug" }
+        );
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--locked", "--bin", "weft"]);
+        if release {
+            build.arg("--release");
+        }
+        anyhow::ensure!(build.status()?.success(), "cargo build --bin weft failed");
     }
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("weft");
@@ -222,6 +240,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Net(o) => run_net(&o, &command)?,
+        Cmd::Router { secs, out } => {
+            let table = router::run(Duration::from_secs(secs))?;
+            let report = format!(
+                "# weft-bench router\n\n- machine: {}\n- command: `{command}`\n- criterion means, one core, no I/O\n\n{table}",
+                net::machine()
+            );
+            print!("{report}");
+            std::fs::write(&out, report)?;
+            eprintln!("wrote {}", out.display());
+        }
         Cmd::Mesh {
             sizes,
             steady_secs,

@@ -1,0 +1,229 @@
+//! `weft-bench router`: the router core alone, with criterion. Two [`Router`]s complete a
+//! WireGuard handshake in memory; then per-packet encapsulation and decapsulation of 1420-byte
+//! packets (WireGuard and plaintext paths) and a longest-prefix lookup among 10 000 prefixes are
+//! timed. No sockets, no TUN: this is the ceiling the drivers work towards.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use criterion::{BatchSize, Criterion, Throughput};
+use weft_router::x25519::{PublicKey, StaticSecret};
+use weft_router::{NetAction, PathKind, PeerConfig, PrefixTable, Router, TunAction, test_packet};
+
+const PACKET: usize = 1420;
+const A: &str = "198.18.0.1:51820";
+const B: &str = "198.18.0.2:51820";
+
+fn peer(key: &StaticSecret, endpoint: &str, allowed: &str, path: PathKind) -> PeerConfig {
+    PeerConfig {
+        name: "peer".into(),
+        public_key: PublicKey::from(key).to_bytes(),
+        endpoint: Some(endpoint.parse().expect("address")),
+        allowed_ips: vec![allowed.parse().expect("prefix")],
+        persistent_keepalive: None,
+        path,
+    }
+}
+
+/// Two routers with one session between them, `a` → `b`.
+struct Pair {
+    a: Router,
+    b: Router,
+    now: Instant,
+}
+
+impl Pair {
+    fn new(path: PathKind) -> anyhow::Result<Self> {
+        #[expect(clippy::disallowed_methods, reason = "the benchmark drives the cores")]
+        let now = Instant::now();
+        let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+        let mut a = Router::new(ka.clone(), 1);
+        let mut b = Router::new(kb.clone(), 2);
+        a.add_peer(now, peer(&kb, B, "100.64.2.0/24", path))?;
+        b.add_peer(now, peer(&ka, A, "100.64.1.0/24", path))?;
+        let mut pair = Self { a, b, now };
+        if path == PathKind::Encrypted {
+            pair.handshake()?;
+        }
+        Ok(pair)
+    }
+
+    /// Runs the handshake over an in-memory wire (bounded).
+    fn handshake(&mut self) -> anyhow::Result<()> {
+        let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"hello");
+        let mut out = vec![0u8; 2048];
+        let mut wire: Vec<(bool, Vec<u8>)> = Vec::new();
+        if let TunAction::Transmit(t) = self.a.handle_tun_packet(self.now, &pkt, &mut out) {
+            wire.push((true, out[..t.len].to_vec()));
+        }
+        while let Some(t) = self.a.poll_transmit(self.now, &mut out) {
+            wire.push((true, out[..t.len].to_vec()));
+        }
+        for _ in 0..20 {
+            let Some((from_a, d)) = wire.pop() else {
+                break;
+            };
+            let (to, from) = if from_a {
+                (&mut self.b, A)
+            } else {
+                (&mut self.a, B)
+            };
+            if let NetAction::Transmit(t) =
+                to.handle_datagram(self.now, from.parse()?, &d, &mut out)
+            {
+                wire.push((!from_a, out[..t.len].to_vec()));
+            }
+            while let Some(t) = to.poll_transmit(self.now, &mut out) {
+                wire.push((!from_a, out[..t.len].to_vec()));
+            }
+        }
+        // A data packet must now go straight out and arrive.
+        let dgram = self.encapsulate(&pkt, &mut out)?;
+        match self
+            .b
+            .handle_datagram(self.now, A.parse()?, &dgram, &mut out)
+        {
+            NetAction::WriteTun(_) => Ok(()),
+            other => bail!("no session after the handshake: {other:?}"),
+        }
+    }
+
+    fn encapsulate(&mut self, pkt: &[u8], out: &mut [u8]) -> anyhow::Result<Vec<u8>> {
+        encapsulate(&mut self.a, self.now, pkt, out)
+    }
+}
+
+fn encapsulate(
+    a: &mut Router,
+    now: Instant,
+    pkt: &[u8],
+    out: &mut [u8],
+) -> anyhow::Result<Vec<u8>> {
+    match a.handle_tun_packet(now, pkt, out) {
+        TunAction::Transmit(t) => Ok(out[..t.len].to_vec()),
+        other => bail!("encapsulate: {other:?}"),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+/// 10 000 distinct /24s (and a default-free table), and addresses that hit them.
+fn table() -> (PrefixTable<u32>, Vec<IpAddr>) {
+    let mut t = PrefixTable::default();
+    let mut hits = Vec::new();
+    for i in 0..10_000u32 {
+        // Spread over 100.64.0.0/10: 2^14 /24s, every 1.6th taken.
+        let n = i * 16 / 10;
+        let base = Ipv4Addr::from(0x6440_0000u32 + (n << 8));
+        t.insert(ipnet::IpNet::new(IpAddr::V4(base), 24).expect("prefix"), i);
+        hits.push(IpAddr::V4(Ipv4Addr::from(u32::from(base) + 7)));
+    }
+    (t, hits)
+}
+
+/// Runs the benchmarks; returns the Markdown table of mean times per operation.
+pub(crate) fn run(measure: Duration) -> anyhow::Result<String> {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(measure)
+        .without_plots();
+    let mut out = vec![0u8; 2048];
+    let payload = vec![0x5au8; PACKET - 28];
+    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), &payload);
+    let mut g = c.benchmark_group("router");
+    g.throughput(Throughput::Bytes(PACKET as u64));
+    for (name, path) in [
+        ("wireguard", PathKind::Encrypted),
+        ("plaintext", PathKind::Plaintext),
+    ] {
+        let pair = Pair::new(path)?;
+        let (now, mut a, mut b) = (pair.now, pair.a, pair.b);
+        g.bench_function(format!("encapsulate_{name}"), |bench| {
+            bench.iter(|| a.handle_tun_packet(now, &pkt, &mut out));
+        });
+        let from: SocketAddr = A.parse()?;
+        let mut fail = None;
+        g.bench_function(format!("decapsulate_{name}"), |bench| {
+            bench.iter_batched_ref(
+                || encapsulate(&mut a, now, &pkt, &mut [0u8; 2048]).unwrap_or_default(),
+                |d| {
+                    let r = b.handle_datagram(now, from, d, &mut out);
+                    if !matches!(r, NetAction::WriteTun(_)) {
+                        fail = Some(r);
+                    }
+                },
+                BatchSize::SmallInput,
+            );
+        });
+        if let Some(r) = fail {
+            bail!("decapsulate_{name} did not deliver: {r:?}");
+        }
+    }
+    g.finish();
+    let (t, hits) = table();
+    let mut g = c.benchmark_group("router");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("lookup_10000_prefixes", |bench| {
+        bench.iter(|| {
+            i = (i + 7919) % hits.len();
+            t.lookup(hits[i])
+        });
+    });
+    g.finish();
+    c.final_summary();
+
+    let mut md = String::from("| operation | mean time | per second |\n|---|---:|---:|\n");
+    for name in [
+        "encapsulate_wireguard",
+        "decapsulate_wireguard",
+        "encapsulate_plaintext",
+        "decapsulate_plaintext",
+        "lookup_10000_prefixes",
+    ] {
+        let ns = estimate_ns(name)?;
+        let rate = if name.starts_with("lookup") {
+            format!("{:.1} M lookups", 1e3 / ns)
+        } else {
+            format!(
+                "{:.2} Mpps, {:.1} Gbit/s",
+                1e3 / ns,
+                PACKET as f64 * 8.0 / ns
+            )
+        };
+        let _ = writeln!(md, "| {name} ({PACKET} B) | {ns:.0} ns | {rate} |");
+    }
+    Ok(md.replace(
+        "lookup_10000_prefixes (1420 B)",
+        "lookup among 10 000 prefixes",
+    ))
+}
+
+/// The mean estimate criterion saved for `router/<name>`, in ns.
+fn estimate_ns(name: &str) -> anyhow::Result<f64> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| Some(e.parent()?.parent()?.to_path_buf()))
+                .unwrap_or_else(|| "target".into())
+        },
+        Into::into,
+    );
+    let path = dir
+        .join("criterion")
+        .join("router")
+        .join(name)
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading criterion's {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    v["mean"]["point_estimate"]
+        .as_f64()
+        .with_context(|| format!("no mean in {}", path.display()))
+}
