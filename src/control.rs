@@ -250,6 +250,8 @@ pub struct Ipam {
     pub blocks: Blocks,
     /// Where the blocks are persisted.
     pub state_file: std::path::PathBuf,
+    /// Re-claims, for the metrics.
+    pub counters: Arc<crate::metrics::IpamCounters>,
     /// The first claim waits this long for the mesh to tell what is taken.
     pub settle: Duration,
     /// When the daemon started.
@@ -281,10 +283,15 @@ impl Ipam {
                 BlockEvent::Claimed { block, pool } => {
                     info!(%block, %pool, "claimed a pod block");
                 }
-                BlockEvent::Reclaimed { lost, winner, new } => warn!(
-                    %lost, to = %name(&winner), %new,
-                    "re-claimed: our pod block was claimed earlier by another node"
-                ),
+                BlockEvent::Reclaimed { lost, winner, new } => {
+                    self.counters
+                        .reclaims
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(
+                        %lost, to = %name(&winner), %new,
+                        "re-claimed: our pod block was claimed earlier by another node"
+                    );
+                }
                 BlockEvent::StaticConflict {
                     mine,
                     winner,

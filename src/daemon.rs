@@ -28,6 +28,7 @@ use crate::api::{self, ApiSocket, Request, Response};
 use crate::control;
 use crate::keys;
 use crate::netlink::Netlink;
+use crate::notify;
 use crate::status::{MeshMember, MeshStatus, NodeStatus, PeerStatus, Status};
 
 /// Overlay MTU when the underlay's cannot be found.
@@ -135,12 +136,6 @@ async fn choose_mtu(config: &Config, nl: &Netlink) -> anyhow::Result<u16> {
     })
 }
 
-fn ready(state: sd_notify::NotifyState<'_>) {
-    if let Err(e) = sd_notify::notify(false, &[state]) {
-        warn!(error = %e, "systemd notification failed");
-    }
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
@@ -213,6 +208,14 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
         None => None,
     };
     let api_socket = ApiSocket::bind(&config.api_socket).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding metrics_address {} (set another, e.g. 127.0.0.1:0)",
+                config.metrics_address
+            )
+        })?;
 
     // From here on the host changes: the TUN device is deleted again on any failure.
     let tun = tun_rs::DeviceBuilder::new()
@@ -245,6 +248,19 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
     let infos = control::PeerInfos::default();
     let (mesh_tx, mesh_rx) = mpsc::channel(64);
     let mut helpers = Vec::new();
+    let ipam_counters = Arc::new(crate::metrics::IpamCounters::default());
+    let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    info!(address = %metrics_listener.local_addr()?, "metrics at /metrics, health at /healthz");
+    helpers.push(tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        crate::metrics::Sources {
+            router: cmd_tx.clone(),
+            mesh: mesh_tx.clone(),
+            ipam: ipam_counters.clone(),
+            ready: ready_flag.clone(),
+        },
+        stop_tx.subscribe(),
+    )));
     if let Some((secret, listener)) = gossip {
         let record = control::own_record(&config, wireguard_key, &blocks);
         let mesh_config = MeshConfig {
@@ -277,6 +293,7 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
                 expiry: config.network.block_expiry,
             },
             state_file: state_file.clone(),
+            counters: ipam_counters.clone(),
             settle: 3 * config.mesh.gossip_interval,
             started: now,
             netlink: nl.clone(),
@@ -306,7 +323,12 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
         mtu,
         listen_port: config.router.port,
     });
-    ready(sd_notify::NotifyState::Ready);
+    notify::send(sd_notify::NotifyState::Ready);
+    ready_flag.store(true, std::sync::atomic::Ordering::Release);
+    helpers.push(tokio::spawn(notify::run(
+        cmd_tx.clone(),
+        stop_tx.subscribe(),
+    )));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -340,7 +362,7 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
             }
         }
     };
-    ready(sd_notify::NotifyState::Stopping);
+    notify::send(sd_notify::NotifyState::Stopping);
     let _ = stop_tx.send(true);
     // The mesh says goodbye (a tombstone) while the data plane still runs.
     for h in helpers {

@@ -412,17 +412,24 @@ impl Lab {
 
     /// Starts `daemon` with the weft binary `bin` and waits until its API answers.
     pub fn start(&mut self, bin: &Path, d: &Daemon) -> anyhow::Result<()> {
-        self.start_with(bin, d, &[])
+        self.start_with(bin, d, &[], &[])
     }
 
-    /// As [`Lab::start`], with more arguments to `weft run`.
-    pub fn start_with(&mut self, bin: &Path, d: &Daemon, args: &[&str]) -> anyhow::Result<()> {
+    /// As [`Lab::start`], with more arguments to `weft run` and more environment.
+    pub fn start_with(
+        &mut self,
+        bin: &Path,
+        d: &Daemon,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let mut cmd = self.cmd(&d.ns, bin);
         cmd.arg("run")
             .arg("--config")
             .arg(&d.config)
             .args(args)
-            .env("WEFT_LOG", "info,weft=debug");
+            .env("WEFT_LOG", "info,weft=debug")
+            .envs(env.iter().copied());
         self.spawn(&d.name, cmd, Some(&d.log))?;
         let name = d.name.clone();
         let r = wait_for(

@@ -16,6 +16,8 @@ pub mod daemon;
 pub mod demo;
 pub mod keys;
 pub mod lab;
+pub mod metrics;
 pub mod netlink;
+pub mod notify;
 pub mod reconcile;
 pub mod status;

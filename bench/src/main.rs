@@ -84,7 +84,7 @@ struct NetOpts {
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: PathBuf,
-    /// Where boringtun-cli is (or gets installed): <tools>/bin/boringtun-cli.
+    /// Where boringtun-cli is (or gets installed): `<tools>/bin/boringtun-cli`.
     #[arg(long, default_value = "bench/.tools")]
     tools: PathBuf,
 }

@@ -131,4 +131,9 @@ pub enum Problem {
     /// A name that is empty.
     #[error("must not be empty")]
     EmptyName,
+    /// `log_level` is not a level or a list of `target=level` directives.
+    #[error(
+        "{0:?} is not a log filter: use a level (error, warn, info, debug, trace) or target=level directives, comma-separated"
+    )]
+    LogLevel(String),
 }

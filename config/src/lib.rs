@@ -51,6 +51,9 @@ pub struct Config {
     pub api_socket: PathBuf,
     /// Where Prometheus metrics and `/healthz` are served.
     pub metrics_address: SocketAddr,
+    /// Log filter when `WEFT_LOG` is not set: a level (`error`, `warn`, `info`, `debug`,
+    /// `trace`) or comma-separated `target=level` directives. Default `info`.
+    pub log_level: String,
 }
 
 /// This node's identity and addresses.

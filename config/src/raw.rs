@@ -27,6 +27,7 @@ pub(crate) struct RawConfig {
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) api_socket: Option<PathBuf>,
     pub(crate) metrics_address: Option<Endpoint>,
+    pub(crate) log_level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -56,6 +56,21 @@ fn one_per_family(errs: &Errors<'_>, key: &str, list: &[IpNet]) -> Result<(), Co
     Ok(())
 }
 
+/// `level` or `target=level` directives, comma-separated, each level one of tracing's.
+fn valid_log_filter(text: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    !text.trim().is_empty()
+        && text.split(',').all(|d| {
+            let level = d.rsplit_once('=').map_or(
+                d,
+                |(target, l)| {
+                    if target.trim().is_empty() { "" } else { l }
+                },
+            );
+            LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
+        })
+}
+
 pub(crate) fn validate(
     raw: RawConfig,
     text: &str,
@@ -268,6 +283,11 @@ pub(crate) fn validate(
         metrics_address: raw
             .metrics_address
             .map_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6782)), |e| e.0),
+        log_level: match raw.log_level {
+            None => "info".to_owned(),
+            Some(l) if valid_log_filter(&l) => l,
+            Some(l) => return Err(errs.at("log_level", Problem::LogLevel(l))),
+        },
         state_dir,
     })
 }

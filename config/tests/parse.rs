@@ -234,3 +234,13 @@ fn gossip_timing_has_defaults_and_is_checked() {
     );
     assert!(e.contains("shorter than three gossip intervals"), "{e}");
 }
+
+#[test]
+fn log_level_takes_levels_and_directives_and_names_a_bad_one() {
+    for ok in ["debug", "info,weft_mesh=trace", "WARN"] {
+        let c = parse(&format!("log_level: {ok:?}\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(c.log_level, ok);
+    }
+    let msg = refused("log_level: loud\n", 1, "log_level");
+    assert!(msg.contains("\"loud\" is not a log filter"), "{msg}");
+}

@@ -67,11 +67,14 @@ enum DemoCmd {
     Down,
 }
 
-fn init_logging() {
+/// Logs to stderr, one line per event with its fields (journald takes stderr as is): the
+/// filter from `WEFT_LOG`, else the config's `log_level`; colour only on a terminal.
+fn init_logging(config_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -107,7 +110,11 @@ fn main() -> ExitCode {
             config,
             reset_state,
         } => {
-            init_logging();
+            // The log level is in the config; a config that does not load is reported by
+            // `run` below, with the default level.
+            let level = weft_config::Config::load(&config)
+                .map_or_else(|_| "info".to_owned(), |c| c.log_level);
+            init_logging(&level);
             runtime().and_then(|rt| rt.block_on(daemon::run(&config, reset_state)))
         }
         Cmd::Status { socket, json } => runtime().and_then(|rt| {

@@ -49,6 +49,19 @@ pub struct TransportDrops {
     pub write_queue_full: u64,
 }
 
+/// Gossip frames and their bytes (before encryption), both ways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Frames handed to connections.
+    pub frames_sent: u64,
+    /// Their bytes.
+    pub bytes_sent: u64,
+    /// Frames received and decrypted.
+    pub frames_received: u64,
+    /// Their bytes.
+    pub bytes_received: u64,
+}
+
 /// The membership at one instant.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -64,6 +77,8 @@ pub struct Snapshot {
     pub transport: TransportDrops,
     /// Open gossip connections.
     pub connections: usize,
+    /// Gossip sent and received.
+    pub traffic: Traffic,
 }
 
 enum Incoming {
@@ -117,6 +132,7 @@ impl MeshDriver {
         let mut tasks = JoinSet::new();
         let mut next_conn = 1u64;
         let mut transport = TransportDrops::default();
+        let mut traffic = Traffic::default();
         info!(listen = %listener.local_addr()?, node = %mesh.id(), "mesh running");
         loop {
             let deadline = mesh.poll_timeout().map(tokio::time::Instant::from_std);
@@ -138,6 +154,7 @@ impl MeshDriver {
                             drops: mesh.drops(),
                             transport,
                             connections: mesh.connections(),
+                            traffic,
                         });
                     }
                 },
@@ -154,7 +171,11 @@ impl MeshDriver {
                         writers.insert(id, w);
                         mesh.handle_connected(clock(), id);
                     }
-                    Incoming::Frame(id, f) => mesh.handle_frame(clock(), id, &f),
+                    Incoming::Frame(id, f) => {
+                        traffic.frames_received += 1;
+                        traffic.bytes_received += f.len() as u64;
+                        mesh.handle_frame(clock(), id, &f);
+                    }
                     Incoming::Dropped => transport.undecryptable += 1,
                     Incoming::Closed(id) => {
                         writers.remove(&id);
@@ -169,10 +190,14 @@ impl MeshDriver {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
             while let Some(t) = mesh.poll_transmit() {
-                if let Some(w) = writers.get(&t.conn)
-                    && w.try_send(t.frame).is_err()
-                {
-                    transport.write_queue_full += 1;
+                if let Some(w) = writers.get(&t.conn) {
+                    let len = t.frame.len() as u64;
+                    if w.try_send(t.frame).is_ok() {
+                        traffic.frames_sent += 1;
+                        traffic.bytes_sent += len;
+                    } else {
+                        transport.write_queue_full += 1;
+                    }
                 }
             }
             while let Some(addr) = mesh.poll_dial() {

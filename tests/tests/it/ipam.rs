@@ -324,7 +324,7 @@ fn a_corrupt_state_file_stops_the_start_naming_the_file_until_reset_state() -> a
         "the namespace changed"
     );
 
-    m.lab.start_with(&m.bin, &d, &["--reset-state"])?;
+    m.lab.start_with(&m.bin, &d, &["--reset-state"], &[])?;
     let fresh = settled_blocks(&m, &["c1"])?;
     let text = std::fs::read_to_string(&state)?;
     let snap = weft_ipam::Snapshot::from_json(&text)?;

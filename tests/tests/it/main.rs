@@ -9,4 +9,5 @@ mod ipam;
 mod ipam_sim;
 mod mesh;
 mod mesh_sim;
+mod service;
 mod two_nodes;

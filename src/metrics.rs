@@ -1,0 +1,609 @@
+//! Metrics in the Prometheus text format (OpenMetrics flavour, via `prometheus-client`) and the
+//! health check, served over HTTP on `metrics_address`.
+//!
+//! [`render`] is pure: it turns one router snapshot, one mesh snapshot and the IPAM counters
+//! into the exposition, with a fresh registry per scrape, so the numbers are exactly the
+//! snapshot's. [`serve`] answers `GET /metrics` and `GET /healthz` (503 until the daemon is
+//! ready, 200 after) until shutdown.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
+use weft_router::driver::{Command, Snapshot};
+
+/// What IPAM reports beyond the mesh record.
+#[derive(Debug, Default)]
+pub struct IpamCounters {
+    /// Blocks given up to an older claim.
+    pub reclaims: AtomicU64,
+}
+
+/// Everything a scrape reads.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The router driver.
+    pub router: mpsc::Sender<Command>,
+    /// The mesh driver (closed when the mesh is off).
+    pub mesh: mpsc::Sender<MeshCommand>,
+    /// IPAM's counters.
+    pub ipam: Arc<IpamCounters>,
+    /// Set once the daemon is ready.
+    pub ready: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerReason {
+    peer: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerState {
+    peer: String,
+    path: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerOnly {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Stage {
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Block {
+    block: String,
+}
+
+fn counter<L>(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<L, Counter>::default();
+    register(reg, name, help, unit, f.clone());
+    f
+}
+
+fn gauge<L>(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+) -> Family<L, Gauge<f64, AtomicU64>>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<L, Gauge<f64, AtomicU64>>::default();
+    register(reg, name, help, unit, f.clone());
+    f
+}
+
+fn register(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    m: impl prometheus_client::registry::Metric,
+) {
+    match unit {
+        Some(u) => reg.register_with_unit(name, help, u, m),
+        None => reg.register(name, help, m),
+    }
+}
+
+/// A counter without labels, at `value`.
+fn plain_counter(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    register(reg, name, help, unit, c);
+}
+
+/// A gauge without labels, at `value`.
+fn plain_gauge(reg: &mut Registry, name: &str, help: &str, value: f64) {
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(value);
+    register(reg, name, help, None, g);
+}
+
+/// The exposition for one router snapshot, the mesh's (when on) and IPAM's counters.
+pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounters) -> String {
+    let mut reg = Registry::default();
+    let rx_bytes = counter::<PeerLabels>(
+        &mut reg,
+        "weft_peer_receive",
+        "Bytes received from the peer (datagrams, before decryption)",
+        Some(Unit::Bytes),
+    );
+    let tx_bytes = counter::<PeerLabels>(
+        &mut reg,
+        "weft_peer_transmit",
+        "Bytes sent to the peer (datagrams, after encryption)",
+        Some(Unit::Bytes),
+    );
+    let rx_packets = counter::<PeerLabels>(
+        &mut reg,
+        "weft_peer_receive_packets",
+        "Packets from the peer delivered to the TUN device",
+        None,
+    );
+    let tx_packets = counter::<PeerLabels>(
+        &mut reg,
+        "weft_peer_transmit_packets",
+        "Packets from the TUN device sent to the peer",
+        None,
+    );
+    let peer_drops = counter::<PeerReason>(
+        &mut reg,
+        "weft_peer_drops",
+        "Packets to or from the peer dropped, by reason",
+        None,
+    );
+    let handshake_age = gauge::<PeerOnly>(
+        &mut reg,
+        "weft_peer_handshake_age",
+        "Time since the last completed WireGuard handshake with the peer",
+        Some(Unit::Seconds),
+    );
+    let state = gauge::<PeerState>(
+        &mut reg,
+        "weft_peer_state",
+        "1 for the peer's current path (encrypted or plaintext) and state",
+        None,
+    );
+    for p in &router.peers {
+        let l = PeerLabels {
+            peer: p.config.name.clone(),
+            path: p.config.path.as_str().to_owned(),
+        };
+        rx_bytes.get_or_create(&l).inc_by(p.counters.rx_bytes);
+        tx_bytes.get_or_create(&l).inc_by(p.counters.tx_bytes);
+        rx_packets.get_or_create(&l).inc_by(p.counters.rx_packets);
+        tx_packets.get_or_create(&l).inc_by(p.counters.tx_packets);
+        for (reason, n) in p.counters.drops.nonzero() {
+            peer_drops
+                .get_or_create(&PeerReason {
+                    peer: l.peer.clone(),
+                    reason: reason.as_str().to_owned(),
+                })
+                .inc_by(n);
+        }
+        if let Some(age) = p.last_handshake {
+            handshake_age
+                .get_or_create(&PeerOnly {
+                    peer: l.peer.clone(),
+                })
+                .set(age.as_secs_f64());
+        }
+        state
+            .get_or_create(&PeerState {
+                peer: l.peer.clone(),
+                path: l.path.clone(),
+                state: p.state.as_str().to_owned(),
+            })
+            .set(1.0);
+    }
+    let drops = counter::<Reason>(
+        &mut reg,
+        "weft_drops",
+        "Packets dropped before a peer was known, by reason",
+        None,
+    );
+    for (reason, n) in router.drops.nonzero() {
+        drops
+            .get_or_create(&Reason {
+                reason: reason.as_str().to_owned(),
+            })
+            .inc_by(n);
+    }
+    if router.send_errors > 0 {
+        drops
+            .get_or_create(&Reason {
+                reason: "send_error".into(),
+            })
+            .inc_by(router.send_errors);
+    }
+
+    plain_counter(
+        &mut reg,
+        "weft_ipam_reclaims",
+        "Pod blocks given up to an older claim and claimed anew",
+        None,
+        ipam.reclaims.load(Ordering::Relaxed),
+    );
+    if let Some(m) = mesh {
+        let blocks = gauge::<Block>(
+            &mut reg,
+            "weft_ipam_block",
+            "1 for each pod block this node holds",
+            None,
+        );
+        for b in &m.record.pod_cidrs {
+            blocks
+                .get_or_create(&Block {
+                    block: b.to_string(),
+                })
+                .set(1.0);
+        }
+        let members = gauge::<State>(
+            &mut reg,
+            "weft_mesh_members",
+            "Other mesh members, by state",
+            None,
+        );
+        let (mut alive, mut down, mut left) = (0.0, 0.0, 0.0);
+        for x in &m.members {
+            match (x.record.left, x.alive) {
+                (true, _) => left += 1.0,
+                (false, true) => alive += 1.0,
+                (false, false) => down += 1.0,
+            }
+        }
+        for (s, n) in [("alive", alive), ("down", down), ("left", left)] {
+            members.get_or_create(&State { state: s.into() }).set(n);
+        }
+        plain_gauge(
+            &mut reg,
+            "weft_mesh_connections",
+            "Open gossip connections",
+            m.connections as f64,
+        );
+        plain_counter(
+            &mut reg,
+            "weft_mesh_gossip_sent",
+            "Gossip frame bytes sent (before encryption)",
+            Some(Unit::Bytes),
+            m.traffic.bytes_sent,
+        );
+        plain_counter(
+            &mut reg,
+            "weft_mesh_gossip_received",
+            "Gossip frame bytes received (after decryption)",
+            Some(Unit::Bytes),
+            m.traffic.bytes_received,
+        );
+        let auth = counter::<Stage>(
+            &mut reg,
+            "weft_mesh_authentication_failures",
+            "Gossip refused for failed authentication: the connection handshake (no or wrong cluster secret), a message that did not decrypt, a record whose signature did not verify",
+            None,
+        );
+        for (stage, n) in [
+            ("handshake", m.transport.handshake_failed),
+            ("message", m.transport.undecryptable),
+            ("record", m.drops.unauthenticated),
+        ] {
+            auth.get_or_create(&Stage {
+                stage: stage.into(),
+            })
+            .inc_by(n);
+        }
+        let rejected = counter::<Reason>(
+            &mut reg,
+            "weft_mesh_records_rejected",
+            "Gossip frames or records refused, by reason",
+            None,
+        );
+        for (reason, n) in [
+            ("malformed", m.drops.malformed),
+            ("unauthenticated", m.drops.unauthenticated),
+            ("stale", m.drops.stale),
+            ("unexpected", m.drops.unexpected),
+        ] {
+            rejected
+                .get_or_create(&Reason {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+        warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+async fn handle(req: Request<Incoming>, src: Sources) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |code: StatusCode, ctype: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = code;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(ctype),
+        );
+        Ok(r)
+    };
+    if req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "only GET\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => {
+            if src.ready.load(Ordering::Acquire) {
+                reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "starting\n".into(),
+                )
+            }
+        }
+        "/metrics" => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let snap = match src.router.send(Command::Status(tx)).await {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            let Some(snap) = snap else {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "the data plane is stopping\n".into(),
+                );
+            };
+            let mesh = crate::control::mesh_snapshot(&src.mesh).await;
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                render(&snap, mesh.as_ref(), &src.ipam),
+            )
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /metrics or /healthz\n".into(),
+        ),
+    }
+}
+
+/// Answers HTTP/1 requests on one connection.
+pub async fn serve_connection<I>(io: I, src: Sources)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    let svc = hyper::service::service_fn(move |req| handle(req, src.clone()));
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, svc)
+        .await
+    {
+        debug!(error = %e, "metrics connection ended");
+    }
+}
+
+/// One sample of an exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The metric name as exposed (with `_total` and unit suffixes).
+    pub name: String,
+    /// Its labels, in order.
+    pub labels: Vec<(String, String)>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// Reads an exposition strictly: every line a `# HELP`, `# TYPE` or `# UNIT` line, a sample
+/// of a declared family with a numeric value, and `# EOF` last. For tests and tooling.
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
+    let mut families: Vec<String> = Vec::new();
+    let mut samples = Vec::new();
+    let mut eof = false;
+    for (i, line) in text.lines().enumerate() {
+        let at = |m: &str| format!("line {}: {m}: {line:?}", i + 1);
+        if eof {
+            return Err(at("content after # EOF"));
+        }
+        if line == "# EOF" {
+            eof = true;
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut w = rest.splitn(3, ' ');
+            let (kind, name) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+            match kind {
+                "TYPE" => {
+                    let t = w.next().unwrap_or("");
+                    if ![
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "summary",
+                        "info",
+                        "stateset",
+                        "unknown",
+                    ]
+                    .contains(&t)
+                    {
+                        return Err(at("unknown type"));
+                    }
+                    families.push(name.to_owned());
+                }
+                "HELP" | "UNIT" => {}
+                _ => return Err(at("unknown comment")),
+            }
+            if !name.starts_with("weft_") {
+                return Err(at("a family outside weft_"));
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
+        let value: f64 = value.parse().map_err(|_| at("value not a number"))?;
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .ok_or_else(|| at("unclosed labels"))?;
+                let mut labels = Vec::new();
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").ok_or_else(|| at("bad label"))?;
+                    labels.push((k.to_owned(), v.trim_end_matches('"').to_owned()));
+                }
+                (n, labels)
+            }
+            None => (series, Vec::new()),
+        };
+        let declared = families.iter().any(|f| {
+            name == f
+                || ["_total", "_created", "_info"]
+                    .iter()
+                    .any(|s| name == format!("{f}{s}"))
+        });
+        if !declared {
+            return Err(at("sample of an undeclared family"));
+        }
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    if !eof {
+        return Err("no # EOF at the end".into());
+    }
+    Ok(samples)
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, src.clone()));
+                }
+                Err(e) => warn!(error = %e, "metrics accept failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A router that answers one status request per call with an empty snapshot.
+    fn sources(ready: bool) -> (Sources, mpsc::Receiver<Command>) {
+        let (router, rx) = mpsc::channel(4);
+        let (mesh, _) = mpsc::channel(1);
+        let src = Sources {
+            router,
+            mesh,
+            ipam: Arc::new(IpamCounters::default()),
+            ready: Arc::new(AtomicBool::new(ready)),
+        };
+        (src, rx)
+    }
+
+    async fn get(src: Sources, path: &str) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(serve_connection(server, src));
+        client
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        task.await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn healthz_is_503_until_ready_then_200() {
+        let (src, _rx) = sources(false);
+        assert!(
+            get(src.clone(), "/healthz")
+                .await
+                .starts_with("HTTP/1.1 503")
+        );
+        src.ready.store(true, Ordering::Release);
+        assert!(
+            get(src.clone(), "/healthz")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        assert!(get(src, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn metrics_render_a_valid_exposition_of_the_snapshot() {
+        let (src, mut rx) = sources(true);
+        src.ipam.reclaims.store(2, Ordering::Relaxed);
+        tokio::spawn(async move {
+            while let Some(Command::Status(reply)) = rx.recv().await {
+                let mut drops = weft_router::Drops::default();
+                drops.count(weft_router::DropReason::NoRoute);
+                let _ = reply.send(Snapshot {
+                    public_key: [0; 32],
+                    peers: Vec::new(),
+                    drops,
+                    send_errors: 0,
+                });
+            }
+        });
+        let resp = get(src, "/metrics").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+        let samples = parse_exposition(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        let find = |n: &str| samples.iter().find(|s| s.name == n).map(|s| s.value);
+        assert_eq!(find("weft_ipam_reclaims_total"), Some(2.0), "{body}");
+        assert_eq!(find("weft_drops_total"), Some(1.0), "{body}");
+    }
+
+    #[test]
+    fn the_reader_refuses_what_is_not_an_exposition() {
+        for bad in [
+            "weft_x 1\n# EOF\n",
+            "# TYPE weft_x counter\nweft_x_total one\n# EOF\n",
+            "# TYPE weft_x counter\nweft_x_total 1\n",
+            "# TYPE weft_x bogus\n# EOF\n",
+        ] {
+            assert!(parse_exposition(bad).is_err(), "{bad:?}");
+        }
+    }
+}

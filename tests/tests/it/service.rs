@@ -1,0 +1,207 @@
+//! weft as a service: the systemd notify protocol over a stand-in `NOTIFY_SOCKET`, and the
+//! metrics endpoint scraped during traffic. Run as root.
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use weft::lab::{Lab, wait_for};
+use weft::metrics::{Sample, parse_exposition};
+use weft_tests::{Pair, node_config, tcp_transfer, weft_bin};
+
+/// Every message on `sock` until `until` says stop or `limit` passes.
+fn collect(
+    sock: &UnixDatagram,
+    limit: Duration,
+    mut until: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    #[expect(clippy::disallowed_methods, reason = "the test bounds its own wait")]
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let stop = until(&msg);
+            got.push(msg);
+            if stop {
+                break;
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn ready_comes_after_the_interface_is_up_the_watchdog_is_petted_and_stopping_is_sent()
+-> anyhow::Result<()> {
+    let bin = weft_bin()?;
+    let mut lab = Lab::new("sn")?;
+    let ns = lab.add_ns("a")?;
+    let other = lab.add_ns("b")?;
+    lab.link(
+        (&ns, "eth0", "198.18.1.1/24"),
+        (&other, "eth0", "198.18.1.2/24"),
+    )?;
+    let d = lab.daemon(
+        "a",
+        &ns,
+        &node_config("a", "198.18.1.1", "100.64.1.0/24", &[]),
+    )?;
+    let path = lab.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let watchdog = Duration::from_millis(400);
+    lab.start_with(
+        &bin,
+        &d,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().context("path")?),
+            ("WATCHDOG_USEC", &watchdog.as_micros().to_string()),
+        ],
+    )?;
+    // READY=1, and at that moment the interface is up with its address.
+    let mut link_at_ready = String::new();
+    let msgs = collect(&sock, Duration::from_secs(10), |m| {
+        if m.lines().any(|l| l == "READY=1") {
+            link_at_ready = lab
+                .ip(&ns, &["-o", "addr", "show", "dev", "weft0"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            true
+        } else {
+            false
+        }
+    });
+    ensure!(
+        msgs.iter().any(|m| m.contains("READY=1")),
+        "no READY=1 in {msgs:?}"
+    );
+    ensure!(
+        link_at_ready.contains("100.64.1.1/32"),
+        "weft0 was not up with its address at READY: {link_at_ready:?}"
+    );
+    // The watchdog at half the interval: about 2.5 s / 200 ms = 12 pets; and a STATUS line.
+    let window = Duration::from_millis(2500);
+    let msgs = collect(&sock, window, |_| false);
+    let pets = msgs.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    ensure!(
+        (8..=16).contains(&pets),
+        "{pets} watchdog pets in {window:?} with WATCHDOG_USEC={watchdog:?}: {msgs:?}"
+    );
+    let status = wait_for("a STATUS= line", Duration::from_secs(5), || {
+        collect(&sock, Duration::from_millis(1100), |m| {
+            m.contains("STATUS=")
+        })
+        .into_iter()
+        .chain(msgs.clone())
+        .find(|m| m.contains("STATUS="))
+    })?;
+    ensure!(status.contains("0 peers routed"), "{status}");
+    // SIGTERM: STOPPING=1, then a clean exit.
+    let pid = lab.pid("a").context("daemon pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let msgs = collect(&sock, Duration::from_secs(10), |m| m.contains("STOPPING=1"));
+    ensure!(
+        msgs.iter().any(|m| m.contains("STOPPING=1")),
+        "no STOPPING=1 after SIGTERM: {msgs:?}"
+    );
+    ensure!(
+        lab.stop("a", Duration::from_secs(10))?,
+        "weft did not exit cleanly"
+    );
+    Ok(())
+}
+
+/// `GET path` on `addr` from inside namespace `ns`; the body.
+fn http_get(lab: &Lab, ns: &str, addr: &'static str, path: &'static str) -> anyhow::Result<String> {
+    lab.in_ns(ns, move || {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the scraper panicked"))?
+}
+
+fn value(samples: &[Sample], name: &str, peer: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels.iter().any(|(k, v)| k == "peer" && v == peer))
+        .map(|s| s.value)
+}
+
+#[test]
+fn metrics_scraped_during_traffic_parse_and_their_counters_match_the_bytes_sent()
+-> anyhow::Result<()> {
+    let p = Pair::start("sm")?;
+    let health = http_get(&p.lab, &p.a.ns, "127.0.0.1:6782", "/healthz")?;
+    ensure!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let payload = 20usize << 20;
+    tcp_transfer(
+        &p.lab,
+        (&p.a.ns, &p.b.ns),
+        "100.64.2.1:5001".parse()?,
+        payload,
+        7,
+    )?;
+    // The link is quiet now but for keepalives: take status, scrape, status again, and retry
+    // until nothing moved in between, so the scrape must equal the status exactly.
+    let (samples, tx, rx) = wait_for("a quiet scrape", Duration::from_secs(30), || {
+        let before = p.lab.status(&p.bin, &p.a).ok()?;
+        let resp = http_get(&p.lab, &p.a.ns, "127.0.0.1:6782", "/metrics").ok()?;
+        let after = p.lab.status(&p.bin, &p.a).ok()?;
+        let peer = |st: &serde_json::Value, k: &str| st["peers"][0][k].as_u64();
+        if peer(&before, "tx_bytes") != peer(&after, "tx_bytes")
+            || peer(&before, "rx_bytes") != peer(&after, "rx_bytes")
+        {
+            return None;
+        }
+        let body = resp.split("\r\n\r\n").nth(1)?.to_owned();
+        let samples = match parse_exposition(&body) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(anyhow::anyhow!("{e}\n{body}"))),
+        };
+        Some(Ok((
+            samples,
+            peer(&after, "tx_bytes")?,
+            peer(&after, "rx_bytes")?,
+        )))
+    })??;
+    let m_tx = value(&samples, "weft_peer_transmit_bytes_total", "b").context("tx bytes")?;
+    let m_rx = value(&samples, "weft_peer_receive_bytes_total", "b").context("rx bytes")?;
+    ensure!(
+        m_tx as u64 == tx && m_rx as u64 == rx,
+        "metrics {m_tx}/{m_rx} vs status {tx}/{rx}"
+    );
+    // Every payload byte went out, inside WireGuard's and TCP/IP's overhead.
+    ensure!(
+        m_tx >= payload as f64 && m_tx <= payload as f64 * 1.15,
+        "{m_tx} bytes counted for {payload} bytes of payload"
+    );
+    let pkts = value(&samples, "weft_peer_transmit_packets_total", "b").context("tx packets")?;
+    ensure!(
+        pkts >= (payload / 1440) as f64,
+        "{pkts} packets for {payload} bytes"
+    );
+    ensure!(value(&samples, "weft_peer_handshake_age_seconds", "b").is_some());
+    let up = samples.iter().any(|s| {
+        s.name == "weft_peer_state"
+            && s.value == 1.0
+            && s.labels.contains(&("state".into(), "up".into()))
+            && s.labels.contains(&("path".into(), "encrypted".into()))
+    });
+    ensure!(up, "no weft_peer_state up/encrypted for b");
+    Ok(())
+}
