@@ -4,6 +4,7 @@
 mod bad_config;
 mod cli;
 mod demo;
+mod deploy;
 mod interop;
 mod ipam;
 mod ipam_sim;

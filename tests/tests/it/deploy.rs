@@ -1,0 +1,122 @@
+//! The systemd unit and the install scripts of `deploy/`: the unit passes
+//! `systemd-analyze verify`, and install/uninstall put and take their files under `DESTDIR`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, ensure};
+use weft_tests::weft_bin;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn scratch(tag: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weft-deploy-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify_and_says_what_the_issue_asks()
+-> anyhow::Result<()> {
+    let unit = std::fs::read_to_string(deploy_dir().join("systemd/weft.service"))?;
+    for want in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/weft run --config /etc/weft/weft.yaml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "StateDirectory=weft",
+        "RuntimeDirectory=weft",
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "DeviceAllow=/dev/net/tun rw",
+        "WatchdogSec=",
+    ] {
+        ensure!(
+            unit.lines().any(|l| l.starts_with(want)),
+            "the unit lacks {want}"
+        );
+    }
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    ensure!(
+        analyze.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is missing: apt-get install systemd (scripts/test.sh installs it)"
+    );
+    // The same unit with ExecStart on this build's binary (verify checks the path exists).
+    let dir = scratch("verify")?;
+    let copy = dir.join("weft.service");
+    let bin = weft_bin()?;
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/weft", &bin.display().to_string()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    ensure!(
+        !stderr.contains("weft.service"),
+        "systemd-analyze verify complained:\n{stderr}"
+    );
+    Ok(())
+}
+
+fn script(name: &str, root: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let bin_dir = weft_bin()?.parent().context("target dir")?.to_path_buf();
+    let out = Command::new(deploy_dir().join(name))
+        .args(args)
+        .env("DESTDIR", root)
+        .env("BIN_DIR", &bin_dir)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "{name} failed:\n{text}");
+    Ok(text)
+}
+
+#[test]
+fn install_puts_binaries_unit_and_a_valid_config_in_place_and_uninstall_takes_them_away()
+-> anyhow::Result<()> {
+    let root = scratch("install")?;
+    let text = script("install.sh", &root, &[])?;
+    ensure!(text.contains("Next:"), "no next step printed:\n{text}");
+    for f in [
+        "usr/local/bin/weft",
+        "usr/local/bin/weft-cni",
+        "etc/systemd/system/weft.service",
+        "etc/weft/weft.yaml",
+    ] {
+        ensure!(root.join(f).exists(), "{f} not installed");
+    }
+    // The commented default config is a valid config.
+    weft_config::Config::load(&root.join("etc/weft/weft.yaml"))
+        .map_err(|e| anyhow::anyhow!("the installed config does not load: {e}"))?;
+    // A second install keeps an edited config.
+    std::fs::write(root.join("etc/weft/weft.yaml"), "node:\n  name: edited\n")?;
+    let text = script("install.sh", &root, &[])?;
+    ensure!(text.contains("kept the existing"), "{text}");
+    ensure!(std::fs::read_to_string(root.join("etc/weft/weft.yaml"))?.contains("edited"));
+
+    script("uninstall.sh", &root, &[])?;
+    for f in ["usr/local/bin/weft", "etc/systemd/system/weft.service"] {
+        ensure!(!root.join(f).exists(), "{f} left behind");
+    }
+    ensure!(
+        root.join("etc/weft/weft.yaml").exists(),
+        "the config went without --purge"
+    );
+    script("uninstall.sh", &root, &["--purge"])?;
+    ensure!(!root.join("etc/weft").exists(), "--purge left the config");
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
