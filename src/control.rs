@@ -242,6 +242,31 @@ pub async fn reconcile_loop(
     }
 }
 
+/// Masquerade settings: what keeps its source, and the overlay interface.
+#[derive(Debug, Clone)]
+pub struct Masquerade {
+    /// Destinations that keep the pod source (`pod_network_cidr` and `no_masquerade`).
+    pub keep: Vec<ipnet::IpNet>,
+    /// The TUN device (traffic into the overlay is never masqueraded).
+    pub interface: String,
+}
+
+impl Masquerade {
+    /// Masquerades traffic from `blocks`; a failure is logged, and the overlay runs on.
+    pub fn apply(&self, blocks: &[ipnet::IpNet]) {
+        match crate::masquerade::apply(blocks, &self.keep, &self.interface) {
+            Ok(()) => info!(
+                table = crate::masquerade::TABLE, blocks = ?blocks, keep = ?self.keep,
+                "masquerading pod traffic that leaves the pod network"
+            ),
+            Err(e) => error!(
+                error = %e,
+                "network.nat_outgoing: pods' traffic leaving the pod network is not masqueraded"
+            ),
+        }
+    }
+}
+
 /// This node's side of IPAM: the rounds of [`Blocks`], the state file and the TUN addresses
 /// that follow the blocks.
 #[derive(Debug)]
@@ -252,6 +277,8 @@ pub struct Ipam {
     pub state_file: std::path::PathBuf,
     /// Re-claims, for the metrics.
     pub counters: Arc<crate::metrics::IpamCounters>,
+    /// Masquerade, whose rules follow the blocks (`None` without `nat_outgoing`).
+    pub masquerade: Option<Masquerade>,
     /// The first claim waits this long for the mesh to tell what is taken.
     pub settle: Duration,
     /// When the daemon started.
@@ -357,6 +384,9 @@ impl Ipam {
             .collect();
         if let Err(e) = self.netlink.swap_addresses(self.index, &old, &new).await {
             error!(error = %e, "could not move the overlay address to the new block");
+        }
+        if let Some(m) = &self.masquerade {
+            m.apply(&next.iter().map(|b| b.block).collect::<Vec<_>>());
         }
         self.blocks.held = next.clone();
         Some(next)

@@ -235,7 +235,20 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
         remove_link(&nl, &iface).await;
         return Err(e.into());
     }
+    let masquerade = config.network.nat_outgoing.then(|| control::Masquerade {
+        keep: config
+            .network
+            .pod_network_cidr
+            .iter()
+            .chain(&config.network.no_masquerade)
+            .copied()
+            .collect(),
+        interface: iface.clone(),
+    });
     let driver = Driver::new(router, tun, udp)?;
+    if let Some(m) = &masquerade {
+        m.apply(&plan.pod_cidrs);
+    }
     info!(
         node = %config.node.name, interface = %iface, mtu, port = config.router.port,
         addresses = ?plan.addresses, routes = ?plan.routes, peers = plan.peers.len(), %public_key,
@@ -294,6 +307,7 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
             },
             state_file: state_file.clone(),
             counters: ipam_counters.clone(),
+            masquerade: masquerade.clone(),
             settle: 3 * config.mesh.gossip_interval,
             started: now,
             netlink: nl.clone(),
@@ -381,6 +395,15 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
     }
     // The TUN device went with the driver; make sure, and take the routes with it.
     remove_link(&nl, &iface).await;
+    if masquerade.is_some() {
+        match crate::masquerade::remove() {
+            Ok(()) => info!(
+                table = crate::masquerade::TABLE,
+                "removed the nftables table"
+            ),
+            Err(e) => error!(error = %e, "could not remove the nftables table"),
+        }
+    }
     drop(api_socket);
     info!("weft stopped");
     outcome

@@ -134,18 +134,8 @@ fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
         std::fs::write(&d.secret_file, &secret)?;
         daemons.push(d);
         // A pod: its own namespace, a veth to the node, the node routes its /32 to it.
-        let pod = lab.add_ns(&format!("pod-{}", n.name))?;
         let pod_ip = n.pod_ip();
-        lab.link((&ns, "pod0", ""), (&pod, "eth0", &format!("{pod_ip}/32")))?;
-        lab.ip(&pod, &["route", "add", "default", "dev", "eth0"])?;
-        lab.ip(
-            &ns,
-            &["route", "add", &format!("{pod_ip}/32"), "dev", "pod0"],
-        )?;
-        run(lab.cmd(&ns, "sh").args([
-            "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv4/conf/pod0/proxy_arp && echo 0 > /proc/sys/net/ipv4/neigh/pod0/proxy_delay",
-        ]))?;
+        lab.add_pod(&ns, &format!("pod-{}", n.name), &pod_ip)?;
         println!(
             "  node {} ({}): private {} public {}, pod {pod_ip}",
             n.name, n.region, n.private, n.public

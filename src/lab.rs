@@ -144,6 +144,21 @@ impl Lab {
         Ok(())
     }
 
+    /// A pod behind node namespace `node`: namespace `short` with `ip`/32 on `eth0` and a
+    /// default route out of it, a veth `pod0` on the node with a route to `ip`, proxy ARP, and
+    /// forwarding on in the node. Returns the pod's namespace.
+    pub fn add_pod(&mut self, node: &str, short: &str, ip: &str) -> anyhow::Result<String> {
+        let pod = self.add_ns(short)?;
+        self.link((node, "pod0", ""), (&pod, "eth0", &format!("{ip}/32")))?;
+        self.ip(&pod, &["route", "add", "default", "dev", "eth0"])?;
+        self.ip(node, &["route", "add", &format!("{ip}/32"), "dev", "pod0"])?;
+        run(self.cmd(node, "sh").args([
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv4/conf/pod0/proxy_arp && echo 0 > /proc/sys/net/ipv4/neigh/pod0/proxy_delay",
+        ]))?;
+        Ok(pod)
+    }
+
     /// A bridge called `name` inside namespace `ns` (a lab "switch").
     pub fn bridge(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
         self.ip(ns, &["link", "add", name, "type", "bridge"])?;

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod demo;
 pub mod keys;
 pub mod lab;
+pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
 pub mod notify;

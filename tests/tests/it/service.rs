@@ -205,3 +205,117 @@ fn metrics_scraped_during_traffic_parse_and_their_counters_match_the_bytes_sent(
     ensure!(up, "no weft_peer_state up/encrypted for b");
     Ok(())
 }
+
+/// The source address the outside host sees for one UDP datagram from the pod to `dst`.
+fn seen_source(lab: &Lab, pod: &str, outside: &str, dst: &'static str) -> anyhow::Result<String> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let listener = lab.in_ns(outside, move || {
+        let sock = std::net::UdpSocket::bind(dst)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 64];
+        let (_, from) = sock
+            .recv_from(&mut buf)
+            .context("no datagram reached the outside host")?;
+        Ok(from.ip().to_string())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    lab.in_ns(pod, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.send_to(b"who am i", dst)?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    listener
+        .join()
+        .map_err(|_| anyhow::anyhow!("the listener panicked"))?
+}
+
+fn nft_tables(lab: &Lab, ns: &str) -> anyhow::Result<String> {
+    let out = weft::lab::run(lab.cmd(ns, "nft").args(["list", "tables"]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn pods_leaving_the_pod_network_are_masqueraded_unless_told_not_to_and_shutdown_removes_the_rules()
+-> anyhow::Result<()> {
+    let bin = weft_bin()?;
+    let mut lab = Lab::new("sq")?;
+    let node = lab.add_ns("n")?;
+    let outside = lab.add_ns("o")?;
+    lab.link(
+        (&node, "eth0", "198.18.1.1/24"),
+        (&outside, "eth0", "198.18.1.9/24"),
+    )?;
+    lab.ip(&outside, &["addr", "add", "198.18.1.10/24", "dev", "eth0"])?;
+    let pod = lab.add_pod(&node, "p", "100.64.1.2")?;
+    // Someone else's table, which weft must leave exactly as it is.
+    let listed = |lab: &Lab| -> anyhow::Result<String> {
+        let out = weft::lab::run(
+            lab.cmd(&node, "nft")
+                .args(["list", "chain", "inet", "theirs", "c"]),
+        )?;
+        // The counter moves with traffic; compare the rules without it.
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(" counter").next().unwrap_or(l).to_owned())
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    weft::lab::run(lab.cmd(&node, "nft").args([
+        "add table inet theirs ; add chain inet theirs c { type filter hook forward priority 0 ; policy accept ; } ; add rule inet theirs c ip saddr 100.64.1.2 counter",
+    ]))?;
+    let theirs_before = listed(&lab)?;
+
+    let body = |nat: bool| {
+        format!(
+            "{}network:\n  nat_outgoing: {nat}\n  no_masquerade: [198.18.1.10/32]\n",
+            node_config("n", "198.18.1.1", "100.64.1.0/24", &[])
+        )
+    };
+    let d = lab.daemon("n", &node, &body(true))?;
+    lab.start(&bin, &d)?;
+    ensure!(
+        nft_tables(&lab, &node)?.contains("table inet weft"),
+        "no weft table"
+    );
+    let src = seen_source(&lab, &pod, &outside, "198.18.1.9:7000")?;
+    ensure!(
+        src == "198.18.1.1",
+        "the outside host saw {src}, not the node's address"
+    );
+    let src = seen_source(&lab, &pod, &outside, "198.18.1.10:7000")?;
+    ensure!(
+        src == "100.64.1.2",
+        "no_masquerade: the outside host saw {src}"
+    );
+    ensure!(
+        lab.stop("n", Duration::from_secs(10))?,
+        "weft did not exit cleanly"
+    );
+    let tables = nft_tables(&lab, &node)?;
+    ensure!(
+        !tables.contains("weft"),
+        "weft's table outlived the daemon: {tables}"
+    );
+    ensure!(listed(&lab)? == theirs_before, "another table changed");
+
+    let d = lab.daemon("n", &node, &body(false))?;
+    lab.start(&bin, &d)?;
+    ensure!(
+        !nft_tables(&lab, &node)?.contains("weft"),
+        "a weft table without nat_outgoing"
+    );
+    let src = seen_source(&lab, &pod, &outside, "198.18.1.9:7000")?;
+    ensure!(
+        src == "100.64.1.2",
+        "nat_outgoing off: the outside host saw {src}"
+    );
+    ensure!(
+        lab.stop("n", Duration::from_secs(10))?,
+        "weft did not exit cleanly"
+    );
+    ensure!(listed(&lab)? == theirs_before, "another table changed");
+    Ok(())
+}
