@@ -119,7 +119,7 @@ pub async fn mesh_snapshot(tx: &mpsc::Sender<MeshCommand>) -> Option<MeshSnapsho
 /// Keeps the router's peers in line with the mesh, and this node's blocks with the others'
 /// claims, until `shutdown`.
 pub async fn reconcile_loop(
-    statics: Vec<PeerConfig>,
+    mut statics: watch::Receiver<Vec<PeerConfig>>,
     router: mpsc::Sender<RouterCommand>,
     mesh: mpsc::Sender<MeshCommand>,
     mut events: mpsc::UnboundedReceiver<Event>,
@@ -140,6 +140,7 @@ pub async fn reconcile_loop(
                 debug!(event = ?e, "membership changed");
                 while events.try_recv().is_ok() {}
             }
+            Ok(()) = statics.changed() => debug!("wireguard_peers changed"),
             () = tokio::time::sleep(RESYNC) => {}
         }
         let Some(mut snap) = mesh_snapshot(&mesh).await else {
@@ -180,51 +181,21 @@ pub async fn reconcile_loop(
             }
         }
         choices.retain(|k| cands.contains_key(k));
-        let (desired, skipped) =
-            reconcile::desired(&snap.record, snap.me.0, &snap.members, &statics, &choices);
+        let configured = statics.borrow_and_update().clone();
+        let (desired, skipped) = reconcile::desired(
+            &snap.record,
+            snap.me.0,
+            &snap.members,
+            &configured,
+            &choices,
+        );
         for s in skipped {
             if warned.insert(s.clone()) {
                 warn!(reason = %s, "mesh member not routed");
             }
         }
-        let ids: BTreeMap<[u8; 32], weft_router::PeerId> = actual
-            .peers
-            .iter()
-            .map(|p| (p.config.public_key, p.id))
-            .collect();
-        let current: BTreeMap<[u8; 32], PeerConfig> = actual
-            .peers
-            .iter()
-            .map(|p| (p.config.public_key, p.config.clone()))
-            .collect();
-        for change in reconcile::diff(&current, &desired) {
-            let (remove, add) = match change {
-                Change::Add(c) => (None, Some(c)),
-                Change::Remove(k) => (Some(k), None),
-                Change::Replace(c) => (Some(c.public_key), Some(c)),
-            };
-            if let Some(k) = remove
-                && let Some(id) = ids.get(&k)
-            {
-                let name = current.get(&k).map(|c| c.name.clone()).unwrap_or_default();
-                info!(peer = %name, "peer withdrawn");
-                let _ = router.send(RouterCommand::RemovePeer(*id)).await;
-            }
-            if let Some(c) = add {
-                let (name, endpoint, path) = (c.name.clone(), c.endpoint, c.path.as_str());
-                let mesh_peer = cands.contains_key(&c.public_key);
-                match ask(&router, |r| RouterCommand::AddPeer(c, r)).await {
-                    Some(Ok(id)) => {
-                        info!(peer = %name, endpoint = ?endpoint, path, "peer routed");
-                        // Confirm the endpoint now rather than at the first packet.
-                        if mesh_peer {
-                            let _ = router.send(RouterCommand::Connect(id)).await;
-                        }
-                    }
-                    Some(Err(e)) => warn!(peer = %name, error = %e, "peer not routed"),
-                    None => return,
-                }
-            }
+        if !apply(&router, &actual.peers, &desired, |k| cands.contains_key(k)).await {
+            return;
         }
         let mut map = HashMap::new();
         for d in &desired {
@@ -265,6 +236,53 @@ impl Masquerade {
             ),
         }
     }
+}
+
+/// Turns the router's peers (`actual`) into `desired`: removes, adds and replaces only what
+/// changed, and asks for a handshake at once with new mesh peers (`is_mesh`). False when the
+/// router is gone.
+pub async fn apply(
+    router: &mpsc::Sender<RouterCommand>,
+    actual: &[weft_router::PeerStatus],
+    desired: &[reconcile::DesiredPeer],
+    is_mesh: impl Fn(&[u8; 32]) -> bool,
+) -> bool {
+    let ids: BTreeMap<[u8; 32], weft_router::PeerId> =
+        actual.iter().map(|p| (p.config.public_key, p.id)).collect();
+    let current: BTreeMap<[u8; 32], PeerConfig> = actual
+        .iter()
+        .map(|p| (p.config.public_key, p.config.clone()))
+        .collect();
+    for change in reconcile::diff(&current, desired) {
+        let (remove, add) = match change {
+            Change::Add(c) => (None, Some(c)),
+            Change::Remove(k) => (Some(k), None),
+            Change::Replace(c) => (Some(c.public_key), Some(c)),
+        };
+        if let Some(k) = remove
+            && let Some(id) = ids.get(&k)
+        {
+            let name = current.get(&k).map(|c| c.name.clone()).unwrap_or_default();
+            info!(peer = %name, "peer withdrawn");
+            let _ = router.send(RouterCommand::RemovePeer(*id)).await;
+        }
+        if let Some(c) = add {
+            let (name, endpoint, path) = (c.name.clone(), c.endpoint, c.path.as_str());
+            let mesh_peer = is_mesh(&c.public_key);
+            match ask(router, |r| RouterCommand::AddPeer(c, r)).await {
+                Some(Ok(id)) => {
+                    info!(peer = %name, endpoint = ?endpoint, path, "peer routed");
+                    // Confirm the endpoint now rather than at the first packet.
+                    if mesh_peer {
+                        let _ = router.send(RouterCommand::Connect(id)).await;
+                    }
+                }
+                Some(Err(e)) => warn!(peer = %name, error = %e, "peer not routed"),
+                None => return false,
+            }
+        }
+    }
+    true
 }
 
 /// This node's side of IPAM: the rounds of [`Blocks`], the state file and the TUN addresses

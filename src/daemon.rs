@@ -89,35 +89,45 @@ impl Plan {
                 IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
             })
             .collect();
-        let mut routes = config.network.pod_network_cidr.clone();
-        let mut peers = Vec::new();
-        for p in &config.wireguard_peers {
-            for net in &p.allowed_ips {
-                if !routes.iter().any(|r| r.contains(net)) {
-                    routes.push(*net);
-                }
-            }
-            peers.push(PeerConfig {
-                name: p.name.clone(),
-                public_key: p.public_key.0,
-                endpoint: p.endpoint,
-                allowed_ips: p.allowed_ips.clone(),
-                persistent_keepalive: p.persistent_keepalive,
-                path: PathKind::Encrypted,
-            });
-        }
         Ok(Self {
             pod_cidrs,
             addresses,
-            routes,
-            peers,
+            routes: routes(config),
+            peers: static_peers(config),
         })
     }
 }
 
+/// Routes into the TUN device: `pod_network_cidr`, and `wireguard_peers` prefixes outside it.
+pub fn routes(config: &Config) -> Vec<IpNet> {
+    let mut routes = config.network.pod_network_cidr.clone();
+    for net in config.wireguard_peers.iter().flat_map(|p| &p.allowed_ips) {
+        if !routes.iter().any(|r| r.contains(net)) {
+            routes.push(*net);
+        }
+    }
+    routes
+}
+
+/// The router's view of `wireguard_peers`.
+pub fn static_peers(config: &Config) -> Vec<PeerConfig> {
+    config
+        .wireguard_peers
+        .iter()
+        .map(|p| PeerConfig {
+            name: p.name.clone(),
+            public_key: p.public_key.0,
+            endpoint: p.endpoint,
+            allowed_ips: p.allowed_ips.clone(),
+            persistent_keepalive: p.persistent_keepalive,
+            path: PathKind::Encrypted,
+        })
+        .collect()
+}
+
 /// The overlay MTU: the configured one, else the underlay's (the link of the private address)
-/// minus WireGuard's overhead, else [`FALLBACK_MTU`].
-async fn choose_mtu(config: &Config, nl: &Netlink) -> anyhow::Result<u16> {
+/// minus WireGuard's overhead, else 1420.
+pub async fn choose_mtu(config: &Config, nl: &Netlink) -> anyhow::Result<u16> {
     if let Some(mtu) = config.network.mtu {
         return Ok(mtu);
     }
@@ -137,7 +147,11 @@ async fn choose_mtu(config: &Config, nl: &Netlink) -> anyhow::Result<u16> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
+pub async fn run(
+    config_path: &Path,
+    reset_state: bool,
+    set_log: Option<crate::reload::SetLog>,
+) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let secret = control::load_secret(&config, config_path)?;
     let state_file = config.state_dir.join("ipam.json");
@@ -262,6 +276,7 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
     let (mesh_tx, mesh_rx) = mpsc::channel(64);
     let mut helpers = Vec::new();
     let ipam_counters = Arc::new(crate::metrics::IpamCounters::default());
+    let mut statics_tx = None;
     let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     info!(address = %metrics_listener.local_addr()?, "metrics at /metrics, health at /healthz");
     helpers.push(tokio::spawn(crate::metrics::serve(
@@ -314,8 +329,10 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
             index,
             reported: std::collections::BTreeSet::new(),
         };
+        let (tx, rx) = watch::channel(plan.peers.clone());
+        statics_tx = Some(tx);
         helpers.push(tokio::spawn(control::reconcile_loop(
-            plan.peers.clone(),
+            rx,
             cmd_tx.clone(),
             mesh_tx.clone(),
             ev_rx,
@@ -326,7 +343,7 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
     } else {
         drop(mesh_rx);
     }
-    let node = Arc::new(NodeStatus {
+    let node = Arc::new(std::sync::Mutex::new(NodeStatus {
         name: config.node.name.clone(),
         region: config.node.region.clone(),
         public_key,
@@ -336,7 +353,7 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
         interface: iface.clone(),
         mtu,
         listen_port: config.router.port,
-    });
+    }));
     notify::send(sd_notify::NotifyState::Ready);
     ready_flag.store(true, std::sync::atomic::Ordering::Release);
     helpers.push(tokio::spawn(notify::run(
@@ -344,6 +361,18 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
         stop_tx.subscribe(),
     )));
 
+    let mut reloader = crate::reload::Reloader {
+        path: config_path.to_path_buf(),
+        config: config.clone(),
+        netlink: nl.clone(),
+        interface: (iface.clone(), index),
+        mtu,
+        router: cmd_tx.clone(),
+        mesh: mesh_tx.clone(),
+        statics: statics_tx,
+        node: node.clone(),
+        set_log,
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -351,7 +380,11 @@ pub async fn run(config_path: &Path, reset_state: bool) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()) }
             _ = int.recv() => { info!("SIGINT: shutting down"); break Ok(()) }
-            _ = hup.recv() => warn!("SIGHUP: reloading the config is not supported by this build; ignored"),
+            _ = hup.recv() => {
+                notify::send(sd_notify::NotifyState::Reloading);
+                reloader.on_hangup().await;
+                notify::send(sd_notify::NotifyState::Ready);
+            }
             accepted = api_socket.listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (tx, node) = (cmd_tx.clone(), node.clone());
@@ -456,7 +489,7 @@ async fn answer(
     tx: mpsc::Sender<Command>,
     mesh: mpsc::Sender<MeshCommand>,
     infos: control::PeerInfos,
-    node: Arc<NodeStatus>,
+    node: Arc<std::sync::Mutex<NodeStatus>>,
 ) -> Response {
     match req {
         Request::Status => {
@@ -470,7 +503,15 @@ async fn answer(
             match snap {
                 Some(s) => Response {
                     ok: true,
-                    status: Some(status(&node, &s, mesh.as_ref(), &infos)),
+                    status: Some(status(
+                        &node
+                            .lock()
+                            .map(|n| n.clone())
+                            .unwrap_or_else(|e| e.into_inner().clone()),
+                        &s,
+                        mesh.as_ref(),
+                        &infos,
+                    )),
                     error: None,
                 },
                 None => Response {

@@ -239,6 +239,18 @@ impl Lab {
             .map(|(_, c)| c.id())
     }
 
+    /// Sends `signal` to process `name`.
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self
+            .pid(name)
+            .with_context(|| format!("no process {name} in the lab"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid")?),
+            signal,
+        )
+        .with_context(|| format!("signalling {name}"))
+    }
+
     /// Whether process `name` is still running.
     pub fn running(&mut self, name: &str) -> bool {
         self.children

@@ -21,4 +21,5 @@ pub mod metrics;
 pub mod netlink;
 pub mod notify;
 pub mod reconcile;
+pub mod reload;
 pub mod status;

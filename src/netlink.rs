@@ -105,15 +105,7 @@ impl Netlink {
         addresses: &[IpNet],
         routes: &[IpNet],
     ) -> Result<(), NetlinkError> {
-        let set = LinkUnspec::new_with_index(index)
-            .mtu(u32::from(mtu))
-            .build();
-        self.handle
-            .link()
-            .set(set)
-            .execute()
-            .await
-            .map_err(err(format!("setting MTU {mtu} on {name}")))?;
+        self.set_mtu(name, index, mtu).await?;
         for a in addresses {
             self.handle
                 .address()
@@ -130,22 +122,56 @@ impl Netlink {
             .await
             .map_err(err(format!("bringing {name} up")))?;
         for r in routes {
-            let msg = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(r.network(), r.prefix_len())
-                .map_err(|e| NetlinkError {
-                    what: format!("route {r}"),
-                    source: rtnetlink::Error::InvalidNla(e.to_string()),
-                })?
-                .output_interface(index)
-                .build();
-            self.handle
-                .route()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(err(format!("adding route {r} dev {name}")))?;
+            self.add_route(name, index, *r).await?;
         }
         Ok(())
+    }
+
+    fn route_message(
+        r: IpNet,
+        index: u32,
+    ) -> Result<rtnetlink::packet_route::route::RouteMessage, NetlinkError> {
+        Ok(RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(r.network(), r.prefix_len())
+            .map_err(|e| NetlinkError {
+                what: format!("route {r}"),
+                source: rtnetlink::Error::InvalidNla(e.to_string()),
+            })?
+            .output_interface(index)
+            .build())
+    }
+
+    /// Routes `r` into link `index` (called `name`).
+    pub async fn add_route(&self, name: &str, index: u32, r: IpNet) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .add(Self::route_message(r, index)?)
+            .execute()
+            .await
+            .map_err(err(format!("adding route {r} dev {name}")))
+    }
+
+    /// Removes the route of `r` into link `index` (called `name`).
+    pub async fn delete_route(&self, name: &str, index: u32, r: IpNet) -> Result<(), NetlinkError> {
+        self.handle
+            .route()
+            .del(Self::route_message(r, index)?)
+            .execute()
+            .await
+            .map_err(err(format!("removing route {r} dev {name}")))
+    }
+
+    /// Sets link `index`'s MTU.
+    pub async fn set_mtu(&self, name: &str, index: u32, mtu: u16) -> Result<(), NetlinkError> {
+        let set = LinkUnspec::new_with_index(index)
+            .mtu(u32::from(mtu))
+            .build();
+        self.handle
+            .link()
+            .set(set)
+            .execute()
+            .await
+            .map_err(err(format!("setting MTU {mtu} on {name}")))
     }
 
     /// Removes addresses `old` from link `index` and adds `new`.

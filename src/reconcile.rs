@@ -129,17 +129,9 @@ impl Choices {
     }
 }
 
-/// The peers this node should have: the static `wireguard_peers`, then every alive member that
-/// does not collide with them or with this node (same key), each with the prefixes whose claims
-/// win (older claim, then smaller id; `me_id` is this node's mesh id).
-pub fn desired(
-    me: &NodeRecord,
-    me_id: [u8; 32],
-    members: &[Member],
-    statics: &[PeerConfig],
-    choices: &Choices,
-) -> (Vec<DesiredPeer>, Vec<String>) {
-    let mut out: Vec<DesiredPeer> = statics
+/// The configured `wireguard_peers` as desired peers.
+pub fn static_peers(statics: &[PeerConfig]) -> Vec<DesiredPeer> {
+    statics
         .iter()
         .map(|c| DesiredPeer {
             config: c.clone(),
@@ -151,7 +143,20 @@ pub fn desired(
             },
             candidates: vec![],
         })
-        .collect();
+        .collect()
+}
+
+/// The peers this node should have: the static `wireguard_peers`, then every alive member that
+/// does not collide with them or with this node (same key), each with the prefixes whose claims
+/// win (older claim, then smaller id; `me_id` is this node's mesh id).
+pub fn desired(
+    me: &NodeRecord,
+    me_id: [u8; 32],
+    members: &[Member],
+    statics: &[PeerConfig],
+    choices: &Choices,
+) -> (Vec<DesiredPeer>, Vec<String>) {
+    let mut out = static_peers(statics);
     let mut skipped = Vec::new();
     // Every claim that can win: this node's, the alive members', and the configured peers'
     // (as the oldest of all).

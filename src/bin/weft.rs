@@ -68,15 +68,30 @@ enum DemoCmd {
 }
 
 /// Logs to stderr, one line per event with its fields (journald takes stderr as is): the
-/// filter from `WEFT_LOG`, else the config's `log_level`; colour only on a terminal.
-fn init_logging(config_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+/// filter from `WEFT_LOG`, else the config's `log_level`, which a reload can change; colour
+/// only on a terminal.
+fn init_logging(config_level: &str) -> Option<weft::reload::SetLog> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let from_env = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(config_level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
         .init();
+    (!fixed).then(|| -> weft::reload::SetLog {
+        Box::new(move |level: &str| {
+            let f = tracing_subscriber::EnvFilter::try_new(level)
+                .with_context(|| format!("log_level {level:?}"))?;
+            handle.reload(f).context("changing the log filter")
+        })
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -114,8 +129,8 @@ fn main() -> ExitCode {
             // `run` below, with the default level.
             let level = weft_config::Config::load(&config)
                 .map_or_else(|_| "info".to_owned(), |c| c.log_level);
-            init_logging(&level);
-            runtime().and_then(|rt| rt.block_on(daemon::run(&config, reset_state)))
+            let set_log = init_logging(&level);
+            runtime().and_then(|rt| rt.block_on(daemon::run(&config, reset_state, set_log)))
         }
         Cmd::Status { socket, json } => runtime().and_then(|rt| {
             let st = rt.block_on(api::status(&socket))?;

@@ -36,6 +36,8 @@ pub enum Command {
     Update(NodeRecord),
     /// A snapshot of the membership.
     Snapshot(oneshot::Sender<Snapshot>),
+    /// New bootstrap addresses (dialled now, and whenever no connection is left).
+    Join(Vec<SocketAddr>),
 }
 
 /// Transport-level refusals, by reason.
@@ -146,6 +148,7 @@ impl MeshDriver {
                 }
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Update(r) => mesh.update(r),
+                    Command::Join(peers) => mesh.join(&peers),
                     Command::Snapshot(reply) => {
                         let _ = reply.send(Snapshot {
                             me: mesh.id(),

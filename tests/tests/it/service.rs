@@ -319,3 +319,161 @@ fn pods_leaving_the_pod_network_are_masqueraded_unless_told_not_to_and_shutdown_
     ensure!(listed(&lab)? == theirs_before, "another table changed");
     Ok(())
 }
+
+/// Rewrites `name`'s config with `edit` and sends SIGHUP.
+fn reload(
+    m: &weft_tests::meshlab::MeshLab,
+    name: &str,
+    edit: impl Fn(&str) -> String,
+) -> anyhow::Result<()> {
+    let d = m.daemon(name);
+    let text = std::fs::read_to_string(&d.config)?;
+    let new = edit(&text);
+    ensure!(new != text, "the edit changed nothing");
+    std::fs::write(&d.config, new)?;
+    m.lab.signal(name, nix::sys::signal::Signal::SIGHUP)
+}
+
+fn log_has(m: &weft_tests::meshlab::MeshLab, name: &str, what: &str, n: usize) -> Option<()> {
+    let log = std::fs::read_to_string(&m.daemon(name).log).ok()?;
+    (log.matches(what).count() >= n).then_some(())
+}
+
+#[test]
+fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_broken_config()
+-> anyhow::Result<()> {
+    use weft_tests::meshlab::{MeshLab, Spec};
+    let spec = |name, host, bootstrap| Spec {
+        name,
+        region: "eu",
+        lan: 1,
+        host,
+        block: Some(host),
+        bootstrap,
+    };
+    // e3 starts knowing nobody.
+    let m = MeshLab::start(
+        "sr",
+        &[
+            spec("e1", 1, Some("198.18.1.2")),
+            spec("e2", 2, Some("198.18.1.1")),
+            spec("e3", 3, None),
+        ],
+    )?;
+    let all = ["e1", "e2", "e3"];
+    m.wait_full_mesh(&["e1", "e2"])?;
+    // Bootstrap peers: e3 joins once it is told where.
+    reload(&m, "e3", |t| t.replace("peers: []", "peers: [198.18.1.1]"))?;
+    m.wait_full_mesh(&all)?;
+    let path =
+        |a: &str, b: &str| -> Option<String> { m.peer(a, b)?["path"].as_str().map(str::to_owned) };
+    ensure!(path("e1", "e2").as_deref() == Some("plaintext"));
+    ensure!(path("e1", "e3").as_deref() == Some("plaintext"));
+
+    // Trusted subnets: e1 stops trusting e2 (but still trusts itself and e3) while a TCP
+    // stream to e3 runs; e2 goes encrypted, e3's stream never notices.
+    let e3_tx_before = m
+        .peer("e1", "e3")
+        .and_then(|p| p["tx_bytes"].as_u64())
+        .unwrap_or(0);
+    let (from, to) = (m.daemon("e1").ns.clone(), m.daemon("e3").ns.clone());
+    let stream = {
+        let lab = &m.lab;
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let t = s.spawn(|| {
+                tcp_transfer(lab, (&from, &to), "100.64.3.1:5003".parse()?, 400 << 20, 9)
+            });
+            reload(&m, "e1", |t| {
+                t.replace(
+                    "trusted_subnets: [198.18.1.0/24]",
+                    "trusted_subnets: [198.18.1.1/32, 198.18.1.3/32]",
+                )
+            })?;
+            wait_for("e1 and e2 to go encrypted", Duration::from_secs(20), || {
+                (path("e1", "e2").as_deref() == Some("encrypted")
+                    && path("e2", "e1").as_deref() == Some("encrypted"))
+                .then_some(())
+            })?;
+            ensure!(
+                !t.is_finished(),
+                "the stream ended before the switch: nothing shows it kept flowing through it"
+            );
+            let took = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the stream panicked"))??;
+            eprintln!("400 MB e1 -> e3 during the reload in {took:?}");
+            Ok(())
+        })
+    };
+    stream?;
+    ensure!(
+        path("e1", "e3").as_deref() == Some("plaintext"),
+        "e1-e3 changed path"
+    );
+    let e3_tx_after = m
+        .peer("e1", "e3")
+        .and_then(|p| p["tx_bytes"].as_u64())
+        .unwrap_or(0);
+    ensure!(
+        e3_tx_after >= e3_tx_before + (400 << 20),
+        "e1's peer e3 was replaced (counters {e3_tx_before} -> {e3_tx_after})"
+    );
+    weft_tests::ping(&m.lab, &m.daemon("e1").ns, "100.64.2.1", None)?;
+
+    // MTU and a wireguard peer.
+    reload(&m, "e1", |t| {
+        format!(
+            "{}\nwireguard_peers:\n  - name: laptop\n    public_key: {}\n    allowed_ips: [100.127.9.0/24]\n",
+            t.replace("network:\n", "network:\n  mtu: 1300\n"),
+            weft::keys::public_of(&weft::keys::generate())
+        )
+    })?;
+    wait_for(
+        "e1 to apply the MTU and the new peer",
+        Duration::from_secs(10),
+        || {
+            let st = m.status("e1").ok()?;
+            let has = st["peers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["name"] == "laptop");
+            (st["node"]["mtu"] == 1300 && has).then_some(())
+        },
+    )?;
+    let link = weft::lab::run(
+        m.lab
+            .cmd(&m.daemon("e1").ns, "ip")
+            .args(["-o", "link", "show", "weft0"]),
+    )?;
+    ensure!(String::from_utf8_lossy(&link.stdout).contains("mtu 1300"));
+    let routes = weft::lab::run(
+        m.lab
+            .cmd(&m.daemon("e1").ns, "ip")
+            .args(["route", "show", "dev", "weft0"]),
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&routes.stdout).contains("100.127.9.0/24"),
+        "no route for the new peer"
+    );
+
+    // A broken config, then one that needs a restart: both refused, the daemon runs on.
+    reload(&m, "e1", |t| format!("{t}\nbogus_key: 1\n"))?;
+    wait_for("the refusal", Duration::from_secs(10), || {
+        log_has(&m, "e1", "reload refused", 1)
+    })?;
+    reload(&m, "e1", |t| {
+        t.replace("bogus_key: 1\n", "")
+            .replace("interface: weft0", "interface: weft1")
+    })?;
+    wait_for("the second refusal", Duration::from_secs(10), || {
+        log_has(&m, "e1", "needs a restart", 1)
+    })?;
+    let log = std::fs::read_to_string(&m.daemon("e1").log)?;
+    ensure!(
+        log.contains("bogus_key"),
+        "the refusal does not name the bad key:\n{log}"
+    );
+    ensure!(m.status("e1").is_ok(), "e1 stopped answering");
+    weft_tests::ping(&m.lab, &m.daemon("e1").ns, "100.64.3.1", None)?;
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! `SIGHUP` (`systemctl reload weft`): re-reads the config file and applies what can change
+//! without a restart — `network.trusted_subnets`, `network.mtu`, `wireguard_peers`,
+//! `mesh.peers` and `log_level` — touching only what changed, so traffic to unaffected peers
+//! keeps flowing. A config that does not load, or that changes anything else, is refused as a
+//! whole with a logged error naming why, and the running config stays.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, bail};
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
+use weft_config::Config;
+use weft_mesh::driver::Command as MeshCommand;
+use weft_router::PeerConfig;
+use weft_router::driver::Command as RouterCommand;
+
+use crate::netlink::Netlink;
+use crate::status::NodeStatus;
+
+/// Changes the log filter (absent when `WEFT_LOG` fixes it).
+pub type SetLog = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+
+/// The sections of `new` that differ from `old` in keys a reload cannot apply.
+pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut n = new.clone();
+    n.network
+        .trusted_subnets
+        .clone_from(&old.network.trusted_subnets);
+    n.network.mtu = old.network.mtu;
+    n.wireguard_peers.clone_from(&old.wireguard_peers);
+    n.mesh.peers.clone_from(&old.mesh.peers);
+    n.log_level.clone_from(&old.log_level);
+    let mut out = Vec::new();
+    for (differs, name) in [
+        (n.node != old.node, "node"),
+        (
+            n.network != old.network,
+            "network (other than trusted_subnets and mtu)",
+        ),
+        (n.mesh != old.mesh, "mesh (other than peers)"),
+        (n.router != old.router, "router"),
+        (n.cni != old.cni, "cni"),
+        (n.kubernetes != old.kubernetes, "kubernetes"),
+        (n.state_dir != old.state_dir, "state_dir"),
+        (n.api_socket != old.api_socket, "api_socket"),
+        (n.metrics_address != old.metrics_address, "metrics_address"),
+    ] {
+        if differs {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// What a reload needs to reach.
+pub struct Reloader {
+    /// The config file.
+    pub path: PathBuf,
+    /// The running config.
+    pub config: Config,
+    /// Netlink, for the TUN device's MTU and routes.
+    pub netlink: Netlink,
+    /// The TUN device's name and index.
+    pub interface: (String, u32),
+    /// Its MTU now.
+    pub mtu: u16,
+    /// The router driver.
+    pub router: mpsc::Sender<RouterCommand>,
+    /// The mesh driver (closed when the mesh is off).
+    pub mesh: mpsc::Sender<MeshCommand>,
+    /// The reconciler's configured peers, when the mesh is on (else they go to the router
+    /// directly).
+    pub statics: Option<watch::Sender<Vec<PeerConfig>>>,
+    /// What status shows of this node.
+    pub node: Arc<Mutex<NodeStatus>>,
+    /// Changes the log filter.
+    pub set_log: Option<SetLog>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("path", &self.path)
+            .field("interface", &self.interface)
+            .field("mtu", &self.mtu)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Handles one SIGHUP: logs what was applied, or why nothing was.
+    pub async fn on_hangup(&mut self) {
+        match self.reload().await {
+            Ok(applied) if applied.is_empty() => {
+                info!(path = %self.path.display(), "SIGHUP: config reloaded, nothing changed");
+            }
+            Ok(applied) => info!(
+                path = %self.path.display(), applied = ?applied,
+                "SIGHUP: config reloaded"
+            ),
+            Err(e) => error!(
+                path = %self.path.display(), error = format!("{e:#}"),
+                "SIGHUP: reload refused; the running config stays"
+            ),
+        }
+    }
+
+    /// Loads and checks the new config, then applies its changes; returns what changed.
+    pub async fn reload(&mut self) -> anyhow::Result<Vec<String>> {
+        let new = Config::load(&self.path)?;
+        let restart = needs_restart(&self.config, &new);
+        if !restart.is_empty() {
+            bail!(
+                "changing {} needs a restart (systemctl restart weft); nothing was applied",
+                restart.join(", ")
+            );
+        }
+        // Everything that can fail without changing anything comes first.
+        let mtu = crate::daemon::choose_mtu(&new, &self.netlink).await?;
+        let old = std::mem::replace(&mut self.config, new);
+        let new = &self.config;
+        let (name, index) = self.interface.clone();
+        let mut applied = Vec::new();
+
+        if new.log_level != old.log_level
+            && let Some(set) = &self.set_log
+        {
+            set(&new.log_level).context("log_level")?;
+            applied.push(format!("log_level {}", new.log_level));
+        }
+        if mtu != self.mtu {
+            self.netlink.set_mtu(&name, index, mtu).await?;
+            applied.push(format!("mtu {} -> {mtu}", self.mtu));
+            self.mtu = mtu;
+            if let Ok(mut n) = self.node.lock() {
+                n.mtu = mtu;
+            }
+        }
+        if new.wireguard_peers != old.wireguard_peers {
+            let (before, after) = (crate::daemon::routes(&old), crate::daemon::routes(new));
+            for r in after.iter().filter(|r| !before.contains(r)) {
+                self.netlink.add_route(&name, index, *r).await?;
+            }
+            let statics = crate::daemon::static_peers(new);
+            match &self.statics {
+                Some(tx) => {
+                    let _ = tx.send(statics);
+                }
+                None => self.apply_statics(&statics).await?,
+            }
+            for r in before.iter().filter(|r| !after.contains(r)) {
+                self.netlink.delete_route(&name, index, *r).await?;
+            }
+            applied.push(format!("wireguard_peers ({})", new.wireguard_peers.len()));
+        }
+        if new.network.trusted_subnets != old.network.trusted_subnets {
+            if let Some(snap) = crate::control::mesh_snapshot(&self.mesh).await {
+                let mut record = snap.record;
+                record
+                    .trusted_subnets
+                    .clone_from(&new.network.trusted_subnets);
+                self.mesh
+                    .send(MeshCommand::Update(record))
+                    .await
+                    .context("the mesh stopped")?;
+            }
+            applied.push(format!(
+                "trusted_subnets {:?}",
+                subnets(&new.network.trusted_subnets)
+            ));
+        }
+        if new.mesh.peers != old.mesh.peers {
+            // Without a mesh there is nothing to bootstrap; the send fails quietly then.
+            let _ = self
+                .mesh
+                .send(MeshCommand::Join(new.mesh.peers.clone()))
+                .await;
+            applied.push(format!("mesh.peers {:?}", new.mesh.peers));
+        }
+        Ok(applied)
+    }
+
+    /// Without a mesh, the configured peers go to the router directly.
+    async fn apply_statics(&self, statics: &[PeerConfig]) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.router
+            .send(RouterCommand::Status(tx))
+            .await
+            .context("the data plane stopped")?;
+        let snap = rx.await.context("the data plane stopped")?;
+        let desired = crate::reconcile::static_peers(statics);
+        if !crate::control::apply(&self.router, &snap.peers, &desired, |_| false).await {
+            bail!("the data plane stopped");
+        }
+        Ok(())
+    }
+}
+
+fn subnets(nets: &[IpNet]) -> Vec<String> {
+    nets.iter().map(ToString::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Path::new("w.yaml"), "h").expect("config")
+    }
+
+    #[test]
+    fn only_changes_outside_the_reloadable_keys_need_a_restart() {
+        let base =
+            "node:\n  pod_cidr: 100.64.1.0/24\nnetwork:\n  trusted_subnets: [198.18.1.0/24]\n";
+        let old = parse(base);
+        let reloadable = parse(
+            "node:\n  pod_cidr: 100.64.1.0/24\nnetwork:\n  trusted_subnets: []\n  mtu: 1300\nmesh:\n  peers: [198.18.1.2]\nlog_level: debug\n",
+        );
+        assert!(needs_restart(&old, &reloadable).is_empty());
+        let port = parse(&format!("{base}router:\n  port: 51821\n"));
+        assert_eq!(needs_restart(&old, &port), vec!["router"]);
+        let block = parse("node:\n  pod_cidr: 100.64.2.0/24\n");
+        assert_eq!(needs_restart(&old, &block), vec!["node"]);
+        let pool = parse(&format!("{base}  pod_network_cidr: 100.64.0.0/12\n"));
+        assert_eq!(
+            needs_restart(&old, &pool),
+            vec!["network (other than trusted_subnets and mtu)"]
+        );
+    }
+}
