@@ -5,7 +5,8 @@
 #   sudo scripts/test.sh
 #
 # Debian packages the end-to-end tests drive (iproute2, wireguard-go, wireguard-tools, tcpdump,
-# iputils-ping, iperf3, systemd for systemd-analyze, procps, nftables) are installed first when
+# iputils-ping, iperf3, systemd for systemd-analyze, procps, nftables, the CNI reference plugins,
+# iptables) are installed first when
 # missing and apt-get is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3 systemd procps nftables)
+packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3 systemd procps nftables containernetworking-plugins iptables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,6 +24,25 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub enum Request {
     /// The status report.
     Status,
+    /// `weft-cni` ADD: remember a pod's attachment.
+    CniAdd {
+        /// The attachment.
+        attachment: crate::cni::Attachment,
+    },
+    /// `weft-cni` DEL: forget one (done even when unknown).
+    CniDel {
+        /// The runtime's container id.
+        container_id: String,
+        /// The pod's interface.
+        ifname: String,
+    },
+    /// `weft-cni` CHECK and GC, and tests: the attachments known.
+    CniList,
+    /// `weft-cni` GC: forget every attachment not in `valid`.
+    CniGc {
+        /// (container id, interface) pairs still in use.
+        valid: Vec<(String, String)>,
+    },
 }
 
 /// A response.
@@ -37,6 +56,21 @@ pub struct Response {
     /// What went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The attachments, for the CNI requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<Vec<crate::cni::Attachment>>,
+}
+
+impl Response {
+    /// A refusal.
+    pub fn refused(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            status: None,
+            error: Some(error.into()),
+            attachments: None,
+        }
+    }
 }
 
 /// The bound socket; the file is removed when this is dropped.
@@ -101,11 +135,7 @@ where
         }
         let response = match parse_request(&line) {
             Ok(req) => answer(req).await,
-            Err(error) => Response {
-                ok: false,
-                status: None,
-                error: Some(error),
-            },
+            Err(error) => Response::refused(error),
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
         out.push(b'\n');
@@ -115,8 +145,8 @@ where
 
 use tokio::io::AsyncReadExt as _;
 
-/// Asks the daemon at `path` for its status.
-pub async fn status(path: &Path) -> anyhow::Result<Status> {
+/// Sends one request to the daemon at `path` and returns its (served) response.
+pub async fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
     let call = async {
         let mut s = UnixStream::connect(path).await.with_context(|| {
             format!(
@@ -124,19 +154,32 @@ pub async fn status(path: &Path) -> anyhow::Result<Status> {
                 path.display()
             )
         })?;
-        s.write_all(b"{\"command\":\"status\"}\n").await?;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        s.write_all(&line).await?;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).await?;
         let r: Response = serde_json::from_str(&line)
             .with_context(|| format!("the daemon's answer is not a response: {line:?}"))?;
-        match (r.ok, r.status, r.error) {
-            (true, Some(st), _) => Ok(st),
-            (_, _, e) => bail!("the daemon refused: {}", e.unwrap_or_default()),
+        if !r.ok {
+            bail!(
+                "the daemon refused: {}",
+                r.error.clone().unwrap_or_default()
+            );
         }
+        Ok(r)
     };
     tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .with_context(|| format!("no answer from {} in 10 s", path.display()))?
+}
+
+/// Asks the daemon at `path` for its status.
+pub async fn status(path: &Path) -> anyhow::Result<Status> {
+    call(path, &Request::Status)
+        .await?
+        .status
+        .context("the daemon sent no status")
 }
 
 #[cfg(test)]

@@ -297,6 +297,8 @@ pub struct Ipam {
     pub counters: Arc<crate::metrics::IpamCounters>,
     /// Masquerade, whose rules follow the blocks (`None` without `nat_outgoing`).
     pub masquerade: Option<Masquerade>,
+    /// The CNI conflist, which follows the blocks.
+    pub conflist: crate::cni::ConflistWriter,
     /// The first claim waits this long for the mesh to tell what is taken.
     pub settle: Duration,
     /// When the daemon started.
@@ -403,9 +405,11 @@ impl Ipam {
         if let Err(e) = self.netlink.swap_addresses(self.index, &old, &new).await {
             error!(error = %e, "could not move the overlay address to the new block");
         }
+        let blocks: Vec<ipnet::IpNet> = next.iter().map(|b| b.block).collect();
         if let Some(m) = &self.masquerade {
-            m.apply(&next.iter().map(|b| b.block).collect::<Vec<_>>());
+            m.apply(&blocks);
         }
+        self.conflist.write(&blocks);
         self.blocks.held = next.clone();
         Some(next)
     }

@@ -263,6 +263,13 @@ pub async fn run(
     if let Some(m) = &masquerade {
         m.apply(&plan.pod_cidrs);
     }
+    let conflist = crate::cni::ConflistWriter {
+        path: config.cni.conflist.clone(),
+        mtu,
+        socket: config.api_socket.clone(),
+        ipam_dir: config.state_dir.join("cni-ipam"),
+    };
+    conflist.write(&plan.pod_cidrs);
     info!(
         node = %config.node.name, interface = %iface, mtu, port = config.router.port,
         addresses = ?plan.addresses, routes = ?plan.routes, peers = plan.peers.len(), %public_key,
@@ -323,6 +330,7 @@ pub async fn run(
             state_file: state_file.clone(),
             counters: ipam_counters.clone(),
             masquerade: masquerade.clone(),
+            conflist: conflist.clone(),
             settle: 3 * config.mesh.gossip_interval,
             started: now,
             netlink: nl.clone(),
@@ -373,6 +381,13 @@ pub async fn run(
         node: node.clone(),
         set_log,
     };
+    let shared = Shared {
+        router: cmd_tx.clone(),
+        mesh: mesh_tx.clone(),
+        infos: infos.clone(),
+        node: node.clone(),
+        cni: crate::cni::Store::load(config.state_dir.join("cni.json")),
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -387,12 +402,9 @@ pub async fn run(
             }
             accepted = api_socket.listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (tx, node) = (cmd_tx.clone(), node.clone());
-                    let (mesh, infos) = (mesh_tx.clone(), infos.clone());
+                    let sh = shared.clone();
                     tokio::spawn(async move {
-                        let answer = |req| {
-                            answer(req, tx.clone(), mesh.clone(), infos.clone(), node.clone())
-                        };
+                        let answer = |req| answer(req, sh.clone());
                         if let Err(e) = api::serve_connection(stream, answer).await {
                             tracing::debug!(error = %e, "API connection ended");
                         }
@@ -484,43 +496,78 @@ async fn remove_link(nl: &Netlink, name: &str) {
     }
 }
 
-async fn answer(
-    req: Request,
-    tx: mpsc::Sender<Command>,
+/// What the API answers from.
+#[derive(Clone)]
+struct Shared {
+    router: mpsc::Sender<Command>,
     mesh: mpsc::Sender<MeshCommand>,
     infos: control::PeerInfos,
     node: Arc<std::sync::Mutex<NodeStatus>>,
-) -> Response {
+    cni: crate::cni::Store,
+}
+
+async fn answer(req: Request, sh: Shared) -> Response {
+    let listed = |sh: &Shared| Response {
+        ok: true,
+        status: None,
+        error: None,
+        attachments: Some(sh.cni.list()),
+    };
     match req {
         Request::Status => {
             let (reply, rx) = oneshot::channel();
-            let snap = match tx.send(Command::Status(reply)).await {
+            let snap = match sh.router.send(Command::Status(reply)).await {
                 Ok(()) => rx.await.ok(),
                 Err(_) => None,
             };
-            let mesh = control::mesh_snapshot(&mesh).await;
-            let infos = infos.lock().map(|i| i.clone()).unwrap_or_default();
+            let mesh = control::mesh_snapshot(&sh.mesh).await;
+            let infos = sh.infos.lock().map(|i| i.clone()).unwrap_or_default();
+            let node = sh
+                .node
+                .lock()
+                .map(|n| n.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
             match snap {
                 Some(s) => Response {
                     ok: true,
-                    status: Some(status(
-                        &node
-                            .lock()
-                            .map(|n| n.clone())
-                            .unwrap_or_else(|e| e.into_inner().clone()),
-                        &s,
-                        mesh.as_ref(),
-                        &infos,
-                    )),
+                    status: Some(status(&node, &s, mesh.as_ref(), &infos)),
                     error: None,
+                    attachments: None,
                 },
-                None => Response {
-                    ok: false,
-                    status: None,
-                    error: Some("the data plane is stopping".into()),
-                },
+                None => Response::refused("the data plane is stopping"),
             }
         }
+        Request::CniAdd { attachment } => {
+            let (cid, ifname) = (attachment.container_id.clone(), attachment.ifname.clone());
+            let addrs = attachment.addresses.clone();
+            match sh.cni.add(attachment) {
+                Ok(()) => {
+                    info!(container = %cid, %ifname, addresses = ?addrs, "pod attached");
+                    listed(&sh)
+                }
+                Err(e) => Response::refused(format!("saving the attachment: {e}")),
+            }
+        }
+        Request::CniDel {
+            container_id,
+            ifname,
+        } => match sh.cni.del(&container_id, &ifname) {
+            Ok(known) => {
+                info!(container = %container_id, %ifname, known, "pod detached");
+                listed(&sh)
+            }
+            Err(e) => Response::refused(format!("saving the attachments: {e}")),
+        },
+        Request::CniList => listed(&sh),
+        Request::CniGc { valid } => match sh.cni.gc(&valid) {
+            Ok(gone) => {
+                for a in &gone {
+                    info!(container = %a.container_id, ifname = %a.ifname, "stale attachment removed (GC)");
+                }
+                listed(&sh)
+            }
+            Err(e) => Response::refused(format!("saving the attachments: {e}")),
+        },
     }
 }
 

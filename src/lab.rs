@@ -426,7 +426,7 @@ impl Lab {
             secret_file: dir.join("secret"),
         };
         let text = format!(
-            "{body}\nstate_dir: {dir}\napi_socket: {sock}\n",
+            "{body}\nstate_dir: {dir}\napi_socket: {sock}\ncni:\n  conflist: {dir}/10-weft.conflist\n",
             dir = dir.display(),
             sock = d.socket.display()
         );

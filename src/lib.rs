@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod blocks;
+pub mod cni;
 pub mod control;
 pub mod daemon;
 pub mod demo;

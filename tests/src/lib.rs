@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use weft::lab::{Daemon, Lab};
 
+pub mod cni;
 pub mod ipam_sim;
 pub mod meshlab;
 pub mod pcap;

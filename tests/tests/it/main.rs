@@ -3,6 +3,7 @@
 
 mod bad_config;
 mod cli;
+mod cni;
 mod demo;
 mod deploy;
 mod interop;

@@ -1,0 +1,475 @@
+//! CNI: the conflist the daemon writes, the attachments it keeps, and the logic of the
+//! `weft-cni` chained plugin (spec 1.0.0 and 1.1.0).
+//!
+//! The daemon writes, once its block is known, a conflist that chains `ptp` with `host-local`
+//! IPAM over the node's block(s), `weft-cni` and `portmap` ([`conflist`]); the runtime runs them
+//! in order. `weft-cni` then sets the pod interface's MTU (and the host side of the veth) to the
+//! overlay MTU, registers the attachment with the daemon over the local API and passes
+//! `prevResult` on unchanged. Every failure is a CNI error object ([`CniError`]) with the
+//! spec's code.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The spec versions `weft-cni` speaks.
+pub const SUPPORTED: [&str; 2] = ["1.0.0", "1.1.0"];
+/// The version of the conflist the daemon writes (what Debian's reference plugins speak).
+pub const CONFLIST_VERSION: &str = "1.0.0";
+
+/// One attachment of a pod to the network, as `weft-cni` registers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The runtime's container id.
+    pub container_id: String,
+    /// The interface inside the pod.
+    pub ifname: String,
+    /// The pod's addresses (from `prevResult`).
+    pub addresses: Vec<String>,
+}
+
+/// The attachments a daemon knows, by (container id, interface).
+pub type Attachments = BTreeMap<(String, String), Attachment>;
+
+/// A CNI error: `code` as the spec numbers them, a message and details.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CNI error {code}: {msg}{}", if details.is_empty() { String::new() } else { format!(" ({details})") })]
+pub struct CniError {
+    /// 1 incompatible version, 3 unknown container, 4 bad environment, 5 I/O, 6 undecodable,
+    /// 7 invalid config, 11 try again later, 50 not available (STATUS), 100+ weft's own.
+    pub code: u32,
+    /// What went wrong.
+    pub msg: String,
+    /// More detail.
+    pub details: String,
+}
+
+impl CniError {
+    /// An error with `code`.
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+
+    /// The error object the spec prints on stdout.
+    pub fn to_json(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details})
+    }
+}
+
+/// The conflist for a node with `blocks` and overlay `mtu`, whose daemon listens on `socket`;
+/// host-local keeps its leases under `ipam_dir`.
+pub fn conflist(blocks: &[IpNet], mtu: u16, socket: &Path, ipam_dir: &Path) -> Value {
+    let ranges: Vec<Value> = blocks
+        .iter()
+        .map(|b| json!([{"subnet": b.trunc().to_string()}]))
+        .collect();
+    let mut routes = Vec::new();
+    if blocks.iter().any(|b| b.addr().is_ipv4()) {
+        routes.push(json!({"dst": "0.0.0.0/0"}));
+    }
+    if blocks.iter().any(|b| b.addr().is_ipv6()) {
+        routes.push(json!({"dst": "::/0"}));
+    }
+    json!({
+        "cniVersion": CONFLIST_VERSION,
+        "name": "weft",
+        "plugins": [
+            {
+                "type": "ptp",
+                "mtu": mtu,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": ranges,
+                    "routes": routes,
+                    "dataDir": ipam_dir.display().to_string(),
+                }
+            },
+            {"type": "weft-cni", "mtu": mtu, "socket": socket.display().to_string()},
+            {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+        ]
+    })
+}
+
+/// Writes `value` to `path` atomically (temporary file, fsync, rename) when it differs from
+/// what is there; only that file is ever written. Returns whether it wrote.
+pub fn write_conflist(path: &Path, value: &Value) -> std::io::Result<bool> {
+    use std::io::Write as _;
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)? + "\n";
+    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+        return Ok(false);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".weft-tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(true)
+}
+
+/// What the runtime hands a plugin in its environment.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// `CNI_COMMAND`.
+    pub command: String,
+    /// `CNI_CONTAINERID`.
+    pub container_id: Option<String>,
+    /// `CNI_NETNS`.
+    pub netns: Option<PathBuf>,
+    /// `CNI_IFNAME`.
+    pub ifname: Option<String>,
+}
+
+impl Env {
+    /// From the process environment.
+    pub fn from_process() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            command: var("CNI_COMMAND").unwrap_or_default(),
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS").map(PathBuf::from),
+            ifname: var("CNI_IFNAME"),
+        }
+    }
+
+    fn need<'a>(&self, v: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
+        v.as_deref().ok_or_else(|| {
+            CniError::new(
+                4,
+                format!("{name} is not set"),
+                format!("CNI_COMMAND={}", self.command),
+            )
+        })
+    }
+}
+
+/// `weft-cni`'s part of the network config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConf {
+    /// `cniVersion`.
+    pub version: String,
+    /// The overlay MTU.
+    pub mtu: Option<u16>,
+    /// The daemon's API socket.
+    pub socket: PathBuf,
+    /// `prevResult`, when given.
+    pub prev_result: Option<Value>,
+    /// `cni.dev/valid-attachments` (GC), as (container id, ifname).
+    pub valid: Option<Vec<(String, String)>>,
+}
+
+/// Parses stdin: the JSON, the version, the fields weft-cni reads.
+pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
+    let v: Value = serde_json::from_slice(stdin)
+        .map_err(|e| CniError::new(6, "the network configuration is not JSON", e.to_string()))?;
+    let version = v["cniVersion"]
+        .as_str()
+        .ok_or_else(|| CniError::new(7, "cniVersion is missing", ""))?
+        .to_owned();
+    if !SUPPORTED.contains(&version.as_str()) {
+        return Err(CniError::new(
+            1,
+            format!("cniVersion {version} is not supported"),
+            format!("weft-cni supports {}", SUPPORTED.join(", ")),
+        ));
+    }
+    let mtu = match &v["mtu"] {
+        Value::Null => None,
+        m => Some(
+            m.as_u64()
+                .and_then(|m| u16::try_from(m).ok())
+                .filter(|m| *m >= 576)
+                .ok_or_else(|| CniError::new(7, format!("mtu {m} is not an MTU"), ""))?,
+        ),
+    };
+    let valid = v["cni.dev/valid-attachments"].as_array().map(|a| {
+        a.iter()
+            .filter_map(|x| {
+                Some((
+                    x["containerID"].as_str()?.to_owned(),
+                    x["ifname"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    });
+    Ok(NetConf {
+        version,
+        mtu,
+        socket: v["socket"]
+            .as_str()
+            .map_or_else(|| PathBuf::from("/run/weft/weft.sock"), PathBuf::from),
+        prev_result: v.get("prevResult").filter(|p| !p.is_null()).cloned(),
+        valid,
+    })
+}
+
+/// The addresses in a result (`ips[].address`).
+pub fn result_addresses(result: &Value) -> Vec<String> {
+    result["ips"]
+        .as_array()
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|ip| ip["address"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The host-side interfaces of a result (those without a `sandbox`).
+pub fn host_interfaces(result: &Value) -> Vec<String> {
+    result["interfaces"]
+        .as_array()
+        .map(|ifs| {
+            ifs.iter()
+                .filter(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
+                .filter_map(|i| i["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a command needs from the environment, checked before anything is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The container id.
+    pub container_id: String,
+    /// The interface in the pod.
+    pub ifname: String,
+    /// The pod's network namespace (ADD and CHECK only).
+    pub netns: Option<PathBuf>,
+}
+
+/// Checks the environment and config for `env.command`; the netns must exist for ADD and
+/// CHECK (code 3 otherwise), `prevResult` is required for ADD and CHECK (code 7).
+pub fn target(env: &Env, conf: &NetConf) -> Result<Target, CniError> {
+    let container_id = env.need(&env.container_id, "CNI_CONTAINERID")?.to_owned();
+    let ifname = env.need(&env.ifname, "CNI_IFNAME")?.to_owned();
+    let needs_netns = matches!(env.command.as_str(), "ADD" | "CHECK");
+    let netns = if needs_netns {
+        let ns = env
+            .netns
+            .clone()
+            .ok_or_else(|| CniError::new(4, "CNI_NETNS is not set", env.command.clone()))?;
+        if !ns.exists() {
+            return Err(CniError::new(
+                3,
+                format!("network namespace {} does not exist", ns.display()),
+                "",
+            ));
+        }
+        if conf.prev_result.is_none() {
+            return Err(CniError::new(
+                7,
+                "prevResult is missing: weft-cni is a chained plugin and runs after an interface plugin (ptp)",
+                "",
+            ));
+        }
+        Some(ns)
+    } else {
+        env.netns.clone()
+    };
+    Ok(Target {
+        container_id,
+        ifname,
+        netns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(cmd: &str) -> Env {
+        Env {
+            command: cmd.into(),
+            container_id: Some("c1".into()),
+            netns: Some("/proc/self/ns/net".into()),
+            ifname: Some("eth0".into()),
+        }
+    }
+
+    #[test]
+    fn bad_configs_get_the_spec_codes() {
+        let code = |stdin: &str| parse_conf(stdin.as_bytes()).unwrap_err().code;
+        assert_eq!(code("{not json"), 6);
+        assert_eq!(
+            code(r#"{"cniVersion":"0.4.0","name":"w","type":"weft-cni"}"#),
+            1
+        );
+        assert_eq!(code(r#"{"name":"w","type":"weft-cni"}"#), 7);
+        assert_eq!(code(r#"{"cniVersion":"1.0.0","mtu":"big"}"#), 7);
+        let conf = parse_conf(br#"{"cniVersion":"1.1.0","name":"w","type":"weft-cni"}"#).unwrap();
+        // ADD without prevResult: 7; without the netns: 3; without env: 4.
+        assert_eq!(target(&env("ADD"), &conf).unwrap_err().code, 7);
+        let mut e = env("ADD");
+        e.netns = Some("/run/netns/weft-does-not-exist".into());
+        assert_eq!(target(&e, &conf).unwrap_err().code, 3);
+        let mut e = env("ADD");
+        e.container_id = None;
+        assert_eq!(target(&e, &conf).unwrap_err().code, 4);
+        // DEL needs neither.
+        assert!(target(&env("DEL"), &conf).is_ok());
+    }
+
+    #[test]
+    fn the_conflist_chains_ptp_host_local_weft_and_portmap_over_the_blocks() {
+        let blocks: Vec<IpNet> = vec![
+            "100.64.1.0/24".parse().unwrap(),
+            "fd00:64:0:1::/64".parse().unwrap(),
+        ];
+        let c = conflist(
+            &blocks,
+            1440,
+            Path::new("/run/weft/weft.sock"),
+            Path::new("/var/lib/weft/cni"),
+        );
+        let types: Vec<&str> = c["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["ptp", "weft-cni", "portmap"]);
+        assert_eq!(
+            c["plugins"][0]["ipam"]["ranges"][1][0]["subnet"],
+            "fd00:64:0:1::/64"
+        );
+        assert_eq!(c["plugins"][0]["mtu"], 1440);
+        assert_eq!(c["plugins"][1]["mtu"], 1440);
+    }
+
+    #[test]
+    fn results_yield_addresses_and_host_interfaces() {
+        let r = json!({"interfaces": [{"name": "veth1"}, {"name": "eth0", "sandbox": "/run/netns/p"}],
+                       "ips": [{"address": "100.64.1.2/24", "interface": 1}]});
+        assert_eq!(result_addresses(&r), ["100.64.1.2/24"]);
+        assert_eq!(host_interfaces(&r), ["veth1"]);
+    }
+}
+
+/// The daemon's attachments, persisted in `state_dir/cni.json` (atomically) so GC and CHECK
+/// still know them after a restart.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+    inner: std::sync::Arc<std::sync::Mutex<Attachments>>,
+}
+
+impl Store {
+    /// Loads `path`; a missing file is an empty store, an unreadable one is logged and
+    /// replaced on the next change (attachments are re-registered by CHECK's callers anyway).
+    pub fn load(path: PathBuf) -> Self {
+        let list: Vec<Attachment> = match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "CNI attachments file unreadable; starting empty");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        let map = list
+            .into_iter()
+            .map(|a| ((a.container_id.clone(), a.ifname.clone()), a))
+            .collect();
+        Self {
+            path,
+            inner: std::sync::Arc::new(std::sync::Mutex::new(map)),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Attachments) -> T) -> std::io::Result<T> {
+        let mut map = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = map.clone();
+        let out = f(&mut map);
+        if *map != before {
+            let list: Vec<&Attachment> = map.values().collect();
+            let text = serde_json::to_string_pretty(&list).map_err(std::io::Error::other)?;
+            let tmp = self.path.with_extension("json.tmp");
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&tmp, text)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+        }
+        Ok(out)
+    }
+
+    /// Remembers `a` (replacing an earlier one of the same container and interface).
+    pub fn add(&self, a: Attachment) -> std::io::Result<()> {
+        self.with(|m| {
+            m.insert((a.container_id.clone(), a.ifname.clone()), a);
+        })
+    }
+
+    /// Forgets one; true if it was known.
+    pub fn del(&self, container_id: &str, ifname: &str) -> std::io::Result<bool> {
+        self.with(|m| {
+            m.remove(&(container_id.to_owned(), ifname.to_owned()))
+                .is_some()
+        })
+    }
+
+    /// Forgets every attachment not in `valid`; returns those forgotten.
+    pub fn gc(&self, valid: &[(String, String)]) -> std::io::Result<Vec<Attachment>> {
+        self.with(|m| {
+            let stale: Vec<(String, String)> =
+                m.keys().filter(|k| !valid.contains(k)).cloned().collect();
+            stale.iter().filter_map(|k| m.remove(k)).collect()
+        })
+    }
+
+    /// Every attachment.
+    pub fn list(&self) -> Vec<Attachment> {
+        self.inner
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Where and how the daemon writes its conflist.
+#[derive(Debug, Clone)]
+pub struct ConflistWriter {
+    /// `cni.conflist`.
+    pub path: PathBuf,
+    /// The overlay MTU.
+    pub mtu: u16,
+    /// The daemon's API socket, for `weft-cni`.
+    pub socket: PathBuf,
+    /// host-local's lease directory.
+    pub ipam_dir: PathBuf,
+}
+
+impl ConflistWriter {
+    /// Writes the conflist for `blocks` (nothing before the node has a block); logs the outcome.
+    pub fn write(&self, blocks: &[IpNet]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let value = conflist(blocks, self.mtu, &self.socket, &self.ipam_dir);
+        match write_conflist(&self.path, &value) {
+            Ok(true) => {
+                tracing::info!(path = %self.path.display(), blocks = ?blocks, "wrote the CNI conflist")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "could not write the CNI conflist")
+            }
+        }
+    }
+}
