@@ -153,6 +153,13 @@ pub async fn run(
     set_log: Option<crate::reload::SetLog>,
 ) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    if config.kubernetes.enabled {
+        bail!(
+            "{}: kubernetes.enabled: the Kubernetes node source is not part of this build yet; \
+             set it to false and give the node's addresses and pod_cidr in the config",
+            config_path.display()
+        );
+    }
     let secret = control::load_secret(&config, config_path)?;
     let state_file = config.state_dir.join("ipam.json");
     let pools = config

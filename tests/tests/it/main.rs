@@ -9,6 +9,7 @@ mod deploy;
 mod interop;
 mod ipam;
 mod ipam_sim;
+mod manifests;
 mod mesh;
 mod mesh_sim;
 mod service;
