@@ -442,29 +442,62 @@ impl Store {
     }
 }
 
-/// Where and how the daemon writes its conflist.
+/// Where and how the daemon writes its conflist. Clones share the MTU and the last blocks, so
+/// the IPAM loop (new blocks) and a reload (new MTU) both rewrite the same, current file.
 #[derive(Debug, Clone)]
 pub struct ConflistWriter {
-    /// `cni.conflist`.
-    pub path: PathBuf,
-    /// The overlay MTU.
-    pub mtu: u16,
-    /// The daemon's API socket, for `weft-cni`.
-    pub socket: PathBuf,
-    /// host-local's lease directory.
-    pub ipam_dir: PathBuf,
+    path: PathBuf,
+    socket: PathBuf,
+    ipam_dir: PathBuf,
+    state: std::sync::Arc<std::sync::Mutex<(u16, Vec<IpNet>)>>,
 }
 
 impl ConflistWriter {
+    /// A writer of `path` for a daemon on `socket` whose overlay MTU is `mtu`; host-local keeps
+    /// its leases under `ipam_dir`.
+    pub fn new(path: PathBuf, mtu: u16, socket: PathBuf, ipam_dir: PathBuf) -> Self {
+        Self {
+            path,
+            socket,
+            ipam_dir,
+            state: std::sync::Arc::new(std::sync::Mutex::new((mtu, Vec::new()))),
+        }
+    }
+
     /// Writes the conflist for `blocks` (nothing before the node has a block); logs the outcome.
     pub fn write(&self, blocks: &[IpNet]) {
+        let mtu = {
+            let mut st = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.1 = blocks.to_vec();
+            st.0
+        };
+        self.render(mtu, blocks);
+    }
+
+    /// A new overlay MTU: rewrites the conflist for the blocks last written.
+    pub fn set_mtu(&self, mtu: u16) {
+        let blocks = {
+            let mut st = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.0 = mtu;
+            st.1.clone()
+        };
+        self.render(mtu, &blocks);
+    }
+
+    fn render(&self, mtu: u16, blocks: &[IpNet]) {
         if blocks.is_empty() {
             return;
         }
-        let value = conflist(blocks, self.mtu, &self.socket, &self.ipam_dir);
+        let value = conflist(blocks, mtu, &self.socket, &self.ipam_dir);
         match write_conflist(&self.path, &value) {
             Ok(true) => {
-                tracing::info!(path = %self.path.display(), blocks = ?blocks, "wrote the CNI conflist")
+                tracing::info!(path = %self.path.display(), blocks = ?blocks, mtu, "wrote the CNI conflist")
             }
             Ok(false) => {}
             Err(e) => {

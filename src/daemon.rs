@@ -270,12 +270,12 @@ pub async fn run(
     if let Some(m) = &masquerade {
         m.apply(&plan.pod_cidrs);
     }
-    let conflist = crate::cni::ConflistWriter {
-        path: config.cni.conflist.clone(),
+    let conflist = crate::cni::ConflistWriter::new(
+        config.cni.conflist.clone(),
         mtu,
-        socket: config.api_socket.clone(),
-        ipam_dir: config.state_dir.join("cni-ipam"),
-    };
+        config.api_socket.clone(),
+        config.state_dir.join("cni-ipam"),
+    );
     conflist.write(&plan.pod_cidrs);
     info!(
         node = %config.node.name, interface = %iface, mtu, port = config.router.port,
@@ -386,6 +386,7 @@ pub async fn run(
         mesh: mesh_tx.clone(),
         statics: statics_tx,
         node: node.clone(),
+        conflist: conflist.clone(),
         set_log,
     };
     let shared = Shared {

@@ -75,6 +75,8 @@ pub struct Reloader {
     pub statics: Option<watch::Sender<Vec<PeerConfig>>>,
     /// What status shows of this node.
     pub node: Arc<Mutex<NodeStatus>>,
+    /// The CNI conflist, whose MTU follows the overlay's.
+    pub conflist: crate::cni::ConflistWriter,
     /// Changes the log filter.
     pub set_log: Option<SetLog>,
 }
@@ -137,6 +139,7 @@ impl Reloader {
             if let Ok(mut n) = self.node.lock() {
                 n.mtu = mtu;
             }
+            self.conflist.set_mtu(mtu);
         }
         if new.wireguard_peers != old.wireguard_peers {
             let (before, after) = (crate::daemon::routes(&old), crate::daemon::routes(new));

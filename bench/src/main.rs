@@ -233,7 +233,12 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let command = std::iter::once("cargo run --release -p weft-bench --".to_owned())
+    let run = if cfg!(debug_assertions) {
+        "cargo run -p weft-bench --"
+    } else {
+        "cargo run --release -p weft-bench --"
+    };
+    let command = std::iter::once(run.to_owned())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");

@@ -446,6 +446,13 @@ fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_br
             .args(["-o", "link", "show", "weft0"]),
     )?;
     ensure!(String::from_utf8_lossy(&link.stdout).contains("mtu 1300"));
+    let conflist: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        m.daemon("e1").config.with_file_name("10-weft.conflist"),
+    )?)?;
+    ensure!(
+        conflist["plugins"][1]["mtu"] == 1300,
+        "the conflist kept the old MTU: {conflist}"
+    );
     let routes = weft::lab::run(
         m.lab
             .cmd(&m.daemon("e1").ns, "ip")
