@@ -1,0 +1,185 @@
+//! What weft reads from a Kubernetes Node object, pure: the region (the
+//! `topology.kubernetes.io/region` label, else the deprecated
+//! `failure-domain.beta.kubernetes.io/region`), the private and public addresses (`InternalIP`
+//! and `ExternalIP`, overridden by the `weft.dev/private-address` and `weft.dev/public-address`
+//! annotations), the pod blocks (`spec.podCIDRs`, else `spec.podCIDR`) and the WireGuard key a
+//! weft daemon published (`weft.dev/public-key`). The node source that watches Nodes with the
+//! kube client builds on this; it is not part of this build yet.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+
+/// The region label.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The deprecated region label (older clusters, the seeds' Pharos docs).
+pub const REGION_LABEL_DEPRECATED: &str = "failure-domain.beta.kubernetes.io/region";
+/// Overrides the private address.
+pub const PRIVATE_ANNOTATION: &str = "weft.dev/private-address";
+/// Overrides the public address.
+pub const PUBLIC_ANNOTATION: &str = "weft.dev/public-address";
+/// The WireGuard public key a weft daemon publishes on its Node.
+pub const KEY_ANNOTATION: &str = "weft.dev/public-key";
+
+/// A Node as weft sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// `metadata.name`.
+    pub name: String,
+    /// Its region.
+    pub region: Option<String>,
+    /// The address peers in its region use.
+    pub private_address: Option<IpAddr>,
+    /// The address peers in other regions use.
+    pub public_address: Option<IpAddr>,
+    /// Its pod blocks; empty until the controller manager assigns them.
+    pub pod_cidrs: Vec<IpNet>,
+    /// The WireGuard key it published, base64.
+    pub public_key: Option<String>,
+}
+
+/// A Node that cannot be read, naming the node and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node {node}: {field}: {problem}")]
+pub struct NodeError {
+    /// The node.
+    pub node: String,
+    /// The field.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl NodeView {
+    /// Reads `node`.
+    pub fn from_node(node: &Node) -> Result<Self, NodeError> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let bad = |field: &str, problem: String| NodeError {
+            node: name.clone(),
+            field: field.to_owned(),
+            problem,
+        };
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let annotations = node.metadata.annotations.clone().unwrap_or_default();
+        let region = labels
+            .get(REGION_LABEL)
+            .or_else(|| labels.get(REGION_LABEL_DEPRECATED))
+            .filter(|r| !r.is_empty())
+            .cloned();
+        let status_address = |kind: &str| -> Result<Option<IpAddr>, NodeError> {
+            let Some(a) = node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .and_then(|a| a.iter().find(|a| a.type_ == kind))
+            else {
+                return Ok(None);
+            };
+            a.address.parse().map(Some).map_err(|_| {
+                bad(
+                    &format!("status.addresses[{kind}]"),
+                    format!("{:?} is not an IP address", a.address),
+                )
+            })
+        };
+        let annotated = |key: &str| -> Result<Option<IpAddr>, NodeError> {
+            annotations
+                .get(key)
+                .map(|v| {
+                    v.parse().map_err(|_| {
+                        bad(
+                            &format!("annotation {key}"),
+                            format!("{v:?} is not an IP address"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let private_address = match annotated(PRIVATE_ANNOTATION)? {
+            Some(a) => Some(a),
+            None => status_address("InternalIP")?,
+        };
+        let public_address = match annotated(PUBLIC_ANNOTATION)? {
+            Some(a) => Some(a),
+            None => status_address("ExternalIP")?,
+        };
+        let spec = node.spec.clone().unwrap_or_default();
+        let cidrs = match (spec.pod_cidrs, spec.pod_cidr) {
+            (Some(list), _) if !list.is_empty() => list,
+            (_, Some(one)) if !one.is_empty() => vec![one],
+            _ => Vec::new(),
+        };
+        let pod_cidrs = cidrs
+            .iter()
+            .map(|c| {
+                c.parse::<IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| bad("spec.podCIDRs", format!("{c:?} is not a CIDR")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name,
+            region,
+            private_address,
+            public_address,
+            pod_cidrs,
+            public_key: annotations.get(KEY_ANNOTATION).cloned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).expect("a Node")
+    }
+
+    #[test]
+    fn labels_addresses_annotations_and_pod_cidrs_are_read_with_their_fallbacks() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1",
+                "labels": {"failure-domain.beta.kubernetes.io/region": "eu-west"},
+                "annotations": {"weft.dev/public-address": "198.19.0.1", "weft.dev/public-key": "KEY"}},
+            "spec": {"podCIDR": "100.64.1.0/24", "podCIDRs": ["100.64.1.0/24", "fd00:64:0:1::/64"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.1"},
+                                     {"type": "ExternalIP", "address": "203.0.113.9"},
+                                     {"type": "Hostname", "address": "n1"}]}
+        }));
+        let v = NodeView::from_node(&n).unwrap();
+        assert_eq!(v.region.as_deref(), Some("eu-west"), "the deprecated label");
+        assert_eq!(v.private_address, Some("198.18.1.1".parse().unwrap()));
+        assert_eq!(
+            v.public_address,
+            Some("198.19.0.1".parse().unwrap()),
+            "the annotation wins"
+        );
+        assert_eq!(v.pod_cidrs.len(), 2);
+        assert_eq!(v.public_key.as_deref(), Some("KEY"));
+        // The current label wins over the deprecated one.
+        let n = node(serde_json::json!({"metadata": {"name": "n2", "labels": {
+            "topology.kubernetes.io/region": "us-east",
+            "failure-domain.beta.kubernetes.io/region": "old"}}}));
+        let v = NodeView::from_node(&n).unwrap();
+        assert_eq!(v.region.as_deref(), Some("us-east"));
+        assert!(v.pod_cidrs.is_empty(), "no podCIDR yet: the node waits");
+    }
+
+    #[test]
+    fn a_bad_address_or_cidr_names_the_node_and_the_field() {
+        let n = node(serde_json::json!({"metadata": {"name": "n3",
+            "annotations": {"weft.dev/private-address": "not-an-ip"}}}));
+        let e = NodeView::from_node(&n).unwrap_err().to_string();
+        assert!(
+            e.contains("n3") && e.contains("weft.dev/private-address") && e.contains("not-an-ip"),
+            "{e}"
+        );
+        let n = node(
+            serde_json::json!({"metadata": {"name": "n4"}, "spec": {"podCIDRs": ["100.64.1.0/33"]}}),
+        );
+        let e = NodeView::from_node(&n).unwrap_err().to_string();
+        assert!(e.contains("n4") && e.contains("spec.podCIDRs"), "{e}");
+    }
+}
