@@ -21,6 +21,7 @@ pub mod lab;
 pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
+pub mod nodesource;
 pub mod notify;
 pub mod reconcile;
 pub mod reload;

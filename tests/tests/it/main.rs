@@ -12,5 +12,6 @@ mod ipam_sim;
 mod manifests;
 mod mesh;
 mod mesh_sim;
+mod nodesource;
 mod service;
 mod two_nodes;

@@ -1,0 +1,203 @@
+//! The Kubernetes node source: watches Nodes with the kube runtime watcher and reports this
+//! node's view (region, addresses, `spec.podCIDRs`) and every other node's, and marks this node
+//! ready for the cluster: the `weft.dev/public-key` annotation (merge patch) and the
+//! `NetworkUnavailable=False` condition (strategic merge patch of the status), each only when
+//! the Node does not say so already — never on a timer.
+//!
+//! The API being down, at start or later, is retried with the watcher's backoff while the
+//! daemon forwards with what it knows; each failure is reported ([`SourceEvent::Trouble`]),
+//! a 403 naming the permission the ServiceAccount lacks.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::k8s::{KEY_ANNOTATION, NodeView};
+
+/// What the source tells the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// This node, as its Node object says now.
+    Me(NodeView),
+    /// Every other node, as the API says now (after the initial list and each change).
+    Others(Vec<NodeView>),
+    /// The API could not be read; the message says why.
+    Trouble(String),
+}
+
+/// The source's settings.
+#[derive(Clone)]
+pub struct NodeSource {
+    /// The API client.
+    pub client: Client,
+    /// This node's Node name.
+    pub me: String,
+    /// This node's WireGuard public key, base64, to publish.
+    pub public_key: String,
+}
+
+impl std::fmt::Debug for NodeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSource")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a failure happened, for people: a 403 names the permission.
+pub fn explain(e: &watcher::Error) -> String {
+    let text = e.to_string();
+    if text.contains("403") || text.to_ascii_lowercase().contains("forbidden") {
+        format!(
+            "the Kubernetes API refused (403 Forbidden): the ServiceAccount needs get, list and watch on nodes, \
+             and patch on nodes and nodes/status (ClusterRole weft in deploy/kubernetes/rbac.yaml): {text}"
+        )
+    } else {
+        format!("the Kubernetes API is not answering as expected (retrying with backoff): {text}")
+    }
+}
+
+impl NodeSource {
+    /// Watches until `shutdown`; events go to `events`.
+    pub async fn run(self, events: mpsc::Sender<SourceEvent>, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut stream = watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
+        let mut listing: Option<BTreeMap<String, NodeView>> = None;
+        let mut published = false;
+        let mut ready = false;
+        loop {
+            let item = tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+                item = stream.next() => item,
+            };
+            let Some(item) = item else { return };
+            let changed = match item {
+                Err(e) => {
+                    let msg = explain(&e);
+                    warn!(error = %msg, "Kubernetes node source");
+                    let _ = events.send(SourceEvent::Trouble(msg)).await;
+                    continue;
+                }
+                Ok(watcher::Event::Init) => {
+                    listing = Some(BTreeMap::new());
+                    None
+                }
+                Ok(watcher::Event::InitApply(n)) => {
+                    if let (Some(l), Some(v)) = (listing.as_mut(), self.view(&n)) {
+                        l.insert(v.name.clone(), v);
+                    }
+                    if n.metadata.name.as_deref() == Some(self.me.as_str()) {
+                        self.mark(&api, &n, &mut published, &mut ready).await;
+                    }
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    nodes = listing.take().unwrap_or_default();
+                    info!(nodes = nodes.len(), "Kubernetes nodes listed");
+                    Some(())
+                }
+                Ok(watcher::Event::Apply(n)) => {
+                    if n.metadata.name.as_deref() == Some(self.me.as_str()) {
+                        self.mark(&api, &n, &mut published, &mut ready).await;
+                    }
+                    self.view(&n).map(|v| {
+                        nodes.insert(v.name.clone(), v);
+                    })
+                }
+                Ok(watcher::Event::Delete(n)) => {
+                    let name = n.metadata.name.unwrap_or_default();
+                    info!(node = %name, "Kubernetes node deleted");
+                    nodes.remove(&name).map(drop)
+                }
+            };
+            if changed.is_some() {
+                if let Some(me) = nodes.get(&self.me) {
+                    let _ = events.send(SourceEvent::Me(me.clone())).await;
+                } else {
+                    warn!(node = %self.me, "this node has no Node object (node.name must be the Kubernetes node name)");
+                }
+                let others = nodes
+                    .values()
+                    .filter(|v| v.name != self.me)
+                    .cloned()
+                    .collect();
+                let _ = events.send(SourceEvent::Others(others)).await;
+            }
+        }
+    }
+
+    fn view(&self, n: &Node) -> Option<NodeView> {
+        match NodeView::from_node(n) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!(error = %e, "ignoring a Node weft cannot read");
+                None
+            }
+        }
+    }
+
+    /// Publishes the key and the condition on this node's object, each only if it differs.
+    async fn mark(&self, api: &Api<Node>, n: &Node, published: &mut bool, ready: &mut bool) {
+        let has_key = n
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(KEY_ANNOTATION))
+            .is_some_and(|k| *k == self.public_key);
+        if !has_key && !*published {
+            let patch = json!({"metadata": {"annotations": {KEY_ANNOTATION: self.public_key}}});
+            match api
+                .patch(&self.me, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    *published = true;
+                    info!(node = %self.me, "published the WireGuard key on the Node");
+                }
+                Err(e) => warn!(error = %e, "could not annotate the Node (patch on nodes)"),
+            }
+        }
+        let available = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "NetworkUnavailable"))
+            .is_some_and(|c| c.status == "False" && c.reason.as_deref() == Some("WeftIsUp"));
+        if !available && !*ready {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let patch = json!({"status": {"conditions": [{
+                "type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp",
+                "message": "weft is running on this node",
+                "lastTransitionTime": now, "lastHeartbeatTime": now,
+            }]}});
+            match api
+                .patch_status(&self.me, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+            {
+                Ok(_) => {
+                    *ready = true;
+                    info!(node = %self.me, "set NetworkUnavailable=False on the Node");
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not set the Node's condition (patch on nodes/status)")
+                }
+            }
+        }
+    }
+}
