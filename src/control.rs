@@ -285,6 +285,54 @@ pub async fn apply(
     true
 }
 
+/// Applies what the Kubernetes node source reports: this node's region and addresses into its
+/// record (the config's explicit values win), its `spec.podCIDRs` to IPAM (`blocks`, unless the
+/// config pins `node.pod_cidr`), and the other nodes as bootstrap peers of the mesh. Ends when
+/// the source does.
+pub async fn kubernetes_loop(
+    node: weft_config::Node,
+    (mesh_port, configured): (u16, Vec<std::net::SocketAddr>),
+    mut source: mpsc::Receiver<crate::nodesource::SourceEvent>,
+    mesh: mpsc::Sender<MeshCommand>,
+    blocks: watch::Sender<Vec<ipnet::IpNet>>,
+) {
+    use crate::nodesource::SourceEvent;
+    let mut region = node.region.clone();
+    let mut joined: Vec<std::net::SocketAddr> = Vec::new();
+    while let Some(event) = source.recv().await {
+        match event {
+            SourceEvent::Me(me) => {
+                let facts = crate::k8s::own_facts(&me, &node);
+                region.clone_from(&facts.region);
+                if let Some(snap) = mesh_snapshot(&mesh).await {
+                    let mut r = snap.record.clone();
+                    r.region.clone_from(&facts.region);
+                    r.private_address = facts.private_address;
+                    r.public_address = facts.public_address;
+                    if r != snap.record {
+                        info!(region = ?facts.region, private = ?facts.private_address, public = ?facts.public_address, "this node's facts from Kubernetes");
+                        let _ = mesh.send(MeshCommand::Update(r)).await;
+                    }
+                }
+                if node.pod_cidr.is_empty() && *blocks.borrow() != me.pod_cidrs {
+                    info!(pod_cidrs = ?me.pod_cidrs, "pod blocks from the Node's spec.podCIDRs");
+                    let _ = blocks.send(me.pod_cidrs.clone());
+                }
+            }
+            SourceEvent::Others(others) => {
+                let mut addrs = configured.clone();
+                addrs.extend(crate::k8s::bootstrap(&others, region.as_deref(), mesh_port));
+                if addrs != joined {
+                    debug!(peers = ?addrs, "bootstrap peers from the Kubernetes nodes");
+                    let _ = mesh.send(MeshCommand::Join(addrs.clone())).await;
+                    joined = addrs;
+                }
+            }
+            SourceEvent::Trouble(_) => {}
+        }
+    }
+}
+
 /// This node's side of IPAM: the rounds of [`Blocks`], the state file and the TUN addresses
 /// that follow the blocks.
 #[derive(Debug)]
@@ -299,6 +347,9 @@ pub struct Ipam {
     pub masquerade: Option<Masquerade>,
     /// The CNI conflist, which follows the blocks.
     pub conflist: crate::cni::ConflistWriter,
+    /// Blocks assigned from outside the mesh (Kubernetes `spec.podCIDRs`): when set, the node
+    /// holds exactly these and claims nothing; empty means it waits for them.
+    pub external: Option<watch::Receiver<Vec<ipnet::IpNet>>>,
     /// The first claim waits this long for the mesh to tell what is taken.
     pub settle: Duration,
     /// When the daemon started.
@@ -318,7 +369,34 @@ impl Ipam {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let settled = now.saturating_duration_since(self.started) >= self.settle;
-        let (next, events) = self.blocks.round(&snap.members, now, now_millis(), settled);
+        let (next, events) = match &self.external {
+            Some(rx) => {
+                let assigned = rx.borrow().clone();
+                if assigned.is_empty() {
+                    if self.reported.insert("waiting for podCIDRs".into()) {
+                        info!(
+                            "waiting for the Node's spec.podCIDRs (kube-controller-manager --allocate-node-cidrs)"
+                        );
+                    }
+                    return None;
+                }
+                self.blocks.fixed.clone_from(&assigned);
+                let next = assigned
+                    .iter()
+                    .map(|b| SavedBlock {
+                        block: *b,
+                        since: self
+                            .blocks
+                            .held
+                            .iter()
+                            .find(|h| h.block == *b)
+                            .map_or_else(now_millis, |h| h.since),
+                    })
+                    .collect();
+                (next, Vec::new())
+            }
+            None => self.blocks.round(&snap.members, now, now_millis(), settled),
+        };
         let name = |id: &[u8; 32]| {
             snap.members
                 .iter()

@@ -153,14 +153,27 @@ pub async fn run(
     set_log: Option<crate::reload::SetLog>,
 ) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    if config.kubernetes.enabled {
-        bail!(
-            "{}: kubernetes.enabled: the Kubernetes node source is not part of this build yet; \
-             set it to false and give the node's addresses and pod_cidr in the config",
-            config_path.display()
-        );
-    }
     let secret = control::load_secret(&config, config_path)?;
+    // The Kubernetes source needs the mesh (keys and paths travel by gossip) and a client
+    // config; the API itself may be down, which the source rides out.
+    let kube_client = if config.kubernetes.enabled {
+        if secret.is_none() {
+            bail!(
+                "{}: kubernetes.enabled: needs the mesh: give every node the cluster secret \
+                 (mesh.secret_file {})",
+                config_path.display(),
+                config.mesh.secret_file.display()
+            );
+        }
+        Some(kube::Client::try_default().await.with_context(|| {
+            format!(
+                "{}: kubernetes.enabled: no in-cluster service account and no usable KUBECONFIG",
+                config_path.display()
+            )
+        })?)
+    } else {
+        None
+    };
     let state_file = config.state_dir.join("ipam.json");
     let pools = config
         .network
@@ -315,6 +328,27 @@ pub async fn run(
         let mut mesh = Membership::new(now, identity, record, mesh_config, mesh_seed);
         mesh.join(&config.mesh.peers);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let external_rx = match kube_client.clone() {
+            Some(client) => {
+                let (blocks_tx, blocks_rx) = watch::channel(config.node.pod_cidr.clone());
+                let (src_tx, src_rx) = mpsc::channel(16);
+                let source = crate::nodesource::NodeSource {
+                    client,
+                    me: config.node.name.clone(),
+                    public_key: public_key.clone(),
+                };
+                helpers.push(tokio::spawn(source.run(src_tx, stop_tx.subscribe())));
+                helpers.push(tokio::spawn(control::kubernetes_loop(
+                    config.node.clone(),
+                    (config.mesh.port, config.mesh.peers.clone()),
+                    src_rx,
+                    mesh_tx.clone(),
+                    blocks_tx,
+                )));
+                Some(blocks_rx)
+            }
+            None => None,
+        };
         let driver = MeshDriver::new(mesh, listener, secret);
         helpers.push(tokio::spawn(async move {
             if let Err(e) = driver.run(mesh_rx, ev_tx, stop_rx).await {
@@ -343,6 +377,7 @@ pub async fn run(
             netlink: nl.clone(),
             index,
             reported: std::collections::BTreeSet::new(),
+            external: external_rx.clone(),
         };
         let (tx, rx) = watch::channel(plan.peers.clone());
         statics_tx = Some(tx);

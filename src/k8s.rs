@@ -129,6 +129,51 @@ impl NodeView {
     }
 }
 
+/// This node's facts once the config has had its say: an explicit `node.region`,
+/// `node.private_address` or `node.public_address` wins over the Node object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnFacts {
+    /// The region.
+    pub region: Option<String>,
+    /// The private address.
+    pub private_address: Option<IpAddr>,
+    /// The public address.
+    pub public_address: Option<IpAddr>,
+}
+
+/// Merges this node's Node view under the config's explicit values.
+pub fn own_facts(me: &NodeView, node: &weft_config::Node) -> OwnFacts {
+    OwnFacts {
+        region: node.region.clone().or_else(|| me.region.clone()),
+        private_address: node.private_address.or(me.private_address),
+        public_address: node.public_address.or(me.public_address),
+    }
+}
+
+/// The gossip addresses of the other nodes, to bootstrap from: the private address of a node in
+/// this node's region, the public one (else the private one) of any other.
+pub fn bootstrap(
+    others: &[NodeView],
+    my_region: Option<&str>,
+    mesh_port: u16,
+) -> Vec<std::net::SocketAddr> {
+    let mut out: Vec<std::net::SocketAddr> = others
+        .iter()
+        .filter_map(|n| {
+            let same = my_region.is_some() && n.region.as_deref() == my_region;
+            let addr = if same {
+                n.private_address.or(n.public_address)
+            } else {
+                n.public_address.or(n.private_address)
+            };
+            addr.map(|a| std::net::SocketAddr::new(a, mesh_port))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +210,41 @@ mod tests {
         let v = NodeView::from_node(&n).unwrap();
         assert_eq!(v.region.as_deref(), Some("us-east"));
         assert!(v.pod_cidrs.is_empty(), "no podCIDR yet: the node waits");
+    }
+
+    #[test]
+    fn the_config_wins_and_bootstrap_addresses_follow_the_regions() {
+        let view = |name: &str, region: &str, private: &str, public: Option<&str>| NodeView {
+            name: name.into(),
+            region: Some(region.into()),
+            private_address: Some(private.parse().unwrap()),
+            public_address: public.map(|p| p.parse().unwrap()),
+            pod_cidrs: vec![],
+            public_key: None,
+        };
+        let me = view("n1", "eu", "198.18.1.1", Some("198.19.0.1"));
+        let mut cfg = weft_config::Config::parse(
+            "node:\n  region: pinned\n",
+            std::path::Path::new("w.yaml"),
+            "n1",
+        )
+        .unwrap()
+        .node;
+        let f = own_facts(&me, &cfg);
+        assert_eq!(f.region.as_deref(), Some("pinned"));
+        assert_eq!(f.private_address, me.private_address);
+        cfg.region = None;
+        assert_eq!(own_facts(&me, &cfg).region.as_deref(), Some("eu"));
+        let others = [
+            view("n2", "eu", "198.18.1.2", Some("198.19.0.2")),
+            view("n3", "us", "198.18.2.3", Some("198.19.0.3")),
+            view("n4", "us", "198.18.2.4", None),
+        ];
+        let b: Vec<String> = bootstrap(&others, Some("eu"), 6783)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(b, ["198.18.1.2:6783", "198.18.2.4:6783", "198.19.0.3:6783"]);
     }
 
     #[test]

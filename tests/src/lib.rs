@@ -12,6 +12,7 @@ use weft::lab::{Daemon, Lab};
 
 pub mod cni;
 pub mod ipam_sim;
+pub mod kubeapi;
 pub mod meshlab;
 pub mod pcap;
 pub mod sim;

@@ -55,9 +55,9 @@ const CASES: &[(&str, &str, &str)] = &[
         ":3:3: node.pod_cidr: at most one IPv4 and one IPv6 CIDR, found two IPv4 ones: 100.64.1.0/24 and 100.64.1.128/25",
     ),
     (
-        "kubernetes-source-not-in-this-build",
+        "kubernetes-without-the-mesh",
         "node:\n  pod_cidr: 100.64.1.0/24\nkubernetes:\n  enabled: true\n",
-        ": kubernetes.enabled: the Kubernetes node source is not part of this build yet",
+        ": kubernetes.enabled: needs the mesh",
     ),
     (
         "no-pod-cidr",

@@ -9,6 +9,7 @@ mod deploy;
 mod interop;
 mod ipam;
 mod ipam_sim;
+mod kubernetes;
 mod manifests;
 mod mesh;
 mod mesh_sim;

@@ -1,0 +1,184 @@
+//! weft daemons with `kubernetes.enabled` against a fake Kubernetes API served over HTTP in the
+//! lab: each node takes its block from its Node's `spec.podCIDRs`, its region and addresses from
+//! the Node, finds the others from the Node list (no bootstrap peers configured), publishes its
+//! key and `NetworkUnavailable=False`, and follows a region label changed at run time. Run as
+//! root.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use serde_json::{Value, json};
+use weft::lab::{Lab, wait_for};
+use weft_tests::kubeapi::{Shared, serve_http};
+use weft_tests::weft_bin;
+
+/// (name, region, LAN, host): e1, e2 in eu (LAN 1), u1 in us (LAN 2).
+const NODES: [(&str, &str, u8, u8); 3] =
+    [("e1", "eu", 1, 1), ("e2", "eu", 1, 2), ("u1", "us", 2, 1)];
+
+fn public(lan: u8, host: u8) -> String {
+    format!("198.19.0.{}", host + 10 * (lan - 1))
+}
+
+fn node_object(i: usize) -> Value {
+    let (name, region, lan, host) = NODES[i];
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/region": region}, "annotations": {}},
+        "spec": {"podCIDRs": [format!("100.64.{}.0/24", i + 1)]},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": format!("198.18.{lan}.{host}")},
+            {"type": "ExternalIP", "address": public(lan, host)}]}
+    })
+}
+
+#[test]
+fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_a_label_change()
+-> anyhow::Result<()> {
+    let bin = weft_bin()?;
+    let mut lab = Lab::new("k8")?;
+    let sw = lab.add_ns("sw")?;
+    for br in ["lan1", "lan2", "inet"] {
+        lab.bridge(&sw, br)?;
+    }
+    // The API server lives on the shared segment.
+    lab.ip(&sw, &["addr", "add", "198.19.0.100/24", "dev", "inet"])?;
+    let api: Shared = Shared::default();
+    {
+        let mut f = api.lock().expect("fake");
+        for i in 0..NODES.len() {
+            f.put(node_object(i));
+        }
+    }
+    serve_http(&lab, &sw, "198.19.0.100:6443".parse()?, api.clone())?;
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://198.19.0.100:6443\n\
+         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {}\n",
+    )?;
+    let secret = String::from_utf8(
+        weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+    )?;
+    let mut daemons = Vec::new();
+    for (name, _, lan, host) in NODES {
+        let ns = lab.add_ns(name)?;
+        lab.plug(
+            (&sw, &format!("lan{lan}")),
+            (&ns, "lan0", &format!("198.18.{lan}.{host}/24")),
+        )?;
+        lab.plug(
+            (&sw, "inet"),
+            (&ns, "wan0", &format!("{}/24", public(lan, host))),
+        )?;
+        // No region, no addresses, no block, no bootstrap peers: Kubernetes says them all.
+        let body = format!(
+            "node:\n  name: {name}\n  key_file: KEY_FILE\nnetwork:\n  trusted_subnets: [198.18.{lan}.0/24]\n\
+             mesh:\n  secret_file: SECRET_FILE\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
+             kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n"
+        );
+        let d = lab.daemon(name, &ns, &body)?;
+        std::fs::write(&d.secret_file, &secret)?;
+        lab.start_with(
+            &bin,
+            &d,
+            &[],
+            &[("KUBECONFIG", kubeconfig.to_str().context("path")?)],
+        )?;
+        daemons.push(d);
+    }
+    let status = |i: usize| lab.status(&bin, &daemons[i]);
+    let peer = |i: usize, name: &str| -> Option<Value> {
+        status(i).ok()?["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+    };
+
+    // Blocks from spec.podCIDRs, and a full mesh found through the Node list.
+    for (i, (name, ..)) in NODES.iter().enumerate() {
+        wait_for(
+            &format!("{name} to take its block from its Node"),
+            Duration::from_secs(30),
+            || {
+                (status(i).ok()?["node"]["pod_cidrs"] == json!([format!("100.64.{}.0/24", i + 1)]))
+                    .then_some(())
+            },
+        )?;
+    }
+    for i in 0..NODES.len() {
+        for (j, other) in NODES.iter().enumerate().filter(|(j, _)| *j != i) {
+            wait_for(
+                &format!("{} to route {}", NODES[i].0, other.0),
+                Duration::from_secs(30),
+                || {
+                    peer(i, other.0)
+                        .filter(|p| p["pod_cidrs"] == json!([format!("100.64.{}.0/24", j + 1)]))
+                },
+            )?;
+            weft_tests::ping(&lab, &daemons[i].ns, &format!("100.64.{}.1", j + 1), None)?;
+        }
+    }
+    // Regions from the labels decide the endpoints: e2 in-region (private, plaintext), u1 across.
+    let p = peer(0, "e2").context("e1's peer e2")?;
+    ensure!(
+        p["endpoint"] == "198.18.1.2:51820" && p["path"] == "plaintext",
+        "{p}"
+    );
+    let p = peer(0, "u1").context("e1's peer u1")?;
+    ensure!(
+        p["endpoint"] == format!("{}:51820", public(2, 1)) && p["region"] == "us",
+        "{p}"
+    );
+
+    // Every node published its key and its condition, once.
+    let patches = api.lock().expect("fake").patches.clone();
+    for (name, ..) in NODES {
+        let n = patches
+            .iter()
+            .filter(|(path, ..)| path == &format!("/api/v1/nodes/{name}"))
+            .count();
+        let s = patches
+            .iter()
+            .filter(|(path, ..)| path == &format!("/api/v1/nodes/{name}/status"))
+            .count();
+        ensure!(
+            n == 1 && s == 1,
+            "{name}: {n} annotation and {s} status patches: {patches:?}"
+        );
+    }
+    let key =
+        api.lock().expect("fake").nodes["e1"]["metadata"]["annotations"]["weft.dev/public-key"]
+            .clone();
+    ensure!(
+        key == status(0)?["node"]["public_key"],
+        "published key {key}"
+    );
+
+    // e2's region label changes at run time: e1 now reaches it at its public address.
+    {
+        let mut f = api.lock().expect("fake");
+        let mut n = f.nodes["e2"].clone();
+        n["metadata"]["labels"]["topology.kubernetes.io/region"] = json!("us");
+        f.put(n);
+    }
+    wait_for(
+        "e1 to see e2 in us, at its public address",
+        Duration::from_secs(30),
+        || {
+            peer(0, "e2").filter(|p| {
+                p["region"] == "us" && p["endpoint"] == format!("{}:51820", public(1, 2))
+            })
+        },
+    )?;
+    weft_tests::ping(&lab, &daemons[0].ns, "100.64.2.1", None)?;
+    for d in &daemons {
+        ensure!(
+            lab.stop(&d.name, Duration::from_secs(10))?,
+            "{} did not stop cleanly",
+            d.name
+        );
+    }
+    Ok(())
+}
