@@ -116,10 +116,23 @@ pub async fn mesh_snapshot(tx: &mpsc::Sender<MeshCommand>) -> Option<MeshSnapsho
     ask(tx, MeshCommand::Snapshot).await
 }
 
+/// What the reconciler takes besides the mesh.
+#[derive(Debug)]
+pub struct Inputs {
+    /// The configured `wireguard_peers` (a reload changes them).
+    pub statics: watch::Receiver<Vec<PeerConfig>>,
+    /// With Kubernetes, the names of the cluster's Nodes: a member whose Node is gone is not
+    /// routed, even while its daemon still gossips. `None` without Kubernetes.
+    pub cluster: Option<watch::Receiver<Option<BTreeSet<String>>>>,
+}
+
 /// Keeps the router's peers in line with the mesh, and this node's blocks with the others'
 /// claims, until `shutdown`.
 pub async fn reconcile_loop(
-    mut statics: watch::Receiver<Vec<PeerConfig>>,
+    Inputs {
+        mut statics,
+        cluster,
+    }: Inputs,
     router: mpsc::Sender<RouterCommand>,
     mesh: mpsc::Sender<MeshCommand>,
     mut events: mpsc::UnboundedReceiver<Event>,
@@ -182,6 +195,15 @@ pub async fn reconcile_loop(
         }
         choices.retain(|k| cands.contains_key(k));
         let configured = statics.borrow_and_update().clone();
+        if let Some(names) = cluster.as_ref().and_then(|c| c.borrow().clone()) {
+            snap.members.retain(|m| {
+                let known = names.contains(&m.record.name);
+                if !known && warned.insert(format!("no Node {}", m.record.name)) {
+                    info!(member = %m.record.name, "mesh member without a Kubernetes Node: not routed");
+                }
+                known
+            });
+        }
         let (desired, skipped) = reconcile::desired(
             &snap.record,
             snap.me.0,
@@ -294,7 +316,10 @@ pub async fn kubernetes_loop(
     (mesh_port, configured): (u16, Vec<std::net::SocketAddr>),
     mut source: mpsc::Receiver<crate::nodesource::SourceEvent>,
     mesh: mpsc::Sender<MeshCommand>,
-    blocks: watch::Sender<Vec<ipnet::IpNet>>,
+    (blocks, names): (
+        watch::Sender<Vec<ipnet::IpNet>>,
+        watch::Sender<Option<BTreeSet<String>>>,
+    ),
 ) {
     use crate::nodesource::SourceEvent;
     let mut region = node.region.clone();
@@ -320,6 +345,10 @@ pub async fn kubernetes_loop(
                 }
             }
             SourceEvent::Others(others) => {
+                let set: BTreeSet<String> = others.iter().map(|n| n.name.clone()).collect();
+                if names.borrow().as_ref() != Some(&set) {
+                    let _ = names.send(Some(set));
+                }
                 let mut addrs = configured.clone();
                 addrs.extend(crate::k8s::bootstrap(&others, region.as_deref(), mesh_port));
                 if addrs != joined {

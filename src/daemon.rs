@@ -328,9 +328,12 @@ pub async fn run(
         let mut mesh = Membership::new(now, identity, record, mesh_config, mesh_seed);
         mesh.join(&config.mesh.peers);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let mut cluster_rx = None;
         let external_rx = match kube_client.clone() {
             Some(client) => {
                 let (blocks_tx, blocks_rx) = watch::channel(config.node.pod_cidr.clone());
+                let (names_tx, names_rx) = watch::channel(None);
+                cluster_rx = Some(names_rx);
                 let (src_tx, src_rx) = mpsc::channel(16);
                 let source = crate::nodesource::NodeSource {
                     client,
@@ -343,7 +346,7 @@ pub async fn run(
                     (config.mesh.port, config.mesh.peers.clone()),
                     src_rx,
                     mesh_tx.clone(),
-                    blocks_tx,
+                    (blocks_tx, names_tx),
                 )));
                 Some(blocks_rx)
             }
@@ -382,7 +385,10 @@ pub async fn run(
         let (tx, rx) = watch::channel(plan.peers.clone());
         statics_tx = Some(tx);
         helpers.push(tokio::spawn(control::reconcile_loop(
-            rx,
+            control::Inputs {
+                statics: rx,
+                cluster: cluster_rx,
+            },
             cmd_tx.clone(),
             mesh_tx.clone(),
             ev_rx,

@@ -33,7 +33,7 @@ fn node_object(i: usize) -> Value {
 }
 
 #[test]
-fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_a_label_change()
+fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_changes_and_deletions()
 -> anyhow::Result<()> {
     let bin = weft_bin()?;
     let mut lab = Lab::new("k8")?;
@@ -173,6 +173,17 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_a_labe
         },
     )?;
     weft_tests::ping(&lab, &daemons[0].ns, "100.64.2.1", None)?;
+
+    // u1's Node is deleted while its daemon still runs: the others stop routing it.
+    api.lock().expect("fake").delete("u1");
+    for i in 0..2 {
+        wait_for(
+            &format!("{} to withdraw u1", NODES[i].0),
+            Duration::from_secs(30),
+            || peer(i, "u1").is_none().then_some(()),
+        )?;
+    }
+    ensure!(peer(0, "e2").is_some(), "e1 lost e2 too");
     for d in &daemons {
         ensure!(
             lab.stop(&d.name, Duration::from_secs(10))?,
