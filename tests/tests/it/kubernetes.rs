@@ -176,9 +176,9 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
 
     // u1's Node is deleted while its daemon still runs: the others stop routing it.
     api.lock().expect("fake").delete("u1");
-    for i in 0..2 {
+    for (i, (name, ..)) in NODES.iter().enumerate().take(2) {
         wait_for(
-            &format!("{} to withdraw u1", NODES[i].0),
+            &format!("{name} to withdraw u1"),
             Duration::from_secs(30),
             || peer(i, "u1").is_none().then_some(()),
         )?;
