@@ -160,11 +160,19 @@ pub async fn reconcile_loop(
             return;
         };
         if let Some(blocks) = ipam.step(&snap).await {
-            let mut r = snap.record.clone();
-            r.pod_cidrs = blocks.iter().map(|b| b.block).collect();
-            r.claimed_at = blocks.iter().map(|b| b.since).collect();
-            snap.record = r.clone();
-            if mesh.send(MeshCommand::Update(r)).await.is_err() {
+            let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
+            let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();
+            snap.record.pod_cidrs.clone_from(&cidrs);
+            snap.record.claimed_at.clone_from(&since);
+            let change = move |r: &mut NodeRecord| {
+                r.pod_cidrs = cidrs;
+                r.claimed_at = since;
+            };
+            if mesh
+                .send(MeshCommand::Modify(Box::new(change)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -330,13 +338,18 @@ pub async fn kubernetes_loop(
                 let facts = crate::k8s::own_facts(&me, &node);
                 region.clone_from(&facts.region);
                 if let Some(snap) = mesh_snapshot(&mesh).await {
-                    let mut r = snap.record.clone();
-                    r.region.clone_from(&facts.region);
-                    r.private_address = facts.private_address;
-                    r.public_address = facts.public_address;
-                    if r != snap.record {
+                    let r = &snap.record;
+                    if (&r.region, r.private_address, r.public_address)
+                        != (&facts.region, facts.private_address, facts.public_address)
+                    {
                         info!(region = ?facts.region, private = ?facts.private_address, public = ?facts.public_address, "this node's facts from Kubernetes");
-                        let _ = mesh.send(MeshCommand::Update(r)).await;
+                        let f = facts.clone();
+                        let change = move |r: &mut NodeRecord| {
+                            r.region = f.region;
+                            r.private_address = f.private_address;
+                            r.public_address = f.public_address;
+                        };
+                        let _ = mesh.send(MeshCommand::Modify(Box::new(change))).await;
                     }
                 }
                 if node.pod_cidr.is_empty() && *blocks.borrow() != me.pod_cidrs {

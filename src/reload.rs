@@ -159,16 +159,10 @@ impl Reloader {
             applied.push(format!("wireguard_peers ({})", new.wireguard_peers.len()));
         }
         if new.network.trusted_subnets != old.network.trusted_subnets {
-            if let Some(snap) = crate::control::mesh_snapshot(&self.mesh).await {
-                let mut record = snap.record;
-                record
-                    .trusted_subnets
-                    .clone_from(&new.network.trusted_subnets);
-                self.mesh
-                    .send(MeshCommand::Update(record))
-                    .await
-                    .context("the mesh stopped")?;
-            }
+            let trusted = new.network.trusted_subnets.clone();
+            let change = move |r: &mut weft_mesh::NodeRecord| r.trusted_subnets = trusted;
+            // Without a mesh there is no record to change; the send fails quietly then.
+            let _ = self.mesh.send(MeshCommand::Modify(Box::new(change))).await;
             applied.push(format!(
                 "trusted_subnets {:?}",
                 subnets(&new.network.trusted_subnets)

@@ -340,8 +340,12 @@ impl Membership {
     fn accept(&mut self, now: Instant, s: SignedRecord) -> bool {
         let id = s.signer;
         if id == self.me {
-            // A record of an earlier life of this node: outdo it.
-            if s.record.version >= self.own.record.version {
+            // A record of an earlier life of this node: outdo it. Our current record coming
+            // back (over a second connection to the same peer, say) is not one: answering it
+            // with a new version would loop forever.
+            let earlier_life = s.record.version > self.own.record.version
+                || (s.record.version == self.own.record.version && s.record != self.own.record);
+            if earlier_life {
                 let mut r = self.own.record.clone();
                 r.version = s.record.version + 1;
                 self.update(r);
@@ -723,6 +727,21 @@ mod tests {
         }
         assert_eq!(b.drops().malformed, 4);
         assert_eq!(b.connections(), 1);
+    }
+
+    #[test]
+    fn its_own_current_record_coming_back_changes_nothing() {
+        let (mut b, conn, now) = greeted();
+        let current = b.own.clone();
+        for _ in 0..3 {
+            b.handle_frame(
+                now,
+                conn,
+                &Frame::Records(vec![Ok(current.clone())]).encode(),
+            );
+        }
+        assert_eq!(b.record().version, current.record.version, "no new version");
+        assert_eq!(b.poll_transmit(), None, "nothing pushed");
     }
 
     #[test]

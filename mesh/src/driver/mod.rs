@@ -30,7 +30,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the daemon can ask of the mesh.
-#[derive(Debug)]
 pub enum Command {
     /// Replaces this node's record.
     Update(NodeRecord),
@@ -38,6 +37,20 @@ pub enum Command {
     Snapshot(oneshot::Sender<Snapshot>),
     /// New bootstrap addresses (dialled now, and whenever no connection is left).
     Join(Vec<SocketAddr>),
+    /// Changes some fields of this node's current record (pushed if anything changed). Unlike
+    /// [`Command::Update`], two modifications from different tasks never undo each other.
+    Modify(Box<dyn FnOnce(&mut NodeRecord) + Send>),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Update(r) => f.debug_tuple("Update").field(r).finish(),
+            Self::Snapshot(_) => f.write_str("Snapshot"),
+            Self::Join(a) => f.debug_tuple("Join").field(a).finish(),
+            Self::Modify(_) => f.write_str("Modify"),
+        }
+    }
 }
 
 /// Transport-level refusals, by reason.
@@ -149,6 +162,13 @@ impl MeshDriver {
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Update(r) => mesh.update(r),
                     Command::Join(peers) => mesh.join(&peers),
+                    Command::Modify(change) => {
+                        let mut r = mesh.record().clone();
+                        change(&mut r);
+                        if r != *mesh.record() {
+                            mesh.update(r);
+                        }
+                    }
                     Command::Snapshot(reply) => {
                         let _ = reply.send(Snapshot {
                             me: mesh.id(),

@@ -117,7 +117,22 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
                         .filter(|p| p["pod_cidrs"] == json!([format!("100.64.{}.0/24", j + 1)]))
                 },
             )?;
-            weft_tests::ping(&lab, &daemons[i].ns, &format!("100.64.{}.1", j + 1), None)?;
+            weft_tests::ping(&lab, &daemons[i].ns, &format!("100.64.{}.1", j + 1), None).map_err(
+                |e| {
+                    let logs: String = daemons
+                        .iter()
+                        .map(|d| {
+                            format!(
+                                "--- {}\n{}",
+                                d.name,
+                                std::fs::read_to_string(&d.log).unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    let st = status(i).map(|s| s.to_string()).unwrap_or_default();
+                    anyhow::anyhow!("{e}\nstatus of {}: {st}\n{logs}", NODES[i].0)
+                },
+            )?;
         }
     }
     // Regions from the labels decide the endpoints: e2 in-region (private, plaintext), u1 across.
