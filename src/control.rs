@@ -328,13 +328,20 @@ pub async fn kubernetes_loop(
         watch::Sender<Vec<ipnet::IpNet>>,
         watch::Sender<Option<BTreeSet<String>>>,
     ),
+    api: Arc<Mutex<String>>,
 ) {
     use crate::nodesource::SourceEvent;
+    let say = |s: String| {
+        if let Ok(mut a) = api.lock() {
+            *a = s;
+        }
+    };
     let mut region = node.region.clone();
     let mut joined: Vec<std::net::SocketAddr> = Vec::new();
     while let Some(event) = source.recv().await {
         match event {
             SourceEvent::Me(me) => {
+                say("ok".into());
                 let facts = crate::k8s::own_facts(&me, &node);
                 region.clone_from(&facts.region);
                 if let Some(snap) = mesh_snapshot(&mesh).await {
@@ -358,6 +365,7 @@ pub async fn kubernetes_loop(
                 }
             }
             SourceEvent::Others(others) => {
+                say("ok".into());
                 let set: BTreeSet<String> = others.iter().map(|n| n.name.clone()).collect();
                 if names.borrow().as_ref() != Some(&set) {
                     let _ = names.send(Some(set));
@@ -370,7 +378,7 @@ pub async fn kubernetes_loop(
                     joined = addrs;
                 }
             }
-            SourceEvent::Trouble(_) => {}
+            SourceEvent::Trouble(msg) => say(msg),
         }
     }
 }

@@ -304,6 +304,7 @@ pub async fn run(
     let mut helpers = Vec::new();
     let ipam_counters = Arc::new(crate::metrics::IpamCounters::default());
     let mut statics_tx = None;
+    let mut kube_state = None;
     let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     info!(address = %metrics_listener.local_addr()?, "metrics at /metrics, health at /healthz");
     helpers.push(tokio::spawn(crate::metrics::serve(
@@ -329,6 +330,9 @@ pub async fn run(
         mesh.join(&config.mesh.peers);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let mut cluster_rx = None;
+        kube_state = kube_client
+            .is_some()
+            .then(|| Arc::new(std::sync::Mutex::new("starting".to_owned())));
         let external_rx = match kube_client.clone() {
             Some(client) => {
                 let (blocks_tx, blocks_rx) = watch::channel(config.node.pod_cidr.clone());
@@ -347,6 +351,7 @@ pub async fn run(
                     src_rx,
                     mesh_tx.clone(),
                     (blocks_tx, names_tx),
+                    kube_state.clone().unwrap_or_default(),
                 )));
                 Some(blocks_rx)
             }
@@ -436,6 +441,7 @@ pub async fn run(
         infos: infos.clone(),
         node: node.clone(),
         cni: crate::cni::Store::load(config.state_dir.join("cni.json")),
+        kube: kube_state.clone(),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -553,6 +559,7 @@ struct Shared {
     infos: control::PeerInfos,
     node: Arc<std::sync::Mutex<NodeStatus>>,
     cni: crate::cni::Store,
+    kube: Option<Arc<std::sync::Mutex<String>>>,
 }
 
 async fn answer(req: Request, sh: Shared) -> Response {
@@ -579,7 +586,13 @@ async fn answer(req: Request, sh: Shared) -> Response {
             match snap {
                 Some(s) => Response {
                     ok: true,
-                    status: Some(status(&node, &s, mesh.as_ref(), &infos)),
+                    status: Some(Status {
+                        kubernetes: sh
+                            .kube
+                            .as_ref()
+                            .and_then(|k| k.lock().ok().map(|k| k.clone())),
+                        ..status(&node, &s, mesh.as_ref(), &infos)
+                    }),
                     error: None,
                     attachments: None,
                 },
@@ -713,6 +726,7 @@ pub fn status(
         peers,
         drops: d,
         mesh,
+        kubernetes: None,
     }
 }
 

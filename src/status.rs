@@ -16,6 +16,9 @@ pub struct Status {
     /// The gossip mesh, when it runs.
     #[serde(default)]
     pub mesh: Option<MeshStatus>,
+    /// The Kubernetes node source, when enabled: `ok`, or what is wrong with the API now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<String>,
 }
 
 /// The gossip mesh as this node sees it.
@@ -231,6 +234,7 @@ mod tests {
             }],
             drops: Default::default(),
             mesh: None,
+            kubernetes: None,
         };
         let t = st.table();
         for want in [

@@ -1,5 +1,6 @@
 //! weft daemons with `kubernetes.enabled` against a fake Kubernetes API served over HTTP in the
-//! lab: each node takes its block from its Node's `spec.podCIDRs`, its region and addresses from
+//! lab: each node takes its block from its Node's `spec.podCIDRs` (waiting while there is none,
+//! following a change, writing its CNI config and no other), its region and addresses from
 //! the Node, finds the others from the Node list (no bootstrap peers configured), publishes its
 //! key and `NetworkUnavailable=False`, and follows a region label changed at run time. Run as
 //! root.
@@ -49,6 +50,10 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
         for i in 0..NODES.len() {
             f.put(node_object(i));
         }
+        // u1's podCIDRs are not assigned yet.
+        let mut u1 = f.nodes["u1"].clone();
+        u1["spec"]["podCIDRs"] = json!([]);
+        f.put(u1);
     }
     serve_http(&lab, &sw, "198.19.0.100:6443".parse()?, api.clone())?;
     let kubeconfig = lab.dir.join("kubeconfig");
@@ -79,6 +84,11 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
         );
         let d = lab.daemon(name, &ns, &body)?;
         std::fs::write(&d.secret_file, &secret)?;
+        // Someone else's CNI config next to weft's, which weft must not touch.
+        std::fs::write(
+            d.config.with_file_name("99-other.conflist"),
+            "{\"other\": true}\n",
+        )?;
         lab.start_with(
             &bin,
             &d,
@@ -95,6 +105,25 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
             .find(|p| p["name"] == name)
             .cloned()
     };
+
+    // u1 waits for its podCIDRs, saying so, and writes no CNI config before it has a block.
+    let u1_log = daemons[2].log.clone();
+    wait_for(
+        "u1 to say it waits for its podCIDRs",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&u1_log)
+                .ok()
+                .filter(|l| l.contains("waiting for the Node's spec.podCIDRs"))
+        },
+    )?;
+    ensure!(
+        status(2)?["node"]["pod_cidrs"] == json!([]),
+        "u1 has a block before its Node says so"
+    );
+    let u1_conflist = daemons[2].config.with_file_name("10-weft.conflist");
+    ensure!(!u1_conflist.exists(), "a conflist without a block");
+    api.lock().expect("fake").put(node_object(2));
 
     // Blocks from spec.podCIDRs, and a full mesh found through the Node list.
     for (i, (name, ..)) in NODES.iter().enumerate() {
@@ -170,6 +199,62 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
         key == status(0)?["node"]["public_key"],
         "published key {key}"
     );
+
+    ensure!(
+        status(0)?["kubernetes"] == "ok",
+        "{}",
+        status(0)?["kubernetes"]
+    );
+    let conflist = std::fs::read_to_string(&u1_conflist)?;
+    ensure!(conflist.contains("100.64.3.0/24"), "{conflist}");
+
+    // The API goes away (the watch breaks and re-lists fail): status says so, traffic flows on.
+    {
+        let mut f = api.lock().expect("fake");
+        f.fail = Some(503);
+        f.expire();
+    }
+    wait_for(
+        "e1's status to report the API trouble",
+        Duration::from_secs(20),
+        || {
+            status(0).ok()?["kubernetes"]
+                .as_str()
+                .filter(|k| k.contains("retrying"))
+                .map(drop)
+        },
+    )?;
+    weft_tests::ping(&lab, &daemons[0].ns, "100.64.3.1", None)?;
+    api.lock().expect("fake").fail = None;
+    wait_for("e1's source to recover", Duration::from_secs(60), || {
+        (status(0).ok()?["kubernetes"] == "ok").then_some(())
+    })?;
+
+    // u1's block changes: it moves, its conflist follows, the others route the new block.
+    {
+        let mut f = api.lock().expect("fake");
+        let mut n = f.nodes["u1"].clone();
+        n["spec"]["podCIDRs"] = json!(["100.64.9.0/24"]);
+        f.put(n);
+    }
+    wait_for(
+        "e1 to route u1's new block",
+        Duration::from_secs(30),
+        || peer(0, "u1").filter(|p| p["pod_cidrs"] == json!(["100.64.9.0/24"])),
+    )?;
+    weft_tests::ping(&lab, &daemons[0].ns, "100.64.9.1", None)?;
+    ensure!(
+        std::fs::read_to_string(&u1_conflist)?.contains("100.64.9.0/24"),
+        "the conflist kept the old block"
+    );
+    for d in &daemons {
+        let other = std::fs::read_to_string(d.config.with_file_name("99-other.conflist"))?;
+        ensure!(
+            other == "{\"other\": true}\n",
+            "{}: another CNI config changed",
+            d.name
+        );
+    }
 
     // e2's region label changes at run time: e1 now reaches it at its public address.
     {
