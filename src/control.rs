@@ -19,7 +19,7 @@ use weft_ipam::{SavedBlock, Snapshot};
 use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
 use weft_mesh::{Event, NodeRecord};
 use weft_router::PeerConfig;
-use weft_router::driver::Command as RouterCommand;
+use weft_router::driver::{Command as RouterCommand, Snapshot as RouterSnapshot};
 
 use crate::blocks::{BlockEvent, Blocks};
 use crate::keys;
@@ -111,6 +111,11 @@ async fn ask<C, T>(tx: &mpsc::Sender<C>, make: impl FnOnce(oneshot::Sender<T>) -
     rx.await.ok()
 }
 
+/// The router's snapshot, unless the data plane has stopped.
+pub async fn router_snapshot(tx: &mpsc::Sender<RouterCommand>) -> Option<RouterSnapshot> {
+    ask(tx, RouterCommand::Status).await
+}
+
 /// The mesh's snapshot, if the mesh is running.
 pub async fn mesh_snapshot(tx: &mpsc::Sender<MeshCommand>) -> Option<MeshSnapshot> {
     ask(tx, MeshCommand::Snapshot).await
@@ -176,7 +181,7 @@ pub async fn reconcile_loop(
                 return;
             }
         }
-        let Some(actual) = ask(&router, RouterCommand::Status).await else {
+        let Some(actual) = router_snapshot(&router).await else {
             return;
         };
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]

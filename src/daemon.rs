@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 use weft_config::Config;
 use weft_ipam::{Pool, SavedBlock};
@@ -571,11 +571,7 @@ async fn answer(req: Request, sh: Shared) -> Response {
     };
     match req {
         Request::Status => {
-            let (reply, rx) = oneshot::channel();
-            let snap = match sh.router.send(Command::Status(reply)).await {
-                Ok(()) => rx.await.ok(),
-                Err(_) => None,
-            };
+            let snap = control::router_snapshot(&sh.router).await;
             let mesh = control::mesh_snapshot(&sh.mesh).await;
             let infos = sh.infos.lock().map(|i| i.clone()).unwrap_or_default();
             let node = sh

@@ -366,12 +366,7 @@ async fn handle(req: Request<Incoming>, src: Sources) -> Result<Response<Full<By
             }
         }
         "/metrics" => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let snap = match src.router.send(Command::Status(tx)).await {
-                Ok(()) => rx.await.ok(),
-                Err(_) => None,
-            };
-            let Some(snap) = snap else {
+            let Some(snap) = crate::control::router_snapshot(&src.router).await else {
                 return reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain; charset=utf-8",

@@ -51,19 +51,16 @@ pub async fn run(router: mpsc::Sender<Command>, mut shutdown: watch::Receiver<bo
             }
             _ = pet.tick(), if dog.is_some() => {
                 // Only a data plane that answers keeps the watchdog quiet.
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                if router.send(Command::Status(tx)).await.is_ok() && rx.await.is_ok() {
+                if crate::control::router_snapshot(&router).await.is_some() {
                     send(sd_notify::NotifyState::Watchdog);
                 } else {
                     debug!("data plane did not answer; watchdog not petted");
                 }
             }
             _ = status.tick() => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                if router.send(Command::Status(tx)).await.is_err() {
+                let Some(snap) = crate::control::router_snapshot(&router).await else {
                     return;
-                }
-                let Ok(snap) = rx.await else { return };
+                };
                 let up = snap.peers.iter().filter(|p| p.state == PeerState::Up).count();
                 let line = format!("{} peers routed, {up} up", snap.peers.len());
                 if line != last {

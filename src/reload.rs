@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 use weft_config::Config;
 use weft_mesh::driver::Command as MeshCommand;
@@ -181,12 +181,9 @@ impl Reloader {
 
     /// Without a mesh, the configured peers go to the router directly.
     async fn apply_statics(&self, statics: &[PeerConfig]) -> anyhow::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.router
-            .send(RouterCommand::Status(tx))
+        let snap = crate::control::router_snapshot(&self.router)
             .await
             .context("the data plane stopped")?;
-        let snap = rx.await.context("the data plane stopped")?;
         let desired = crate::reconcile::static_peers(statics);
         if !crate::control::apply(&self.router, &snap.peers, &desired, |_| false).await {
             bail!("the data plane stopped");
