@@ -101,21 +101,11 @@ pub fn conflist(blocks: &[IpNet], mtu: u16, socket: &Path, ipam_dir: &Path) -> V
 /// Writes `value` to `path` atomically (temporary file, fsync, rename) when it differs from
 /// what is there; only that file is ever written. Returns whether it wrote.
 pub fn write_conflist(path: &Path, value: &Value) -> std::io::Result<bool> {
-    use std::io::Write as _;
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)? + "\n";
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(false);
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".weft-tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    crate::files::write_atomic(path, text.as_bytes())?;
     Ok(true)
 }
 
@@ -398,13 +388,7 @@ impl Store {
         if *map != before {
             let list: Vec<&Attachment> = map.values().collect();
             let text = serde_json::to_string_pretty(&list).map_err(std::io::Error::other)?;
-            let tmp = self.path.with_extension("json.tmp");
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&tmp, text)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
+            crate::files::write_atomic(&self.path, text.as_bytes())?;
         }
         Ok(out)
     }

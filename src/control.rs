@@ -550,15 +550,7 @@ impl Ipam {
 
 /// Writes the blocks to `path` atomically (a temporary file, fsync, rename).
 pub fn write_state(path: &Path, blocks: &[SavedBlock]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(Snapshot::new(blocks.to_vec()).to_json().as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::files::write_atomic(path, Snapshot::new(blocks.to_vec()).to_json().as_bytes())
 }
 
 /// Reads the persisted blocks: none when the file does not exist, an error naming the file when

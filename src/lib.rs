@@ -15,6 +15,7 @@ pub mod cni;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod files;
 pub mod k8s;
 pub mod keys;
 pub mod lab;
