@@ -68,6 +68,21 @@ pub enum BlockEvent {
     Failed(AllocError),
 }
 
+/// `blocks` assigned from outside the mesh (config or Kubernetes) as held blocks: a block
+/// already in `held` keeps its claim time, a new one is claimed at `now_ms`.
+pub fn assigned(blocks: &[IpNet], held: &[SavedBlock], now_ms: u64) -> Vec<SavedBlock> {
+    blocks
+        .iter()
+        .map(|b| SavedBlock {
+            block: *b,
+            since: held
+                .iter()
+                .find(|h| h.block == *b)
+                .map_or(now_ms, |h| h.since),
+        })
+        .collect()
+}
+
 /// The claims of `members` as the allocator weighs them: a member holds its claims while it is
 /// alive, or down for less than `expiry`; one that left holds nothing.
 pub fn others(members: &[Member], now: Instant, expiry: Duration) -> Vec<Other> {

@@ -435,19 +435,7 @@ impl Ipam {
                     }
                     return None;
                 }
-                self.blocks.fixed.clone_from(&assigned);
-                let next = assigned
-                    .iter()
-                    .map(|b| SavedBlock {
-                        block: *b,
-                        since: self
-                            .blocks
-                            .held
-                            .iter()
-                            .find(|h| h.block == *b)
-                            .map_or_else(now_millis, |h| h.since),
-                    })
-                    .collect();
+                let next = crate::blocks::assigned(&assigned, &self.blocks.held, now_millis());
                 (next, Vec::new())
             }
             None => self.blocks.round(&snap.members, now, now_millis(), settled),
@@ -520,10 +508,7 @@ impl Ipam {
             error!(error = %e, path = %self.state_file.display(), "could not persist the pod blocks; keeping the old ones");
             return None;
         }
-        let host = |b: &SavedBlock| {
-            let a = crate::daemon::first_host(b.block);
-            ipnet::IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix")
-        };
+        let host = |b: &SavedBlock| crate::daemon::overlay_address(b.block);
         let held = &self.blocks.held;
         let old: Vec<ipnet::IpNet> = held
             .iter()

@@ -63,8 +63,13 @@ pub fn first_host(net: IpNet) -> IpAddr {
     }
 }
 
+/// The TUN device's address for pod block `net`: its first host, as a host prefix.
+pub fn overlay_address(net: IpNet) -> IpNet {
+    let a = first_host(net);
+    IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("a host prefix is valid")
+}
+
 impl Plan {
-    /// The plan for `config`, read from `origin`.
     /// The plan for `config`, read from `origin`; `blocks` are the node's pod blocks (static,
     /// or restored), and may be empty only when the mesh will claim them (`mesh_on`).
     pub fn new(
@@ -82,13 +87,7 @@ impl Plan {
             );
         }
         let pod_cidrs = blocks.to_vec();
-        let addresses = pod_cidrs
-            .iter()
-            .map(|n| {
-                let a = first_host(*n);
-                IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
-            })
-            .collect();
+        let addresses = pod_cidrs.iter().copied().map(overlay_address).collect();
         Ok(Self {
             pod_cidrs,
             addresses,
@@ -513,18 +512,7 @@ pub async fn run(
 /// for the same block), else the saved blocks that still fit the pools.
 fn initial_blocks(config: &Config, pools: &[Pool], saved: &[SavedBlock]) -> Vec<SavedBlock> {
     if !config.node.pod_cidr.is_empty() {
-        return config
-            .node
-            .pod_cidr
-            .iter()
-            .map(|b| SavedBlock {
-                block: *b,
-                since: saved
-                    .iter()
-                    .find(|s| s.block == *b)
-                    .map_or_else(control::now_millis, |s| s.since),
-            })
-            .collect();
+        return crate::blocks::assigned(&config.node.pod_cidr, saved, control::now_millis());
     }
     saved
         .iter()
