@@ -11,15 +11,13 @@
 //! node's status, pings pod to pod across every pair, moves a few megabytes over TCP between
 //! pods and shows from the daemon's counters where they went.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 
 use crate::lab::{Daemon, Lab, run, wait_for};
 use crate::status::Status;
@@ -144,68 +142,6 @@ fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
     Ok(daemons)
 }
 
-/// Moves [`TRANSFER`] bytes over TCP from pod namespace `from` to `to_ip` in pod namespace
-/// `to`, checking the count at the far end; returns how long it took.
-fn transfer(lab: &Lab, from: &str, to: &str, to_ip: &str) -> anyhow::Result<Duration> {
-    let addr: SocketAddr = format!("{to_ip}:5201").parse()?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = lab.in_ns(to, move || {
-        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let _ = ready_tx.send(());
-        let (mut conn, _) = wait_for("the sender to connect", Duration::from_secs(20), || {
-            listener.accept().ok()
-        })?;
-        conn.set_nonblocking(false)?;
-        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut got = 0u64;
-        loop {
-            let n = conn.read(&mut buf).context("receiving")?;
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-        }
-        conn.write_all(&got.to_be_bytes())?;
-        Ok(got)
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("the receiving pod did not listen")?;
-    let client = lab.in_ns(from, move || {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "the demo is a driver: it times a transfer"
-        )]
-        let start = Instant::now();
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-            .with_context(|| format!("connecting to {addr}"))?;
-        conn.set_write_timeout(Some(Duration::from_secs(20)))?;
-        conn.set_read_timeout(Some(Duration::from_secs(20)))?;
-        let chunk = vec![0x5au8; 1 << 16];
-        for _ in 0..TRANSFER / chunk.len() {
-            conn.write_all(&chunk).context("sending")?;
-        }
-        conn.shutdown(std::net::Shutdown::Write)?;
-        let mut ack = [0u8; 8];
-        conn.read_exact(&mut ack).context("waiting for the count")?;
-        Ok((start.elapsed(), u64::from_be_bytes(ack)))
-    });
-    let sent = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("the sender panicked"))?;
-    let got = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
-    let (took, acked) = sent?;
-    ensure!(
-        got == TRANSFER as u64 && acked == got,
-        "sent {TRANSFER} bytes, {got} arrived"
-    );
-    Ok(took)
-}
-
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -295,11 +231,16 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
         interrupted(&stop)?;
         let (src, dst) = (&NODES[from], &NODES[to]);
         let before = status(bin, &daemons[from])?;
-        let took = transfer(
+        // Every byte is checked on arrival.
+        let took = crate::lab::tcp_transfer(
             &lab,
-            &lab.ns(&format!("pod-{}", src.name)),
-            &lab.ns(&format!("pod-{}", dst.name)),
-            &dst.pod_ip(),
+            (
+                &lab.ns(&format!("pod-{}", src.name)),
+                &lab.ns(&format!("pod-{}", dst.name)),
+            ),
+            format!("{}:5201", dst.pod_ip()).parse()?,
+            TRANSFER,
+            from as u64 + 1,
         )?;
         let after = status(bin, &daemons[from])?;
         let peer = |st: &Status| st.peers.iter().find(|p| p.name == dst.name).cloned();

@@ -8,13 +8,15 @@
 //! uses netlink itself.
 
 use std::fs;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -491,4 +493,108 @@ impl Lab {
             .arg(&d.socket))?;
         serde_json::from_slice(&out.stdout).context("parsing weft status --json")
     }
+}
+
+/// A deterministic byte stream, so the receiver can check every byte whatever the sizes of its
+/// reads.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    state: u64,
+    word: [u8; 8],
+    pos: usize,
+}
+
+impl Stream {
+    /// A stream from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed | 1,
+            word: [0; 8],
+            pos: 8,
+        }
+    }
+
+    /// Fills `buf` with the next bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.pos == 8 {
+                let mut x = self.state;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.state = x;
+                self.word = x.to_le_bytes();
+                self.pos = 0;
+            }
+            *b = self.word[self.pos];
+            self.pos += 1;
+        }
+    }
+}
+
+/// Sends `total` bytes of [`Stream`] `seed` over TCP from namespace `from_ns` to `to` (a server
+/// in `to_ns`), and checks on the receiving side that every byte arrived intact and in order.
+pub fn tcp_transfer(
+    lab: &Lab,
+    (from_ns, to_ns): (&str, &str),
+    to: SocketAddr,
+    total: usize,
+    seed: u64,
+) -> anyhow::Result<Duration> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = lab.in_ns(to_ns, move || {
+        let listener = TcpListener::bind(to).with_context(|| format!("binding {to}"))?;
+        ready_tx.send(()).ok();
+        let (mut conn, _) = listener.accept().context("accepting")?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut expect = Stream::new(seed);
+        let (mut got, mut want) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+        let mut received = 0usize;
+        loop {
+            let n = conn
+                .read(&mut got)
+                .with_context(|| format!("server reading after {received} bytes"))?;
+            if n == 0 {
+                break;
+            }
+            expect.fill(&mut want[..n]);
+            if got[..n] != want[..n] {
+                bail!("byte {received}..{}: content differs", received + n);
+            }
+            received += n;
+        }
+        Ok(received)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the TCP server did not start")?;
+    let client = lab.in_ns(from_ns, move || {
+        #[expect(clippy::disallowed_methods, reason = "measuring a transfer")]
+        let start = Instant::now();
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+            .with_context(|| format!("connecting to {to}"))?;
+        conn.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let mut s = Stream::new(seed);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut sent = 0;
+        while sent < total {
+            let n = buf.len().min(total - sent);
+            s.fill(&mut buf[..n]);
+            conn.write_all(&buf[..n])
+                .with_context(|| format!("client writing after {sent} bytes"))?;
+            sent += n;
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        // Wait for the server to close, so the duration covers delivery.
+        let _ = conn.read(&mut buf);
+        Ok(start.elapsed())
+    });
+    let took = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let received = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    ensure!(received == total, "received {received} of {total} bytes");
+    Ok(took)
 }
