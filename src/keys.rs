@@ -101,33 +101,42 @@ pub fn load_or_create(path: &Path) -> Result<(StaticSecret, bool), KeyError> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = generate();
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(io_err)?;
-            }
-            // Written whole to a temporary name, then linked into place: a crash never leaves
-            // a half-written key, and a key that appeared meanwhile is never overwritten.
-            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-            let write = || -> io::Result<()> {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(format!("{}\n", encode(&key.to_bytes())).as_bytes())?;
-                f.sync_all()?;
-                fs::hard_link(&tmp, path)
-            };
-            let result = write();
-            let _ = fs::remove_file(&tmp);
-            result.map_err(io_err)?;
+            create(path, &key.to_bytes())?;
             Ok((key, true))
         }
         Err(e) => Err(io_err(e)),
     }
+}
+
+/// Writes the private key `key` to a new file at `path` (0600, parent directories 0700), as
+/// `wg genkey` prints it. Written whole to a temporary name, then linked into place: a crash
+/// never leaves a half-written key, and an existing key is never overwritten (an error).
+pub fn create(path: &Path, key: &[u8; 32]) -> Result<(), KeyError> {
+    let io_err = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{}\n", encode(key)).as_bytes())?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)
+    };
+    let result = write();
+    let _ = fs::remove_file(&tmp);
+    result.map_err(io_err)
 }
 
 use std::os::unix::fs::DirBuilderExt;

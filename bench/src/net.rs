@@ -11,7 +11,6 @@
 //! error; nothing is reported as zero.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -115,18 +114,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn write_key(path: &Path, key: &[u8; 32]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(f, "{}", weft::keys::encode(key))?;
-    Ok(())
-}
-
 fn two_nodes(tag: &str) -> anyhow::Result<(Lab, String, String)> {
     let mut lab = Lab::new(tag)?;
     let l = lab.add_ns("l")?;
@@ -173,7 +160,7 @@ fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                     )
                 };
                 let d = lab.daemon(name, ns, &body)?;
-                write_key(&d.key_file, &key)?;
+                weft::keys::create(&d.key_file, &key)?;
                 if *kind == PathKind::WeftPlaintext {
                     std::fs::write(&d.secret_file, &secret)?;
                 }
@@ -243,7 +230,7 @@ fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 (&r, &names[1], kr, &pl, "198.18.0.1", "100.64.2.1/16", 1),
             ] {
                 let key_file = lab.dir.join(format!("{name}.key"));
-                write_key(&key_file, &key)?;
+                weft::keys::create(&key_file, &key)?;
                 run(lab
                     .cmd(ns, "wg")
                     .args(["set", name, "private-key"])

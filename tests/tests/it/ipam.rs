@@ -3,8 +3,6 @@
 //! their blocks across a restart, and a block handed out on both sides of a partition ends
 //! with one owner after it heals, traffic flowing. Run as root.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -149,16 +147,6 @@ fn colliding_keys(taken: &[IpNet]) -> anyhow::Result<([u8; 32], [u8; 32], IpNet)
     anyhow::bail!("no two of 200 keys pick the same of 10 free blocks")
 }
 
-fn write_key(path: &std::path::Path, key: &[u8; 32]) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    writeln!(f, "{}", weft::keys::encode(key))?;
-    Ok(())
-}
-
 #[test]
 fn a_block_handed_out_on_both_sides_of_a_partition_has_one_owner_after_the_heal()
 -> anyhow::Result<()> {
@@ -172,8 +160,8 @@ fn a_block_handed_out_on_both_sides_of_a_partition_has_one_owner_after_the_heal(
     let secret = m.secret.clone();
     let ga = m.add_node(&node("g1", 1, 4, "198.18.1.1"), "eu", &secret)?;
     let gb = m.add_node(&node("g2", 2, 4, "198.18.2.1"), "us", &secret)?;
-    write_key(&ga.key_file, &ka)?;
-    write_key(&gb.key_file, &kb)?;
+    weft::keys::create(&ga.key_file, &ka)?;
+    weft::keys::create(&gb.key_file, &kb)?;
     m.lab.start(&m.bin, &ga)?;
     m.lab.start(&m.bin, &gb)?;
     m.daemons.push(ga.clone());
