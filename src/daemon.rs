@@ -21,7 +21,7 @@ use weft_config::Config;
 use weft_ipam::{Pool, SavedBlock};
 use weft_mesh::driver::{Command as MeshCommand, MeshDriver, Snapshot as MeshSnapshot};
 use weft_mesh::{Identity, Membership, MeshConfig};
-use weft_router::driver::{Command, Driver, Snapshot, bind_udp};
+use weft_router::driver::{Command, Driver, Snapshot, UdpIo as _, bind_udp, open_tun};
 use weft_router::{PathKind, PeerConfig, Router};
 
 use crate::api::{self, ApiSocket, Request, Response};
@@ -234,7 +234,8 @@ pub async fn run(
         );
     }
     let mtu = choose_mtu(&config, &nl).await?;
-    let udp = bind_udp(config.router.port)
+    let offload = config.router.offload;
+    let udp = bind_udp(config.router.port, &offload)
         .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
     let gossip = match secret {
         Some(secret) => Some((secret, control::bind_gossip(config.mesh.port).await?)),
@@ -251,10 +252,8 @@ pub async fn run(
         })?;
 
     // From here on the host changes: the TUN device is deleted again on any failure.
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&iface)
-        .build_async()
-        .with_context(|| format!("creating TUN device {iface}"))?;
+    let (tun, tun_offload) =
+        open_tun(&iface, offload.tun).with_context(|| format!("creating TUN device {iface}"))?;
     let index = match nl.link(&iface).await {
         Ok(Some((index, _))) => index,
         Ok(None) => bail!("TUN device {iface} vanished right after its creation"),
@@ -278,7 +277,15 @@ pub async fn run(
             .collect(),
         interface: iface.clone(),
     });
-    let driver = Driver::new(router, tun, udp)?;
+    info!(
+        allowed = ?offload.names(),
+        batched_receive = offload.udp_batch,
+        udp_gso_segments = udp.max_segments(),
+        udp_gro = udp.gro(),
+        tun_offload = tun_offload,
+        "data path offloads"
+    );
+    let driver = Driver::new(router, tun, udp, offload)?;
     if let Some(m) = &masquerade {
         m.apply(&plan.pod_cidrs);
     }

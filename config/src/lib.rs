@@ -109,15 +109,94 @@ pub struct Mesh {
     pub liveness_timeout: Duration,
 }
 
-/// Whether the data path uses kernel offloads where it finds them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Offload {
-    /// Use batching, GSO/GRO and TUN offloads where the kernel has them.
-    #[default]
-    Auto,
-    /// The plain path: one packet per system call.
-    Off,
+/// Which of the data path's speed-ups are allowed; each is still used only where the kernel has it.
+///
+/// Written `auto` (all of them, the default), `off` (the plain path: one packet per system call),
+/// or a list of the mechanisms to allow, e.g. `[udp_batch, udp_gso]`, which the benchmark uses to
+/// measure each in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Offload {
+    /// Batched UDP receive (`recvmmsg`) and several TUN reads per wake-up.
+    pub udp_batch: bool,
+    /// UDP generic segmentation offload (`UDP_SEGMENT`): one send per run of equal datagrams.
+    pub udp_gso: bool,
+    /// UDP generic receive offload (`UDP_GRO`): the kernel hands over runs of datagrams at once.
+    pub udp_gro: bool,
+    /// TUN offloads (`IFF_VNET_HDR`, `TUNSETOFFLOAD`): 64 KB TCP/UDP segments in, coalesced ones out.
+    pub tun: bool,
+}
+
+impl Offload {
+    /// Every mechanism the kernel has.
+    pub const AUTO: Self = Self {
+        udp_batch: true,
+        udp_gso: true,
+        udp_gro: true,
+        tun: true,
+    };
+    /// None: one packet per system call.
+    pub const OFF: Self = Self {
+        udp_batch: false,
+        udp_gso: false,
+        udp_gro: false,
+        tun: false,
+    };
+    /// The mechanisms' names, as written in a list.
+    pub const NAMES: [&str; 4] = ["udp_batch", "udp_gso", "udp_gro", "tun"];
+
+    /// The allowed mechanisms' names.
+    pub fn names(&self) -> Vec<&'static str> {
+        let on = [self.udp_batch, self.udp_gso, self.udp_gro, self.tun];
+        Self::NAMES
+            .iter()
+            .zip(on)
+            .filter_map(|(n, on)| on.then_some(*n))
+            .collect()
+    }
+}
+
+impl Default for Offload {
+    fn default() -> Self {
+        Self::AUTO
+    }
+}
+
+impl std::str::FromStr for Offload {
+    type Err = String;
+    /// `auto`, `off`, or mechanism names separated by commas.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => return Ok(Self::AUTO),
+            "off" | "" => return Ok(Self::OFF),
+            _ => {}
+        }
+        let mut o = Self::OFF;
+        for name in s.split(',').map(str::trim) {
+            match name {
+                "udp_batch" => o.udp_batch = true,
+                "udp_gso" => o.udp_gso = true,
+                "udp_gro" => o.udp_gro = true,
+                "tun" => o.tun = true,
+                other => {
+                    return Err(format!(
+                        "unknown offload {other:?}: expected auto, off, or a list of {}",
+                        Self::NAMES.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+impl<'de> Deserialize<'de> for Offload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = value::OneOrMany::<String>::deserialize(d)?;
+        if names.0.is_empty() {
+            return Ok(Self::OFF);
+        }
+        names.0.join(",").parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The data plane.
@@ -127,7 +206,7 @@ pub struct Router {
     pub port: u16,
     /// The TUN device's name (default `weft0`).
     pub interface: String,
-    /// Offload setting (default auto).
+    /// Which speed-ups the data path may use (default all: `auto`).
     pub offload: Offload,
 }
 

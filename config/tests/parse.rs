@@ -77,7 +77,7 @@ fn the_design_example_parses_in_full() {
             "198.19.0.3:6783".parse().unwrap()
         ]
     );
-    assert_eq!(c.router.offload, Offload::Auto);
+    assert_eq!(c.router.offload, Offload::AUTO);
     assert_eq!(c.wireguard_peers.len(), 1);
     assert_eq!(c.wireguard_peers[0].persistent_keepalive, Some(25));
     assert_eq!(
@@ -243,4 +243,15 @@ fn log_level_takes_levels_and_directives_and_names_a_bad_one() {
     }
     let msg = refused("log_level: loud\n", 1, "log_level");
     assert!(msg.contains("\"loud\" is not a log filter"), "{msg}");
+}
+
+#[test]
+fn offload_is_auto_off_or_a_list_of_mechanisms() {
+    let off = parse("router:\n  offload: off\n").unwrap();
+    assert_eq!(off.router.offload, Offload::OFF);
+    let some = parse("router:\n  offload: [udp_batch, tun]\n").unwrap();
+    assert_eq!(some.router.offload.names(), ["udp_batch", "tun"]);
+    assert_eq!(parse("").unwrap().router.offload, Offload::AUTO);
+    let msg = refused("router:\n  offload: [udp_gso, warp]\n", 2, "router.offload");
+    assert!(msg.contains("\"warp\"") && msg.contains("udp_gro"), "{msg}");
 }

@@ -80,7 +80,12 @@ pub struct Drops([u64; DropReason::ALL.len()]);
 impl Drops {
     /// Counts one drop.
     pub fn count(&mut self, reason: DropReason) {
-        self.0[reason as usize] += 1;
+        self.add(reason, 1);
+    }
+
+    /// Counts `n` drops.
+    pub fn add(&mut self, reason: DropReason, n: u64) {
+        self.0[reason as usize] += n;
     }
 
     /// The count for `reason`.

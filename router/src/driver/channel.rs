@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::{TunIo, UdpIo};
+use super::{Datagrams, Packets, TunIo, UdpIo};
 
 /// Packets in flight per queue before senders wait.
 const DEPTH: usize = 1024;
@@ -44,20 +44,24 @@ pub fn tun() -> (ChannelTun, Kernel) {
     )
 }
 
-fn copy(packet: &[u8], buf: &mut [u8]) -> io::Result<usize> {
-    let dst = buf
-        .get_mut(..packet.len())
-        .ok_or_else(|| io::Error::other("buffer too small"))?;
-    dst.copy_from_slice(packet);
-    Ok(packet.len())
-}
-
 fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "channel closed")
 }
 
+impl ChannelTun {
+    fn add(batch: &mut Packets, packet: &[u8]) -> io::Result<()> {
+        if batch.push(packet) {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "packet larger than a slot, or no free slot",
+            ))
+        }
+    }
+}
+
 impl TunIo for ChannelTun {
-    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
         let p = self
             .from_kernel
             .lock()
@@ -65,25 +69,28 @@ impl TunIo for ChannelTun {
             .recv()
             .await
             .ok_or_else(closed)?;
-        copy(&p, buf)
+        Self::add(batch, &p)
     }
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
         let mut rx = self
             .from_kernel
             .try_lock()
             .map_err(|_| io::ErrorKind::WouldBlock)?;
         match rx.try_recv() {
-            Ok(p) => copy(&p, buf),
+            Ok(p) => Self::add(batch, &p),
             Err(mpsc::error::TryRecvError::Empty) => Err(io::ErrorKind::WouldBlock.into()),
             Err(mpsc::error::TryRecvError::Disconnected) => Err(closed()),
         }
     }
-    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.to_kernel
-            .send(packet.to_vec())
-            .await
-            .map_err(|_| closed())?;
-        Ok(packet.len())
+    async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+        for i in 0..batch.len() {
+            self.to_kernel
+                .send(batch.get(i).to_vec())
+                .await
+                .map_err(|_| closed())?;
+        }
+        batch.clear();
+        Ok(())
     }
 }
 
@@ -116,23 +123,26 @@ impl Network {
     }
 }
 
+/// GSO sends the in-memory socket takes (it splits them, as the kernel would).
+const SEGMENTS: usize = 64;
+
 impl UdpIo for ChannelUdp {
-    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    async fn recv(&self, rx: &mut Datagrams) -> io::Result<()> {
         let (from, d) = self.inbox.lock().await.recv().await.ok_or_else(closed)?;
-        Ok((copy(&d, buf)?, from))
+        rx.set_one(from, &d)
     }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let mut rx = self
+    fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
+        let mut inbox = self
             .inbox
             .try_lock()
             .map_err(|_| io::ErrorKind::WouldBlock)?;
-        match rx.try_recv() {
-            Ok((from, d)) => Ok((copy(&d, buf)?, from)),
+        match inbox.try_recv() {
+            Ok((from, d)) => rx.set_one(from, &d),
             Err(mpsc::error::TryRecvError::Empty) => Err(io::ErrorKind::WouldBlock.into()),
             Err(mpsc::error::TryRecvError::Disconnected) => Err(closed()),
         }
     }
-    async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
+    async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let inbox = self
             .network
             .sockets
@@ -140,11 +150,16 @@ impl UdpIo for ChannelUdp {
             .expect("network lock")
             .get(&to)
             .cloned();
-        // No socket there: the datagram is lost, as on a real network.
+        // No socket there: the datagrams are lost, as on a real network.
         if let Some(inbox) = inbox {
-            let _ = inbox.send((self.addr, datagram.to_vec())).await;
+            for datagram in contents.chunks(segment.max(1)) {
+                let _ = inbox.send((self.addr, datagram.to_vec())).await;
+            }
         }
-        Ok(datagram.len())
+        Ok(())
+    }
+    fn max_segments(&self) -> usize {
+        SEGMENTS
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.addr)

@@ -1,34 +1,46 @@
 //! The tokio driver: one task that owns the TUN device, the UDP socket and the [`Router`], moves
-//! bytes between them in batches, and decides nothing.
+//! packets between them in batches, and decides nothing.
 //!
-//! Each wake-up reads one packet (or datagram) with an await, then as many more as are ready
-//! without waiting (up to [`BATCH`]), handing each to the router with the same two buffers; after
-//! the batch it drains the router's transmits, timeout and events. Commands from the daemon
-//! (status, peer changes) arrive on a channel; shutdown on a watch.
+//! TUN → network: a wake-up reads packets from the device (with TUN offloads one read is a 64 KB
+//! segment, split into packets of the MTU) and, with batching, as many more reads as are ready;
+//! the router encapsulates each into one shared buffer, back to back; runs of datagrams to one
+//! destination with one length then leave in one GSO send each (`UDP_SEGMENT`), or one by one.
+//! Network → TUN: a wake-up receives up to [`udp::RX_BATCH`] buffers with `recvmmsg`, each one
+//! datagram or, with `UDP_GRO`, a run of them; the router decapsulates each datagram straight
+//! into a slot of the TUN batch, which is written at the end, coalesced into large segments where
+//! the device takes them. Nothing is allocated per packet. Commands from the daemon (status, peer
+//! changes) arrive on a channel; shutdown on a watch.
 //!
-//! The TUN device and the UDP socket sit behind [`TunIo`] and [`UdpIo`]; the real ones are
-//! `tun_rs::AsyncDevice` and `tokio::net::UdpSocket`, and [`channel`] has in-memory ones so the
-//! driver is tested without root.
+//! The TUN device and the UDP socket sit behind [`TunIo`] and [`UdpIo`] (modules `tun` and `udp`);
+//! the real ones are `tun_rs::AsyncDevice` and [`Udp`] (tokio + quinn-udp), and [`channel`] has
+//! in-memory ones so the driver is tested without root.
 
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
+use weft_config::Offload;
+
+pub use self::tun::{MAX_SPLIT, OFFSET, Packets, SLOTS, TunIo, is_fatal, open_tun};
+pub use self::udp::{Datagrams, MAX_GSO_BYTES, RX_BATCH, Udp, UdpIo, bind_udp};
 
 use crate::{
-    Drops, Event, NetAction, PeerConfig, PeerError, PeerId, PeerStatus, Router, TunAction,
+    DropReason, Drops, Event, NetAction, PeerConfig, PeerError, PeerId, PeerStatus, Router,
+    TunAction,
 };
 
-/// Packets handled per wake-up before the driver looks at its other inputs.
+pub mod channel;
+mod tun;
+mod udp;
+
+/// TUN reads per wake-up, with batching, before the driver looks at its other inputs.
 pub const BATCH: usize = 64;
-/// Socket buffer size asked for (the kernel may cap it at `net.core.[rw]mem_max`).
-const SOCKET_BUFFER: usize = 4 << 20;
-/// Buffer size: the largest datagram and the largest TUN packet plus headroom.
-const BUF: usize = 65_536 + 64;
+/// The shared buffer the router encapsulates a batch into.
+const NET_OUT: usize = 512 << 10;
+/// Room the router needs for one packet out: the largest packet plus WireGuard's overhead.
+const ONE_OUT: usize = 65_536 + 64;
 
 /// What the daemon can ask of the driver.
 #[derive(Debug)]
@@ -56,105 +68,34 @@ pub struct Snapshot {
     pub send_errors: u64,
 }
 
-/// Opens the UDP socket on `port`: dual-stack `[::]` when the host has IPv6, else `0.0.0.0`.
-pub fn bind_udp(port: u16) -> io::Result<UdpSocket> {
-    let dual = (|| {
-        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_only_v6(false)?;
-        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-        Ok::<_, io::Error>(s)
-    })();
-    let socket = match dual {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(error = %e, "no dual-stack socket; binding IPv4 only");
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-            s
-        }
-    };
-    // Larger buffers absorb bursts; a refusal only costs throughput.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
-}
-
-/// What the driver needs of a TUN device.
-pub trait TunIo: Send + Sync + 'static {
-    /// Waits for one packet.
-    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
-    /// One packet if one is ready, else `WouldBlock`.
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Writes one packet.
-    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
-}
-
-/// What the driver needs of a UDP socket.
-pub trait UdpIo: Send + Sync + 'static {
-    /// Waits for one datagram.
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send;
-    /// One datagram if one is ready, else `WouldBlock`.
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)>;
-    /// Sends one datagram.
-    fn send_to(
-        &self,
-        datagram: &[u8],
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<usize>> + Send;
-    /// The bound address.
-    fn local_addr(&self) -> io::Result<SocketAddr>;
-}
-
-impl TunIo for tun_rs::AsyncDevice {
-    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
-        Self::recv(self, buf)
-    }
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        Self::try_recv(self, buf)
-    }
-    fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
-        Self::send(self, packet)
-    }
-}
-
-impl UdpIo for UdpSocket {
-    fn recv_from(
-        &self,
-        buf: &mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send {
-        Self::recv_from(self, buf)
-    }
-    fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        Self::try_recv_from(self, buf)
-    }
-    fn send_to(
-        &self,
-        datagram: &[u8],
-        to: SocketAddr,
-    ) -> impl Future<Output = io::Result<usize>> + Send {
-        Self::send_to(self, datagram, to)
-    }
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Self::local_addr(self)
-    }
-}
-
 /// The driver's I/O and state.
-pub struct Driver<T = tun_rs::AsyncDevice, U = UdpSocket> {
+pub struct Driver<T = tun_rs::AsyncDevice, U = Udp> {
     router: Router,
     tun: T,
     udp: U,
+    offload: Offload,
     /// The socket is IPv6 (dual-stack): IPv4 destinations are sent as mapped addresses.
     udp_v6: bool,
-    tun_buf: Vec<u8>,
-    udp_buf: Vec<u8>,
-    out_buf: Vec<u8>,
+    /// Packets read from the device.
+    tun_in: Packets,
+    /// Packets for the device.
+    tun_out: Packets,
+    /// Datagrams received.
+    udp_in: Datagrams,
+    /// Encapsulated datagrams of one batch, back to back, and where each is.
+    net_out: Vec<u8>,
+    pending: Vec<Out>,
     send_errors: u64,
+    tun_errors: u64,
     start: Instant,
+}
+
+/// One datagram in `net_out`.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    to: SocketAddr,
+    at: usize,
+    len: usize,
 }
 
 impl<T, U> std::fmt::Debug for Driver<T, U> {
@@ -173,19 +114,54 @@ fn clock() -> Instant {
     Instant::now()
 }
 
+/// Runs of datagrams that can leave in one send each: same destination, back to back in the
+/// buffer, every one as long as the first but the last, which may be shorter; at most `max`
+/// datagrams and [`MAX_GSO_BYTES`]. Yields (destination, start, end, segment).
+fn runs(pending: &[Out], max: usize) -> impl Iterator<Item = (SocketAddr, usize, usize, usize)> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *pending.get(i)?;
+        let mut end = first.at + first.len;
+        let mut j = i + 1;
+        while let Some(next) = pending.get(j) {
+            if j - i >= max
+                || next.to != first.to
+                || next.at != end
+                || next.len > first.len
+                || end + next.len - first.at > MAX_GSO_BYTES
+            {
+                break;
+            }
+            end += next.len;
+            j += 1;
+            if next.len < first.len {
+                break;
+            }
+        }
+        i = j;
+        Some((first.to, first.at, end, first.len))
+    })
+}
+
 impl<T: TunIo, U: UdpIo> Driver<T, U> {
-    /// A driver around a router, an open TUN device and a bound UDP socket.
-    pub fn new(router: Router, tun: T, udp: U) -> io::Result<Self> {
+    /// A driver around a router, an open TUN device and a bound UDP socket, using the batching
+    /// `offload` allows (the kernel offloads are the device's and the socket's own).
+    pub fn new(router: Router, tun: T, udp: U, offload: Offload) -> io::Result<Self> {
         let udp_v6 = udp.local_addr()?.is_ipv6();
+        let rx = if offload.udp_batch { RX_BATCH } else { 1 };
         Ok(Self {
             router,
             tun,
             udp,
+            offload,
             udp_v6,
-            tun_buf: vec![0; BUF],
-            udp_buf: vec![0; BUF],
-            out_buf: vec![0; BUF],
+            tun_in: Packets::new(),
+            tun_out: Packets::new(),
+            udp_in: Datagrams::new(rx),
+            net_out: vec![0; NET_OUT + ONE_OUT],
+            pending: Vec::with_capacity(SLOTS),
             send_errors: 0,
+            tun_errors: 0,
             start: clock(),
         })
     }
@@ -211,30 +187,37 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                     }
                 }
                 Some(cmd) = commands.recv() => self.command(cmd),
-                r = self.tun.recv(&mut self.tun_buf) => {
-                    let n = r?;
-                    self.on_tun_packet(n).await;
-                    for _ in 1..BATCH {
-                        match self.tun.try_recv(&mut self.tun_buf) {
-                            Ok(n) => self.on_tun_packet(n).await,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
+                r = self.tun.recv(&mut self.tun_in) => {
+                    self.tun_result(r)?;
+                    if self.offload.udp_batch {
+                        for _ in 1..BATCH {
+                            if self.tun_in.free() < MAX_SPLIT {
+                                break;
+                            }
+                            match self.tun.try_recv(&mut self.tun_in) {
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                r => self.tun_result(r)?,
+                            }
                         }
                     }
+                    self.on_tun_packets().await;
                 }
-                r = self.udp.recv_from(&mut self.udp_buf) => {
+                r = self.udp.recv(&mut self.udp_in) => {
                     match r {
-                        Ok((n, from)) => self.on_datagram(n, from).await,
+                        Ok(()) => self.on_datagrams().await,
                         // ICMP errors surface here on Linux (port unreachable); not fatal.
                         Err(e) => debug!(error = %e, "udp receive error"),
                     }
-                    for _ in 1..BATCH {
-                        match self.udp.try_recv_from(&mut self.udp_buf) {
-                            Ok((n, from)) => self.on_datagram(n, from).await,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => debug!(error = %e, "udp receive error"),
+                    if self.offload.udp_batch {
+                        for _ in 1..BATCH {
+                            match self.udp.try_recv(&mut self.udp_in) {
+                                Ok(()) => self.on_datagrams().await,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                Err(e) => debug!(error = %e, "udp receive error"),
+                            }
                         }
                     }
+                    self.write_tun().await;
                 }
                 () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
                     self.router.handle_timeout(clock());
@@ -246,14 +229,31 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         Ok(self.router)
     }
 
+    /// A read's result: a fatal error stops the driver; a packet the device layer could not
+    /// split is counted.
+    fn tun_result(&mut self, r: io::Result<()>) -> io::Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if is_fatal(&e) => Err(e),
+            Err(e) => {
+                self.tun_errors += 1;
+                debug!(error = %e, "tun read dropped");
+                Ok(())
+            }
+        }
+    }
+
     fn command(&mut self, cmd: Command) {
         let now = clock();
         match cmd {
             Command::Status(reply) => {
+                let mut drops = *self.router.drops();
+                // Segments the device layer could not split.
+                drops.add(DropReason::BadInnerPacket, self.tun_errors);
                 let _ = reply.send(Snapshot {
                     public_key: self.router.public_key(),
                     peers: self.router.peers(now),
-                    drops: *self.router.drops(),
+                    drops,
                     send_errors: self.send_errors,
                 });
             }
@@ -267,48 +267,85 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         }
     }
 
-    async fn on_tun_packet(&mut self, n: usize) {
+    /// Encapsulates the packets read and sends them.
+    async fn on_tun_packets(&mut self) {
         let now = clock();
-        let action = self
-            .router
-            .handle_tun_packet(now, &self.tun_buf[..n], &mut self.out_buf);
-        if let TunAction::Transmit(t) = action {
-            self.send(t.destination, t.len).await;
+        let mut used = 0;
+        for i in 0..self.tun_in.len() {
+            if used > NET_OUT {
+                self.send_pending().await;
+                used = 0;
+            }
+            let packet = self.tun_in.get(i);
+            let out = &mut self.net_out[used..];
+            if let TunAction::Transmit(t) = self.router.handle_tun_packet(now, packet, out) {
+                self.pending.push(Out {
+                    to: t.destination,
+                    at: used,
+                    len: t.len,
+                });
+                used += t.len;
+            }
         }
+        self.tun_in.clear();
+        self.send_pending().await;
     }
 
-    async fn on_datagram(&mut self, n: usize, from: SocketAddr) {
+    /// Sends the encapsulated batch, each run of equal datagrams in one send where GSO allows.
+    async fn send_pending(&mut self) {
+        let max = self.udp.max_segments();
+        for (to, start, end, segment) in runs(&self.pending, max) {
+            let to = wire_addr(self.udp_v6, to);
+            if let Err(e) = self.udp.send(to, &self.net_out[start..end], segment).await {
+                self.send_errors += (end - start).div_ceil(segment) as u64;
+                debug!(error = %e, %to, "udp send failed");
+            }
+        }
+        self.pending.clear();
+    }
+
+    /// Decapsulates the datagrams received into the TUN batch; answers handshakes at once.
+    async fn on_datagrams(&mut self) {
         let now = clock();
-        match self
-            .router
-            .handle_datagram(now, from, &self.udp_buf[..n], &mut self.out_buf)
-        {
-            NetAction::WriteTun(len) => {
-                if let Err(e) = self.tun.send(&self.out_buf[..len]).await {
-                    debug!(error = %e, "tun write failed");
+        for (from, bytes, stride) in self.udp_in.iter() {
+            for datagram in bytes.chunks(stride) {
+                if self.tun_out.free() == 0 {
+                    write_batch(&self.tun, &mut self.tun_out).await;
+                }
+                let Some(out) = self.tun_out.next_mut() else {
+                    continue;
+                };
+                match self.router.handle_datagram(now, from, datagram, out) {
+                    NetAction::WriteTun(len) => self.tun_out.commit(len),
+                    NetAction::Transmit(t) => {
+                        let to = wire_addr(self.udp_v6, t.destination);
+                        let bytes = self.tun_out.next_mut().and_then(|b| b.get(..t.len));
+                        if let Some(bytes) = bytes
+                            && let Err(e) = self.udp.send(to, bytes, t.len).await
+                        {
+                            self.send_errors += 1;
+                            debug!(error = %e, %to, "udp send failed");
+                        }
+                    }
+                    NetAction::Done | NetAction::Dropped(_) => {}
                 }
             }
-            NetAction::Transmit(t) => self.send(t.destination, t.len).await,
-            NetAction::Done | NetAction::Dropped(_) => {}
         }
     }
 
-    async fn send(&mut self, to: SocketAddr, len: usize) {
-        let to = match (self.udp_v6, to.ip()) {
-            (true, IpAddr::V4(v4)) => SocketAddr::new(v4.to_ipv6_mapped().into(), to.port()),
-            _ => to,
-        };
-        if let Err(e) = self.udp.send_to(&self.out_buf[..len], to).await {
-            self.send_errors += 1;
-            debug!(error = %e, %to, "udp send failed");
-        }
+    async fn write_tun(&mut self) {
+        write_batch(&self.tun, &mut self.tun_out).await;
     }
 
     /// Sends everything the router has queued and logs its events.
     async fn flush(&mut self) {
         let now = clock();
-        while let Some(t) = self.router.poll_transmit(now, &mut self.out_buf) {
-            self.send(t.destination, t.len).await;
+        while let Some(t) = self.router.poll_transmit(now, &mut self.net_out) {
+            let to = wire_addr(self.udp_v6, t.destination);
+            if let Err(e) = self.udp.send(to, &self.net_out[..t.len], t.len).await {
+                self.send_errors += 1;
+                debug!(error = %e, %to, "udp send failed");
+            }
         }
         while let Some(event) = self.router.poll_event() {
             let secs = now.saturating_duration_since(self.start).as_secs();
@@ -325,4 +362,93 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     }
 }
 
-pub mod channel;
+/// Writes a TUN batch; a failed write loses its packets, as a full queue would.
+async fn write_batch<T: TunIo>(tun: &T, batch: &mut Packets) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = tun.send(batch).await {
+        debug!(error = %e, "tun write failed");
+    }
+    batch.clear();
+}
+
+/// The address to send to: IPv4 as a mapped address on a dual-stack socket.
+fn wire_addr(udp_v6: bool, to: SocketAddr) -> SocketAddr {
+    match (udp_v6, to.ip()) {
+        (true, IpAddr::V4(v4)) => SocketAddr::new(v4.to_ipv6_mapped().into(), to.port()),
+        _ => to,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(to: u16, at: usize, len: usize) -> Out {
+        Out {
+            to: SocketAddr::from(([198, 18, 0, 1], to)),
+            at,
+            len,
+        }
+    }
+
+    fn lay(spec: &[(u16, usize)]) -> Vec<Out> {
+        let mut at = 0;
+        spec.iter()
+            .map(|&(to, len)| {
+                let o = out(to, at, len);
+                at += len;
+                o
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_group_equal_datagrams_to_one_destination() {
+        // Three full-size to A, a short one ending the run, then one to B, then two to A.
+        let p = lay(&[
+            (1, 100),
+            (1, 100),
+            (1, 100),
+            (1, 40),
+            (1, 100),
+            (2, 100),
+            (1, 100),
+            (1, 100),
+        ]);
+        let got: Vec<_> = runs(&p, 64)
+            .map(|(to, s, e, seg)| (to.port(), s, e, seg))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, 0, 340, 100),
+                (1, 340, 440, 100),
+                (2, 440, 540, 100),
+                (1, 540, 740, 100)
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_respect_the_segment_limit_and_a_longer_datagram() {
+        let p = lay(&[(1, 100), (1, 100), (1, 100), (1, 120), (1, 120)]);
+        let got: Vec<_> = runs(&p, 2).map(|(_, s, e, seg)| (s, e, seg)).collect();
+        assert_eq!(got, [(0, 200, 100), (200, 300, 100), (300, 540, 120)]);
+        let one: Vec<_> = runs(&p, 1).map(|(_, s, e, _)| e - s).collect();
+        assert_eq!(one, [100, 100, 100, 120, 120]);
+    }
+
+    #[test]
+    fn runs_stay_under_the_gso_byte_limit() {
+        let p = lay(&vec![(1, 1456); 64]);
+        for (_, s, e, _) in runs(&p, 64) {
+            assert!(e - s <= MAX_GSO_BYTES, "{}", e - s);
+        }
+        assert_eq!(
+            runs(&p, 64).map(|(_, s, e, _)| e - s).sum::<usize>(),
+            64 * 1456
+        );
+    }
+}

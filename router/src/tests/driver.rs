@@ -10,6 +10,7 @@ use crate::driver::channel::{self, Network};
 use crate::driver::{Command, Driver};
 use crate::packet::test_packet;
 use crate::{PathKind, PeerConfig, PeerState, Router};
+use weft_config::Offload;
 
 fn router(own: &StaticSecret, peer: &StaticSecret, endpoint: &str, allowed: &str) -> Router {
     let mut r = Router::new(own.clone(), 1);
@@ -34,6 +35,15 @@ async fn recv(rx: &mut mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
 
 #[tokio::test]
 async fn packets_cross_between_two_drivers_and_status_and_shutdown_work() {
+    two_drivers(Offload::AUTO).await;
+}
+
+#[tokio::test]
+async fn the_same_holds_with_offload_off() {
+    two_drivers(Offload::OFF).await;
+}
+
+async fn two_drivers(offload: Offload) {
     let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
     let net = Network::default();
     let (tun_a, mut kernel_a) = channel::tun();
@@ -42,12 +52,14 @@ async fn packets_cross_between_two_drivers_and_status_and_shutdown_work() {
         router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24"),
         tun_a,
         net.bind("198.18.1.1:51820".parse().unwrap()),
+        offload,
     )
     .unwrap();
     let b = Driver::new(
         router(&kb, &ka, "198.18.1.1:51820", "100.64.1.0/24"),
         tun_b,
         net.bind("198.18.1.2:51820".parse().unwrap()),
+        offload,
     )
     .unwrap();
     let (cmd_a, rx_a) = mpsc::channel(4);
@@ -66,6 +78,28 @@ async fn packets_cross_between_two_drivers_and_status_and_shutdown_work() {
     for p in &packets {
         assert_eq!(&recv(&mut kernel_b.rx).await, p);
     }
+    // A burst of mixed sizes, more than one batch and one GSO run: all arrive, byte-exact, in
+    // order.
+    let burst: Vec<Vec<u8>> = (0..1500u32)
+        .map(|i| {
+            let len = [1380, 1380, 1380, 40, 700][i as usize % 5];
+            let body: Vec<u8> = (0..len).map(|k| (i as usize * 31 + k) as u8).collect();
+            test_packet([100, 64, 1, 1].into(), [100, 64, 2, 1].into(), &body)
+        })
+        .collect();
+    let sender = kernel_a.tx.clone();
+    let feed = tokio::spawn({
+        let burst = burst.clone();
+        async move {
+            for p in burst {
+                sender.send(p).await.unwrap();
+            }
+        }
+    });
+    for p in &burst {
+        assert_eq!(&recv(&mut kernel_b.rx).await, p);
+    }
+    feed.await.unwrap();
     let reply = test_packet([100, 64, 2, 1].into(), [100, 64, 1, 1].into(), b"reply");
     kernel_b.tx.send(reply.clone()).await.unwrap();
     assert_eq!(recv(&mut kernel_a.rx).await, reply);
@@ -75,7 +109,7 @@ async fn packets_cross_between_two_drivers_and_status_and_shutdown_work() {
     let snap = rx.await.unwrap();
     assert_eq!(snap.peers.len(), 1);
     assert_eq!(snap.peers[0].state, PeerState::Up);
-    assert_eq!(snap.peers[0].counters.tx_packets, 20);
+    assert_eq!(snap.peers[0].counters.tx_packets, 20 + 1500);
     assert_eq!(snap.peers[0].counters.rx_packets, 1);
 
     stop.send(true).unwrap();

@@ -1,0 +1,256 @@
+//! The TUN side of the driver: [`TunIo`], the packet batches it fills and drains, and its
+//! implementation over `tun_rs::AsyncDevice`.
+//!
+//! With TUN offloads on (`IFF_VNET_HDR` + `TUNSETOFFLOAD`), one read can carry a 64 KB TCP or UDP
+//! segment, which tun-rs splits into packets of the device MTU with their checksums; and a batch
+//! written back goes through tun-rs's GRO table, which coalesces consecutive segments of a flow
+//! into one large packet with a virtio header. Without them, a read is one packet and a write is
+//! one packet.
+
+use std::io;
+
+use tun_rs::{ExpandBuffer, GROTable, VIRTIO_NET_HDR_LEN};
+
+/// Headroom in front of every packet in a batch, where tun-rs puts the virtio header.
+pub const OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// The largest packet a slot holds.
+const SLOT: usize = 65_536;
+/// Slots per batch.
+pub const SLOTS: usize = 256;
+/// A read is only started while this many slots are free: a 64 KB segment split at an MSS of
+/// 512 bytes or more fits.
+pub const MAX_SPLIT: usize = 128;
+
+/// One packet's buffer: `OFFSET` bytes of headroom, then the packet. Its length is kept apart from
+/// its allocation, so that reusing it costs nothing, and it grows where GRO appends to it.
+#[derive(Debug)]
+pub(super) struct Slot {
+    data: Vec<u8>,
+    len: usize,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            data: vec![0; OFFSET + SLOT],
+            len: OFFSET + SLOT,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Slot {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for Slot {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl ExpandBuffer for Slot {
+    fn buf_capacity(&self) -> usize {
+        self.data.len()
+    }
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        if new_len > self.data.len() {
+            self.data.resize(new_len, 0);
+        }
+        if new_len > self.len {
+            self.data[self.len..new_len].fill(value);
+        }
+        self.len = new_len;
+    }
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let end = self.len + src.len();
+        if end > self.data.len() {
+            self.data.resize(end, 0);
+        }
+        self.data[self.len..end].copy_from_slice(src);
+        self.len = end;
+    }
+}
+
+/// A batch of packets: read from the device (then handed to the router one by one), or written by
+/// the router (then written to the device together).
+pub struct Packets {
+    slots: Vec<Slot>,
+    sizes: Vec<usize>,
+    count: usize,
+    /// A whole read with its virtio header, before it is split.
+    scratch: Vec<u8>,
+    /// Coalescing state for writes.
+    gro: GROTable,
+}
+
+impl std::fmt::Debug for Packets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packets")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Packets {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Packets {
+    /// An empty batch of [`SLOTS`] slots.
+    pub fn new() -> Self {
+        Self {
+            // One by one: cloning would touch every page of every slot.
+            slots: (0..SLOTS).map(|_| Slot::new()).collect(),
+            sizes: vec![0; SLOTS],
+            count: 0,
+            scratch: vec![0; OFFSET + SLOT],
+            gro: GROTable::default(),
+        }
+    }
+
+    /// The number of packets in the batch.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Free slots.
+    pub fn free(&self) -> usize {
+        SLOTS - self.count
+    }
+
+    /// Packet `i`.
+    pub fn get(&self, i: usize) -> &[u8] {
+        &self.slots[i].data[OFFSET..OFFSET + self.sizes[i]]
+    }
+
+    /// Empties the batch.
+    pub fn clear(&mut self) {
+        self.count = 0;
+    }
+
+    /// The next free slot's packet space, for a packet to be written into and then
+    /// [`commit`](Self::commit)ted; `None` when the batch is full.
+    pub fn next_mut(&mut self) -> Option<&mut [u8]> {
+        let slot = self.slots.get_mut(self.count)?;
+        slot.len = slot.data.len();
+        slot.data.get_mut(OFFSET..)
+    }
+
+    /// Adds the packet of `len` bytes written into [`next_mut`](Self::next_mut)'s space.
+    pub fn commit(&mut self, len: usize) {
+        if let Some(slot) = self.slots.get_mut(self.count) {
+            slot.len = OFFSET + len;
+            self.sizes[self.count] = len;
+            self.count += 1;
+        }
+    }
+
+    /// Adds a copy of `packet` (tests and the in-memory device); false when it does not fit.
+    pub fn push(&mut self, packet: &[u8]) -> bool {
+        match self.next_mut().and_then(|b| b.get_mut(..packet.len())) {
+            Some(b) => {
+                b.copy_from_slice(packet);
+                self.commit(packet.len());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The free slots and their sizes, for a read to fill from the first; `added` records how
+    /// many it filled.
+    fn unfilled(&mut self) -> (&mut [Slot], &mut [usize], &mut Vec<u8>) {
+        let n = self.count;
+        for s in &mut self.slots[n..] {
+            s.len = s.data.len();
+        }
+        (
+            &mut self.slots[n..],
+            &mut self.sizes[n..],
+            &mut self.scratch,
+        )
+    }
+
+    fn added(&mut self, n: usize) {
+        self.count = (self.count + n).min(SLOTS);
+    }
+}
+
+/// Whether an error from the device means the device is gone (the driver stops), rather than
+/// one bad packet (counted and dropped).
+pub fn is_fatal(e: &io::Error) -> bool {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => false,
+        // tun-rs's own errors (a segment it cannot split) carry no OS error.
+        _ => e.raw_os_error().is_some(),
+    }
+}
+
+/// What the driver needs of a TUN device.
+pub trait TunIo: Send + Sync + 'static {
+    /// Waits for a read, and adds what it carries to `batch` (one packet, or the packets a
+    /// segment splits into).
+    fn recv(&self, batch: &mut Packets) -> impl Future<Output = io::Result<()>> + Send;
+    /// One read if one is ready, else `WouldBlock`.
+    fn try_recv(&self, batch: &mut Packets) -> io::Result<()>;
+    /// Writes the batch's packets (coalescing them where the device takes segments) and
+    /// empties it.
+    fn send(&self, batch: &mut Packets) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl TunIo for tun_rs::AsyncDevice {
+    async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
+        let (slots, sizes, scratch) = batch.unfilled();
+        let n = self.recv_multiple(scratch, slots, sizes, OFFSET).await?;
+        batch.added(n);
+        Ok(())
+    }
+    fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
+        let (slots, sizes, scratch) = batch.unfilled();
+        let n = self.try_recv_multiple(scratch, slots, sizes, OFFSET)?;
+        batch.added(n);
+        Ok(())
+    }
+    async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+        let n = batch.count;
+        batch.count = 0;
+        if n == 0 {
+            return Ok(());
+        }
+        self.send_multiple(&mut batch.gro, &mut batch.slots[..n], OFFSET)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Opens the TUN device `name`, with offloads when `offload` asks for them and the kernel has
+/// them; says whether it got them.
+pub fn open_tun(name: &str, offload: bool) -> io::Result<(tun_rs::AsyncDevice, bool)> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(name)
+            .offload(offload)
+            .build_async()
+    };
+    if offload {
+        match build(true) {
+            Ok(dev) => {
+                let on = dev.tcp_gso();
+                return Ok((dev, on));
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "TUN offloads unavailable; opening the device without");
+            }
+        }
+    }
+    Ok((build(false)?, false))
+}

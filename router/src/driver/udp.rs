@@ -1,0 +1,216 @@
+//! The UDP side of the driver: [`UdpIo`], the receive batch it fills, and its implementation over
+//! a tokio socket driven by quinn-udp (`recvmmsg`, `UDP_SEGMENT` sends, `UDP_GRO` receives).
+
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv6Addr, SocketAddr};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tracing::debug;
+use weft_config::Offload;
+
+/// Socket buffer size asked for; root may exceed `net.core.[rw]mem_max`.
+const SOCKET_BUFFER: usize = 8 << 20;
+/// Receive buffers per batch (`recvmmsg` fills up to this many).
+pub const RX_BATCH: usize = 32;
+/// One receive buffer: a GRO run of up to 64 datagrams of an Ethernet MTU, or one datagram of
+/// any size.
+const RX_BUF: usize = 128 << 10;
+/// The most UDP payload one GSO send may carry (IPv4: 65535 - 20 - 8).
+pub const MAX_GSO_BYTES: usize = 65_507;
+
+/// Received datagrams: `meta[i]` describes `bufs[i]`, which holds `meta[i].len` bytes in
+/// datagrams of `meta[i].stride` bytes (the last may be shorter).
+#[derive(Debug)]
+pub struct Datagrams {
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    count: usize,
+}
+
+impl Datagrams {
+    /// Room for `n` receive buffers (1 without batching).
+    pub fn new(n: usize) -> Self {
+        let n = n.clamp(1, RX_BATCH);
+        Self {
+            // One by one: cloning would touch every page.
+            bufs: (0..n).map(|_| vec![0; RX_BUF]).collect(),
+            meta: vec![RecvMeta::default(); n],
+            count: 0,
+        }
+    }
+
+    /// The buffers filled, each as (sender, bytes, stride).
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8], usize)> {
+        self.meta[..self.count]
+            .iter()
+            .zip(&self.bufs)
+            .map(|(m, b)| {
+                let bytes = &b[..m.len.min(b.len())];
+                let stride = if m.stride == 0 { bytes.len() } else { m.stride };
+                (m.addr, bytes, stride.max(1))
+            })
+    }
+
+    /// Stores one datagram as the only one (the in-memory socket).
+    pub fn set_one(&mut self, from: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        let buf = self.bufs[0]
+            .get_mut(..datagram.len())
+            .ok_or_else(|| io::Error::other("datagram larger than the receive buffer"))?;
+        buf.copy_from_slice(datagram);
+        let mut m = RecvMeta::default();
+        m.addr = from;
+        m.len = datagram.len();
+        m.stride = datagram.len();
+        self.meta[0] = m;
+        self.count = 1;
+        Ok(())
+    }
+}
+
+/// What the driver needs of a UDP socket.
+pub trait UdpIo: Send + Sync + 'static {
+    /// Waits for datagrams and replaces `rx`'s contents with them.
+    fn recv(&self, rx: &mut Datagrams) -> impl Future<Output = io::Result<()>> + Send;
+    /// Datagrams if some are ready, else `WouldBlock`.
+    fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()>;
+    /// Sends `contents` to `to` as datagrams of `segment` bytes (the last may be shorter): one
+    /// datagram when `segment` is its length, else one GSO send.
+    fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment: usize,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    /// The most datagrams one send may carry (1 without GSO).
+    fn max_segments(&self) -> usize;
+    /// The bound address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// The data plane's UDP socket: tokio for readiness, quinn-udp for the system calls.
+#[derive(Debug)]
+pub struct Udp {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    gso: usize,
+    gro: bool,
+}
+
+impl Udp {
+    /// Whether received datagrams arrive coalesced (`UDP_GRO` on).
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+}
+
+fn size_buffers(socket: &Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // The FORCE options pass net.core.[rw]mem_max with CAP_NET_ADMIN; without it, ask normally.
+    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    }
+}
+
+/// Opens the UDP socket on `port`: dual-stack `[::]` when the host has IPv6, else `0.0.0.0`; with
+/// the offloads `offload` allows and the kernel has.
+pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<Udp> {
+    let dual = (|| {
+        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok::<_, io::Error>(s)
+    })();
+    let socket = match dual {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "no dual-stack socket; binding IPv4 only");
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            s
+        }
+    };
+    size_buffers(&socket);
+    socket.set_nonblocking(true)?;
+    let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+    let mut gro = state.gro_segments() > 1;
+    if gro && !offload.udp_gro {
+        // quinn-udp switches UDP_GRO on whenever it can.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &false)?;
+        gro = false;
+    }
+    let gso = if offload.udp_gso {
+        state.max_gso_segments().max(1)
+    } else {
+        1
+    };
+    let socket = UdpSocket::from_std(socket.into())?;
+    Ok(Udp {
+        socket,
+        state,
+        gso,
+        gro,
+    })
+}
+
+impl Udp {
+    fn recv_now(&self, rx: &mut Datagrams) -> io::Result<()> {
+        let n = rx.bufs.len();
+        let mut iovs: [IoSliceMut<'_>; RX_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (iov, buf) in iovs.iter_mut().zip(rx.bufs.iter_mut()) {
+            *iov = IoSliceMut::new(buf);
+        }
+        let count = self.socket.try_io(Interest::READABLE, || {
+            self.state
+                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)
+        })?;
+        rx.count = count;
+        Ok(())
+    }
+}
+
+impl UdpIo for Udp {
+    async fn recv(&self, rx: &mut Datagrams) -> io::Result<()> {
+        loop {
+            self.socket.readable().await?;
+            match self.recv_now(rx) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
+    }
+    fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
+        self.recv_now(rx)
+    }
+    async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: (segment < contents.len()).then_some(segment),
+            src_ip: None,
+        };
+        loop {
+            self.socket.writable().await?;
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.socket).into(), &transmit)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
+    }
+    fn max_segments(&self) -> usize {
+        // quinn-udp lowers its own figure if a GSO send fails.
+        self.gso.min(self.state.max_gso_segments()).max(1)
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
