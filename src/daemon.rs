@@ -21,7 +21,7 @@ use weft_config::Config;
 use weft_ipam::{Pool, SavedBlock};
 use weft_mesh::driver::{Command as MeshCommand, MeshDriver, Snapshot as MeshSnapshot};
 use weft_mesh::{Identity, Membership, MeshConfig};
-use weft_router::driver::{Command, Driver, Snapshot, UdpIo as _, bind_udp, open_tun};
+use weft_router::driver::{Command, Snapshot, bind_udp, open_tun};
 use weft_router::{PathKind, PeerConfig, Router};
 
 use crate::api::{self, ApiSocket, Request, Response};
@@ -285,7 +285,6 @@ pub async fn run(
         tun_offload = tun_offload,
         "data path offloads"
     );
-    let driver = Driver::new(router, tun, udp, offload)?;
     if let Some(m) = &masquerade {
         m.apply(&plan.pod_cidrs);
     }
@@ -304,7 +303,8 @@ pub async fn run(
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut data_plane = tokio::spawn(driver.run(cmd_rx, stop_rx.clone()));
+    let mut data_plane =
+        weft_router::driver::spawn(router, tun, udp, offload, cmd_rx, stop_rx.clone());
     let infos = control::PeerInfos::default();
     let (mesh_tx, mesh_rx) = mpsc::channel(64);
     let mut helpers = Vec::new();

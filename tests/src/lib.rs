@@ -83,7 +83,41 @@ pub fn node_config(
 impl Pair {
     /// Builds the namespaces and configs and starts both daemons.
     pub fn start(tag: &str) -> anyhow::Result<Self> {
+        Self::start_with(tag, None)
+    }
+
+    /// As [`start`](Self::start), with `router.offload` set to `offload` and IPv6 pod blocks
+    /// beside the IPv4 ones (a: fd00:64:0:1::/64, b: fd00:64:0:2::/64).
+    pub fn start_dual(tag: &str, offload: &str) -> anyhow::Result<Self> {
+        Self::start_with(tag, Some(offload))
+    }
+
+    fn start_with(tag: &str, dual_offload: Option<&str>) -> anyhow::Result<Self> {
         let bin = weft_bin()?;
+        let (pods_a, pods_b, allow_a, allow_b) = if dual_offload.is_some() {
+            (
+                "[100.64.1.0/24, fd00:64:0:1::/64]",
+                "[100.64.2.0/24, fd00:64:0:2::/64]",
+                "100.64.1.0/24, fd00:64:0:1::/64",
+                "100.64.2.0/24, fd00:64:0:2::/64",
+            )
+        } else {
+            (
+                "100.64.1.0/24",
+                "100.64.2.0/24",
+                "100.64.1.0/24",
+                "100.64.2.0/24",
+            )
+        };
+        let finish = |body: String| match dual_offload {
+            Some(o) => {
+                body.replace(
+                    "  interface: weft0\n",
+                    &format!("  interface: weft0\n  offload: {o}\n"),
+                ) + "network:\n  pod_network_cidr: [100.64.0.0/16, fd00:64::/48]\n"
+            }
+            None => body,
+        };
         let mut lab = Lab::new(tag)?;
         let na = lab.add_ns("a")?;
         let nb = lab.add_ns("b")?;
@@ -97,22 +131,22 @@ impl Pair {
         let a = lab.daemon(
             "a",
             &na,
-            &node_config(
+            &finish(node_config(
                 "a",
                 "198.18.1.1",
-                "100.64.1.0/24",
-                &[("b", &kb, "198.18.1.2:51820", "100.64.2.0/24")],
-            ),
+                pods_a,
+                &[("b", &kb, "198.18.1.2:51820", allow_b)],
+            )),
         )?;
         let b = lab.daemon(
             "b",
             &nb,
-            &node_config(
+            &finish(node_config(
                 "b",
                 "198.18.1.2",
-                "100.64.2.0/24",
-                &[("a", &ka, "198.18.1.1:51820", "100.64.1.0/24")],
-            ),
+                pods_b,
+                &[("a", &ka, "198.18.1.1:51820", allow_a)],
+            )),
         )?;
         lab.start(&bin, &a)?;
         lab.start(&bin, &b)?;

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use weft_config::Offload;
 
 pub use self::tun::{MAX_SPLIT, OFFSET, Packets, SLOTS, TunIo, is_fatal, open_tun};
-pub use self::udp::{Datagrams, MAX_GSO_BYTES, RX_BATCH, Udp, UdpIo, bind_udp};
+pub use self::udp::{BoundUdp, Datagrams, MAX_GSO_BYTES, RX_BATCH, Udp, UdpIo, bind_udp};
 
 use crate::{
     DropReason, Drops, Event, NetAction, PeerConfig, PeerError, PeerId, PeerStatus, Router,
@@ -360,6 +360,31 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             }
         }
     }
+}
+
+/// Runs the driver for `router` over `tun` and `udp` on a thread of its own, with a
+/// single-threaded runtime: a packet's wake-up is that thread leaving `epoll_wait`, with no hand-over
+/// between worker threads. The handle yields what [`Driver::run`] returns.
+pub fn spawn(
+    router: Router,
+    tun: tun_rs::SyncDevice,
+    udp: BoundUdp,
+    offload: Offload,
+    commands: mpsc::Receiver<Command>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<io::Result<Router>> {
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let tun = tun_rs::AsyncDevice::new(tun)?;
+            let udp = udp.register()?;
+            Driver::new(router, tun, udp, offload)?
+                .run(commands, shutdown)
+                .await
+        })
+    })
 }
 
 /// Writes a TUN batch; a failed write loses its packets, as a full queue would.

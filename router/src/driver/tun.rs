@@ -233,13 +233,14 @@ impl TunIo for tun_rs::AsyncDevice {
 }
 
 /// Opens the TUN device `name`, with offloads when `offload` asks for them and the kernel has
-/// them; says whether it got them.
-pub fn open_tun(name: &str, offload: bool) -> io::Result<(tun_rs::AsyncDevice, bool)> {
+/// them; says whether it got them. The device is made async (`tun_rs::AsyncDevice::new`) on the
+/// runtime that drives it.
+pub fn open_tun(name: &str, offload: bool) -> io::Result<(tun_rs::SyncDevice, bool)> {
     let build = |offload: bool| {
         tun_rs::DeviceBuilder::new()
             .name(name)
             .offload(offload)
-            .build_async()
+            .build_sync()
     };
     if offload {
         match build(true) {

@@ -96,13 +96,41 @@ pub struct Udp {
     socket: UdpSocket,
     state: UdpSocketState,
     gso: usize,
+}
+
+/// A bound socket not yet registered with a tokio runtime: [`register`](Self::register) it on the
+/// runtime that will drive it.
+#[derive(Debug)]
+pub struct BoundUdp {
+    socket: Socket,
+    state: UdpSocketState,
+    gso: usize,
     gro: bool,
 }
 
-impl Udp {
+impl BoundUdp {
     /// Whether received datagrams arrive coalesced (`UDP_GRO` on).
     pub fn gro(&self) -> bool {
         self.gro
+    }
+    /// The most datagrams one send may carry (1 without GSO).
+    pub fn max_segments(&self) -> usize {
+        self.gso
+    }
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket"))
+    }
+    /// The socket on the current tokio runtime.
+    pub fn register(self) -> io::Result<Udp> {
+        Ok(Udp {
+            socket: UdpSocket::from_std(self.socket.into())?,
+            state: self.state,
+            gso: self.gso,
+        })
     }
 }
 
@@ -119,7 +147,7 @@ fn size_buffers(socket: &Socket) {
 
 /// Opens the UDP socket on `port`: dual-stack `[::]` when the host has IPv6, else `0.0.0.0`; with
 /// the offloads `offload` allows and the kernel has.
-pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<Udp> {
+pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<BoundUdp> {
     let dual = (|| {
         let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
         s.set_only_v6(false)?;
@@ -149,8 +177,7 @@ pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<Udp> {
     } else {
         1
     };
-    let socket = UdpSocket::from_std(socket.into())?;
-    Ok(Udp {
+    Ok(BoundUdp {
         socket,
         state,
         gso,

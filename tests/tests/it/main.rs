@@ -14,5 +14,6 @@ mod manifests;
 mod mesh;
 mod mesh_sim;
 mod nodesource;
+mod offload;
 mod service;
 mod two_nodes;
