@@ -38,6 +38,19 @@ enum Cmd {
     /// plaintext, wireguard-go, boringtun-cli; TCP, UDP packet rate, ping, CPU and memory;
     /// medians of several runs. Writes bench/RESULTS.md.
     Net(NetOpts),
+    /// weft encrypted under iperf3 TCP load (4 streams) for a long run (root), both daemons'
+    /// RSS sampled: shows peak memory and whether it grows. Writes bench/results/soak.md.
+    Soak {
+        /// Minutes of load.
+        #[arg(long, default_value_t = 10)]
+        mins: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 10)]
+        every: u64,
+        /// Where to write the report.
+        #[arg(long, default_value = "bench/results/soak.md")]
+        out: PathBuf,
+    },
     /// The router core alone, with criterion: per-packet encapsulation and decapsulation
     /// (WireGuard and plaintext) and a lookup among 10 000 prefixes. Writes
     /// bench/results/router.md.
@@ -74,11 +87,13 @@ struct NetOpts {
     /// boringtun-cli thread counts to measure (the best is compared against).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     boringtun_threads: Vec<u32>,
-    /// Paths to measure: veth, weft, weft-plaintext, wireguard-go, boringtun.
+    /// Paths to measure: veth, weft, weft-plaintext, wireguard-go, boringtun; weft and
+    /// weft-plaintext take `@off`, `@auto` or mechanisms joined by `+` (`@udp_batch+udp_gso`),
+    /// so the default adds the offloads one at a time.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "veth,weft,weft-plaintext,wireguard-go,boringtun"
+        default_value = "veth,weft@off,weft@udp_batch,weft@udp_batch+udp_gso,weft@udp_batch+udp_gso+udp_gro,weft,weft-plaintext@off,weft-plaintext,wireguard-go,boringtun"
     )]
     paths: Vec<String>,
     /// Where to write the report (Markdown).
@@ -167,6 +182,80 @@ fn weft_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// `auto`, `off` or mechanisms joined by `+`, checked as `router.offload` would be.
+fn list_check(spec: &str) -> anyhow::Result<weft_config::Offload> {
+    spec.replace('+', ",")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("{spec}: {e}"))
+}
+
+/// `weft-bench soak`: weft encrypted under TCP load for `mins` minutes, RSS sampled.
+fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyhow::Result<()> {
+    weft::lab::require_root("weft-bench soak")?;
+    anyhow::ensure!(
+        mins >= 1 && every >= 1,
+        "--mins and --every must be at least 1"
+    );
+    let args = net::NetArgs {
+        secs: mins * 60,
+        reps: 1,
+        paths: vec![],
+        weft: weft_binary()?,
+        boringtun: PathBuf::new(),
+    };
+    let mut b = net::setup(&args, &net::PathKind::WeftEncrypted("auto".into()))?;
+    net::iperf_background(&mut b, "iperf3-load", mins * 60, 4)?;
+    let mut samples: Vec<(u64, Vec<f64>)> = Vec::new();
+    #[expect(clippy::disallowed_methods, reason = "sampling on a wall clock")]
+    let start = std::time::Instant::now();
+    let total = Duration::from_secs(mins * 60);
+    // Bounded: one sample per `every` seconds until the load ends.
+    for k in 0..=(mins * 60 / every) {
+        let due = Duration::from_secs(k * every);
+        if due > total {
+            break;
+        }
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let rss = net::rss_now(&b)?;
+        eprintln!("{:>4} s: RSS {rss:.1?} MB", due.as_secs());
+        samples.push((due.as_secs(), rss));
+    }
+    let load_ran = !net::running(&mut b, "iperf3-load") || start.elapsed() >= total;
+    anyhow::ensure!(load_ran, "the load stopped early");
+    let peak = net::peak_rss(&b)?;
+    let first_min: f64 = samples
+        .iter()
+        .filter(|(t, _)| *t <= 60)
+        .flat_map(|(_, r)| r.iter().copied())
+        .fold(0.0, f64::max);
+    let last_min: f64 = samples
+        .iter()
+        .filter(|(t, _)| *t + 60 >= mins * 60)
+        .flat_map(|(_, r)| r.iter().copied())
+        .fold(0.0, f64::max);
+    let mut table =
+        String::from("| time (s) | RSS node l (MB) | RSS node r (MB) |\n|---:|---:|---:|\n");
+    for (t, r) in &samples {
+        let _ = writeln!(
+            table,
+            "| {t} | {:.1} | {:.1} |",
+            r.first().copied().unwrap_or(f64::NAN),
+            r.get(1).copied().unwrap_or(f64::NAN)
+        );
+    }
+    let report = format!(
+        "# weft-bench soak\n\n- machine: {}\n- command: `{command}`\n- weft encrypted, iperf3 TCP 4 streams for {mins} min, RSS (`VmRSS`) of both daemons every {every} s\n\nPeak RSS (`VmHWM`, larger daemon): {peak:.1} MB (target ≤ 64 MB). Largest RSS in the first minute: {first_min:.1} MB; in the last minute: {last_min:.1} MB ({:+.1} MB).\n\n{table}",
+        net::machine(),
+        last_min - first_min,
+    );
+    print!("{report}");
+    std::fs::write(out, report)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
 fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
     let (secs, reps, out) = (o.secs, o.reps, &o.out);
     weft::lab::require_root("weft-bench net")?;
@@ -178,8 +267,21 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
     for p in &o.paths {
         match p.as_str() {
             "veth" => kinds.push(net::PathKind::Veth),
-            "weft" => kinds.push(net::PathKind::WeftEncrypted),
-            "weft-plaintext" => kinds.push(net::PathKind::WeftPlaintext),
+            "weft" => kinds.push(net::PathKind::WeftEncrypted("auto".into())),
+            "weft-plaintext" => kinds.push(net::PathKind::WeftPlaintext("auto".into())),
+            w if w.starts_with("weft@") || w.starts_with("weft-plaintext@") => {
+                let (path, spec) = w.split_once('@').unwrap_or((w, "auto"));
+                let offload = match spec {
+                    "auto" | "off" => spec.to_owned(),
+                    list => format!("[{}]", list.replace('+', ", ")),
+                };
+                let _: weft_config::Offload = list_check(spec)?;
+                kinds.push(if path == "weft" {
+                    net::PathKind::WeftEncrypted(offload)
+                } else {
+                    net::PathKind::WeftPlaintext(offload)
+                });
+            }
             "wireguard-go" => kinds.push(net::PathKind::WireguardGo),
             "boringtun" => kinds.extend(
                 o.boringtun_threads
@@ -187,7 +289,8 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
                     .map(|t| net::PathKind::Boringtun(*t)),
             ),
             other => anyhow::bail!(
-                "unknown path {other:?}: use veth, weft, weft-plaintext, wireguard-go, boringtun"
+                "unknown path {other:?}: use veth, weft, weft-plaintext, wireguard-go, boringtun \
+                 (weft and weft-plaintext take @auto, @off or @udp_batch+udp_gso+...)"
             ),
         }
     }
@@ -245,6 +348,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Net(o) => run_net(&o, &command)?,
+        Cmd::Soak { mins, every, out } => run_soak(mins, every, &out, &command)?,
         Cmd::Router { secs, out } => {
             let table = router::run(Duration::from_secs(secs))?;
             let report = format!(

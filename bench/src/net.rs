@@ -29,10 +29,10 @@ const TUNNEL_MTU: &str = "1440";
 pub(crate) enum PathKind {
     /// Plain veth, no tunnel.
     Veth,
-    /// weft, WireGuard.
-    WeftEncrypted,
-    /// weft, plaintext between trusted subnets.
-    WeftPlaintext,
+    /// weft, WireGuard, with this `router.offload` (`auto`, `off`, or a YAML list).
+    WeftEncrypted(String),
+    /// weft, plaintext between trusted subnets, with this `router.offload`.
+    WeftPlaintext(String),
     /// wireguard-go (Debian) configured with wg.
     WireguardGo,
     /// boringtun-cli with this many threads.
@@ -44,11 +44,19 @@ impl PathKind {
     pub(crate) fn label(&self) -> String {
         match self {
             Self::Veth => "plain veth".into(),
-            Self::WeftEncrypted => "weft encrypted".into(),
-            Self::WeftPlaintext => "weft plaintext".into(),
+            Self::WeftEncrypted(o) => weft_label("weft encrypted", o),
+            Self::WeftPlaintext(o) => weft_label("weft plaintext", o),
             Self::WireguardGo => "wireguard-go".into(),
             Self::Boringtun(t) => format!("boringtun-cli --threads {t}"),
         }
+    }
+}
+
+fn weft_label(what: &str, offload: &str) -> String {
+    if offload == "auto" {
+        what.to_owned()
+    } else {
+        format!("{what}, offload {offload}")
     }
 }
 
@@ -92,7 +100,7 @@ pub(crate) struct Row {
 }
 
 /// A lab with one path set up in it.
-struct Bench {
+pub(crate) struct Bench {
     lab: Lab,
     client: String,
     server: String,
@@ -133,12 +141,13 @@ fn keys() -> ([u8; 32], [u8; 32], String, String) {
     )
 }
 
-fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
+pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
     let (mut lab, l, r) = two_nodes("bn")?;
     let mut procs = Vec::new();
     let dst = match kind {
         PathKind::Veth => UNDERLAY_DST,
-        PathKind::WeftEncrypted | PathKind::WeftPlaintext => {
+        PathKind::WeftEncrypted(offload) | PathKind::WeftPlaintext(offload) => {
+            let encrypted = matches!(kind, PathKind::WeftEncrypted(_));
             let (kl, kr, pl, pr) = keys();
             let secret = weft::keys::encode(&weft::keys::generate_secret());
             let mut daemons = Vec::new();
@@ -146,7 +155,7 @@ fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 ("l", &l, "198.18.0.1", "198.18.0.2", 1, 2, kl, &pr),
                 ("r", &r, "198.18.0.2", "198.18.0.1", 2, 1, kr, &pl),
             ] {
-                let body = if *kind == PathKind::WeftEncrypted {
+                let body = if encrypted {
                     format!(
                         "node:\n  name: {name}\n  private_address: {me}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{block}.0/24\n\
                          mesh:\n  secret_file: SECRET_FILE\n\
@@ -159,9 +168,10 @@ fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                          mesh:\n  secret_file: SECRET_FILE\n  peers: [{other}]\n"
                     )
                 };
+                let body = format!("{body}router:\n  offload: {offload}\n");
                 let d = lab.daemon(name, ns, &body)?;
                 weft::keys::create(&d.key_file, &key)?;
-                if *kind == PathKind::WeftPlaintext {
+                if !encrypted {
                     std::fs::write(&d.secret_file, &secret)?;
                 }
                 daemons.push(d);
@@ -170,11 +180,7 @@ fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 lab.start(&args.weft, d)?;
                 procs.push(d.name.clone());
             }
-            let want = if *kind == PathKind::WeftEncrypted {
-                "encrypted"
-            } else {
-                "plaintext"
-            };
+            let want = if encrypted { "encrypted" } else { "plaintext" };
             wait_for(
                 &format!("weft to route the peer {want}"),
                 Duration::from_secs(30),
@@ -375,8 +381,52 @@ fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
     Ok(total)
 }
 
+/// The current RSS (`VmRSS`) of each tunnel process, MB.
+pub(crate) fn rss_now(b: &Bench) -> anyhow::Result<Vec<f64>> {
+    b.procs
+        .iter()
+        .map(|name| {
+            let pid = b.lab.pid(name).context("tunnel process gone")?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let kb: f64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .context("no VmRSS")?;
+            Ok(kb / 1024.0)
+        })
+        .collect()
+}
+
+/// Starts iperf3 TCP with `streams` streams for `secs` seconds in the background, as lab
+/// process `name`.
+pub(crate) fn iperf_background(
+    b: &mut Bench,
+    name: &str,
+    secs: u64,
+    streams: u32,
+) -> anyhow::Result<()> {
+    let mut c = b.lab.cmd(&b.client, "iperf3");
+    c.args([
+        "-c",
+        b.dst,
+        "-t",
+        &secs.to_string(),
+        "-P",
+        &streams.to_string(),
+    ]);
+    let log = b.lab.dir.join(format!("{name}.log"));
+    b.lab.spawn(name, c, Some(&log))?;
+    Ok(())
+}
+
+/// Whether lab process `name` still runs.
+pub(crate) fn running(b: &mut Bench, name: &str) -> bool {
+    b.lab.running(name)
+}
+
 /// The larger peak RSS of the tunnel processes, MB.
-fn peak_rss(b: &Bench) -> anyhow::Result<f64> {
+pub(crate) fn peak_rss(b: &Bench) -> anyhow::Result<f64> {
     let mut max = 0.0f64;
     for name in &b.procs {
         let pid = b.lab.pid(name).context("tunnel process gone")?;
