@@ -308,7 +308,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     async fn on_datagrams(&mut self) {
         let now = clock();
         for (from, bytes, stride) in self.udp_in.iter() {
-            for datagram in bytes.chunks(stride) {
+            // An empty datagram is still one (and is counted as malformed).
+            let empty: &[&[u8]] = if bytes.is_empty() { &[&[]] } else { &[] };
+            for datagram in bytes.chunks(stride).chain(empty.iter().copied()) {
                 if self.tun_out.free() == 0 {
                     write_batch(&self.tun, &mut self.tun_out).await;
                 }
