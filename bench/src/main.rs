@@ -222,8 +222,12 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
         eprintln!("{:>4} s: RSS {rss:.1?} MB", due.as_secs());
         samples.push((due.as_secs(), rss));
     }
-    let load_ran = !net::running(&mut b, "iperf3-load") || start.elapsed() >= total;
-    anyhow::ensure!(load_ran, "the load stopped early");
+    // The load ran its whole time: iperf3 ended with its receiver summary, not an error.
+    let log = net::finished_log(&mut b, "iperf3-load")?;
+    anyhow::ensure!(
+        log.contains("receiver"),
+        "the iperf3 load did not finish normally:\n{log}"
+    );
     let peak = net::peak_rss(&b)?;
     let first_min: f64 = samples
         .iter()

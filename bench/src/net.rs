@@ -381,8 +381,8 @@ fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
     Ok(total)
 }
 
-/// The current RSS (`VmRSS`) of each tunnel process, MB.
-pub(crate) fn rss_now(b: &Bench) -> anyhow::Result<Vec<f64>> {
+/// A memory figure (`field` of `/proc/<pid>/status`, such as `VmRSS`) of each tunnel process, MB.
+fn status_mb(b: &Bench, field: &str) -> anyhow::Result<Vec<f64>> {
     b.procs
         .iter()
         .map(|name| {
@@ -390,12 +390,17 @@ pub(crate) fn rss_now(b: &Bench) -> anyhow::Result<Vec<f64>> {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
             let kb: f64 = status
                 .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .context("no VmRSS")?;
+                .with_context(|| format!("no {field}"))?;
             Ok(kb / 1024.0)
         })
         .collect()
+}
+
+/// The current RSS (`VmRSS`) of each tunnel process, MB.
+pub(crate) fn rss_now(b: &Bench) -> anyhow::Result<Vec<f64>> {
+    status_mb(b, "VmRSS")
 }
 
 /// Starts iperf3 TCP with `streams` streams for `secs` seconds in the background, as lab
@@ -420,25 +425,21 @@ pub(crate) fn iperf_background(
     Ok(())
 }
 
-/// Whether lab process `name` still runs.
-pub(crate) fn running(b: &mut Bench, name: &str) -> bool {
-    b.lab.running(name)
+/// Waits (bounded) for lab process `name` to exit; its log.
+pub(crate) fn finished_log(b: &mut Bench, name: &str) -> anyhow::Result<String> {
+    wait_for(
+        &format!("{name} to finish"),
+        Duration::from_secs(30),
+        || (!b.lab.running(name)).then_some(()),
+    )?;
+    Ok(std::fs::read_to_string(
+        b.lab.dir.join(format!("{name}.log")),
+    )?)
 }
 
-/// The larger peak RSS of the tunnel processes, MB.
+/// The larger peak RSS (`VmHWM`) of the tunnel processes, MB.
 pub(crate) fn peak_rss(b: &Bench) -> anyhow::Result<f64> {
-    let mut max = 0.0f64;
-    for name in &b.procs {
-        let pid = b.lab.pid(name).context("tunnel process gone")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmHWM")?;
-        max = max.max(kb / 1024.0);
-    }
-    Ok(max)
+    Ok(status_mb(b, "VmHWM")?.into_iter().fold(0.0, f64::max))
 }
 
 /// Measures one path.
