@@ -3,29 +3,59 @@
 //! # Architecture
 //!
 //! Every node signs its own [`NodeRecord`] (name, region, addresses, WireGuard key, pod CIDRs,
-//! trusted subnets) with an ed25519 [`Identity`] derived from its WireGuard key, so a member can
-//! only ever speak for itself; records carry a version that only grows, so a replayed old record
-//! never replaces a newer one. The wire format is [`wire`]: pure encode and decode, where
-//! malformed input is a [`DecodeError`] and never a panic.
+//! trusted subnets) and its heartbeats ([`Beat`]) with an [`Identity`] that is its WireGuard
+//! key: the [`NodeId`] is the WireGuard public key in Edwards form, so a record verifies only
+//! with the WireGuard key of the node that signed it. Records carry a version that only grows,
+//! so a replayed old record never replaces a newer one, and each version is a heartbeat space
+//! of its own, so a restarted node (a new version, counting from zero) is alive again as soon
+//! as its new record arrives. The wire format is [`wire`]: pure encode and decode, where
+//! malformed input is a [`DecodeError`] and never a panic. What the core refuses is counted by
+//! [`Rejected`] reason in [`Drops`].
+//!
+//! # Trust model
+//!
+//! An *outsider* lacks the cluster secret; a *member* holds it (the secret is shared, so every
+//! member can open gossip connections and send any frame) and its own WireGuard key, and no
+//! other node's.
+//!
+//! | who | can | cannot |
+//! |---|---|---|
+//! | outsider | open TCP connections to the gossip port; send bytes that fail the handshake (counted by the transport) | send a frame the core sees; learn any record; cost more than the transport's handshake budget |
+//! | member | publish its own record and beats; relay others' records and beats unchanged; delay or withhold what it relays; replay old records and beats (refused as stale: a relayed copy only matters while it is the newest its origin signed); send digests with any numbers (they only decide what is sent back, never liveness) | sign a record or beat for another node (the id is the signer's key); publish another node's WireGuard key ([`Rejected::UnboundKey`]); raise another node's heartbeat or version, or mark it down or alive ([`Rejected::BadBeat`], [`Rejected::UnsignedBeat`]); keep a node it impersonates routed: a member advertising an established member's address is held down ([`Rejected::AddressInUse`]); grow another node's state without bound (members capped by [`MeshConfig::max_members`], [`Rejected::MemberLimit`]; answers cut into bounded frames; dead members forgotten after [`MeshConfig::tombstone_horizon`]); make a node pay a signature check for a record or beat it would not apply |
+//! | same key on two daemons | both publish as the one node | outbid each other without end: after [`MAX_BIDS`] bids both stop and report an [`IdentityClash`] naming both daemons' addresses |
+//!
+//! Pod-CIDR claims inside records are checked by the daemon against its pool, not here.
+//! A node that joins after two members began to advertise the same address cannot tell which
+//! came first: it keeps the one it learned first (then the smaller id).
 //!
 //! # Layout
 //!
-//! - `record`: [`NodeId`], [`Identity`], [`NodeRecord`], [`SignedRecord`].
-//! - `membership`: [`Membership`], the state machine, and its inputs and outputs.
+//! - `record`: [`NodeId`], [`Identity`], [`NodeRecord`], [`SignedRecord`], [`UnverifiedRecord`].
+//! - `beat`: [`Beat`], a signed heartbeat.
+//! - `membership`: [`Membership`], the state machine, and its inputs and outputs; its
+//!   submodules accept records, answer digests and settle clashes.
+//! - `stats`: [`Rejected`] reasons and the [`Drops`] counters.
 //! - `wire`: [`Frame`] and its codec.
 //! - `driver` (feature `driver`, on by default): the tokio driver and the encrypted TCP
 //!   transport keyed by the cluster secret.
 
+mod beat;
 #[cfg(feature = "driver")]
 pub mod driver;
 mod membership;
 mod record;
+mod stats;
 pub mod wire;
 
+pub use crate::beat::Beat;
 pub use crate::membership::{
-    ConnId, Drops, Event, Member, Membership, MeshConfig, Transmit, mesh_address,
+    AddressClash, BID_WINDOW, ConnId, DEFAULT_MAX_MEMBERS, DEFAULT_TOMBSTONE_HORIZON, Event,
+    IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member, Membership, MeshConfig, Transmit,
+    mesh_address,
 };
 pub use crate::record::{
-    Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord, VerifyError,
+    Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord, UnverifiedRecord,
+    VerifyError,
 };
+pub use crate::stats::{Drops, Rejected, Rejections};
 pub use crate::wire::{DecodeError, Entry, Frame};

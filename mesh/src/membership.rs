@@ -1,4 +1,13 @@
 //! [`Membership`]: the sans-IO gossip state machine.
+//!
+//! - `accept`: records in, stalest check first, signature last; a node's own identity coming
+//!   back from another daemon; forgotten members and the member cap.
+//! - `digest`: anti-entropy, and full-state answers cut into bounded frames.
+//! - `clash`: the same identity on two daemons, and two members advertising one address.
+
+mod accept;
+mod clash;
+mod digest;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -6,10 +15,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, trace};
 
+pub use self::clash::{AddressClash, BID_WINDOW, IdentityClash, MAX_BIDS};
+pub use self::digest::MAX_MEMBERS_LIMIT;
+use crate::beat::Beat;
 use crate::record::{Identity, NodeId, NodeRecord, ShortId, SignedRecord};
+use crate::stats::{Drops, Rejected};
 use crate::wire::{Entry, Frame};
 
-/// Timing and fan-out of the gossip.
+/// Timing, fan-out and bounds of the gossip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeshConfig {
     /// How often a node sends the heartbeats it learned since the last round to its
@@ -26,7 +39,19 @@ pub struct MeshConfig {
     /// How often (in gossip intervals) a node sends a full digest to one neighbour, to repair
     /// anything the pushes missed.
     pub digest_every: u32,
+    /// A member down or departed for this long is forgotten (its record dropped); older
+    /// records of it are refused for as long again, so the others' copies cannot bring it
+    /// back.
+    pub tombstone_horizon: Duration,
+    /// The most members held; records of further identities are refused and counted. At most
+    /// [`MAX_MEMBERS_LIMIT`].
+    pub max_members: usize,
 }
+
+/// The default [`MeshConfig::tombstone_horizon`]: three days, past the default block expiry.
+pub const DEFAULT_TOMBSTONE_HORIZON: Duration = Duration::from_secs(72 * 3600);
+/// The default [`MeshConfig::max_members`].
+pub const DEFAULT_MAX_MEMBERS: usize = 8192;
 
 impl Default for MeshConfig {
     fn default() -> Self {
@@ -36,6 +61,8 @@ impl Default for MeshConfig {
             max_connections: 4,
             dial_interval: Duration::from_secs(2),
             digest_every: 10,
+            tombstone_horizon: DEFAULT_TOMBSTONE_HORIZON,
+            max_members: DEFAULT_MAX_MEMBERS,
         }
     }
 }
@@ -61,25 +88,16 @@ pub enum Event {
     Joined(NodeId),
     /// A member's record changed.
     Updated(NodeId),
-    /// A member's heartbeat stopped growing for the liveness timeout.
+    /// A member stopped being alive: its signed heartbeat stopped growing for the liveness
+    /// timeout, or it advertises an address an established member holds.
     Down(NodeId),
-    /// A member that was down is heard from again.
+    /// A member that was down is alive again.
     Up(NodeId),
     /// A member left on purpose.
     Left(NodeId),
-}
-
-/// Input refused, by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Drops {
-    /// Frames that did not decode.
-    pub malformed: u64,
-    /// Records whose signature did not verify.
-    pub unauthenticated: u64,
-    /// Records not newer than the one held (replays, echoes).
-    pub stale: u64,
-    /// Frames on a connection that had not said hello.
-    pub unexpected: u64,
+    /// Another daemon runs with this node's identity (the same WireGuard key): the two stopped
+    /// outbidding each other's records.
+    IdentityClash(IdentityClash),
 }
 
 /// A member as [`Membership::members`] reports it.
@@ -89,9 +107,10 @@ pub struct Member {
     pub id: NodeId,
     /// Its latest record.
     pub record: NodeRecord,
-    /// Whether it is alive (heard from within the liveness timeout, not left).
+    /// Whether it is alive: its own signed heartbeat (or a new record) heard within the
+    /// liveness timeout, not left, and no address of it held by an established member.
     pub alive: bool,
-    /// Its heartbeat counter as last heard.
+    /// Its heartbeat counter in its current record version, as last heard.
     pub heartbeat: u32,
     /// When this node last heard it alive (a newer record or heartbeat).
     pub last_heard: Instant,
@@ -99,9 +118,31 @@ pub struct Member {
 
 struct Known {
     signed: SignedRecord,
+    /// The counter of `beat`, or 0 before the first beat of this version.
     heartbeat: u32,
+    /// The latest verified beat of the current version, to pass on.
+    beat: Option<Beat>,
     heard_at: Instant,
-    alive: bool,
+    /// Since when this node has known the member at its current addresses: earlier is
+    /// established.
+    addressed_since: Instant,
+    /// Heard within the liveness timeout and not left.
+    live: bool,
+    /// An address of it already belongs to an established member.
+    held: Option<AddressClash>,
+}
+
+impl Known {
+    fn alive(&self) -> bool {
+        self.live && self.held.is_none()
+    }
+}
+
+/// A forgotten member: the version it was forgotten at, and when.
+struct Forgotten {
+    id: NodeId,
+    version: u64,
+    at: Instant,
 }
 
 struct Conn {
@@ -120,18 +161,21 @@ struct Conn {
 /// [`poll_timeout`](Self::poll_timeout) and [`poll_event`](Self::poll_event).
 ///
 /// Records spread by push: a newer record goes to every other connection at once. Heartbeats
-/// spread as rumours: each round a node sends the heartbeats that grew since the last round to
-/// its connections. A full digest (20 bytes a member) goes to one random neighbour every
-/// `digest_every` rounds and on every new connection, and is answered with whatever either
-/// side lacks. Liveness compares only local times: a member is down when its heartbeat has not
-/// grown here for `liveness_timeout`.
+/// are signed by their origin and spread as rumours: each round a node sends the beats that
+/// grew since the last round to its connections. A full digest (20 bytes a member) goes to one
+/// random neighbour every `digest_every` rounds and on every new connection, and is answered
+/// with whatever either side lacks, in frames of bounded size. Liveness compares only local
+/// times: a member is down when no beat of its current record version, signed by it, has grown
+/// here for `liveness_timeout`. A new record version starts a new heartbeat space.
 pub struct Membership {
     identity: Identity,
     me: NodeId,
     own: SignedRecord,
     heartbeat: u32,
+    own_beat: Beat,
     known: BTreeMap<NodeId, Known>,
     by_short: HashMap<ShortId, NodeId>,
+    forgotten: HashMap<ShortId, Forgotten>,
     conns: BTreeMap<ConnId, Conn>,
     bootstrap: Vec<SocketAddr>,
     config: MeshConfig,
@@ -140,8 +184,10 @@ pub struct Membership {
     next_beat: Instant,
     next_dial: Instant,
     rounds: u32,
-    /// Heartbeats that grew since the last round, to pass on.
-    rumours: BTreeMap<ShortId, Entry>,
+    /// Beats that grew since the last round, to pass on.
+    rumours: BTreeMap<ShortId, Beat>,
+    bids: clash::Bids,
+    full_reported: bool,
     out: VecDeque<Transmit>,
     dials: VecDeque<SocketAddr>,
     closes: VecDeque<ConnId>,
@@ -160,7 +206,8 @@ impl std::fmt::Debug for Membership {
 }
 
 impl Membership {
-    /// A node with its own `record`; `seed` drives its random choices.
+    /// A node with its own `record` (its WireGuard key is set to the identity's); `seed` drives
+    /// its random choices.
     pub fn new(
         now: Instant,
         identity: Identity,
@@ -169,13 +216,20 @@ impl Membership {
         seed: u64,
     ) -> Self {
         let own = identity.sign(&record);
+        let own_beat = Beat::sign(&identity, own.record.version, 0);
+        let config = MeshConfig {
+            max_members: config.max_members.min(MAX_MEMBERS_LIMIT),
+            ..config
+        };
         Self {
             me: identity.id(),
             identity,
             own,
             heartbeat: 0,
+            own_beat,
             known: BTreeMap::new(),
             by_short: HashMap::new(),
+            forgotten: HashMap::new(),
             conns: BTreeMap::new(),
             bootstrap: Vec::new(),
             config,
@@ -185,6 +239,8 @@ impl Membership {
             next_dial: now,
             rounds: 0,
             rumours: BTreeMap::new(),
+            bids: clash::Bids::default(),
+            full_reported: false,
             out: VecDeque::new(),
             dials: VecDeque::new(),
             closes: VecDeque::new(),
@@ -203,19 +259,19 @@ impl Membership {
         &self.own.record
     }
 
-    /// Input refused so far.
+    /// Input refused so far, by reason, and the signature checks paid for.
     pub fn drops(&self) -> Drops {
         self.drops
     }
 
-    /// Every other member ever learned (tombstones included), by id.
+    /// Every other member held (tombstones included, until forgotten), by id.
     pub fn members(&self) -> Vec<Member> {
         self.known
             .iter()
             .map(|(id, k)| Member {
                 id: *id,
                 record: k.signed.record.clone(),
-                alive: k.alive,
+                alive: k.alive(),
                 heartbeat: k.heartbeat,
                 last_heard: k.heard_at,
             })
@@ -238,7 +294,8 @@ impl Membership {
     pub fn update(&mut self, mut record: NodeRecord) {
         record.version = record.version.max(self.own.record.version + 1);
         self.own = self.identity.sign(&record);
-        let frame = Frame::Records(vec![Ok(self.own.clone())]).encode();
+        self.own_beat = Beat::sign(&self.identity, self.own.record.version, self.heartbeat);
+        let frame = Frame::Records(vec![Ok(self.own.clone().into())]).encode();
         for conn in self.conns.keys() {
             self.out.push_back(Transmit {
                 conn: *conn,
@@ -281,12 +338,12 @@ impl Membership {
             Ok(f) => f,
             Err(e) => {
                 trace!(?conn, error = %e, "malformed frame");
-                self.drops.malformed += 1;
+                self.drops.count(Rejected::Malformed);
                 return;
             }
         };
         let Some(c) = self.conns.get_mut(&conn) else {
-            self.drops.unexpected += 1;
+            self.drops.count(Rejected::BeforeHello);
             return;
         };
         match frame {
@@ -299,117 +356,44 @@ impl Membership {
                 }
                 c.peer = Some(node);
             }
-            _ if c.peer.is_none() => self.drops.unexpected += 1,
-            Frame::Records(records) => {
-                let mut forward = Vec::new();
-                for r in records {
-                    match r {
-                        Ok(s) => {
-                            if self.accept(now, s.clone()) {
-                                forward.push(Ok(s));
-                            }
-                        }
-                        Err(e) => {
-                            debug!(?conn, error = %e, "record refused");
-                            self.drops.unauthenticated += 1;
-                        }
-                    }
-                }
-                if !forward.is_empty() {
-                    let frame = Frame::Records(forward).encode();
-                    let others: Vec<ConnId> =
-                        self.conns.keys().copied().filter(|c| *c != conn).collect();
-                    for c in others {
-                        self.out.push_back(Transmit {
-                            conn: c,
-                            frame: frame.clone(),
-                        });
-                    }
-                }
-            }
-            Frame::Digest { reply, entries } => self.handle_digest(now, conn, reply, &entries),
-            Frame::Beats(entries) => {
-                for e in entries {
-                    self.heard(now, e);
+            _ if c.peer.is_none() => self.drops.count(Rejected::BeforeHello),
+            Frame::Records(records) => self.handle_records(now, conn, records),
+            Frame::Digest { reply, entries } => self.handle_digest(conn, reply, &entries),
+            Frame::Beats(_) => self.drops.count(Rejected::UnsignedBeat),
+            Frame::SignedBeats(beats) => {
+                for b in beats {
+                    self.heard(now, b);
                 }
             }
         }
     }
 
-    /// A newer record is stored (true); anything else is counted as stale (false).
-    fn accept(&mut self, now: Instant, s: SignedRecord) -> bool {
-        let id = s.signer;
-        if id == self.me {
-            // A record of an earlier life of this node: outdo it. Our current record coming
-            // back (over a second connection to the same peer, say) is not one: answering it
-            // with a new version would loop forever.
-            let earlier_life = s.record.version > self.own.record.version
-                || (s.record.version == self.own.record.version && s.record != self.own.record);
-            if earlier_life {
-                let mut r = self.own.record.clone();
-                r.version = s.record.version + 1;
-                self.update(r);
-            }
-            return false;
-        }
-        let left = s.record.left;
-        match self.known.get_mut(&id) {
-            Some(k) if k.signed.record.version >= s.record.version => {
-                self.drops.stale += 1;
-                false
-            }
-            Some(k) => {
-                k.signed = s;
-                k.heard_at = now;
-                let was_alive = k.alive;
-                k.alive = !left;
-                if left {
-                    self.events.push_back(Event::Left(id));
-                } else {
-                    self.events.push_back(Event::Updated(id));
-                    if !was_alive {
-                        self.events.push_back(Event::Up(id));
-                    }
-                }
-                true
-            }
-            None => {
-                self.by_short.insert(id.short(), id);
-                let k = Known {
-                    signed: s,
-                    heartbeat: 0,
-                    heard_at: now,
-                    alive: !left,
-                };
-                self.known.insert(id, k);
-                self.events.push_back(if left {
-                    Event::Left(id)
-                } else {
-                    Event::Joined(id)
-                });
-                true
-            }
-        }
-    }
-
-    /// A heartbeat entry: a grown heartbeat of the current version means the member is alive,
-    /// and the news is passed on next round.
-    fn heard(&mut self, now: Instant, e: Entry) {
-        let Some(id) = self.by_short.get(&e.node) else {
+    /// A signed beat: one of the current version that is newer than the one held (checked
+    /// before its signature) means the member is alive, and it is passed on next round.
+    fn heard(&mut self, now: Instant, b: Beat) {
+        let Some(id) = self.by_short.get(&b.node).copied() else {
             return;
         };
-        let Some(k) = self.known.get_mut(id) else {
+        let Some(k) = self.known.get_mut(&id) else {
             return;
         };
-        if k.signed.record.version != e.version || e.heartbeat <= k.heartbeat {
+        if k.signed.record.version != b.version || b.heartbeat <= k.heartbeat {
             return;
         }
-        k.heartbeat = e.heartbeat;
+        self.drops.verifications += 1;
+        if let Err(e) = b.verify(&id) {
+            debug!(node = %id, error = %e, "beat refused");
+            self.drops.count(Rejected::BadBeat);
+            return;
+        }
+        let was = k.alive();
+        k.heartbeat = b.heartbeat;
+        k.beat = Some(b);
         k.heard_at = now;
-        self.rumours.insert(e.node, e);
-        if !k.alive && !k.signed.record.left {
-            k.alive = true;
-            self.events.push_back(Event::Up(*id));
+        k.live = !k.signed.record.left;
+        self.rumours.insert(b.node, b);
+        if !was && k.alive() {
+            self.events.push_back(Event::Up(id));
         }
     }
 
@@ -419,83 +403,6 @@ impl Membership {
             version: self.own.record.version,
             heartbeat: self.heartbeat,
         }
-    }
-
-    fn handle_digest(&mut self, now: Instant, conn: ConnId, reply: bool, entries: &[Entry]) {
-        let mut records = Vec::new();
-        let mut beats = Vec::new();
-        let mut seen = std::collections::HashSet::with_capacity(entries.len());
-        let mut they_know_more = false;
-        let me = self.me.short();
-        for e in entries {
-            seen.insert(e.node);
-            if e.node == me {
-                if e.version < self.own.record.version {
-                    records.push(Ok(self.own.clone()));
-                } else if e.heartbeat < self.heartbeat {
-                    beats.push(self.own_entry());
-                }
-                // A version above ours is an earlier life's record: it arrives with their
-                // answer, and `accept` outdoes it.
-                they_know_more |= e.version > self.own.record.version;
-                continue;
-            }
-            // Their heartbeats count as news of those members.
-            self.heard(now, *e);
-            match self.by_short.get(&e.node).and_then(|id| self.known.get(id)) {
-                Some(k) if k.signed.record.version > e.version => {
-                    records.push(Ok(k.signed.clone()))
-                }
-                Some(k) if k.signed.record.version < e.version => they_know_more = true,
-                Some(k) if k.heartbeat > e.heartbeat => beats.push(Entry {
-                    node: e.node,
-                    version: k.signed.record.version,
-                    heartbeat: k.heartbeat,
-                }),
-                Some(_) => {}
-                None => they_know_more = true,
-            }
-        }
-        if !seen.contains(&me) {
-            records.push(Ok(self.own.clone()));
-        }
-        for (id, k) in &self.known {
-            if !seen.contains(&id.short()) {
-                records.push(Ok(k.signed.clone()));
-            }
-        }
-        if !records.is_empty() {
-            self.out.push_back(Transmit {
-                conn,
-                frame: Frame::Records(records).encode(),
-            });
-        }
-        if !beats.is_empty() {
-            self.out.push_back(Transmit {
-                conn,
-                frame: Frame::Beats(beats).encode(),
-            });
-        }
-        // Our digest back only when asked, or when they hold records we lack.
-        if reply || they_know_more {
-            self.send_digest(conn, false);
-        }
-    }
-
-    fn send_digest(&mut self, conn: ConnId, reply: bool) {
-        let mut entries = Vec::with_capacity(self.known.len() + 1);
-        entries.push(self.own_entry());
-        for (id, k) in &self.known {
-            entries.push(Entry {
-                node: id.short(),
-                version: k.signed.record.version,
-                heartbeat: k.heartbeat,
-            });
-        }
-        self.out.push_back(Transmit {
-            conn,
-            frame: Frame::Digest { reply, entries }.encode(),
-        });
     }
 
     fn random(&mut self, n: usize) -> usize {
@@ -513,8 +420,8 @@ impl Membership {
         if now >= self.next_beat {
             self.next_beat = now + self.config.liveness_timeout / 3;
             self.heartbeat = self.heartbeat.wrapping_add(1);
-            let e = self.own_entry();
-            self.rumours.insert(e.node, e);
+            self.own_beat = Beat::sign(&self.identity, self.own.record.version, self.heartbeat);
+            self.rumours.insert(self.me.short(), self.own_beat);
         }
         if now >= self.next_tick {
             self.next_tick = now + self.config.gossip_interval;
@@ -539,13 +446,14 @@ impl Membership {
             .map(|(id, _)| *id)
             .collect();
         if !self.rumours.is_empty() && !ready.is_empty() {
-            let beats: Vec<Entry> = std::mem::take(&mut self.rumours).into_values().collect();
-            let frame = Frame::Beats(beats).encode();
-            for c in &ready {
-                self.out.push_back(Transmit {
-                    conn: *c,
-                    frame: frame.clone(),
-                });
+            let beats: Vec<Beat> = std::mem::take(&mut self.rumours).into_values().collect();
+            for frame in digest::beat_frames(beats) {
+                for c in &ready {
+                    self.out.push_back(Transmit {
+                        conn: *c,
+                        frame: frame.clone(),
+                    });
+                }
             }
         }
         if !ready.is_empty() && self.rounds % self.config.digest_every.max(1) == 0 {
@@ -554,12 +462,17 @@ impl Membership {
         }
         let timeout = self.config.liveness_timeout;
         for (id, k) in &mut self.known {
-            if k.alive && now.saturating_duration_since(k.heard_at) > timeout {
-                k.alive = false;
-                debug!(node = %id, name = %k.signed.record.name, "member down");
-                self.events.push_back(Event::Down(*id));
+            if k.live && now.saturating_duration_since(k.heard_at) > timeout {
+                let was = k.alive();
+                k.live = false;
+                if was {
+                    debug!(node = %id, name = %k.signed.record.name, "member down");
+                    self.events.push_back(Event::Down(*id));
+                }
             }
         }
+        self.refresh_holds();
+        self.forget(now);
     }
 
     fn dial(&mut self) {
@@ -580,7 +493,7 @@ impl Membership {
             let candidates: Vec<SocketAddr> = self
                 .known
                 .iter()
-                .filter(|(id, k)| k.alive && !connected.contains(id))
+                .filter(|(id, k)| k.alive() && !connected.contains(id))
                 .filter_map(|(_, k)| mesh_address(&self.own.record, &k.signed.record))
                 .collect();
             if !candidates.is_empty() {
@@ -592,7 +505,7 @@ impl Membership {
         let down: Vec<SocketAddr> = self
             .known
             .values()
-            .filter(|k| !k.alive && !k.signed.record.left)
+            .filter(|k| !k.live && !k.signed.record.left)
             .filter_map(|k| mesh_address(&self.own.record, &k.signed.record))
             .collect();
         if !down.is_empty() {
@@ -640,144 +553,4 @@ pub fn mesh_address(me: &NodeRecord, peer: &NodeRecord) -> Option<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(
-        clippy::disallowed_methods,
-        reason = "a test starts its virtual clock from a real instant"
-    )]
-
-    use super::*;
-    use crate::record::tests::record;
-
-    fn node(seed: u8) -> Membership {
-        let id = Identity::from_wireguard_key(&[seed; 32]);
-        Membership::new(
-            Instant::now(),
-            id,
-            record(&format!("n{seed}"), 1),
-            MeshConfig::default(),
-            1,
-        )
-    }
-
-    /// b with one connection that has said hello as node 9.
-    fn greeted() -> (Membership, ConnId, Instant) {
-        let mut b = node(2);
-        let now = Instant::now();
-        let conn = ConnId(1);
-        b.handle_connected(now, conn);
-        let hello = Frame::Hello {
-            node: Identity::from_wireguard_key(&[9; 32]).id(),
-            mesh_port: 6783,
-        };
-        b.handle_frame(now, conn, &hello.encode());
-        while b.poll_transmit().is_some() {}
-        (b, conn, now)
-    }
-
-    #[test]
-    fn forged_records_are_refused_and_counted() {
-        let (mut b, conn, now) = greeted();
-        let c = Identity::from_wireguard_key(&[3; 32]);
-        let d = Identity::from_wireguard_key(&[4; 32]);
-        // c signs a record and presents it as d's.
-        let mut forged = c.sign(&record("d", 5));
-        forged.signer = d.id();
-        let mut w = crate::wire::Writer::default();
-        w.u8(2);
-        w.u16(1);
-        forged.encode(&mut w);
-        b.handle_frame(now, conn, &w.into_bytes());
-        assert_eq!(b.drops().unauthenticated, 1);
-        assert!(b.members().is_empty());
-        assert_eq!(b.poll_transmit(), None, "nothing forwarded");
-    }
-
-    #[test]
-    fn an_older_version_never_replaces_a_newer_one() {
-        let (mut b, conn, now) = greeted();
-        let c = Identity::from_wireguard_key(&[3; 32]);
-        let v2 = c.sign(&record("c-new", 2));
-        let v1 = c.sign(&record("c-old", 1));
-        b.handle_frame(now, conn, &Frame::Records(vec![Ok(v2)]).encode());
-        b.handle_frame(now, conn, &Frame::Records(vec![Ok(v1.clone())]).encode());
-        b.handle_frame(now, conn, &Frame::Records(vec![Ok(v1)]).encode());
-        let m = b.members();
-        assert_eq!(m.len(), 1);
-        assert_eq!(m[0].record.name, "c-new");
-        assert_eq!(b.drops().stale, 2);
-        assert_eq!(b.poll_event(), Some(Event::Joined(c.id())));
-        assert_eq!(b.poll_event(), None);
-    }
-
-    #[test]
-    fn garbage_and_frames_before_hello_are_counted_and_the_link_stays() {
-        let mut b = node(2);
-        let now = Instant::now();
-        b.handle_connected(now, ConnId(1));
-        b.handle_frame(now, ConnId(1), &Frame::Beats(vec![]).encode());
-        assert_eq!(b.drops().unexpected, 1);
-        for junk in [
-            &b""[..],
-            b"\x02\x00\x05",
-            b"GET / HTTP/1.1",
-            &[3, 7, 0, 0, 0, 0],
-        ] {
-            b.handle_frame(now, ConnId(1), junk);
-        }
-        assert_eq!(b.drops().malformed, 4);
-        assert_eq!(b.connections(), 1);
-    }
-
-    #[test]
-    fn its_own_current_record_coming_back_changes_nothing() {
-        let (mut b, conn, now) = greeted();
-        let current = b.own.clone();
-        for _ in 0..3 {
-            b.handle_frame(
-                now,
-                conn,
-                &Frame::Records(vec![Ok(current.clone())]).encode(),
-            );
-        }
-        assert_eq!(b.record().version, current.record.version, "no new version");
-        assert_eq!(b.poll_transmit(), None, "nothing pushed");
-    }
-
-    #[test]
-    fn a_restarted_node_outdoes_the_records_of_its_earlier_life() {
-        let (mut b, conn, now) = greeted();
-        // Someone still holds b's record from a life with a higher version.
-        let b_id = Identity::from_wireguard_key(&[2; 32]);
-        let old = b_id.sign(&record("n2", 40));
-        b.handle_frame(now, conn, &Frame::Records(vec![Ok(old)]).encode());
-        assert_eq!(b.record().version, 41);
-        let Some(t) = b.poll_transmit() else {
-            panic!("the new record is pushed")
-        };
-        let Ok(Frame::Records(rs)) = Frame::decode(&t.frame) else {
-            panic!("records")
-        };
-        assert_eq!(rs[0].as_ref().map(|r| r.record.version), Ok(41));
-    }
-
-    #[test]
-    fn mesh_address_follows_the_region() {
-        let me = record("a", 1);
-        let mut peer = record("b", 1);
-        assert_eq!(
-            mesh_address(&me, &peer),
-            Some("198.18.1.1:6783".parse().unwrap())
-        );
-        peer.region = Some("us-east".into());
-        assert_eq!(
-            mesh_address(&me, &peer),
-            Some("198.19.0.1:6783".parse().unwrap())
-        );
-        peer.public_address = None;
-        assert_eq!(
-            mesh_address(&me, &peer),
-            Some("198.18.1.1:6783".parse().unwrap())
-        );
-    }
-}
+mod tests;

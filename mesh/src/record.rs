@@ -1,18 +1,27 @@
 //! Node records: what a node says about itself, signed with its own key.
 //!
-//! A node's [`NodeId`] is its ed25519 verifying key, derived from its WireGuard private key, so
-//! a record can only ever speak for the node that signed it, and a restarted node with the same
-//! WireGuard key is the same node.
+//! A node's [`NodeId`] is its WireGuard public key in Edwards form (the birational map from
+//! Curve25519, as XEdDSA uses it), and it signs with the scalar of its WireGuard private key. So
+//! the id follows from the WireGuard key and nothing else: a record whose WireGuard key is not
+//! its signer's own does not verify ([`VerifyError::UnboundKey`]), no member can publish another
+//! node's WireGuard key, and a restarted node with the same WireGuard key is the same node.
+//!
+//! Records travel as [`UnverifiedRecord`]s: decoded, but with the signature not yet checked, so
+//! the receiver can drop a stale one before paying for the signature check.
 
 use std::net::IpAddr;
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use curve25519_dalek::edwards::EdwardsPoint;
+use curve25519_dalek::montgomery::MontgomeryPoint;
+use curve25519_dalek::scalar::{Scalar, clamp_integer};
+use ed25519_dalek::hazmat::{ExpandedSecretKey, raw_sign};
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha512};
 
 use crate::wire::{DecodeError, Reader, Writer};
 
-/// A mesh member: its ed25519 verifying key.
+/// A mesh member: its ed25519 verifying key, the Edwards form of its WireGuard public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub [u8; 32]);
 
@@ -46,12 +55,22 @@ impl NodeId {
         b.copy_from_slice(&self.0[..8]);
         ShortId(u64::from_be_bytes(b))
     }
+
+    /// The id that belongs to a WireGuard public key, or `None` for bytes that are not a point
+    /// of Curve25519 (no node can hold such a key).
+    pub fn from_wireguard_key(public: &[u8; 32]) -> Option<Self> {
+        let edwards = MontgomeryPoint(*public).to_edwards(0)?;
+        Some(Self(edwards.compress().to_bytes()))
+    }
 }
 
-/// A node's signing identity.
+/// A node's signing identity: the scalar of its WireGuard private key.
 #[derive(Clone)]
 pub struct Identity {
-    key: SigningKey,
+    scalar: Scalar,
+    nonce_key: [u8; 32],
+    verifying: VerifyingKey,
+    wireguard: [u8; 32],
 }
 
 impl std::fmt::Debug for Identity {
@@ -63,43 +82,92 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// The identity that belongs to a WireGuard private key (a domain-separated hash of it).
+    /// The identity of a WireGuard private key: its clamped scalar, negated if need be so that
+    /// the public point has the sign [`NodeId::from_wireguard_key`] picks.
     pub fn from_wireguard_key(private: &[u8; 32]) -> Self {
+        let mut scalar = Scalar::from_bytes_mod_order(clamp_integer(*private));
+        let mut point = EdwardsPoint::mul_base(&scalar);
+        let wireguard = point.to_montgomery().to_bytes();
+        if point.compress().to_bytes()[31] & 0x80 != 0 {
+            scalar = -scalar;
+            point = -point;
+        }
+        // The nonce key: secret, deterministic, separate from the signing scalar.
         let mut h = Sha512::new();
-        h.update(b"weft mesh signing key v1");
+        h.update(b"weft mesh nonce key v2");
         h.update(private);
         let digest = h.finalize();
-        let mut seed = [0; 32];
-        seed.copy_from_slice(&digest[..32]);
+        let mut hash_prefix = [0; 32];
+        hash_prefix.copy_from_slice(&digest[..32]);
+        let verifying = VerifyingKey::from(point);
         Self {
-            key: SigningKey::from_bytes(&seed),
+            scalar,
+            nonce_key: hash_prefix,
+            verifying,
+            wireguard,
         }
     }
 
     /// This node's id.
     pub fn id(&self) -> NodeId {
-        NodeId(self.key.verifying_key().to_bytes())
+        NodeId(self.verifying.to_bytes())
     }
 
-    /// Signs `record` (with its version) into a [`SignedRecord`].
+    /// This node's WireGuard public key (what `wg pubkey` prints for its private key).
+    pub fn wireguard_key(&self) -> [u8; 32] {
+        self.wireguard
+    }
+
+    /// Signs `bytes`.
+    pub(crate) fn sign_bytes(&self, bytes: &[u8]) -> [u8; 64] {
+        let key = ExpandedSecretKey {
+            scalar: self.scalar,
+            hash_prefix: self.nonce_key,
+        };
+        raw_sign::<Sha512>(&key, bytes, &self.verifying).to_bytes()
+    }
+
+    /// Signs `record` (with its version) into a [`SignedRecord`]. The record's WireGuard key is
+    /// set to this identity's: no other key could verify.
     pub fn sign(&self, record: &NodeRecord) -> SignedRecord {
+        let mut record = record.clone();
+        record.wireguard_key = self.wireguard;
+        self.sign_unbound(record)
+    }
+
+    /// Signs `record` exactly as given, whatever WireGuard key it names: what a dishonest member
+    /// could publish, for tests that play one. Receivers refuse it unless the key is this
+    /// identity's ([`VerifyError::UnboundKey`]).
+    pub fn sign_unbound(&self, record: NodeRecord) -> SignedRecord {
         let mut w = Writer::default();
         record.encode(&mut w);
         let body = w.into_bytes();
-        let sig = self.key.sign(&body).to_bytes();
+        let signature = self.sign_bytes(&body);
         SignedRecord {
             signer: self.id(),
             body,
-            signature: sig,
-            record: record.clone(),
+            signature,
+            record,
         }
     }
+}
+
+/// Checks `signature` over `bytes` by `signer`.
+pub(crate) fn verify_bytes(
+    signer: NodeId,
+    bytes: &[u8],
+    signature: &[u8; 64],
+) -> Result<(), VerifyError> {
+    let key = VerifyingKey::from_bytes(&signer.0).map_err(|_| VerifyError::BadSigner)?;
+    key.verify(bytes, &Signature::from_bytes(signature))
+        .map_err(|_| VerifyError::BadSignature)
 }
 
 /// What a node says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
-    /// Increases with every change the origin makes; a record never replaces a newer one.
+    /// Increases with every change the origin makes; a record never replaces a newer one. A new
+    /// version also starts a new heartbeat space: beats count from the version they name.
     pub version: u64,
     /// The node left the mesh on purpose: a tombstone that older versions cannot undo.
     pub left: bool,
@@ -115,7 +183,7 @@ pub struct NodeRecord {
     pub mesh_port: u16,
     /// Its data-plane port (UDP).
     pub router_port: u16,
-    /// Its WireGuard public key.
+    /// Its WireGuard public key: always the signer's own (see the module doc).
     pub wireguard_key: [u8; 32],
     /// The pod CIDRs it owns.
     pub pod_cidrs: Vec<IpNet>,
@@ -184,7 +252,7 @@ impl NodeRecord {
     }
 }
 
-/// A record with its origin's signature, as it travels.
+/// A record with its origin's signature, verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedRecord {
     /// The origin, whose key signed `body`.
@@ -197,6 +265,11 @@ pub struct SignedRecord {
     pub record: NodeRecord,
 }
 
+/// A record as it arrives: its body decoded and bound to the signer's WireGuard key, its
+/// signature not yet checked. [`UnverifiedRecord::verify`] turns it into a [`SignedRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnverifiedRecord(SignedRecord);
+
 /// Why a signed record was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -206,6 +279,9 @@ pub enum VerifyError {
     /// The signature does not verify.
     #[error("signature does not verify")]
     BadSignature,
+    /// The record carries a WireGuard key that is not the signer's own.
+    #[error("the record's WireGuard key is not its signer's")]
+    UnboundKey,
     /// The body does not decode.
     #[error("record body: {0}")]
     Body(#[source] DecodeError),
@@ -217,28 +293,58 @@ impl SignedRecord {
         w.blob(&self.body);
         w.bytes(&self.signature);
     }
+}
 
-    /// Reads and verifies one signed record.
+impl From<SignedRecord> for UnverifiedRecord {
+    fn from(s: SignedRecord) -> Self {
+        Self(s)
+    }
+}
+
+impl UnverifiedRecord {
+    /// Its claimed origin.
+    pub fn signer(&self) -> NodeId {
+        self.0.signer
+    }
+
+    /// The record, as claimed.
+    pub fn record(&self) -> &NodeRecord {
+        &self.0.record
+    }
+
+    /// Checks the signature (the one costly step).
+    pub fn verify(self) -> Result<SignedRecord, VerifyError> {
+        verify_bytes(self.0.signer, &self.0.body, &self.0.signature)?;
+        Ok(self.0)
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        self.0.encode(w);
+    }
+
+    /// Reads one record: the body must decode and name its signer's WireGuard key; the
+    /// signature is left for [`UnverifiedRecord::verify`]. A bad record is an `Err` of its
+    /// own; only bytes that break the frame's structure are a [`DecodeError`].
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Result<Self, VerifyError>, DecodeError> {
         let signer = NodeId(r.array()?);
         let body = r.blob()?.to_vec();
         let signature: [u8; 64] = r.array()?;
-        Ok(Self::verify(signer, body, signature))
+        Ok(Self::check(signer, body, signature))
     }
 
-    fn verify(signer: NodeId, body: Vec<u8>, signature: [u8; 64]) -> Result<Self, VerifyError> {
-        let key = VerifyingKey::from_bytes(&signer.0).map_err(|_| VerifyError::BadSigner)?;
-        key.verify(&body, &Signature::from_bytes(&signature))
-            .map_err(|_| VerifyError::BadSignature)?;
+    fn check(signer: NodeId, body: Vec<u8>, signature: [u8; 64]) -> Result<Self, VerifyError> {
         let mut r = Reader::new(&body);
         let record = NodeRecord::decode(&mut r).map_err(VerifyError::Body)?;
         r.finish().map_err(VerifyError::Body)?;
-        Ok(Self {
+        if NodeId::from_wireguard_key(&record.wireguard_key) != Some(signer) {
+            return Err(VerifyError::UnboundKey);
+        }
+        Ok(Self(SignedRecord {
             signer,
             body,
             signature,
             record,
-        })
+        }))
     }
 }
 
@@ -246,14 +352,20 @@ impl SignedRecord {
 pub(crate) mod tests {
     use super::*;
 
+    /// A record named `name`, with addresses of its own (198.18.1.H, 198.19.0.H, H from the
+    /// name) so that no two test nodes advertise the same one.
     pub(crate) fn record(name: &str, version: u64) -> NodeRecord {
+        let h = name
+            .bytes()
+            .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let host = (h % 250 + 1) as u8;
         NodeRecord {
             version,
             left: false,
             name: name.into(),
             region: Some("eu-west".into()),
-            private_address: Some("198.18.1.1".parse().unwrap()),
-            public_address: Some("198.19.0.1".parse().unwrap()),
+            private_address: Some([198, 18, 1, host].into()),
+            public_address: Some([198, 19, 0, host].into()),
             mesh_port: 6783,
             router_port: 51820,
             wireguard_key: [9; 32],
@@ -266,12 +378,15 @@ pub(crate) mod tests {
         }
     }
 
-    fn round_trip(s: &SignedRecord) -> Result<SignedRecord, VerifyError> {
+    /// Encodes `s` as it travels and reads it back, verified.
+    pub(crate) fn round_trip(s: &SignedRecord) -> Result<SignedRecord, VerifyError> {
         let mut w = Writer::default();
         s.encode(&mut w);
         let bytes = w.into_bytes();
         let mut r = Reader::new(&bytes);
-        SignedRecord::decode(&mut r).expect("decodes")
+        UnverifiedRecord::decode(&mut r)
+            .expect("decodes")
+            .and_then(UnverifiedRecord::verify)
     }
 
     #[test]
@@ -285,6 +400,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_id_is_the_wireguard_public_key_in_edwards_form() {
+        for seed in 0..40u8 {
+            let private = [seed.wrapping_mul(37).wrapping_add(1); 32];
+            let id = Identity::from_wireguard_key(&private);
+            let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(private));
+            // What `wg pubkey` prints, and what boringtun handshakes with.
+            assert_eq!(id.wireguard_key(), *public.as_bytes(), "key {seed}");
+            assert_eq!(
+                NodeId::from_wireguard_key(public.as_bytes()),
+                Some(id.id()),
+                "key {seed}"
+            );
+            // Both signs of the point come up over 40 keys; each signs verifiably.
+            let s = id.sign(&record("a", 1));
+            assert_eq!(s.record.wireguard_key, *public.as_bytes());
+            assert_eq!(round_trip(&s), Ok(s.clone()), "key {seed}");
+        }
+    }
+
+    #[test]
+    fn a_record_carrying_another_nodes_wireguard_key_does_not_verify() {
+        let thief = Identity::from_wireguard_key(&[1; 32]);
+        let victim = Identity::from_wireguard_key(&[2; 32]);
+        // The thief signs a record naming the victim's key.
+        let mut r = record("thief", 3);
+        r.wireguard_key = victim.wireguard_key();
+        let forged = thief.sign_unbound(r);
+        assert_eq!(round_trip(&forged), Err(VerifyError::UnboundKey));
+        // Presented as the victim's own, the signature fails instead.
+        let mut as_victim = forged;
+        as_victim.signer = victim.id();
+        assert_eq!(round_trip(&as_victim), Err(VerifyError::BadSignature));
+    }
+
+    #[test]
     fn a_changed_body_or_another_signer_fails() {
         let a = Identity::from_wireguard_key(&[1; 32]);
         let b = Identity::from_wireguard_key(&[2; 32]);
@@ -294,6 +444,6 @@ pub(crate) mod tests {
         // b's record presented as a's.
         let mut forged = b.sign(&record("a", 8));
         forged.signer = a.id();
-        assert_eq!(round_trip(&forged), Err(VerifyError::BadSignature));
+        assert_eq!(round_trip(&forged), Err(VerifyError::UnboundKey));
     }
 }

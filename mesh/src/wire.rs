@@ -6,21 +6,25 @@
 //!
 //! ```text
 //! frame      = type:u8 body
-//! 1 Hello    = node:32 mesh_port:u16
-//! 2 Records  = count:u16 (signer:32 body_len:u16 body signature:64)*
-//! 3 Digest   = reply:u8 count:u32 entry*
-//! 4 Beats    = count:u32 entry*
-//! entry      = node:u64 version:u64 heartbeat:u32     (node: the first 8 bytes of its id)
+//! 1 Hello        = node:32 mesh_port:u16
+//! 2 Records      = count:u16 (signer:32 body_len:u16 body signature:64)*
+//! 3 Digest       = reply:u8 count:u32 entry*
+//! 4 Beats        = count:u32 entry*        (unsigned: decoded, never believed)
+//! 5 SignedBeats  = count:u32 (entry signature:64)*
+//! entry          = node:u64 version:u64 heartbeat:u32     (node: the first 8 bytes of its id)
 //! ```
 //!
 //! Digest and heartbeat entries name a member by the first 8 bytes of its id, so that the
-//! frames that make up steady-state gossip stay small (20 bytes per member).
+//! frames that make up steady-state gossip stay small (20 bytes per member in a digest, 84 per
+//! signed beat). A digest entry's heartbeat only tells the receiver what to send back; liveness
+//! moves only on a beat its origin signed ([`crate::Beat`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, ShortId, SignedRecord, VerifyError};
+use crate::beat::Beat;
+use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, ShortId, UnverifiedRecord, VerifyError};
 
 /// The largest frame accepted.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -61,6 +65,8 @@ pub struct Entry {
 
 /// Bytes of one entry on the wire.
 const ENTRY_LEN: usize = 20;
+/// Bytes of one signed beat on the wire.
+const BEAT_LEN: usize = ENTRY_LEN + 64;
 
 /// A gossip message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +78,9 @@ pub enum Frame {
         /// The sender's gossip port.
         mesh_port: u16,
     },
-    /// Signed records; each verified on its own (a bad one does not spoil the others).
-    Records(Vec<Result<SignedRecord, VerifyError>>),
+    /// Signed records, decoded and bound to their signers' keys but with signatures not yet
+    /// checked; each stands on its own (a bad one does not spoil the others).
+    Records(Vec<Result<UnverifiedRecord, VerifyError>>),
     /// What the sender knows, for anti-entropy; `reply` asks for the receiver's digest back.
     Digest {
         /// Whether the receiver should answer with its own digest.
@@ -81,8 +88,11 @@ pub enum Frame {
         /// One entry per member the sender knows.
         entries: Vec<Entry>,
     },
-    /// Newer heartbeats (and versions) the receiver lacked.
+    /// Unsigned heartbeats, as builds before signed beats sent them: decoded, counted, and
+    /// never believed.
     Beats(Vec<Entry>),
+    /// Heartbeats signed by their origins that the receiver lacked.
+    SignedBeats(Vec<Beat>),
 }
 
 /// Appends big-endian fields to a buffer.
@@ -145,12 +155,26 @@ impl Writer {
             self.u8(n.prefix_len());
         }
     }
+    fn entry(&mut self, e: &Entry) {
+        self.u64(e.node.0);
+        self.u64(e.version);
+        self.u32(e.heartbeat);
+    }
     fn entries(&mut self, entries: &[Entry]) {
         self.u32(u32::try_from(entries.len()).unwrap_or(u32::MAX));
         for e in entries {
-            self.u64(e.node.0);
-            self.u64(e.version);
-            self.u32(e.heartbeat);
+            self.entry(e);
+        }
+    }
+    fn beats(&mut self, beats: &[Beat]) {
+        self.u32(u32::try_from(beats.len()).unwrap_or(u32::MAX));
+        for b in beats {
+            self.entry(&Entry {
+                node: b.node,
+                version: b.version,
+                heartbeat: b.heartbeat,
+            });
+            self.bytes(&b.signature);
         }
     }
 }
@@ -225,22 +249,40 @@ impl<'a> Reader<'a> {
         }
         Ok(out)
     }
-    fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
+    /// A count of items of `len` bytes each, refused before allocating when the bytes left
+    /// cannot hold them.
+    fn count(&mut self, len: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
-        // Refuse a count the bytes cannot hold before allocating for it.
-        let need = n.saturating_mul(ENTRY_LEN);
+        let need = n.saturating_mul(len);
         if need > self.0.len() {
             return Err(DecodeError::Truncated(need - self.0.len()));
         }
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            out.push(Entry {
-                node: ShortId(self.u64()?),
-                version: self.u64()?,
-                heartbeat: self.u32()?,
-            });
-        }
-        Ok(out)
+        Ok(n)
+    }
+    fn entry(&mut self) -> Result<Entry, DecodeError> {
+        Ok(Entry {
+            node: ShortId(self.u64()?),
+            version: self.u64()?,
+            heartbeat: self.u32()?,
+        })
+    }
+    fn entries(&mut self) -> Result<Vec<Entry>, DecodeError> {
+        let n = self.count(ENTRY_LEN)?;
+        (0..n).map(|_| self.entry()).collect()
+    }
+    fn beats(&mut self) -> Result<Vec<Beat>, DecodeError> {
+        let n = self.count(BEAT_LEN)?;
+        (0..n)
+            .map(|_| {
+                let e = self.entry()?;
+                Ok(Beat {
+                    node: e.node,
+                    version: e.version,
+                    heartbeat: e.heartbeat,
+                    signature: self.array()?,
+                })
+            })
+            .collect()
     }
     pub(crate) fn finish(&self) -> Result<(), DecodeError> {
         if self.0.is_empty() {
@@ -263,7 +305,7 @@ impl Frame {
             }
             Self::Records(records) => {
                 w.u8(2);
-                let ok: Vec<&SignedRecord> =
+                let ok: Vec<&UnverifiedRecord> =
                     records.iter().filter_map(|r| r.as_ref().ok()).collect();
                 let n = ok.len().min(usize::from(u16::MAX));
                 w.u16(n as u16);
@@ -279,6 +321,10 @@ impl Frame {
             Self::Beats(entries) => {
                 w.u8(4);
                 w.entries(entries);
+            }
+            Self::SignedBeats(beats) => {
+                w.u8(5);
+                w.beats(beats);
             }
         }
         w.into_bytes()
@@ -299,7 +345,7 @@ impl Frame {
                 let n = r.u16()?;
                 let mut records = Vec::new();
                 for _ in 0..n {
-                    records.push(SignedRecord::decode(&mut r)?);
+                    records.push(UnverifiedRecord::decode(&mut r)?);
                 }
                 Self::Records(records)
             }
@@ -315,6 +361,7 @@ impl Frame {
                 }
             }
             4 => Self::Beats(r.entries()?),
+            5 => Self::SignedBeats(r.beats()?),
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -343,8 +390,8 @@ mod tests {
                 mesh_port: 6783,
             },
             Frame::Records(vec![
-                Ok(id.sign(&record("a", 1))),
-                Ok(id.sign(&record("a", 2))),
+                Ok(id.sign(&record("a", 1)).into()),
+                Ok(id.sign(&record("a", 2)).into()),
             ]),
             Frame::Digest {
                 reply: true,
@@ -352,6 +399,7 @@ mod tests {
             },
             Frame::Beats(vec![e]),
             Frame::Records(vec![]),
+            Frame::SignedBeats(vec![Beat::sign(&id, 3, 99), Beat::sign(&id, 3, 100)]),
         ]
     }
 
@@ -375,10 +423,12 @@ mod tests {
         }
         assert_eq!(Frame::decode(&[9]), Err(DecodeError::UnknownType(9)));
         // A count that claims more entries than the bytes hold is refused before allocating.
-        assert!(matches!(
-            Frame::decode(&[4, 0xff, 0xff, 0xff, 0xff]),
-            Err(DecodeError::Truncated(_))
-        ));
+        for t in [4, 5] {
+            assert!(matches!(
+                Frame::decode(&[t, 0xff, 0xff, 0xff, 0xff]),
+                Err(DecodeError::Truncated(_))
+            ));
+        }
     }
 
     #[test]
@@ -387,12 +437,26 @@ mod tests {
         let good = id.sign(&record("a", 1));
         let mut bad = id.sign(&record("a", 2));
         bad.signature[0] ^= 1;
-        let bytes = Frame::Records(vec![Ok(good.clone()), Ok(bad)]).encode();
+        let mut unbound = id.sign(&record("a", 3));
+        unbound.signer = Identity::from_wireguard_key(&[6; 32]).id();
+        let bytes = Frame::Records(vec![
+            Ok(good.clone().into()),
+            Ok(bad.into()),
+            Ok(unbound.into()),
+        ])
+        .encode();
         let Ok(Frame::Records(rs)) = Frame::decode(&bytes) else {
             panic!("decodes")
         };
-        assert_eq!(rs[0], Ok(good));
-        assert_eq!(rs[1], Err(VerifyError::BadSignature));
+        let mut rs = rs.into_iter();
+        let verified: Vec<_> = rs
+            .by_ref()
+            .take(2)
+            .map(|r| r.and_then(UnverifiedRecord::verify))
+            .collect();
+        assert_eq!(verified, vec![Ok(good), Err(VerifyError::BadSignature)]);
+        // Bound to the wrong signer: refused while decoding, before any signature check.
+        assert_eq!(rs.next(), Some(Err(VerifyError::UnboundKey)));
     }
 
     proptest! {
@@ -402,7 +466,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_frames_never_panic(i in 0usize..4, pos in any::<usize>(), bit in 0u8..8) {
+        fn mutated_frames_never_panic(i in 0usize..6, pos in any::<usize>(), bit in 0u8..8) {
             let mut b = frames()[i].encode();
             let p = pos % b.len();
             b[p] ^= 1 << bit;

@@ -83,10 +83,11 @@ pub fn sim_record(i: usize, version: u64) -> NodeRecord {
     }
 }
 
-/// The identity of simulated node `i`.
+/// The identity of simulated node `i` (its WireGuard private key, clear of the bits that
+/// X25519 clamps away).
 pub fn sim_identity(i: usize) -> Identity {
     let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    k[1..9].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     Identity::from_wireguard_key(&k)
 }
 
@@ -379,5 +380,63 @@ impl Sim {
     pub fn kill(&mut self, i: usize) {
         self.cut(|a, b| a == i || b == i);
         self.nodes[i] = None;
+    }
+
+    /// Starts killed node `i` again as a new life of the same node: same identity and address,
+    /// this `record` (a restarted daemon versions it by its wall clock), a heartbeat counting
+    /// from zero, joining through node `bootstrap`.
+    pub fn restart(&mut self, i: usize, record: NodeRecord, bootstrap: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is still running");
+        let addr = self.node(bootstrap).addr;
+        let mut mesh = Membership::new(
+            self.now,
+            sim_identity(i),
+            record,
+            self.config,
+            i as u64 + 1007,
+        );
+        mesh.join(&[addr]);
+        let own = SocketAddr::new(
+            mesh.record()
+                .public_address
+                .expect("simulated records have a public address"),
+            mesh.record().mesh_port,
+        );
+        self.nodes[i] = Some(SimNode {
+            mesh,
+            addr: own,
+            events: Vec::new(),
+        });
+        self.drain_all();
+    }
+
+    /// Sends `frame` from node `i` on every connection it has, as if its core had: a dishonest
+    /// member speaking.
+    pub fn send_raw(&mut self, i: usize, frame: &[u8]) {
+        let now = self.now;
+        let outs: Vec<(usize, ConnId)> = self
+            .links
+            .values()
+            .filter(|(a, ..)| *a == i)
+            .map(|(_, to, theirs)| (*to, *theirs))
+            .collect();
+        for (to, theirs) in outs {
+            self.seq += 1;
+            self.frames.insert(self.seq, frame.to_vec());
+            self.queue
+                .push(Reverse((now + self.latency, self.seq, to, theirs)));
+        }
+    }
+
+    /// Whether every live node other than `i` holds `i` alive.
+    pub fn alive_everywhere(&self, i: usize) -> bool {
+        let id = self.node(i).mesh.id();
+        self.live().into_iter().filter(|j| *j != i).all(|j| {
+            self.node(j)
+                .mesh
+                .members()
+                .iter()
+                .any(|m| m.id == id && m.alive)
+        })
     }
 }

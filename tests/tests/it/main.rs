@@ -13,6 +13,7 @@ mod kubernetes;
 mod manifests;
 mod mesh;
 mod mesh_sim;
+mod mesh_sim_trust;
 mod nodesource;
 mod offload;
 mod service;

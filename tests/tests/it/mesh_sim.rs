@@ -174,3 +174,53 @@ fn a_node_that_leaves_is_a_tombstone_everywhere_and_stays_one() {
         );
     }
 }
+
+/// Rule: liveness belongs to a record's life. A node restarted after an hour of uptime counts its
+/// heartbeats from zero again; every other node must hold it alive (routable) within seconds of
+/// its return, and keep holding it alive while its new life's heartbeats flow.
+#[test]
+fn a_node_restarted_after_an_hour_of_uptime_is_alive_everywhere_within_seconds_and_stays_so() {
+    let n = 50;
+    let mut sim = Sim::new(n, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    // An hour of uptime: the heartbeat counter grows by three every liveness timeout.
+    sim.run_for(Duration::from_secs(3600));
+    assert!(sim.converged(), "steady state lost before the restart");
+    let victim = 23;
+    let before = sim.node(victim).mesh.record().version;
+    let id = sim.node(victim).mesh.id();
+    sim.kill(victim);
+    // Down everywhere first: what is measured is the way back up.
+    sim.run_until(2 * LIVENESS_TIMEOUT, |s| {
+        s.live().iter().all(|j| {
+            s.node(*j)
+                .mesh
+                .members()
+                .iter()
+                .any(|m| m.id == id && !m.alive)
+        })
+    })
+    .expect("the killed node is down everywhere");
+    // A restarted daemon versions its record by its wall clock: above every earlier version.
+    sim.restart(victim, sim_record(victim, before + 1_000_000), 0);
+    let took = sim
+        .run_until(Duration::from_secs(10), |s| s.alive_everywhere(victim))
+        .expect("the restarted node is alive everywhere within 10 s");
+    eprintln!("restarted node alive everywhere {took:?} after its restart");
+    // Through two liveness timeouts, every check finds it alive at every node.
+    let restarted = sim.now;
+    let until = sim.now + 2 * LIVENESS_TIMEOUT + GOSSIP_INTERVAL;
+    for _ in 0..1_000_000 {
+        if sim.now >= until {
+            break;
+        }
+        sim.step();
+        assert!(
+            sim.alive_everywhere(victim),
+            "the restarted node went down somewhere {:?} after its restart",
+            sim.now - restarted
+        );
+    }
+    assert!(sim.now >= until, "the run stopped short");
+}

@@ -1,0 +1,183 @@
+//! Records in: what would be applied is decided from the decoded record first (newer than the
+//! one held, not forgotten, room for a new member), and only that is signature-checked.
+
+use std::time::Instant;
+
+use tracing::{debug, warn};
+
+use super::{ConnId, Event, Forgotten, Known, Membership, Transmit};
+use crate::record::{SignedRecord, UnverifiedRecord, VerifyError};
+use crate::stats::Rejected;
+use crate::wire::Frame;
+
+impl Membership {
+    /// A `Records` frame: applies what is newer, and pushes what was applied to every other
+    /// connection.
+    pub(super) fn handle_records(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        records: Vec<Result<UnverifiedRecord, VerifyError>>,
+    ) {
+        let mut forward = Vec::new();
+        for r in records {
+            match r {
+                Ok(u) => {
+                    if let Some(s) = self.accept(now, u) {
+                        forward.push(Ok(s.into()));
+                    }
+                }
+                Err(e) => {
+                    debug!(?conn, error = %e, "record refused");
+                    self.drops.count(refusal(&e));
+                }
+            }
+        }
+        if !forward.is_empty() {
+            self.refresh_holds();
+            let frame = Frame::Records(forward).encode();
+            let others: Vec<ConnId> = self.conns.keys().copied().filter(|c| *c != conn).collect();
+            for c in others {
+                self.out.push_back(Transmit {
+                    conn: c,
+                    frame: frame.clone(),
+                });
+            }
+        }
+    }
+
+    /// Applies a record that is newer than the one held and verifies; returns it to pass on.
+    fn accept(&mut self, now: Instant, u: UnverifiedRecord) -> Option<SignedRecord> {
+        let id = u.signer();
+        if id == self.me {
+            self.own_record_back(now, u);
+            return None;
+        }
+        let version = u.record().version;
+        match self.known.get(&id) {
+            Some(k) if k.signed.record.version >= version => {
+                self.drops.count(Rejected::Stale);
+                return None;
+            }
+            Some(_) => {}
+            None => {
+                if let Some(f) = self.forgotten.get(&id.short())
+                    && f.id == id
+                    && f.version >= version
+                {
+                    self.drops.count(Rejected::Forgotten);
+                    return None;
+                }
+                if self.known.len() >= self.config.max_members {
+                    self.drops.count(Rejected::MemberLimit);
+                    if !self.full_reported {
+                        self.full_reported = true;
+                        warn!(
+                            limit = self.config.max_members,
+                            refused = %id,
+                            "mesh.max_members reached: records of further nodes are refused"
+                        );
+                    }
+                    return None;
+                }
+            }
+        }
+        let s = self.verified(u)?;
+        let left = s.record.left;
+        if let Some(k) = self.known.get_mut(&id) {
+            let was = k.alive();
+            // A new version is a new heartbeat space: its beats count from zero.
+            if !super::clash::same_addresses(&k.signed.record, &s.record) {
+                k.addressed_since = now;
+            }
+            k.signed = s.clone();
+            k.heartbeat = 0;
+            k.beat = None;
+            k.heard_at = now;
+            k.live = !left;
+            if left {
+                self.events.push_back(Event::Left(id));
+            } else {
+                self.events.push_back(Event::Updated(id));
+                if !was && k.alive() {
+                    self.events.push_back(Event::Up(id));
+                }
+            }
+        } else {
+            self.forgotten.remove(&id.short());
+            self.by_short.insert(id.short(), id);
+            self.known.insert(
+                id,
+                Known {
+                    signed: s.clone(),
+                    heartbeat: 0,
+                    beat: None,
+                    heard_at: now,
+                    addressed_since: now,
+                    live: !left,
+                    held: None,
+                },
+            );
+            self.events.push_back(if left {
+                Event::Left(id)
+            } else {
+                Event::Joined(id)
+            });
+        }
+        Some(s)
+    }
+
+    /// Checks a record's signature, counting the check and a failure.
+    pub(super) fn verified(&mut self, u: UnverifiedRecord) -> Option<SignedRecord> {
+        self.drops.verifications += 1;
+        match u.verify() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                debug!(error = %e, "record refused");
+                self.drops.count(refusal(&e));
+                None
+            }
+        }
+    }
+
+    /// Forgets members down or departed for longer than the horizon, and the memory of those
+    /// forgotten a horizon ago.
+    pub(super) fn forget(&mut self, now: Instant) {
+        let horizon = self.config.tombstone_horizon;
+        let gone: Vec<_> = self
+            .known
+            .iter()
+            .filter(|(_, k)| !k.live && now.saturating_duration_since(k.heard_at) > horizon)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(k) = self.known.remove(&id) {
+                debug!(node = %id, name = %k.signed.record.name, "member forgotten");
+                self.by_short.remove(&id.short());
+                self.rumours.remove(&id.short());
+                self.forgotten.insert(
+                    id.short(),
+                    Forgotten {
+                        id,
+                        version: k.signed.record.version,
+                        at: now,
+                    },
+                );
+            }
+        }
+        self.forgotten
+            .retain(|_, f| now.saturating_duration_since(f.at) <= horizon);
+        if self.known.len() < self.config.max_members {
+            self.full_reported = false;
+        }
+    }
+}
+
+/// The counter for a record refused before or at its signature check.
+fn refusal(e: &VerifyError) -> Rejected {
+    match e {
+        VerifyError::BadSigner | VerifyError::BadSignature => Rejected::BadSignature,
+        VerifyError::UnboundKey => Rejected::UnboundKey,
+        VerifyError::Body(_) => Rejected::Malformed,
+    }
+}

@@ -1,0 +1,147 @@
+
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a test starts its virtual clock from a real instant"
+)]
+
+use super::*;
+use crate::record::tests::record;
+use crate::stats::Rejected;
+
+/// A `Records` frame of `rs`.
+fn records(rs: &[&SignedRecord]) -> Vec<u8> {
+    Frame::Records(rs.iter().map(|r| Ok((*r).clone().into())).collect()).encode()
+}
+
+fn node(seed: u8) -> Membership {
+    let id = Identity::from_wireguard_key(&[seed; 32]);
+    Membership::new(
+        Instant::now(),
+        id,
+        record(&format!("n{seed}"), 1),
+        MeshConfig::default(),
+        1,
+    )
+}
+
+/// b with one connection that has said hello as node 9.
+fn greeted() -> (Membership, ConnId, Instant) {
+    let mut b = node(2);
+    let now = Instant::now();
+    let conn = ConnId(1);
+    b.handle_connected(now, conn);
+    let hello = Frame::Hello {
+        node: Identity::from_wireguard_key(&[9; 32]).id(),
+        mesh_port: 6783,
+    };
+    b.handle_frame(now, conn, &hello.encode());
+    while b.poll_transmit().is_some() {}
+    (b, conn, now)
+}
+
+#[test]
+fn forged_records_are_refused_and_counted() {
+    let (mut b, conn, now) = greeted();
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    let d = Identity::from_wireguard_key(&[4; 32]);
+    // c signs a record and presents it as d's.
+    let mut forged = c.sign(&record("d", 5));
+    forged.signer = d.id();
+    let mut w = crate::wire::Writer::default();
+    w.u8(2);
+    w.u16(1);
+    forged.encode(&mut w);
+    b.handle_frame(now, conn, &w.into_bytes());
+    assert_eq!(b.drops().unauthenticated, 1);
+    // Bound to c's WireGuard key, it is refused before any signature check.
+    assert_eq!(b.drops().rejected.get(Rejected::UnboundKey), 1);
+    assert_eq!(b.drops().verifications, 0);
+    assert!(b.members().is_empty());
+    assert_eq!(b.poll_transmit(), None, "nothing forwarded");
+}
+
+#[test]
+fn an_older_version_never_replaces_a_newer_one() {
+    let (mut b, conn, now) = greeted();
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    let v2 = c.sign(&record("c-new", 2));
+    let v1 = c.sign(&record("c-old", 1));
+    b.handle_frame(now, conn, &records(&[&v2]));
+    b.handle_frame(now, conn, &records(&[&v1]));
+    b.handle_frame(now, conn, &records(&[&v1]));
+    let m = b.members();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].record.name, "c-new");
+    assert_eq!(b.drops().stale, 2);
+    assert_eq!(b.poll_event(), Some(Event::Joined(c.id())));
+    assert_eq!(b.poll_event(), None);
+}
+
+#[test]
+fn garbage_and_frames_before_hello_are_counted_and_the_link_stays() {
+    let mut b = node(2);
+    let now = Instant::now();
+    b.handle_connected(now, ConnId(1));
+    b.handle_frame(now, ConnId(1), &Frame::Beats(vec![]).encode());
+    assert_eq!(b.drops().unexpected, 1);
+    for junk in [
+        &b""[..],
+        b"\x02\x00\x05",
+        b"GET / HTTP/1.1",
+        &[3, 7, 0, 0, 0, 0],
+    ] {
+        b.handle_frame(now, ConnId(1), junk);
+    }
+    assert_eq!(b.drops().malformed, 4);
+    assert_eq!(b.connections(), 1);
+}
+
+#[test]
+fn its_own_current_record_coming_back_changes_nothing() {
+    let (mut b, conn, now) = greeted();
+    let current = b.own.clone();
+    for _ in 0..3 {
+        b.handle_frame(now, conn, &records(&[&current]));
+    }
+    assert_eq!(b.record().version, current.record.version, "no new version");
+    assert_eq!(b.poll_transmit(), None, "nothing pushed");
+}
+
+#[test]
+fn a_restarted_node_outdoes_the_records_of_its_earlier_life() {
+    let (mut b, conn, now) = greeted();
+    // Someone still holds b's record from a life with a higher version.
+    let b_id = Identity::from_wireguard_key(&[2; 32]);
+    let old = b_id.sign(&record("n2", 40));
+    b.handle_frame(now, conn, &records(&[&old]));
+    assert_eq!(b.record().version, 41);
+    let Some(t) = b.poll_transmit() else {
+        panic!("the new record is pushed")
+    };
+    let Ok(Frame::Records(rs)) = Frame::decode(&t.frame) else {
+        panic!("records")
+    };
+    assert_eq!(rs[0].as_ref().map(|r| r.record().version), Ok(41));
+}
+
+#[test]
+fn mesh_address_follows_the_region() {
+    let me = record("a", 1);
+    let mut peer = record("b", 1);
+    peer.private_address = Some("198.18.1.1".parse().unwrap());
+    peer.public_address = Some("198.19.0.1".parse().unwrap());
+    assert_eq!(
+        mesh_address(&me, &peer),
+        Some("198.18.1.1:6783".parse().unwrap())
+    );
+    peer.region = Some("us-east".into());
+    assert_eq!(
+        mesh_address(&me, &peer),
+        Some("198.19.0.1:6783".parse().unwrap())
+    );
+    peer.public_address = None;
+    assert_eq!(
+        mesh_address(&me, &peer),
+        Some("198.18.1.1:6783".parse().unwrap())
+    );
+}
