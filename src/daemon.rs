@@ -328,6 +328,8 @@ pub async fn run(
         let mesh_config = MeshConfig {
             gossip_interval: config.mesh.gossip_interval,
             liveness_timeout: config.mesh.liveness_timeout,
+            tombstone_horizon: config.mesh.tombstone_horizon,
+            max_members: config.mesh.max_members,
             ..MeshConfig::default()
         };
         let identity = Identity::from_wireguard_key(&key_bytes);

@@ -128,6 +128,13 @@ pub enum Problem {
     /// A liveness timeout shorter than three gossip intervals would mark live nodes down.
     #[error("{0:?} is shorter than three gossip intervals ({1:?} each)")]
     LivenessTooShort(std::time::Duration, std::time::Duration),
+    /// A tombstone horizon shorter than the block expiry would forget a dead node's block
+    /// before it expires.
+    #[error("{0:?} is shorter than network.block_expiry ({1:?})")]
+    HorizonBeforeExpiry(std::time::Duration, std::time::Duration),
+    /// A member cap of zero, or one whose digest would not fit a gossip frame.
+    #[error("{0} is out of range 1-100000")]
+    MaxMembers(usize),
     /// A name that is empty.
     #[error("must not be empty")]
     EmptyName,

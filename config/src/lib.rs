@@ -107,6 +107,12 @@ pub struct Mesh {
     pub gossip_interval: Duration,
     /// A member not heard from for this long is down and its routes withdrawn (default 30s).
     pub liveness_timeout: Duration,
+    /// A member down or departed for this long is forgotten (default 72h; at least
+    /// `network.block_expiry`, so a dead node's block is never forgotten before it expires).
+    pub tombstone_horizon: Duration,
+    /// The most members a node holds; records of further nodes are refused and counted
+    /// (default 8192, at most 100000).
+    pub max_members: usize,
 }
 
 /// Which of the data path's speed-ups are allowed; each is still used only where the kernel has it.

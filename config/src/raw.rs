@@ -63,6 +63,8 @@ pub(crate) struct RawMesh {
     pub(crate) secret_file: Option<PathBuf>,
     pub(crate) gossip_interval: Option<HumanDuration>,
     pub(crate) liveness_timeout: Option<HumanDuration>,
+    pub(crate) tombstone_horizon: Option<HumanDuration>,
+    pub(crate) max_members: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

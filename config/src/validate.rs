@@ -202,6 +202,11 @@ pub(crate) fn validate(
             .mesh
             .liveness_timeout
             .map_or(Duration::from_secs(30), |d| d.0),
+        tombstone_horizon: raw
+            .mesh
+            .tombstone_horizon
+            .map_or(Duration::from_secs(72 * 3600), |d| d.0),
+        max_members: raw.mesh.max_members.unwrap_or(8192),
     };
     if mesh.gossip_interval.is_zero() {
         return Err(errs.at("mesh.gossip_interval", Problem::ZeroDuration));
@@ -211,6 +216,15 @@ pub(crate) fn validate(
             "mesh.liveness_timeout",
             Problem::LivenessTooShort(mesh.liveness_timeout, mesh.gossip_interval),
         ));
+    }
+    if mesh.tombstone_horizon < network.block_expiry {
+        return Err(errs.at(
+            "mesh.tombstone_horizon",
+            Problem::HorizonBeforeExpiry(mesh.tombstone_horizon, network.block_expiry),
+        ));
+    }
+    if !(1..=100_000).contains(&mesh.max_members) {
+        return Err(errs.at("mesh.max_members", Problem::MaxMembers(mesh.max_members)));
     }
     let interface = raw.router.interface.unwrap_or_else(|| "weft0".to_owned());
     if interface.is_empty()

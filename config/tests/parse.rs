@@ -236,6 +236,37 @@ fn gossip_timing_has_defaults_and_is_checked() {
 }
 
 #[test]
+fn tombstone_horizon_and_max_members_have_defaults_and_are_checked() {
+    let c = parse("").unwrap();
+    assert_eq!(c.mesh.tombstone_horizon, Duration::from_secs(72 * 3600));
+    assert_eq!(c.mesh.max_members, 8192);
+    let c = parse("mesh:\n  tombstone_horizon: 48h\n  max_members: 20000\n").unwrap();
+    assert_eq!(
+        (c.mesh.tombstone_horizon, c.mesh.max_members),
+        (Duration::from_secs(48 * 3600), 20000)
+    );
+    // Never before a dead node's block expires.
+    let e = refused(
+        "network:\n  block_expiry: 24h\nmesh:\n  tombstone_horizon: 1h\n",
+        4,
+        "mesh.tombstone_horizon",
+    );
+    assert!(e.contains("shorter than network.block_expiry"), "{e}");
+    for bad in ["0", "100001"] {
+        let e = refused(
+            &format!("mesh:\n  max_members: {bad}\n"),
+            2,
+            "mesh.max_members",
+        );
+        assert!(
+            e.contains(&format!("{bad} is out of range 1-100000")),
+            "{e}"
+        );
+    }
+    refused("mesh:\n  max_members: -3\n", 2, "mesh.max_members");
+}
+
+#[test]
 fn log_level_takes_levels_and_directives_and_names_a_bad_one() {
     for ok in ["debug", "info,weft_mesh=trace", "WARN"] {
         let c = parse(&format!("log_level: {ok:?}\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));

@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 
 use self::transport::{Received, secure};
 use crate::wire::MAX_FRAME;
-use crate::{ConnId, Drops, Event, Member, Membership, NodeId, NodeRecord};
+use crate::{
+    AddressClash, ConnId, Drops, Event, IdentityClash, Member, Membership, NodeId, NodeRecord,
+};
 
 /// Frames queued per connection before new ones are dropped (anti-entropy repairs the loss).
 const WRITE_QUEUE: usize = 256;
@@ -94,6 +96,10 @@ pub struct Snapshot {
     pub connections: usize,
     /// Gossip sent and received.
     pub traffic: Traffic,
+    /// Another daemon with this node's key, once detected.
+    pub identity_clash: Option<IdentityClash>,
+    /// Members held down for an address an established member advertises.
+    pub address_clashes: Vec<AddressClash>,
 }
 
 enum Incoming {
@@ -178,6 +184,8 @@ impl MeshDriver {
                             transport,
                             connections: mesh.connections(),
                             traffic,
+                            identity_clash: mesh.identity_clash(),
+                            address_clashes: mesh.address_clashes(),
                         });
                     }
                 },

@@ -1,4 +1,3 @@
-
 #![allow(
     clippy::disallowed_methods,
     reason = "a test starts its virtual clock from a real instant"
