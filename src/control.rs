@@ -22,6 +22,7 @@ use weft_router::PeerConfig;
 use weft_router::driver::{Command as RouterCommand, Snapshot as RouterSnapshot};
 
 use crate::blocks::{BlockEvent, Blocks};
+use crate::claims::ClaimPolicy;
 use crate::keys;
 use crate::reconcile::{self, Change, Choices, Reason};
 
@@ -126,9 +127,43 @@ pub async fn mesh_snapshot(tx: &mpsc::Sender<MeshCommand>) -> Option<MeshSnapsho
 pub struct Inputs {
     /// The configured `wireguard_peers` (a reload changes them).
     pub statics: watch::Receiver<Vec<PeerConfig>>,
-    /// With Kubernetes, the names of the cluster's Nodes: a member whose Node is gone is not
-    /// routed, even while its daemon still gossips. `None` without Kubernetes.
-    pub cluster: Option<watch::Receiver<Option<BTreeSet<String>>>>,
+    /// With Kubernetes, the cluster's Nodes by name with their `spec.podCIDRs`: a member whose
+    /// Node is gone is not routed, even while its daemon still gossips, and a member's claims
+    /// must be its Node's. `None` without Kubernetes.
+    pub cluster: Option<watch::Receiver<Option<ClusterNodes>>>,
+    /// Which members' pod-CIDR claims are believed.
+    pub claims: ClaimPolicy,
+}
+
+/// The cluster's Nodes by name, with their `spec.podCIDRs`.
+pub type ClusterNodes = BTreeMap<String, Vec<ipnet::IpNet>>;
+
+/// Drops from `snap` the members whose pod-CIDR claims are not believed (so neither IPAM nor
+/// the router sees them), counts each refusal once per record version and reason, and
+/// publishes the current refusals for the status report.
+fn vet_claims(
+    policy: &ClaimPolicy,
+    snap: &mut MeshSnapshot,
+    nodes: Option<&ClusterNodes>,
+    counters: &crate::metrics::IpamCounters,
+) {
+    let members = std::mem::take(&mut snap.members);
+    let (kept, refused) = policy.vet(members, nodes, now_millis());
+    snap.members = kept;
+    let Ok(mut seen) = counters.claims.lock() else {
+        return;
+    };
+    seen.current.clear();
+    for (m, why) in refused {
+        let key = (m.id.0, m.record.version, why.reason());
+        if seen.counted.insert(key) {
+            *seen.by_reason.entry(why.reason()).or_default() += 1;
+            warn!(member = %m.record.name, version = m.record.version, reason = %why, "mesh member's pod-CIDR claims refused: not routed");
+        }
+        seen.current.insert(m.id.0, why.to_string());
+    }
+    let live: BTreeSet<[u8; 32]> = seen.current.keys().copied().collect();
+    seen.counted.retain(|(id, ..)| live.contains(id));
 }
 
 /// Keeps the router's peers in line with the mesh, and this node's blocks with the others'
@@ -137,6 +172,7 @@ pub async fn reconcile_loop(
     Inputs {
         mut statics,
         cluster,
+        claims,
     }: Inputs,
     router: mpsc::Sender<RouterCommand>,
     mesh: mpsc::Sender<MeshCommand>,
@@ -164,6 +200,8 @@ pub async fn reconcile_loop(
         let Some(mut snap) = mesh_snapshot(&mesh).await else {
             return;
         };
+        let nodes = cluster.as_ref().and_then(|c| c.borrow().clone());
+        vet_claims(&claims, &mut snap, nodes.as_ref(), &ipam.counters);
         if let Some(blocks) = ipam.step(&snap).await {
             let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
             let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();
@@ -208,9 +246,9 @@ pub async fn reconcile_loop(
         }
         choices.retain(|k| cands.contains_key(k));
         let configured = statics.borrow_and_update().clone();
-        if let Some(names) = cluster.as_ref().and_then(|c| c.borrow().clone()) {
+        if let Some(names) = nodes {
             snap.members.retain(|m| {
-                let known = names.contains(&m.record.name);
+                let known = names.contains_key(&m.record.name);
                 if !known && warned.insert(format!("no Node {}", m.record.name)) {
                     info!(member = %m.record.name, "mesh member without a Kubernetes Node: not routed");
                 }
@@ -331,7 +369,7 @@ pub async fn kubernetes_loop(
     mesh: mpsc::Sender<MeshCommand>,
     (blocks, names): (
         watch::Sender<Vec<ipnet::IpNet>>,
-        watch::Sender<Option<BTreeSet<String>>>,
+        watch::Sender<Option<ClusterNodes>>,
     ),
     api: Arc<Mutex<String>>,
 ) {
@@ -371,7 +409,10 @@ pub async fn kubernetes_loop(
             }
             SourceEvent::Others(others) => {
                 say("ok".into());
-                let set: BTreeSet<String> = others.iter().map(|n| n.name.clone()).collect();
+                let set: ClusterNodes = others
+                    .iter()
+                    .map(|n| (n.name.clone(), n.pod_cidrs.clone()))
+                    .collect();
                 if names.borrow().as_ref() != Some(&set) {
                     let _ = names.send(Some(set));
                 }

@@ -401,6 +401,7 @@ pub async fn run(
             control::Inputs {
                 statics: rx,
                 cluster: cluster_rx,
+                claims: crate::claims::ClaimPolicy::from_config(&config.network),
             },
             cmd_tx.clone(),
             mesh_tx.clone(),
@@ -447,6 +448,7 @@ pub async fn run(
         router: cmd_tx.clone(),
         mesh: mesh_tx.clone(),
         infos: infos.clone(),
+        ipam: ipam_counters.clone(),
         node: node.clone(),
         cni: crate::cni::Store::load(config.state_dir.join("cni.json")),
         kube: kube_state.clone(),
@@ -554,6 +556,7 @@ struct Shared {
     router: mpsc::Sender<Command>,
     mesh: mpsc::Sender<MeshCommand>,
     infos: control::PeerInfos,
+    ipam: Arc<crate::metrics::IpamCounters>,
     node: Arc<std::sync::Mutex<NodeStatus>>,
     cni: crate::cni::Store,
     kube: Option<Arc<std::sync::Mutex<String>>>,
@@ -584,7 +587,7 @@ async fn answer(req: Request, sh: Shared) -> Response {
                             .kube
                             .as_ref()
                             .and_then(|k| k.lock().ok().map(|k| k.clone())),
-                        ..status(&node, &s, mesh.as_ref(), &infos)
+                        ..status(&node, &s, mesh.as_ref(), &infos, &sh.ipam)
                     }),
                     error: None,
                     attachments: None,
@@ -626,6 +629,10 @@ async fn answer(req: Request, sh: Shared) -> Response {
     }
 }
 
+fn shown(a: Option<IpAddr>) -> String {
+    a.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
 fn drops(d: &weft_router::Drops) -> BTreeMap<String, u64> {
     d.nonzero()
         .map(|(r, n)| (r.as_str().to_owned(), n))
@@ -638,6 +645,7 @@ pub fn status(
     snap: &Snapshot,
     mesh: Option<&MeshSnapshot>,
     infos: &HashMap<[u8; 32], control::PeerInfo>,
+    ipam: &crate::metrics::IpamCounters,
 ) -> Status {
     let mesh_snap = mesh;
     let peers = snap
@@ -691,12 +699,50 @@ pub fn status(
                 drops.insert(k.to_owned(), v);
             }
         }
+        let refused = ipam
+            .claims
+            .lock()
+            .map(|c| c.current.clone())
+            .unwrap_or_default();
+        let name = |id: &weft_mesh::NodeId| {
+            m.members
+                .iter()
+                .find(|x| x.id == *id)
+                .map_or_else(|| id.to_string(), |x| x.record.name.clone())
+        };
         MeshStatus {
+            rejected: crate::metrics::rejections(m, ipam).into_iter().collect(),
+            identity_clash: m.identity_clash.map(|c| {
+                format!(
+                    "another daemon runs with this node's key: ours private {} public {}, theirs private {} public {}",
+                    shown(c.our_private),
+                    shown(c.our_public),
+                    shown(c.their_private),
+                    shown(c.their_public)
+                )
+            }),
+            address_clashes: m
+                .address_clashes
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} is held down: {} is advertised by {}",
+                        name(&c.member),
+                        c.address,
+                        if c.owner == m.me {
+                            "this node".to_owned()
+                        } else {
+                            name(&c.owner)
+                        }
+                    )
+                })
+                .collect(),
             node_id: m.me.to_string(),
             members: m
                 .members
                 .iter()
                 .map(|x| MeshMember {
+                    claims_refused: refused.get(&x.id.0).cloned(),
                     name: x.record.name.clone(),
                     node_id: x.id.to_string(),
                     region: x.record.region.clone(),

@@ -2,8 +2,9 @@
 //!
 //! The libraries decide: `weft-config` turns a file into typed values, `weft-router` routes and
 //! encrypts packets, `weft-mesh` gossips node records, `weft-ipam` settles pod blocks. This crate
-//! connects them to the host: [`reconcile`] and [`blocks`] (pure: the mesh's view turned into
-//! router peers and this node's pod blocks), [`control`] (the loop that applies them), [`keys`] (the 0600 key file and the
+//! connects them to the host: [`claims`] (pure: which members' pod-CIDR claims are believed),
+//! [`reconcile`] and [`blocks`] (pure: the mesh's view turned into router peers and this node's
+//! pod blocks), [`control`] (the loop that applies them), [`keys`] (the 0600 key file and the
 //! `genkey`/`pubkey`/`gensecret` tools), [`netlink`] (the TUN device's MTU, addresses and routes),
 //! [`daemon`] (`weft run`: setup in an order that leaves the host unchanged on failure, signals,
 //! teardown), [`api`] (the local unix-socket API) and [`status`] (the report `weft status`
@@ -11,6 +12,7 @@
 
 pub mod api;
 pub mod blocks;
+pub mod claims;
 pub mod cni;
 pub mod control;
 pub mod daemon;

@@ -29,6 +29,19 @@ use weft_router::driver::{Command, Snapshot};
 pub struct IpamCounters {
     /// Blocks given up to an older claim.
     pub reclaims: AtomicU64,
+    /// Members' pod-CIDR claims refused.
+    pub claims: std::sync::Mutex<ClaimsRefused>,
+}
+
+/// Members' pod-CIDR claims refused (see [`crate::claims`]).
+#[derive(Debug, Default)]
+pub struct ClaimsRefused {
+    /// Refusals by reason, each record version and reason counted once.
+    pub by_reason: std::collections::BTreeMap<&'static str, u64>,
+    /// The members refused now (mesh id), with why.
+    pub current: std::collections::BTreeMap<[u8; 32], String>,
+    /// What was counted: (mesh id, record version, reason) of the members refused now.
+    pub counted: std::collections::BTreeSet<([u8; 32], u64, &'static str)>,
 }
 
 /// Everything a scrape reads.
@@ -328,10 +341,35 @@ pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounter
                 })
                 .inc_by(n);
         }
+        let precise = counter::<Reason>(
+            &mut reg,
+            "weft_mesh_rejected",
+            "Gossip input refused, by precise reason: frames, records and beats the gossip core refused, and members' pod-CIDR claims refused (claim_*)",
+            None,
+        );
+        for (reason, n) in rejections(m, ipam) {
+            precise.get_or_create(&Reason { reason }).inc_by(n);
+        }
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
         warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+/// Every refusal of the mesh with a non-zero count, by precise reason: the gossip core's and
+/// the claims' (`claim_` and the claim reason). `weft_mesh_rejected` and the status report list
+/// the same.
+pub fn rejections(m: &MeshSnapshot, ipam: &IpamCounters) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = m
+        .drops
+        .rejected
+        .nonzero()
+        .map(|(r, n)| (r.as_str().to_owned(), n))
+        .collect();
+    if let Ok(c) = ipam.claims.lock() {
+        out.extend(c.by_reason.iter().map(|(r, n)| (format!("claim_{r}"), *n)));
     }
     out
 }

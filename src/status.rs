@@ -32,6 +32,16 @@ pub struct MeshStatus {
     pub connections: usize,
     /// Gossip refused, by reason.
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// Gossip input refused, by precise reason (as `weft_mesh_rejected`): the gossip core's
+    /// reasons, and `claim_*` for members' pod-CIDR claims refused.
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Another daemon publishing this node's key, with both daemons' addresses, once detected.
+    #[serde(default)]
+    pub identity_clash: Option<String>,
+    /// Members held down because an established member advertises their address.
+    #[serde(default)]
+    pub address_clashes: Vec<String>,
 }
 
 /// One mesh member.
@@ -51,6 +61,9 @@ pub struct MeshMember {
     pub version: u64,
     /// Its pod CIDRs.
     pub pod_cidrs: Vec<String>,
+    /// Why its pod-CIDR claims are not believed (it is then not routed), if they are not.
+    #[serde(default)]
+    pub claims_refused: Option<String>,
 }
 
 /// This node.
@@ -195,6 +208,17 @@ impl Status {
                 m.members.len(),
                 m.connections
             );
+            if let Some(c) = &m.identity_clash {
+                let _ = writeln!(s, "identity clash: {c}");
+            }
+            for c in &m.address_clashes {
+                let _ = writeln!(s, "address clash: {c}");
+            }
+            for x in &m.members {
+                if let Some(why) = &x.claims_refused {
+                    let _ = writeln!(s, "not routed: {}: {why}", x.name);
+                }
+            }
         }
         s
     }

@@ -1,0 +1,364 @@
+//! Which pod-CIDR claims of the mesh's members are believed. Pure: the control loop vets the
+//! members of every snapshot before IPAM weighs their claims and before the router is given
+//! their prefixes, so a refused record neither routes nor takes a block.
+//!
+//! A member's signature proves who speaks, not that what it says about pod blocks is fair. A
+//! record is refused whole (not routed at all, never routed more broadly) when one of its
+//! claims:
+//! - lies outside `network.pod_network_cidr`, or is broader than a node block of its family
+//!   (`0.0.0.0/0` or the whole pool would make one member every node's only routed peer);
+//! - with Kubernetes, differs from the prefixes the member's Node has in `spec.podCIDRs` (the
+//!   API server, not the member, says which blocks a node owns);
+//! - is stamped more than [`MAX_SKEW_MS`] in the future (a claim time is meant to be old, and
+//!   a future stamp is no honest clock's);
+//! - has no claim time at all (the lists differ in length).
+//!
+//! What this cannot refuse: a member claiming a free block, or one held by another node, with
+//! an invented *older* time inside the pool. Without a timestamp others vouch for, such a claim
+//! is indistinguishable from the loser of a partition healing, and the older-claim rule must stay
+//! deterministic so that every node settles the same winner.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ipnet::IpNet;
+use weft_mesh::Member;
+
+/// How far in the future a claim time may be (clock skew between honest nodes).
+pub const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// What makes a claim believable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPolicy {
+    /// `network.pod_network_cidr`.
+    pub pools: Vec<IpNet>,
+    /// The node block size for IPv4.
+    pub mask_v4: u8,
+    /// The node block size for IPv6.
+    pub mask_v6: u8,
+}
+
+/// Why a member's record is not believed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A claim outside every pool.
+    OutsidePool(IpNet),
+    /// A claim broader than a node block.
+    TooBroad {
+        /// The claim.
+        claim: IpNet,
+        /// The node block size of its family.
+        mask: u8,
+    },
+    /// With Kubernetes: the claims are not the Node's `spec.podCIDRs`.
+    NotTheNodes {
+        /// What the member claims.
+        claims: Vec<IpNet>,
+        /// What its Node says.
+        node: Vec<IpNet>,
+    },
+    /// A claim stamped in the future.
+    Future {
+        /// The claim.
+        claim: IpNet,
+        /// Its claim time (ms since the epoch).
+        at: u64,
+        /// This node's clock then.
+        now: u64,
+    },
+    /// Claims and claim times differ in number.
+    Unstamped {
+        /// The number of claims.
+        claims: usize,
+        /// The number of claim times.
+        times: usize,
+    },
+}
+
+impl Refusal {
+    /// The metric label of this reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::OutsidePool(_) => "outside_pool",
+            Self::TooBroad { .. } => "too_broad",
+            Self::NotTheNodes { .. } => "not_the_nodes",
+            Self::Future { .. } => "future",
+            Self::Unstamped { .. } => "unstamped",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutsidePool(c) => {
+                write!(f, "its pod CIDR {c} is outside network.pod_network_cidr")
+            }
+            Self::TooBroad { claim, mask } => write!(
+                f,
+                "its pod CIDR {claim} is broader than a node block (/{mask})"
+            ),
+            Self::NotTheNodes { claims, node } => write!(
+                f,
+                "its pod CIDRs {claims:?} are not its Node's spec.podCIDRs {node:?}"
+            ),
+            Self::Future { claim, at, now } => write!(
+                f,
+                "its claim of {claim} is stamped {} s in the future",
+                at.saturating_sub(*now) / 1000
+            ),
+            Self::Unstamped { claims, times } => {
+                write!(f, "it claims {claims} pod CIDRs with {times} claim times")
+            }
+        }
+    }
+}
+
+impl ClaimPolicy {
+    /// The policy of a validated config.
+    pub fn from_config(network: &weft_config::Network) -> Self {
+        Self {
+            pools: network.pod_network_cidr.clone(),
+            mask_v4: network.node_cidr_mask_size_ipv4,
+            mask_v6: network.node_cidr_mask_size_ipv6,
+        }
+    }
+
+    /// Checks one member's claims. `node` is its Node's `spec.podCIDRs` with Kubernetes (an
+    /// empty list, not yet assigned, falls back to the pool rule), `now_ms` this node's clock.
+    pub fn check(&self, m: &Member, node: Option<&[IpNet]>, now_ms: u64) -> Result<(), Refusal> {
+        let r = &m.record;
+        if r.pod_cidrs.len() != r.claimed_at.len() {
+            return Err(Refusal::Unstamped {
+                claims: r.pod_cidrs.len(),
+                times: r.claimed_at.len(),
+            });
+        }
+        if let Some(node) = node.filter(|n| !n.is_empty()) {
+            let (mut a, mut b) = (r.pod_cidrs.clone(), node.to_vec());
+            a.sort();
+            b.sort();
+            if a != b {
+                return Err(Refusal::NotTheNodes {
+                    claims: r.pod_cidrs.clone(),
+                    node: node.to_vec(),
+                });
+            }
+        }
+        for (claim, at) in r.pod_cidrs.iter().zip(&r.claimed_at) {
+            let Some(pool) = self
+                .pools
+                .iter()
+                .find(|p| same_family(p, claim) && p.contains(claim))
+            else {
+                return Err(Refusal::OutsidePool(*claim));
+            };
+            let mask = match pool {
+                IpNet::V4(_) => self.mask_v4,
+                IpNet::V6(_) => self.mask_v6,
+            };
+            if claim.prefix_len() < mask {
+                return Err(Refusal::TooBroad {
+                    claim: *claim,
+                    mask,
+                });
+            }
+            if *at > now_ms.saturating_add(MAX_SKEW_MS) {
+                return Err(Refusal::Future {
+                    claim: *claim,
+                    at: *at,
+                    now: now_ms,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the members whose claims are believed; returns the refused ones with why. A
+    /// member that left claims nothing and is kept as it is. `nodes` is the Kubernetes view
+    /// (Node name → `spec.podCIDRs`), `None` without Kubernetes.
+    pub fn vet(
+        &self,
+        members: Vec<Member>,
+        nodes: Option<&BTreeMap<String, Vec<IpNet>>>,
+        now_ms: u64,
+    ) -> (Vec<Member>, Vec<(Member, Refusal)>) {
+        let mut kept = Vec::with_capacity(members.len());
+        let mut refused = Vec::new();
+        for m in members {
+            if m.record.left {
+                kept.push(m);
+                continue;
+            }
+            let node = nodes.and_then(|n| n.get(&m.record.name)).map(Vec::as_slice);
+            match self.check(&m, node, now_ms) {
+                Ok(()) => kept.push(m),
+                Err(e) => refused.push((m, e)),
+            }
+        }
+        (kept, refused)
+    }
+}
+
+fn same_family(a: &IpNet, b: &IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "tests start their clock from a real instant"
+    )]
+
+    use super::*;
+    use std::time::Instant;
+    use weft_mesh::{NodeId, NodeRecord};
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn policy() -> ClaimPolicy {
+        ClaimPolicy {
+            pools: vec![
+                "100.64.0.0/16".parse().unwrap(),
+                "fd64::/48".parse().unwrap(),
+            ],
+            mask_v4: 24,
+            mask_v6: 64,
+        }
+    }
+
+    fn member(name: &str, claims: &[(&str, u64)]) -> Member {
+        Member {
+            id: NodeId([name.len() as u8; 32]),
+            record: NodeRecord {
+                version: 1,
+                left: false,
+                name: name.into(),
+                region: None,
+                private_address: None,
+                public_address: None,
+                mesh_port: 6783,
+                router_port: 51820,
+                wireguard_key: [name.len() as u8; 32],
+                pod_cidrs: claims.iter().map(|(c, _)| c.parse().unwrap()).collect(),
+                claimed_at: claims.iter().map(|(_, t)| *t).collect(),
+                trusted_subnets: vec![],
+            },
+            alive: true,
+            heartbeat: 1,
+            last_heard: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_block_of_the_pool_with_a_past_time_is_believed() {
+        let m = member(
+            "a",
+            &[("100.64.3.0/24", NOW - 1000), ("fd64:0:0:3::/64", 0)],
+        );
+        assert_eq!(policy().check(&m, None, NOW), Ok(()));
+        // Narrower than a block (a configured node.pod_cidr may be) is fine too.
+        let m = member("a", &[("100.64.3.128/25", NOW)]);
+        assert_eq!(policy().check(&m, None, NOW), Ok(()));
+    }
+
+    #[test]
+    fn a_default_route_claim_is_refused() {
+        for c in ["0.0.0.0/0", "::/0"] {
+            let m = member("evil", &[(c, 0)]);
+            let e = policy().check(&m, None, NOW).unwrap_err();
+            assert_eq!(e, Refusal::OutsidePool(c.parse().unwrap()), "{c}");
+            assert!(e.to_string().contains(c), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_claim_broader_than_a_block_inside_the_pool_is_refused() {
+        let m = member("evil", &[("100.64.0.0/16", 0)]);
+        let e = policy().check(&m, None, NOW).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::TooBroad {
+                claim: "100.64.0.0/16".parse().unwrap(),
+                mask: 24
+            }
+        );
+        assert_eq!(e.reason(), "too_broad");
+        let m = member("evil", &[("fd64::/56", 0)]);
+        assert!(matches!(
+            policy().check(&m, None, NOW),
+            Err(Refusal::TooBroad { mask: 64, .. })
+        ));
+    }
+
+    #[test]
+    fn a_claim_outside_the_pool_or_of_the_other_family_is_refused() {
+        let m = member("evil", &[("10.0.0.0/24", 0)]);
+        assert!(matches!(
+            policy().check(&m, None, NOW),
+            Err(Refusal::OutsidePool(_))
+        ));
+        let m = member("evil", &[("::ffff:100.64.1.0/120", 0)]);
+        assert!(matches!(
+            policy().check(&m, None, NOW),
+            Err(Refusal::OutsidePool(_))
+        ));
+    }
+
+    #[test]
+    fn a_claim_stamped_in_the_future_cannot_win() {
+        let m = member("evil", &[("100.64.9.0/24", NOW + MAX_SKEW_MS + 1)]);
+        assert!(matches!(
+            policy().check(&m, None, NOW),
+            Err(Refusal::Future { .. })
+        ));
+        let m = member("ok", &[("100.64.9.0/24", NOW + MAX_SKEW_MS)]);
+        assert_eq!(policy().check(&m, None, NOW), Ok(()));
+    }
+
+    #[test]
+    fn claims_without_claim_times_are_refused() {
+        let mut m = member("evil", &[("100.64.9.0/24", 0)]);
+        m.record.claimed_at.clear();
+        assert_eq!(
+            policy().check(&m, None, NOW),
+            Err(Refusal::Unstamped {
+                claims: 1,
+                times: 0
+            })
+        );
+    }
+
+    #[test]
+    fn with_kubernetes_the_claims_must_be_the_nodes_pod_cidrs() {
+        let node: Vec<IpNet> = vec!["100.64.5.0/24".parse().unwrap()];
+        let m = member("b", &[("100.64.5.0/24", 0)]);
+        assert_eq!(policy().check(&m, Some(&node), NOW), Ok(()));
+        let thief = member("b", &[("100.64.6.0/24", 0)]);
+        assert!(matches!(
+            policy().check(&thief, Some(&node), NOW),
+            Err(Refusal::NotTheNodes { .. })
+        ));
+        // A Node with no podCIDRs yet: the pool rule still holds.
+        assert!(policy().check(&thief, Some(&[]), NOW).is_ok());
+        let greedy = member("b", &[("0.0.0.0/0", 0)]);
+        assert!(policy().check(&greedy, Some(&[]), NOW).is_err());
+    }
+
+    #[test]
+    fn vet_drops_the_whole_record_of_a_member_with_one_bad_claim() {
+        let good = member("a", &[("100.64.1.0/24", 5)]);
+        let bad = member("bb", &[("100.64.2.0/24", 5), ("0.0.0.0/0", 5)]);
+        let mut gone = member("ccc", &[("0.0.0.0/0", 0)]);
+        gone.record.left = true;
+        let (kept, refused) = policy().vet(vec![good, bad, gone], None, NOW);
+        let names: Vec<&str> = kept.iter().map(|m| m.record.name.as_str()).collect();
+        assert_eq!(names, ["a", "ccc"]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0.record.name, "bb");
+    }
+}
