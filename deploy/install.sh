@@ -39,7 +39,7 @@ cat <<NEXT
 
 Next:
   1. edit /etc/weft/weft.yaml (node addresses, region, mesh.peers)
-  2. on the first node: weft gensecret > /etc/weft/secret; copy that file to every node (0600)
+  2. on the first node: (umask 077; weft gensecret > /etc/weft/secret); copy that file to every node (0600: weft refuses a secret others can read)
   3. systemctl enable --now weft && weft status
 Remove it again with deploy/uninstall.sh.
 NEXT

@@ -347,6 +347,40 @@ mod tests {
         assert_eq!(result_addresses(&r), ["100.64.1.2/24"]);
         assert_eq!(host_interfaces(&r), ["veth1"]);
     }
+
+    #[test]
+    fn concurrent_conflist_writers_are_serialised_and_the_file_ends_as_the_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("10-weft.conflist");
+        let w = ConflistWriter::new(path.clone(), 1420, "/run/weft.sock".into(), "/ipam".into());
+        for round in 0..20u16 {
+            std::thread::scope(|s| {
+                for t in 0..4u16 {
+                    let w = w.clone();
+                    s.spawn(move || {
+                        let block: IpNet = format!("100.64.{t}.0/24").parse().unwrap();
+                        w.write(&[block]);
+                        w.set_mtu(1300 + round * 4 + t);
+                    });
+                }
+            });
+            let (mtu, blocks) = w.state.lock().unwrap().clone();
+            let want = conflist(
+                &blocks,
+                mtu,
+                Path::new("/run/weft.sock"),
+                Path::new("/ipam"),
+            );
+            let got: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(got, want, "round {round}");
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["10-weft.conflist"]);
+    }
 }
 
 /// The daemon's attachments, persisted in `state_dir/cni.json` (atomically) so GC and CHECK
@@ -449,29 +483,25 @@ impl ConflistWriter {
     }
 
     /// Writes the conflist for `blocks` (nothing before the node has a block); logs the outcome.
+    /// Writers are serialised (the file is rendered under the state's lock), so the file
+    /// always ends as the last change says.
     pub fn write(&self, blocks: &[IpNet]) {
-        let mtu = {
-            let mut st = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.1 = blocks.to_vec();
-            st.0
-        };
-        self.render(mtu, blocks);
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.1 = blocks.to_vec();
+        self.render(st.0, &st.1);
     }
 
     /// A new overlay MTU: rewrites the conflist for the blocks last written.
     pub fn set_mtu(&self, mtu: u16) {
-        let blocks = {
-            let mut st = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.0 = mtu;
-            st.1.clone()
-        };
-        self.render(mtu, &blocks);
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.0 = mtu;
+        self.render(st.0, &st.1);
     }
 
     fn render(&self, mtu: u16, blocks: &[IpNet]) {

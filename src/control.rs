@@ -45,21 +45,25 @@ pub type PeerInfos = Arc<Mutex<HashMap<[u8; 32], PeerInfo>>>;
 /// configured (a node without a mesh), an error naming the file otherwise.
 pub fn load_secret(config: &Config, origin: &Path) -> anyhow::Result<Option<[u8; 32]>> {
     let path = &config.mesh.secret_file;
-    match std::fs::read_to_string(path) {
+    // Refused, naming the file, when its group or others may read it.
+    match keys::read_private(path) {
         Ok(text) => Ok(Some(keys::decode(
             &text,
             &format!("mesh.secret_file {}", path.display()),
         )?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.mesh.peers.is_empty() => {
+        Err(keys::KeyError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && config.mesh.peers.is_empty() =>
+        {
             info!(path = %path.display(), "no cluster secret: the mesh is off, only wireguard_peers are used");
             Ok(None)
         }
-        Err(e) => bail!(
-            "{}: mesh.secret_file: cannot read {}: {e} (create one with `weft gensecret > {}`)",
+        Err(keys::KeyError::Io { source, .. }) => bail!(
+            "{}: mesh.secret_file: cannot read {}: {source} (create one with `(umask 077; weft gensecret > {})`)",
             origin.display(),
             path.display(),
             path.display()
         ),
+        Err(e) => bail!("{}: mesh.secret_file: {e}", origin.display()),
     }
 }
 
@@ -601,5 +605,37 @@ pub fn read_state(path: &Path, reset: bool) -> anyhow::Result<Vec<SavedBlock>> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("reading IPAM state file {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_cluster_secret_file_readable_by_group_or_others_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        let text = format!(
+            "node: {{name: a}}\nmesh: {{secret_file: {}, peers: [198.18.0.2]}}\n",
+            secret.display()
+        );
+        let config = Config::parse(&text, Path::new("weft.yaml"), "h").unwrap();
+        let value = keys::generate_secret();
+        keys::write_private(&secret, keys::encode(&value)).unwrap();
+        assert_eq!(
+            load_secret(&config, Path::new("weft.yaml")).unwrap(),
+            Some(value)
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!(
+            "{:#}",
+            load_secret(&config, Path::new("weft.yaml")).unwrap_err()
+        );
+        assert!(e.contains(&secret.display().to_string()), "{e}");
+        assert!(e.contains("readable by its group or others"), "{e}");
+        assert!(!e.contains(&keys::encode(&value)), "{e}");
     }
 }

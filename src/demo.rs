@@ -129,7 +129,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
             n.name, n.region, n.private, n.public, n.block, n.bootstrap
         );
         let d = lab.daemon(n.name, &ns, &cfg)?;
-        std::fs::write(&d.secret_file, &secret)?;
+        crate::keys::write_private(&d.secret_file, &secret)?;
         daemons.push(d);
         // A pod: its own namespace, a veth to the node, the node routes its /32 to it.
         let pod_ip = n.pod_ip();

@@ -1,20 +1,87 @@
 //! Files the daemon keeps (IPAM state, CNI attachments, the CNI conflist), written so that a
-//! crash never leaves half of one: a temporary file beside it, fsync, rename.
+//! crash never leaves half of one: a temporary file beside it, fsync, rename, fsync of the
+//! directory.
 
+use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Writes `bytes` to `path` atomically, creating its directory; only `path` and its temporary
-/// sibling (`<path>.weft-tmp`) are touched.
+/// Numbers the temporary files of this process.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to `path` atomically, creating its directory; only `path` and a temporary
+/// sibling of its own (`<path>.weft-tmp.<pid>.<n>`, created new, removed on failure) are
+/// touched, so writers in several threads or processes never share one. The directory is
+/// fsynced after the rename, so the new name survives a crash too.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".weft-tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let (tmp, mut f) = create_temporary(path)?;
+    let written = (|| {
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// A new temporary file beside `path` that no other writer has.
+fn create_temporary(path: &Path) -> std::io::Result<(PathBuf, File)> {
+    loop {
+        let mut name = path.as_os_str().to_owned();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        name.push(format!(".weft-tmp.{}.{n}", std::process::id()));
+        let tmp = PathBuf::from(name);
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            // Left by an earlier process with the same pid: take the next number.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_atomic_writers_leave_one_whole_file_and_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        // Texts of different lengths: a shared temporary would mix a long and a short one.
+        let text = |t: usize, i: usize| {
+            format!(
+                "{{\"writer\":{t},\"i\":{i},\"pad\":\"{}\"}}",
+                "x".repeat(t * 300 + i)
+            )
+        };
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let path = &path;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        write_atomic(path, text(t, i).as_bytes())
+                            .unwrap_or_else(|e| panic!("writer {t} write {i}: {e}"));
+                    }
+                });
+            }
+        });
+        let last = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["i"], 49, "{last}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+    }
 }

@@ -21,6 +21,17 @@ pub enum KeyError {
         /// What is wrong with it.
         detail: String,
     },
+    /// A file holding a private key or the cluster secret that others than its owner may read.
+    #[error(
+        "{path} holds a secret but is readable by its group or others (mode {mode:o}): \
+         refusing to use it; make it private with `chmod 600 {path}`"
+    )]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The key file could not be read or written.
     #[error("key file {path}: {source}")]
     Io {
@@ -85,27 +96,56 @@ pub fn public_of(private: &StaticSecret) -> String {
 /// Reads the private key at `path`, or creates it (0600, parent directories 0700) when the file
 /// does not exist. Returns the key and whether it was created.
 pub fn load_or_create(path: &Path) -> Result<(StaticSecret, bool), KeyError> {
-    let io_err = |source| KeyError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    match fs::read_to_string(path) {
+    match read_private(path) {
         Ok(text) => {
             let what = format!("key file {}", path.display());
             let key = decode(&text, &what)?;
-            let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "private key file is readable by others");
-            }
             Ok((StaticSecret::from(key), false))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(KeyError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             let key = generate();
             create(path, &key.to_bytes())?;
             Ok((key, true))
         }
-        Err(e) => Err(io_err(e)),
+        Err(e) => Err(e),
     }
+}
+
+/// Reads a file that holds a secret (a private key, the cluster secret), refusing it
+/// ([`KeyError::Exposed`], naming the file) when its group or others may read or write it. The
+/// mode is checked on the file opened, so a file swapped in between cannot slip past.
+pub fn read_private(path: &Path) -> Result<String, KeyError> {
+    use std::io::Read as _;
+    let io_err = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = fs::File::open(path).map_err(io_err)?;
+    let mode = f.metadata().map_err(io_err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Exposed {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io_err)?;
+    Ok(text)
+}
+
+/// Writes `contents` to `path` readable by its owner only (0600, also when the file existed),
+/// as [`read_private`] wants it: for tools and tests that hand weft a secret file.
+pub fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<()> {
+    let path = path.as_ref();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents.as_ref())?;
+    f.sync_all()
 }
 
 /// Writes the private key `key` to a new file at `path` (0600, parent directories 0700), as
@@ -186,5 +226,34 @@ mod tests {
         fs::write(&path, "garbage").unwrap();
         let e = load_or_create(&path).err().unwrap().to_string();
         assert!(e.contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_key_or_secret_file_readable_by_group_or_others_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private.key");
+        let (key, _) = load_or_create(&path).unwrap();
+        for mode in [0o640, 0o604, 0o620, 0o644] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let e = load_or_create(&path).err().unwrap().to_string();
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(
+                e.contains(&format!("mode {mode:o}")) && e.contains("chmod 600"),
+                "{e}"
+            );
+            assert!(matches!(read_private(&path), Err(KeyError::Exposed { .. })));
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(load_or_create(&path).unwrap().0.to_bytes(), key.to_bytes());
+        // write_private makes an existing, exposed file private.
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "old").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o666)).unwrap();
+        write_private(&secret, encode(&generate_secret())).unwrap();
+        assert_eq!(
+            fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(read_private(&secret).is_ok());
     }
 }

@@ -118,8 +118,40 @@ pub struct PeerStatus {
     pub drops: std::collections::BTreeMap<String, u64>,
 }
 
+/// `text` fit for a terminal: control characters (C0, DEL, C1 — escape sequences start with
+/// them) and the bidirectional overrides that reorder what follows are each shown as `?`.
+/// Names and regions come from gossip, so anyone in the mesh chooses them.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if unsafe_char(c) { '?' } else { c })
+        .collect()
+}
+
+/// A control character, or a bidirectional mark or override that reorders what follows.
+fn unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 impl Status {
-    /// The table `weft status` prints.
+    /// The JSON `weft status --json` prints: pretty, with every control character and
+    /// bidirectional override escaped (`\u009b`; serde_json leaves DEL, C1 and those raw), so a terminal shows it and parsers read
+    /// back the same text.
+    pub fn json(&self) -> serde_json::Result<String> {
+        let text = serde_json::to_string_pretty(self)?;
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            if unsafe_char(c) && c != '\n' {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            } else {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The table `weft status` prints; every text from the node's config or the mesh passes
+    /// through [`printable`].
     pub fn table(&self) -> String {
         let n = &self.node;
         let mut s = String::new();
@@ -127,8 +159,8 @@ impl Status {
         let _ = writeln!(
             s,
             "node {} (region {})",
-            n.name,
-            n.region.clone().unwrap_or_else(dash)
+            printable(&n.name),
+            printable(&n.region.clone().unwrap_or_else(dash))
         );
         let _ = writeln!(s, "  public key  {}", n.public_key);
         let _ = writeln!(s, "  pod cidrs   {}", n.pod_cidrs.join(", "));
@@ -149,17 +181,17 @@ impl Status {
             .iter()
             .map(|p| {
                 [
-                    p.name.clone(),
-                    p.region.clone().unwrap_or_else(dash),
+                    printable(&p.name),
+                    printable(&p.region.clone().unwrap_or_else(dash)),
                     if p.pod_cidrs.is_empty() {
                         dash()
                     } else {
                         p.pod_cidrs.join(",")
                     },
-                    p.state.clone(),
-                    p.path.clone(),
-                    p.endpoint.clone().unwrap_or_else(dash),
-                    p.endpoint_reason.clone(),
+                    printable(&p.state),
+                    printable(&p.path),
+                    printable(&p.endpoint.clone().unwrap_or_else(dash)),
+                    printable(&p.endpoint_reason),
                     p.last_handshake_secs
                         .map_or_else(dash, |s| format!("{s}s ago")),
                     p.rx_bytes.to_string(),
@@ -209,14 +241,14 @@ impl Status {
                 m.connections
             );
             if let Some(c) = &m.identity_clash {
-                let _ = writeln!(s, "identity clash: {c}");
+                let _ = writeln!(s, "identity clash: {}", printable(c));
             }
             for c in &m.address_clashes {
-                let _ = writeln!(s, "address clash: {c}");
+                let _ = writeln!(s, "address clash: {}", printable(c));
             }
             for x in &m.members {
                 if let Some(why) = &x.claims_refused {
-                    let _ = writeln!(s, "not routed: {}: {why}", x.name);
+                    let _ = writeln!(s, "not routed: {}: {}", printable(&x.name), printable(why));
                 }
             }
         }
@@ -276,6 +308,53 @@ mod tests {
             assert!(t.contains(want), "{want} missing from\n{t}");
         }
         let json = serde_json::to_string(&st).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), st);
+    }
+
+    #[test]
+    fn gossip_names_and_regions_are_printed_without_control_characters() {
+        let evil = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}31m\u{202e}gnp";
+        let peer = PeerStatus {
+            name: evil.into(),
+            region: Some(evil.into()),
+            public_key: "PK".into(),
+            pod_cidrs: vec![],
+            endpoint: None,
+            endpoint_reason: "none".into(),
+            path: "encrypted".into(),
+            state: "down".into(),
+            last_handshake_secs: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            drops: Default::default(),
+        };
+        let st = Status {
+            node: NodeStatus {
+                name: evil.into(),
+                region: Some(evil.into()),
+                public_key: "KEY".into(),
+                pod_cidrs: vec![],
+                private_address: None,
+                public_address: None,
+                interface: "weft0".into(),
+                mtu: 1420,
+                listen_port: 51820,
+            },
+            peers: vec![peer],
+            drops: Default::default(),
+            mesh: None,
+            kubernetes: None,
+        };
+        let bad = |c: char| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c);
+        let table = st.table();
+        assert!(!table.chars().any(bad), "{table:?}");
+        assert!(table.contains("x?]0;pwned??[2J??31m?gnp"), "{table:?}");
+        // serde_json escapes C0 but writes DEL and C1 (U+009B starts a CSI sequence) raw; the
+        // JSON `weft status --json` prints escapes them too and still carries the name as is.
+        assert!(serde_json::to_string(&st).unwrap().contains('\u{9b}'));
+        let json = st.json().unwrap();
+        assert!(!json.chars().any(bad), "{json:?}");
+        assert!(json.contains("\\u009b"), "{json}");
         assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), st);
     }
 }

@@ -172,7 +172,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 let d = lab.daemon(name, ns, &body)?;
                 weft::keys::create(&d.key_file, &key)?;
                 if !encrypted {
-                    std::fs::write(&d.secret_file, &secret)?;
+                    weft::keys::write_private(&d.secret_file, &secret)?;
                 }
                 daemons.push(d);
             }

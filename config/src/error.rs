@@ -116,6 +116,22 @@ pub enum Problem {
     /// Two peers claim the same prefix.
     #[error("{0} is already claimed by peer {1:?}")]
     DuplicatePrefix(ipnet::IpNet, String),
+    /// A `wireguard_peers` prefix that covers the pod network or overlaps this node's block:
+    /// the configured peer's claim wins, so it would take the traffic of every mesh node in it.
+    #[error(
+        "{prefix} of peer {peer:?} overlaps {what} {covered}: the mesh's traffic there would go to this peer; \
+         list only prefixes outside the pod network, or blocks of it no mesh node holds"
+    )]
+    CoversMesh {
+        /// The peer's name.
+        peer: String,
+        /// Its prefix.
+        prefix: ipnet::IpNet,
+        /// What it overlaps (`the pod network`, `this node's block`).
+        what: String,
+        /// The prefix overlapped.
+        covered: ipnet::IpNet,
+    },
     /// The MTU is below what IPv6 needs or above what a tunnel can carry.
     #[error("{0} is out of range 1280-65455")]
     Mtu(u16),

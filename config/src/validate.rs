@@ -71,6 +71,30 @@ fn valid_log_filter(text: &str) -> bool {
         })
 }
 
+/// Whether one prefix contains the other.
+fn overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+/// The problem with peer `peer`'s prefix `net` when it covers a whole pool of the pod network
+/// (`0.0.0.0/0` would take every mesh node's traffic) or overlaps this node's own block
+/// without being it (the same block is a duplicate claim).
+fn covers_mesh(peer: &str, net: IpNet, network: &Network, node: &Node) -> Option<Problem> {
+    let problem = |what: &str, covered: IpNet| Problem::CoversMesh {
+        peer: peer.to_owned(),
+        prefix: net,
+        what: what.to_owned(),
+        covered,
+    };
+    if let Some(pool) = network.pod_network_cidr.iter().find(|p| net.contains(*p)) {
+        return Some(problem("the pod network", *pool));
+    }
+    node.pod_cidr
+        .iter()
+        .find(|b| **b != net && overlap(b, &net))
+        .map(|b| problem("this node's block", *b))
+}
+
 pub(crate) fn validate(
     raw: RawConfig,
     text: &str,
@@ -262,6 +286,10 @@ pub(crate) fn validate(
             return Err(errs.at(&key, Problem::DuplicateKey(p.public_key.to_string(), other)));
         }
         for (j, net) in p.allowed_ips.iter().enumerate() {
+            if let Some(problem) = covers_mesh(&p.name, net.0, &network, &node) {
+                let key = format!("wireguard_peers[{i}].allowed_ips[{j}]");
+                return Err(errs.at(&key, problem));
+            }
             if let Some(other) = prefixes.insert(net.0, p.name.clone()) {
                 let key = format!("wireguard_peers[{i}].allowed_ips[{j}]");
                 return Err(errs.at(&key, Problem::DuplicatePrefix(net.0, other)));

@@ -192,6 +192,40 @@ fn peers_may_not_share_names_keys_or_prefixes() {
 }
 
 #[test]
+fn peer_prefixes_covering_the_pod_network_or_this_nodes_block_are_refused() {
+    let k1 = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    for (prefix, covered) in [
+        ("0.0.0.0/0", "the pod network 100.64.0.0/16"),
+        ("100.0.0.0/8", "the pod network 100.64.0.0/16"),
+        ("100.64.0.0/16", "the pod network 100.64.0.0/16"),
+        ("100.64.1.128/25", "this node's block 100.64.1.0/24"),
+    ] {
+        let text = format!(
+            "node:\n  pod_cidr: 100.64.1.0/24\nwireguard_peers:\n  - name: vpn\n    public_key: {k1}\n    allowed_ips:\n      - 10.9.0.0/16\n      - {prefix}\n"
+        );
+        let msg = refused(&text, 8, "wireguard_peers[0].allowed_ips[1]");
+        assert!(
+            msg.contains(&format!("{prefix} of peer \"vpn\" overlaps {covered}")),
+            "{msg}"
+        );
+    }
+    // IPv6 too, against the pool of its family.
+    let text = format!(
+        "network:\n  pod_network_cidr: [100.64.0.0/16, \"fd00:64::/48\"]\nwireguard_peers:\n  - name: vpn\n    public_key: {k1}\n    allowed_ips: [\"::/0\"]\n"
+    );
+    let msg = refused(&text, 6, "wireguard_peers[0].allowed_ips[0]");
+    assert!(
+        msg.contains("::/0 of peer \"vpn\" overlaps the pod network fd00:64::/48"),
+        "{msg}"
+    );
+    // A block of the pod network no node holds, and anything outside it, are fine.
+    let text = format!(
+        "node:\n  pod_cidr: 100.64.1.0/24\nwireguard_peers:\n  - name: vpn\n    public_key: {k1}\n    allowed_ips: [100.64.2.0/24, 10.0.0.0/8]\n"
+    );
+    parse(&text).unwrap();
+}
+
+#[test]
 fn mask_size_must_fit_the_pool() {
     let msg = refused(
         "network:\n  node_cidr_mask_size: 12\n",

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
         Cmd::Status { socket, json } => runtime().and_then(|rt| {
             let st = rt.block_on(api::status(&socket))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
+                println!("{}", st.json()?);
             } else {
                 print!("{}", st.table());
             }

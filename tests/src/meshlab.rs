@@ -161,7 +161,7 @@ impl MeshLab {
         self.lab
             .plug((&sw, "inet"), (&ns, "wan0", &format!("{}/24", s.public())))?;
         let d = self.lab.daemon(s.name, &ns, &config(s, region))?;
-        std::fs::write(&d.secret_file, secret)?;
+        weft::keys::write_private(&d.secret_file, secret)?;
         Ok(d)
     }
 

@@ -119,11 +119,21 @@ fn clock() -> Instant {
 }
 
 /// The gossip driver.
-#[derive(Debug)]
 pub struct MeshDriver {
     mesh: Membership,
     listener: TcpListener,
     secret: [u8; 32],
+}
+
+/// Shows the core and the listener, never the cluster secret.
+impl std::fmt::Debug for MeshDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshDriver")
+            .field("mesh", &self.mesh)
+            .field("listener", &self.listener)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 impl MeshDriver {
@@ -330,4 +340,31 @@ async fn connection(
     }
     let _ = incoming.send(Incoming::Closed(id)).await;
     debug!(?id, %addr, "gossip connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::record;
+    use crate::{Identity, MeshConfig};
+
+    #[tokio::test]
+    async fn the_drivers_debug_form_never_shows_the_cluster_secret() {
+        let secret = [0xa5; 32];
+        let mesh = Membership::new(
+            clock(),
+            Identity::from_wireguard_key(&[1; 32]),
+            record("n1", 1),
+            MeshConfig::default(),
+            1,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let driver = MeshDriver::new(mesh, listener, secret);
+        let shown = format!("{driver:?} {driver:#?}");
+        // The secret as Debug shows bytes (decimal), as hex, or as base64.
+        for needle in ["165, 165", "165,\n", "a5a5", "A5A5", "paWl"] {
+            assert!(!shown.contains(needle), "{needle:?} in {shown}");
+        }
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 }

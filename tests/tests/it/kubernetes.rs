@@ -83,7 +83,7 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
              kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n"
         );
         let d = lab.daemon(name, &ns, &body)?;
-        std::fs::write(&d.secret_file, &secret)?;
+        weft::keys::write_private(&d.secret_file, &secret)?;
         // Someone else's CNI config next to weft's, which weft must not touch.
         std::fs::write(
             d.config.with_file_name("99-other.conflist"),
