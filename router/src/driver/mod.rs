@@ -1,15 +1,29 @@
 //! The tokio driver: one task that owns the TUN device, the UDP socket and the [`Router`], moves
 //! packets between them in batches, and decides nothing.
 //!
-//! TUN → network: a wake-up reads packets from the device (with TUN offloads one read is a 64 KB
-//! segment, split into packets of the MTU) and, with batching, as many more reads as are ready;
-//! the router encapsulates each into one shared buffer, back to back; runs of datagrams to one
-//! destination with one length then leave in one GSO send each (`UDP_SEGMENT`), or one by one.
-//! Network → TUN: a wake-up receives up to [`udp::RX_BATCH`] buffers with `recvmmsg`, each one
-//! datagram or, with `UDP_GRO`, a run of them; the router decapsulates each datagram straight
-//! into a slot of the TUN batch, which is written at the end, coalesced into large segments where
-//! the device takes them. Nothing is allocated per packet. Commands from the daemon (status, peer
-//! changes) arrive on a channel; shutdown on a watch.
+//! # Turns
+//!
+//! The driver waits until any source is ready (shutdown, a command, the TUN device, the socket,
+//! the router's timer), then runs one turn that serves every source, whichever woke it: the
+//! timers if due; the datagrams received and, with batching, more up to [`TURN_PACKETS`]; the
+//! TUN packets read and, with batching, more up to one batch ([`BATCH`] reads, [`SLOTS`]
+//! packets); up to [`TURN_COMMANDS`] commands. A source that is always ready (a pod sending
+//! faster than weft encrypts, a flood of datagrams) gets its bounded share of each turn and
+//! cannot starve the others: inbound traffic, handshake responses and WireGuard's timers go on.
+//! Asking a source that is not ready costs no system call (its readiness is known). A dropped
+//! shutdown sender or a closed command channel means the daemon is gone: the driver stops.
+//!
+//! # Batches
+//!
+//! TUN → network: a read takes packets from the device (with TUN offloads one read is a 64 KB
+//! segment, split into packets of the MTU); the router encapsulates each into one shared buffer,
+//! back to back; runs of datagrams to one destination with one length then leave in one GSO
+//! send each (`UDP_SEGMENT`), or one by one. Network → TUN: a receive takes up to
+//! [`udp::RX_BATCH`] buffers with `recvmmsg`, each one datagram or, with `UDP_GRO`, a run of
+//! them; the router decapsulates each datagram straight into a slot of the TUN batch, which is
+//! written at the end, coalesced into large segments where the device takes them. Nothing is
+//! allocated per packet. Commands from the daemon (status, peer changes) arrive on a channel;
+//! shutdown on a watch.
 //!
 //! The TUN device and the UDP socket sit behind [`TunIo`] and [`UdpIo`] (modules `tun` and `udp`);
 //! the real ones are `tun_rs::AsyncDevice` and [`Udp`] (tokio + quinn-udp), and [`channel`] has
@@ -35,8 +49,14 @@ pub mod channel;
 mod tun;
 mod udp;
 
-/// TUN reads per wake-up, with batching, before the driver looks at its other inputs.
+/// TUN reads (and UDP receives) per turn, with batching, before the driver serves its other
+/// inputs.
 pub const BATCH: usize = 64;
+/// Datagrams one turn hands the router, with batching, before the driver serves its other
+/// inputs; a turn's TUN packets are bounded by the batch's [`SLOTS`].
+pub const TURN_PACKETS: usize = SLOTS;
+/// Commands served per turn.
+pub const TURN_COMMANDS: usize = 16;
 /// The shared buffer the router encapsulates a batch into.
 const NET_OUT: usize = 512 << 10;
 /// Room the router needs for one packet out: the largest packet plus WireGuard's overhead.
@@ -88,6 +108,14 @@ pub struct Driver<T = tun_rs::AsyncDevice, U = Udp> {
     send_errors: u64,
     tun_errors: u64,
     start: Instant,
+}
+
+/// Whether the driver goes on after a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Continue,
+    /// The daemon is gone.
+    Stop,
 }
 
 /// One datagram in `net_out`.
@@ -166,7 +194,11 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         })
     }
 
-    /// Runs until `shutdown` turns true or the TUN device fails; returns the router.
+    /// Runs until `shutdown` turns true, the daemon goes away (its shutdown sender dropped or
+    /// its command channel closed) or the TUN device fails; returns the router.
+    ///
+    /// Each wake-up is followed by one turn (see [`turn`](Self::turn)) that serves every source
+    /// with bounded work, whichever woke the driver, so that none can starve the others.
     pub async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
@@ -179,54 +211,89 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std);
             let far = tokio::time::Instant::from_std(clock()) + Duration::from_secs(3600);
+            // Only waits for one source to be ready; the turn below serves them all.
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
                         break;
                     }
                 }
-                Some(cmd) = commands.recv() => self.command(cmd),
-                r = self.tun.recv(&mut self.tun_in) => {
-                    self.tun_result(r)?;
-                    if self.offload.udp_batch {
-                        for _ in 1..BATCH {
-                            if self.tun_in.free() < MAX_SPLIT {
-                                break;
-                            }
-                            match self.tun.try_recv(&mut self.tun_in) {
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                                r => self.tun_result(r)?,
-                            }
-                        }
-                    }
-                    self.on_tun_packets().await;
-                }
-                r = self.udp.recv(&mut self.udp_in) => {
-                    match r {
-                        Ok(()) => self.on_datagrams().await,
-                        // ICMP errors surface here on Linux (port unreachable); not fatal.
-                        Err(e) => debug!(error = %e, "udp receive error"),
-                    }
-                    if self.offload.udp_batch {
-                        for _ in 1..BATCH {
-                            match self.udp.try_recv(&mut self.udp_in) {
-                                Ok(()) => self.on_datagrams().await,
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                                Err(e) => debug!(error = %e, "udp receive error"),
-                            }
-                        }
-                    }
-                    self.write_tun().await;
-                }
-                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
-                    self.router.handle_timeout(clock());
-                }
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                r = self.tun.recv(&mut self.tun_in) => self.tun_result(r)?,
+                r = self.udp.recv(&mut self.udp_in) => udp_result(r),
+                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {}
             }
-            self.flush().await;
+            if self.turn(&mut commands).await? == Turn::Stop {
+                break;
+            }
         }
         info!("data plane stopped");
         Ok(self.router)
+    }
+
+    /// One turn: the timers if due, then datagrams (those the wake-up received and, with
+    /// batching, up to [`TURN_PACKETS`] more), then TUN packets (likewise up to a batch), then up
+    /// to [`TURN_COMMANDS`] commands. No source gets more than its share before the next is
+    /// served.
+    async fn turn(&mut self, commands: &mut mpsc::Receiver<Command>) -> io::Result<Turn> {
+        let now = clock();
+        if self.router.poll_timeout().is_some_and(|t| t <= now) {
+            self.router.handle_timeout(now);
+            self.flush().await;
+        }
+        self.serve_udp().await;
+        self.serve_tun().await?;
+        for _ in 0..TURN_COMMANDS {
+            match commands.try_recv() {
+                Ok(cmd) => self.command(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Turn::Stop),
+            }
+        }
+        self.flush().await;
+        Ok(Turn::Continue)
+    }
+
+    /// Network → TUN: the datagrams received, more while they are ready (one receive without
+    /// batching, else up to [`TURN_PACKETS`] datagrams), then the TUN batch they filled.
+    async fn serve_udp(&mut self) {
+        let mut handled = self.on_datagrams().await;
+        let receives = if self.offload.udp_batch { BATCH } else { 1 };
+        for _ in 0..receives {
+            if handled >= TURN_PACKETS || (!self.offload.udp_batch && handled > 0) {
+                break;
+            }
+            match self.udp.try_recv(&mut self.udp_in) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                r => udp_result(r),
+            }
+            handled += self.on_datagrams().await;
+        }
+        self.write_tun().await;
+        self.flush().await;
+    }
+
+    /// TUN → network: the packets read, more while they are ready (one read without batching,
+    /// else until the batch is full or [`BATCH`] reads), encapsulated and sent.
+    async fn serve_tun(&mut self) -> io::Result<()> {
+        let reads = if self.offload.udp_batch { BATCH } else { 1 };
+        let mut done = usize::from(!self.tun_in.is_empty());
+        while done < reads && self.tun_in.free() >= MAX_SPLIT {
+            match self.tun.try_recv(&mut self.tun_in) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                r => self.tun_result(r)?,
+            }
+            done += 1;
+        }
+        if !self.tun_in.is_empty() {
+            self.on_tun_packets().await;
+            self.flush().await;
+        }
+        Ok(())
     }
 
     /// A read's result: a fatal error stops the driver; a packet the device layer could not
@@ -304,13 +371,16 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         self.pending.clear();
     }
 
-    /// Decapsulates the datagrams received into the TUN batch; answers handshakes at once.
-    async fn on_datagrams(&mut self) {
+    /// Decapsulates the datagrams received into the TUN batch and empties the receive batch;
+    /// answers handshakes at once. Returns how many datagrams there were.
+    async fn on_datagrams(&mut self) -> usize {
         let now = clock();
+        let mut handled = 0;
         for (from, bytes, stride) in self.udp_in.iter() {
             // An empty datagram is still one (and is counted as malformed).
             let empty: &[&[u8]] = if bytes.is_empty() { &[&[]] } else { &[] };
             for datagram in bytes.chunks(stride).chain(empty.iter().copied()) {
+                handled += 1;
                 if self.tun_out.free() == 0 {
                     write_batch(&self.tun, &mut self.tun_out).await;
                 }
@@ -333,6 +403,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 }
             }
         }
+        self.udp_in.clear();
+        handled
     }
 
     async fn write_tun(&mut self) {
@@ -387,6 +459,14 @@ pub fn spawn(
                 .await
         })
     })
+}
+
+/// A receive's result: errors are not fatal (ICMP errors, port unreachable, surface here on
+/// Linux).
+fn udp_result(r: io::Result<()>) {
+    if let Err(e) = r {
+        debug!(error = %e, "udp receive error");
+    }
 }
 
 /// Writes a TUN batch; a failed write loses its packets, as a full queue would.

@@ -54,6 +54,16 @@ impl Datagrams {
             })
     }
 
+    /// Whether no datagram waits to be handled.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Forgets the datagrams received (they were handled).
+    pub fn clear(&mut self) {
+        self.count = 0;
+    }
+
     /// Stores one datagram as the only one (the in-memory socket).
     pub fn set_one(&mut self, from: SocketAddr, datagram: &[u8]) -> io::Result<()> {
         let buf = self.bufs[0]

@@ -1,13 +1,15 @@
 //! The driver between two in-memory TUN devices and an in-memory network, with real sessions:
-//! a packet written by one "kernel" comes out of the other, status answers, shutdown returns.
+//! a packet written by one "kernel" comes out of the other, status answers, shutdown returns;
+//! a flood from one side starves nothing else; a vanished daemon stops the driver.
 
+use std::io;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::driver::channel::{self, Network};
-use crate::driver::{Command, Driver};
+use crate::driver::channel::{self, ChannelTun, Network};
+use crate::driver::{Command, Driver, Packets, Snapshot, TunIo};
 use crate::packet::test_packet;
 use crate::{PathKind, PeerConfig, PeerState, Router};
 use weft_config::Offload;
@@ -128,4 +130,245 @@ async fn two_drivers(offload: Offload) {
         1,
         "the router comes back on shutdown"
     );
+}
+
+/// A TUN device whose kernel side never stops writing: every read returns a copy of `packet` at
+/// once, as a pod sending faster than the router encrypts. Writes go to `inner`, so the test
+/// sees what the driver delivers to the pods.
+struct Flood {
+    packet: Vec<u8>,
+    inner: ChannelTun,
+}
+
+impl TunIo for Flood {
+    async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
+        // A ready device still counts against tokio's budget, as a real one does, so that the
+        // test's other tasks get their turns on this one thread.
+        tokio::task::consume_budget().await;
+        self.try_recv(batch)
+    }
+    fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
+        if batch.push(&self.packet) {
+            Ok(())
+        } else {
+            Err(io::Error::other("no free slot"))
+        }
+    }
+    async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+        self.inner.send(batch).await
+    }
+}
+
+/// A peer of a test router.
+struct Link<'a> {
+    key: &'a StaticSecret,
+    endpoint: &'a str,
+    allowed: &'a str,
+    keepalive: Option<u16>,
+}
+
+fn router_with(own: &StaticSecret, seed: u32, links: &[Link<'_>]) -> Router {
+    let mut r = Router::new(own.clone(), seed);
+    for (i, l) in links.iter().enumerate() {
+        let cfg = PeerConfig {
+            name: format!("peer{i}"),
+            public_key: PublicKey::from(l.key).to_bytes(),
+            endpoint: Some(l.endpoint.parse().expect("address")),
+            allowed_ips: vec![l.allowed.parse().expect("prefix")],
+            persistent_keepalive: l.keepalive,
+            path: PathKind::Encrypted,
+        };
+        r.add_peer(Instant::now(), cfg).expect("peer");
+    }
+    r
+}
+
+async fn status(cmd: &mpsc::Sender<Command>) -> Snapshot {
+    let (tx, rx) = oneshot::channel();
+    cmd.send(Command::Status(tx)).await.expect("driver running");
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("status within 10 s")
+        .expect("status answered")
+}
+
+/// Node A's pod floods peer B without pause. A must still answer C's handshake and deliver C's
+/// and B's packets to its pods (inbound), complete its own handshake with B, and send C the
+/// keepalives its timers owe.
+#[tokio::test]
+async fn a_tun_flood_starves_neither_inbound_nor_handshakes_nor_timers() {
+    tun_flood(Offload::AUTO).await;
+}
+
+#[tokio::test]
+async fn nor_with_offload_off() {
+    tun_flood(Offload::OFF).await;
+}
+
+async fn tun_flood(offload: Offload) {
+    let (ka, kb, kc) = (
+        StaticSecret::from([1; 32]),
+        StaticSecret::from([2; 32]),
+        StaticSecret::from([3; 32]),
+    );
+    let (ea, eb, ec) = ("198.18.1.1:51820", "198.18.1.2:51820", "198.18.1.3:51820");
+    let net = Network::default();
+    let a_router = router_with(
+        &ka,
+        1,
+        &[
+            Link {
+                key: &kb,
+                endpoint: eb,
+                allowed: "100.64.2.0/24",
+                keepalive: None,
+            },
+            Link {
+                key: &kc,
+                endpoint: ec,
+                allowed: "100.64.3.0/24",
+                keepalive: Some(1),
+            },
+        ],
+    );
+    let b_router = router_with(
+        &kb,
+        2,
+        &[Link {
+            key: &ka,
+            endpoint: ea,
+            allowed: "100.64.1.0/24",
+            keepalive: None,
+        }],
+    );
+    let c_router = router_with(
+        &kc,
+        3,
+        &[Link {
+            key: &ka,
+            endpoint: ea,
+            allowed: "100.64.1.0/24",
+            keepalive: None,
+        }],
+    );
+    let (tun_a, mut kernel_a) = channel::tun();
+    let flood = Flood {
+        packet: test_packet([100, 64, 1, 1].into(), [100, 64, 2, 1].into(), &[7; 100]),
+        inner: tun_a,
+    };
+    let (tun_b, kernel_b) = channel::tun();
+    let (tun_c, kernel_c) = channel::tun();
+    let (stop, stopped) = watch::channel(false);
+    let (cmd_a, rx_a) = mpsc::channel(4);
+    let (cmd_b, rx_b) = mpsc::channel(4);
+    let (cmd_c, rx_c) = mpsc::channel(4);
+    let a = Driver::new(a_router, flood, net.bind(ea.parse().unwrap()), offload).unwrap();
+    let b = Driver::new(b_router, tun_b, net.bind(eb.parse().unwrap()), offload).unwrap();
+    let c = Driver::new(c_router, tun_c, net.bind(ec.parse().unwrap()), offload).unwrap();
+    let hb = tokio::spawn(b.run(rx_b, stopped.clone()));
+    let hc = tokio::spawn(c.run(rx_c, stopped.clone()));
+    let ha = tokio::spawn(a.run(rx_a, stopped));
+    // B's pods take whatever arrives, counting it.
+    let (mut b_rx, b_tx) = (kernel_b.rx, kernel_b.tx);
+    let (seen_tx, mut seen_b) = watch::channel(0u64);
+    let drain = tokio::spawn(async move {
+        while b_rx.recv().await.is_some() {
+            seen_tx.send_modify(|n| *n += 1);
+        }
+    });
+
+    // C → A: C starts a handshake that A must answer; its packet reaches A's pod.
+    let from_c = test_packet([100, 64, 3, 1].into(), [100, 64, 1, 1].into(), b"from c");
+    kernel_c.tx.send(from_c.clone()).await.unwrap();
+    assert_eq!(
+        recv(&mut kernel_a.rx).await,
+        from_c,
+        "C's packet reaches A's pod"
+    );
+
+    // A → B: A's own handshake completes and the flood arrives at B.
+    tokio::time::timeout(Duration::from_secs(10), seen_b.wait_for(|n| *n >= 100))
+        .await
+        .expect("flooded packets reach B within 10 s")
+        .unwrap();
+    let a_status = status(&cmd_a).await;
+    assert_eq!(a_status.peers[0].state, PeerState::Up, "A's session with B");
+
+    // B → A while A floods B: inbound on the flooded session.
+    let from_b = test_packet([100, 64, 2, 1].into(), [100, 64, 1, 1].into(), b"from b");
+    b_tx.send(from_b.clone()).await.unwrap();
+    assert_eq!(
+        recv(&mut kernel_a.rx).await,
+        from_b,
+        "B's packet reaches A's pod"
+    );
+
+    // A's timers: keepalives to C (32 bytes each, no inner packet) every second.
+    let before = status(&cmd_c).await.peers[0].counters;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = status(&cmd_c).await.peers[0].counters;
+        if now.rx_bytes >= before.rx_bytes + 2 * 32 {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two keepalives from A reach C within 10 s (C's counters: {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        after.rx_packets, before.rx_packets,
+        "keepalives carry no packet"
+    );
+
+    let _ = cmd_b;
+    stop.send(true).unwrap();
+    for h in [ha, hb, hc] {
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("driver stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+    drain.abort();
+}
+
+/// A vanished daemon means stop: the driver returns its router rather than selecting a closed
+/// input forever.
+async fn stops_when(close_commands: bool) {
+    let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+    let net = Network::default();
+    let (tun, _kernel) = channel::tun();
+    let udp = net.bind("198.18.1.1:51820".parse().unwrap());
+    let r = router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24");
+    let driver = Driver::new(r, tun, udp, Offload::AUTO).unwrap();
+    let (cmd, commands) = mpsc::channel(4);
+    let (stop, stopped) = watch::channel(false);
+    let h = tokio::spawn(driver.run(commands, stopped));
+    // One goes, the other stays alive.
+    let (_cmd, _stop) = if close_commands {
+        drop(cmd);
+        (None, Some(stop))
+    } else {
+        drop(stop);
+        (Some(cmd), None)
+    };
+    let r = tokio::time::timeout(Duration::from_secs(5), h)
+        .await
+        .expect("the driver stops within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.peers(Instant::now()).len(), 1, "the router comes back");
+}
+
+// Two worker threads: a driver spinning on a closed input must not stall the test's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_shutdown_sender_stops_the_driver() {
+    stops_when(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_command_channel_stops_the_driver() {
+    stops_when(true).await;
 }
