@@ -362,10 +362,60 @@ pub async fn apply(
     true
 }
 
+/// The link the overlay MTU came from at start, to notice when the private address leaves it.
+#[derive(Debug, Clone)]
+pub struct MtuSource {
+    /// Netlink, to find the new address's link.
+    pub netlink: crate::netlink::Netlink,
+    /// The private address whose link set the MTU (`None`: none was known, the fallback).
+    pub address: Option<std::net::IpAddr>,
+    /// The MTU of the TUN device, the conflist and the pods.
+    pub mtu: u16,
+}
+
+/// What the Kubernetes loop keeps up to date about this node.
+#[derive(Debug)]
+pub struct OwnNode {
+    /// What status shows: the region and addresses in use, and where each came from.
+    pub status: Arc<Mutex<crate::status::NodeStatus>>,
+    /// The MTU's underlay (`None` when `network.mtu` fixes it).
+    pub mtu: Option<MtuSource>,
+}
+
+impl OwnNode {
+    /// Shows `facts` in status, and warns (once per address) when the private address moved to
+    /// a link that implies another MTU: the running MTU stays, since running pods keep theirs.
+    async fn update(&self, facts: &crate::k8s::OwnFacts, warned: &mut Option<std::net::IpAddr>) {
+        if let Ok(mut n) = self.status.lock() {
+            n.set_facts(facts);
+        }
+        let Some(m) = &self.mtu else { return };
+        let Some(addr) = facts.private_address else {
+            return;
+        };
+        if Some(addr) == m.address || *warned == Some(addr) {
+            return;
+        }
+        *warned = Some(addr);
+        match crate::daemon::underlay_mtu(&m.netlink, addr).await {
+            Ok(Some(new)) if new != m.mtu => warn!(
+                from = ?m.address, to = %addr, mtu = m.mtu, underlay_mtu = new,
+                "the private address moved to a link that implies another overlay MTU; the TUN \
+                 device, the CNI config and running pods keep theirs (restart weft, then the pods, \
+                 to use it)"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, to = %addr, "could not read the new private address's link")
+            }
+        }
+    }
+}
+
 /// Applies what the Kubernetes node source reports: this node's region and addresses into its
-/// record (the config's explicit values win), its `spec.podCIDRs` to IPAM (`blocks`, unless the
-/// config pins `node.pod_cidr`), and the other nodes as bootstrap peers of the mesh. Ends when
-/// the source does.
+/// record and its status (the config's explicit values win), its `spec.podCIDRs` to IPAM
+/// (`blocks`, unless the config pins `node.pod_cidr`), and the other nodes as bootstrap peers of
+/// the mesh. Ends when the source does.
 pub async fn kubernetes_loop(
     node: weft_config::Node,
     (mesh_port, configured): (u16, Vec<std::net::SocketAddr>),
@@ -376,8 +426,10 @@ pub async fn kubernetes_loop(
         watch::Sender<Option<ClusterNodes>>,
     ),
     api: Arc<Mutex<String>>,
+    own: OwnNode,
 ) {
     use crate::nodesource::SourceEvent;
+    let mut warned = None;
     let say = |s: String| {
         if let Ok(mut a) = api.lock() {
             *a = s;
@@ -391,6 +443,7 @@ pub async fn kubernetes_loop(
                 say("ok".into());
                 let facts = crate::k8s::own_facts(&me, &node);
                 region.clone_from(&facts.region);
+                own.update(&facts, &mut warned).await;
                 if let Some(snap) = mesh_snapshot(&mesh).await {
                     let r = &snap.record;
                     if (&r.region, r.private_address, r.public_address)

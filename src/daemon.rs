@@ -26,6 +26,7 @@ use weft_router::{PathKind, PeerConfig, Router};
 
 use crate::api::{self, ApiSocket, Request, Response};
 use crate::control;
+use crate::k8s::OwnFacts;
 use crate::keys;
 use crate::netlink::Netlink;
 use crate::notify;
@@ -124,25 +125,76 @@ pub fn static_peers(config: &Config) -> Vec<PeerConfig> {
         .collect()
 }
 
-/// The overlay MTU: the configured one, else the underlay's (the link of the private address)
-/// minus WireGuard's overhead, else 1420.
-pub async fn choose_mtu(config: &Config, nl: &Netlink) -> anyhow::Result<u16> {
+/// The overlay MTU: the configured one, else the underlay's (the link of `private`, the node's
+/// effective private address: the config's, or its Node's) minus WireGuard's overhead, else
+/// 1420.
+pub async fn choose_mtu(
+    config: &Config,
+    nl: &Netlink,
+    private: Option<IpAddr>,
+) -> anyhow::Result<u16> {
     if let Some(mtu) = config.network.mtu {
         return Ok(mtu);
     }
-    let Some(addr) = config.node.private_address else {
+    let Some(addr) = private else {
         return Ok(FALLBACK_MTU);
     };
-    let overhead = if addr.is_ipv4() { 60 } else { 80 };
-    Ok(match nl.mtu_of_address(addr).await? {
-        Some(m) => u16::try_from(m.saturating_sub(overhead))
-            .unwrap_or(FALLBACK_MTU)
-            .max(1280),
+    Ok(match underlay_mtu(nl, addr).await? {
+        Some(m) => m,
         None => {
-            warn!(%addr, "node.private_address is on no local link; using MTU {FALLBACK_MTU}");
+            warn!(%addr, "the private address is on no local link; using MTU {FALLBACK_MTU}");
             FALLBACK_MTU
         }
     })
+}
+
+/// The overlay MTU the link carrying `addr` allows (its MTU minus WireGuard's overhead, at
+/// least 1280), if a local link carries it.
+pub async fn underlay_mtu(nl: &Netlink, addr: IpAddr) -> anyhow::Result<Option<u16>> {
+    let overhead = if addr.is_ipv4() { 60 } else { 80 };
+    Ok(nl.mtu_of_address(addr).await?.map(|m| {
+        u16::try_from(m.saturating_sub(overhead))
+            .unwrap_or(FALLBACK_MTU)
+            .max(1280)
+    }))
+}
+
+/// This node's facts before the TUN device exists. With Kubernetes and neither `network.mtu`
+/// nor `node.private_address` set, the MTU depends on the Node's private address, so this
+/// waits for the Node (saying so) rather than change a live MTU later: pods keep the MTU
+/// their interface got when they started. `None` when a signal ended the wait.
+async fn facts_before_the_device(
+    config: &Config,
+    kube: Option<&kube::Client>,
+    signals: (
+        &mut tokio::signal::unix::Signal,
+        &mut tokio::signal::unix::Signal,
+    ),
+) -> Option<OwnFacts> {
+    let client = match kube {
+        Some(c) if config.network.mtu.is_none() && config.node.private_address.is_none() => c,
+        _ => return Some(OwnFacts::from_config(&config.node)),
+    };
+    info!(
+        node = %config.node.name,
+        "waiting for this node's Node before creating the TUN device: the link of its private \
+         address (InternalIP, or the weft.dev/private-address annotation) sets the overlay MTU"
+    );
+    let view = tokio::select! {
+        v = crate::nodesource::wait_for_node(client.clone(), &config.node.name) => v,
+        _ = signals.0.recv() => return None,
+        _ = signals.1.recv() => return None,
+    };
+    let facts = crate::k8s::own_facts(&view, &config.node);
+    match facts.private_address {
+        Some(a) => info!(private = %a, "this node's private address from its Node"),
+        None => warn!(
+            node = %config.node.name,
+            "the Node has no InternalIP and no weft.dev/private-address: the MTU cannot follow \
+             the underlay; set network.mtu or node.private_address"
+        ),
+    }
+    Some(facts)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -233,7 +285,16 @@ pub async fn run(
              router.interface to another name"
         );
     }
-    let mtu = choose_mtu(&config, &nl).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let Some(facts) =
+        facts_before_the_device(&config, kube_client.as_ref(), (&mut term, &mut int)).await
+    else {
+        info!("stopped while waiting for the Node; nothing was set up");
+        return Ok(());
+    };
+    let mtu = choose_mtu(&config, &nl, facts.private_address).await?;
     let offload = config.router.offload;
     let udp = bind_udp(config.router.port, &offload)
         .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
@@ -301,6 +362,22 @@ pub async fn run(
         "weft is up"
     );
 
+    let mut shown = NodeStatus {
+        name: config.node.name.clone(),
+        region: None,
+        public_key: public_key.clone(),
+        pod_cidrs: plan.pod_cidrs.iter().map(ToString::to_string).collect(),
+        private_address: None,
+        public_address: None,
+        region_source: None,
+        private_address_source: None,
+        public_address_source: None,
+        interface: iface.clone(),
+        mtu,
+        listen_port: config.router.port,
+    };
+    shown.set_facts(&facts);
+    let node = Arc::new(std::sync::Mutex::new(shown));
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut data_plane =
@@ -324,7 +401,10 @@ pub async fn run(
         stop_tx.subscribe(),
     )));
     if let Some((secret, listener)) = gossip {
-        let record = control::own_record(&config, wireguard_key, &blocks);
+        let mut record = control::own_record(&config, wireguard_key, &blocks);
+        record.region.clone_from(&facts.region);
+        (record.private_address, record.public_address) =
+            (facts.private_address, facts.public_address);
         let mesh_config = MeshConfig {
             gossip_interval: config.mesh.gossip_interval,
             liveness_timeout: config.mesh.liveness_timeout,
@@ -360,6 +440,14 @@ pub async fn run(
                     mesh_tx.clone(),
                     (blocks_tx, names_tx),
                     kube_state.clone().unwrap_or_default(),
+                    control::OwnNode {
+                        status: node.clone(),
+                        mtu: config.network.mtu.is_none().then(|| control::MtuSource {
+                            netlink: nl.clone(),
+                            address: facts.private_address,
+                            mtu,
+                        }),
+                    },
                 )));
                 Some(blocks_rx)
             }
@@ -413,17 +501,6 @@ pub async fn run(
     } else {
         drop(mesh_rx);
     }
-    let node = Arc::new(std::sync::Mutex::new(NodeStatus {
-        name: config.node.name.clone(),
-        region: config.node.region.clone(),
-        public_key,
-        pod_cidrs: plan.pod_cidrs.iter().map(ToString::to_string).collect(),
-        private_address: config.node.private_address.map(|a| a.to_string()),
-        public_address: config.node.public_address.map(|a| a.to_string()),
-        interface: iface.clone(),
-        mtu,
-        listen_port: config.router.port,
-    }));
     notify::send(sd_notify::NotifyState::Ready);
     ready_flag.store(true, std::sync::atomic::Ordering::Release);
     helpers.push(tokio::spawn(notify::run(
@@ -437,6 +514,7 @@ pub async fn run(
         netlink: nl.clone(),
         interface: (iface.clone(), index),
         mtu,
+        underlay: facts.private_address,
         router: cmd_tx.clone(),
         mesh: mesh_tx.clone(),
         statics: statics_tx,
@@ -453,9 +531,6 @@ pub async fn run(
         cni: crate::cni::Store::load(config.state_dir.join("cni.json")),
         kube: kube_state.clone(),
     };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break Ok(()) }

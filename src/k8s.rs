@@ -3,8 +3,8 @@
 //! `failure-domain.beta.kubernetes.io/region`), the private and public addresses (`InternalIP`
 //! and `ExternalIP`, overridden by the `weft.dev/private-address` and `weft.dev/public-address`
 //! annotations), the pod blocks (`spec.podCIDRs`, else `spec.podCIDR`) and the WireGuard key a
-//! weft daemon published (`weft.dev/public-key`). The node source that watches Nodes with the
-//! kube client builds on this; it is not part of this build yet.
+//! weft daemon published (`weft.dev/public-key`). The node source ([`crate::nodesource`]) builds
+//! on this, and [`own_facts`] says where each of this node's facts came from.
 
 use std::net::IpAddr;
 
@@ -37,6 +37,32 @@ pub struct NodeView {
     pub pod_cidrs: Vec<IpNet>,
     /// The WireGuard key it published, base64.
     pub public_key: Option<String>,
+    /// `private_address` comes from the `weft.dev/private-address` annotation, not `InternalIP`.
+    pub private_annotated: bool,
+    /// `public_address` comes from the `weft.dev/public-address` annotation, not `ExternalIP`.
+    pub public_annotated: bool,
+}
+
+/// Where one of this node's facts came from, as `weft status --json` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FactSource {
+    /// The config file: `node.region`, `node.private_address`, `node.public_address`.
+    Config,
+    /// The Node object: its region label, its `InternalIP` or `ExternalIP`.
+    Kubernetes,
+    /// A `weft.dev/private-address` or `weft.dev/public-address` annotation on the Node.
+    Annotation,
+}
+
+impl FactSource {
+    /// `config`, `kubernetes` or `annotation`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Kubernetes => "kubernetes",
+            Self::Annotation => "annotation",
+        }
+    }
 }
 
 /// A Node that cannot be read, naming the node and the field.
@@ -96,13 +122,13 @@ impl NodeView {
                 })
                 .transpose()
         };
-        let private_address = match annotated(PRIVATE_ANNOTATION)? {
-            Some(a) => Some(a),
-            None => status_address("InternalIP")?,
+        let (private_address, private_annotated) = match annotated(PRIVATE_ANNOTATION)? {
+            Some(a) => (Some(a), true),
+            None => (status_address("InternalIP")?, false),
         };
-        let public_address = match annotated(PUBLIC_ANNOTATION)? {
-            Some(a) => Some(a),
-            None => status_address("ExternalIP")?,
+        let (public_address, public_annotated) = match annotated(PUBLIC_ANNOTATION)? {
+            Some(a) => (Some(a), true),
+            None => (status_address("ExternalIP")?, false),
         };
         let spec = node.spec.clone().unwrap_or_default();
         let cidrs = match (spec.pod_cidrs, spec.pod_cidr) {
@@ -125,6 +151,8 @@ impl NodeView {
             public_address,
             pod_cidrs,
             public_key: annotations.get(KEY_ANNOTATION).cloned(),
+            private_annotated,
+            public_annotated,
         })
     }
 }
@@ -139,15 +167,52 @@ pub struct OwnFacts {
     pub private_address: Option<IpAddr>,
     /// The public address.
     pub public_address: Option<IpAddr>,
+    /// Where the region came from; `None` when there is none.
+    pub region_source: Option<FactSource>,
+    /// Where the private address came from.
+    pub private_address_source: Option<FactSource>,
+    /// Where the public address came from.
+    pub public_address_source: Option<FactSource>,
+}
+
+impl OwnFacts {
+    /// The facts the config alone gives (no Node seen yet, or no Kubernetes).
+    pub fn from_config(node: &weft_config::Node) -> Self {
+        let from = |set: bool| set.then_some(FactSource::Config);
+        Self {
+            region: node.region.clone(),
+            private_address: node.private_address,
+            public_address: node.public_address,
+            region_source: from(node.region.is_some()),
+            private_address_source: from(node.private_address.is_some()),
+            public_address_source: from(node.public_address.is_some()),
+        }
+    }
 }
 
 /// Merges this node's Node view under the config's explicit values.
 pub fn own_facts(me: &NodeView, node: &weft_config::Node) -> OwnFacts {
-    OwnFacts {
-        region: node.region.clone().or_else(|| me.region.clone()),
-        private_address: node.private_address.or(me.private_address),
-        public_address: node.public_address.or(me.public_address),
+    let mut f = OwnFacts::from_config(node);
+    let node_source = |annotated: bool| {
+        if annotated {
+            FactSource::Annotation
+        } else {
+            FactSource::Kubernetes
+        }
+    };
+    if f.region.is_none() && me.region.is_some() {
+        f.region.clone_from(&me.region);
+        f.region_source = Some(FactSource::Kubernetes);
     }
+    if f.private_address.is_none() && me.private_address.is_some() {
+        f.private_address = me.private_address;
+        f.private_address_source = Some(node_source(me.private_annotated));
+    }
+    if f.public_address.is_none() && me.public_address.is_some() {
+        f.public_address = me.public_address;
+        f.public_address_source = Some(node_source(me.public_annotated));
+    }
+    f
 }
 
 /// The gossip addresses of the other nodes, to bootstrap from: the private address of a node in
@@ -221,6 +286,8 @@ mod tests {
             public_address: public.map(|p| p.parse().unwrap()),
             pod_cidrs: vec![],
             public_key: None,
+            private_annotated: false,
+            public_annotated: false,
         };
         let me = view("n1", "eu", "198.18.1.1", Some("198.19.0.1"));
         let mut cfg = weft_config::Config::parse(
@@ -245,6 +312,48 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(b, ["198.18.1.2:6783", "198.18.2.4:6783", "198.19.0.3:6783"]);
+    }
+
+    #[test]
+    fn each_fact_names_its_source_config_label_address_or_annotation() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/region": "eu"},
+                "annotations": {"weft.dev/public-address": "198.19.0.1"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.1"},
+                                     {"type": "ExternalIP", "address": "203.0.113.9"}]}
+        }));
+        let me = NodeView::from_node(&n).unwrap();
+        let parse = |text: &str| {
+            weft_config::Config::parse(text, std::path::Path::new("w.yaml"), "n1")
+                .unwrap()
+                .node
+        };
+        let src = |f: &OwnFacts| {
+            [
+                f.region_source,
+                f.private_address_source,
+                f.public_address_source,
+            ]
+            .map(|s| s.map(FactSource::as_str))
+        };
+        let f = own_facts(&me, &parse("node: {}\n"));
+        assert_eq!(
+            src(&f),
+            [Some("kubernetes"), Some("kubernetes"), Some("annotation")]
+        );
+        assert_eq!(f.public_address, Some("198.19.0.1".parse().unwrap()));
+        let f = own_facts(
+            &me,
+            &parse("node:\n  region: pinned\n  private_address: 198.18.9.9\n"),
+        );
+        assert_eq!(
+            src(&f),
+            [Some("config"), Some("config"), Some("annotation")]
+        );
+        assert_eq!(f.private_address, Some("198.18.9.9".parse().unwrap()));
+        let bare =
+            NodeView::from_node(&node(serde_json::json!({"metadata": {"name": "n1"}}))).unwrap();
+        assert_eq!(src(&own_facts(&bare, &parse("node: {}\n"))), [None; 3]);
     }
 
     #[test]

@@ -4,11 +4,22 @@
 //! `NetworkUnavailable=False` condition (strategic merge patch of the status), each only when
 //! the Node does not say so already — never on a timer.
 //!
+//! Both patches name weft as their field manager (`fieldManager=weft`), so the Node's
+//! `managedFields` say which fields weft owns. The watcher lists with a consistent read (no
+//! `resourceVersion`, so a re-list after `410 Gone` never goes back in time), in pages of 500,
+//! resumes watches from the last `resourceVersion` seen, and asks for bookmarks, so a watch the
+//! server ends after a quiet spell resumes without listing every Node again. It keeps a small
+//! [`NodeView`] per Node, never the Node objects.
+//!
+//! [`wait_for_node`] reads this node's Node once before the daemon creates its TUN device, when
+//! the Node's private address decides the MTU.
+//!
 //! The API being down, at start or later, is retried with the watcher's backoff while the
 //! daemon forwards with what it knows; each failure is reported ([`SourceEvent::Trouble`]),
 //! a 403 naming the permission the ServiceAccount lacks.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
@@ -21,6 +32,13 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::k8s::{KEY_ANNOTATION, NodeView};
+
+/// The field manager weft's patches name.
+pub const FIELD_MANAGER: &str = "weft";
+/// Nodes per page of a list (client-go's pager uses the same).
+const LIST_PAGE: u32 = 500;
+/// The longest pause between two reads of this node's Node while waiting for it.
+const WAIT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What the source tells the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +72,10 @@ impl std::fmt::Debug for NodeSource {
 
 /// Why a failure happened, for people: a 403 names the permission.
 pub fn explain(e: &watcher::Error) -> String {
-    let text = e.to_string();
+    explain_text(&e.to_string())
+}
+
+fn explain_text(text: &str) -> String {
     if text.contains("403") || text.to_ascii_lowercase().contains("forbidden") {
         format!(
             "the Kubernetes API refused (403 Forbidden): the ServiceAccount needs get, list and watch on nodes, \
@@ -65,13 +86,44 @@ pub fn explain(e: &watcher::Error) -> String {
     }
 }
 
+/// Reads this node's Node (`me`) until the API answers with one weft can read, retrying with a
+/// backoff capped at 10 s and logging every miss (the API down or refusing, no such Node yet, a
+/// bad address annotation).
+pub async fn wait_for_node(client: Client, me: &str) -> NodeView {
+    let api: Api<Node> = Api::all(client);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let miss = match api.get_opt(me).await {
+            Ok(Some(n)) => match NodeView::from_node(&n) {
+                Ok(v) => return v,
+                Err(e) => e.to_string(),
+            },
+            Ok(None) => format!("no Node {me} yet (node.name must be the Kubernetes node name)"),
+            Err(e) => explain_text(&e.to_string()),
+        };
+        warn!(node = %me, error = %miss, retry_in = ?delay, "waiting for this node's Node");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(WAIT_BACKOFF_MAX);
+    }
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    }
+}
+
 impl NodeSource {
     /// Watches until `shutdown`; events go to `events`.
     pub async fn run(self, events: mpsc::Sender<SourceEvent>, mut shutdown: watch::Receiver<bool>) {
         let api: Api<Node> = Api::all(self.client.clone());
-        let mut stream = watcher(api.clone(), watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        // Spelled out rather than left to kube's defaults, which the module doc promises.
+        let mut config = watcher::Config::default()
+            .list_semantic(watcher::ListSemantic::MostRecent)
+            .page_size(LIST_PAGE);
+        config.bookmarks = true;
+        let mut stream = watcher(api.clone(), config).default_backoff().boxed();
         let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, NodeView>> = None;
         let mut published = false;
@@ -163,7 +215,7 @@ impl NodeSource {
         if !has_key && !*published {
             let patch = json!({"metadata": {"annotations": {KEY_ANNOTATION: self.public_key}}});
             match api
-                .patch(&self.me, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(&self.me, &patch_params(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
@@ -187,7 +239,7 @@ impl NodeSource {
                 "lastTransitionTime": now, "lastHeartbeatTime": now,
             }]}});
             match api
-                .patch_status(&self.me, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch_status(&self.me, &patch_params(), &Patch::Strategic(&patch))
                 .await
             {
                 Ok(_) => {

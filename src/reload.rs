@@ -66,6 +66,8 @@ pub struct Reloader {
     pub interface: (String, u32),
     /// Its MTU now.
     pub mtu: u16,
+    /// The private address whose link set the MTU at start (the config's or the Node's).
+    pub underlay: Option<std::net::IpAddr>,
     /// The router driver.
     pub router: mpsc::Sender<RouterCommand>,
     /// The mesh driver (closed when the mesh is off).
@@ -120,7 +122,7 @@ impl Reloader {
             );
         }
         // Everything that can fail without changing anything comes first.
-        let mtu = crate::daemon::choose_mtu(&new, &self.netlink).await?;
+        let mtu = crate::daemon::choose_mtu(&new, &self.netlink, self.underlay).await?;
         let old = std::mem::replace(&mut self.config, new);
         let new = &self.config;
         let (name, index) = self.interface.clone();

@@ -81,12 +81,37 @@ pub struct NodeStatus {
     pub private_address: Option<String>,
     /// Its address for peers in other regions.
     pub public_address: Option<String>,
+    /// Where `region` came from: `config`, `kubernetes` (the Node's label) or none.
+    #[serde(default)]
+    pub region_source: Option<String>,
+    /// Where `private_address` came from: `config`, `kubernetes` (`InternalIP`), `annotation`
+    /// (`weft.dev/private-address`) or none.
+    #[serde(default)]
+    pub private_address_source: Option<String>,
+    /// Where `public_address` came from: `config`, `kubernetes` (`ExternalIP`), `annotation`
+    /// (`weft.dev/public-address`) or none.
+    #[serde(default)]
+    pub public_address_source: Option<String>,
     /// The TUN device.
     pub interface: String,
     /// The TUN device's MTU.
     pub mtu: u16,
     /// The UDP port of the data plane.
     pub listen_port: u16,
+}
+
+impl NodeStatus {
+    /// Shows `facts`, the region and addresses the daemon uses, and where each came from.
+    pub fn set_facts(&mut self, facts: &crate::k8s::OwnFacts) {
+        let text = |a: Option<std::net::IpAddr>| a.map(|a| a.to_string());
+        let source = |s: Option<crate::k8s::FactSource>| s.map(|s| s.as_str().to_owned());
+        self.region.clone_from(&facts.region);
+        self.private_address = text(facts.private_address);
+        self.public_address = text(facts.public_address);
+        self.region_source = source(facts.region_source);
+        self.private_address_source = source(facts.private_address_source);
+        self.public_address_source = source(facts.public_address_source);
+    }
 }
 
 /// One peer.
@@ -270,6 +295,9 @@ mod tests {
                 pod_cidrs: vec!["100.64.1.0/24".into()],
                 private_address: Some("198.18.1.1".into()),
                 public_address: None,
+                region_source: Some("config".into()),
+                private_address_source: Some("kubernetes".into()),
+                public_address_source: None,
                 interface: "weft0".into(),
                 mtu: 1420,
                 listen_port: 51820,
@@ -336,6 +364,9 @@ mod tests {
                 pod_cidrs: vec![],
                 private_address: None,
                 public_address: None,
+                region_source: None,
+                private_address_source: None,
+                public_address_source: None,
                 interface: "weft0".into(),
                 mtu: 1420,
                 listen_port: 51820,

@@ -167,6 +167,12 @@ pub async fn serve<B: http_body::Body<Data = Bytes>>(
                 "metadata": {"resourceVersion": f.rv.to_string()}, "items": items}),
             ))
         }
+        ("GET", p) if p.starts_with("/api/v1/nodes/") => {
+            match f.nodes.get(&p["/api/v1/nodes/".len()..]) {
+                Some(n) => Ok(full(200, n)),
+                None => Ok(full(404, &status(404, "NotFound"))),
+            }
+        }
         ("PATCH", p) if p.starts_with("/api/v1/nodes/") => {
             let rest = &p["/api/v1/nodes/".len()..];
             let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));

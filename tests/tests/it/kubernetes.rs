@@ -76,6 +76,10 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
             (&sw, "inet"),
             (&ns, "wan0", &format!("{}/24", public(lan, host))),
         )?;
+        // e1's underlay is a 1450-byte (cloud-like) link: its overlay MTU must follow it.
+        if name == "e1" {
+            lab.ip(&ns, &["link", "set", "lan0", "mtu", "1450"])?;
+        }
         // No region, no addresses, no block, no bootstrap peers: Kubernetes says them all.
         let body = format!(
             "node:\n  name: {name}\n  key_file: KEY_FILE\nnetwork:\n  trusted_subnets: [198.18.{lan}.0/24]\n\
@@ -164,6 +168,30 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
             )?;
         }
     }
+    // Status shows the facts in use, from the Node, and where each came from; the MTU is the
+    // link of the Node's InternalIP less WireGuard's 60 bytes (1450 on e1, 1500 elsewhere).
+    for (i, (name, region, lan, host)) in NODES.iter().enumerate() {
+        let n = status(i)?["node"].clone();
+        let want = json!({
+            "region": region, "region_source": "kubernetes",
+            "private_address": format!("198.18.{lan}.{host}"), "private_address_source": "kubernetes",
+            "public_address": public(*lan, *host), "public_address_source": "kubernetes",
+            "mtu": if *name == "e1" { 1390 } else { 1440 },
+        });
+        let got: serde_json::Map<String, Value> = want
+            .as_object()
+            .context("object")?
+            .keys()
+            .map(|k| (k.clone(), n[k].clone()))
+            .collect();
+        ensure!(Value::Object(got) == want, "{name}: {n}");
+    }
+    let e1_conflist =
+        std::fs::read_to_string(daemons[0].config.with_file_name("10-weft.conflist"))?;
+    ensure!(
+        e1_conflist.contains("\"mtu\": 1390"),
+        "e1's conflist: {e1_conflist}"
+    );
     // Regions from the labels decide the endpoints: e2 in-region (private, plaintext), u1 across.
     let p = peer(0, "e2").context("e1's peer e2")?;
     ensure!(
@@ -273,6 +301,15 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
         },
     )?;
     weft_tests::ping(&lab, &daemons[0].ns, "100.64.2.1", None)?;
+    // e2's own status follows its label too.
+    wait_for(
+        "e2's status to show region us",
+        Duration::from_secs(10),
+        || {
+            let n = status(1).ok()?["node"].clone();
+            (n["region"] == "us" && n["region_source"] == "kubernetes").then_some(())
+        },
+    )?;
 
     // u1's Node is deleted while its daemon still runs: the others stop routing it.
     api.lock().expect("fake").delete("u1");
