@@ -352,7 +352,12 @@ mod tests {
     fn concurrent_conflist_writers_are_serialised_and_the_file_ends_as_the_last_change() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("10-weft.conflist");
-        let w = ConflistWriter::new(path.clone(), 1420, "/run/weft.sock".into(), "/ipam".into());
+        let w = ConflistWriter::new(
+            Some(path.clone()),
+            1420,
+            "/run/weft.sock".into(),
+            "/ipam".into(),
+        );
         for round in 0..20u16 {
             std::thread::scope(|s| {
                 for t in 0..4u16 {
@@ -462,18 +467,19 @@ impl Store {
 
 /// Where and how the daemon writes its conflist. Clones share the MTU and the last blocks, so
 /// the IPAM loop (new blocks) and a reload (new MTU) both rewrite the same, current file.
+/// Without a path (`cni.conflist` unset on a node without Kubernetes) it writes nothing.
 #[derive(Debug, Clone)]
 pub struct ConflistWriter {
-    path: PathBuf,
+    path: Option<PathBuf>,
     socket: PathBuf,
     ipam_dir: PathBuf,
     state: std::sync::Arc<std::sync::Mutex<(u16, Vec<IpNet>)>>,
 }
 
 impl ConflistWriter {
-    /// A writer of `path` for a daemon on `socket` whose overlay MTU is `mtu`; host-local keeps
-    /// its leases under `ipam_dir`.
-    pub fn new(path: PathBuf, mtu: u16, socket: PathBuf, ipam_dir: PathBuf) -> Self {
+    /// A writer of `path` (none: write nothing) for a daemon on `socket` whose overlay MTU is
+    /// `mtu`; host-local keeps its leases under `ipam_dir`.
+    pub fn new(path: Option<PathBuf>, mtu: u16, socket: PathBuf, ipam_dir: PathBuf) -> Self {
         Self {
             path,
             socket,
@@ -505,17 +511,20 @@ impl ConflistWriter {
     }
 
     fn render(&self, mtu: u16, blocks: &[IpNet]) {
+        let Some(path) = &self.path else {
+            return;
+        };
         if blocks.is_empty() {
             return;
         }
         let value = conflist(blocks, mtu, &self.socket, &self.ipam_dir);
-        match write_conflist(&self.path, &value) {
+        match write_conflist(path, &value) {
             Ok(true) => {
-                tracing::info!(path = %self.path.display(), blocks = ?blocks, mtu, "wrote the CNI conflist")
+                tracing::info!(path = %path.display(), blocks = ?blocks, mtu, "wrote the CNI conflist")
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "could not write the CNI conflist")
+                tracing::error!(path = %path.display(), error = %e, "could not write the CNI conflist")
             }
         }
     }

@@ -8,8 +8,9 @@
 //! pod namespace. The nodes share a cluster secret and each knows one other node only; the mesh
 //! does the rest: `a`–`b` at private addresses in plaintext, `c`–`d` at private addresses over
 //! WireGuard, every pair across regions at public addresses over WireGuard. The demo shows one
-//! node's status, pings pod to pod across every pair, moves a few megabytes over TCP between
-//! pods and shows from the daemon's counters where they went.
+//! node's status, pings pod to pod across every pair (with its own ICMP socket: it needs
+//! nothing but iproute2), moves a few megabytes over TCP between pods and shows from the
+//! daemon's counters where they went.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,7 +152,6 @@ fn mb(bytes: u64) -> f64 {
 pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result<()> {
     crate::lab::require_root("weft demo")?;
     need("ip", "iproute2")?;
-    need("ping", "iputils-ping")?;
     let mut lab = Lab::new(TAG)?;
     println!(
         "weft demo: building lab {} (namespaces {}-*){}",
@@ -185,30 +185,21 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
     }
     println!("every node learned the others through the mesh\n");
 
-    println!("pod-to-pod ping, every pair:");
+    println!("pod-to-pod ping (ICMP echo from each pod's namespace), every pair:");
     for from in &NODES {
         for to in NODES.iter().filter(|t| t.name != from.name) {
             interrupted(&stop)?;
             let dst = to.pod_ip();
             let pod = lab.ns(&format!("pod-{}", from.name));
-            let mut ping = lab.cmd(&pod, "ping");
-            ping.args(["-c", "1", "-W", "1", "-n", &dst]);
-            let out = wait_for(
-                &format!("pod-{} to reach {dst}", from.name),
-                Duration::from_secs(15),
-                || ping.output().ok().filter(|o| o.status.success()),
-            )?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let rtt = text
-                .split("time=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .unwrap_or("?");
+            let rtt = lab
+                .icmp_echo(&pod, dst.parse()?, Duration::from_secs(15))
+                .with_context(|| format!("pod-{} to reach {dst}", from.name))?;
             println!(
-                "  pod-{} {} -> pod-{} {dst}: reply in {rtt} ms",
+                "  pod-{} {} -> pod-{} {dst}: reply in {:.3} ms",
                 from.name,
                 from.pod_ip(),
-                to.name
+                to.name,
+                rtt.as_secs_f64() * 1e3
             );
         }
     }

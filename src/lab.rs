@@ -5,11 +5,12 @@
 //! namespaces (which takes their links with them) and its directory, also when a test fails.
 //! Nothing is configured in the root namespace: veth pairs are created directly inside the
 //! namespaces they join. The lab drives `ip` (iproute2) for its plumbing; the daemon under test
-//! uses netlink itself.
+//! uses netlink itself; reachability is checked with this process's own ICMP socket
+//! ([`Lab::icmp_echo`]), so no `ping` binary is needed.
 
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -276,6 +277,115 @@ impl Lab {
             f()
         })
     }
+}
+
+impl Lab {
+    /// Sends ICMP echo requests from namespace `ns` to `dst`, one a second, until one is
+    /// answered or `timeout` has passed; returns the answered one's round-trip time. It uses a
+    /// raw ICMP socket of this process (root), not the `ping` program.
+    pub fn icmp_echo(
+        &self,
+        ns: &str,
+        dst: Ipv4Addr,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let id = u16::try_from(COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff).unwrap_or(0)
+            ^ u16::try_from(std::process::id() & 0xffff).unwrap_or(0);
+        self.in_ns(ns, move || echo(dst, id, timeout))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ICMP echo thread panicked"))?
+            .with_context(|| format!("ICMP echo to {dst} from {ns}"))
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`.
+fn inet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(0)
+}
+
+/// An ICMP echo request with identifier `id` and sequence number `seq`.
+fn echo_request(id: u16, seq: u16) -> [u8; 40] {
+    let mut m = [0u8; 40];
+    m[0] = 8; // echo request, code 0
+    m[4..6].copy_from_slice(&id.to_be_bytes());
+    m[6..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in m[8..].iter_mut().enumerate() {
+        *b = b'w'.wrapping_add(u8::try_from(i).unwrap_or(0));
+    }
+    let sum = inet_checksum(&m);
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    m
+}
+
+/// Whether `packet` (an IPv4 datagram as a raw socket reads it) is the echo reply from `from`
+/// to request (`id`, `seq`).
+fn is_echo_reply(packet: &[u8], from: Ipv4Addr, id: u16, seq: u16) -> bool {
+    let Some(&first) = packet.first() else {
+        return false;
+    };
+    let ihl = usize::from(first & 0x0f) * 4;
+    let src = packet
+        .get(12..16)
+        .map(|s| Ipv4Addr::new(s[0], s[1], s[2], s[3]));
+    let icmp = packet.get(ihl..ihl + 8);
+    match (src, icmp) {
+        (Some(src), Some(h)) => {
+            src == from
+                && h[0] == 0
+                && h[1] == 0
+                && h[4..6] == id.to_be_bytes()
+                && h[6..8] == seq.to_be_bytes()
+        }
+        _ => false,
+    }
+}
+
+/// The echo loop of [`Lab::icmp_echo`], in the namespace already.
+fn echo(dst: Ipv4Addr, id: u16, timeout: Duration) -> anyhow::Result<Duration> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        .context("opening a raw ICMP socket (needs root)")?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let to = socket2::SockAddr::from(SocketAddrV4::new(dst, 0));
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a harness deadline and a round-trip time, not a core's clock"
+    )]
+    let now = Instant::now;
+    let start = now();
+    let mut buf = [0u8; 2048];
+    // One request a second: at most `timeout` seconds' worth, each waited for up to a second.
+    for seq in 0..=u16::try_from(timeout.as_secs()).unwrap_or(u16::MAX) {
+        if start.elapsed() >= timeout {
+            break;
+        }
+        let sent = now();
+        // An unreachable destination (no route yet) is one more try, not a failure.
+        if sock.send_to(&echo_request(id, seq), &to).is_err() {
+            std::thread::sleep(Duration::from_secs(1).saturating_sub(sent.elapsed()));
+            continue;
+        }
+        while sent.elapsed() < Duration::from_secs(1) {
+            match (&sock).read(&mut buf) {
+                Ok(n) if is_echo_reply(&buf[..n], dst, id, seq) => return Ok(sent.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e).context("reading the ICMP socket"),
+            }
+        }
+    }
+    bail!("no echo reply from {dst} within {timeout:?}")
 }
 
 /// SIGTERM, wait up to `timeout`, then SIGKILL; true when it exited 0 on its own.

@@ -234,9 +234,14 @@ pub struct WireguardPeer {
 /// The CNI network config the daemon writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cni {
-    /// Path of the conflist.
-    pub conflist: PathBuf,
+    /// Path of the conflist, or `None`: no conflist is written. `cni.conflist` when set; else
+    /// [`DEFAULT_CONFLIST`] with `kubernetes.enabled`; else none, so a standalone node never
+    /// puts a CNI config on a host whose pods another plugin serves.
+    pub conflist: Option<PathBuf>,
 }
+
+/// Where a node with `kubernetes.enabled` writes its conflist unless `cni.conflist` says.
+pub const DEFAULT_CONFLIST: &str = "/etc/cni/net.d/10-weft.conflist";
 
 /// The Kubernetes node source.
 #[derive(Debug, Clone, PartialEq)]

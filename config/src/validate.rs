@@ -304,6 +304,7 @@ pub(crate) fn validate(
         });
     }
 
+    let kubernetes_enabled = raw.kubernetes.enabled.unwrap_or(false);
     Ok(Config {
         node,
         network,
@@ -314,10 +315,10 @@ pub(crate) fn validate(
             conflist: raw
                 .cni
                 .conflist
-                .unwrap_or_else(|| PathBuf::from("/etc/cni/net.d/10-weft.conflist")),
+                .or_else(|| kubernetes_enabled.then(|| PathBuf::from(crate::DEFAULT_CONFLIST))),
         },
         kubernetes: Kubernetes {
-            enabled: raw.kubernetes.enabled.unwrap_or(false),
+            enabled: kubernetes_enabled,
         },
         api_socket: raw
             .api_socket

@@ -1,8 +1,43 @@
-//! `weft demo`, exactly as the README tells a newcomer to run it, and `--keep` / `demo down`.
+//! `weft demo`, exactly as the README tells a newcomer to run it, on a machine with nothing but
+//! iproute2 (no `ping`, no `nft` on `PATH`), and `--keep` / `demo down`.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use anyhow::Context as _;
 use weft_tests::weft_bin;
+
+/// A directory to use as the whole `PATH`: `ip` and `sh` linked in, nothing else. Removed on
+/// drop.
+struct BarePath(PathBuf);
+
+impl BarePath {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("weft-barepath-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let me = Self(dir);
+        let path = std::env::var_os("PATH").context("no PATH")?;
+        for program in ["ip", "sh"] {
+            let found = std::env::split_paths(&path)
+                .map(|d| d.join(program))
+                .find(|p| p.exists())
+                .with_context(|| format!("{program} is not on PATH"))?;
+            std::os::unix::fs::symlink(&found, me.0.join(program))?;
+        }
+        Ok(me)
+    }
+
+    fn has(&self, program: &str) -> bool {
+        Path::new(&self.0).join(program).exists()
+    }
+}
+
+impl Drop for BarePath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 fn netns_list() -> anyhow::Result<String> {
     let out = Command::new("ip").args(["netns", "list"]).output()?;
@@ -19,9 +54,15 @@ fn lab_id(stdout: &str) -> anyhow::Result<String> {
 }
 
 #[test]
-fn weft_demo_shows_status_ping_and_tcp_between_pods_and_cleans_up() -> anyhow::Result<()> {
+fn weft_demo_with_only_iproute2_on_path_shows_status_ping_and_tcp_between_pods_and_cleans_up()
+-> anyhow::Result<()> {
     weft::lab::require_root("weft demo")?;
-    let out = Command::new(weft_bin()?).arg("demo").output()?;
+    let bare = BarePath::new()?;
+    assert!(!bare.has("ping") && !bare.has("nft"));
+    let out = Command::new(weft_bin()?)
+        .arg("demo")
+        .env("PATH", &bare.0)
+        .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -108,7 +149,7 @@ fn weft_demo_keep_leaves_the_lab_running_and_demo_down_removes_it() -> anyhow::R
     let id = lab_id(&stdout)?;
     let dir = std::env::temp_dir().join(format!("weft-{id}"));
     // Whatever happens below, the kept lab goes.
-    struct Down(std::path::PathBuf);
+    struct Down(PathBuf);
     impl Drop for Down {
         fn drop(&mut self) {
             if self.0.exists() {

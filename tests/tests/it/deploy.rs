@@ -120,3 +120,64 @@ fn install_puts_binaries_unit_and_a_valid_config_in_place_and_uninstall_takes_th
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
+
+fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
+}
+
+#[test]
+fn the_daemonset_runs_the_image_scripts_image_sh_tags() -> anyhow::Result<()> {
+    let out = Command::new(scripts_dir().join("image.sh"))
+        .arg("--print-image")
+        .output()?;
+    ensure!(out.status.success(), "image.sh --print-image: {out:?}");
+    let tag = String::from_utf8(out.stdout)?.trim().to_owned();
+    let ds = std::fs::read_to_string(deploy_dir().join("kubernetes/daemonset.yaml"))?;
+    let images: Vec<&str> = ds
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    ensure!(
+        images.len() == 2,
+        "two containers name an image: {images:?}"
+    );
+    for i in images {
+        ensure!(i == tag, "the DaemonSet runs {i}, image.sh tags {tag}");
+    }
+    Ok(())
+}
+
+#[test]
+fn scripts_deb_sh_builds_a_package_with_the_binaries_unit_cni_plugin_and_a_private_config()
+-> anyhow::Result<()> {
+    let bin = weft_bin()?;
+    let out_dir = scratch("deb")?;
+    let out = Command::new(scripts_dir().join("deb.sh"))
+        .env("BIN_DIR", bin.parent().context("bin dir")?)
+        .env("OUT_DIR", &out_dir)
+        .output()?;
+    ensure!(out.status.success(), "deb.sh: {out:?}");
+    let deb = String::from_utf8(out.stdout)?.trim().to_owned();
+    let list = weft::lab::run(Command::new("dpkg-deb").args(["-c", &deb]))?;
+    let list = String::from_utf8(list.stdout)?;
+    for (mode, path) in [
+        ("-rwxr-xr-x", "./usr/bin/weft"),
+        ("-rwxr-xr-x", "./opt/cni/bin/weft-cni"),
+        ("-rw-r--r--", "./lib/systemd/system/weft.service"),
+        ("-rw-------", "./etc/weft/weft.yaml"),
+        ("drwx------", "./etc/weft/"),
+    ] {
+        ensure!(
+            list.lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(&format!(" {path}"))),
+            "{path} ({mode}) in the package:\n{list}"
+        );
+    }
+    let conffiles = weft::lab::run(Command::new("dpkg-deb").args(["-I", &deb, "conffiles"]))?;
+    ensure!(
+        String::from_utf8(conffiles.stdout)?.trim() == "/etc/weft/weft.yaml",
+        "the config is a conffile"
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+    Ok(())
+}

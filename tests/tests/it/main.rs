@@ -18,4 +18,6 @@ mod mesh_sim_trust;
 mod nodesource;
 mod offload;
 mod service;
+mod standalone;
 mod two_nodes;
+mod vm;
