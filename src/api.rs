@@ -101,6 +101,13 @@ impl ApiSocket {
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding the API socket {}", path.display()))?;
+        // Owner only, whatever the umask: the API changes pods' attachments. Connections are
+        // checked again by their peer's credentials ([`allowed_peer`]).
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making the API socket {} private", path.display()))?;
+        }
         Ok(Self {
             listener,
             path: path.to_owned(),
@@ -112,6 +119,14 @@ impl Drop for ApiSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Whether a connection's peer may use the API: root, or the daemon's own user.
+pub fn allowed_peer(stream: &UnixStream) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    stream
+        .peer_cred()
+        .is_ok_and(|c| c.uid() == 0 || c.uid() == me)
 }
 
 /// Parses one request line into a request or the error to send back.
@@ -185,6 +200,21 @@ pub async fn status(path: &Path) -> anyhow::Result<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_api_socket_is_private_and_its_own_user_may_connect() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.sock");
+        // Under the usual umask (022) a socket is 0755 unless weft says otherwise.
+        let sock = ApiSocket::bind(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        let client = UnixStream::connect(&path).await.unwrap();
+        let (server, _) = sock.listener.accept().await.unwrap();
+        assert!(allowed_peer(&server));
+        drop(client);
+    }
 
     #[test]
     fn requests_parse_and_bad_ones_are_named() {

@@ -541,6 +541,9 @@ pub async fn run(
                 notify::send(sd_notify::NotifyState::Ready);
             }
             accepted = api_socket.listener.accept() => match accepted {
+                Ok((stream, _)) if !api::allowed_peer(&stream) => {
+                    warn!(peer = ?stream.peer_cred().ok(), "API connection from another user refused");
+                }
                 Ok((stream, _)) => {
                     let sh = shared.clone();
                     tokio::spawn(async move {

@@ -440,10 +440,39 @@ pub fn kept_labs(tag: &str) -> Vec<PathBuf> {
     dirs
 }
 
+/// Refuses `path` unless it is this user's own, not a symlink, and not writable by group or
+/// others.
+fn own_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    ensure!(
+        !m.file_type().is_symlink() && m.uid() == me && m.mode() & 0o022 == 0,
+        "{} is not a lab this user kept (owner uid {}, mode {:o}, symlink {}): left alone",
+        path.display(),
+        m.uid(),
+        m.mode() & 0o7777,
+        m.file_type().is_symlink()
+    );
+    Ok(())
+}
+
 /// Removes a lab left by [`Lab::keep`]: SIGTERM to its processes (SIGKILL after `timeout`),
 /// then its namespaces, then its directory. Returns what it removed, for the user.
+///
+/// `/tmp` is everyone's: the directory and its list must be this user's own (not symlinks, not
+/// writable by group or others), and only namespaces named for the lab (`<id>-…`) are deleted,
+/// so a list planted by another user makes root neither kill nor delete anything.
 pub fn remove_kept(dir: &Path, timeout: Duration) -> anyhow::Result<Vec<String>> {
     let file = dir.join(KEPT_FILE);
+    own_private(dir)?;
+    own_private(&file)?;
+    let id = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("weft-"))
+        .with_context(|| format!("{} is not a weft lab directory", dir.display()))?;
+    let ns_prefix = format!("{id}-");
     let list = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let mut done = Vec::new();
     for line in list.lines() {
@@ -476,7 +505,10 @@ pub fn remove_kept(dir: &Path, timeout: Duration) -> anyhow::Result<Vec<String>>
         done.push(format!("stopped {} (pid {pid})", name.unwrap_or("?")));
     }
     for line in list.lines().rev() {
-        if let Some(ns) = line.strip_prefix("netns ") {
+        if let Some(ns) = line
+            .strip_prefix("netns ")
+            .filter(|ns| ns.starts_with(&ns_prefix) && !ns.contains('/'))
+        {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
             done.push(format!("deleted namespace {ns}"));
         }
@@ -707,4 +739,44 @@ pub fn tcp_transfer(
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     ensure!(received == total, "received {received} of {total} bytes");
     Ok(took)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_list_planted_by_another_user_or_writable_by_others_is_left_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("weft-wl1x");
+        fs::create_dir(&dir).unwrap();
+        let file = dir.join(KEPT_FILE);
+        fs::write(&file, "netns wl1x-a\n").unwrap();
+        // Another user's list: refused, nothing removed.
+        nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let e = remove_kept(&dir, Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a lab this user kept") && e.contains("65534"),
+            "{e}"
+        );
+        assert!(file.exists());
+        // Ours but writable by others: refused too.
+        nix::unistd::chown(&file, Some(nix::unistd::geteuid()), None).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(remove_kept(&dir, Duration::from_secs(1)).is_err());
+        assert!(file.exists());
+        // A symlink to somewhere else: refused.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = base.path().join("weft-wl2x");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(remove_kept(&link, Duration::from_secs(1)).is_err());
+        // Our own: removed, and a namespace not named for the lab is never deleted.
+        fs::write(&file, "netns not-ours-at-all\n").unwrap();
+        let done = remove_kept(&dir, Duration::from_secs(1)).unwrap();
+        assert!(done.iter().all(|d| !d.contains("not-ours")), "{done:?}");
+        assert!(!dir.exists());
+    }
 }
