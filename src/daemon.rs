@@ -397,6 +397,7 @@ pub async fn run(
             mesh: mesh_tx.clone(),
             ipam: ipam_counters.clone(),
             ready: ready_flag.clone(),
+            cache: crate::metrics::ScrapeCache::default(),
         },
         stop_tx.subscribe(),
     )));

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -53,6 +54,9 @@ pub struct Sources {
     pub mesh: mpsc::Sender<MeshCommand>,
     /// IPAM's counters.
     pub ipam: Arc<IpamCounters>,
+    /// The last exposition rendered and when: scrapes within [`REFRESH`] of it get it again,
+    /// so scrapers cannot make the data plane copy its peers more often than that.
+    pub cache: ScrapeCache,
     /// Set once the daemon is ready.
     pub ready: Arc<AtomicBool>,
 }
@@ -404,18 +408,17 @@ async fn handle(req: Request<Incoming>, src: Sources) -> Result<Response<Full<By
             }
         }
         "/metrics" => {
-            let Some(snap) = crate::control::router_snapshot(&src.router).await else {
+            let Some(text) = exposition(&src).await else {
                 return reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain; charset=utf-8",
                     "the data plane is stopping\n".into(),
                 );
             };
-            let mesh = crate::control::mesh_snapshot(&src.mesh).await;
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                render(&snap, mesh.as_ref(), &src.ipam),
+                text,
             )
         }
         _ => reply(
@@ -426,19 +429,53 @@ async fn handle(req: Request<Incoming>, src: Sources) -> Result<Response<Full<By
     }
 }
 
-/// Answers HTTP/1 requests on one connection.
+/// The last exposition rendered, and when.
+pub type ScrapeCache = Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>;
+
+/// How long a rendered exposition is served again.
+pub const REFRESH: Duration = Duration::from_secs(1);
+/// How long a connection may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may stay open at all.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// Answers HTTP/1 requests on one connection, closing it when its headers take longer than
+/// [`HEADER_TIMEOUT`] or it lives longer than [`CONNECTION_LIFETIME`].
 pub async fn serve_connection<I>(io: I, src: Sources)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = hyper_util::rt::TokioIo::new(io);
     let svc = hyper::service::service_fn(move |req| handle(req, src.clone()));
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, svc)
-        .await
-    {
-        debug!(error = %e, "metrics connection ended");
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, svc);
+    match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        Ok(Err(e)) => debug!(error = %e, "metrics connection ended"),
+        Ok(Ok(())) => {}
+        Err(_) => debug!("metrics connection closed after its lifetime"),
     }
+}
+
+/// The exposition: the cached one when younger than [`REFRESH`], else a new one from the
+/// drivers' snapshots. `None` when the data plane is stopping.
+async fn exposition(src: &Sources) -> Option<String> {
+    let mut cache = src.cache.lock().await;
+    #[expect(clippy::disallowed_methods, reason = "the metrics server is a driver")]
+    let now = std::time::Instant::now();
+    if let Some((at, text)) = cache.as_ref()
+        && now.saturating_duration_since(*at) < REFRESH
+    {
+        return Some(text.clone());
+    }
+    let snap = crate::control::router_snapshot(&src.router).await?;
+    let mesh = crate::control::mesh_snapshot(&src.mesh).await;
+    let text = render(&snap, mesh.as_ref(), &src.ipam);
+    *cache = Some((now, text.clone()));
+    Some(text)
 }
 
 /// One sample of an exposition.
@@ -533,8 +570,10 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
     Ok(samples)
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` turns true.
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` turns true, at most
+/// [`MAX_CONNECTIONS`] connections at once.
 pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             _ = shutdown.changed() => {
@@ -543,9 +582,16 @@ pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: watch::Rec
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, src.clone()));
-                }
+                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let src = src.clone();
+                        tokio::spawn(async move {
+                            serve_connection(stream, src).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => debug!(%peer, "metrics connection refused: {MAX_CONNECTIONS} already open"),
+                },
                 Err(e) => warn!(error = %e, "metrics accept failed"),
             }
         }
@@ -567,8 +613,98 @@ mod tests {
             mesh,
             ipam: Arc::new(IpamCounters::default()),
             ready: Arc::new(AtomicBool::new(ready)),
+            cache: ScrapeCache::default(),
         };
         (src, rx)
+    }
+
+    /// A router answering every status request with an empty snapshot, counting them.
+    fn answer(mut rx: mpsc::Receiver<Command>) -> Arc<AtomicU64> {
+        let asked = Arc::new(AtomicU64::new(0));
+        let n = asked.clone();
+        tokio::spawn(async move {
+            while let Some(Command::Status(reply)) = rx.recv().await {
+                n.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(Snapshot {
+                    public_key: [0; 32],
+                    peers: Vec::new(),
+                    drops: weft_router::Drops::default(),
+                    send_errors: 0,
+                });
+            }
+        });
+        asked
+    }
+
+    #[tokio::test]
+    async fn scrapes_in_a_burst_ask_the_data_plane_once() {
+        let (src, rx) = sources(true);
+        let asked = answer(rx);
+        for _ in 0..20 {
+            assert!(
+                get(src.clone(), "/metrics")
+                    .await
+                    .starts_with("HTTP/1.1 200")
+            );
+        }
+        // 20 scrapes well within REFRESH (one render each would be 20 snapshots).
+        assert!(asked.load(Ordering::Relaxed) <= 2, "{asked:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_sends_its_headers_is_closed() {
+        let (src, _rx) = sources(true);
+        let (mut client, server) = tokio::io::duplex(1 << 10);
+        let task = tokio::spawn(serve_connection(server, src));
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        // hyper's timer fires after HEADER_TIMEOUT and the server hangs up.
+        tokio::time::timeout(HEADER_TIMEOUT * 2, client.read_to_end(&mut buf))
+            .await
+            .expect("closed within twice the header timeout")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the connection task ends")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (src, _rx) = sources(true);
+        let (_stop, stop) = watch::channel(false);
+        tokio::spawn(serve(listener, src, stop));
+        let mut open = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // A request answered shows the server holds this connection.
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut b = [0u8; 12];
+            c.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"HTTP/1.1 200");
+            open.push(c);
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf))
+            .await
+            .expect("the extra connection is closed, not served or held");
+        assert!(
+            n.is_err() || buf.is_empty(),
+            "served: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        drop(open);
     }
 
     async fn get(src: Sources, path: &str) -> String {

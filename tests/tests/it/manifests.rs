@@ -93,8 +93,8 @@ fn each_manifest_is_a_valid_object_and_the_daemonset_has_what_weft_needs() -> an
                     "the DaemonSet's config enables the Kubernetes source"
                 );
                 ensure!(
-                    cfg.metrics_address.ip().is_unspecified(),
-                    "the readiness probe reaches /healthz on the node address"
+                    cfg.metrics_address.ip().is_loopback(),
+                    "metrics are served on the loopback only, not to the whole network"
                 );
                 Ok(())
             }),
@@ -115,6 +115,10 @@ fn each_manifest_is_a_valid_object_and_the_daemonset_has_what_weft_needs() -> an
                     .and_then(|p| p.http_get.as_ref())
                     .context("readiness probe")?;
                 ensure!(probe.path.as_deref() == Some("/healthz"), "probe path");
+                ensure!(
+                    probe.host.as_deref() == Some("127.0.0.1"),
+                    "the probe asks the loopback, where the metrics listen"
+                );
                 let vols = spec.volumes.unwrap_or_default();
                 let host = |p: &str| {
                     vols.iter()
