@@ -24,6 +24,8 @@ use crate::tunnel::Tunnel;
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Handshake initiations accepted per second before the router answers with cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// WireGuard's message type of a cookie reply.
+const COOKIE_REPLY: u8 = 3;
 /// The smallest output buffer the router accepts: a handshake initiation is 148 bytes.
 pub const MIN_BUFFER: usize = 148;
 /// What WireGuard adds to an inner packet: 16 bytes header, 16 bytes tag.
@@ -241,7 +243,9 @@ impl Router {
                 None,
                 config.persistent_keepalive,
                 id.index(),
-                None,
+                // One limiter, one cookie secret for the whole router: a cookie this router
+                // sent is valid whichever check reads the retry.
+                Some(self.rate_limiter.clone()),
             ))),
             PathKind::Plaintext => None,
         };
@@ -493,6 +497,18 @@ impl Router {
         };
         let kind = datagram[0];
         let (action, authenticated) = match tunnel.decapsulate(Some(from.ip()), datagram, out) {
+            // Under load the limiter answers an initiation with a cookie: nothing was
+            // authenticated, so neither the endpoint nor the handshake state may change.
+            TunnResult::WriteToNetwork(b) if b.first() == Some(&COOKIE_REPLY) => {
+                peer.counters.drops.count(DropReason::RateLimited);
+                (
+                    NetAction::Transmit(Transmit {
+                        destination: from,
+                        len: b.len(),
+                    }),
+                    false,
+                )
+            }
             TunnResult::WriteToNetwork(b) => {
                 let len = b.len();
                 // After a handshake the session may hold queued packets: drain them next.

@@ -338,3 +338,44 @@ fn roaming_follows_the_authenticated_sender() {
     assert_eq!(s.endpoint, Some(new_addr));
     assert!(s.endpoint_learned);
 }
+
+/// Initiations replayed by an on-path attacker past the per-peer limit: the limiter answers
+/// with cookies, and a cookie is not a handshake, so the endpoint stays and no handshake is
+/// shown.
+#[test]
+fn replayed_initiations_under_load_neither_move_the_endpoint_nor_mark_a_handshake() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
+    let (from, to, init) = p.wire.pop_front().expect("an initiation");
+    assert_eq!(init[0], 1, "the first datagram is an initiation");
+    // The genuine initiation arrives first, from A.
+    assert!(matches!(p.deliver(from, to, &init), NetAction::Transmit(_)));
+    let handshakes = |r: &mut Router| {
+        std::iter::from_fn(|| r.poll_event())
+            .filter(|e| matches!(e, Event::HandshakeCompleted { .. }))
+            .count()
+    };
+    assert_eq!(handshakes(&mut p.b.router), 1, "the genuine initiation");
+    let attacker = sa("198.19.0.66:4444");
+    let mut out = vec![0u8; 2048];
+    // Past both the per-peer limit boringtun would use alone (10) and the router's (100).
+    for _ in 0..150 {
+        let _ = p.b.router.handle_datagram(p.now, attacker, &init, &mut out);
+    }
+    let s = &p.b.router.peers(p.now)[0];
+    assert_eq!(s.endpoint, Some(from), "the endpoint moved to the attacker");
+    assert_eq!(
+        handshakes(&mut p.b.router),
+        0,
+        "a replay showed a handshake"
+    );
+    assert!(
+        s_drops(&p.b.router, p.now) > 0,
+        "the limiter's answers are counted as rate limited"
+    );
+}
+
+fn s_drops(r: &Router, now: Instant) -> u64 {
+    r.peers(now)[0].counters.drops.get(DropReason::RateLimited)
+        + r.drops().get(DropReason::RateLimited)
+}
