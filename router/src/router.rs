@@ -605,6 +605,11 @@ impl Router {
             self.drops.count(DropReason::WrongPath);
             return NetAction::Dropped(DropReason::WrongPath);
         };
+        // Only from the peer's exact endpoint: another port of its host is another sender.
+        if peer.endpoint != Some(from) {
+            peer.counters.drops.count(DropReason::WrongPath);
+            return NetAction::Dropped(DropReason::WrongPath);
+        }
         let Some(addrs) = packet::addrs(inner) else {
             peer.counters.drops.count(DropReason::BadInnerPacket);
             return NetAction::Dropped(DropReason::BadInnerPacket);

@@ -316,6 +316,47 @@ fn plaintext_peers_are_known_by_address_and_checked_for_spoofing() {
 }
 
 #[test]
+fn plaintext_is_accepted_only_from_the_peers_exact_endpoint_and_a_spoof_changes_nothing() {
+    let mut lab = Lab::new();
+    let mut cfg = config("trusted", 3, Some("198.18.1.4:51820"), &["100.64.4.0/24"]);
+    cfg.path = PathKind::Plaintext;
+    let id = lab.router.add_peer(lab.now, cfg).expect("plaintext peer");
+    let mut dgram = vec![0; 64];
+    let inner = test_packet(ip("100.64.4.2"), ip("100.64.1.1"), b"back");
+    let n = plaintext::encode(&inner, &mut dgram).expect("fits");
+    // The peer's address, another port (any process on that host, or a spoofer guessing).
+    assert_eq!(
+        lab.net("198.18.1.4:40000", &dgram[..n]),
+        NetAction::Dropped(DropReason::WrongPath)
+    );
+    let s = lab.peer(id);
+    assert_eq!(
+        s.counters.rx_bytes, 0,
+        "a refused datagram is not counted as received"
+    );
+    assert_ne!(
+        s.state,
+        PeerState::Up,
+        "a refused datagram does not mark the peer up"
+    );
+    // A forged inner source from the right endpoint: refused, and the peer is still not up.
+    let forged = test_packet(ip("100.64.9.9"), ip("100.64.1.1"), b"forged");
+    let m = plaintext::encode(&forged, &mut dgram).expect("fits");
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..m]),
+        NetAction::Dropped(DropReason::Spoofed)
+    );
+    assert_ne!(lab.peer(id).state, PeerState::Up);
+    // The exact endpoint with a source of its prefix: accepted.
+    let n = plaintext::encode(&inner, &mut dgram).expect("fits");
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..n]),
+        NetAction::WriteTun(inner.len())
+    );
+    assert_eq!(lab.peer(id).state, PeerState::Up);
+}
+
+#[test]
 fn timers_run_every_tick_and_report_expiry_once() {
     let mut lab = Lab::new();
     assert_eq!(lab.router.poll_timeout(), None, "no peers, no timers");
