@@ -197,7 +197,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// Runs until `shutdown` turns true, the daemon goes away (its shutdown sender dropped or
     /// its command channel closed) or the TUN device fails; returns the router.
     ///
-    /// Each wake-up is followed by one turn (see [`turn`](Self::turn)) that serves every source
+    /// Each wake-up is followed by one turn (see the module docs, "Turns") that serves every source
     /// with bounded work, whichever woke the driver, so that none can starve the others.
     pub async fn run(
         mut self,
