@@ -278,16 +278,38 @@ impl Membership {
             .collect()
     }
 
+    /// This node's own heartbeat counter, in the heartbeat space of its current record.
+    pub fn heartbeat(&self) -> u32 {
+        self.heartbeat
+    }
+
     /// The number of open connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
 
-    /// Starts from these bootstrap addresses (dialled now, and again whenever no connection is
-    /// left).
+    /// Starts from these bootstrap addresses: a few of them (up to `max_connections`, picked at
+    /// random) are dialled now, and a few more whenever no connection is left. Never all at
+    /// once: in a Kubernetes cluster every Node is a bootstrap address, and a thousand nodes
+    /// each dialling every other would be a million connections at start.
     pub fn join(&mut self, bootstrap: &[SocketAddr]) {
         self.bootstrap = bootstrap.to_vec();
-        self.dials.extend(bootstrap.iter().copied());
+        self.dial_bootstrap();
+    }
+
+    /// Queues up to `max_connections` distinct bootstrap addresses, picked at random.
+    fn dial_bootstrap(&mut self) {
+        let mut pool = self.bootstrap.clone();
+        pool.sort();
+        pool.dedup();
+        for _ in 0..self.config.max_connections.max(1) {
+            if pool.is_empty() {
+                break;
+            }
+            let i = self.random(pool.len());
+            let pick = pool.swap_remove(i);
+            self.dials.push_back(pick);
+        }
     }
 
     /// Replaces this node's record (its version is raised above the current one) and pushes it.
@@ -477,7 +499,7 @@ impl Membership {
 
     fn dial(&mut self) {
         if self.conns.is_empty() {
-            self.dials.extend(self.bootstrap.iter().copied());
+            self.dial_bootstrap();
         }
         // Too many connections (others dialled us): close the excess, newest first.
         let cap = self.config.max_connections * 2;

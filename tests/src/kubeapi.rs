@@ -1,6 +1,7 @@
-//! A fake Kubernetes API server for Nodes, in process: list with resourceVersion, watch event
-//! streams, merge and strategic-merge patches of a Node and its status, 403/503 on demand, 410
-//! Gone on demand. [`client`] serves it to a kube client without sockets; [`serve_http`] serves
+//! A fake Kubernetes API server for Nodes, in process: list with resourceVersion in pages
+//! (`limit` and `continue`), watch event streams with bookmarks, merge and strategic-merge
+//! patches of a Node and its status, 403/503 on demand, 410 Gone on demand, and a log of every
+//! request with its query. [`client`] serves it to a kube client without sockets; [`serve_http`] serves
 //! it over HTTP inside a lab namespace, for daemons.
 
 use std::collections::BTreeMap;
@@ -29,8 +30,21 @@ pub struct Fake {
     pub patches: Vec<(String, String, Value)>,
     /// Answer everything with this status code.
     pub fail: Option<u16>,
-    /// How many lists were served.
+    /// How many lists (pages) were served.
     pub lists: usize,
+    /// (method, path, query) of every request, in order.
+    pub requests: Vec<(String, String, String)>,
+    /// The resourceVersion each list page reported, in order.
+    pub listed: Vec<u64>,
+}
+
+/// The value of `key` in a query string (`None` when absent).
+pub fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 /// The fake, shared with its requests.
@@ -102,6 +116,21 @@ impl Fake {
         self.event("DELETED", &obj);
     }
 
+    /// A BOOKMARK event: the resourceVersion moves on (as other objects change) and every watch
+    /// is told so. Returns the new resourceVersion.
+    pub fn bookmark(&mut self) -> u64 {
+        self.rv += 1;
+        let obj = json!({"kind": "Node", "apiVersion": "v1",
+                         "metadata": {"resourceVersion": self.rv.to_string()}});
+        self.event("BOOKMARK", &obj);
+        self.rv
+    }
+
+    /// The server ends every watch (as after its timeout), without an error.
+    pub fn close_watches(&mut self) {
+        self.watchers.clear();
+    }
+
     /// The watch expires: an ERROR 410 event, then the streams close.
     pub fn expire(&mut self) {
         self.event("ERROR", &status(410, "Expired"));
@@ -132,6 +161,8 @@ pub async fn serve<B: http_body::Body<Data = Bytes>>(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let mut f = st.lock().expect("fake");
+    f.requests
+        .push((method.to_string(), path.clone(), query.clone()));
     if let Some(code) = f.fail {
         return Ok(full(
             code,
@@ -160,11 +191,27 @@ pub async fn serve<B: http_body::Body<Data = Bytes>>(
         }
         ("GET", "/api/v1/nodes") => {
             f.lists += 1;
-            let items: Vec<Value> = f.nodes.values().cloned().collect();
+            // Pages in name order; the continue token is the last name served.
+            let after = query_value(&query, "continue").unwrap_or("");
+            let limit = query_value(&query, "limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let rest: Vec<(&String, &Value)> = f
+                .nodes
+                .iter()
+                .filter(|(name, _)| after.is_empty() || name.as_str() > after)
+                .collect();
+            let items: Vec<Value> = rest.iter().take(limit).map(|(_, n)| (*n).clone()).collect();
+            let rv = f.rv;
+            let mut meta = json!({"resourceVersion": rv.to_string()});
+            if rest.len() > limit {
+                meta["continue"] = json!(rest[limit - 1].0);
+            }
+            f.listed.push(rv);
             Ok(full(
                 200,
-                &json!({"kind": "NodeList", "apiVersion": "v1",
-                "metadata": {"resourceVersion": f.rv.to_string()}, "items": items}),
+                &json!({"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": items}),
             ))
         }
         ("GET", p) if p.starts_with("/api/v1/nodes/") => {
@@ -204,13 +251,14 @@ pub fn client(st: &Shared) -> kube::Client {
 }
 
 /// Serves the fake over HTTP on `addr` from a thread inside namespace `ns` until the lab's
-/// namespace goes (the thread is detached).
+/// namespace goes (the thread is detached). Returns the path of a kubeconfig (in the lab's
+/// directory) that points a client at it.
 pub fn serve_http(
     lab: &weft::lab::Lab,
     ns: &str,
     addr: std::net::SocketAddr,
     st: Shared,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::path::PathBuf> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let _detached = lab.in_ns(ns, move || -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -233,5 +281,15 @@ pub fn serve_http(
     });
     ready_rx
         .recv_timeout(std::time::Duration::from_secs(5))
-        .map_err(|_| anyhow::anyhow!("the fake API server did not listen on {addr}"))
+        .map_err(|_| anyhow::anyhow!("the fake API server did not listen on {addr}"))?;
+    let kubeconfig = lab.dir.join(format!("kubeconfig-{ns}-{}", addr.port()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        ),
+    )?;
+    Ok(kubeconfig)
 }

@@ -144,3 +144,41 @@ fn mesh_address_follows_the_region() {
         Some("198.18.1.1:6783".parse().unwrap())
     );
 }
+
+/// Everything `m` wants dialled now.
+fn dials(m: &mut Membership) -> Vec<SocketAddr> {
+    std::iter::from_fn(|| m.poll_dial()).collect()
+}
+
+#[test]
+fn a_thousand_bootstrap_addresses_are_dialled_a_few_at_a_time_never_all_at_once() {
+    let mut a = node(1);
+    let cap = MeshConfig::default().max_connections;
+    let many: Vec<SocketAddr> = (0..1000u32)
+        .map(|i| SocketAddr::from(([198, 18, (i / 250) as u8, (i % 250 + 1) as u8], 6783)))
+        .collect();
+    a.join(&many);
+    let first = dials(&mut a);
+    assert!(
+        !first.is_empty() && first.len() <= cap,
+        "join dialled {} of 1000 addresses (at most {cap} wanted)",
+        first.len()
+    );
+    assert!(first.iter().all(|d| many.contains(d)), "{first:?}");
+    // With no connection, each dial round tries a few more, still bounded, and over rounds
+    // not always the same ones.
+    let mut now = Instant::now();
+    let mut tried: std::collections::BTreeSet<SocketAddr> = first.into_iter().collect();
+    for round in 0..20 {
+        now += MeshConfig::default().dial_interval * 2;
+        a.handle_timeout(now);
+        let d = dials(&mut a);
+        assert!(d.len() <= cap + 1, "round {round} dialled {}", d.len());
+        tried.extend(d);
+    }
+    assert!(tried.len() > cap, "only {tried:?} were ever tried");
+    // One address: dialled at once, as before.
+    let mut b = node(2);
+    b.join(&many[..1]);
+    assert_eq!(dials(&mut b), many[..1].to_vec());
+}

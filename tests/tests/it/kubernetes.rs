@@ -55,13 +55,7 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
         u1["spec"]["podCIDRs"] = json!([]);
         f.put(u1);
     }
-    serve_http(&lab, &sw, "198.19.0.100:6443".parse()?, api.clone())?;
-    let kubeconfig = lab.dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://198.19.0.100:6443\n\
-         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {}\n",
-    )?;
+    let kubeconfig = serve_http(&lab, &sw, "198.19.0.100:6443".parse()?, api.clone())?;
     let secret = String::from_utf8(
         weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
     )?;
@@ -328,5 +322,125 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
             d.name
         );
     }
+    Ok(())
+}
+
+/// `VmRSS` and `VmHWM` of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A Node of the 1000-node cluster: `k0000` is the daemon's own, the others are in the same
+/// region at addresses no route leads to (the daemon's dials to them fail at once).
+fn cluster_node(i: usize, region: &str, round: usize) -> Value {
+    let internal = if i == 0 {
+        "198.18.1.1".to_owned()
+    } else {
+        format!("198.19.{}.{}", 100 + i / 250, i % 250 + 1)
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("k{i:04}"),
+                     "labels": {"topology.kubernetes.io/region": region,
+                                "weft.test/round": round.to_string()},
+                     "annotations": {}},
+        "spec": {"podCIDRs": [format!("100.{}.{}.0/24", 64 + i / 256, i % 256)]},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal}]}
+    })
+}
+
+#[test]
+fn a_daemon_watching_a_thousand_nodes_keeps_its_memory_flat_through_churn() -> anyhow::Result<()> {
+    const N: usize = 1000;
+    const ROUNDS: usize = 4;
+    let bin = weft_bin()?;
+    let mut lab = Lab::new("kmem")?;
+    let sw = lab.add_ns("sw")?;
+    lab.bridge(&sw, "lan1")?;
+    lab.ip(&sw, &["addr", "add", "198.18.1.100/24", "dev", "lan1"])?;
+    let api: Shared = Shared::default();
+    {
+        let mut f = api.lock().expect("fake");
+        for i in 0..N {
+            f.put(cluster_node(i, "eu", 0));
+        }
+    }
+    let kubeconfig = serve_http(&lab, &sw, "198.18.1.100:6443".parse()?, api.clone())?;
+    let ns = lab.add_ns("k0")?;
+    lab.plug((&sw, "lan1"), (&ns, "lan0", "198.18.1.1/24"))?;
+    let body = "node:\n  name: k0000\n  key_file: KEY_FILE\nmesh:\n  secret_file: SECRET_FILE\n\
+                kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n";
+    let d = lab.daemon("k0", &ns, body)?;
+    let secret = String::from_utf8(
+        weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+    )?;
+    weft::keys::write_private(&d.secret_file, &secret)?;
+    lab.start_with(
+        &bin,
+        &d,
+        &[],
+        &[("KUBECONFIG", kubeconfig.to_str().context("path")?)],
+    )?;
+    let pid = lab.pid(&d.name).context("the daemon's pid")?;
+    // The fake keeps no history to replay from a resourceVersion: changes go only to open
+    // watches, so the rounds start once the daemon watches.
+    wait_for(
+        "the daemon to list and watch",
+        Duration::from_secs(60),
+        || (!api.lock().ok()?.watchers.is_empty()).then_some(()),
+    )?;
+    // Each round changes every Node, then this node's region last: once status shows that
+    // region, the daemon has taken in the whole round (a watch delivers in order).
+    let mut rss = Vec::new();
+    for round in 0..ROUNDS {
+        let region = format!("eu{round}");
+        {
+            let mut f = api.lock().expect("fake");
+            for i in (1..N).chain([0]) {
+                f.put(cluster_node(i, &region, round));
+            }
+        }
+        wait_for(
+            &format!("round {round} to reach the daemon"),
+            Duration::from_secs(60),
+            || (lab.status(&bin, &d).ok()?["node"]["region"] == region.as_str()).then_some(()),
+        )
+        .map_err(|e| {
+            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+            let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+            let st = lab.status(&bin, &d).map(|s| s["node"].to_string());
+            anyhow::anyhow!("{e}\nstatus: {st:?}\nlog (last lines first):\n{tail}")
+        })?;
+        ensure!(lab.status(&bin, &d)?["kubernetes"] == "ok");
+        rss.push(rss_kib(pid)?);
+    }
+    let log = std::fs::read_to_string(&d.log)?;
+    ensure!(
+        log.contains("Kubernetes nodes listed nodes=1000"),
+        "the daemon did not list 1000 Nodes:\n{log}"
+    );
+    eprintln!("RSS and peak (KiB) after each round of {N} Node changes: {rss:?}");
+    let (first, _) = rss[0];
+    let (last, peak) = rss[ROUNDS - 1];
+    ensure!(
+        peak <= 64 * 1024,
+        "the daemon's peak RSS is {peak} KiB with {N} Nodes (budget 64 MiB): {rss:?}"
+    );
+    ensure!(
+        last <= first + 4 * 1024,
+        "RSS grew from {first} to {last} KiB over {ROUNDS} rounds of {N} Node changes: {rss:?}"
+    );
+    ensure!(
+        lab.stop(&d.name, Duration::from_secs(10))?,
+        "the daemon did not stop cleanly"
+    );
     Ok(())
 }

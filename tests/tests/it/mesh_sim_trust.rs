@@ -44,6 +44,7 @@ fn a_forged_beat_from_a_member_neither_marks_a_live_node_down_nor_keeps_a_dead_o
     let victim_id = sim.node(victim).mesh.id();
     let dead_id = sim.node(dead).mesh.id();
     let dead_version = sim.node(dead).mesh.record().version;
+    let dead_heartbeat = sim.node(dead).mesh.heartbeat();
     sim.kill(dead);
     let killed = sim.now;
     let until = sim.now + 3 * LIVENESS_TIMEOUT;
@@ -92,8 +93,12 @@ fn a_forged_beat_from_a_member_neither_marks_a_live_node_down_nor_keeps_a_dead_o
             );
         }
     }
-    // The dead node went down everywhere within the timeout, as if no one had lied.
+    // The dead node went down everywhere as if no one had lied: no node took a beat above the
+    // last one the dead node itself signed, each went down within the timeout of the last
+    // genuine beat it heard, and that beat was one the dead node sent before it died (it
+    // reached every node within a few gossip rounds of the kill).
     let bound = LIVENESS_TIMEOUT + 2 * GOSSIP_INTERVAL;
+    let spread = 5 * GOSSIP_INTERVAL;
     for j in sim.live() {
         let down = sim
             .node(j)
@@ -101,7 +106,28 @@ fn a_forged_beat_from_a_member_neither_marks_a_live_node_down_nor_keeps_a_dead_o
             .iter()
             .find(|(_, e)| *e == Event::Down(dead_id));
         let (t, _) = down.unwrap_or_else(|| panic!("node {j} kept the dead node alive"));
-        assert!(*t - (killed - sim.start) <= bound, "node {j} took {t:?}");
+        let seen = sim
+            .node(j)
+            .mesh
+            .members()
+            .into_iter()
+            .find(|m| m.id == dead_id)
+            .unwrap_or_else(|| panic!("node {j} forgot the dead node"));
+        assert!(
+            seen.heartbeat <= dead_heartbeat,
+            "node {j} took a forged beat: {} > {dead_heartbeat}",
+            seen.heartbeat
+        );
+        let heard = seen.last_heard - sim.start;
+        assert!(
+            heard <= killed - sim.start + spread,
+            "node {j} last heard the dead node {heard:?}, the kill was at {:?}",
+            killed - sim.start
+        );
+        assert!(
+            *t <= heard + bound,
+            "node {j} took {t:?}, its last beat arrived at {heard:?}"
+        );
     }
     assert!(held_everywhere(&sim, &dead_id, false, &[]));
     // Counted where they arrived: the liar's neighbours, once per frame or beat.

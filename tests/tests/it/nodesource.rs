@@ -13,7 +13,7 @@ use anyhow::{Context as _, ensure};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use weft::nodesource::{NodeSource, SourceEvent};
-use weft_tests::kubeapi::{Shared, client, node};
+use weft_tests::kubeapi::{Shared, client, node, query_value};
 
 /// The next event the source sends that `want` accepts (bounded).
 async fn next(
@@ -199,6 +199,171 @@ async fn a_forbidden_api_is_reported_naming_the_missing_permission() -> anyhow::
         msg.contains("403") && msg.contains("list and watch on nodes"),
         "{msg}"
     );
+    stop_tx.send(true)?;
+    tokio::time::timeout(Duration::from_secs(5), task).await??;
+    Ok(())
+}
+
+/// Node `m{i:04}` with its own /24 in 100.64.0.0/10 and an InternalIP.
+fn numbered(i: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("m{i:04}"),
+                     "labels": {"topology.kubernetes.io/region": "eu"}, "annotations": {}},
+        "spec": {"podCIDRs": [format!("100.{}.{}.0/24", 64 + i / 256, i % 256)]},
+        "status": {"addresses": [{"type": "InternalIP",
+                                  "address": format!("198.18.{}.{}", i / 250, i % 250 + 1)}]}
+    })
+}
+
+/// The (method, path, query) requests the fake has seen so far.
+fn requests(st: &Shared) -> Vec<(String, String, String)> {
+    st.lock().expect("fake").requests.clone()
+}
+
+fn is_list(r: &(String, String, String)) -> bool {
+    r.0 == "GET" && r.1 == "/api/v1/nodes" && query_value(&r.2, "watch") != Some("true")
+}
+
+fn is_watch(r: &(String, String, String)) -> bool {
+    r.0 == "GET" && r.1 == "/api/v1/nodes" && query_value(&r.2, "watch") == Some("true")
+}
+
+/// Polls the request log (bounded) until a request after the first `skip` matches `want`.
+async fn request_after(
+    st: &Shared,
+    skip: usize,
+    what: &str,
+    want: impl Fn(&(String, String, String)) -> bool,
+) -> anyhow::Result<(String, String, String)> {
+    for _ in 0..400 {
+        if let Some(r) = requests(st).into_iter().skip(skip).find(&want) {
+            return Ok(r);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("no {what} within 10 s; requests: {:?}", requests(st))
+}
+
+#[tokio::test]
+async fn the_source_lists_in_pages_patches_as_weft_resumes_from_bookmarks_and_relists_fresh_after_410()
+-> anyhow::Result<()> {
+    const N: usize = 1200;
+    let st: Shared = Arc::default();
+    {
+        let mut f = st.lock().expect("fake");
+        for i in 0..N {
+            f.put(numbered(i));
+        }
+    }
+    let (tx, mut rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let source = NodeSource {
+        client: client(&st),
+        me: "m0000".into(),
+        public_key: "KEY0".into(),
+    };
+    let task = tokio::spawn(source.run(tx, stop_rx));
+    next(&mut rx, "all other nodes", |e| {
+        others(e).is_some_and(|o| o.len() == N - 1)
+    })
+    .await?;
+
+    // The first list: pages of 500 (three for 1200 Nodes), a consistent read (no resourceVersion).
+    let lists: Vec<_> = requests(&st).into_iter().filter(is_list).collect();
+    ensure!(lists.len() == 3, "{lists:?}");
+    for (i, (_, _, q)) in lists.iter().enumerate() {
+        ensure!(query_value(q, "limit") == Some("500"), "page {i}: {q}");
+        ensure!(
+            query_value(q, "resourceVersion").unwrap_or("").is_empty(),
+            "page {i} is not a consistent read: {q}"
+        );
+        ensure!(
+            query_value(q, "continue").is_some() == (i > 0),
+            "page {i}: {q}"
+        );
+    }
+    // The watch resumes from the list's resourceVersion and asks for bookmarks.
+    let listed_rv = st
+        .lock()
+        .expect("fake")
+        .listed
+        .last()
+        .context("a list")?
+        .to_string();
+    let w = request_after(&st, 0, "watch", is_watch).await?;
+    ensure!(
+        query_value(&w.2, "allowWatchBookmarks") == Some("true"),
+        "{w:?}"
+    );
+    ensure!(
+        query_value(&w.2, "resourceVersion") == Some(listed_rv.as_str()),
+        "{w:?}"
+    );
+
+    // Both patches name weft as their field manager.
+    for _ in 0..400 {
+        if requests(&st).iter().filter(|r| r.0 == "PATCH").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let patches: Vec<_> = requests(&st)
+        .into_iter()
+        .filter(|r| r.0 == "PATCH")
+        .collect();
+    ensure!(patches.len() == 2, "{patches:?}");
+    for p in &patches {
+        ensure!(query_value(&p.2, "fieldManager") == Some("weft"), "{p:?}");
+    }
+
+    // A bookmark, then the server ends the watch: the source watches again from the bookmark's
+    // resourceVersion, without listing every Node again.
+    let (seen, lists_before, bookmark_rv) = {
+        let mut f = st.lock().expect("fake");
+        let rv = f.bookmark();
+        f.close_watches();
+        (f.requests.len(), f.lists, rv)
+    };
+    let w = request_after(&st, seen, "a watch after the bookmark", is_watch).await?;
+    ensure!(
+        query_value(&w.2, "resourceVersion") == Some(bookmark_rv.to_string().as_str()),
+        "the watch did not resume from the bookmark ({bookmark_rv}): {w:?}"
+    );
+    ensure!(
+        st.lock().expect("fake").lists == lists_before,
+        "listed again after a bookmark: {:?}",
+        requests(&st)
+    );
+
+    // 410 Gone: a fresh, consistent list (never an older resourceVersion), then a watch from it,
+    // and a Node that appeared meanwhile is seen.
+    let seen = {
+        let mut f = st.lock().expect("fake");
+        f.nodes.insert("m9999".into(), numbered(N));
+        f.nodes.get_mut("m9999").expect("node")["metadata"]["name"] = json!("m9999");
+        f.bump("m9999");
+        f.expire();
+        f.requests.len()
+    };
+    let l = request_after(&st, seen, "a re-list after 410", is_list).await?;
+    ensure!(
+        query_value(&l.2, "resourceVersion")
+            .unwrap_or("")
+            .is_empty(),
+        "the re-list after 410 asked for an old resourceVersion: {l:?}"
+    );
+    next(&mut rx, "the new node after the re-list", |e| {
+        others(e).is_some_and(|o| o.contains_key("m9999") && o.len() == N)
+    })
+    .await?;
+    let w = request_after(&st, seen, "a watch after the re-list", is_watch).await?;
+    let relisted = st.lock().expect("fake").listed.last().copied();
+    ensure!(
+        query_value(&w.2, "resourceVersion") == relisted.map(|r| r.to_string()).as_deref(),
+        "{w:?} (the re-list said {relisted:?})"
+    );
+
     stop_tx.send(true)?;
     tokio::time::timeout(Duration::from_secs(5), task).await??;
     Ok(())
