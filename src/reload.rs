@@ -2,7 +2,8 @@
 //! without a restart — `network.trusted_subnets`, `network.mtu`, `wireguard_peers`,
 //! `mesh.peers` and `log_level` — touching only what changed, so traffic to unaffected peers
 //! keeps flowing. A config that does not load, or that changes anything else, is refused as a
-//! whole with a logged error naming why, and the running config stays.
+//! whole with a logged error naming why, and the running config stays. A change that fails
+//! half-way is taken back step by step (apply, then commit), so nothing is left half-applied.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -112,6 +113,11 @@ impl Reloader {
     }
 
     /// Loads and checks the new config, then applies its changes; returns what changed.
+    ///
+    /// Apply, then commit: the running config is replaced only once every change is in place.
+    /// Each change that succeeds leaves a step to undo it; when one fails, the steps already
+    /// taken are undone in reverse, so the running config *and* the applied state (log level,
+    /// MTU, routes, configured peers) are as they were, and the same file can be reloaded again.
     pub async fn reload(&mut self) -> anyhow::Result<Vec<String>> {
         let new = Config::load(&self.path)?;
         let restart = needs_restart(&self.config, &new);
@@ -123,43 +129,26 @@ impl Reloader {
         }
         // Everything that can fail without changing anything comes first.
         let mtu = crate::daemon::choose_mtu(&new, &self.netlink, self.underlay).await?;
+        let mut undo = Vec::new();
+        let mut applied = match self.apply(&new, mtu, &mut undo).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                let steps = undo.len();
+                let failed = self.undo(undo).await;
+                if failed.is_empty() {
+                    return Err(e.context(format!(
+                        "nothing was applied ({steps} change(s) made before this were undone)"
+                    )));
+                }
+                return Err(e.context(format!(
+                    "undoing the {steps} change(s) made before this failed too: {}",
+                    failed.join("; ")
+                )));
+            }
+        };
+        // Committed: the new config runs. What follows goes to the mesh and cannot fail.
         let old = std::mem::replace(&mut self.config, new);
         let new = &self.config;
-        let (name, index) = self.interface.clone();
-        let mut applied = Vec::new();
-
-        if new.log_level != old.log_level
-            && let Some(set) = &self.set_log
-        {
-            set(&new.log_level).context("log_level")?;
-            applied.push(format!("log_level {}", new.log_level));
-        }
-        if mtu != self.mtu {
-            self.netlink.set_mtu(&name, index, mtu).await?;
-            applied.push(format!("mtu {} -> {mtu}", self.mtu));
-            self.mtu = mtu;
-            if let Ok(mut n) = self.node.lock() {
-                n.mtu = mtu;
-            }
-            self.conflist.set_mtu(mtu);
-        }
-        if new.wireguard_peers != old.wireguard_peers {
-            let (before, after) = (crate::daemon::routes(&old), crate::daemon::routes(new));
-            for r in after.iter().filter(|r| !before.contains(r)) {
-                self.netlink.add_route(&name, index, *r).await?;
-            }
-            let statics = crate::daemon::static_peers(new);
-            match &self.statics {
-                Some(tx) => {
-                    let _ = tx.send(statics);
-                }
-                None => self.apply_statics(&statics).await?,
-            }
-            for r in before.iter().filter(|r| !after.contains(r)) {
-                self.netlink.delete_route(&name, index, *r).await?;
-            }
-            applied.push(format!("wireguard_peers ({})", new.wireguard_peers.len()));
-        }
         if new.network.trusted_subnets != old.network.trusted_subnets {
             let trusted = new.network.trusted_subnets.clone();
             let change = move |r: &mut weft_mesh::NodeRecord| r.trusted_subnets = trusted;
@@ -181,6 +170,106 @@ impl Reloader {
         Ok(applied)
     }
 
+    /// The changes that can fail, in order, each recording how to undo it in `undo`.
+    async fn apply(
+        &mut self,
+        new: &Config,
+        mtu: u16,
+        undo: &mut Vec<Undo>,
+    ) -> anyhow::Result<Vec<String>> {
+        let old = &self.config.clone();
+        let (name, index) = self.interface.clone();
+        let mut applied = Vec::new();
+        if new.log_level != old.log_level
+            && let Some(set) = &self.set_log
+        {
+            set(&new.log_level).context("log_level")?;
+            undo.push(Undo::LogLevel(old.log_level.clone()));
+            applied.push(format!("log_level {}", new.log_level));
+        }
+        if mtu != self.mtu {
+            self.netlink.set_mtu(&name, index, mtu).await?;
+            undo.push(Undo::Mtu(self.mtu));
+            applied.push(format!("mtu {} -> {mtu}", self.mtu));
+            self.show_mtu(mtu);
+        }
+        if new.wireguard_peers != old.wireguard_peers {
+            let (before, after) = (crate::daemon::routes(old), crate::daemon::routes(new));
+            for r in after.iter().filter(|r| !before.contains(r)) {
+                self.netlink.add_route(&name, index, *r).await?;
+                undo.push(Undo::RouteAdded(*r));
+            }
+            self.set_statics(crate::daemon::static_peers(new)).await?;
+            undo.push(Undo::Statics(crate::daemon::static_peers(old)));
+            for r in before.iter().filter(|r| !after.contains(r)) {
+                self.netlink.delete_route(&name, index, *r).await?;
+                undo.push(Undo::RouteDeleted(*r));
+            }
+            applied.push(format!("wireguard_peers ({})", new.wireguard_peers.len()));
+        }
+        Ok(applied)
+    }
+
+    /// Takes `steps` back, last first; returns what could not be taken back.
+    async fn undo(&mut self, steps: Vec<Undo>) -> Vec<String> {
+        let (name, index) = self.interface.clone();
+        let mut failed = Vec::new();
+        for step in steps.into_iter().rev() {
+            let result = match &step {
+                Undo::LogLevel(level) => match &self.set_log {
+                    Some(set) => set(level),
+                    None => Ok(()),
+                },
+                Undo::Mtu(mtu) => match self.netlink.set_mtu(&name, index, *mtu).await {
+                    Ok(()) => {
+                        self.show_mtu(*mtu);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                },
+                Undo::RouteAdded(r) => self
+                    .netlink
+                    .delete_route(&name, index, *r)
+                    .await
+                    .map_err(Into::into),
+                Undo::RouteDeleted(r) => self
+                    .netlink
+                    .add_route(&name, index, *r)
+                    .await
+                    .map_err(Into::into),
+                Undo::Statics(peers) => self.set_statics(peers.clone()).await,
+            };
+            match result {
+                Ok(()) => info!(undone = ?step, "SIGHUP: took a change back"),
+                Err(e) => {
+                    error!(step = ?step, error = format!("{e:#}"), "SIGHUP: could not take a change back");
+                    failed.push(format!("{step:?}: {e:#}"));
+                }
+            }
+        }
+        failed
+    }
+
+    /// The MTU in force: remembered, shown in status, written to the conflist.
+    fn show_mtu(&mut self, mtu: u16) {
+        self.mtu = mtu;
+        if let Ok(mut n) = self.node.lock() {
+            n.mtu = mtu;
+        }
+        self.conflist.set_mtu(mtu);
+    }
+
+    /// The configured peers: to the reconciler when the mesh is on, else to the router.
+    async fn set_statics(&self, statics: Vec<PeerConfig>) -> anyhow::Result<()> {
+        match &self.statics {
+            Some(tx) => {
+                let _ = tx.send(statics);
+                Ok(())
+            }
+            None => self.apply_statics(&statics).await,
+        }
+    }
+
     /// Without a mesh, the configured peers go to the router directly.
     async fn apply_statics(&self, statics: &[PeerConfig]) -> anyhow::Result<()> {
         let snap = crate::control::router_snapshot(&self.router)
@@ -192,6 +281,21 @@ impl Reloader {
         }
         Ok(())
     }
+}
+
+/// One change a reload made, and what taking it back restores.
+#[derive(Debug)]
+enum Undo {
+    /// The log filter was this.
+    LogLevel(String),
+    /// The TUN device's MTU was this.
+    Mtu(u16),
+    /// This route was added.
+    RouteAdded(IpNet),
+    /// This route was removed.
+    RouteDeleted(IpNet),
+    /// The configured peers were these.
+    Statics(Vec<PeerConfig>),
 }
 
 fn subnets(nets: &[IpNet]) -> Vec<String> {

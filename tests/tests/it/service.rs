@@ -334,6 +334,27 @@ fn reload(
     m.lab.signal(name, nix::sys::signal::Signal::SIGHUP)
 }
 
+/// `config` with `network.mtu: 1300` and a WireGuard peer `laptop` (a fresh key) for `allowed`.
+fn with_mtu_and_laptop(config: &str, allowed: &str) -> String {
+    format!(
+        "{}\nwireguard_peers:\n  - name: laptop\n    public_key: {}\n    allowed_ips: {allowed}\n",
+        config.replace("network:\n", "network:\n  mtu: 1300\n"),
+        weft::keys::public_of(&weft::keys::generate())
+    )
+}
+
+/// Waits until e1's status shows MTU 1300 and the peer `laptop`.
+fn wait_mtu_and_laptop(m: &weft_tests::meshlab::MeshLab, what: &str) -> anyhow::Result<()> {
+    wait_for(what, Duration::from_secs(10), || {
+        let st = m.status("e1").ok()?;
+        let has = st["peers"]
+            .as_array()?
+            .iter()
+            .any(|p| p["name"] == "laptop");
+        (st["node"]["mtu"] == 1300 && has).then_some(())
+    })
+}
+
 fn log_has(m: &weft_tests::meshlab::MeshLab, name: &str, what: &str, n: usize) -> Option<()> {
     let log = std::fs::read_to_string(&m.daemon(name).log).ok()?;
     (log.matches(what).count() >= n).then_some(())
@@ -421,25 +442,8 @@ fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_br
     weft_tests::ping(&m.lab, &m.daemon("e1").ns, "100.64.2.1", None)?;
 
     // MTU and a wireguard peer.
-    reload(&m, "e1", |t| {
-        format!(
-            "{}\nwireguard_peers:\n  - name: laptop\n    public_key: {}\n    allowed_ips: [100.127.9.0/24]\n",
-            t.replace("network:\n", "network:\n  mtu: 1300\n"),
-            weft::keys::public_of(&weft::keys::generate())
-        )
-    })?;
-    wait_for(
-        "e1 to apply the MTU and the new peer",
-        Duration::from_secs(10),
-        || {
-            let st = m.status("e1").ok()?;
-            let has = st["peers"]
-                .as_array()?
-                .iter()
-                .any(|p| p["name"] == "laptop");
-            (st["node"]["mtu"] == 1300 && has).then_some(())
-        },
-    )?;
+    reload(&m, "e1", |t| with_mtu_and_laptop(t, "[100.127.9.0/24]"))?;
+    wait_mtu_and_laptop(&m, "e1 to apply the MTU and the new peer")?;
     let link = weft::lab::run(
         m.lab
             .cmd(&m.daemon("e1").ns, "ip")
@@ -482,5 +486,91 @@ fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_br
     );
     ensure!(m.status("e1").is_ok(), "e1 stopped answering");
     weft_tests::ping(&m.lab, &m.daemon("e1").ns, "100.64.3.1", None)?;
+    Ok(())
+}
+
+/// `ip -o link show weft0` and `ip route show dev weft0` in `name`'s namespace.
+fn link_and_routes(m: &weft_tests::meshlab::MeshLab, name: &str) -> anyhow::Result<String> {
+    let ns = &m.daemon(name).ns;
+    let link = weft::lab::run(m.lab.cmd(ns, "ip").args(["-o", "link", "show", "weft0"]))?;
+    let routes = weft::lab::run(m.lab.cmd(ns, "ip").args(["route", "show", "dev", "weft0"]))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&link.stdout),
+        String::from_utf8_lossy(&routes.stdout)
+    ))
+}
+
+#[test]
+fn a_reload_that_fails_half_way_leaves_the_running_config_and_the_applied_state_as_they_were()
+-> anyhow::Result<()> {
+    use weft_tests::meshlab::{MeshLab, Spec};
+    let m = MeshLab::start(
+        "rb",
+        &[Spec {
+            name: "e1",
+            region: "eu",
+            lan: 1,
+            host: 1,
+            block: Some(1),
+            bootstrap: None,
+        }],
+    )?;
+    let ns = m.daemon("e1").ns.clone();
+    let mtu = m.status("e1")?["node"]["mtu"].clone();
+    ensure!(mtu != 1300, "the lab starts at MTU {mtu}");
+    let before = link_and_routes(&m, "e1")?;
+    let conflist = m.daemon("e1").config.with_file_name("10-weft.conflist");
+    let conflist_before = std::fs::read_to_string(&conflist)?;
+    // Someone else holds a route to 100.127.99.0/24: adding weft's fails half-way through the
+    // reload, after the MTU and the first peer's route were applied.
+    m.lab
+        .ip(&ns, &["route", "add", "100.127.99.0/24", "dev", "lo"])?;
+    reload(&m, "e1", |t| {
+        with_mtu_and_laptop(t, "[100.127.50.0/24, 100.127.99.0/24]")
+    })?;
+    wait_for("the refusal", Duration::from_secs(10), || {
+        log_has(&m, "e1", "reload refused", 1)
+    })?;
+    let log = std::fs::read_to_string(&m.daemon("e1").log)?;
+    ensure!(
+        log.contains("100.127.99.0/24") && log.contains("were undone"),
+        "the refusal does not name the route or say the rest was undone:\n{log}"
+    );
+    for line in log.lines().filter(|l| l.contains("SIGHUP")) {
+        eprintln!("{line}");
+    }
+    // Everything as it was: link MTU, routes, status, conflist, peers.
+    ensure!(
+        link_and_routes(&m, "e1")? == before,
+        "the applied state changed:\nbefore: {before}\nafter: {}",
+        link_and_routes(&m, "e1")?
+    );
+    let st = m.status("e1")?;
+    ensure!(st["node"]["mtu"] == mtu, "status MTU {}", st["node"]["mtu"]);
+    ensure!(
+        !st["peers"]
+            .as_array()
+            .context("peers")?
+            .iter()
+            .any(|p| p["name"] == "laptop"),
+        "the half-applied peer is in status"
+    );
+    ensure!(
+        std::fs::read_to_string(&conflist)? == conflist_before,
+        "the conflist changed"
+    );
+    // The running config is still the old one: once the route is free, the same file applies.
+    m.lab
+        .ip(&ns, &["route", "del", "100.127.99.0/24", "dev", "lo"])?;
+    m.lab.signal("e1", nix::sys::signal::Signal::SIGHUP)?;
+    wait_mtu_and_laptop(&m, "the same file to apply on the next SIGHUP")?;
+    let after = link_and_routes(&m, "e1")?;
+    ensure!(
+        after.contains("mtu 1300")
+            && after.contains("100.127.50.0/24")
+            && after.contains("100.127.99.0/24"),
+        "{after}"
+    );
     Ok(())
 }
