@@ -473,8 +473,27 @@ pub async fn kubernetes_loop(
                 if names.borrow().as_ref() != Some(&set) {
                     let _ = names.send(Some(set));
                 }
+                // Other Nodes' address annotations count only where the mesh's signed
+                // record for that node agrees.
+                let signed: crate::k8s::SignedAddresses = mesh_snapshot(&mesh)
+                    .await
+                    .map(|snap| {
+                        snap.members
+                            .into_iter()
+                            .map(|m| {
+                                let r = m.record;
+                                (r.name, (r.private_address, r.public_address))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let mut addrs = configured.clone();
-                addrs.extend(crate::k8s::bootstrap(&others, region.as_deref(), mesh_port));
+                addrs.extend(crate::k8s::bootstrap(
+                    &others,
+                    region.as_deref(),
+                    mesh_port,
+                    &signed,
+                ));
                 if addrs != joined {
                     debug!(peers = ?addrs, "bootstrap peers from the Kubernetes nodes");
                     let _ = mesh.send(MeshCommand::Join(addrs.clone())).await;

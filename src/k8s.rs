@@ -2,14 +2,17 @@
 //! `topology.kubernetes.io/region` label, else the deprecated
 //! `failure-domain.beta.kubernetes.io/region`), the private and public addresses (`InternalIP`
 //! and `ExternalIP`, overridden by the `weft.dev/private-address` and `weft.dev/public-address`
-//! annotations), the pod blocks (`spec.podCIDRs`, else `spec.podCIDR`) and the WireGuard key a
+//! annotations — on another Node an annotation counts only when that node's signed mesh record
+//! agrees, see [`vetted_addresses`]), the pod blocks (`spec.podCIDRs`, else `spec.podCIDR`) and the WireGuard key a
 //! weft daemon published (`weft.dev/public-key`). The node source ([`crate::nodesource`]) builds
 //! on this, and [`own_facts`] says where each of this node's facts came from.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
+use tracing::debug;
 
 /// The region label.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
@@ -41,6 +44,10 @@ pub struct NodeView {
     pub private_annotated: bool,
     /// `public_address` comes from the `weft.dev/public-address` annotation, not `ExternalIP`.
     pub public_annotated: bool,
+    /// The Node's `InternalIP` (as the kubelet reports it), whatever the annotations say.
+    pub internal_ip: Option<IpAddr>,
+    /// The Node's `ExternalIP`, whatever the annotations say.
+    pub external_ip: Option<IpAddr>,
 }
 
 /// Where one of this node's facts came from, as `weft status --json` names it.
@@ -122,13 +129,15 @@ impl NodeView {
                 })
                 .transpose()
         };
+        let (internal_ip, external_ip) =
+            (status_address("InternalIP")?, status_address("ExternalIP")?);
         let (private_address, private_annotated) = match annotated(PRIVATE_ANNOTATION)? {
             Some(a) => (Some(a), true),
-            None => (status_address("InternalIP")?, false),
+            None => (internal_ip, false),
         };
         let (public_address, public_annotated) = match annotated(PUBLIC_ANNOTATION)? {
             Some(a) => (Some(a), true),
-            None => (status_address("ExternalIP")?, false),
+            None => (external_ip, false),
         };
         let spec = node.spec.clone().unwrap_or_default();
         let cidrs = match (spec.pod_cidrs, spec.pod_cidr) {
@@ -153,6 +162,8 @@ impl NodeView {
             public_key: annotations.get(KEY_ANNOTATION).cloned(),
             private_annotated,
             public_annotated,
+            internal_ip,
+            external_ip,
         })
     }
 }
@@ -215,21 +226,67 @@ pub fn own_facts(me: &NodeView, node: &weft_config::Node) -> OwnFacts {
     f
 }
 
+/// The addresses another node's mesh record signs, by node name: (private, public).
+pub type SignedAddresses = BTreeMap<String, (Option<IpAddr>, Option<IpAddr>)>;
+
+/// The addresses weft uses for another Node: (private, public). An address annotation counts
+/// only when the node's own signed mesh record carries the same address; otherwise (no record
+/// yet, or a different address) it is ignored and the Node's `InternalIP` / `ExternalIP` is
+/// used. Anyone who may patch Nodes can write annotations; only the node itself can sign its
+/// record.
+pub fn vetted_addresses(
+    n: &NodeView,
+    signed: &SignedAddresses,
+) -> (Option<IpAddr>, Option<IpAddr>) {
+    let record = signed.get(&n.name);
+    let vet = |annotated: bool, address: Option<IpAddr>, status: Option<IpAddr>, which: &str| {
+        if !annotated {
+            return address;
+        }
+        let agrees = record.is_some_and(|(private, public)| {
+            address.is_some() && (address == *private || address == *public)
+        });
+        if !agrees {
+            debug!(node = %n.name, annotation = which, address = ?address, used = ?status,
+                   "ignoring another Node's address annotation its signed mesh record does not carry");
+            return status;
+        }
+        address
+    };
+    (
+        vet(
+            n.private_annotated,
+            n.private_address,
+            n.internal_ip,
+            PRIVATE_ANNOTATION,
+        ),
+        vet(
+            n.public_annotated,
+            n.public_address,
+            n.external_ip,
+            PUBLIC_ANNOTATION,
+        ),
+    )
+}
+
 /// The gossip addresses of the other nodes, to bootstrap from: the private address of a node in
-/// this node's region, the public one (else the private one) of any other.
+/// this node's region, the public one (else the private one) of any other, each vetted by
+/// [`vetted_addresses`] against the mesh's signed records.
 pub fn bootstrap(
     others: &[NodeView],
     my_region: Option<&str>,
     mesh_port: u16,
+    signed: &SignedAddresses,
 ) -> Vec<std::net::SocketAddr> {
     let mut out: Vec<std::net::SocketAddr> = others
         .iter()
         .filter_map(|n| {
+            let (private, public) = vetted_addresses(n, signed);
             let same = my_region.is_some() && n.region.as_deref() == my_region;
             let addr = if same {
-                n.private_address.or(n.public_address)
+                private.or(public)
             } else {
-                n.public_address.or(n.private_address)
+                public.or(private)
             };
             addr.map(|a| std::net::SocketAddr::new(a, mesh_port))
         })
@@ -288,6 +345,8 @@ mod tests {
             public_key: None,
             private_annotated: false,
             public_annotated: false,
+            internal_ip: Some(private.parse().unwrap()),
+            external_ip: public.map(|p| p.parse().unwrap()),
         };
         let me = view("n1", "eu", "198.18.1.1", Some("198.19.0.1"));
         let mut cfg = weft_config::Config::parse(
@@ -307,11 +366,53 @@ mod tests {
             view("n3", "us", "198.18.2.3", Some("198.19.0.3")),
             view("n4", "us", "198.18.2.4", None),
         ];
-        let b: Vec<String> = bootstrap(&others, Some("eu"), 6783)
+        let b: Vec<String> = bootstrap(&others, Some("eu"), 6783, &SignedAddresses::new())
             .iter()
             .map(ToString::to_string)
             .collect();
         assert_eq!(b, ["198.18.1.2:6783", "198.18.2.4:6783", "198.19.0.3:6783"]);
+    }
+
+    #[test]
+    fn another_nodes_address_annotation_counts_only_when_its_signed_record_agrees() {
+        // n2's Node says InternalIP 198.18.1.2, but someone who may patch Nodes annotated it
+        // with an address of their own.
+        let n2 = NodeView::from_node(&node(serde_json::json!({
+            "metadata": {"name": "n2", "labels": {"topology.kubernetes.io/region": "eu"},
+                "annotations": {"weft.dev/private-address": "198.18.9.9",
+                                "weft.dev/public-address": "198.19.9.9"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.2"},
+                                     {"type": "ExternalIP", "address": "198.19.0.2"}]}})))
+        .unwrap();
+        let dial = |signed: &SignedAddresses, region| -> Vec<String> {
+            bootstrap(std::slice::from_ref(&n2), Some(region), 6783, signed)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let ip = |a: &str| Some(a.parse::<IpAddr>().unwrap());
+        // No record yet: the status addresses, not the annotations.
+        let none = SignedAddresses::new();
+        assert_eq!(
+            vetted_addresses(&n2, &none),
+            (ip("198.18.1.2"), ip("198.19.0.2"))
+        );
+        assert_eq!(dial(&none, "eu"), ["198.18.1.2:6783"]);
+        assert_eq!(dial(&none, "us"), ["198.19.0.2:6783"]);
+        // A record with other addresses: still ignored.
+        let other = SignedAddresses::from([("n2".into(), (ip("198.18.1.2"), ip("198.19.0.2")))]);
+        assert_eq!(dial(&other, "eu"), ["198.18.1.2:6783"]);
+        // A record that signs the annotated addresses (the node moved): used.
+        let agrees = SignedAddresses::from([("n2".into(), (ip("198.18.9.9"), ip("198.19.9.9")))]);
+        assert_eq!(
+            vetted_addresses(&n2, &agrees),
+            (ip("198.18.9.9"), ip("198.19.9.9"))
+        );
+        assert_eq!(dial(&agrees, "eu"), ["198.18.9.9:6783"]);
+        // A record under another name does not vouch for n2.
+        let elsewhere =
+            SignedAddresses::from([("n3".into(), (ip("198.18.9.9"), ip("198.19.9.9")))]);
+        assert_eq!(dial(&elsewhere, "us"), ["198.19.0.2:6783"]);
     }
 
     #[test]
