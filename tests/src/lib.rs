@@ -212,3 +212,26 @@ pub fn ping(lab: &Lab, ns: &str, dst: &str, src: Option<&str>) -> anyhow::Result
     )?;
     Ok(())
 }
+
+/// One HTTP/1.1 GET of `path` from `addr`, made inside namespace `ns`; the whole response.
+pub fn http_get(
+    lab: &Lab,
+    ns: &str,
+    addr: &'static str,
+    path: &'static str,
+) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    lab.in_ns(ns, move || {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the scraper panicked"))?
+}

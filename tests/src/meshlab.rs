@@ -218,10 +218,15 @@ impl MeshLab {
     pub fn wait_full_mesh(&self, names: &[&str]) -> anyhow::Result<()> {
         for a in names {
             for b in names.iter().filter(|b| *b != a) {
+                // Routed: a peer entry with the other's blocks (a node that has just started
+                // may show its peers before its own block is in place).
                 wait_for(
                     &format!("{a} to route {b}"),
                     Duration::from_secs(30),
-                    || self.peer(a, b),
+                    || {
+                        self.peer(a, b)
+                            .filter(|p| p["pod_cidrs"].as_array().is_some_and(|c| !c.is_empty()))
+                    },
                 )?;
             }
         }

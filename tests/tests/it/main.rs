@@ -5,6 +5,7 @@ mod bad_config;
 mod claims;
 mod cli;
 mod cni;
+mod dashboard;
 mod demo;
 mod deploy;
 mod interop;

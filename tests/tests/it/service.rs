@@ -1,14 +1,13 @@
 //! weft as a service: the systemd notify protocol over a stand-in `NOTIFY_SOCKET`, and the
 //! metrics endpoint scraped during traffic. Run as root.
 
-use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use weft::lab::{Lab, wait_for};
 use weft::metrics::{Sample, parse_exposition};
-use weft_tests::{Pair, node_config, tcp_transfer, weft_bin};
+use weft_tests::{Pair, http_get, node_config, tcp_transfer, weft_bin};
 
 /// Every message on `sock` until `until` says stop or `limit` passes.
 fn collect(
@@ -119,22 +118,6 @@ fn ready_comes_after_the_interface_is_up_the_watchdog_is_petted_and_stopping_is_
 }
 
 /// `GET path` on `addr` from inside namespace `ns`; the body.
-fn http_get(lab: &Lab, ns: &str, addr: &'static str, path: &'static str) -> anyhow::Result<String> {
-    lab.in_ns(ns, move || {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the scraper panicked"))?
-}
-
 fn value(samples: &[Sample], name: &str, peer: &str) -> Option<f64> {
     samples
         .iter()
