@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds weft's container image from the built binaries without pulling anything: FROM scratch
 # (deploy/container/Containerfile) with weft and weft-cni, nft for masquerade, cp for the
-# DaemonSet's init container, and every shared library they load (as ldd lists them).
+# DaemonSet's init container, every shared library they load (as ldd lists them), and the
+# host's CA bundle (the Kubernetes client will not start without system roots).
 #
 #   cargo build --release --bins && scripts/image.sh
 #
@@ -32,11 +33,14 @@ built=$("$bin_dir/weft" --version)
 [ "$built" = "weft $version" ] || { echo "image.sh: $bin_dir/weft says \"$built\", the tree is at $version: rebuild it" >&2; exit 1; }
 nft=$(PATH="$PATH:/usr/sbin:/sbin" command -v nft) || { echo "image.sh: nft is missing (Debian package nftables): the image needs it for masquerade" >&2; exit 1; }
 cp_bin=$(command -v cp)
+cas=/etc/ssl/certs/ca-certificates.crt
+[ -s "$cas" ] || { echo "image.sh: $cas is missing (Debian package ca-certificates): the Kubernetes client needs CA roots" >&2; exit 1; }
 command -v "$engine" >/dev/null || { echo "image.sh: $engine is missing" >&2; exit 1; }
 
 ctx=target/image/rootfs
 rm -rf "$ctx"
-mkdir -p "$ctx"/{usr/local/bin,usr/sbin,bin,etc/weft,etc/cni/net.d,var/lib/weft,run/weft,tmp}
+mkdir -p "$ctx"/{usr/local/bin,usr/sbin,bin,etc/weft,etc/cni/net.d,etc/ssl/certs,var/lib/weft,run/weft,tmp}
+install -m 0644 "$cas" "$ctx/etc/ssl/certs/ca-certificates.crt"
 chmod 1777 "$ctx/tmp"
 chmod 0700 "$ctx/etc/weft" "$ctx/var/lib/weft"
 strip --strip-debug -o "$ctx/usr/local/bin/weft" "$bin_dir/weft"

@@ -8,6 +8,7 @@ mod cni;
 mod dashboard;
 mod demo;
 mod deploy;
+mod image;
 mod interop;
 mod ipam;
 mod ipam_sim;
