@@ -110,6 +110,34 @@ fn an_empty_file_is_all_defaults() {
 }
 
 #[test]
+fn a_conflist_is_written_only_when_cni_conflist_is_set_or_kubernetes_is_enabled() {
+    let standalone = parse("node:\n  pod_cidr: 100.64.1.0/24\n").unwrap();
+    assert_eq!(
+        standalone.cni.conflist, None,
+        "a standalone node writes no conflist"
+    );
+    let kubernetes = parse("kubernetes:\n  enabled: true\n").unwrap();
+    assert_eq!(
+        kubernetes.cni.conflist.as_deref(),
+        Some(Path::new(weft_config::DEFAULT_CONFLIST))
+    );
+    assert_eq!(
+        weft_config::DEFAULT_CONFLIST,
+        "/etc/cni/net.d/10-weft.conflist"
+    );
+    let told = parse("cni:\n  conflist: /tmp/x/10-weft.conflist\n").unwrap();
+    assert_eq!(
+        told.cni.conflist.as_deref(),
+        Some(Path::new("/tmp/x/10-weft.conflist"))
+    );
+    let both = parse("kubernetes:\n  enabled: true\ncni:\n  conflist: /tmp/y.conflist\n").unwrap();
+    assert_eq!(
+        both.cni.conflist.as_deref(),
+        Some(Path::new("/tmp/y.conflist"))
+    );
+}
+
+#[test]
 fn dual_stack_pod_network_takes_a_list() {
     let c = parse(
         "network:\n  pod_network_cidr: [100.64.0.0/16, 'fd00:64::/48']\n  node_cidr_mask_size_ipv6: 64\n",

@@ -1,5 +1,6 @@
 //! The systemd unit and the install scripts of `deploy/`: the unit passes
-//! `systemd-analyze verify`, and install/uninstall put and take their files under `DESTDIR`.
+//! `systemd-analyze verify`, install/uninstall put and take their files under `DESTDIR`, and the
+//! Debian package installs, runs, stops on removal and purges (in a copy of this machine).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -179,5 +180,105 @@ fn scripts_deb_sh_builds_a_package_with_the_binaries_unit_cni_plugin_and_a_priva
         "the config is a conffile"
     );
     let _ = std::fs::remove_dir_all(&out_dir);
+    Ok(())
+}
+
+/// The package's life on a machine, run in a lab namespace with a private mount namespace whose
+/// `/etc`, `/var`, `/usr` and `/opt` are overlays (and `/run` a tmpfs), so `dpkg` works on a
+/// copy of this machine and nothing lands on it. Each step prints a marker the test checks.
+const PACKAGE_LIFE: &str = r#"set -eu
+for d in etc var usr opt; do
+    mount -t overlay weft-pkg -o "lowerdir=/$d,upperdir=$ROOT/$d,workdir=$ROOT/$d.work" "/$d"
+done
+mount -t tmpfs weft-pkg /run
+dpkg -i "$DEB" >/dev/null
+echo STEP installed
+test -x /usr/bin/weft && test -x /opt/cni/bin/weft-cni
+systemd-analyze verify /lib/systemd/system/weft.service
+echo STEP verified
+# Configured as the postinst says, then started as the unit's ExecStart does (no systemd here).
+(umask 077; weft gensecret > /etc/weft/secret)
+printf 'node:\n  name: pkg\n  private_address: 198.18.1.1\n  pod_cidr: 100.64.1.0/24\nmesh:\n  secret_file: /etc/weft/secret\n' > /etc/weft/weft.yaml
+/usr/bin/weft run --config /etc/weft/weft.yaml 2>"$ROOT/weft.log" &
+pid=$!
+for _ in $(seq 200); do
+    weft status >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || { cat "$ROOT/weft.log"; exit 1; }
+    sleep 0.05
+done
+weft status >/dev/null
+ip link show weft0 >/dev/null
+echo STEP running
+# Installed again over itself (as an upgrade does): the edited config stays as edited.
+dpkg -i "$DEB" </dev/null >/dev/null
+grep -q 'name: pkg' /etc/weft/weft.yaml
+echo STEP reinstalled
+# Removed: nothing of weft keeps running, its device is gone; config and state stay.
+dpkg -r weft >/dev/null
+for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+if kill -0 "$pid" 2>/dev/null; then echo "weft still runs after dpkg -r"; exit 1; fi
+if ip link show weft0 >/dev/null 2>&1; then echo "weft0 left after dpkg -r"; exit 1; fi
+test ! -e /usr/bin/weft && test ! -e /opt/cni/bin/weft-cni
+test -f /etc/weft/weft.yaml && test -f /etc/weft/secret && test -f /var/lib/weft/private.key
+echo STEP removed
+# Purged: config, secret and state are gone too.
+dpkg -P weft >/dev/null
+test ! -e /etc/weft && test ! -e /var/lib/weft
+echo STEP purged
+"#;
+
+#[test]
+fn the_package_installs_runs_stops_on_removal_and_purges_its_config_and_state() -> anyhow::Result<()>
+{
+    let bin = weft_bin()?;
+    let out_dir = scratch("deb-life")?;
+    let out = Command::new(scripts_dir().join("deb.sh"))
+        .env("BIN_DIR", bin.parent().context("bin dir")?)
+        .env("OUT_DIR", &out_dir)
+        .output()?;
+    ensure!(out.status.success(), "deb.sh: {out:?}");
+    let deb = String::from_utf8(out.stdout)?.trim().to_owned();
+    let mut lab = weft::lab::Lab::new("pk")?;
+    let ns = lab.add_ns("p")?;
+    let peer = lab.add_ns("q")?;
+    lab.link(
+        (&ns, "eth0", "198.18.1.1/24"),
+        (&peer, "eth0", "198.18.1.2/24"),
+    )?;
+    let root = lab.dir.join("machine");
+    for d in ["etc", "var", "usr", "opt"] {
+        std::fs::create_dir_all(root.join(d))?;
+        std::fs::create_dir_all(root.join(format!("{d}.work")))?;
+    }
+    let out = lab
+        .cmd(&ns, "unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            PACKAGE_LIFE,
+        ])
+        .env("ROOT", &root)
+        .env("DEB", &deb)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&out_dir);
+    for step in [
+        "installed",
+        "verified",
+        "running",
+        "reinstalled",
+        "removed",
+        "purged",
+    ] {
+        ensure!(
+            stdout.contains(&format!("STEP {step}\n")),
+            "the package's life stopped before '{step}':\n{stdout}\n{stderr}"
+        );
+    }
+    ensure!(out.status.success(), "{stdout}\n{stderr}");
     Ok(())
 }
