@@ -148,17 +148,23 @@ fn the_daemonset_runs_the_image_scripts_image_sh_tags() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn scripts_deb_sh_builds_a_package_with_the_binaries_unit_cni_plugin_and_a_private_config()
--> anyhow::Result<()> {
+/// Builds the package from this build's binaries into a scratch directory: (directory, .deb).
+fn build_deb(tag: &str) -> anyhow::Result<(PathBuf, String)> {
     let bin = weft_bin()?;
-    let out_dir = scratch("deb")?;
+    let out_dir = scratch(tag)?;
     let out = Command::new(scripts_dir().join("deb.sh"))
         .env("BIN_DIR", bin.parent().context("bin dir")?)
         .env("OUT_DIR", &out_dir)
         .output()?;
     ensure!(out.status.success(), "deb.sh: {out:?}");
     let deb = String::from_utf8(out.stdout)?.trim().to_owned();
+    Ok((out_dir, deb))
+}
+
+#[test]
+fn scripts_deb_sh_builds_a_package_with_the_binaries_unit_cni_plugin_and_a_private_config()
+-> anyhow::Result<()> {
+    let (out_dir, deb) = build_deb("deb")?;
     let list = weft::lab::run(Command::new("dpkg-deb").args(["-c", &deb]))?;
     let list = String::from_utf8(list.stdout)?;
     for (mode, path) in [
@@ -230,14 +236,7 @@ echo STEP purged
 #[test]
 fn the_package_installs_runs_stops_on_removal_and_purges_its_config_and_state() -> anyhow::Result<()>
 {
-    let bin = weft_bin()?;
-    let out_dir = scratch("deb-life")?;
-    let out = Command::new(scripts_dir().join("deb.sh"))
-        .env("BIN_DIR", bin.parent().context("bin dir")?)
-        .env("OUT_DIR", &out_dir)
-        .output()?;
-    ensure!(out.status.success(), "deb.sh: {out:?}");
-    let deb = String::from_utf8(out.stdout)?.trim().to_owned();
+    let (out_dir, deb) = build_deb("deb-life")?;
     let mut lab = weft::lab::Lab::new("pk")?;
     let ns = lab.add_ns("p")?;
     let peer = lab.add_ns("q")?;
