@@ -773,6 +773,9 @@ pub fn status(
             ("handshake_failed", m.transport.handshake_failed),
             ("undecryptable", m.transport.undecryptable),
             ("write_queue_full", m.transport.write_queue_full),
+            ("unconfirmed", m.transport.unconfirmed),
+            ("pending_refused", m.transport.pending_refused),
+            ("timed_out", m.transport.timed_out),
         ] {
             if v > 0 {
                 drops.insert(k.to_owned(), v);

@@ -297,6 +297,22 @@ pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounter
             "Open gossip connections",
             m.connections as f64,
         );
+        let closed = counter::<Reason>(
+            &mut reg,
+            "weft_mesh_connections_closed",
+            "Gossip connections closed by weft, by reason: refused while too many were still proving the secret (pending_cap), silent or not reading (timeout)",
+            None,
+        );
+        for (reason, n) in [
+            ("pending_cap", m.transport.pending_refused),
+            ("timeout", m.transport.timed_out),
+        ] {
+            closed
+                .get_or_create(&Reason {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
         plain_counter(
             &mut reg,
             "weft_mesh_gossip_sent",
@@ -314,11 +330,12 @@ pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounter
         let auth = counter::<Stage>(
             &mut reg,
             "weft_mesh_authentication_failures",
-            "Gossip refused for failed authentication: the connection handshake (no or wrong cluster secret), a message that did not decrypt, a record whose signature did not verify",
+            "Gossip refused for failed authentication: the connection handshake (no or wrong cluster secret), its confirmation (a replayed first message: no first frame that decrypts), a message that did not decrypt, a record whose signature did not verify",
             None,
         );
         for (stage, n) in [
             ("handshake", m.transport.handshake_failed),
+            ("confirmation", m.transport.unconfirmed),
             ("message", m.transport.undecryptable),
             ("record", m.drops.unauthenticated),
         ] {

@@ -5,12 +5,20 @@
 //! task `select!`s over their frames, the listener, `sleep_until(poll_timeout)`, commands and
 //! shutdown, and drains every `poll_*` after each input. On shutdown it leaves the mesh (a
 //! tombstone record pushed to every connection) and gives the writers a moment to flush.
+//!
+//! Connections not yet proven (an accepted socket before its handshake and its first frame)
+//! are capped: [`PENDING_MAX`] in all and [`PENDING_PER_SOURCE`] per source address, beyond which
+//! a new socket is closed at once and counted; each pending one costs a few hundred bytes for
+//! at most [`transport::HANDSHAKE_TIMEOUT`]. An accept that fails for want of descriptors or
+//! memory pauses accepting for [`ACCEPT_BACKOFF`] instead of spinning. A proven connection is
+//! closed after [`IDLE_TIMEOUT`] of silence, or when one frame takes longer than
+//! [`WRITE_TIMEOUT`] to write (a peer that stops reading cannot pin its task).
 
 pub mod transport;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -18,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use self::transport::{Received, secure};
+use self::transport::{Received, TransportError, secure};
 use crate::wire::MAX_FRAME;
 use crate::{
     AddressClash, ConnId, Drops, Event, IdentityClash, Member, Membership, NodeId, NodeRecord,
@@ -30,6 +38,17 @@ const WRITE_QUEUE: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for the goodbye to be written.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Accepted connections still proving the secret, in all.
+pub const PENDING_MAX: usize = 64;
+/// Accepted connections still proving the secret, per source address.
+pub const PENDING_PER_SOURCE: usize = 4;
+/// How long accepting pauses after an accept failed for want of descriptors or memory.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// A proven connection silent this long is closed (the core sends beats and digests far more
+/// often).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest one frame may take to write.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the daemon can ask of the mesh.
 pub enum Command {
@@ -64,6 +83,15 @@ pub struct TransportDrops {
     pub undecryptable: u64,
     /// Frames dropped because a connection's write queue was full.
     pub write_queue_full: u64,
+    /// Accepted connections that completed the Noise handshake but never proved the secret
+    /// with a first message (a replayed message 1).
+    pub unconfirmed: u64,
+    /// Accepted connections closed at once: too many were still proving the secret, in all or
+    /// from their source address.
+    pub pending_refused: u64,
+    /// Connections closed after [`IDLE_TIMEOUT`] of silence or a write slower than
+    /// [`WRITE_TIMEOUT`].
+    pub timed_out: u64,
 }
 
 /// Gossip frames and their bytes (before encryption), both ways.
@@ -103,11 +131,16 @@ pub struct Snapshot {
 }
 
 enum Incoming {
-    Connected(ConnId, mpsc::Sender<Vec<u8>>),
+    /// Up, with the first frame when the peer dialled us (it proved the secret).
+    Connected(ConnId, mpsc::Sender<Vec<u8>>, Option<Vec<u8>>),
     Frame(ConnId, Vec<u8>),
     Dropped,
     Closed(ConnId),
-    HandshakeFailed(SocketAddr, String),
+    /// Closed for silence or a stuck write.
+    TimedOut(ConnId),
+    HandshakeFailed(SocketAddr, TransportError),
+    /// An accepted connection from this address is no longer pending (proven or failed).
+    Settled(IpAddr),
 }
 
 #[expect(
@@ -164,6 +197,7 @@ impl MeshDriver {
         let mut next_conn = 1u64;
         let mut transport = TransportDrops::default();
         let mut traffic = Traffic::default();
+        let mut pending: HashMap<IpAddr, usize> = HashMap::new();
         info!(listen = %listener.local_addr()?, node = %mesh.id(), "mesh running");
         loop {
             let deadline = mesh.poll_timeout().map(tokio::time::Instant::from_std);
@@ -201,16 +235,47 @@ impl MeshDriver {
                 },
                 accepted = listener.accept() => match accepted {
                     Ok((stream, from)) => {
-                        let id = ConnId(next_conn);
-                        next_conn += 1;
-                        tasks.spawn(connection(id, stream, from, secret, false, in_tx.clone()));
+                        let total: usize = pending.values().sum();
+                        let mine = pending.entry(from.ip()).or_default();
+                        if total >= PENDING_MAX || *mine >= PENDING_PER_SOURCE {
+                            transport.pending_refused += 1;
+                            debug!(%from, pending = total, "gossip connection refused: too many still proving the secret");
+                            drop(stream);
+                        } else {
+                            *mine += 1;
+                            let id = ConnId(next_conn);
+                            next_conn += 1;
+                            tasks.spawn(connection(id, stream, from, secret, false, in_tx.clone()));
+                        }
+                        pending.retain(|_, n| *n > 0);
                     }
-                    Err(e) => warn!(error = %e, "gossip accept failed"),
+                    Err(e) => {
+                        warn!(error = %e, pause = ?ACCEPT_BACKOFF, "gossip accept failed");
+                        if matches!(e.raw_os_error(), Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)) {
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
+                    }
                 },
                 Some(msg) = in_rx.recv() => match msg {
-                    Incoming::Connected(id, w) => {
+                    Incoming::Connected(id, w, first) => {
                         writers.insert(id, w);
                         mesh.handle_connected(clock(), id);
+                        if let Some(f) = first {
+                            traffic.frames_received += 1;
+                            traffic.bytes_received += f.len() as u64;
+                            mesh.handle_frame(clock(), id, &f);
+                        }
+                    }
+                    Incoming::Settled(ip) => {
+                        if let Some(n) = pending.get_mut(&ip) {
+                            *n = n.saturating_sub(1);
+                        }
+                        pending.retain(|_, n| *n > 0);
+                    }
+                    Incoming::TimedOut(id) => {
+                        transport.timed_out += 1;
+                        writers.remove(&id);
+                        mesh.handle_disconnected(id);
                     }
                     Incoming::Frame(id, f) => {
                         traffic.frames_received += 1;
@@ -223,7 +288,11 @@ impl MeshDriver {
                         mesh.handle_disconnected(id);
                     }
                     Incoming::HandshakeFailed(addr, e) => {
-                        transport.handshake_failed += 1;
+                        if matches!(e, TransportError::Unconfirmed) {
+                            transport.unconfirmed += 1;
+                        } else {
+                            transport.handshake_failed += 1;
+                        }
                         debug!(%addr, error = %e, "gossip handshake failed");
                     }
                 },
@@ -286,7 +355,8 @@ impl MeshDriver {
     }
 }
 
-/// One connection: the handshake, then a reader loop and a writer task.
+/// One connection: the handshake (and, accepted, the peer's proof), then a reader loop and a
+/// writer task.
 async fn connection(
     id: ConnId,
     stream: TcpStream,
@@ -295,51 +365,76 @@ async fn connection(
     initiator: bool,
     incoming: mpsc::Sender<Incoming>,
 ) {
-    let secured = match secure(stream, &secret, initiator).await {
+    let secured = secure(stream, &secret, initiator, MAX_FRAME).await;
+    if !initiator {
+        let _ = incoming.send(Incoming::Settled(addr.ip())).await;
+    }
+    let secured = match secured {
         Ok(s) => s,
         Err(e) => {
-            let _ = incoming
-                .send(Incoming::HandshakeFailed(addr, e.to_string()))
-                .await;
+            let _ = incoming.send(Incoming::HandshakeFailed(addr, e)).await;
             return;
         }
     };
     let (mut reader, mut writer) = (secured.reader, secured.writer);
     let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    if incoming.send(Incoming::Connected(id, wtx)).await.is_err() {
+    if incoming
+        .send(Incoming::Connected(id, wtx, secured.first))
+        .await
+        .is_err()
+    {
         return;
     }
     debug!(?id, %addr, initiator, "gossip connection up");
+    // Each half ends with whether it gave up on a timeout.
     let write = async move {
         while let Some(frame) = wrx.recv().await {
-            if writer.send(&frame).await.is_err() {
-                break;
+            match tokio::time::timeout(WRITE_TIMEOUT, writer.send(&frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return false,
+                Err(_) => return true,
             }
         }
         writer.shutdown().await;
+        false
     };
     let read = async {
         loop {
-            match reader.recv(MAX_FRAME).await {
-                Ok(Received::Frame(f)) => {
+            match tokio::time::timeout(IDLE_TIMEOUT, reader.recv(MAX_FRAME)).await {
+                Ok(Ok(Received::Frame(f))) => {
                     if incoming.send(Incoming::Frame(id, f)).await.is_err() {
-                        break;
+                        return false;
                     }
                 }
-                Ok(Received::Dropped) => {
+                Ok(Ok(Received::Dropped)) => {
                     let _ = incoming.send(Incoming::Dropped).await;
                 }
-                Err(_) => break,
+                Ok(Err(_)) => return false,
+                Err(_) => return true,
             }
         }
     };
-    // The connection ends when either side ends: the peer closed, or the core dropped us.
-    tokio::select! {
-        () = write => {}
-        () = read => {}
-    }
-    let _ = incoming.send(Incoming::Closed(id)).await;
-    debug!(?id, %addr, "gossip connection closed");
+    // The connection ends when either side ends: the peer closed, the core dropped us, or a
+    // timeout.
+    let timed_out = tokio::select! {
+        t = write => t,
+        t = read => t,
+    };
+    let end = if timed_out {
+        Incoming::TimedOut(id)
+    } else {
+        Incoming::Closed(id)
+    };
+    let _ = incoming.send(end).await;
+    debug!(?id, %addr, timed_out, "gossip connection closed");
+}
+
+/// The errno values of a failed accept that mean "out of descriptors or memory".
+mod libc_errno {
+    pub(super) const ENOMEM: i32 = 12;
+    pub(super) const ENFILE: i32 = 23;
+    pub(super) const EMFILE: i32 = 24;
+    pub(super) const ENOBUFS: i32 = 105;
 }
 
 #[cfg(test)]

@@ -11,6 +11,14 @@
 //! A message that fails to decrypt is dropped and counted; the connection stays (a failed
 //! decryption does not advance the receive nonce). A connection that cannot complete the
 //! handshake within [`HANDSHAKE_TIMEOUT`] is closed.
+//!
+//! Before the handshake completes a connection costs a few hundred bytes: handshake messages
+//! longer than [`HANDSHAKE_MESSAGE`] end it, and the 64 KiB message buffer is allocated after.
+//! The Noise handshake alone proves the responder to the initiator (message 2 mixes the secret
+//! and both ephemeral keys), but not the other way: anyone can replay a captured message 1. So
+//! the responder counts a connection only once the initiator's first message (its Hello)
+//! decrypts, within the same deadline ([`TransportError::Unconfirmed`] otherwise): a round trip
+//! proves the secret both ways.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +36,8 @@ const PROLOGUE: &[u8] = b"weft mesh v1";
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest Noise message.
 const MAX_MESSAGE: usize = 65_535;
+/// The largest handshake message accepted (`NNpsk0`'s two are 48 bytes each).
+pub const HANDSHAKE_MESSAGE: usize = 256;
 /// The largest piece of a frame one message carries.
 const MAX_PIECE: usize = MAX_MESSAGE - 16 - 1;
 
@@ -43,6 +53,12 @@ pub enum TransportError {
     /// The handshake did not complete in time.
     #[error("handshake timed out")]
     Timeout,
+    /// The handshake completed but the initiator sent no message that decrypts in time: it does
+    /// not hold the secret (a replayed message 1).
+    #[error(
+        "the peer completed the handshake but never proved the cluster secret (a replayed first message?)"
+    )]
+    Unconfirmed,
 }
 
 fn noise_err(e: snow::Error) -> TransportError {
@@ -75,6 +91,8 @@ pub struct Secured {
     pub reader: SecureReader,
     /// Writes messages.
     pub writer: SecureWriter,
+    /// The initiator's first frame, which proved it holds the secret (responders only).
+    pub first: Option<Vec<u8>>,
 }
 
 /// The receiving half.
@@ -92,11 +110,14 @@ pub struct SecureWriter {
     state: Arc<Mutex<TransportState>>,
 }
 
-/// Runs the handshake on `stream` as initiator (dialled) or responder (accepted).
+/// Runs the handshake on `stream` as initiator (dialled) or responder (accepted). A responder
+/// also waits for the initiator's first frame (it must decrypt) and returns it in
+/// [`Secured::first`]; frames above `max_frame` do not count.
 pub async fn secure(
     stream: TcpStream,
     secret: &[u8; 32],
     initiator: bool,
+    max_frame: usize,
 ) -> Result<Secured, TransportError> {
     let _ = stream.set_nodelay(true);
     let (mut r, mut w) = stream.into_split();
@@ -107,32 +128,54 @@ pub async fn secure(
         b.build_responder()
     }
     .map_err(noise_err)?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut payload = vec![0u8; MAX_MESSAGE];
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the driver is where the clock is read"
+    )]
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let handshake = async {
+        let mut buf = [0u8; HANDSHAKE_MESSAGE];
+        let mut payload = [0u8; HANDSHAKE_MESSAGE];
         while !hs.is_handshake_finished() {
             if hs.is_my_turn() {
                 let n = hs.write_message(&[], &mut buf).map_err(noise_err)?;
                 write_message(&mut w, &buf[..n]).await?;
             } else {
-                let n = read_message(&mut r, &mut buf).await?;
-                hs.read_message(&buf[..n], &mut payload)
+                let len = usize::from(r.read_u16().await?);
+                if len > HANDSHAKE_MESSAGE {
+                    return Err(TransportError::Handshake(format!(
+                        "a {len}-byte handshake message (at most {HANDSHAKE_MESSAGE})"
+                    )));
+                }
+                r.read_exact(&mut buf[..len]).await?;
+                hs.read_message(&buf[..len], &mut payload)
                     .map_err(noise_err)?;
             }
         }
         Ok::<_, TransportError>(())
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    tokio::time::timeout_at(deadline, handshake)
         .await
         .map_err(|_| TransportError::Timeout)??;
     let state = Arc::new(Mutex::new(hs.into_transport_mode().map_err(noise_err)?));
+    let mut reader = SecureReader {
+        half: r,
+        state: state.clone(),
+        buf: vec![0u8; MAX_MESSAGE],
+    };
+    let first = if initiator {
+        None
+    } else {
+        match tokio::time::timeout_at(deadline, reader.recv(max_frame)).await {
+            Ok(Ok(Received::Frame(f))) => Some(f),
+            Ok(Ok(Received::Dropped)) | Err(_) => return Err(TransportError::Unconfirmed),
+            Ok(Err(e)) => return Err(e),
+        }
+    };
     Ok(Secured {
-        reader: SecureReader {
-            half: r,
-            state: state.clone(),
-            buf,
-        },
+        reader,
         writer: SecureWriter { half: w, state },
+        first,
     })
 }
 

@@ -17,6 +17,7 @@ mod manifests;
 mod mesh;
 mod mesh_sim;
 mod mesh_sim_trust;
+mod mesh_transport;
 mod nodesource;
 mod offload;
 mod service;
