@@ -269,3 +269,92 @@ fn a_node_restarted_in_another_region_is_reached_at_the_right_addresses() -> any
     m.wait_full_mesh(&ALL)?;
     Ok(())
 }
+
+/// Every other node of FOUR pings `to`'s overlay address once; the ones that got no answer.
+fn unreachable_from_others(m: &MeshLab, to: &Spec) -> Vec<String> {
+    let addr = format!("100.64.{}.1", to.block.unwrap_or(0));
+    FOUR.iter()
+        .filter(|s| s.name != to.name)
+        .filter(|s| ping(&m.lab, &m.daemon(s.name).ns, &addr, None).is_err())
+        .map(|s| s.name.to_owned())
+        .collect()
+}
+
+/// Rule (liveness across lives): a node restarted after a minute of uptime, by SIGTERM or by
+/// kill -9, is reachable from every other node in every check from 5 s after its restart
+/// through two liveness timeouts (a heartbeat counter compared across lives would leave it
+/// down for about as long as it had been up).
+#[test]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the scenario is a minute of real uptime, probed on the real clock"
+)]
+fn a_node_restarted_after_a_minute_of_uptime_is_reachable_from_every_node_in_every_check()
+-> anyhow::Result<()> {
+    use std::time::Instant;
+    let mut m = MeshLab::start("mu", &FOUR)?;
+    m.wait_full_mesh(&ALL)?;
+    // A minute of uptime, probed all along (one round a second).
+    let up = Instant::now();
+    for _ in 0..120 {
+        if up.elapsed() >= Duration::from_secs(60) {
+            break;
+        }
+        for s in &FOUR {
+            let missed = unreachable_from_others(&m, s);
+            anyhow::ensure!(
+                missed.is_empty(),
+                "{} unreachable from {missed:?} at {:?}",
+                s.name,
+                up.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let liveness = Duration::from_secs(6);
+    for (victim, kill) in [(1usize, false), (2usize, true)] {
+        let spec = &FOUR[victim];
+        let d = m.daemon(spec.name).clone();
+        if kill {
+            m.lab.kill(spec.name)?;
+        } else {
+            anyhow::ensure!(
+                m.lab.stop(spec.name, Duration::from_secs(10))?,
+                "{} did not stop",
+                spec.name
+            );
+        }
+        m.lab.start(&m.bin, &d)?;
+        let restarted = Instant::now();
+        let how = if kill { "kill -9" } else { "SIGTERM" };
+        let mut checks = 0;
+        let mut failures = Vec::new();
+        for _ in 0..200 {
+            let t = restarted.elapsed();
+            if t > Duration::from_secs(5) + 2 * liveness {
+                break;
+            }
+            let missed = unreachable_from_others(&m, spec);
+            if t >= Duration::from_secs(5) {
+                checks += 1;
+                if !missed.is_empty() {
+                    failures.push((t, missed));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!(
+            "{} after {how}: {checks} checks from 5 s to {:?}, failures {failures:?}",
+            spec.name,
+            Duration::from_secs(5) + 2 * liveness
+        );
+        anyhow::ensure!(checks >= 5, "only {checks} checks ran");
+        anyhow::ensure!(
+            failures.is_empty(),
+            "{} restarted by {how} after {:?} of uptime was unreachable: {failures:?}",
+            spec.name,
+            up.elapsed()
+        );
+    }
+    Ok(())
+}
