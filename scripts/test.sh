@@ -6,8 +6,9 @@
 #
 # Debian packages the end-to-end tests drive (iproute2, wireguard-go, wireguard-tools, tcpdump,
 # iputils-ping, iperf3, systemd for systemd-analyze, procps, nftables, the CNI reference plugins,
-# iptables) are installed first when
-# missing and apt-get is there.
+# iptables, podman and runc for the image test, ca-certificates and binutils for the image
+# script) are installed first when missing and apt-get is there. Where cargo fuzz and a nightly
+# toolchain are installed, the sequence fuzz targets also run for FUZZ_SECS (default 60) each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3 systemd procps nftables containernetworking-plugins iptables)
+packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3 systemd procps nftables containernetworking-plugins iptables podman runc ca-certificates binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -49,5 +50,14 @@ step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 # bench/results/router.md); they fail loudly when a comparison cannot run.
 step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --out target/net-smoke.md
 step cargo run -q -p weft-bench --locked -- router --secs 1 --out target/router-smoke.md
+# The sequence fuzz targets (router datagrams, gossip frames over time), bounded in time.
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    for target in router_sequence mesh_sequence; do
+        step cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECS:-60}" -rss_limit_mb=2048
+    done
+else
+    echo
+    echo "==> fuzz runs not done: cargo fuzz with a nightly toolchain is not installed (cargo install cargo-fuzz; rustup toolchain install nightly); the targets were only built above"
+fi
 echo
 echo "==> all checks passed"
