@@ -18,6 +18,7 @@ mod mesh;
 mod mesh_sim;
 mod mesh_sim_trust;
 mod mesh_transport;
+mod mesh_trust;
 mod nodesource;
 mod offload;
 mod service;
