@@ -50,9 +50,10 @@ step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 # bench/results/router.md); they fail loudly when a comparison cannot run.
 step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --out target/net-smoke.md
 step cargo run -q -p weft-bench --locked -- router --secs 1 --out target/router-smoke.md
-# The sequence fuzz targets (router datagrams, gossip frames over time), bounded in time.
+# The sequence fuzz targets (router datagrams, gossip frames over time, the transport's framing),
+# bounded in time.
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
-    for target in router_sequence mesh_sequence; do
+    for target in router_sequence mesh_sequence transport_framing; do
         step cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECS:-60}" -rss_limit_mb=2048
     done
 else

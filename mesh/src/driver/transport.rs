@@ -24,22 +24,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snow::{HandshakeState, TransportState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// The Noise protocol of gossip connections.
-const PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+pub const PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 /// Bound into the handshake, so keys of another protocol or version never match.
-const PROLOGUE: &[u8] = b"weft mesh v1";
+pub const PROLOGUE: &[u8] = b"weft mesh v1";
 /// How long a new connection may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest Noise message.
-const MAX_MESSAGE: usize = 65_535;
+pub const MAX_MESSAGE: usize = 65_535;
 /// The largest handshake message accepted (`NNpsk0`'s two are 48 bytes each).
 pub const HANDSHAKE_MESSAGE: usize = 256;
 /// The largest piece of a frame one message carries.
-const MAX_PIECE: usize = MAX_MESSAGE - 16 - 1;
+pub const MAX_PIECE: usize = MAX_MESSAGE - 16 - 1;
 
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,7 @@ fn builder(secret: &[u8; 32]) -> Result<snow::Builder<'_>, TransportError> {
     Ok(snow::Builder::new(params).prologue(PROLOGUE).psk(0, secret))
 }
 
-async fn read_message(r: &mut OwnedReadHalf, buf: &mut [u8]) -> std::io::Result<usize> {
+async fn read_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let len = usize::from(r.read_u16().await?);
     r.read_exact(&mut buf[..len]).await?;
     Ok(len)
@@ -95,12 +95,25 @@ pub struct Secured {
     pub first: Option<Vec<u8>>,
 }
 
-/// The receiving half.
+/// The receiving half (over a TCP read half; any byte stream for fuzzing).
 #[derive(Debug)]
-pub struct SecureReader {
-    half: OwnedReadHalf,
+pub struct SecureReader<R = OwnedReadHalf> {
+    half: R,
     state: Arc<Mutex<TransportState>>,
     buf: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> SecureReader<R> {
+    /// A reader of `half` whose messages `state` decrypts (for the transport fuzz target: a
+    /// session established in memory, then any bytes).
+    #[doc(hidden)]
+    pub fn from_parts(half: R, state: TransportState) -> Self {
+        Self {
+            half,
+            state: Arc::new(Mutex::new(state)),
+            buf: vec![0u8; MAX_MESSAGE],
+        }
+    }
 }
 
 /// The sending half.
@@ -189,7 +202,7 @@ pub enum Received {
     Dropped,
 }
 
-impl SecureReader {
+impl<R: AsyncRead + Unpin> SecureReader<R> {
     /// The next frame (or a dropped message).
     pub async fn recv(&mut self, max_frame: usize) -> Result<Received, TransportError> {
         let mut frame = Vec::new();
