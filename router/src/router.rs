@@ -142,6 +142,10 @@ pub struct Router {
     by_key: HashMap<[u8; 32], PeerId>,
     /// Plaintext peers by underlay address.
     by_addr: HashMap<IpAddr, PeerId>,
+    /// Underlay addresses that are a WireGuard peer's endpoint, with how many such peers:
+    /// plaintext from them is refused (an address that speaks WireGuard is not trusted to
+    /// speak plaintext too).
+    wireguard_at: HashMap<IpAddr, u32>,
     routes: PrefixTable<PeerId>,
     next_index: u32,
     /// Drops not attributable to a known peer.
@@ -199,6 +203,7 @@ impl Router {
             peers: HashMap::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
+            wireguard_at: HashMap::new(),
             routes: PrefixTable::default(),
             next_index: index_seed & PeerId::MAX,
             drops: Drops::default(),
@@ -318,6 +323,9 @@ impl Router {
         {
             self.by_addr.insert(ep.ip().to_canonical(), id);
         }
+        if tunnel.is_some() {
+            Self::moved(&mut self.wireguard_at, None, config.endpoint);
+        }
         debug!(peer = %id, name = %config.name, path = config.path.as_str(), "peer added");
         let peer = Peer {
             id,
@@ -338,6 +346,9 @@ impl Router {
     /// Removes a peer and its routes; returns its configuration.
     pub fn remove_peer(&mut self, id: PeerId) -> Option<PeerConfig> {
         let peer = self.peers.remove(&id)?;
+        if peer.tunnel.is_some() {
+            Self::moved(&mut self.wireguard_at, peer.endpoint, None);
+        }
         self.routes.retain(|_, p| *p != id);
         self.by_key.remove(&peer.config.public_key);
         self.by_addr.retain(|_, p| *p != id);
@@ -365,8 +376,26 @@ impl Router {
         if let Some(peer) = self.peers.get_mut(&id)
             && peer.tunnel.is_some()
         {
+            Self::moved(&mut self.wireguard_at, peer.endpoint, Some(endpoint));
             peer.endpoint = Some(endpoint);
             peer.endpoint_learned = false;
+        }
+    }
+
+    /// Keeps [`Self::wireguard_at`] in step when a WireGuard peer's endpoint goes from `old` to
+    /// `new`.
+    fn moved(index: &mut HashMap<IpAddr, u32>, old: Option<SocketAddr>, new: Option<SocketAddr>) {
+        if let Some(old) = old {
+            let ip = old.ip().to_canonical();
+            if let Some(n) = index.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    index.remove(&ip);
+                }
+            }
+        }
+        if let Some(new) = new {
+            *index.entry(new.ip().to_canonical()).or_default() += 1;
         }
     }
 
@@ -558,6 +587,7 @@ impl Router {
             // Roaming: the endpoint follows the peer's authenticated packets.
             if peer.endpoint != Some(from) {
                 debug!(peer = %id, name = %peer.config.name, endpoint = %from, "endpoint changed");
+                Self::moved(&mut self.wireguard_at, peer.endpoint, Some(from));
                 peer.endpoint = Some(from);
                 peer.endpoint_learned = true;
                 self.events.push_back(Event::EndpointChanged {
@@ -605,6 +635,11 @@ impl Router {
             self.drops.count(DropReason::WrongPath);
             return NetAction::Dropped(DropReason::WrongPath);
         };
+        // Nor from an address a WireGuard peer is at.
+        if self.wireguard_at.contains_key(&from.ip().to_canonical()) {
+            peer.counters.drops.count(DropReason::WrongPath);
+            return NetAction::Dropped(DropReason::WrongPath);
+        }
         // Only from the peer's exact endpoint: another port of its host is another sender.
         if peer.endpoint != Some(from) {
             peer.counters.drops.count(DropReason::WrongPath);

@@ -357,6 +357,47 @@ fn plaintext_is_accepted_only_from_the_peers_exact_endpoint_and_a_spoof_changes_
 }
 
 #[test]
+fn plaintext_is_refused_from_an_address_that_has_a_wireguard_session() {
+    let mut lab = Lab::new();
+    let mut cfg = config("trusted", 3, Some("198.18.1.4:51820"), &["100.64.4.0/24"]);
+    cfg.path = PathKind::Plaintext;
+    let id = lab.router.add_peer(lab.now, cfg).expect("plaintext peer");
+    let mut dgram = vec![0; 64];
+    let inner = test_packet(ip("100.64.4.2"), ip("100.64.1.1"), b"back");
+    let n = plaintext::encode(&inner, &mut dgram).expect("fits");
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..n]),
+        NetAction::WriteTun(inner.len()),
+        "accepted while no WireGuard peer is at that address"
+    );
+    // A WireGuard peer (here a configured one) is pointed at the same address: that address
+    // speaks WireGuard now, and plaintext from it is refused.
+    let (wg, _) = lab.add(
+        config("laptop", 5, Some("198.18.1.9:51820"), &["100.64.5.0/24"]),
+        9,
+    );
+    lab.router.set_endpoint(wg, sa("198.18.1.4:51820"));
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..n]),
+        NetAction::Dropped(DropReason::WrongPath)
+    );
+    // Moved away again: plaintext from the trusted peer is accepted once more.
+    lab.router.set_endpoint(wg, sa("198.18.1.9:51820"));
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..n]),
+        NetAction::WriteTun(inner.len())
+    );
+    // Removed while at that address: nothing is left of it in the refusal.
+    lab.router.set_endpoint(wg, sa("198.18.1.4:51820"));
+    lab.router.remove_peer(wg);
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..n]),
+        NetAction::WriteTun(inner.len())
+    );
+    assert_eq!(lab.peer(id).state, PeerState::Up);
+}
+
+#[test]
 fn timers_run_every_tick_and_report_expiry_once() {
     let mut lab = Lab::new();
     assert_eq!(lab.router.poll_timeout(), None, "no peers, no timers");
