@@ -315,15 +315,22 @@ fn plaintext_peers_are_known_by_address_and_checked_for_spoofing() {
     );
 }
 
-#[test]
-fn plaintext_is_accepted_only_from_the_peers_exact_endpoint_and_a_spoof_changes_nothing() {
-    let mut lab = Lab::new();
+/// A plaintext peer "trusted" at 198.18.1.4:51820 owning 100.64.4.0/24, and one of its
+/// datagrams (a packet from its prefix): (peer, datagram buffer, datagram length, inner packet).
+fn trusted_peer(lab: &mut Lab) -> (PeerId, Vec<u8>, usize, Vec<u8>) {
     let mut cfg = config("trusted", 3, Some("198.18.1.4:51820"), &["100.64.4.0/24"]);
     cfg.path = PathKind::Plaintext;
     let id = lab.router.add_peer(lab.now, cfg).expect("plaintext peer");
     let mut dgram = vec![0; 64];
     let inner = test_packet(ip("100.64.4.2"), ip("100.64.1.1"), b"back");
     let n = plaintext::encode(&inner, &mut dgram).expect("fits");
+    (id, dgram, n, inner)
+}
+
+#[test]
+fn plaintext_is_accepted_only_from_the_peers_exact_endpoint_and_a_spoof_changes_nothing() {
+    let mut lab = Lab::new();
+    let (id, mut dgram, n, inner) = trusted_peer(&mut lab);
     // The peer's address, another port (any process on that host, or a spoofer guessing).
     assert_eq!(
         lab.net("198.18.1.4:40000", &dgram[..n]),
@@ -359,12 +366,7 @@ fn plaintext_is_accepted_only_from_the_peers_exact_endpoint_and_a_spoof_changes_
 #[test]
 fn plaintext_is_refused_from_an_address_that_has_a_wireguard_session() {
     let mut lab = Lab::new();
-    let mut cfg = config("trusted", 3, Some("198.18.1.4:51820"), &["100.64.4.0/24"]);
-    cfg.path = PathKind::Plaintext;
-    let id = lab.router.add_peer(lab.now, cfg).expect("plaintext peer");
-    let mut dgram = vec![0; 64];
-    let inner = test_packet(ip("100.64.4.2"), ip("100.64.1.1"), b"back");
-    let n = plaintext::encode(&inner, &mut dgram).expect("fits");
+    let (id, dgram, n, inner) = trusted_peer(&mut lab);
     assert_eq!(
         lab.net("198.18.1.4:51820", &dgram[..n]),
         NetAction::WriteTun(inner.len()),
