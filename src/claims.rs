@@ -11,10 +11,13 @@
 //!   API server, not the member, says which blocks a node owns);
 //! - is stamped more than [`MAX_SKEW_MS`] in the future (a claim time is meant to be old, and
 //!   a future stamp is no honest clock's);
-//! - has no claim time at all (the lists differ in length).
+//! - has no claim time at all (the lists differ in length);
+//! - is a second claim of the same family (IPv4 or IPv6): an honest node holds one block per
+//!   pool, and Kubernetes gives a Node one pod CIDR per family, so more would only let one
+//!   member take many nodes' blocks at once.
 //!
 //! What this cannot refuse: a member claiming a free block, or one held by another node, with
-//! an invented *older* time inside the pool. Without a timestamp others vouch for, such a claim
+//! an invented *older* time inside the pool (one per family, by the rule above). Without a timestamp others vouch for, such a claim
 //! is indistinguishable from the loser of a partition healing, and the older-claim rule must stay
 //! deterministic so that every node settles the same winner.
 
@@ -66,6 +69,11 @@ pub enum Refusal {
         /// This node's clock then.
         now: u64,
     },
+    /// More than one claim of one family.
+    TooMany {
+        /// The claims of that family.
+        claims: Vec<IpNet>,
+    },
     /// Claims and claim times differ in number.
     Unstamped {
         /// The number of claims.
@@ -84,6 +92,7 @@ impl Refusal {
             Self::NotTheNodes { .. } => "not_the_nodes",
             Self::Future { .. } => "future",
             Self::Unstamped { .. } => "unstamped",
+            Self::TooMany { .. } => "too_many",
         }
     }
 }
@@ -110,6 +119,11 @@ impl fmt::Display for Refusal {
             Self::Unstamped { claims, times } => {
                 write!(f, "it claims {claims} pod CIDRs with {times} claim times")
             }
+            Self::TooMany { claims } => write!(
+                f,
+                "it claims {} pod CIDRs of one family ({claims:?}); a node holds one per family",
+                claims.len()
+            ),
         }
     }
 }
@@ -133,6 +147,17 @@ impl ClaimPolicy {
                 claims: r.pod_cidrs.len(),
                 times: r.claimed_at.len(),
             });
+        }
+        for v4 in [true, false] {
+            let family: Vec<IpNet> = r
+                .pod_cidrs
+                .iter()
+                .filter(|c| c.addr().is_ipv4() == v4)
+                .copied()
+                .collect();
+            if family.len() > 1 {
+                return Err(Refusal::TooMany { claims: family });
+            }
         }
         if let Some(node) = node.filter(|n| !n.is_empty()) {
             let (mut a, mut b) = (r.pod_cidrs.clone(), node.to_vec());
@@ -252,6 +277,32 @@ mod tests {
             heartbeat: 1,
             last_heard: Instant::now(),
         }
+    }
+
+    #[test]
+    fn a_record_claiming_more_than_one_block_of_a_family_is_refused_whole() {
+        // Many blocks of the pool, each a node block, each back-dated: without this rule one
+        // member could take every node's block.
+        let greedy = member(
+            "greedy",
+            &[
+                ("100.64.1.0/24", NOW - 86_400_000),
+                ("100.64.2.0/24", NOW - 86_400_000),
+                ("100.64.3.0/24", NOW - 86_400_000),
+            ],
+        );
+        let e = policy().check(&greedy, None, NOW).unwrap_err();
+        assert_eq!(e.reason(), "too_many");
+        assert!(e.to_string().contains("100.64.2.0/24"), "{e}");
+        // One per family, as every honest node holds: believed.
+        let dual = member(
+            "dual",
+            &[
+                ("100.64.1.0/24", NOW - 1000),
+                ("fd64:0:0:1::/64", NOW - 1000),
+            ],
+        );
+        assert_eq!(policy().check(&dual, None, NOW), Ok(()));
     }
 
     #[test]
