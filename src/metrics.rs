@@ -496,6 +496,7 @@ async fn exposition(src: &Sources) -> Option<String> {
 }
 
 /// One sample of an exposition.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     /// The metric name as exposed (with `_total` and unit suffixes).
@@ -507,7 +508,9 @@ pub struct Sample {
 }
 
 /// Reads an exposition strictly: every line a `# HELP`, `# TYPE` or `# UNIT` line, a sample
-/// of a declared family with a numeric value, and `# EOF` last. For tests and tooling.
+/// of a declared family with a numeric value, and `# EOF` last. For tests and tooling (feature
+/// `test-util`).
+#[cfg(any(test, feature = "test-util"))]
 pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
     let mut families: Vec<String> = Vec::new();
     let mut samples = Vec::new();

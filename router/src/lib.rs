@@ -42,6 +42,7 @@ mod tests;
 
 pub use boringtun::x25519;
 
+#[cfg(any(test, feature = "test-util"))]
 pub use crate::packet::test_packet;
 pub use crate::peer::{PathKind, PeerConfig, PeerId, PeerState, PeerStatus, SESSION_LIFETIME};
 pub use crate::router::{

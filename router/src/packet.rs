@@ -45,8 +45,9 @@ pub(crate) fn addrs(packet: &[u8]) -> Option<Addrs> {
 }
 
 /// Builds a minimal IPv4 or IPv6 packet (header plus `payload`), for tests of this crate and
-/// of its users. Not a general packet builder: protocol 253 (experimental), no checksum.
-#[doc(hidden)]
+/// of its users (feature `test-util`). Not a general packet builder: protocol 253
+/// (experimental), no checksum.
+#[cfg(any(test, feature = "test-util"))]
 pub fn test_packet(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
