@@ -474,9 +474,16 @@ pub async fn kubernetes_loop(
                     let _ = names.send(Some(set));
                 }
                 // Other Nodes' address annotations count only where the mesh's signed
-                // record for that node agrees.
-                let signed: crate::k8s::SignedAddresses = mesh_snapshot(&mesh)
-                    .await
+                // record for that node agrees; the mesh is asked only when one has any.
+                let annotated = others
+                    .iter()
+                    .any(|n| n.private_annotated || n.public_annotated);
+                let snapshot = if annotated {
+                    mesh_snapshot(&mesh).await
+                } else {
+                    None
+                };
+                let signed: crate::k8s::SignedAddresses = snapshot
                     .map(|snap| {
                         snap.members
                             .into_iter()

@@ -294,14 +294,14 @@ impl Membership {
     /// each dialling every other would be a million connections at start.
     pub fn join(&mut self, bootstrap: &[SocketAddr]) {
         self.bootstrap = bootstrap.to_vec();
+        self.bootstrap.sort();
+        self.bootstrap.dedup();
         self.dial_bootstrap();
     }
 
     /// Queues up to `max_connections` distinct bootstrap addresses, picked at random.
     fn dial_bootstrap(&mut self) {
         let mut pool = self.bootstrap.clone();
-        pool.sort();
-        pool.dedup();
         for _ in 0..self.config.max_connections.max(1) {
             if pool.is_empty() {
                 break;

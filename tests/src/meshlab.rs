@@ -165,6 +165,16 @@ impl MeshLab {
         Ok(d)
     }
 
+    /// A namespace `name` on LAN 1 at `address` with no daemon: another host of that LAN (an
+    /// outsider, or a member's process speaking gossip by hand). Returns the namespace.
+    pub fn add_host(&mut self, name: &str, address: &str) -> anyhow::Result<String> {
+        let ns = self.lab.add_ns(name)?;
+        let sw = self.switch.clone();
+        self.lab
+            .plug((&sw, "lan1"), (&ns, "eth0", &format!("{address}/24")))?;
+        Ok(ns)
+    }
+
     /// The daemon called `name`.
     pub fn daemon(&self, name: &str) -> &Daemon {
         self.daemons

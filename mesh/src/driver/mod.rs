@@ -236,18 +236,17 @@ impl MeshDriver {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, from)) => {
                         let total: usize = pending.values().sum();
-                        let mine = pending.entry(from.ip()).or_default();
-                        if total >= PENDING_MAX || *mine >= PENDING_PER_SOURCE {
+                        let mine = pending.get(&from.ip()).copied().unwrap_or(0);
+                        if total >= PENDING_MAX || mine >= PENDING_PER_SOURCE {
                             transport.pending_refused += 1;
                             debug!(%from, pending = total, "gossip connection refused: too many still proving the secret");
                             drop(stream);
                         } else {
-                            *mine += 1;
+                            pending.insert(from.ip(), mine + 1);
                             let id = ConnId(next_conn);
                             next_conn += 1;
                             tasks.spawn(connection(id, stream, from, secret, false, in_tx.clone()));
                         }
-                        pending.retain(|_, n| *n > 0);
                     }
                     Err(e) => {
                         warn!(error = %e, pause = ?ACCEPT_BACKOFF, "gossip accept failed");
@@ -268,9 +267,11 @@ impl MeshDriver {
                     }
                     Incoming::Settled(ip) => {
                         if let Some(n) = pending.get_mut(&ip) {
-                            *n = n.saturating_sub(1);
+                            *n -= 1;
+                            if *n == 0 {
+                                pending.remove(&ip);
+                            }
                         }
-                        pending.retain(|_, n| *n > 0);
                     }
                     Incoming::TimedOut(id) => {
                         transport.timed_out += 1;

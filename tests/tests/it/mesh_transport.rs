@@ -90,14 +90,6 @@ fn outsider(
     })
 }
 
-/// The outsider's namespace on LAN 1, at 198.18.1.9.
-fn outsider_ns(m: &mut MeshLab) -> anyhow::Result<String> {
-    let x = m.lab.add_ns("x")?;
-    let sw = m.switch.clone();
-    m.lab.plug((&sw, "lan1"), (&x, "eth0", "198.18.1.9/24"))?;
-    Ok(x)
-}
-
 fn transport_drop(m: &MeshLab, name: &str, key: &str) -> u64 {
     m.status(name)
         .ok()
@@ -110,7 +102,7 @@ fn a_replayed_first_message_completes_the_noise_handshake_but_never_counts_as_a_
 -> anyhow::Result<()> {
     let mut m = MeshLab::start("rp", &FOUR[..2])?;
     m.wait_full_mesh(&["e1", "e2"])?;
-    let x = outsider_ns(&mut m)?;
+    let x = m.add_host("x", "198.18.1.9")?;
     let honest = m.status("e1")?["mesh"]["connections"]
         .as_u64()
         .context("connections")?;
@@ -169,7 +161,7 @@ fn sockets_that_never_prove_the_secret_are_capped_per_source_and_honest_nodes_st
 -> anyhow::Result<()> {
     let mut m = MeshLab::start("pc", &FOUR[..2])?;
     m.wait_full_mesh(&["e1", "e2"])?;
-    let x = outsider_ns(&mut m)?;
+    let x = m.add_host("x", "198.18.1.9")?;
     // Fifty silent sockets: four may wait out the handshake deadline, the rest are closed at
     // once and counted.
     let silent = outsider(&m, &x, "198.18.1.1:6783", Vec::new(), 50);

@@ -52,9 +52,7 @@ fn a_member_forging_beats_changes_no_nodes_liveness_and_is_counted_everywhere_it
     let (victim, dead) = (node_id(&m, "e2")?, node_id(&m, "u2")?);
     let (victim_version, dead_version) = (version(&m, "e1", "e2")?, version(&m, "e1", "u2")?);
     let secret = weft::keys::decode(m.secret.trim(), "cluster secret")?;
-    let x = m.lab.add_ns("x")?;
-    let sw = m.switch.clone();
-    m.lab.plug((&sw, "lan1"), (&x, "eth0", "198.18.1.9/24"))?;
+    let x = m.add_host("x", "198.18.1.9")?;
     // u2 dies (no goodbye); the liar, a member, then claims every half second that e2's counter
     // is at its maximum and u2's keeps growing, unsigned and signed with its own key.
     m.lab.kill("u2")?;
