@@ -16,12 +16,23 @@
 //!   pool, and Kubernetes gives a Node one pod CIDR per family, so more would only let one
 //!   member take many nodes' blocks at once.
 //!
-//! What this cannot refuse: a member claiming a free block, or one held by another node, with
-//! an invented *older* time inside the pool (one per family, by the rule above). Without a timestamp others vouch for, such a claim
-//! is indistinguishable from the loser of a partition healing, and the older-claim rule must stay
-//! deterministic so that every node settles the same winner.
+//! - is back-dated ([`ClaimHistory`]): a claim that first shows up in a new version of a
+//!   member's record, stamped more than [`MAX_SKEW_MS`] before the earlier version this node
+//!   holds, in which the member (signing with its own clock) did not hold it. An honest node
+//!   stamps a claim when it makes it and publishes it at once, so its claim times are never
+//!   older than its own earlier records that lacked them; a member that invents an older time
+//!   to take a block that another node holds contradicts its own signed record. Each node
+//!   republishes its record (a new version, stamped with its clock) every
+//!   `mesh.record_refresh` (default 10 minutes), so a member can back-date by at most that plus the skew.
+//!
+//! What this cannot refuse: a back-dated claim seen by a node that never held the member's
+//! earlier record (one that first hears of the member after the lie, or restarted since). Such
+//! a node applies the older-claim rule as given. Nodes that held the earlier record (among
+//! them the node whose block is claimed) refuse the liar. A member first seen with old claims
+//! (the other side of a healed partition) is believed, so that every node settles the same
+//! winner there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use ipnet::IpNet;
@@ -74,6 +85,15 @@ pub enum Refusal {
         /// The claims of that family.
         claims: Vec<IpNet>,
     },
+    /// A claim stamped before an earlier record of the member's own that did not hold it.
+    BackDated {
+        /// The claim.
+        claim: IpNet,
+        /// Its claim time (ms since the epoch, the member's clock).
+        at: u64,
+        /// The version (the member's clock when it signed it) of the earlier record without it.
+        without: u64,
+    },
     /// Claims and claim times differ in number.
     Unstamped {
         /// The number of claims.
@@ -93,6 +113,7 @@ impl Refusal {
             Self::Future { .. } => "future",
             Self::Unstamped { .. } => "unstamped",
             Self::TooMany { .. } => "too_many",
+            Self::BackDated { .. } => "backdated",
         }
     }
 }
@@ -115,6 +136,12 @@ impl fmt::Display for Refusal {
                 f,
                 "its claim of {claim} is stamped {} s in the future",
                 at.saturating_sub(*now) / 1000
+            ),
+            Self::BackDated { claim, at, without } => write!(
+                f,
+                "its claim of {claim} is back-dated: stamped {} s before its own record of {} ms, which did not hold it",
+                without.saturating_sub(*at) / 1000,
+                without
             ),
             Self::Unstamped { claims, times } => {
                 write!(f, "it claims {claims} pod CIDRs with {times} claim times")
@@ -201,13 +228,16 @@ impl ClaimPolicy {
 
     /// Keeps the members whose claims are believed; returns the refused ones with why. A
     /// member that left claims nothing and is kept as it is. `nodes` is the Kubernetes view
-    /// (Node name → `spec.podCIDRs`), `None` without Kubernetes.
+    /// (Node name → `spec.podCIDRs`), `None` without Kubernetes; `history` is what this node
+    /// has seen of the members' claims before (updated here).
     pub fn vet(
         &self,
+        history: &mut ClaimHistory,
         members: Vec<Member>,
         nodes: Option<&BTreeMap<String, Vec<IpNet>>>,
         now_ms: u64,
     ) -> (Vec<Member>, Vec<(Member, Refusal)>) {
+        history.forget_all_but(&members);
         let mut kept = Vec::with_capacity(members.len());
         let mut refused = Vec::new();
         for m in members {
@@ -215,13 +245,90 @@ impl ClaimPolicy {
                 kept.push(m);
                 continue;
             }
+            let backdated = history.observe(&m);
             let node = nodes.and_then(|n| n.get(&m.record.name)).map(Vec::as_slice);
-            match self.check(&m, node, now_ms) {
+            match self
+                .check(&m, node, now_ms)
+                .and(backdated.map_or(Ok(()), Err))
+            {
                 Ok(()) => kept.push(m),
                 Err(e) => refused.push((m, e)),
             }
         }
         (kept, refused)
+    }
+}
+
+/// What this node has seen of each member's claims: the latest record version it held (the
+/// member's clock when it signed it, see `control::own_record`), the claims in it, and a
+/// back-dating found, which holds for as long as the member keeps that claim.
+#[derive(Debug, Default)]
+pub struct ClaimHistory {
+    members: HashMap<[u8; 32], Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    version: u64,
+    claims: Vec<(IpNet, u64)>,
+    backdated: Option<Refusal>,
+}
+
+impl ClaimHistory {
+    /// Takes in `m`'s current record (not a tombstone: a node that leaves and comes back is
+    /// compared with what it held before it left) and returns the back-dating it shows, if any.
+    fn observe(&mut self, m: &Member) -> Option<Refusal> {
+        let r = &m.record;
+        let claims: Vec<(IpNet, u64)> = r
+            .pod_cidrs
+            .iter()
+            .copied()
+            .zip(r.claimed_at.iter().copied())
+            .collect();
+        let held = self.members.entry(m.id.0).or_insert_with(|| Held {
+            version: r.version,
+            claims: claims.clone(),
+            backdated: None,
+        });
+        if r.version > held.version {
+            let still = match &held.backdated {
+                Some(Refusal::BackDated { claim, at, .. }) => claims.contains(&(*claim, *at)),
+                _ => false,
+            };
+            if !still {
+                held.backdated = None;
+            }
+            if held.backdated.is_none() {
+                held.backdated = claims
+                    .iter()
+                    .filter(|c| !held.claims.contains(c))
+                    .find(|(_, at)| at.saturating_add(MAX_SKEW_MS) < held.version)
+                    .map(|&(claim, at)| Refusal::BackDated {
+                        claim,
+                        at,
+                        without: held.version,
+                    });
+            }
+            held.version = r.version;
+            held.claims = claims;
+        }
+        held.backdated.clone()
+    }
+
+    /// Forgets the members the mesh no longer holds.
+    fn forget_all_but(&mut self, members: &[Member]) {
+        let known: HashSet<[u8; 32]> = members.iter().map(|m| m.id.0).collect();
+        self.members.retain(|id, _| known.contains(id));
+    }
+
+    /// The number of members remembered.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether no member is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
     }
 }
 
@@ -406,10 +513,116 @@ mod tests {
         let bad = member("bb", &[("100.64.2.0/24", 5), ("0.0.0.0/0", 5)]);
         let mut gone = member("ccc", &[("0.0.0.0/0", 0)]);
         gone.record.left = true;
-        let (kept, refused) = policy().vet(vec![good, bad, gone], None, NOW);
+        let (kept, refused) = policy().vet(
+            &mut ClaimHistory::default(),
+            vec![good, bad, gone],
+            None,
+            NOW,
+        );
         let names: Vec<&str> = kept.iter().map(|m| m.record.name.as_str()).collect();
         assert_eq!(names, ["a", "ccc"]);
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].0.record.name, "bb");
+    }
+
+    /// `m` at record version `version` (the member's clock when it signed it).
+    fn at_version(mut m: Member, version: u64) -> Member {
+        m.record.version = version;
+        m
+    }
+
+    fn vet_one(history: &mut ClaimHistory, m: &Member) -> Result<(), Refusal> {
+        // This node's clock agrees with the member's: now is when it signed the record.
+        let now = m.record.version.max(NOW);
+        let (_, refused) = policy().vet(history, vec![m.clone()], None, now);
+        refused
+            .into_iter()
+            .next()
+            .map_or(Ok(()), |(_, why)| Err(why))
+    }
+
+    const HOUR: u64 = 3_600_000;
+
+    #[test]
+    fn a_claim_back_dated_before_the_members_own_record_without_it_cannot_win() {
+        // The victim has held 100.64.2.0/24 for a day. The liar has been a member for an
+        // hour holding 100.64.3.0/24, and now says it has held the victim's block for two.
+        let mut h = ClaimHistory::default();
+        let honest = member("liar", &[("100.64.3.0/24", NOW - HOUR)]);
+        assert_eq!(vet_one(&mut h, &at_version(honest, NOW - HOUR)), Ok(()));
+        let lie = at_version(member("liar", &[("100.64.2.0/24", NOW - 2 * HOUR)]), NOW);
+        let why = vet_one(&mut h, &lie).unwrap_err();
+        assert_eq!(
+            why,
+            Refusal::BackDated {
+                claim: "100.64.2.0/24".parse().unwrap(),
+                at: NOW - 2 * HOUR,
+                without: NOW - HOUR
+            }
+        );
+        assert_eq!(why.reason(), "backdated");
+        assert!(why.to_string().contains("100.64.2.0/24"), "{why}");
+        assert!(why.to_string().contains("3600 s before"), "{why}");
+        // It stays refused while it keeps the claim, in every later version.
+        let again = at_version(lie.clone(), NOW + HOUR);
+        assert_eq!(vet_one(&mut h, &again), Err(why));
+        // Dropping the lie (a fresh claim) makes it believable again.
+        let fresh = at_version(
+            member("liar", &[("100.64.4.0/24", NOW + HOUR)]),
+            NOW + HOUR + 1,
+        );
+        assert_eq!(vet_one(&mut h, &fresh), Ok(()));
+        // Moving an existing claim's time back is back-dating too.
+        let older = at_version(
+            member("liar", &[("100.64.4.0/24", NOW - HOUR)]),
+            NOW + 2 * HOUR,
+        );
+        assert!(matches!(
+            vet_one(&mut h, &older),
+            Err(Refusal::BackDated { .. })
+        ));
+    }
+
+    #[test]
+    fn honest_claims_are_never_taken_for_back_dated() {
+        let mut h = ClaimHistory::default();
+        // First seen with an old claim (a member from the other side of a healed partition,
+        // or this node just started): believed, every node settles the same winner.
+        let old = at_version(member("a", &[("100.64.1.0/24", NOW - 48 * HOUR)]), NOW);
+        assert_eq!(vet_one(&mut h, &old), Ok(()));
+        // A restart (or a refresh): a new version with the same claim and time.
+        assert_eq!(
+            vet_one(&mut h, &at_version(old.clone(), NOW + HOUR)),
+            Ok(())
+        );
+        // A new claim stamped when made, even by a clock a little behind the earlier record's.
+        let new = at_version(
+            member("a", &[("100.64.5.0/24", NOW + HOUR - MAX_SKEW_MS)]),
+            NOW + 2 * HOUR,
+        );
+        assert_eq!(vet_one(&mut h, &new), Ok(()));
+        // A graceful restart: the tombstone says nothing about claims, and the node comes back
+        // with the block it held before it left.
+        let mut gone = at_version(new.clone(), NOW + 3 * HOUR);
+        gone.record.left = true;
+        gone.record.pod_cidrs.clear();
+        gone.record.claimed_at.clear();
+        assert_eq!(vet_one(&mut h, &gone), Ok(()));
+        assert_eq!(vet_one(&mut h, &at_version(new, NOW + 4 * HOUR)), Ok(()));
+        // A replayed older version changes nothing.
+        assert_eq!(vet_one(&mut h, &at_version(old, NOW)), Ok(()));
+    }
+
+    #[test]
+    fn the_history_forgets_members_the_mesh_forgot() {
+        let mut h = ClaimHistory::default();
+        let a = member("a", &[("100.64.1.0/24", NOW)]);
+        let bb = member("bb", &[("100.64.2.0/24", NOW)]);
+        policy().vet(&mut h, vec![a.clone(), bb], None, NOW);
+        assert_eq!(h.len(), 2);
+        policy().vet(&mut h, vec![a], None, NOW);
+        assert_eq!(h.len(), 1);
+        policy().vet(&mut h, vec![], None, NOW);
+        assert!(h.is_empty());
     }
 }

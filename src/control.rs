@@ -22,7 +22,7 @@ use weft_router::PeerConfig;
 use weft_router::driver::{Command as RouterCommand, Snapshot as RouterSnapshot};
 
 use crate::blocks::{BlockEvent, Blocks};
-use crate::claims::ClaimPolicy;
+use crate::claims::{ClaimHistory, ClaimPolicy};
 use crate::keys;
 use crate::reconcile::{self, Change, Choices, Reason};
 
@@ -147,12 +147,13 @@ pub type ClusterNodes = BTreeMap<String, Vec<ipnet::IpNet>>;
 /// publishes the current refusals for the status report.
 fn vet_claims(
     policy: &ClaimPolicy,
+    history: &mut ClaimHistory,
     snap: &mut MeshSnapshot,
     nodes: Option<&ClusterNodes>,
     counters: &crate::metrics::IpamCounters,
 ) {
     let members = std::mem::take(&mut snap.members);
-    let (kept, refused) = policy.vet(members, nodes, now_millis());
+    let (kept, refused) = policy.vet(history, members, nodes, now_millis());
     snap.members = kept;
     let Ok(mut seen) = counters.claims.lock() else {
         return;
@@ -186,6 +187,7 @@ pub async fn reconcile_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut choices = Choices::default();
+    let mut history = ClaimHistory::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::select! {
@@ -205,7 +207,13 @@ pub async fn reconcile_loop(
             return;
         };
         let nodes = cluster.as_ref().and_then(|c| c.borrow().clone());
-        vet_claims(&claims, &mut snap, nodes.as_ref(), &ipam.counters);
+        vet_claims(
+            &claims,
+            &mut history,
+            &mut snap,
+            nodes.as_ref(),
+            &ipam.counters,
+        );
         if let Some(blocks) = ipam.step(&snap).await {
             let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
             let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();

@@ -411,6 +411,7 @@ pub async fn run(
             liveness_timeout: config.mesh.liveness_timeout,
             tombstone_horizon: config.mesh.tombstone_horizon,
             max_members: config.mesh.max_members,
+            record_refresh: config.mesh.record_refresh,
             ..MeshConfig::default()
         };
         let identity = Identity::from_wireguard_key(&key_bytes);

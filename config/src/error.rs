@@ -148,6 +148,9 @@ pub enum Problem {
     /// before it expires.
     #[error("{0:?} is shorter than network.block_expiry ({1:?})")]
     HorizonBeforeExpiry(std::time::Duration, std::time::Duration),
+    /// A duration outside its range (the value, the least, the most).
+    #[error("{0:?} is out of range {1}-{2}")]
+    OutOfRange(std::time::Duration, &'static str, &'static str),
     /// A member cap of zero, or one whose digest would not fit a gossip frame.
     #[error("{0} is out of range 1-100000")]
     MaxMembers(usize),

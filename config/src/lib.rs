@@ -113,6 +113,11 @@ pub struct Mesh {
     /// The most members a node holds; records of further nodes are refused and counted
     /// (default 8192, at most 100000).
     pub max_members: usize,
+    /// How often a node republishes its record unchanged, stamped with its clock (default
+    /// 10m, 1s to 24h): a member can back-date a pod-CIDR claim by at most this plus five
+    /// minutes before the others refuse it; each period costs one record per node at every
+    /// member.
+    pub record_refresh: Duration,
 }
 
 /// Which of the data path's speed-ups are allowed; each is still used only where the kernel has it.

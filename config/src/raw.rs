@@ -65,6 +65,7 @@ pub(crate) struct RawMesh {
     pub(crate) liveness_timeout: Option<HumanDuration>,
     pub(crate) tombstone_horizon: Option<HumanDuration>,
     pub(crate) max_members: Option<usize>,
+    pub(crate) record_refresh: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

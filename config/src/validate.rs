@@ -231,6 +231,10 @@ pub(crate) fn validate(
             .tombstone_horizon
             .map_or(Duration::from_secs(72 * 3600), |d| d.0),
         max_members: raw.mesh.max_members.unwrap_or(8192),
+        record_refresh: raw
+            .mesh
+            .record_refresh
+            .map_or(Duration::from_secs(600), |d| d.0),
     };
     if mesh.gossip_interval.is_zero() {
         return Err(errs.at("mesh.gossip_interval", Problem::ZeroDuration));
@@ -245,6 +249,12 @@ pub(crate) fn validate(
         return Err(errs.at(
             "mesh.tombstone_horizon",
             Problem::HorizonBeforeExpiry(mesh.tombstone_horizon, network.block_expiry),
+        ));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&mesh.record_refresh) {
+        return Err(errs.at(
+            "mesh.record_refresh",
+            Problem::OutOfRange(mesh.record_refresh, "1s", "24h"),
         ));
     }
     if !(1..=100_000).contains(&mesh.max_members) {

@@ -329,6 +329,24 @@ fn tombstone_horizon_and_max_members_have_defaults_and_are_checked() {
 }
 
 #[test]
+fn record_refresh_has_a_default_and_a_range() {
+    assert_eq!(
+        parse("").unwrap().mesh.record_refresh,
+        Duration::from_secs(600)
+    );
+    let c = parse("mesh:\n  record_refresh: 2s\n").unwrap();
+    assert_eq!(c.mesh.record_refresh, Duration::from_secs(2));
+    for bad in ["0s", "25h"] {
+        let e = refused(
+            &format!("mesh:\n  record_refresh: {bad}\n"),
+            2,
+            "mesh.record_refresh",
+        );
+        assert!(e.contains("is out of range 1s-24h"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn log_level_takes_levels_and_directives_and_names_a_bad_one() {
     for ok in ["debug", "info,weft_mesh=trace", "WARN"] {
         let c = parse(&format!("log_level: {ok:?}\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));

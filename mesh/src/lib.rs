@@ -24,7 +24,10 @@
 //! | member | publish its own record and beats; relay others' records and beats unchanged; delay or withhold what it relays; replay old records and beats (refused as stale: a relayed copy only matters while it is the newest its origin signed); send digests with any numbers (they only decide what is sent back, never liveness) | sign a record or beat for another node (the id is the signer's key); publish another node's WireGuard key ([`Rejected::UnboundKey`]); raise another node's heartbeat or version, or mark it down or alive ([`Rejected::BadBeat`], [`Rejected::UnsignedBeat`]); keep a node it impersonates routed: a member advertising an established member's address is held down ([`Rejected::AddressInUse`]); grow another node's state without bound (members capped by [`MeshConfig::max_members`], [`Rejected::MemberLimit`]; answers cut into bounded frames; dead members forgotten after [`MeshConfig::tombstone_horizon`]); make a node pay a signature check for a record or beat it would not apply |
 //! | same key on two daemons | both publish as the one node | outbid each other without end: after [`MAX_BIDS`] bids both stop and report an [`IdentityClash`] naming both daemons' addresses |
 //!
-//! Pod-CIDR claims inside records are checked by the daemon against its pool, not here.
+//! Pod-CIDR claims inside records are checked by the daemon against its pool, not here. The
+//! driver stamps every version it publishes with the origin's wall clock and republishes the
+//! record every [`MeshConfig::record_refresh`], so a record is a recent, signed statement
+//! of what its origin holds, against which the daemon checks later claims for back-dating.
 //! A node that joins after two members began to advertise the same address cannot tell which
 //! came first: it keeps the one it learned first (then the smaller id).
 //!
@@ -49,9 +52,9 @@ pub mod wire;
 
 pub use crate::beat::Beat;
 pub use crate::membership::{
-    AddressClash, BID_WINDOW, ConnId, DEFAULT_MAX_MEMBERS, DEFAULT_TOMBSTONE_HORIZON, Event,
-    IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member, Membership, MeshConfig, Transmit,
-    mesh_address,
+    AddressClash, BID_WINDOW, ConnId, DEFAULT_MAX_MEMBERS, DEFAULT_RECORD_REFRESH,
+    DEFAULT_TOMBSTONE_HORIZON, Event, IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member,
+    Membership, MeshConfig, Transmit, mesh_address,
 };
 pub use crate::record::{
     Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord, UnverifiedRecord,

@@ -46,10 +46,16 @@ pub struct MeshConfig {
     /// The most members held; records of further identities are refused and counted. At most
     /// [`MAX_MEMBERS_LIMIT`].
     pub max_members: usize,
+    /// How often the driver republishes this node's record unchanged, as a new version
+    /// stamped with the wall clock (the core itself never reads it).
+    pub record_refresh: Duration,
 }
 
 /// The default [`MeshConfig::tombstone_horizon`]: three days, past the default block expiry.
 pub const DEFAULT_TOMBSTONE_HORIZON: Duration = Duration::from_secs(72 * 3600);
+/// The default [`MeshConfig::record_refresh`]: a member can back-date a claim by at most this
+/// (plus the clock skew the daemon allows) before the nodes that held its record refuse it.
+pub const DEFAULT_RECORD_REFRESH: Duration = Duration::from_secs(600);
 /// The default [`MeshConfig::max_members`].
 pub const DEFAULT_MAX_MEMBERS: usize = 8192;
 
@@ -63,6 +69,7 @@ impl Default for MeshConfig {
             digest_every: 10,
             tombstone_horizon: DEFAULT_TOMBSTONE_HORIZON,
             max_members: DEFAULT_MAX_MEMBERS,
+            record_refresh: DEFAULT_RECORD_REFRESH,
         }
     }
 }
@@ -178,7 +185,7 @@ pub struct Membership {
     forgotten: HashMap<ShortId, Forgotten>,
     conns: BTreeMap<ConnId, Conn>,
     bootstrap: Vec<SocketAddr>,
-    config: MeshConfig,
+    pub(crate) config: MeshConfig,
     rng: u64,
     next_tick: Instant,
     next_beat: Instant,

@@ -167,7 +167,9 @@ pub(crate) fn verify_bytes(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
     /// Increases with every change the origin makes; a record never replaces a newer one. A new
-    /// version also starts a new heartbeat space: beats count from the version they name.
+    /// version also starts a new heartbeat space: beats count from the version they name. The
+    /// driver stamps each version with the origin's wall clock (ms since the epoch) and
+    /// republishes the record every [`crate::MeshConfig::record_refresh`].
     pub version: u64,
     /// The node left the mesh on purpose: a tombstone that older versions cannot undo.
     pub left: bool,

@@ -49,6 +49,16 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The longest one frame may take to write.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Milliseconds since the epoch: what a record version the driver publishes is stamped with.
+fn wall_ms() -> u64 {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the driver owns the clock; record versions are the origin's wall clock"
+    )]
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// What the daemon can ask of the mesh.
 pub enum Command {
@@ -198,6 +208,8 @@ impl MeshDriver {
         let mut transport = TransportDrops::default();
         let mut traffic = Traffic::default();
         let mut pending: HashMap<IpAddr, usize> = HashMap::new();
+        let refresh = mesh.config.record_refresh;
+        let mut next_refresh = clock() + refresh;
         info!(listen = %listener.local_addr()?, node = %mesh.id(), "mesh running");
         loop {
             let deadline = mesh.poll_timeout().map(tokio::time::Instant::from_std);
@@ -210,13 +222,18 @@ impl MeshDriver {
                     }
                 }
                 Some(cmd) = commands.recv() => match cmd {
-                    Command::Update(r) => mesh.update(r),
+                    Command::Update(r) => {
+                        mesh.update(r);
+                        next_refresh = clock() + refresh;
+                    }
                     Command::Join(peers) => mesh.join(&peers),
                     Command::Modify(change) => {
                         let mut r = mesh.record().clone();
                         change(&mut r);
                         if r != *mesh.record() {
+                            r.version = wall_ms();
                             mesh.update(r);
+                            next_refresh = clock() + refresh;
                         }
                     }
                     Command::Snapshot(reply) => {
@@ -298,6 +315,12 @@ impl MeshDriver {
                     }
                 },
                 () = tokio::time::sleep_until(deadline.unwrap_or(far)) => mesh.handle_timeout(clock()),
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(next_refresh)) => {
+                    let mut r = mesh.record().clone();
+                    r.version = wall_ms();
+                    mesh.update(r);
+                    next_refresh = clock() + refresh;
+                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
             while let Some(t) = mesh.poll_transmit() {

@@ -1,6 +1,7 @@
 //! Pod-CIDR claims in the lab: a member that claims the whole pod network, stamped as the
-//! oldest claim of all, is refused by every honest node (not routed, shown in status with why,
-//! counted), and the honest nodes keep routing each other's blocks. Run as root.
+//! oldest claim of all, or another node's block with a back-dated time, is refused by every
+//! honest node (not routed, shown in status with why, counted), and the honest nodes keep
+//! routing each other's blocks. Run as root.
 
 use std::time::Duration;
 
@@ -62,35 +63,14 @@ fn a_member_claiming_the_whole_pod_network_is_refused_and_honest_nodes_stay_rout
     m.daemons.push(x);
 
     for (me, other) in [("a", "b"), ("b", "a")] {
-        // Once the liar's record has arrived, it is refused with why.
-        let why = wait_for(
-            &format!("{me} to learn the liar and refuse its claims"),
-            Duration::from_secs(30),
-            || {
-                let st = m.status(me).ok()?;
-                st["mesh"]["members"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["name"] == "x")?["claims_refused"]
-                    .as_str()
-                    .map(str::to_owned)
-            },
+        // Once the liar's record has arrived, it is refused with why, counted, not routed.
+        assert_refused(
+            &m,
+            me,
+            &["100.64.0.0/16", "broader than a node block"],
+            "claim_too_broad",
         )?;
-        assert!(
-            why.contains("100.64.0.0/16") && why.contains("broader than a node block"),
-            "{me}: {why}"
-        );
-        let st = m.status(me)?;
-        assert!(
-            st["mesh"]["rejected"]["claim_too_broad"].as_u64() >= Some(1),
-            "{me}: {st}"
-        );
-        // Not routed at all, and the honest peer keeps its block.
-        let peers = st["peers"].as_array().context("peers")?;
-        assert!(
-            peers.iter().all(|p| p["name"] != "x"),
-            "{me} routes the liar: {st}"
-        );
+        // The honest peer keeps its block.
         let p = m.peer(me, other).context("the honest peer")?;
         let theirs = if other == "a" {
             "100.64.1.0/24"
@@ -104,5 +84,101 @@ fn a_member_claiming_the_whole_pod_network_is_refused_and_honest_nodes_stay_rout
         weft_tests::ping(&m.lab, &m.daemon(me).ns, addr, None)
             .with_context(|| format!("{me} -> {addr}"))?;
     }
+    Ok(())
+}
+
+/// Waits until node `me` refuses the liar `x`'s claims, then checks that why names each of
+/// `needles`, that the refusal is counted under `counter`, and that `me` does not route `x`.
+fn assert_refused(m: &MeshLab, me: &str, needles: &[&str], counter: &str) -> anyhow::Result<()> {
+    let why = wait_for(
+        &format!("{me} to refuse x's claims"),
+        Duration::from_secs(30),
+        || {
+            let st = m.status(me).ok()?;
+            st["mesh"]["members"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == "x")?["claims_refused"]
+                .as_str()
+                .map(str::to_owned)
+        },
+    )?;
+    assert!(needles.iter().all(|n| why.contains(n)), "{me}: {why}");
+    let st = m.status(me)?;
+    assert!(
+        st["mesh"]["rejected"][counter].as_u64() >= Some(1),
+        "{me}: {st}"
+    );
+    let peers = st["peers"].as_array().context("peers")?;
+    assert!(
+        peers.iter().all(|p| p["name"] != "x"),
+        "{me} routes the liar: {st}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_member_back_dating_a_claim_on_another_nodes_block_is_refused_and_the_owner_keeps_it()
+-> anyhow::Result<()> {
+    let mut m = MeshLab::start("cbd", &HONEST)?;
+    m.wait_full_mesh(&["a", "b"])?;
+
+    // The liar joins honestly: it claims a free block of the honest nodes' IPv4 pool and is
+    // routed. It republishes its record every second.
+    let secret = m.secret.clone();
+    let x = m.add_node(&LIAR, "eu", &secret)?;
+    let config = std::fs::read_to_string(&x.config)?
+        .replace(weft_tests::meshlab::POOLS, "[100.64.0.0/20]")
+        .replace("mesh:\n", "mesh:\n  record_refresh: 1s\n");
+    std::fs::write(&x.config, config)?;
+    m.lab.start(&m.bin, &x)?;
+    m.daemons.push(x.clone());
+    m.wait_full_mesh(&["a", "b", "x"])?;
+    let own = m.blocks("x")?;
+    assert!(
+        !own.iter().any(|b| b.to_string() == "100.64.2.0/24"),
+        "x: {own:?}"
+    );
+    // Unchanged, its record still comes in new versions stamped with its clock: a recent
+    // statement of what it holds.
+    let version = |m: &MeshLab| -> Option<u64> {
+        let st = m.status("a").ok()?;
+        st["mesh"]["members"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "x")?["version"]
+            .as_u64()
+    };
+    let first = version(&m).context("a knows x's version")?;
+    let later = wait_for(
+        "x's record to be republished twice",
+        Duration::from_secs(20),
+        || version(&m).filter(|v| *v >= first + 2000),
+    )?;
+    assert_eq!(m.blocks("x")?, own, "republished unchanged");
+    let wall = weft::control::now_millis();
+    assert!(
+        later <= wall && later + 20_000 >= wall,
+        "x's version {later} is its clock ({wall})"
+    );
+
+    // Then it comes back saying it has held b's block since one second after the epoch, older
+    // than b's claim: by the older-claim rule alone, every node would route b's pods to it.
+    assert!(m.lab.stop("x", Duration::from_secs(10))?, "x stops cleanly");
+    let state = x.config.parent().context("state dir")?.join("ipam.json");
+    std::fs::write(
+        &state,
+        r#"{"version": 1, "blocks": [{"block": "100.64.2.0/24", "since": 1000}]}"#,
+    )?;
+    m.lab.start(&m.bin, &x)?;
+
+    for me in ["a", "b"] {
+        assert_refused(&m, me, &["100.64.2.0/24", "back-dated"], "claim_backdated")?;
+    }
+    // b keeps its block, a routes it to b, and traffic flows.
+    assert_eq!(m.blocks("b")?, ["100.64.2.0/24".parse::<ipnet::IpNet>()?]);
+    let p = m.peer("a", "b").context("a's peer b")?;
+    assert_eq!(p["pod_cidrs"], serde_json::json!(["100.64.2.0/24"]), "{p}");
+    weft_tests::ping(&m.lab, &m.daemon("a").ns, "100.64.2.1", None).context("a -> b's pod")?;
     Ok(())
 }
