@@ -25,12 +25,16 @@
 //!   republishes its record (a new version, stamped with its clock) every
 //!   `mesh.record_refresh` (default 10 minutes), so a member can back-date by at most that plus the skew.
 //!
-//! What this cannot refuse: a back-dated claim seen by a node that never held the member's
-//! earlier record (one that first hears of the member after the lie, or restarted since). Such
-//! a node applies the older-claim rule as given. Nodes that held the earlier record (among
-//! them the node whose block is claimed) refuse the liar. A member first seen with old claims
-//! (the other side of a healed partition) is believed, so that every node settles the same
-//! winner there.
+//! What this cannot refuse, so that in standalone mode it detects a liar but does not bound one
+//! (with Kubernetes, the Node rule above does):
+//! - a member first seen with old claims: the other side of a healed partition looks the same,
+//!   and it is believed so that every node settles the same winner there. A member holding the
+//!   cluster secret can make a fresh identity, whose first record is believed;
+//! - a back-dated claim seen by a node that never held the member's earlier record (one that
+//!   first hears of the member after the lie, or restarted since: the history is kept in
+//!   memory only);
+//! - a member publishing versions far behind its clock (weft never does; a modified build
+//!   could), or one that set a long `mesh.record_refresh`, widens its own window.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -245,7 +249,7 @@ impl ClaimPolicy {
                 kept.push(m);
                 continue;
             }
-            let backdated = history.observe(&m);
+            let backdated = history.observe(&m, now_ms);
             let node = nodes.and_then(|n| n.get(&m.record.name)).map(Vec::as_slice);
             match self
                 .check(&m, node, now_ms)
@@ -260,8 +264,9 @@ impl ClaimPolicy {
 }
 
 /// What this node has seen of each member's claims: the latest record version it held (the
-/// member's clock when it signed it, see `control::own_record`), the claims in it, and a
-/// back-dating found, which holds for as long as the member keeps that claim.
+/// member's clock when it signed it: the mesh driver stamps versions so), this node's clock
+/// when it first held that version, the claims in it, and the back-dated claims found, which
+/// keep the member refused for as long as it keeps any of them.
 #[derive(Debug, Default)]
 pub struct ClaimHistory {
     members: HashMap<[u8; 32], Held>,
@@ -270,49 +275,61 @@ pub struct ClaimHistory {
 #[derive(Debug)]
 struct Held {
     version: u64,
+    /// This node's clock when it first held `version`.
+    seen_ms: u64,
+    /// The claims of `version`, without the back-dated ones.
     claims: Vec<(IpNet, u64)>,
-    backdated: Option<Refusal>,
+    /// Back-dated claims: (claim, its time, the record time it was stamped before).
+    backdated: Vec<(IpNet, u64, u64)>,
 }
 
 impl ClaimHistory {
     /// Takes in `m`'s current record (not a tombstone: a node that leaves and comes back is
-    /// compared with what it held before it left) and returns the back-dating it shows, if any.
-    fn observe(&mut self, m: &Member) -> Option<Refusal> {
+    /// compared with what it held before it left) at this node's clock `now_ms`, and returns
+    /// the back-dating it shows, if any.
+    ///
+    /// The earlier record's time is the smaller of its version (the member's clock) and this
+    /// node's clock when it first held it: a member whose clock ran ahead and was set back
+    /// keeps publishing versions from the future (versions never go down), and its fresh
+    /// claims must not look older than them.
+    fn observe(&mut self, m: &Member, now_ms: u64) -> Option<Refusal> {
         let r = &m.record;
-        let claims: Vec<(IpNet, u64)> = r
-            .pod_cidrs
-            .iter()
-            .copied()
-            .zip(r.claimed_at.iter().copied())
-            .collect();
+        let claims = || -> Vec<(IpNet, u64)> {
+            r.pod_cidrs
+                .iter()
+                .copied()
+                .zip(r.claimed_at.iter().copied())
+                .collect()
+        };
         let held = self.members.entry(m.id.0).or_insert_with(|| Held {
             version: r.version,
-            claims: claims.clone(),
-            backdated: None,
+            seen_ms: now_ms,
+            claims: claims(),
+            backdated: Vec::new(),
         });
         if r.version > held.version {
-            let still = match &held.backdated {
-                Some(Refusal::BackDated { claim, at, .. }) => claims.contains(&(*claim, *at)),
-                _ => false,
-            };
-            if !still {
-                held.backdated = None;
-            }
-            if held.backdated.is_none() {
-                held.backdated = claims
-                    .iter()
-                    .filter(|c| !held.claims.contains(c))
-                    .find(|(_, at)| at.saturating_add(MAX_SKEW_MS) < held.version)
-                    .map(|&(claim, at)| Refusal::BackDated {
-                        claim,
-                        at,
-                        without: held.version,
-                    });
+            let now = claims();
+            let without = held.version.min(held.seen_ms);
+            held.backdated.retain(|(c, at, _)| now.contains(&(*c, *at)));
+            for &(claim, at) in &now {
+                let known = held.claims.contains(&(claim, at))
+                    || held.backdated.iter().any(|b| (b.0, b.1) == (claim, at));
+                if !known && at.saturating_add(MAX_SKEW_MS) < without {
+                    held.backdated.push((claim, at, without));
+                }
             }
             held.version = r.version;
-            held.claims = claims;
+            held.seen_ms = now_ms;
+            // A back-dated claim never becomes an earlier record's claim, so a later version
+            // cannot launder it by dropping the others.
+            held.claims = now
+                .into_iter()
+                .filter(|c| !held.backdated.iter().any(|b| (b.0, b.1) == *c))
+                .collect();
         }
-        held.backdated.clone()
+        held.backdated
+            .first()
+            .map(|&(claim, at, without)| Refusal::BackDated { claim, at, without })
     }
 
     /// Forgets the members the mesh no longer holds.
@@ -611,6 +628,58 @@ mod tests {
         assert_eq!(vet_one(&mut h, &at_version(new, NOW + 4 * HOUR)), Ok(()));
         // A replayed older version changes nothing.
         assert_eq!(vet_one(&mut h, &at_version(old, NOW)), Ok(()));
+    }
+
+    #[test]
+    fn a_back_dated_claim_cannot_be_laundered_by_a_later_version() {
+        // Two back-dated claims in one version (refused for both), then a version keeping only
+        // one of them: still refused, and so on until none is left.
+        let mut h = ClaimHistory::default();
+        let start = at_version(member("liar", &[("100.64.3.0/24", NOW - HOUR)]), NOW - HOUR);
+        assert_eq!(vet_one(&mut h, &start), Ok(()));
+        let two = at_version(
+            member(
+                "liar",
+                &[
+                    ("100.64.2.0/24", NOW - 9 * HOUR),
+                    ("fd64:0:0:2::/64", NOW - 9 * HOUR),
+                ],
+            ),
+            NOW,
+        );
+        assert!(matches!(
+            vet_one(&mut h, &two),
+            Err(Refusal::BackDated { .. })
+        ));
+        let one = at_version(
+            member("liar", &[("fd64:0:0:2::/64", NOW - 9 * HOUR)]),
+            NOW + 1,
+        );
+        assert!(matches!(
+            vet_one(&mut h, &one),
+            Err(Refusal::BackDated { claim, .. }) if claim.to_string() == "fd64:0:0:2::/64"
+        ));
+        let again = at_version(one, NOW + 2);
+        assert!(vet_one(&mut h, &again).is_err());
+    }
+
+    #[test]
+    fn a_member_whose_clock_ran_ahead_and_was_set_back_is_not_taken_for_a_liar() {
+        // Its versions come from two hours ahead (and never go down); this node held that
+        // record at its own, correct time. A claim it makes now is fresh.
+        let mut h = ClaimHistory::default();
+        let ahead = at_version(
+            member("a", &[("100.64.1.0/24", NOW - HOUR)]),
+            NOW + 2 * HOUR,
+        );
+        let (_, refused) = policy().vet(&mut h, vec![ahead], None, NOW);
+        assert!(refused.is_empty());
+        let fresh = at_version(
+            member("a", &[("100.64.6.0/24", NOW + 60_000)]),
+            NOW + 2 * HOUR + 1,
+        );
+        let (_, refused) = policy().vet(&mut h, vec![fresh], None, NOW + 60_000);
+        assert!(refused.is_empty(), "{refused:?}");
     }
 
     #[test]

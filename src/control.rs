@@ -143,7 +143,7 @@ pub struct Inputs {
 pub type ClusterNodes = BTreeMap<String, Vec<ipnet::IpNet>>;
 
 /// Drops from `snap` the members whose pod-CIDR claims are not believed (so neither IPAM nor
-/// the router sees them), counts each refusal once per record version and reason, and
+/// the router sees them), counts each refusal once while it lasts (per member and reason), and
 /// publishes the current refusals for the status report.
 fn vet_claims(
     policy: &ClaimPolicy,
@@ -160,7 +160,7 @@ fn vet_claims(
     };
     seen.current.clear();
     for (m, why) in refused {
-        let key = (m.id.0, m.record.version, why.reason());
+        let key = (m.id.0, why.reason());
         if seen.counted.insert(key) {
             *seen.by_reason.entry(why.reason()).or_default() += 1;
             warn!(member = %m.record.name, version = m.record.version, reason = %why, "mesh member's pod-CIDR claims refused: not routed");
@@ -184,18 +184,14 @@ pub async fn reconcile_loop(
     mut events: mpsc::UnboundedReceiver<Event>,
     infos: PeerInfos,
     mut ipam: Ipam,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::Shutdown,
 ) {
     let mut choices = Choices::default();
     let mut history = ClaimHistory::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    return;
-                }
-            }
+            () = shutdown.wait() => return,
             Some(e) = events.recv() => {
                 debug!(event = ?e, "membership changed");
                 while events.try_recv().is_ok() {}

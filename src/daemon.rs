@@ -30,6 +30,7 @@ use crate::k8s::OwnFacts;
 use crate::keys;
 use crate::netlink::Netlink;
 use crate::notify;
+use crate::shutdown::Shutdown;
 use crate::status::{MeshMember, MeshStatus, NodeStatus, PeerStatus, Status};
 
 /// Overlay MTU when the underlay's cannot be found.
@@ -399,7 +400,7 @@ pub async fn run(
             ready: ready_flag.clone(),
             cache: crate::metrics::ScrapeCache::default(),
         },
-        stop_tx.subscribe(),
+        Shutdown::new(stop_tx.subscribe()),
     )));
     if let Some((secret, listener)) = gossip {
         let mut record = control::own_record(&config, wireguard_key, &blocks);
@@ -434,7 +435,9 @@ pub async fn run(
                     me: config.node.name.clone(),
                     public_key: public_key.clone(),
                 };
-                helpers.push(tokio::spawn(source.run(src_tx, stop_tx.subscribe())));
+                helpers.push(tokio::spawn(
+                    source.run(src_tx, Shutdown::new(stop_tx.subscribe())),
+                ));
                 helpers.push(tokio::spawn(control::kubernetes_loop(
                     config.node.clone(),
                     (config.mesh.port, config.mesh.peers.clone()),
@@ -498,7 +501,7 @@ pub async fn run(
             ev_rx,
             infos.clone(),
             ipam,
-            stop_tx.subscribe(),
+            Shutdown::new(stop_tx.subscribe()),
         )));
     } else {
         drop(mesh_rx);
@@ -507,7 +510,7 @@ pub async fn run(
     ready_flag.store(true, std::sync::atomic::Ordering::Release);
     helpers.push(tokio::spawn(notify::run(
         cmd_tx.clone(),
-        stop_tx.subscribe(),
+        Shutdown::new(stop_tx.subscribe()),
     )));
 
     let mut reloader = crate::reload::Reloader {

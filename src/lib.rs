@@ -7,7 +7,8 @@
 //! pod blocks), [`control`] (the loop that applies them), [`keys`] (the 0600 key file and the
 //! `genkey`/`pubkey`/`gensecret` tools), [`netlink`] (the TUN device's MTU, addresses and routes),
 //! [`daemon`] (`weft run`: setup in an order that leaves the host unchanged on failure, signals,
-//! teardown), [`api`] (the local unix-socket API) and [`status`] (the report `weft status`
+//! teardown), [`shutdown`] (the stop signal every task listens for: `true` sent or the sender
+//! gone), [`api`] (the local unix-socket API) and [`status`] (the report `weft status`
 //! prints). The binaries in `src/bin` only parse arguments and call in here.
 
 pub mod api;
@@ -28,4 +29,5 @@ pub mod nodesource;
 pub mod notify;
 pub mod reconcile;
 pub mod reload;
+pub mod shutdown;
 pub mod status;

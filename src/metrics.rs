@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
 use weft_router::driver::{Command, Snapshot};
@@ -37,12 +37,13 @@ pub struct IpamCounters {
 /// Members' pod-CIDR claims refused (see [`crate::claims`]).
 #[derive(Debug, Default)]
 pub struct ClaimsRefused {
-    /// Refusals by reason, each record version and reason counted once.
+    /// Refusals by reason, each member's refusal for a reason counted once while it lasts.
     pub by_reason: std::collections::BTreeMap<&'static str, u64>,
     /// The members refused now (mesh id), with why.
     pub current: std::collections::BTreeMap<[u8; 32], String>,
-    /// What was counted: (mesh id, record version, reason) of the members refused now.
-    pub counted: std::collections::BTreeSet<([u8; 32], u64, &'static str)>,
+    /// What was counted: (mesh id, reason) of the members refused now (not per version: a
+    /// refused member republishing cannot grow it).
+    pub counted: std::collections::BTreeSet<([u8; 32], &'static str)>,
 }
 
 /// Everything a scrape reads.
@@ -592,15 +593,11 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` turns true, at most
 /// [`MAX_CONNECTIONS`] connections at once.
-pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: crate::shutdown::Shutdown) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    return;
-                }
-            }
+            () = shutdown.wait() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
@@ -693,12 +690,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_server_ends_when_the_shutdown_sender_is_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (src, _rx) = sources(true);
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(serve(listener, src, rx.into()));
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the metrics server ends once the daemon's sender is gone")
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn connections_beyond_the_cap_are_closed_at_once() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (src, _rx) = sources(true);
-        let (_stop, stop) = watch::channel(false);
-        tokio::spawn(serve(listener, src, stop));
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve(listener, src, stop.into()));
         let mut open = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();

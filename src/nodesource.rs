@@ -28,7 +28,7 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::k8s::{KEY_ANNOTATION, NodeView};
@@ -116,7 +116,11 @@ fn patch_params() -> PatchParams {
 
 impl NodeSource {
     /// Watches until `shutdown`; events go to `events`.
-    pub async fn run(self, events: mpsc::Sender<SourceEvent>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        self,
+        events: mpsc::Sender<SourceEvent>,
+        mut shutdown: crate::shutdown::Shutdown,
+    ) {
         let api: Api<Node> = Api::all(self.client.clone());
         // Spelled out rather than left to kube's defaults, which the module doc promises.
         let mut config = watcher::Config::default()
@@ -130,12 +134,7 @@ impl NodeSource {
         let mut ready = false;
         loop {
             let item = tokio::select! {
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    continue;
-                }
+                () = shutdown.wait() => return,
                 item = stream.next() => item,
             };
             let Some(item) = item else { return };

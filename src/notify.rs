@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weft_router::PeerState;
 use weft_router::driver::Command;
@@ -34,7 +34,7 @@ pub fn watchdog() -> Option<Duration> {
 
 /// Keeps `STATUS=` current and pets the watchdog until `shutdown`; the watchdog stops with the
 /// data plane, so a wedged daemon is restarted.
-pub async fn run(router: mpsc::Sender<Command>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(router: mpsc::Sender<Command>, mut shutdown: crate::shutdown::Shutdown) {
     let dog = watchdog();
     if let Some(d) = dog {
         info!(interval = ?d, "systemd watchdog enabled; petting it every half interval");
@@ -44,11 +44,7 @@ pub async fn run(router: mpsc::Sender<Command>, mut shutdown: watch::Receiver<bo
     let mut last = String::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    return;
-                }
-            }
+            () = shutdown.wait() => return,
             _ = pet.tick(), if dog.is_some() => {
                 // Only a data plane that answers keeps the watchdog quiet.
                 if crate::control::router_snapshot(&router).await.is_some() {
@@ -69,5 +65,22 @@ pub async fn run(router: mpsc::Sender<Command>, mut shutdown: watch::Receiver<bo
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_status_loop_ends_when_the_shutdown_sender_is_dropped() {
+        let (router, _commands) = mpsc::channel(1);
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run(router, rx.into()));
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the status loop ends once the daemon's sender is gone")
+            .unwrap();
     }
 }

@@ -216,8 +216,10 @@ impl MeshDriver {
             let far = tokio::time::Instant::from_std(clock()) + Duration::from_secs(3600);
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
+                // A dropped sender means stop too: read as "no change", its arm would be
+                // ready forever and, biased first, starve every other.
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
                         break;
                     }
                 }
@@ -467,9 +469,8 @@ mod tests {
     use crate::record::tests::record;
     use crate::{Identity, MeshConfig};
 
-    #[tokio::test]
-    async fn the_drivers_debug_form_never_shows_the_cluster_secret() {
-        let secret = [0xa5; 32];
+    /// A driver of one node on a loopback listener, with `secret`.
+    async fn driver(secret: [u8; 32]) -> MeshDriver {
         let mesh = Membership::new(
             clock(),
             Identity::from_wireguard_key(&[1; 32]),
@@ -478,7 +479,27 @@ mod tests {
             1,
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let driver = MeshDriver::new(mesh, listener, secret);
+        MeshDriver::new(mesh, listener, secret)
+    }
+
+    #[tokio::test]
+    async fn the_driver_ends_when_the_shutdown_sender_is_dropped() {
+        let driver = driver([7; 32]).await;
+        let (_commands, rx) = mpsc::channel(1);
+        let (events, _ev) = mpsc::unbounded_channel();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(driver.run(rx, events, shutdown));
+        drop(stop);
+        let ended = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the driver ends once the daemon's sender is gone (before, it spun)")
+            .unwrap();
+        assert!(ended.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_drivers_debug_form_never_shows_the_cluster_secret() {
+        let driver = driver([0xa5; 32]).await;
         let shown = format!("{driver:?} {driver:#?}");
         // The secret as Debug shows bytes (decimal), as hex, or as base64.
         for needle in ["165, 165", "165,\n", "a5a5", "A5A5", "paWl"] {

@@ -72,7 +72,7 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
         me: "n1".into(),
         public_key: "KEY1".into(),
     };
-    let task = tokio::spawn(source.run(tx, stop_rx));
+    let task = tokio::spawn(source.run(tx, stop_rx.into()));
 
     // Down at start: reported, retried.
     let e = next(&mut rx, "a trouble report", |e| {
@@ -187,7 +187,7 @@ async fn a_forbidden_api_is_reported_naming_the_missing_permission() -> anyhow::
         me: "n1".into(),
         public_key: "K".into(),
     };
-    let task = tokio::spawn(source.run(tx, stop_rx));
+    let task = tokio::spawn(source.run(tx, stop_rx.into()));
     let e = next(&mut rx, "a trouble report", |e| {
         matches!(e, SourceEvent::Trouble(_))
     })
@@ -263,7 +263,7 @@ async fn the_source_lists_in_pages_patches_as_weft_resumes_from_bookmarks_and_re
         me: "m0000".into(),
         public_key: "KEY0".into(),
     };
-    let task = tokio::spawn(source.run(tx, stop_rx));
+    let task = tokio::spawn(source.run(tx, stop_rx.into()));
     next(&mut rx, "all other nodes", |e| {
         others(e).is_some_and(|o| o.len() == N - 1)
     })
