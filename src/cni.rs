@@ -364,8 +364,8 @@ mod tests {
                     let w = w.clone();
                     s.spawn(move || {
                         let block: IpNet = format!("100.64.{t}.0/24").parse().unwrap();
-                        w.write(&[block]);
-                        w.set_mtu(1300 + round * 4 + t);
+                        w.write(&[block]).unwrap();
+                        w.set_mtu(1300 + round * 4 + t).unwrap();
                     });
                 }
             });
@@ -488,44 +488,64 @@ impl ConflistWriter {
         }
     }
 
-    /// Writes the conflist for `blocks` (nothing before the node has a block); logs the outcome.
+    /// Writes the conflist for `blocks` (nothing before the node has a block); logs a change.
     /// Writers are serialised (the file is rendered under the state's lock), so the file
     /// always ends as the last change says.
-    pub fn write(&self, blocks: &[IpNet]) {
+    pub fn write(&self, blocks: &[IpNet]) -> std::io::Result<()> {
         let mut st = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.1 = blocks.to_vec();
-        self.render(st.0, &st.1);
+        self.render(st.0, &st.1)
+    }
+
+    /// The conflist's path, if it writes one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// A new overlay MTU: rewrites the conflist for the blocks last written.
-    pub fn set_mtu(&self, mtu: u16) {
+    pub fn set_mtu(&self, mtu: u16) -> std::io::Result<()> {
         let mut st = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.0 = mtu;
-        self.render(st.0, &st.1);
+        self.render(st.0, &st.1)
     }
 
-    fn render(&self, mtu: u16, blocks: &[IpNet]) {
+    fn render(&self, mtu: u16, blocks: &[IpNet]) -> std::io::Result<()> {
         let Some(path) = &self.path else {
-            return;
+            return Ok(());
         };
         if blocks.is_empty() {
-            return;
+            return Ok(());
         }
         let value = conflist(blocks, mtu, &self.socket, &self.ipam_dir);
-        match write_conflist(path, &value) {
-            Ok(true) => {
-                tracing::info!(path = %path.display(), blocks = ?blocks, mtu, "wrote the CNI conflist")
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "could not write the CNI conflist")
-            }
+        if write_conflist(path, &value)? {
+            tracing::info!(path = %path.display(), blocks = ?blocks, mtu, "wrote the CNI conflist");
         }
+        Ok(())
+    }
+
+    /// [`ConflistWriter::write`], logging a failure (after start, a failed write leaves the
+    /// last file in place; the next change writes again).
+    pub fn write_or_log(&self, blocks: &[IpNet]) {
+        if let Err(e) = self.write(blocks) {
+            self.log_failure(&e);
+        }
+    }
+
+    /// [`ConflistWriter::set_mtu`], logging a failure.
+    pub fn set_mtu_or_log(&self, mtu: u16) {
+        if let Err(e) = self.set_mtu(mtu) {
+            self.log_failure(&e);
+        }
+    }
+
+    fn log_failure(&self, e: &std::io::Error) {
+        let path = self.path.as_deref().unwrap_or(Path::new(""));
+        tracing::error!(path = %path.display(), error = %e, "could not write the CNI conflist");
     }
 }

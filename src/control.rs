@@ -655,7 +655,7 @@ impl Ipam {
         if let Some(m) = &self.masquerade {
             m.apply(&blocks);
         }
-        self.conflist.write(&blocks);
+        self.conflist.write_or_log(&blocks);
         self.blocks.held = next.clone();
         Some(next)
     }

@@ -26,6 +26,7 @@ use weft_router::{PathKind, PeerConfig, Router};
 
 use crate::api::{self, ApiSocket, Request, Response};
 use crate::control;
+use crate::installed::Installed;
 use crate::k8s::OwnFacts;
 use crate::keys;
 use crate::netlink::Netlink;
@@ -313,22 +314,17 @@ pub async fn run(
             )
         })?;
 
-    // From here on the host changes: the TUN device is deleted again on any failure.
+    // From here on the host changes: `installed` undoes it on every way out.
     let (tun, tun_offload) =
         open_tun(&iface, offload.tun).with_context(|| format!("creating TUN device {iface}"))?;
+    let mut installed = Installed::new(nl.clone(), iface.clone());
     let index = match nl.link(&iface).await {
         Ok(Some((index, _))) => index,
         Ok(None) => bail!("TUN device {iface} vanished right after its creation"),
         Err(e) => return Err(e.into()),
     };
-    if let Err(e) = nl
-        .configure(&iface, index, mtu, &plan.addresses, &plan.routes)
-        .await
-    {
-        drop(tun);
-        remove_link(&nl, &iface).await;
-        return Err(e.into());
-    }
+    nl.configure(&iface, index, mtu, &plan.addresses, &plan.routes)
+        .await?;
     let masquerade = config.network.nat_outgoing.then(|| control::Masquerade {
         keep: config
             .network
@@ -348,6 +344,7 @@ pub async fn run(
         "data path offloads"
     );
     if let Some(m) = &masquerade {
+        installed.masquerading();
         m.apply(&plan.pod_cidrs);
     }
     let conflist = crate::cni::ConflistWriter::new(
@@ -356,7 +353,13 @@ pub async fn run(
         config.api_socket.clone(),
         config.state_dir.join("cni-ipam"),
     );
-    conflist.write(&plan.pod_cidrs);
+    conflist.write(&plan.pod_cidrs).with_context(|| {
+        format!(
+            "{}: cni.conflist: writing {}",
+            config_path.display(),
+            conflist.path().unwrap_or(Path::new("")).display()
+        )
+    })?;
     info!(
         node = %config.node.name, interface = %iface, mtu, port = config.router.port,
         addresses = ?plan.addresses, routes = ?plan.routes, peers = plan.peers.len(), %public_key,
@@ -587,16 +590,7 @@ pub async fn run(
         }
     }
     // The TUN device went with the driver; make sure, and take the routes with it.
-    remove_link(&nl, &iface).await;
-    if masquerade.is_some() {
-        match crate::masquerade::remove() {
-            Ok(()) => info!(
-                table = crate::masquerade::TABLE,
-                "removed the nftables table"
-            ),
-            Err(e) => error!(error = %e, "could not remove the nftables table"),
-        }
-    }
+    installed.remove().await;
     drop(api_socket);
     info!("weft stopped");
     outcome
@@ -619,18 +613,6 @@ fn initial_blocks(config: &Config, pools: &[Pool], saved: &[SavedBlock]) -> Vec<
         })
         .copied()
         .collect()
-}
-
-/// Deletes the link called `name` if it is still there.
-async fn remove_link(nl: &Netlink, name: &str) {
-    match nl.link(name).await {
-        Ok(Some((index, _))) => match nl.delete_link(index).await {
-            Ok(()) => info!(interface = name, "deleted"),
-            Err(e) => error!(interface = name, error = %e, "could not delete"),
-        },
-        Ok(None) => {}
-        Err(e) => error!(interface = name, error = %e, "could not check"),
-    }
 }
 
 /// What the API answers from.

@@ -19,6 +19,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod files;
+pub mod installed;
 pub mod k8s;
 pub mod keys;
 pub mod lab;

@@ -256,7 +256,7 @@ impl Reloader {
         if let Ok(mut n) = self.node.lock() {
             n.mtu = mtu;
         }
-        self.conflist.set_mtu(mtu);
+        self.conflist.set_mtu_or_log(mtu);
     }
 
     /// The configured peers: to the reconciler when the mesh is on, else to the router.

@@ -1,7 +1,10 @@
 //! Every kind of bad config: `weft run` exits non-zero naming file, line and key, and the host
-//! (a namespace of its own here) is left exactly as it was.
+//! (a namespace of its own here) is left exactly as it was, also when the start fails after
+//! the TUN device and the masquerade table exist.
 
 use std::process::Stdio;
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use weft::lab::{Lab, wait_for};
@@ -212,5 +215,70 @@ fn a_taken_interface_name_or_port_fails_before_touching_the_host() -> anyhow::Re
     );
     assert_eq!(snapshot(&lab, &ns)?, before);
     assert!(!d.socket.exists());
+    Ok(())
+}
+
+#[test]
+fn a_start_that_fails_after_the_device_and_the_nft_table_exist_removes_both() -> anyhow::Result<()>
+{
+    let bin = weft_bin()?;
+    let mut lab = Lab::new("bi")?;
+    let ns = lab.add_ns("host")?;
+    let before = snapshot(&lab, &ns)?;
+    let tables = || -> anyhow::Result<String> {
+        let out = weft::lab::run(lab.cmd(&ns, "nft").args(["list", "tables"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert!(!tables()?.contains("weft"));
+    // The conflist is written only once the TUN device is configured and the masquerade table
+    // applied; under a regular file, it cannot be.
+    let blocker = lab.dir.join("not-a-directory");
+    std::fs::write(&blocker, "")?;
+    let conflist = blocker.join("10-weft.conflist");
+    let d = lab.daemon(
+        "a",
+        &ns,
+        "node:\n  key_file: KEY_FILE\n  pod_cidr: 100.64.1.0/24\nnetwork:\n  nat_outgoing: true\n",
+    )?;
+    let text = std::fs::read_to_string(&d.config)?;
+    let dir = d.config.parent().context("the daemon's directory")?;
+    let lab_conflist = format!("conflist: {}/10-weft.conflist", dir.display());
+    assert!(text.contains(&lab_conflist), "{text}");
+    std::fs::write(
+        &d.config,
+        text.replace(&lab_conflist, &format!("conflist: {}", conflist.display())),
+    )?;
+    // Bounded: a daemon that logs the failure and runs on is stopped and fails the test.
+    let log = lab.dir.join("a.log");
+    let mut child = lab
+        .cmd(&ns, &bin)
+        .arg("run")
+        .arg("--config")
+        .arg(&d.config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let status = wait_for("weft run to exit", Duration::from_secs(30), || {
+        child.try_wait().ok().flatten()
+    });
+    if status.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stderr = std::fs::read_to_string(&log)?;
+    let status = status.with_context(|| format!("the start did not fail: {stderr}"))?;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cni.conflist: writing {}", conflist.display())),
+        "{stderr}"
+    );
+    // It got that far, then undid it.
+    assert!(stderr.contains("masquerading pod traffic"), "{stderr}");
+    assert!(stderr.contains("removing what it installed"), "{stderr}");
+    assert_eq!(snapshot(&lab, &ns)?, before, "{stderr}");
+    assert!(
+        !tables()?.contains("weft"),
+        "the nft table is left: {stderr}"
+    );
     Ok(())
 }
