@@ -12,17 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use weft_config::Config;
 use weft_ipam::{SavedBlock, Snapshot};
-use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
+use weft_mesh::driver::Snapshot as MeshSnapshot;
 use weft_mesh::{Event, NodeRecord};
 use weft_router::PeerConfig;
-use weft_router::driver::{Command as RouterCommand, Snapshot as RouterSnapshot};
 
 use crate::blocks::{BlockEvent, Blocks};
 use crate::claims::{ClaimHistory, ClaimPolicy};
+use crate::handle::{MeshHandle, RouterHandle};
 use crate::keys;
 use crate::reconcile::{self, Change, Choices, Reason};
 
@@ -110,22 +110,6 @@ pub async fn bind_gossip(port: u16) -> anyhow::Result<TcpListener> {
     }
 }
 
-async fn ask<C, T>(tx: &mpsc::Sender<C>, make: impl FnOnce(oneshot::Sender<T>) -> C) -> Option<T> {
-    let (reply, rx) = oneshot::channel();
-    tx.send(make(reply)).await.ok()?;
-    rx.await.ok()
-}
-
-/// The router's snapshot, unless the data plane has stopped.
-pub async fn router_snapshot(tx: &mpsc::Sender<RouterCommand>) -> Option<RouterSnapshot> {
-    ask(tx, RouterCommand::Status).await
-}
-
-/// The mesh's snapshot, if the mesh is running.
-pub async fn mesh_snapshot(tx: &mpsc::Sender<MeshCommand>) -> Option<MeshSnapshot> {
-    ask(tx, MeshCommand::Snapshot).await
-}
-
 /// What the reconciler takes besides the mesh.
 #[derive(Debug)]
 pub struct Inputs {
@@ -179,8 +163,8 @@ pub async fn reconcile_loop(
         cluster,
         claims,
     }: Inputs,
-    router: mpsc::Sender<RouterCommand>,
-    mesh: mpsc::Sender<MeshCommand>,
+    router: RouterHandle,
+    mesh: MeshHandle,
     mut events: mpsc::UnboundedReceiver<Event>,
     infos: PeerInfos,
     mut ipam: Ipam,
@@ -199,7 +183,7 @@ pub async fn reconcile_loop(
             Ok(()) = statics.changed() => debug!("wireguard_peers changed"),
             () = tokio::time::sleep(RESYNC) => {}
         }
-        let Some(mut snap) = mesh_snapshot(&mesh).await else {
+        let Some(mut snap) = mesh.snapshot().await else {
             return;
         };
         let nodes = cluster.as_ref().and_then(|c| c.borrow().clone());
@@ -219,15 +203,11 @@ pub async fn reconcile_loop(
                 r.pod_cidrs = cidrs;
                 r.claimed_at = since;
             };
-            if mesh
-                .send(MeshCommand::Modify(Box::new(change)))
-                .await
-                .is_err()
-            {
+            if !mesh.modify(change).await {
                 return;
             }
         }
-        let Some(actual) = router_snapshot(&router).await else {
+        let Some(actual) = router.snapshot().await else {
             return;
         };
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
@@ -323,7 +303,7 @@ impl Masquerade {
 /// changed, and asks for a handshake at once with new mesh peers (`is_mesh`). False when the
 /// router is gone.
 pub async fn apply(
-    router: &mpsc::Sender<RouterCommand>,
+    router: &RouterHandle,
     actual: &[weft_router::PeerStatus],
     desired: &[reconcile::DesiredPeer],
     is_mesh: impl Fn(&[u8; 32]) -> bool,
@@ -345,17 +325,17 @@ pub async fn apply(
         {
             let name = current.get(&k).map(|c| c.name.clone()).unwrap_or_default();
             info!(peer = %name, "peer withdrawn");
-            let _ = router.send(RouterCommand::RemovePeer(*id)).await;
+            router.remove_peer(*id).await;
         }
         if let Some(c) = add {
             let (name, endpoint, path) = (c.name.clone(), c.endpoint, c.path.as_str());
             let mesh_peer = is_mesh(&c.public_key);
-            match ask(router, |r| RouterCommand::AddPeer(c, r)).await {
+            match router.add_peer(c).await {
                 Some(Ok(id)) => {
                     info!(peer = %name, endpoint = ?endpoint, path, "peer routed");
                     // Confirm the endpoint now rather than at the first packet.
                     if mesh_peer {
-                        let _ = router.send(RouterCommand::Connect(id)).await;
+                        router.connect(id).await;
                     }
                 }
                 Some(Err(e)) => warn!(peer = %name, error = %e, "peer not routed"),
@@ -401,7 +381,7 @@ impl OwnNode {
             return;
         }
         *warned = Some(addr);
-        match crate::daemon::underlay_mtu(&m.netlink, addr).await {
+        match crate::netlink::underlay_mtu(&m.netlink, addr).await {
             Ok(Some(new)) if new != m.mtu => warn!(
                 from = ?m.address, to = %addr, mtu = m.mtu, underlay_mtu = new,
                 "the private address moved to a link that implies another overlay MTU; the TUN \
@@ -424,7 +404,7 @@ pub async fn kubernetes_loop(
     node: weft_config::Node,
     (mesh_port, configured): (u16, Vec<std::net::SocketAddr>),
     mut source: mpsc::Receiver<crate::nodesource::SourceEvent>,
-    mesh: mpsc::Sender<MeshCommand>,
+    mesh: MeshHandle,
     (blocks, names): (
         watch::Sender<Vec<ipnet::IpNet>>,
         watch::Sender<Option<ClusterNodes>>,
@@ -448,7 +428,7 @@ pub async fn kubernetes_loop(
                 let facts = crate::k8s::own_facts(&me, &node);
                 region.clone_from(&facts.region);
                 own.update(&facts, &mut warned).await;
-                if let Some(snap) = mesh_snapshot(&mesh).await {
+                if let Some(snap) = mesh.snapshot().await {
                     let r = &snap.record;
                     if (&r.region, r.private_address, r.public_address)
                         != (&facts.region, facts.private_address, facts.public_address)
@@ -460,7 +440,7 @@ pub async fn kubernetes_loop(
                             r.private_address = f.private_address;
                             r.public_address = f.public_address;
                         };
-                        let _ = mesh.send(MeshCommand::Modify(Box::new(change))).await;
+                        mesh.modify(change).await;
                     }
                 }
                 if node.pod_cidr.is_empty() && *blocks.borrow() != me.pod_cidrs {
@@ -483,7 +463,7 @@ pub async fn kubernetes_loop(
                     .iter()
                     .any(|n| n.private_annotated || n.public_annotated);
                 let snapshot = if annotated {
-                    mesh_snapshot(&mesh).await
+                    mesh.snapshot().await
                 } else {
                     None
                 };
@@ -507,7 +487,7 @@ pub async fn kubernetes_loop(
                 ));
                 if addrs != joined {
                     debug!(peers = ?addrs, "bootstrap peers from the Kubernetes nodes");
-                    let _ = mesh.send(MeshCommand::Join(addrs.clone())).await;
+                    mesh.join(addrs.clone()).await;
                     joined = addrs;
                 }
             }
@@ -636,7 +616,7 @@ impl Ipam {
             error!(error = %e, path = %self.state_file.display(), "could not persist the pod blocks; keeping the old ones");
             return None;
         }
-        let host = |b: &SavedBlock| crate::daemon::overlay_address(b.block);
+        let host = |b: &SavedBlock| crate::plan::overlay_address(b.block);
         let held = &self.blocks.held;
         let old: Vec<ipnet::IpNet> = held
             .iter()

@@ -13,153 +13,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use ipnet::IpNet;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 use weft_config::Config;
-use weft_ipam::{Pool, SavedBlock};
-use weft_mesh::driver::{Command as MeshCommand, MeshDriver, Snapshot as MeshSnapshot};
+use weft_mesh::driver::{MeshDriver, Snapshot as MeshSnapshot};
 use weft_mesh::{Identity, Membership, MeshConfig};
-use weft_router::driver::{Command, Snapshot, bind_udp, open_tun};
-use weft_router::{PathKind, PeerConfig, Router};
+use weft_router::driver::{Snapshot, bind_udp, open_tun};
+use weft_router::Router;
 
 use crate::api::{self, ApiSocket, Request, Response};
 use crate::control;
+use crate::handle::{MeshHandle, RouterHandle};
 use crate::installed::Installed;
 use crate::k8s::OwnFacts;
 use crate::keys;
 use crate::netlink::Netlink;
 use crate::notify;
+use crate::plan::{self, Plan};
 use crate::shutdown::Shutdown;
 use crate::status::{MeshMember, MeshStatus, NodeStatus, PeerStatus, Status};
 
-/// Overlay MTU when the underlay's cannot be found.
-const FALLBACK_MTU: u16 = 1420;
 /// How long shutdown waits for the data plane to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the daemon will set up, computed from the config before anything is touched.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// The node's pod CIDRs.
-    pub pod_cidrs: Vec<IpNet>,
-    /// The TUN device's addresses: the first host of each pod CIDR, as a host prefix.
-    pub addresses: Vec<IpNet>,
-    /// Routes into the TUN device: `pod_network_cidr`, and peers' prefixes outside it.
-    pub routes: Vec<IpNet>,
-    /// The router's peers.
-    pub peers: Vec<PeerConfig>,
-}
-
-/// The first host address of `net` (the network address itself for a host prefix).
-pub fn first_host(net: IpNet) -> IpAddr {
-    let n = net.trunc();
-    match n {
-        IpNet::V4(v4) if v4.prefix_len() < 32 => {
-            std::net::Ipv4Addr::from(u32::from(v4.network()) + 1).into()
-        }
-        IpNet::V6(v6) if v6.prefix_len() < 128 => {
-            std::net::Ipv6Addr::from(u128::from(v6.network()) + 1).into()
-        }
-        _ => n.addr(),
-    }
-}
-
-/// The TUN device's address for pod block `net`: its first host, as a host prefix.
-pub fn overlay_address(net: IpNet) -> IpNet {
-    let a = first_host(net);
-    IpNet::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("a host prefix is valid")
-}
-
-impl Plan {
-    /// The plan for `config`, read from `origin`; `blocks` are the node's pod blocks (static,
-    /// or restored), and may be empty only when the mesh will claim them (`mesh_on`).
-    pub fn new(
-        config: &Config,
-        origin: &Path,
-        blocks: &[IpNet],
-        mesh_on: bool,
-    ) -> anyhow::Result<Self> {
-        if blocks.is_empty() && !mesh_on {
-            bail!(
-                "{}: node.pod_cidr: required when the node has no mesh to claim a block from: \
-                 set it (for example `pod_cidr: 100.64.1.0/24`), or give the node the cluster \
-                 secret (mesh.secret_file)",
-                origin.display()
-            );
-        }
-        let pod_cidrs = blocks.to_vec();
-        let addresses = pod_cidrs.iter().copied().map(overlay_address).collect();
-        Ok(Self {
-            pod_cidrs,
-            addresses,
-            routes: routes(config),
-            peers: static_peers(config),
-        })
-    }
-}
-
-/// Routes into the TUN device: `pod_network_cidr`, and `wireguard_peers` prefixes outside it.
-pub fn routes(config: &Config) -> Vec<IpNet> {
-    let mut routes = config.network.pod_network_cidr.clone();
-    for net in config.wireguard_peers.iter().flat_map(|p| &p.allowed_ips) {
-        if !routes.iter().any(|r| r.contains(net)) {
-            routes.push(*net);
-        }
-    }
-    routes
-}
-
-/// The router's view of `wireguard_peers`.
-pub fn static_peers(config: &Config) -> Vec<PeerConfig> {
-    config
-        .wireguard_peers
-        .iter()
-        .map(|p| PeerConfig {
-            name: p.name.clone(),
-            public_key: p.public_key.0,
-            endpoint: p.endpoint,
-            allowed_ips: p.allowed_ips.clone(),
-            persistent_keepalive: p.persistent_keepalive,
-            path: PathKind::Encrypted,
-        })
-        .collect()
-}
-
-/// The overlay MTU: the configured one, else the underlay's (the link of `private`, the node's
-/// effective private address: the config's, or its Node's) minus WireGuard's overhead, else
-/// 1420.
-pub async fn choose_mtu(
-    config: &Config,
-    nl: &Netlink,
-    private: Option<IpAddr>,
-) -> anyhow::Result<u16> {
-    if let Some(mtu) = config.network.mtu {
-        return Ok(mtu);
-    }
-    let Some(addr) = private else {
-        return Ok(FALLBACK_MTU);
-    };
-    Ok(match underlay_mtu(nl, addr).await? {
-        Some(m) => m,
-        None => {
-            warn!(%addr, "the private address is on no local link; using MTU {FALLBACK_MTU}");
-            FALLBACK_MTU
-        }
-    })
-}
-
-/// The overlay MTU the link carrying `addr` allows (its MTU minus WireGuard's overhead, at
-/// least 1280), if a local link carries it.
-pub async fn underlay_mtu(nl: &Netlink, addr: IpAddr) -> anyhow::Result<Option<u16>> {
-    let overhead = if addr.is_ipv4() { 60 } else { 80 };
-    Ok(nl.mtu_of_address(addr).await?.map(|m| {
-        u16::try_from(m.saturating_sub(overhead))
-            .unwrap_or(FALLBACK_MTU)
-            .max(1280)
-    }))
-}
 
 /// This node's facts before the TUN device exists. With Kubernetes and neither `network.mtu`
 /// nor `node.private_address` set, the MTU depends on the Node's private address, so this
@@ -228,24 +104,12 @@ pub async fn run(
         None
     };
     let state_file = config.state_dir.join("ipam.json");
-    let pools = config
-        .network
-        .pod_network_cidr
-        .iter()
-        .map(|n| {
-            let mask = if n.addr().is_ipv4() {
-                config.network.node_cidr_mask_size_ipv4
-            } else {
-                config.network.node_cidr_mask_size_ipv6
-            };
-            Pool::new(*n, mask)
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: network.pod_network_cidr", config_path.display()))?;
-    let blocks = initial_blocks(
+    let pools = plan::pools(&config, config_path)?;
+    let blocks = plan::initial_blocks(
         &config,
         &pools,
         &control::read_state(&state_file, reset_state)?,
+        control::now_millis(),
     );
     let plan = Plan::new(
         &config,
@@ -296,7 +160,7 @@ pub async fn run(
         info!("stopped while waiting for the Node; nothing was set up");
         return Ok(());
     };
-    let mtu = choose_mtu(&config, &nl, facts.private_address).await?;
+    let mtu = crate::netlink::choose_mtu(&config, &nl, facts.private_address).await?;
     let offload = config.router.offload;
     let udp = bind_udp(config.router.port, &offload)
         .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
@@ -382,12 +246,13 @@ pub async fn run(
     };
     shown.set_facts(&facts);
     let node = Arc::new(std::sync::Mutex::new(shown));
-    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (router_h, cmd_rx) = RouterHandle::channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut data_plane =
         weft_router::driver::spawn(router, tun, udp, offload, cmd_rx, stop_rx.clone());
     let infos = control::PeerInfos::default();
-    let (mesh_tx, mesh_rx) = mpsc::channel(64);
+    let (mesh_h, mesh_rx) = MeshHandle::channel();
+    let mesh_on = gossip.is_some().then(|| mesh_h.clone());
     let mut helpers = Vec::new();
     let ipam_counters = Arc::new(crate::metrics::IpamCounters::default());
     let mut statics_tx = None;
@@ -397,8 +262,8 @@ pub async fn run(
     helpers.push(tokio::spawn(crate::metrics::serve(
         metrics_listener,
         crate::metrics::Sources {
-            router: cmd_tx.clone(),
-            mesh: mesh_tx.clone(),
+            router: router_h.clone(),
+            mesh: mesh_on.clone(),
             ipam: ipam_counters.clone(),
             ready: ready_flag.clone(),
             cache: crate::metrics::ScrapeCache::default(),
@@ -445,7 +310,7 @@ pub async fn run(
                     config.node.clone(),
                     (config.mesh.port, config.mesh.peers.clone()),
                     src_rx,
-                    mesh_tx.clone(),
+                    mesh_h.clone(),
                     (blocks_tx, names_tx),
                     kube_state.clone().unwrap_or_default(),
                     control::OwnNode {
@@ -499,8 +364,8 @@ pub async fn run(
                 cluster: cluster_rx,
                 claims: crate::claims::ClaimPolicy::from_config(&config.network),
             },
-            cmd_tx.clone(),
-            mesh_tx.clone(),
+            router_h.clone(),
+            mesh_h.clone(),
             ev_rx,
             infos.clone(),
             ipam,
@@ -512,7 +377,7 @@ pub async fn run(
     notify::send(sd_notify::NotifyState::Ready);
     ready_flag.store(true, std::sync::atomic::Ordering::Release);
     helpers.push(tokio::spawn(notify::run(
-        cmd_tx.clone(),
+        router_h.clone(),
         Shutdown::new(stop_tx.subscribe()),
     )));
 
@@ -523,16 +388,16 @@ pub async fn run(
         interface: (iface.clone(), index),
         mtu,
         underlay: facts.private_address,
-        router: cmd_tx.clone(),
-        mesh: mesh_tx.clone(),
+        router: router_h.clone(),
+        mesh: mesh_on.clone(),
         statics: statics_tx,
         node: node.clone(),
         conflist: conflist.clone(),
         set_log,
     };
     let shared = Shared {
-        router: cmd_tx.clone(),
-        mesh: mesh_tx.clone(),
+        router: router_h.clone(),
+        mesh: mesh_on.clone(),
         infos: infos.clone(),
         ipam: ipam_counters.clone(),
         node: node.clone(),
@@ -596,30 +461,11 @@ pub async fn run(
     outcome
 }
 
-/// The node's blocks at start: the configured `node.pod_cidr` (keeping the claim time saved
-/// for the same block), else the saved blocks that still fit the pools.
-fn initial_blocks(config: &Config, pools: &[Pool], saved: &[SavedBlock]) -> Vec<SavedBlock> {
-    if !config.node.pod_cidr.is_empty() {
-        return crate::blocks::assigned(&config.node.pod_cidr, saved, control::now_millis());
-    }
-    saved
-        .iter()
-        .filter(|s| {
-            let fits = pools.iter().any(|p| p.holds(&s.block));
-            if !fits {
-                warn!(block = %s.block, "saved pod block no longer fits network.pod_network_cidr; claiming a new one");
-            }
-            fits
-        })
-        .copied()
-        .collect()
-}
-
 /// What the API answers from.
 #[derive(Clone)]
 struct Shared {
-    router: mpsc::Sender<Command>,
-    mesh: mpsc::Sender<MeshCommand>,
+    router: RouterHandle,
+    mesh: Option<MeshHandle>,
     infos: control::PeerInfos,
     ipam: Arc<crate::metrics::IpamCounters>,
     node: Arc<std::sync::Mutex<NodeStatus>>,
@@ -636,8 +482,11 @@ async fn answer(req: Request, sh: Shared) -> Response {
     };
     match req {
         Request::Status => {
-            let snap = control::router_snapshot(&sh.router).await;
-            let mesh = control::mesh_snapshot(&sh.mesh).await;
+            let snap = sh.router.snapshot().await;
+            let mesh = match &sh.mesh {
+                Some(m) => m.snapshot().await,
+                None => None,
+            };
             let infos = sh.infos.lock().map(|i| i.clone()).unwrap_or_default();
             let node = sh
                 .node
@@ -834,41 +683,5 @@ pub fn status(
         drops: d,
         mesh,
         kubernetes: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_host_of_v4_v6_and_host_prefixes() {
-        let f = |s: &str| first_host(s.parse().unwrap()).to_string();
-        assert_eq!(f("100.64.1.0/24"), "100.64.1.1");
-        assert_eq!(f("100.64.1.77/24"), "100.64.1.1");
-        assert_eq!(f("fd00:64:1::/64"), "fd00:64:1::1");
-        assert_eq!(f("100.64.1.9/32"), "100.64.1.9");
-    }
-
-    #[test]
-    fn plan_requires_a_pod_cidr_and_routes_outside_prefixes() {
-        let path = Path::new("/etc/weft/test.yaml");
-        let c = Config::parse("node: {name: a}\n", path, "h").unwrap();
-        let e = Plan::new(&c, path, &c.node.pod_cidr, false)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("/etc/weft/test.yaml") && e.contains("node.pod_cidr"),
-            "{e}"
-        );
-        let key = keys::encode(&[3; 32]);
-        let text = format!(
-            "node: {{pod_cidr: 100.64.1.0/24}}\nwireguard_peers:\n  - name: laptop\n    public_key: {key}\n    allowed_ips: [100.64.2.0/24, 10.99.0.0/16]\n"
-        );
-        let c = Config::parse(&text, path, "h").unwrap();
-        let p = Plan::new(&c, path, &c.node.pod_cidr, false).unwrap();
-        let routes: Vec<String> = p.routes.iter().map(ToString::to_string).collect();
-        assert_eq!(routes, ["100.64.0.0/16", "10.99.0.0/16"]);
-        assert_eq!(p.addresses[0].to_string(), "100.64.1.1/32");
     }
 }

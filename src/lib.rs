@@ -28,6 +28,8 @@ pub mod metrics;
 pub mod netlink;
 pub mod nodesource;
 pub mod notify;
+pub mod plan;
+pub mod handle;
 pub mod reconcile;
 pub mod reload;
 pub mod shutdown;

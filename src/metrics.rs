@@ -20,10 +20,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use weft_mesh::driver::{Command as MeshCommand, Snapshot as MeshSnapshot};
-use weft_router::driver::{Command, Snapshot};
+use weft_mesh::driver::Snapshot as MeshSnapshot;
+use weft_router::driver::Snapshot;
 
 /// What IPAM reports beyond the mesh record.
 #[derive(Debug, Default)]
@@ -50,9 +49,9 @@ pub struct ClaimsRefused {
 #[derive(Debug, Clone)]
 pub struct Sources {
     /// The router driver.
-    pub router: mpsc::Sender<Command>,
-    /// The mesh driver (closed when the mesh is off).
-    pub mesh: mpsc::Sender<MeshCommand>,
+    pub router: crate::handle::RouterHandle,
+    /// The mesh driver, when the mesh is on.
+    pub mesh: Option<crate::handle::MeshHandle>,
     /// IPAM's counters.
     pub ipam: Arc<IpamCounters>,
     /// The last exposition rendered and when: scrapes within [`REFRESH`] of it get it again,
@@ -489,8 +488,11 @@ async fn exposition(src: &Sources) -> Option<String> {
     {
         return Some(text.clone());
     }
-    let snap = crate::control::router_snapshot(&src.router).await?;
-    let mesh = crate::control::mesh_snapshot(&src.mesh).await;
+    let snap = src.router.snapshot().await?;
+    let mesh = match &src.mesh {
+        Some(m) => m.snapshot().await,
+        None => None,
+    };
     let text = render(&snap, mesh.as_ref(), &src.ipam);
     *cache = Some((now, text.clone()));
     Some(text)
@@ -618,16 +620,17 @@ pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: crate::shu
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::sync::mpsc;
+    use weft_router::driver::Command;
 
     use super::*;
 
     /// A router that answers one status request per call with an empty snapshot.
     fn sources(ready: bool) -> (Sources, mpsc::Receiver<Command>) {
-        let (router, rx) = mpsc::channel(4);
-        let (mesh, _) = mpsc::channel(1);
+        let (router, rx) = crate::handle::RouterHandle::channel();
         let src = Sources {
             router,
-            mesh,
+            mesh: None,
             ipam: Arc::new(IpamCounters::default()),
             ready: Arc::new(AtomicBool::new(ready)),
             cache: ScrapeCache::default(),

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use tracing::warn;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -224,4 +225,41 @@ impl Netlink {
             .await
             .map_err(err("deleting link"))
     }
+}
+
+/// Overlay MTU when the underlay's cannot be found.
+pub const FALLBACK_MTU: u16 = 1420;
+
+/// The overlay MTU: the configured one, else the underlay's (the link of `private`, the node's
+/// effective private address: the config's, or its Node's) minus WireGuard's overhead, else
+/// 1420.
+pub async fn choose_mtu(
+    config: &weft_config::Config,
+    nl: &Netlink,
+    private: Option<IpAddr>,
+) -> anyhow::Result<u16> {
+    if let Some(mtu) = config.network.mtu {
+        return Ok(mtu);
+    }
+    let Some(addr) = private else {
+        return Ok(FALLBACK_MTU);
+    };
+    Ok(match underlay_mtu(nl, addr).await? {
+        Some(m) => m,
+        None => {
+            warn!(%addr, "the private address is on no local link; using MTU {FALLBACK_MTU}");
+            FALLBACK_MTU
+        }
+    })
+}
+
+/// The overlay MTU the link carrying `addr` allows (its MTU minus WireGuard's overhead, at
+/// least 1280), if a local link carries it.
+pub async fn underlay_mtu(nl: &Netlink, addr: IpAddr) -> anyhow::Result<Option<u16>> {
+    let overhead = if addr.is_ipv4() { 60 } else { 80 };
+    Ok(nl.mtu_of_address(addr).await?.map(|m| {
+        u16::try_from(m.saturating_sub(overhead))
+            .unwrap_or(FALLBACK_MTU)
+            .max(1280)
+    }))
 }

@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weft_router::PeerState;
-use weft_router::driver::Command;
 
 /// How often the status line is recomputed.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -34,7 +32,7 @@ pub fn watchdog() -> Option<Duration> {
 
 /// Keeps `STATUS=` current and pets the watchdog until `shutdown`; the watchdog stops with the
 /// data plane, so a wedged daemon is restarted.
-pub async fn run(router: mpsc::Sender<Command>, mut shutdown: crate::shutdown::Shutdown) {
+pub async fn run(router: crate::handle::RouterHandle, mut shutdown: crate::shutdown::Shutdown) {
     let dog = watchdog();
     if let Some(d) = dog {
         info!(interval = ?d, "systemd watchdog enabled; petting it every half interval");
@@ -47,14 +45,14 @@ pub async fn run(router: mpsc::Sender<Command>, mut shutdown: crate::shutdown::S
             () = shutdown.wait() => return,
             _ = pet.tick(), if dog.is_some() => {
                 // Only a data plane that answers keeps the watchdog quiet.
-                if crate::control::router_snapshot(&router).await.is_some() {
+                if router.snapshot().await.is_some() {
                     send(sd_notify::NotifyState::Watchdog);
                 } else {
                     debug!("data plane did not answer; watchdog not petted");
                 }
             }
             _ = status.tick() => {
-                let Some(snap) = crate::control::router_snapshot(&router).await else {
+                let Some(snap) = router.snapshot().await else {
                     return;
                 };
                 let up = snap.peers.iter().filter(|p| p.state == PeerState::Up).count();
@@ -74,7 +72,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_status_loop_ends_when_the_shutdown_sender_is_dropped() {
-        let (router, _commands) = mpsc::channel(1);
+        let (router, _commands) = crate::handle::RouterHandle::channel();
         let (stop, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(run(router, rx.into()));
         drop(stop);

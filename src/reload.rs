@@ -10,12 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
 use ipnet::IpNet;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{error, info};
 use weft_config::Config;
-use weft_mesh::driver::Command as MeshCommand;
 use weft_router::PeerConfig;
-use weft_router::driver::Command as RouterCommand;
 
 use crate::netlink::Netlink;
 use crate::status::NodeStatus;
@@ -70,9 +68,9 @@ pub struct Reloader {
     /// The private address whose link set the MTU at start (the config's or the Node's).
     pub underlay: Option<std::net::IpAddr>,
     /// The router driver.
-    pub router: mpsc::Sender<RouterCommand>,
+    pub router: crate::handle::RouterHandle,
     /// The mesh driver (closed when the mesh is off).
-    pub mesh: mpsc::Sender<MeshCommand>,
+    pub mesh: Option<crate::handle::MeshHandle>,
     /// The reconciler's configured peers, when the mesh is on (else they go to the router
     /// directly).
     pub statics: Option<watch::Sender<Vec<PeerConfig>>>,
@@ -128,7 +126,7 @@ impl Reloader {
             );
         }
         // Everything that can fail without changing anything comes first.
-        let mtu = crate::daemon::choose_mtu(&new, &self.netlink, self.underlay).await?;
+        let mtu = crate::netlink::choose_mtu(&new, &self.netlink, self.underlay).await?;
         let mut undo = Vec::new();
         let mut applied = match self.apply(&new, mtu, &mut undo).await {
             Ok(applied) => applied,
@@ -152,19 +150,18 @@ impl Reloader {
         if new.network.trusted_subnets != old.network.trusted_subnets {
             let trusted = new.network.trusted_subnets.clone();
             let change = move |r: &mut weft_mesh::NodeRecord| r.trusted_subnets = trusted;
-            // Without a mesh there is no record to change; the send fails quietly then.
-            let _ = self.mesh.send(MeshCommand::Modify(Box::new(change))).await;
+            if let Some(mesh) = &self.mesh {
+                mesh.modify(change).await;
+            }
             applied.push(format!(
                 "trusted_subnets {:?}",
                 subnets(&new.network.trusted_subnets)
             ));
         }
         if new.mesh.peers != old.mesh.peers {
-            // Without a mesh there is nothing to bootstrap; the send fails quietly then.
-            let _ = self
-                .mesh
-                .send(MeshCommand::Join(new.mesh.peers.clone()))
-                .await;
+            if let Some(mesh) = &self.mesh {
+                mesh.join(new.mesh.peers.clone()).await;
+            }
             applied.push(format!("mesh.peers {:?}", new.mesh.peers));
         }
         Ok(applied)
@@ -194,13 +191,13 @@ impl Reloader {
             self.show_mtu(mtu);
         }
         if new.wireguard_peers != old.wireguard_peers {
-            let (before, after) = (crate::daemon::routes(old), crate::daemon::routes(new));
+            let (before, after) = (crate::plan::routes(old), crate::plan::routes(new));
             for r in after.iter().filter(|r| !before.contains(r)) {
                 self.netlink.add_route(&name, index, *r).await?;
                 undo.push(Undo::RouteAdded(*r));
             }
-            self.set_statics(crate::daemon::static_peers(new)).await?;
-            undo.push(Undo::Statics(crate::daemon::static_peers(old)));
+            self.set_statics(crate::plan::static_peers(new)).await?;
+            undo.push(Undo::Statics(crate::plan::static_peers(old)));
             for r in before.iter().filter(|r| !after.contains(r)) {
                 self.netlink.delete_route(&name, index, *r).await?;
                 undo.push(Undo::RouteDeleted(*r));
@@ -272,7 +269,7 @@ impl Reloader {
 
     /// Without a mesh, the configured peers go to the router directly.
     async fn apply_statics(&self, statics: &[PeerConfig]) -> anyhow::Result<()> {
-        let snap = crate::control::router_snapshot(&self.router)
+        let snap = self.router.snapshot()
             .await
             .context("the data plane stopped")?;
         let desired = crate::reconcile::static_peers(statics);

@@ -219,7 +219,7 @@ impl MeshLab {
         Ok(self
             .blocks(name)?
             .into_iter()
-            .map(|b| weft::daemon::first_host(b).to_string())
+            .map(|b| weft::plan::first_host(b).to_string())
             .collect())
     }
 
