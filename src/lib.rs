@@ -6,19 +6,20 @@
 //! [`reconcile`] and [`blocks`] (pure: the mesh's view turned into router peers and this node's
 //! pod blocks), [`control`] (the loop that applies them), [`keys`] (the 0600 key file and the
 //! `genkey`/`pubkey`/`gensecret` tools), [`netlink`] (the TUN device's MTU, addresses and routes),
-//! [`daemon`] (`weft run`: setup in an order that leaves the host unchanged on failure, signals,
-//! teardown), [`shutdown`] (the stop signal every task listens for: `true` sent or the sender
+//! [`app`] (`weft run`: build in an order that leaves the host unchanged on failure, run,
+//! teardown; the only module that spawns tasks), [`shutdown`] (the stop signal every task listens for: `true` sent or the sender
 //! gone), [`api`] (the local unix-socket API) and [`status`] (the report `weft status`
 //! prints). The binaries in `src/bin` only parse arguments and call in here.
 
 pub mod api;
+pub mod app;
 pub mod blocks;
 pub mod claims;
 pub mod cni;
 pub mod control;
-pub mod daemon;
 pub mod demo;
 pub mod files;
+pub mod handle;
 pub mod installed;
 pub mod k8s;
 pub mod keys;
@@ -29,7 +30,6 @@ pub mod netlink;
 pub mod nodesource;
 pub mod notify;
 pub mod plan;
-pub mod handle;
 pub mod reconcile;
 pub mod reload;
 pub mod shutdown;

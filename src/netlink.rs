@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use tracing::warn;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use tracing::warn;
 
 /// A netlink request that failed.
 #[derive(Debug, thiserror::Error)]

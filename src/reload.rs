@@ -269,7 +269,9 @@ impl Reloader {
 
     /// Without a mesh, the configured peers go to the router directly.
     async fn apply_statics(&self, statics: &[PeerConfig]) -> anyhow::Result<()> {
-        let snap = self.router.snapshot()
+        let snap = self
+            .router
+            .snapshot()
             .await
             .context("the data plane stopped")?;
         let desired = crate::reconcile::static_peers(statics);

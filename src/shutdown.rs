@@ -23,6 +23,12 @@ impl Shutdown {
         *self.0.borrow() || self.0.has_changed().is_err()
     }
 
+    /// The receiver, for a library driver that takes one (and reads a closed channel as stop
+    /// itself).
+    pub fn into_receiver(self) -> watch::Receiver<bool> {
+        self.0
+    }
+
     /// Resolves once stop is asked for; at once if it already was. Cancel-safe, so it can be
     /// one arm of a `select!` in a loop.
     pub async fn wait(&mut self) {

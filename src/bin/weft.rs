@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft::{api, daemon, keys};
+use weft::{api, app, keys};
 
 /// weft: a userspace overlay router. Nodes gossip their pod CIDRs, regions, addresses and
 /// WireGuard keys, and forward pod traffic through a TUN device, WireGuard-encrypted (or plain
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
             let level = weft_config::Config::load(&config)
                 .map_or_else(|_| "info".to_owned(), |c| c.log_level);
             let set_log = init_logging(&level);
-            runtime().and_then(|rt| rt.block_on(daemon::run(&config, reset_state, set_log)))
+            runtime().and_then(|rt| rt.block_on(app::run(&config, reset_state, set_log)))
         }
         Cmd::Status { socket, json } => runtime().and_then(|rt| {
             let st = rt.block_on(api::status(&socket))?;
