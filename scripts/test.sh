@@ -32,6 +32,7 @@ fi
 step() { echo; echo "==> $*"; "$@"; }
 
 step cargo fmt --all --check
+step scripts/layout-rules.sh
 step cargo clippy --workspace --all-targets --locked -- -D warnings
 step cargo clippy -p weft-router -p weft-mesh --no-default-features --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" step cargo doc --workspace --no-deps --locked

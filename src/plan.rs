@@ -140,7 +140,7 @@ pub fn initial_blocks(
     now_ms: u64,
 ) -> Vec<SavedBlock> {
     if !config.node.pod_cidr.is_empty() {
-        return crate::blocks::assigned(&config.node.pod_cidr, saved, now_ms);
+        return crate::control::blocks::assigned(&config.node.pod_cidr, saved, now_ms);
     }
     saved
         .iter()
@@ -179,7 +179,7 @@ mod tests {
             e.contains("/etc/weft/test.yaml") && e.contains("node.pod_cidr"),
             "{e}"
         );
-        let key = crate::keys::encode(&[3; 32]);
+        let key = crate::host::keys::encode(&[3; 32]);
         let text = format!(
             "node: {{pod_cidr: 100.64.1.0/24}}\nwireguard_peers:\n  - name: laptop\n    public_key: {key}\n    allowed_ips: [100.64.2.0/24, 10.99.0.0/16]\n"
         );

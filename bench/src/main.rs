@@ -191,7 +191,7 @@ fn list_check(spec: &str) -> anyhow::Result<weft_config::Offload> {
 
 /// `weft-bench soak`: weft encrypted under TCP load for `mins` minutes, RSS sampled.
 fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyhow::Result<()> {
-    weft::lab::require_root("weft-bench soak")?;
+    weft::demo::lab::require_root("weft-bench soak")?;
     anyhow::ensure!(
         mins >= 1 && every >= 1,
         "--mins and --every must be at least 1"
@@ -262,7 +262,7 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
 
 fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
     let (secs, reps, out) = (o.secs, o.reps, &o.out);
-    weft::lab::require_root("weft-bench net")?;
+    weft::demo::lab::require_root("weft-bench net")?;
     anyhow::ensure!(
         reps >= 1 && secs >= 1,
         "--reps and --secs must be at least 1"

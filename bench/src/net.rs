@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use weft::lab::{Lab, run, wait_for};
+use weft::demo::lab::{Lab, run, wait_for};
 
 /// Where the tunnel ends: server side (r) address reached from the client side (l).
 const OVERLAY_DST: &str = "100.64.2.1";
@@ -132,12 +132,12 @@ fn two_nodes(tag: &str) -> anyhow::Result<(Lab, String, String)> {
 
 /// Keys of both ends: (private l, private r, public l, public r), public keys base64.
 fn keys() -> ([u8; 32], [u8; 32], String, String) {
-    let (kl, kr) = (weft::keys::generate(), weft::keys::generate());
+    let (kl, kr) = (weft::host::keys::generate(), weft::host::keys::generate());
     (
         kl.to_bytes(),
         kr.to_bytes(),
-        weft::keys::public_of(&kl),
-        weft::keys::public_of(&kr),
+        weft::host::keys::public_of(&kl),
+        weft::host::keys::public_of(&kr),
     )
 }
 
@@ -149,7 +149,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
         PathKind::WeftEncrypted(offload) | PathKind::WeftPlaintext(offload) => {
             let encrypted = matches!(kind, PathKind::WeftEncrypted(_));
             let (kl, kr, pl, pr) = keys();
-            let secret = weft::keys::encode(&weft::keys::generate_secret());
+            let secret = weft::host::keys::encode(&weft::host::keys::generate_secret());
             let mut daemons = Vec::new();
             for (name, ns, me, other, block, peer_block, key, peer_pub) in [
                 ("l", &l, "198.18.0.1", "198.18.0.2", 1, 2, kl, &pr),
@@ -170,9 +170,9 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 };
                 let body = format!("{body}router:\n  offload: {offload}\n");
                 let d = lab.daemon(name, ns, &body)?;
-                weft::keys::create(&d.key_file, &key)?;
+                weft::host::keys::create(&d.key_file, &key)?;
                 if !encrypted {
-                    weft::keys::write_private(&d.secret_file, &secret)?;
+                    weft::host::keys::write_private(&d.secret_file, &secret)?;
                 }
                 daemons.push(d);
             }
@@ -236,7 +236,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 (&r, &names[1], kr, &pl, "198.18.0.1", "100.64.2.1/16", 1),
             ] {
                 let key_file = lab.dir.join(format!("{name}.key"));
-                weft::keys::create(&key_file, &key)?;
+                weft::host::keys::create(&key_file, &key)?;
                 run(lab
                     .cmd(ns, "wg")
                     .args(["set", name, "private-key"])

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use crate::api::status::{NodeStatus, Status};
 use crate::api::{Request, Response};
 use crate::control;
 use crate::handle::{MeshHandle, RouterHandle};
-use crate::status::{NodeStatus, Status};
 
 /// What the API answers from.
 #[derive(Clone)]
@@ -15,7 +15,7 @@ pub(super) struct Shared {
     pub(super) router: RouterHandle,
     pub(super) mesh: Option<MeshHandle>,
     pub(super) infos: control::PeerInfos,
-    pub(super) ipam: Arc<crate::metrics::IpamCounters>,
+    pub(super) ipam: Arc<crate::api::metrics::IpamCounters>,
     pub(super) node: Arc<std::sync::Mutex<NodeStatus>>,
     pub(super) cni: crate::cni::Store,
     pub(super) kube: Option<Arc<std::sync::Mutex<String>>>,

@@ -9,6 +9,7 @@
 //! was installed.
 
 mod answer;
+pub mod reload;
 mod report;
 mod setup;
 mod tasks;
@@ -30,13 +31,13 @@ use self::answer::Shared;
 pub use self::report::status;
 use self::setup::{Bound, Checked, Host, Signals};
 pub use self::tasks::Tasks;
+use crate::api::status::NodeStatus;
 use crate::api::{self, ApiSocket};
+use crate::app::reload::{Reloader, SetLog};
 use crate::control;
 use crate::handle::{MeshHandle, RouterHandle};
-use crate::installed::Installed;
-use crate::notify;
-use crate::reload::{Reloader, SetLog};
-use crate::status::NodeStatus;
+use crate::host::installed::Installed;
+use crate::host::notify;
 
 /// How long stopping waits for the tasks, all together, and then for the data plane.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,7 +138,7 @@ impl App {
             router,
             mesh,
             infos: control::PeerInfos::default(),
-            ipam: Arc::new(crate::metrics::IpamCounters::default()),
+            ipam: Arc::new(api::metrics::IpamCounters::default()),
             statics: None,
             kube: None,
             node,
@@ -145,14 +146,14 @@ impl App {
         let ready = Arc::new(AtomicBool::new(false));
         tasks.spawn(
             "metrics",
-            crate::metrics::serve(
+            api::metrics::serve(
                 bound.metrics,
-                crate::metrics::Sources {
+                api::metrics::Sources {
                     router: wiring.router.clone(),
                     mesh: wiring.mesh.clone(),
                     ipam: wiring.ipam.clone(),
                     ready: ready.clone(),
-                    cache: crate::metrics::ScrapeCache::default(),
+                    cache: api::metrics::ScrapeCache::default(),
                 },
                 tasks.shutdown(),
             ),
@@ -252,7 +253,7 @@ struct Wiring {
     router: RouterHandle,
     mesh: Option<MeshHandle>,
     infos: control::PeerInfos,
-    ipam: Arc<crate::metrics::IpamCounters>,
+    ipam: Arc<api::metrics::IpamCounters>,
     statics: Option<watch::Sender<Vec<weft_router::PeerConfig>>>,
     kube: Option<Arc<std::sync::Mutex<String>>>,
     node: Arc<std::sync::Mutex<NodeStatus>>,
@@ -269,10 +270,10 @@ struct MeshParts<'a> {
     seed: u64,
     started: std::time::Instant,
     kube: Option<kube::Client>,
-    facts: &'a crate::k8s::OwnFacts,
+    facts: &'a control::k8s::OwnFacts,
     public_key: &'a str,
     plan_peers: Vec<weft_router::PeerConfig>,
-    netlink: &'a crate::netlink::Netlink,
+    netlink: &'a crate::host::netlink::Netlink,
     mtu: u16,
     index: u32,
     masquerade: Option<control::Masquerade>,
@@ -321,7 +322,7 @@ fn start_mesh(
         warn!(error = %e, path = %p.state_file.display(), "could not persist the pod blocks");
     }
     let ipam = control::Ipam {
-        blocks: crate::blocks::Blocks {
+        blocks: control::blocks::Blocks {
             pools: p.pools,
             owner,
             fixed: config.node.pod_cidr.clone(),
@@ -347,7 +348,7 @@ fn start_mesh(
             control::Inputs {
                 statics: statics_rx,
                 cluster,
-                claims: crate::claims::ClaimPolicy::from_config(&config.network),
+                claims: control::claims::ClaimPolicy::from_config(&config.network),
             },
             wiring.router.clone(),
             mesh_handle,
@@ -377,7 +378,7 @@ fn start_kubernetes(
     let (blocks_tx, blocks_rx) = watch::channel(config.node.pod_cidr.clone());
     let (names_tx, names_rx) = watch::channel(None);
     let (src_tx, src_rx) = mpsc::channel(16);
-    let source = crate::nodesource::NodeSource {
+    let source = control::nodesource::NodeSource {
         client,
         me: config.node.name.clone(),
         public_key: p.public_key.to_owned(),

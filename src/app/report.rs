@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use weft_mesh::driver::Snapshot as MeshSnapshot;
 use weft_router::driver::Snapshot;
 
+use crate::api::status::{MeshMember, MeshStatus, NodeStatus, PeerStatus, Status};
 use crate::control;
-use crate::keys;
-use crate::status::{MeshMember, MeshStatus, NodeStatus, PeerStatus, Status};
+use crate::host::keys;
 
 fn shown(a: Option<IpAddr>) -> String {
     a.map_or_else(|| "-".to_owned(), |a| a.to_string())
@@ -26,7 +26,7 @@ pub fn status(
     snap: &Snapshot,
     mesh: Option<&MeshSnapshot>,
     infos: &HashMap<[u8; 32], control::PeerInfo>,
-    ipam: &crate::metrics::IpamCounters,
+    ipam: &crate::api::metrics::IpamCounters,
 ) -> Status {
     let mesh_snap = mesh;
     let peers = snap
@@ -95,7 +95,7 @@ pub fn status(
                 .map_or_else(|| id.to_string(), |x| x.record.name.clone())
         };
         MeshStatus {
-            rejected: crate::metrics::rejections(m, ipam).into_iter().collect(),
+            rejected: crate::api::metrics::rejections(m, ipam).into_iter().collect(),
             identity_clash: m.identity_clash.map(|c| {
                 format!(
                     "another daemon runs with this node's key: ours private {} public {}, theirs private {} public {}",

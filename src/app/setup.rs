@@ -17,10 +17,10 @@ use weft_router::driver::{BoundUdp, bind_udp, open_tun};
 
 use crate::api::ApiSocket;
 use crate::control;
-use crate::installed::Installed;
-use crate::k8s::OwnFacts;
-use crate::keys;
-use crate::netlink::Netlink;
+use crate::control::k8s::OwnFacts;
+use crate::host::installed::Installed;
+use crate::host::keys;
+use crate::host::netlink::Netlink;
 use crate::plan::{self, Plan};
 
 /// What the config, the state file and the key say, checked before anything is bound.
@@ -148,7 +148,9 @@ pub(super) struct Bound {
 /// Binds every socket the daemon needs; `None` when a signal ended the wait for the Node.
 pub(super) async fn bind(config: &Config, checked: &Checked) -> anyhow::Result<Option<Bound>> {
     let iface = &config.router.interface;
-    let netlink = Netlink::connect().context("opening a netlink socket")?;
+    let (netlink, connection) = Netlink::connect().context("opening a netlink socket")?;
+    // The reader outlives every task: the teardown still asks netlink after they stopped.
+    tokio::spawn(connection);
     if netlink.link(iface).await?.is_some() {
         bail!(
             "interface {iface} already exists: another weft daemon may be running, or set \
@@ -169,7 +171,7 @@ pub(super) async fn bind(config: &Config, checked: &Checked) -> anyhow::Result<O
     else {
         return Ok(None);
     };
-    let mtu = crate::netlink::choose_mtu(config, &netlink, facts.private_address).await?;
+    let mtu = crate::host::netlink::choose_mtu(config, &netlink, facts.private_address).await?;
     let udp = bind_udp(config.router.port, &config.router.offload)
         .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
     let gossip = match checked.secret {
@@ -292,11 +294,11 @@ async fn facts_before_the_device(
          address (InternalIP, or the weft.dev/private-address annotation) sets the overlay MTU"
     );
     let view = tokio::select! {
-        v = crate::nodesource::wait_for_node(client.clone(), &config.node.name) => v,
+        v = control::nodesource::wait_for_node(client.clone(), &config.node.name) => v,
         _ = signals.0.recv() => return None,
         _ = signals.1.recv() => return None,
     };
-    let facts = crate::k8s::own_facts(&view, &config.node);
+    let facts = control::k8s::own_facts(&view, &config.node);
     match facts.private_address {
         Some(a) => info!(private = %a, "this node's private address from its Node"),
         None => warn!(

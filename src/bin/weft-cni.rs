@@ -59,11 +59,12 @@ fn link_mtu(netns: Option<&Path>, ifname: &str, mtu: Option<u16>) -> Result<u32,
             })?;
         }
         let io = |what: String| {
-            move |e: weft::netlink::NetlinkError| CniError::new(5, what, e.to_string())
+            move |e: weft::host::netlink::NetlinkError| CniError::new(5, what, e.to_string())
         };
         runtime()?.block_on(async {
-            let nl = weft::netlink::Netlink::connect()
+            let (nl, connection) = weft::host::netlink::Netlink::connect()
                 .map_err(|e| CniError::new(5, "opening a netlink socket", e.to_string()))?;
+            tokio::spawn(connection);
             let (index, current) = nl
                 .link(&ifname)
                 .await

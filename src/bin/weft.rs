@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft::{api, app, keys};
+use weft::host::keys;
+use weft::{api, app};
 
 /// weft: a userspace overlay router. Nodes gossip their pod CIDRs, regions, addresses and
 /// WireGuard keys, and forward pod traffic through a TUN device, WireGuard-encrypted (or plain
@@ -70,7 +71,7 @@ enum DemoCmd {
 /// Logs to stderr, one line per event with its fields (journald takes stderr as is): the
 /// filter from `WEFT_LOG`, else the config's `log_level`, which a reload can change; colour
 /// only on a terminal.
-fn init_logging(config_level: &str) -> Option<weft::reload::SetLog> {
+fn init_logging(config_level: &str) -> Option<app::reload::SetLog> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let from_env = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").ok();
@@ -85,7 +86,7 @@ fn init_logging(config_level: &str) -> Option<weft::reload::SetLog> {
                 .with_writer(std::io::stderr),
         )
         .init();
-    (!fixed).then(|| -> weft::reload::SetLog {
+    (!fixed).then(|| -> app::reload::SetLog {
         Box::new(move |level: &str| {
             let f = tracing_subscriber::EnvFilter::try_new(level)
                 .with_context(|| format!("log_level {level:?}"))?;

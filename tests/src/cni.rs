@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use weft::lab::Lab;
+use weft::demo::lab::Lab;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";

@@ -1,11 +1,11 @@
-//! `IpamSim`: the daemon's IPAM rounds ([`weft::blocks::Blocks`]) on top of the mesh
+//! `IpamSim`: the daemon's IPAM rounds ([`weft::control::blocks::Blocks`]) on top of the mesh
 //! simulation. Every node runs a round once per second of virtual time, as the daemon's control
 //! loop does, and a changed set of blocks goes into its record and out over the gossip.
 
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use weft::blocks::{BlockEvent, Blocks};
+use weft::control::blocks::{BlockEvent, Blocks};
 use weft_ipam::{Pool, overlaps};
 use weft_mesh::{MeshConfig, NodeRecord};
 

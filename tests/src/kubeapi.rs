@@ -254,7 +254,7 @@ pub fn client(st: &Shared) -> kube::Client {
 /// namespace goes (the thread is detached). Returns the path of a kubeconfig (in the lab's
 /// directory) that points a client at it.
 pub fn serve_http(
-    lab: &weft::lab::Lab,
+    lab: &weft::demo::lab::Lab,
     ns: &str,
     addr: std::net::SocketAddr,
     st: Shared,

@@ -1,14 +1,14 @@
 //! weft's end-to-end tests: real daemons in network namespaces (see `tests/it`), built on the
-//! lab of `weft::lab`. This library holds what the tests share: the path of the weft binary,
+//! lab of `weft::demo::lab`. This library holds what the tests share: the path of the weft binary,
 //! two-node labs, the fake Kubernetes API, the CNI runtime, and a pcap reader for captures (the
-//! verifiable TCP transfer lives in `weft::lab`, which the demo shares).
+//! verifiable TCP transfer lives in `weft::demo::lab`, which the demo shares).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use weft::lab::{Daemon, Lab};
-pub use weft::lab::{Stream, tcp_transfer};
+use weft::demo::lab::{Daemon, Lab};
+pub use weft::demo::lab::{Stream, tcp_transfer};
 
 pub mod cni;
 pub mod ipam_sim;
@@ -36,9 +36,9 @@ pub fn weft_bin() -> anyhow::Result<PathBuf> {
 
 /// Writes a fresh private key for `d` (0600) and returns its public key, base64.
 pub fn make_key(d: &Daemon) -> anyhow::Result<String> {
-    let (key, created) = weft::keys::load_or_create(&d.key_file)?;
+    let (key, created) = weft::host::keys::load_or_create(&d.key_file)?;
     ensure!(created, "{} already existed", d.key_file.display());
-    Ok(weft::keys::public_of(&key))
+    Ok(weft::host::keys::public_of(&key))
 }
 
 /// Two weft nodes `a` (198.18.1.1, pods 100.64.1.0/24) and `b` (198.18.1.2, 100.64.2.0/24) on
@@ -175,7 +175,7 @@ pub fn capture(
         .arg(&file)
         .args(filter);
     lab.spawn(name, cmd, Some(&log))?;
-    weft::lab::wait_for(
+    weft::demo::lab::wait_for(
         &format!("{name} to listen"),
         Duration::from_secs(10),
         || {
@@ -205,7 +205,7 @@ pub fn ping(lab: &Lab, ns: &str, dst: &str, src: Option<&str>) -> anyhow::Result
         cmd.args(["-I", s]);
     }
     cmd.arg(dst);
-    weft::lab::wait_for(
+    weft::demo::lab::wait_for(
         &format!("a ping reply from {dst} in {ns}"),
         Duration::from_secs(15),
         || cmd.output().ok().filter(|o| o.status.success()),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use weft::lab::{Daemon, Lab, wait_for};
+use weft::demo::lab::{Daemon, Lab, wait_for};
 
 use crate::weft_bin;
 
@@ -130,7 +130,7 @@ impl MeshLab {
             lab.bridge(&switch, br)?;
         }
         let secret = String::from_utf8(
-            weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+            weft::demo::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
         )?;
         let mut me = Self {
             lab,
@@ -161,7 +161,7 @@ impl MeshLab {
         self.lab
             .plug((&sw, "inet"), (&ns, "wan0", &format!("{}/24", s.public())))?;
         let d = self.lab.daemon(s.name, &ns, &config(s, region))?;
-        weft::keys::write_private(&d.secret_file, secret)?;
+        weft::host::keys::write_private(&d.secret_file, secret)?;
         Ok(d)
     }
 

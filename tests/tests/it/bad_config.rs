@@ -7,7 +7,7 @@ use std::process::Stdio;
 use anyhow::Context as _;
 use std::time::Duration;
 
-use weft::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, wait_for};
 use weft_tests::weft_bin;
 
 /// `(case, config text, what stderr must name after the file: line and key)`.
@@ -226,7 +226,7 @@ fn a_start_that_fails_after_the_device_and_the_nft_table_exist_removes_both() ->
     let ns = lab.add_ns("host")?;
     let before = snapshot(&lab, &ns)?;
     let tables = || -> anyhow::Result<String> {
-        let out = weft::lab::run(lab.cmd(&ns, "nft").args(["list", "tables"]))?;
+        let out = weft::demo::lab::run(lab.cmd(&ns, "nft").args(["list", "tables"]))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     assert!(!tables()?.contains("weft"));

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use weft::lab::wait_for;
+use weft::demo::lab::wait_for;
 use weft_tests::meshlab::{MeshLab, Spec};
 
 const HONEST: [Spec; 2] = [

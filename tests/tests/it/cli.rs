@@ -48,7 +48,7 @@ fn genkey_and_pubkey_are_byte_compatible_with_wg() -> anyhow::Result<()> {
         );
     }
     let secret = String::from_utf8(Command::new(&weft).arg("gensecret").output()?.stdout)?;
-    assert_eq!(weft::keys::decode(&secret, "secret")?.len(), 32);
+    assert_eq!(weft::host::keys::decode(&secret, "secret")?.len(), 32);
     Ok(())
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::json;
-use weft::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, wait_for};
 use weft_tests::cni::{Runtime, first_ipv4, gc_conf};
 use weft_tests::{Pair, ping};
 
-fn conflist_of(p: &Pair, node: &weft::lab::Daemon) -> anyhow::Result<Runtime> {
+fn conflist_of(p: &Pair, node: &weft::demo::lab::Daemon) -> anyhow::Result<Runtime> {
     let path = node.config.with_file_name("10-weft.conflist");
     wait_for(
         "the daemon to write its conflist",
@@ -22,7 +22,7 @@ fn conflist_of(p: &Pair, node: &weft::lab::Daemon) -> anyhow::Result<Runtime> {
 }
 
 fn mtu_of(lab: &Lab, ns: &str, dev: &str) -> anyhow::Result<u64> {
-    let out = weft::lab::run(lab.cmd(ns, "ip").args(["-j", "link", "show", dev]))?;
+    let out = weft::demo::lab::run(lab.cmd(ns, "ip").args(["-j", "link", "show", dev]))?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     v[0]["mtu"].as_u64().context("no mtu")
 }

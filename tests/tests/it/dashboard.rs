@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use weft::lab::wait_for;
-use weft::metrics::parse_exposition;
+use weft::api::metrics::parse_exposition;
+use weft::demo::lab::wait_for;
 use weft_tests::http_get;
 use weft_tests::meshlab::{MeshLab, Spec};
 
@@ -93,7 +93,7 @@ fn every_metric_and_label_the_grafana_dashboard_queries_is_served_by_a_running_d
         .with_context(|| format!("{} is not JSON", path.display()))?;
     let queries = queries(&dashboard)?;
     let source =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/metrics.rs"))?;
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/api/metrics.rs"))?;
     let spec = |name, region, lan, bootstrap| Spec {
         name,
         region,

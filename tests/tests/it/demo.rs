@@ -56,7 +56,7 @@ fn lab_id(stdout: &str) -> anyhow::Result<String> {
 #[test]
 fn weft_demo_with_only_iproute2_on_path_shows_status_ping_and_tcp_between_pods_and_cleans_up()
 -> anyhow::Result<()> {
-    weft::lab::require_root("weft demo")?;
+    weft::demo::lab::require_root("weft demo")?;
     let bare = BarePath::new()?;
     assert!(!bare.has("ping") && !bare.has("nft"));
     let out = Command::new(weft_bin()?)
@@ -142,7 +142,7 @@ fn weft_demo_with_only_iproute2_on_path_shows_status_ping_and_tcp_between_pods_a
 
 #[test]
 fn weft_demo_keep_leaves_the_lab_running_and_demo_down_removes_it() -> anyhow::Result<()> {
-    weft::lab::require_root("weft demo --keep")?;
+    weft::demo::lab::require_root("weft demo --keep")?;
     let bin = weft_bin()?;
     let out = Command::new(&bin).args(["demo", "--keep"]).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -153,7 +153,7 @@ fn weft_demo_keep_leaves_the_lab_running_and_demo_down_removes_it() -> anyhow::R
     impl Drop for Down {
         fn drop(&mut self) {
             if self.0.exists() {
-                let _ = weft::lab::remove_kept(&self.0, std::time::Duration::from_secs(10));
+                let _ = weft::demo::lab::remove_kept(&self.0, std::time::Duration::from_secs(10));
             }
         }
     }

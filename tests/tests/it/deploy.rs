@@ -165,7 +165,7 @@ fn build_deb(tag: &str) -> anyhow::Result<(PathBuf, String)> {
 fn scripts_deb_sh_builds_a_package_with_the_binaries_unit_cni_plugin_and_a_private_config()
 -> anyhow::Result<()> {
     let (out_dir, deb) = build_deb("deb")?;
-    let list = weft::lab::run(Command::new("dpkg-deb").args(["-c", &deb]))?;
+    let list = weft::demo::lab::run(Command::new("dpkg-deb").args(["-c", &deb]))?;
     let list = String::from_utf8(list.stdout)?;
     for (mode, path) in [
         ("-rwxr-xr-x", "./usr/bin/weft"),
@@ -180,7 +180,7 @@ fn scripts_deb_sh_builds_a_package_with_the_binaries_unit_cni_plugin_and_a_priva
             "{path} ({mode}) in the package:\n{list}"
         );
     }
-    let conffiles = weft::lab::run(Command::new("dpkg-deb").args(["-I", &deb, "conffiles"]))?;
+    let conffiles = weft::demo::lab::run(Command::new("dpkg-deb").args(["-I", &deb, "conffiles"]))?;
     ensure!(
         String::from_utf8(conffiles.stdout)?.trim() == "/etc/weft/weft.yaml",
         "the config is a conffile"
@@ -237,7 +237,7 @@ echo STEP purged
 fn the_package_installs_runs_stops_on_removal_and_purges_its_config_and_state() -> anyhow::Result<()>
 {
     let (out_dir, deb) = build_deb("deb-life")?;
-    let mut lab = weft::lab::Lab::new("pk")?;
+    let mut lab = weft::demo::lab::Lab::new("pk")?;
     let ns = lab.add_ns("p")?;
     let peer = lab.add_ns("q")?;
     lab.link(

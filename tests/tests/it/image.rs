@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::json;
-use weft::lab::{Lab, run, wait_for};
+use weft::demo::lab::{Lab, run, wait_for};
 use weft_tests::kubeapi::{Shared, serve_http};
 use weft_tests::weft_bin;
 
@@ -76,7 +76,7 @@ impl Drop for Cleanup {
 #[test]
 fn the_image_runs_as_the_daemonset_does_pings_across_and_leaves_nothing_behind()
 -> anyhow::Result<()> {
-    weft::lab::require_root("the image test")?;
+    weft::demo::lab::require_root("the image test")?;
     for tool in ["podman", "runc"] {
         ensure!(
             Command::new("sh")
@@ -135,7 +135,7 @@ fn the_image_runs_as_the_daemonset_does_pings_across_and_leaves_nothing_behind()
             std::fs::create_dir_all(host.join(d))?;
         }
         std::fs::write(host.join("weft.yaml"), &config)?;
-        weft::keys::write_private(host.join("secret/secret"), &secret)?;
+        weft::host::keys::write_private(host.join("secret/secret"), &secret)?;
         let mount = |from: &str, to: &str, ro: bool| {
             format!(
                 "{}:{to}{}",

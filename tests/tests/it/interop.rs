@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use weft::lab::{Lab, run, wait_for};
+use weft::demo::lab::{Lab, run, wait_for};
 use weft_tests::{make_key, node_config, ping, tcp_transfer, weft_bin};
 
 /// Starts wireguard-go as `ifname` in `ns` and configures it as the peer of weft node `a`.

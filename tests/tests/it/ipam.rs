@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use ipnet::IpNet;
-use weft::lab::wait_for;
+use weft::demo::lab::wait_for;
 use weft_ipam::{Pool, choose, overlaps};
 use weft_mesh::Identity;
 use weft_tests::meshlab::{MeshLab, Spec};
@@ -137,7 +137,7 @@ fn colliding_keys(taken: &[IpNet]) -> anyhow::Result<([u8; 32], [u8; 32], IpNet)
     let pool = Pool::new("100.64.0.0/20".parse()?, 24)?;
     let mut seen: Vec<([u8; 32], IpNet)> = Vec::new();
     for _ in 0..200 {
-        let k = weft::keys::generate().to_bytes();
+        let k = weft::host::keys::generate().to_bytes();
         let pick = choose(&pool, taken, &Identity::from_wireguard_key(&k).id().0)?;
         if let Some((other, _)) = seen.iter().find(|(_, p)| *p == pick) {
             return Ok((*other, k, pick));
@@ -160,8 +160,8 @@ fn a_block_handed_out_on_both_sides_of_a_partition_has_one_owner_after_the_heal(
     let secret = m.secret.clone();
     let ga = m.add_node(&node("g1", 1, 4, "198.18.1.1"), "eu", &secret)?;
     let gb = m.add_node(&node("g2", 2, 4, "198.18.2.1"), "us", &secret)?;
-    weft::keys::create(&ga.key_file, &ka)?;
-    weft::keys::create(&gb.key_file, &kb)?;
+    weft::host::keys::create(&ga.key_file, &ka)?;
+    weft::host::keys::create(&gb.key_file, &kb)?;
     m.lab.start(&m.bin, &ga)?;
     m.lab.start(&m.bin, &gb)?;
     m.daemons.push(ga.clone());

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use weft::blocks::BlockEvent;
+use weft::control::blocks::BlockEvent;
 use weft_ipam::{Pool, choose};
 use weft_tests::ipam_sim::IpamSim;
 use weft_tests::sim::{LIVENESS_TIMEOUT, one_earlier, sim_identity, test_config as config};

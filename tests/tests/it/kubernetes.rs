@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
-use weft::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, wait_for};
 use weft_tests::kubeapi::{Shared, serve_http};
 use weft_tests::weft_bin;
 
@@ -57,7 +57,7 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
     }
     let kubeconfig = serve_http(&lab, &sw, "198.19.0.100:6443".parse()?, api.clone())?;
     let secret = String::from_utf8(
-        weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+        weft::demo::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
     )?;
     let mut daemons = Vec::new();
     for (name, _, lan, host) in NODES {
@@ -81,7 +81,7 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
              kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n"
         );
         let d = lab.daemon(name, &ns, &body)?;
-        weft::keys::write_private(&d.secret_file, &secret)?;
+        weft::host::keys::write_private(&d.secret_file, &secret)?;
         // Someone else's CNI config next to weft's, which weft must not touch.
         std::fs::write(
             d.config.with_file_name("99-other.conflist"),
@@ -380,9 +380,9 @@ fn a_daemon_watching_a_thousand_nodes_keeps_its_memory_flat_through_churn() -> a
                 kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n";
     let d = lab.daemon("k0", &ns, body)?;
     let secret = String::from_utf8(
-        weft::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+        weft::demo::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
     )?;
-    weft::keys::write_private(&d.secret_file, &secret)?;
+    weft::host::keys::write_private(&d.secret_file, &secret)?;
     lab.start_with(
         &bin,
         &d,

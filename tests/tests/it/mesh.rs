@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use weft::lab::wait_for;
+use weft::demo::lab::wait_for;
 use weft_tests::meshlab::{FOUR, MeshLab, Spec};
 use weft_tests::{alive_members, capture, pcap, ping};
 
@@ -45,7 +45,7 @@ fn four_nodes_in_two_regions_learn_each_other_and_pick_paths_by_region_and_trust
         .collect();
     let e1 = m.daemon("e1").ns.clone();
     for dst in ["100.64.2.1", "100.64.3.1"] {
-        weft::lab::run(
+        weft::demo::lab::run(
             m.lab
                 .cmd(&e1, "ping")
                 .args(["-c", "3", "-i", "0.2", "-p", &hex, dst]),
@@ -153,7 +153,7 @@ fn a_node_without_the_secret_never_joins_and_garbage_on_the_gossip_port_changes_
         bootstrap: Some("198.18.2.1"),
     };
     let wrong = String::from_utf8(
-        weft::lab::run(std::process::Command::new(&m.bin).arg("gensecret"))?.stdout,
+        weft::demo::lab::run(std::process::Command::new(&m.bin).arg("gensecret"))?.stdout,
     )?;
     let d = m.add_node(&intruder, "us", &wrong)?;
     m.lab.start(&m.bin, &d)?;

@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use weft::lab::wait_for;
+use weft::demo::lab::wait_for;
 use weft_tests::meshlab::{FOUR, MeshLab};
 
 /// The gossip protocol's Noise parameters and prologue, restated (not imported) as an outsider
@@ -24,7 +24,7 @@ const PROLOGUE: &[u8] = b"weft mesh v1";
 /// A first handshake message made with the cluster secret, length-prefixed as on the wire: what
 /// an on-path observer captures when a real node dials.
 fn captured_first_message(secret_b64: &str) -> anyhow::Result<Vec<u8>> {
-    let secret = weft::keys::decode(secret_b64.trim(), "cluster secret")?;
+    let secret = weft::host::keys::decode(secret_b64.trim(), "cluster secret")?;
     let mut hs = snow::Builder::new(PATTERN.parse()?)
         .prologue(PROLOGUE)
         .psk(0, &secret)

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use weft::lab::wait_for;
+use weft::demo::lab::wait_for;
 use weft_mesh::driver::transport::secure;
 use weft_mesh::wire::MAX_FRAME;
 use weft_mesh::{Beat, Entry, Frame, Identity, NodeId};
@@ -21,8 +21,8 @@ const ALL: [&str; 4] = ["e1", "e2", "u1", "u2"];
 
 /// Node `name`'s gossip id, from its key file.
 fn node_id(m: &MeshLab, name: &str) -> anyhow::Result<NodeId> {
-    let text = weft::keys::read_private(&m.daemon(name).key_file)?;
-    let key = weft::keys::decode(text.trim(), "private key")?;
+    let text = weft::host::keys::read_private(&m.daemon(name).key_file)?;
+    let key = weft::host::keys::decode(text.trim(), "private key")?;
     Ok(Identity::from_wireguard_key(&key).id())
 }
 
@@ -51,7 +51,7 @@ fn a_member_forging_beats_changes_no_nodes_liveness_and_is_counted_everywhere_it
     m.wait_full_mesh(&ALL)?;
     let (victim, dead) = (node_id(&m, "e2")?, node_id(&m, "u2")?);
     let (victim_version, dead_version) = (version(&m, "e1", "e2")?, version(&m, "e1", "u2")?);
-    let secret = weft::keys::decode(m.secret.trim(), "cluster secret")?;
+    let secret = weft::host::keys::decode(m.secret.trim(), "cluster secret")?;
     let x = m.add_host("x", "198.18.1.9")?;
     // u2 dies (no goodbye); the liar, a member, then claims every half second that e2's counter
     // is at its maximum and u2's keeps growing, unsigned and signed with its own key.
@@ -169,8 +169,8 @@ fn a_second_daemon_with_a_nodes_key_is_reported_on_both_and_stops_outbidding() -
     };
     let secret = m.secret.clone();
     let d = m.add_node(&clone, "eu", &secret)?;
-    let key = weft::keys::read_private(&m.daemon("e1").key_file)?;
-    weft::keys::write_private(&d.key_file, key)?;
+    let key = weft::host::keys::read_private(&m.daemon("e1").key_file)?;
+    weft::host::keys::write_private(&d.key_file, key)?;
     m.lab.start(&m.bin, &d)?;
     m.daemons.push(d);
     // Both daemons report the clash, naming both addresses.

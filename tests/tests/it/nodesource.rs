@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
-use weft::nodesource::{NodeSource, SourceEvent};
+use weft::control::nodesource::{NodeSource, SourceEvent};
 use weft_tests::kubeapi::{Shared, client, node, query_value};
 
 /// The next event the source sends that `want` accepts (bounded).

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use weft::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, wait_for};
 use weft_tests::{Pair, Stream, tcp_transfer};
 
 const DATAGRAMS: u32 = 20_000;
@@ -76,7 +76,7 @@ fn udp_flow(lab: &Lab, (from_ns, to_ns): (&str, &str), to: SocketAddr) -> anyhow
 
 /// TCP segments the namespace's stack retransmitted (`/proc/net/snmp`).
 fn retransmitted(lab: &Lab, ns: &str) -> anyhow::Result<u64> {
-    let out = weft::lab::run(lab.cmd(ns, "cat").arg("/proc/net/snmp"))?;
+    let out = weft::demo::lab::run(lab.cmd(ns, "cat").arg("/proc/net/snmp"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
     let (names, values) = (
@@ -127,7 +127,7 @@ fn mixed_flows_arrive_byte_exact(tag: &str, offload: &str) -> anyhow::Result<()>
         "add chain inet weftloss input { type filter hook input priority -10; }",
         "add rule inet weftloss input udp dport 51820 numgen random mod 100 lt 1 counter drop",
     ] {
-        weft::lab::run(p.lab.cmd(&b, "nft").arg(rule))?;
+        weft::demo::lab::run(p.lab.cmd(&b, "nft").arg(rule))?;
     }
     let retrans_before = retransmitted(&p.lab, &a)?;
 
@@ -151,7 +151,7 @@ fn mixed_flows_arrive_byte_exact(tag: &str, offload: &str) -> anyhow::Result<()>
         .map_err(|_| anyhow::anyhow!("the UDP flow panicked"))?
         .context("UDP a -> b")?;
     let retrans = retransmitted(&p.lab, &a)? - retrans_before;
-    let dropped = weft::lab::run(
+    let dropped = weft::demo::lab::run(
         p.lab
             .cmd(&b, "nft")
             .args(["list", "table", "inet", "weftloss"]),

@@ -5,8 +5,8 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use weft::lab::{Lab, wait_for};
-use weft::metrics::{Sample, parse_exposition};
+use weft::api::metrics::{Sample, parse_exposition};
+use weft::demo::lab::{Lab, wait_for};
 use weft_tests::{Pair, http_get, node_config, tcp_transfer, weft_bin};
 
 /// Every message on `sock` until `until` says stop or `limit` passes.
@@ -216,7 +216,7 @@ fn seen_source(lab: &Lab, pod: &str, outside: &str, dst: &'static str) -> anyhow
 }
 
 fn nft_tables(lab: &Lab, ns: &str) -> anyhow::Result<String> {
-    let out = weft::lab::run(lab.cmd(ns, "nft").args(["list", "tables"]))?;
+    let out = weft::demo::lab::run(lab.cmd(ns, "nft").args(["list", "tables"]))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -235,7 +235,7 @@ fn pods_leaving_the_pod_network_are_masqueraded_unless_told_not_to_and_shutdown_
     let pod = lab.add_pod(&node, "p", "100.64.1.2")?;
     // Someone else's table, which weft must leave exactly as it is.
     let listed = |lab: &Lab| -> anyhow::Result<String> {
-        let out = weft::lab::run(
+        let out = weft::demo::lab::run(
             lab.cmd(&node, "nft")
                 .args(["list", "chain", "inet", "theirs", "c"]),
         )?;
@@ -246,7 +246,7 @@ fn pods_leaving_the_pod_network_are_masqueraded_unless_told_not_to_and_shutdown_
             .collect::<Vec<_>>()
             .join("\n"))
     };
-    weft::lab::run(lab.cmd(&node, "nft").args([
+    weft::demo::lab::run(lab.cmd(&node, "nft").args([
         "add table inet theirs ; add chain inet theirs c { type filter hook forward priority 0 ; policy accept ; } ; add rule inet theirs c ip saddr 100.64.1.2 counter",
     ]))?;
     let theirs_before = listed(&lab)?;
@@ -322,7 +322,7 @@ fn with_mtu_and_laptop(config: &str, allowed: &str) -> String {
     format!(
         "{}\nwireguard_peers:\n  - name: laptop\n    public_key: {}\n    allowed_ips: {allowed}\n",
         config.replace("network:\n", "network:\n  mtu: 1300\n"),
-        weft::keys::public_of(&weft::keys::generate())
+        weft::host::keys::public_of(&weft::host::keys::generate())
     )
 }
 
@@ -427,7 +427,7 @@ fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_br
     // MTU and a wireguard peer.
     reload(&m, "e1", |t| with_mtu_and_laptop(t, "[100.127.9.0/24]"))?;
     wait_mtu_and_laptop(&m, "e1 to apply the MTU and the new peer")?;
-    let link = weft::lab::run(
+    let link = weft::demo::lab::run(
         m.lab
             .cmd(&m.daemon("e1").ns, "ip")
             .args(["-o", "link", "show", "weft0"]),
@@ -440,7 +440,7 @@ fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_br
         conflist["plugins"][1]["mtu"] == 1300,
         "the conflist kept the old MTU: {conflist}"
     );
-    let routes = weft::lab::run(
+    let routes = weft::demo::lab::run(
         m.lab
             .cmd(&m.daemon("e1").ns, "ip")
             .args(["route", "show", "dev", "weft0"]),
@@ -475,8 +475,8 @@ fn reload_applies_bootstrap_peers_trusted_subnets_mtu_and_peers_and_refuses_a_br
 /// `ip -o link show weft0` and `ip route show dev weft0` in `name`'s namespace.
 fn link_and_routes(m: &weft_tests::meshlab::MeshLab, name: &str) -> anyhow::Result<String> {
     let ns = &m.daemon(name).ns;
-    let link = weft::lab::run(m.lab.cmd(ns, "ip").args(["-o", "link", "show", "weft0"]))?;
-    let routes = weft::lab::run(m.lab.cmd(ns, "ip").args(["route", "show", "dev", "weft0"]))?;
+    let link = weft::demo::lab::run(m.lab.cmd(ns, "ip").args(["-o", "link", "show", "weft0"]))?;
+    let routes = weft::demo::lab::run(m.lab.cmd(ns, "ip").args(["route", "show", "dev", "weft0"]))?;
     Ok(format!(
         "{}{}",
         String::from_utf8_lossy(&link.stdout),

@@ -2,7 +2,7 @@
 //! in a VM of its own, it writes no CNI conflist unless `cni.conflist` is set. Run as root.
 
 use anyhow::{Context as _, ensure};
-use weft::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, wait_for};
 use weft_tests::weft_bin;
 
 use crate::vm::Vm;
@@ -55,7 +55,7 @@ fn a_standalone_node_writes_a_cni_conflist_only_when_cni_conflist_is_set() -> an
     );
     // ...and the other, up with its block since before its API answered, wrote nothing there.
     let mut st = plain.enter(&lab, &[&bin_dir], "weft")?;
-    let st = weft::lab::run(st.args(["status", "--json"]))?;
+    let st = weft::demo::lab::run(st.args(["status", "--json"]))?;
     let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
     ensure!(
         st["node"]["pod_cidrs"] == serde_json::json!(["100.64.1.0/24"]),
@@ -207,7 +207,7 @@ fn the_readme_standalone_vm_walkthrough_works_as_written() -> anyhow::Result<()>
     // Encrypted (nothing trusted), and no CNI config on any VM.
     let mut st = vms[0].enter(&lab, &[&bin_dir], "weft")?;
     let st: serde_json::Value =
-        serde_json::from_slice(&weft::lab::run(st.args(["status", "--json"]))?.stdout)?;
+        serde_json::from_slice(&weft::demo::lab::run(st.args(["status", "--json"]))?.stdout)?;
     for p in st["peers"].as_array().context("peers")? {
         ensure!(p["path"] == "encrypted", "{p}");
     }

@@ -22,7 +22,10 @@ fn ping_and_100_mb_tcp_arrive_intact_and_the_wire_carries_only_wireguard() -> an
         .map(|b| format!("{b:02x}"))
         .collect();
     ping.args(["-c", "3", "-i", "0.2", "-p", &hex, "100.64.2.1"]);
-    anyhow::ensure!(weft::lab::run(&mut ping).is_ok(), "marker ping failed");
+    anyhow::ensure!(
+        weft::demo::lab::run(&mut ping).is_ok(),
+        "marker ping failed"
+    );
 
     let took = tcp_transfer(
         &p.lab,
@@ -37,7 +40,7 @@ fn ping_and_100_mb_tcp_arrive_intact_and_the_wire_carries_only_wireguard() -> an
     );
 
     // tcpdump writes what it has read; wait until it has caught up with the transfer.
-    weft::lab::wait_for(
+    weft::demo::lab::wait_for(
         "the underlay capture to hold the transfer",
         Duration::from_secs(20),
         || {
@@ -45,7 +48,7 @@ fn ping_and_100_mb_tcp_arrive_intact_and_the_wire_carries_only_wireguard() -> an
             (n > 100 << 20).then_some(())
         },
     )?;
-    weft::lab::wait_for(
+    weft::demo::lab::wait_for(
         "the overlay capture to hold the marker",
         Duration::from_secs(20),
         || {
@@ -176,11 +179,12 @@ fn a_peer_sending_from_outside_its_allowed_ips_is_dropped_and_counted() -> anyho
     ]);
     let out = ping.output()?;
     anyhow::ensure!(!out.status.success(), "a spoofed ping got an answer");
-    let spoofed = weft::lab::wait_for("5 spoofed drops at a", Duration::from_secs(10), || {
-        let st = p.lab.status(&p.bin, &p.a).ok()?;
-        let n = st["peers"][0]["drops"]["spoofed"].as_u64()?;
-        (n >= 5).then_some(n)
-    })?;
+    let spoofed =
+        weft::demo::lab::wait_for("5 spoofed drops at a", Duration::from_secs(10), || {
+            let st = p.lab.status(&p.bin, &p.a).ok()?;
+            let n = st["peers"][0]["drops"]["spoofed"].as_u64()?;
+            (n >= 5).then_some(n)
+        })?;
     assert_eq!(spoofed, 5);
     // The honest address still works.
     p.ping(&p.b.ns, "100.64.1.1")?;
@@ -200,7 +204,7 @@ fn garbage_truncated_forged_and_replayed_datagrams_are_dropped_and_counted() -> 
     )?;
     p.ping(&p.b.ns, "100.64.1.1")?;
     // tcpdump writes what it has read; wait until the data message is in the file.
-    let data = weft::lab::wait_for(
+    let data = weft::demo::lab::wait_for(
         "a data message from b in the capture",
         Duration::from_secs(10),
         || {
@@ -246,7 +250,7 @@ fn garbage_truncated_forged_and_replayed_datagrams_are_dropped_and_counted() -> 
     sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    let st = weft::lab::wait_for("the drops to be counted", Duration::from_secs(10), || {
+    let st = weft::demo::lab::wait_for("the drops to be counted", Duration::from_secs(10), || {
         let st = p.lab.status(&p.bin, &p.a).ok()?;
         let replay = st["peers"][0]["drops"]["replay"].as_u64().unwrap_or(0);
         (replay >= 2).then_some(st)

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use weft::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, wait_for};
 
 /// One VM of the lab.
 #[derive(Debug)]

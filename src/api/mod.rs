@@ -5,6 +5,9 @@
 //! ← {"ok":true,"status":{...}}        or        {"ok":false,"error":"unknown command \"x\""}
 //! ```
 
+pub mod metrics;
+pub mod status;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::status::Status;
+use crate::api::status::Status;
 
 /// The longest request line the server reads.
 const MAX_REQUEST: u64 = 64 * 1024;

@@ -15,8 +15,8 @@ use tracing::{error, info};
 use weft_config::Config;
 use weft_router::PeerConfig;
 
-use crate::netlink::Netlink;
-use crate::status::NodeStatus;
+use crate::api::status::NodeStatus;
+use crate::host::netlink::Netlink;
 
 /// Changes the log filter (absent when `WEFT_LOG` fixes it).
 pub type SetLog = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
@@ -126,7 +126,7 @@ impl Reloader {
             );
         }
         // Everything that can fail without changing anything comes first.
-        let mtu = crate::netlink::choose_mtu(&new, &self.netlink, self.underlay).await?;
+        let mtu = crate::host::netlink::choose_mtu(&new, &self.netlink, self.underlay).await?;
         let mut undo = Vec::new();
         let mut applied = match self.apply(&new, mtu, &mut undo).await {
             Ok(applied) => applied,
@@ -274,7 +274,7 @@ impl Reloader {
             .snapshot()
             .await
             .context("the data plane stopped")?;
-        let desired = crate::reconcile::static_peers(statics);
+        let desired = crate::control::reconcile::static_peers(statics);
         if !crate::control::apply(&self.router, &snap.peers, &desired, |_| false).await {
             bail!("the data plane stopped");
         }

@@ -9,7 +9,7 @@
 
 use tracing::{error, info, warn};
 
-use crate::netlink::Netlink;
+use crate::host::netlink::Netlink;
 
 /// The TUN device (by name) and whether the masquerade table exists.
 #[derive(Debug)]
@@ -55,9 +55,9 @@ impl Installed {
         if !self.masquerade {
             return;
         }
-        match crate::masquerade::remove() {
+        match crate::host::masquerade::remove() {
             Ok(()) => info!(
-                table = crate::masquerade::TABLE,
+                table = crate::host::masquerade::TABLE,
                 "removed the nftables table"
             ),
             Err(e) => error!(error = %e, "could not remove the nftables table"),

@@ -12,6 +12,8 @@
 //! nothing but iproute2), moves a few megabytes over TCP between pods and shows from the
 //! daemon's counters where they went.
 
+pub mod lab;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -20,8 +22,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use crate::lab::{Daemon, Lab, run, wait_for};
-use crate::status::Status;
+use crate::api::status::Status;
+use crate::demo::lab::{Daemon, Lab, run, wait_for};
 
 /// The tag of the demo's lab (the end of its id).
 const TAG: &str = "demo";
@@ -112,7 +114,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
         lab.bridge(&sw, br)?;
     }
     let mut daemons = Vec::new();
-    let secret = crate::keys::encode(&crate::keys::generate_secret());
+    let secret = crate::host::keys::encode(&crate::host::keys::generate_secret());
     for n in &NODES {
         let ns = lab.add_ns(n.name)?;
         let eu = n.region == "eu-west";
@@ -130,7 +132,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
             n.name, n.region, n.private, n.public, n.block, n.bootstrap
         );
         let d = lab.daemon(n.name, &ns, &cfg)?;
-        crate::keys::write_private(&d.secret_file, &secret)?;
+        crate::host::keys::write_private(&d.secret_file, &secret)?;
         daemons.push(d);
         // A pod: its own namespace, a veth to the node, the node routes its /32 to it.
         let pod_ip = n.pod_ip();
@@ -150,7 +152,7 @@ fn mb(bytes: u64) -> f64 {
 /// Runs the demo: builds the lab, starts the daemons, shows traffic and status, then cleans
 /// up, or with `keep` leaves the lab running and says how to look around.
 pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result<()> {
-    crate::lab::require_root("weft demo")?;
+    lab::require_root("weft demo")?;
     need("ip", "iproute2")?;
     let mut lab = Lab::new(TAG)?;
     println!(
@@ -223,7 +225,7 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
         let (src, dst) = (&NODES[from], &NODES[to]);
         let before = status(bin, &daemons[from])?;
         // Every byte is checked on arrival.
-        let took = crate::lab::tcp_transfer(
+        let took = lab::tcp_transfer(
             &lab,
             (
                 &lab.ns(&format!("pod-{}", src.name)),
@@ -296,14 +298,14 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
 
 /// `weft demo down`: removes every lab a `weft demo --keep` left.
 pub fn down() -> anyhow::Result<()> {
-    crate::lab::require_root("weft demo down")?;
-    let labs = crate::lab::kept_labs(TAG);
+    lab::require_root("weft demo down")?;
+    let labs = lab::kept_labs(TAG);
     if labs.is_empty() {
         println!("no kept demo lab to remove");
         return Ok(());
     }
     for dir in labs {
-        for line in crate::lab::remove_kept(&dir, Duration::from_secs(10))? {
+        for line in lab::remove_kept(&dir, Duration::from_secs(10))? {
             println!("{line}");
         }
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,7 +34,7 @@ pub struct IpamCounters {
     pub claims: std::sync::Mutex<ClaimsRefused>,
 }
 
-/// Members' pod-CIDR claims refused (see [`crate::claims`]).
+/// Members' pod-CIDR claims refused (see [`crate::control::claims`]).
 #[derive(Debug, Default)]
 pub struct ClaimsRefused {
     /// Refusals by reason, each member's refusal for a reason counted once while it lasts.
@@ -594,23 +595,20 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` turns true, at most
-/// [`MAX_CONNECTIONS`] connections at once.
+/// [`MAX_CONNECTIONS`] connections at once. The connections run inside this future (no task
+/// of their own), so they end with it.
 pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: crate::shutdown::Shutdown) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut open = futures::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
             () = shutdown.wait() => return,
+            Some(()) = open.next(), if !open.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let src = src.clone();
-                        tokio::spawn(async move {
-                            serve_connection(stream, src).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => debug!(%peer, "metrics connection refused: {MAX_CONNECTIONS} already open"),
-                },
+                Ok((stream, peer)) if open.len() >= MAX_CONNECTIONS => {
+                    debug!(%peer, "metrics connection refused: {MAX_CONNECTIONS} already open");
+                    drop(stream);
+                }
+                Ok((stream, _)) => open.push(serve_connection(stream, src.clone())),
                 Err(e) => warn!(error = %e, "metrics accept failed"),
             }
         }

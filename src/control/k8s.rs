@@ -4,7 +4,7 @@
 //! and `ExternalIP`, overridden by the `weft.dev/private-address` and `weft.dev/public-address`
 //! annotations — on another Node an annotation counts only when that node's signed mesh record
 //! agrees, see [`vetted_addresses`]), the pod blocks (`spec.podCIDRs`, else `spec.podCIDR`) and the WireGuard key a
-//! weft daemon published (`weft.dev/public-key`). The node source ([`crate::nodesource`]) builds
+//! weft daemon published (`weft.dev/public-key`). The node source ([`crate::control::nodesource`]) builds
 //! on this, and [`own_facts`] says where each of this node's facts came from.
 
 use std::collections::BTreeMap;

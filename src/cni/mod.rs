@@ -105,7 +105,7 @@ pub fn write_conflist(path: &Path, value: &Value) -> std::io::Result<bool> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(false);
     }
-    crate::files::write_atomic(path, text.as_bytes())?;
+    crate::host::files::write_atomic(path, text.as_bytes())?;
     Ok(true)
 }
 
@@ -427,7 +427,7 @@ impl Store {
         if *map != before {
             let list: Vec<&Attachment> = map.values().collect();
             let text = serde_json::to_string_pretty(&list).map_err(std::io::Error::other)?;
-            crate::files::write_atomic(&self.path, text.as_bytes())?;
+            crate::host::files::write_atomic(&self.path, text.as_bytes())?;
         }
         Ok(out)
     }

@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::k8s::{KEY_ANNOTATION, NodeView};
+use crate::control::k8s::{KEY_ANNOTATION, NodeView};
 
 /// The field manager weft's patches name.
 pub const FIELD_MANAGER: &str = "weft";

@@ -31,11 +31,11 @@ pub struct Netlink {
 }
 
 impl Netlink {
-    /// Opens the connection; its reader runs as a tokio task.
-    pub fn connect() -> std::io::Result<Self> {
+    /// Opens the connection. The returned future is its reader: the caller runs it (spawns
+    /// it) for as long as the handle is used.
+    pub fn connect() -> std::io::Result<(Self, impl Future<Output = ()> + Send + 'static)> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok((Self { handle }, conn))
     }
 
     /// The index and MTU of the link called `name`, if there is one.

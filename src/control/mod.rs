@@ -5,6 +5,12 @@
 //! ([`reconcile::desired`]) and applies the difference ([`reconcile::diff`]) as peer additions
 //! and removals; a peer whose configuration did not change is never touched.
 
+pub mod blocks;
+pub mod claims;
+pub mod k8s;
+pub mod nodesource;
+pub mod reconcile;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -20,11 +26,11 @@ use weft_mesh::driver::Snapshot as MeshSnapshot;
 use weft_mesh::{Event, NodeRecord};
 use weft_router::PeerConfig;
 
-use crate::blocks::{BlockEvent, Blocks};
-use crate::claims::{ClaimHistory, ClaimPolicy};
+use self::reconcile::{Change, Choices, Reason};
+use crate::control::blocks::{BlockEvent, Blocks};
+use crate::control::claims::{ClaimHistory, ClaimPolicy};
 use crate::handle::{MeshHandle, RouterHandle};
-use crate::keys;
-use crate::reconcile::{self, Change, Choices, Reason};
+use crate::host::keys;
 
 /// How often the reconciler resyncs without an event.
 const RESYNC: Duration = Duration::from_secs(1);
@@ -134,7 +140,7 @@ fn vet_claims(
     history: &mut ClaimHistory,
     snap: &mut MeshSnapshot,
     nodes: Option<&ClusterNodes>,
-    counters: &crate::metrics::IpamCounters,
+    counters: &crate::api::metrics::IpamCounters,
 ) {
     let members = std::mem::take(&mut snap.members);
     let (kept, refused) = policy.vet(history, members, nodes, now_millis());
@@ -286,9 +292,9 @@ pub struct Masquerade {
 impl Masquerade {
     /// Masquerades traffic from `blocks`; a failure is logged, and the overlay runs on.
     pub fn apply(&self, blocks: &[ipnet::IpNet]) {
-        match crate::masquerade::apply(blocks, &self.keep, &self.interface) {
+        match crate::host::masquerade::apply(blocks, &self.keep, &self.interface) {
             Ok(()) => info!(
-                table = crate::masquerade::TABLE, blocks = ?blocks, keep = ?self.keep,
+                table = crate::host::masquerade::TABLE, blocks = ?blocks, keep = ?self.keep,
                 "masquerading pod traffic that leaves the pod network"
             ),
             Err(e) => error!(
@@ -350,7 +356,7 @@ pub async fn apply(
 #[derive(Debug, Clone)]
 pub struct MtuSource {
     /// Netlink, to find the new address's link.
-    pub netlink: crate::netlink::Netlink,
+    pub netlink: crate::host::netlink::Netlink,
     /// The private address whose link set the MTU (`None`: none was known, the fallback).
     pub address: Option<std::net::IpAddr>,
     /// The MTU of the TUN device, the conflist and the pods.
@@ -361,7 +367,7 @@ pub struct MtuSource {
 #[derive(Debug)]
 pub struct OwnNode {
     /// What status shows: the region and addresses in use, and where each came from.
-    pub status: Arc<Mutex<crate::status::NodeStatus>>,
+    pub status: Arc<Mutex<crate::api::status::NodeStatus>>,
     /// The MTU's underlay (`None` when `network.mtu` fixes it).
     pub mtu: Option<MtuSource>,
 }
@@ -369,7 +375,7 @@ pub struct OwnNode {
 impl OwnNode {
     /// Shows `facts` in status, and warns (once per address) when the private address moved to
     /// a link that implies another MTU: the running MTU stays, since running pods keep theirs.
-    async fn update(&self, facts: &crate::k8s::OwnFacts, warned: &mut Option<std::net::IpAddr>) {
+    async fn update(&self, facts: &k8s::OwnFacts, warned: &mut Option<std::net::IpAddr>) {
         if let Ok(mut n) = self.status.lock() {
             n.set_facts(facts);
         }
@@ -381,7 +387,7 @@ impl OwnNode {
             return;
         }
         *warned = Some(addr);
-        match crate::netlink::underlay_mtu(&m.netlink, addr).await {
+        match crate::host::netlink::underlay_mtu(&m.netlink, addr).await {
             Ok(Some(new)) if new != m.mtu => warn!(
                 from = ?m.address, to = %addr, mtu = m.mtu, underlay_mtu = new,
                 "the private address moved to a link that implies another overlay MTU; the TUN \
@@ -403,7 +409,7 @@ impl OwnNode {
 pub async fn kubernetes_loop(
     node: weft_config::Node,
     (mesh_port, configured): (u16, Vec<std::net::SocketAddr>),
-    mut source: mpsc::Receiver<crate::nodesource::SourceEvent>,
+    mut source: mpsc::Receiver<nodesource::SourceEvent>,
     mesh: MeshHandle,
     (blocks, names): (
         watch::Sender<Vec<ipnet::IpNet>>,
@@ -412,7 +418,7 @@ pub async fn kubernetes_loop(
     api: Arc<Mutex<String>>,
     own: OwnNode,
 ) {
-    use crate::nodesource::SourceEvent;
+    use crate::control::nodesource::SourceEvent;
     let mut warned = None;
     let say = |s: String| {
         if let Ok(mut a) = api.lock() {
@@ -425,7 +431,7 @@ pub async fn kubernetes_loop(
         match event {
             SourceEvent::Me(me) => {
                 say("ok".into());
-                let facts = crate::k8s::own_facts(&me, &node);
+                let facts = k8s::own_facts(&me, &node);
                 region.clone_from(&facts.region);
                 own.update(&facts, &mut warned).await;
                 if let Some(snap) = mesh.snapshot().await {
@@ -467,7 +473,7 @@ pub async fn kubernetes_loop(
                 } else {
                     None
                 };
-                let signed: crate::k8s::SignedAddresses = snapshot
+                let signed: k8s::SignedAddresses = snapshot
                     .map(|snap| {
                         snap.members
                             .into_iter()
@@ -479,7 +485,7 @@ pub async fn kubernetes_loop(
                     })
                     .unwrap_or_default();
                 let mut addrs = configured.clone();
-                addrs.extend(crate::k8s::bootstrap(
+                addrs.extend(k8s::bootstrap(
                     &others,
                     region.as_deref(),
                     mesh_port,
@@ -505,7 +511,7 @@ pub struct Ipam {
     /// Where the blocks are persisted.
     pub state_file: std::path::PathBuf,
     /// Re-claims, for the metrics.
-    pub counters: Arc<crate::metrics::IpamCounters>,
+    pub counters: Arc<crate::api::metrics::IpamCounters>,
     /// Masquerade, whose rules follow the blocks (`None` without `nat_outgoing`).
     pub masquerade: Option<Masquerade>,
     /// The CNI conflist, which follows the blocks.
@@ -518,7 +524,7 @@ pub struct Ipam {
     /// When the daemon started.
     pub started: std::time::Instant,
     /// The TUN device, whose addresses follow the blocks.
-    pub netlink: crate::netlink::Netlink,
+    pub netlink: crate::host::netlink::Netlink,
     /// Its index.
     pub index: u32,
     /// Conflicts and failures already reported.
@@ -543,7 +549,7 @@ impl Ipam {
                     }
                     return None;
                 }
-                let next = crate::blocks::assigned(&assigned, &self.blocks.held, now_millis());
+                let next = blocks::assigned(&assigned, &self.blocks.held, now_millis());
                 (next, Vec::new())
             }
             None => self.blocks.round(&snap.members, now, now_millis(), settled),
@@ -643,7 +649,7 @@ impl Ipam {
 
 /// Writes the blocks to `path` atomically (a temporary file, fsync, rename).
 pub fn write_state(path: &Path, blocks: &[SavedBlock]) -> std::io::Result<()> {
-    crate::files::write_atomic(path, Snapshot::new(blocks.to_vec()).to_json().as_bytes())
+    crate::host::files::write_atomic(path, Snapshot::new(blocks.to_vec()).to_json().as_bytes())
 }
 
 /// Reads the persisted blocks: none when the file does not exist, an error naming the file when

@@ -102,9 +102,9 @@ pub struct NodeStatus {
 
 impl NodeStatus {
     /// Shows `facts`, the region and addresses the daemon uses, and where each came from.
-    pub fn set_facts(&mut self, facts: &crate::k8s::OwnFacts) {
+    pub fn set_facts(&mut self, facts: &crate::control::k8s::OwnFacts) {
         let text = |a: Option<std::net::IpAddr>| a.map(|a| a.to_string());
-        let source = |s: Option<crate::k8s::FactSource>| s.map(|s| s.as_str().to_owned());
+        let source = |s: Option<crate::control::k8s::FactSource>| s.map(|s| s.as_str().to_owned());
         self.region.clone_from(&facts.region);
         self.private_address = text(facts.private_address);
         self.public_address = text(facts.public_address);
