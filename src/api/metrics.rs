@@ -159,44 +159,67 @@ fn plain_gauge(reg: &mut Registry, name: &str, help: &str, value: f64) {
 /// The exposition for one router snapshot, the mesh's (when on) and IPAM's counters.
 pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounters) -> String {
     let mut reg = Registry::default();
-    let rx_bytes = counter::<PeerLabels>(
+    render_peers(&mut reg, router);
+    render_drops(&mut reg, router);
+    plain_counter(
         &mut reg,
+        "weft_ipam_reclaims",
+        "Pod blocks given up to an older claim and claimed anew",
+        None,
+        ipam.reclaims.load(Ordering::Relaxed),
+    );
+    if let Some(m) = mesh {
+        render_members(&mut reg, m);
+        render_gossip(&mut reg, m);
+        render_refusals(&mut reg, m, ipam);
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+        warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+/// Per-peer traffic, drops, handshake age and state.
+fn render_peers(reg: &mut Registry, router: &Snapshot) {
+    let rx_bytes = counter::<PeerLabels>(
+        reg,
         "weft_peer_receive",
         "Bytes received from the peer (datagrams, before decryption)",
         Some(Unit::Bytes),
     );
     let tx_bytes = counter::<PeerLabels>(
-        &mut reg,
+        reg,
         "weft_peer_transmit",
         "Bytes sent to the peer (datagrams, after encryption)",
         Some(Unit::Bytes),
     );
     let rx_packets = counter::<PeerLabels>(
-        &mut reg,
+        reg,
         "weft_peer_receive_packets",
         "Packets from the peer delivered to the TUN device",
         None,
     );
     let tx_packets = counter::<PeerLabels>(
-        &mut reg,
+        reg,
         "weft_peer_transmit_packets",
         "Packets from the TUN device sent to the peer",
         None,
     );
     let peer_drops = counter::<PeerReason>(
-        &mut reg,
+        reg,
         "weft_peer_drops",
         "Packets to or from the peer dropped, by reason",
         None,
     );
     let handshake_age = gauge::<PeerOnly>(
-        &mut reg,
+        reg,
         "weft_peer_handshake_age",
         "Time since the last completed WireGuard handshake with the peer",
         Some(Unit::Seconds),
     );
     let state = gauge::<PeerState>(
-        &mut reg,
+        reg,
         "weft_peer_state",
         "1 for the peer's current path (encrypted or plaintext) and state",
         None,
@@ -233,8 +256,12 @@ pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounter
             })
             .set(1.0);
     }
+}
+
+/// Packets dropped before a peer was known.
+fn render_drops(reg: &mut Registry, router: &Snapshot) {
     let drops = counter::<Reason>(
-        &mut reg,
+        reg,
         "weft_drops",
         "Packets dropped before a peer was known, by reason",
         None,
@@ -253,131 +280,128 @@ pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounter
             })
             .inc_by(router.send_errors);
     }
+}
 
-    plain_counter(
-        &mut reg,
-        "weft_ipam_reclaims",
-        "Pod blocks given up to an older claim and claimed anew",
+/// This node's blocks and the other members by state.
+fn render_members(reg: &mut Registry, m: &MeshSnapshot) {
+    let blocks = gauge::<Block>(
+        reg,
+        "weft_ipam_block",
+        "1 for each pod block this node holds",
         None,
-        ipam.reclaims.load(Ordering::Relaxed),
     );
-    if let Some(m) = mesh {
-        let blocks = gauge::<Block>(
-            &mut reg,
-            "weft_ipam_block",
-            "1 for each pod block this node holds",
-            None,
-        );
-        for b in &m.record.pod_cidrs {
-            blocks
-                .get_or_create(&Block {
-                    block: b.to_string(),
-                })
-                .set(1.0);
+    for b in &m.record.pod_cidrs {
+        blocks
+            .get_or_create(&Block {
+                block: b.to_string(),
+            })
+            .set(1.0);
+    }
+    let members = gauge::<State>(
+        reg,
+        "weft_mesh_members",
+        "Other mesh members, by state",
+        None,
+    );
+    let (mut alive, mut down, mut left) = (0.0, 0.0, 0.0);
+    for x in &m.members {
+        match (x.record.left, x.alive) {
+            (true, _) => left += 1.0,
+            (false, true) => alive += 1.0,
+            (false, false) => down += 1.0,
         }
-        let members = gauge::<State>(
-            &mut reg,
-            "weft_mesh_members",
-            "Other mesh members, by state",
-            None,
-        );
-        let (mut alive, mut down, mut left) = (0.0, 0.0, 0.0);
-        for x in &m.members {
-            match (x.record.left, x.alive) {
-                (true, _) => left += 1.0,
-                (false, true) => alive += 1.0,
-                (false, false) => down += 1.0,
-            }
-        }
-        for (s, n) in [("alive", alive), ("down", down), ("left", left)] {
-            members.get_or_create(&State { state: s.into() }).set(n);
-        }
-        plain_gauge(
-            &mut reg,
-            "weft_mesh_connections",
-            "Open gossip connections",
-            m.connections as f64,
-        );
-        let closed = counter::<Reason>(
-            &mut reg,
-            "weft_mesh_connections_closed",
-            "Gossip connections closed by weft, by reason: refused while too many were still proving the secret (pending_cap), silent or not reading (timeout)",
-            None,
-        );
-        for (reason, n) in [
-            ("pending_cap", m.transport.pending_refused),
-            ("timeout", m.transport.timed_out),
-        ] {
-            closed
-                .get_or_create(&Reason {
-                    reason: reason.into(),
-                })
-                .inc_by(n);
-        }
-        plain_counter(
-            &mut reg,
-            "weft_mesh_gossip_sent",
-            "Gossip frame bytes sent (before encryption)",
-            Some(Unit::Bytes),
-            m.traffic.bytes_sent,
-        );
-        plain_counter(
-            &mut reg,
-            "weft_mesh_gossip_received",
-            "Gossip frame bytes received (after decryption)",
-            Some(Unit::Bytes),
-            m.traffic.bytes_received,
-        );
-        let auth = counter::<Stage>(
-            &mut reg,
-            "weft_mesh_authentication_failures",
-            "Gossip refused for failed authentication: the connection handshake (no or wrong cluster secret), its confirmation (a replayed first message: no first frame that decrypts), a message that did not decrypt, a record whose signature did not verify",
-            None,
-        );
-        for (stage, n) in [
-            ("handshake", m.transport.handshake_failed),
-            ("confirmation", m.transport.unconfirmed),
-            ("message", m.transport.undecryptable),
-            ("record", m.drops.unauthenticated),
-        ] {
-            auth.get_or_create(&Stage {
-                stage: stage.into(),
+    }
+    for (s, n) in [("alive", alive), ("down", down), ("left", left)] {
+        members.get_or_create(&State { state: s.into() }).set(n);
+    }
+}
+
+/// Gossip connections and traffic.
+fn render_gossip(reg: &mut Registry, m: &MeshSnapshot) {
+    plain_gauge(
+        reg,
+        "weft_mesh_connections",
+        "Open gossip connections",
+        m.connections as f64,
+    );
+    let closed = counter::<Reason>(
+        reg,
+        "weft_mesh_connections_closed",
+        "Gossip connections closed by weft, by reason: refused while too many were still proving the secret (pending_cap), silent or not reading (timeout)",
+        None,
+    );
+    for (reason, n) in [
+        ("pending_cap", m.transport.pending_refused),
+        ("timeout", m.transport.timed_out),
+    ] {
+        closed
+            .get_or_create(&Reason {
+                reason: reason.into(),
             })
             .inc_by(n);
-        }
-        let rejected = counter::<Reason>(
-            &mut reg,
-            "weft_mesh_records_rejected",
-            "Gossip frames or records refused, by reason",
-            None,
-        );
-        for (reason, n) in [
-            ("malformed", m.drops.malformed),
-            ("unauthenticated", m.drops.unauthenticated),
-            ("stale", m.drops.stale),
-            ("unexpected", m.drops.unexpected),
-        ] {
-            rejected
-                .get_or_create(&Reason {
-                    reason: reason.into(),
-                })
-                .inc_by(n);
-        }
-        let precise = counter::<Reason>(
-            &mut reg,
-            "weft_mesh_rejected",
-            "Gossip input refused, by precise reason: frames, records and beats the gossip core refused, and members' pod-CIDR claims refused (claim_*)",
-            None,
-        );
-        for (reason, n) in rejections(m, ipam) {
-            precise.get_or_create(&Reason { reason }).inc_by(n);
-        }
     }
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
-        warn!(error = %e, "encoding metrics failed");
+    plain_counter(
+        reg,
+        "weft_mesh_gossip_sent",
+        "Gossip frame bytes sent (before encryption)",
+        Some(Unit::Bytes),
+        m.traffic.bytes_sent,
+    );
+    plain_counter(
+        reg,
+        "weft_mesh_gossip_received",
+        "Gossip frame bytes received (after decryption)",
+        Some(Unit::Bytes),
+        m.traffic.bytes_received,
+    );
+}
+
+/// Gossip refused: failed authentication, rejected frames and records, precise reasons.
+fn render_refusals(reg: &mut Registry, m: &MeshSnapshot, ipam: &IpamCounters) {
+    let auth = counter::<Stage>(
+        reg,
+        "weft_mesh_authentication_failures",
+        "Gossip refused for failed authentication: the connection handshake (no or wrong cluster secret), its confirmation (a replayed first message: no first frame that decrypts), a message that did not decrypt, a record whose signature did not verify",
+        None,
+    );
+    for (stage, n) in [
+        ("handshake", m.transport.handshake_failed),
+        ("confirmation", m.transport.unconfirmed),
+        ("message", m.transport.undecryptable),
+        ("record", m.drops.unauthenticated),
+    ] {
+        auth.get_or_create(&Stage {
+            stage: stage.into(),
+        })
+        .inc_by(n);
     }
-    out
+    let rejected = counter::<Reason>(
+        reg,
+        "weft_mesh_records_rejected",
+        "Gossip frames or records refused, by reason",
+        None,
+    );
+    for (reason, n) in [
+        ("malformed", m.drops.malformed),
+        ("unauthenticated", m.drops.unauthenticated),
+        ("stale", m.drops.stale),
+        ("unexpected", m.drops.unexpected),
+    ] {
+        rejected
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+    let precise = counter::<Reason>(
+        reg,
+        "weft_mesh_rejected",
+        "Gossip input refused, by precise reason: frames, records and beats the gossip core refused, and members' pod-CIDR claims refused (claim_*)",
+        None,
+    );
+    for (reason, n) in rejections(m, ipam) {
+        precise.get_or_create(&Reason { reason }).inc_by(n);
+    }
 }
 
 /// Every refusal of the mesh with a non-zero count, by precise reason: the gossip core's and

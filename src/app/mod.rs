@@ -114,10 +114,7 @@ impl App {
             set_log,
         } = self;
         let mut tasks = Tasks::default();
-        let node = Arc::new(std::sync::Mutex::new(node_status(
-            &config, &checked, &bound,
-        )));
-        let (router, commands) = RouterHandle::channel();
+        let (mut wiring, commands, mesh_rx) = Wiring::new(&config, &checked, &bound);
         let (data_stop, data_stop_rx) = watch::channel(false);
         let data_plane = weft_router::driver::spawn(
             checked.router,
@@ -127,58 +124,33 @@ impl App {
             commands,
             data_stop_rx,
         );
-        let (mesh, mesh_rx) = match &bound.gossip {
-            Some(_) => {
-                let (h, rx) = MeshHandle::channel();
-                (Some(h), Some(rx))
-            }
-            None => (None, None),
-        };
-        let mut wiring = Wiring {
-            router,
-            mesh,
-            infos: control::PeerInfos::default(),
-            ipam: Arc::new(api::metrics::IpamCounters::default()),
-            statics: None,
-            kube: None,
-            node,
-        };
         let ready = Arc::new(AtomicBool::new(false));
+        let sources = wiring.sources(&ready);
         tasks.spawn(
             "metrics",
-            api::metrics::serve(
-                bound.metrics,
-                api::metrics::Sources {
-                    router: wiring.router.clone(),
-                    mesh: wiring.mesh.clone(),
-                    ipam: wiring.ipam.clone(),
-                    ready: ready.clone(),
-                    cache: api::metrics::ScrapeCache::default(),
-                },
-                tasks.shutdown(),
-            ),
+            api::metrics::serve(bound.metrics, sources, tasks.shutdown()),
         );
-        let mesh_parts = MeshParts {
-            config: &config,
-            blocks: &checked.blocks,
-            pools: checked.pools,
-            state_file: checked.state_file,
-            key_bytes: &checked.key_bytes,
-            wireguard_key: checked.wireguard_key,
-            seed: checked.mesh_seed,
-            started: checked.started,
-            kube: checked.kube,
-            facts: &bound.facts,
-            public_key: &checked.public_key,
-            plan_peers: checked.plan.peers.clone(),
-            netlink: &bound.netlink,
-            mtu: bound.mtu,
-            index: host.index,
-            masquerade: host.masquerade.clone(),
-            conflist: &host.conflist,
-        };
         if let (Some((secret, listener)), Some(rx)) = (bound.gossip, mesh_rx) {
-            start_mesh(&mut tasks, &mut wiring, mesh_parts, (secret, listener), rx);
+            let parts = MeshParts {
+                config: &config,
+                blocks: &checked.blocks,
+                pools: checked.pools,
+                state_file: checked.state_file,
+                key_bytes: &checked.key_bytes,
+                wireguard_key: checked.wireguard_key,
+                seed: checked.mesh_seed,
+                started: checked.started,
+                kube: checked.kube,
+                facts: &bound.facts,
+                public_key: &checked.public_key,
+                plan_peers: checked.plan.peers.clone(),
+                netlink: &bound.netlink,
+                mtu: bound.mtu,
+                index: host.index,
+                masquerade: host.masquerade.clone(),
+                conflist: &host.conflist,
+            };
+            start_mesh(&mut tasks, &mut wiring, parts, (secret, listener), rx);
         }
         notify::send(sd_notify::NotifyState::Ready);
         ready.store(true, Ordering::Release);
@@ -200,15 +172,7 @@ impl App {
             conflist: host.conflist.clone(),
             set_log,
         };
-        let shared = Shared {
-            router: wiring.router.clone(),
-            mesh: wiring.mesh.clone(),
-            infos: wiring.infos.clone(),
-            ipam: wiring.ipam.clone(),
-            node: wiring.node.clone(),
-            cni: crate::cni::Store::load(config.state_dir.join("cni.json")),
-            kube: wiring.kube.clone(),
-        };
+        let shared = wiring.shared(crate::cni::Store::load(config.state_dir.join("cni.json")));
         Running {
             tasks,
             connections: Tasks::default(),
@@ -257,6 +221,64 @@ struct Wiring {
     statics: Option<watch::Sender<Vec<weft_router::PeerConfig>>>,
     kube: Option<Arc<std::sync::Mutex<String>>>,
     node: Arc<std::sync::Mutex<NodeStatus>>,
+}
+
+impl Wiring {
+    /// The handles (the router's, and the mesh's when it is on) and the shared state, with
+    /// the receivers the two drivers read.
+    fn new(
+        config: &Config,
+        checked: &Checked,
+        bound: &Bound,
+    ) -> (
+        Self,
+        mpsc::Receiver<weft_router::driver::Command>,
+        Option<mpsc::Receiver<weft_mesh::driver::Command>>,
+    ) {
+        let (router, commands) = RouterHandle::channel();
+        let (mesh, mesh_rx) = match &bound.gossip {
+            Some(_) => {
+                let (h, rx) = MeshHandle::channel();
+                (Some(h), Some(rx))
+            }
+            None => (None, None),
+        };
+        let node = node_status(config, checked, bound);
+        let wiring = Self {
+            router,
+            mesh,
+            infos: control::PeerInfos::default(),
+            ipam: Arc::new(api::metrics::IpamCounters::default()),
+            statics: None,
+            kube: None,
+            node: Arc::new(std::sync::Mutex::new(node)),
+        };
+        (wiring, commands, mesh_rx)
+    }
+
+    /// What a metrics scrape reads.
+    fn sources(&self, ready: &Arc<AtomicBool>) -> api::metrics::Sources {
+        api::metrics::Sources {
+            router: self.router.clone(),
+            mesh: self.mesh.clone(),
+            ipam: self.ipam.clone(),
+            ready: ready.clone(),
+            cache: api::metrics::ScrapeCache::default(),
+        }
+    }
+
+    /// What the API answers from.
+    fn shared(&self, cni: crate::cni::Store) -> Shared {
+        Shared {
+            router: self.router.clone(),
+            mesh: self.mesh.clone(),
+            infos: self.infos.clone(),
+            ipam: self.ipam.clone(),
+            node: self.node.clone(),
+            cni,
+            kube: self.kube.clone(),
+        }
+    }
 }
 
 /// What starting the mesh takes from the build.

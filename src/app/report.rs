@@ -29,117 +29,12 @@ pub fn status(
     ipam: &crate::api::metrics::IpamCounters,
 ) -> Status {
     let mesh_snap = mesh;
-    let peers = snap
-        .peers
-        .iter()
-        .map(|p| PeerStatus {
-            name: p.config.name.clone(),
-            region: infos
-                .get(&p.config.public_key)
-                .and_then(|i| i.region.clone()),
-            public_key: keys::encode(&p.config.public_key),
-            pod_cidrs: p
-                .config
-                .allowed_ips
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            endpoint: p.endpoint.map(|e| e.to_string()),
-            endpoint_reason: match (p.endpoint, p.endpoint_learned) {
-                (None, _) => "none",
-                (Some(_), true) => "learned",
-                (Some(_), false) => infos
-                    .get(&p.config.public_key)
-                    .map_or("configured", |i| i.reason.as_str()),
-            }
-            .to_owned(),
-            path: p.config.path.as_str().to_owned(),
-            state: p.state.as_str().to_owned(),
-            last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
-            rx_bytes: p.counters.rx_bytes,
-            tx_bytes: p.counters.tx_bytes,
-            drops: drops(&p.counters.drops),
-        })
-        .collect();
+    let peers = snap.peers.iter().map(|p| peer_status(p, infos)).collect();
     let mut d = drops(&snap.drops);
     if snap.send_errors > 0 {
         d.insert("send_error".into(), snap.send_errors);
     }
-    let mesh = mesh.map(|m| {
-        let mut drops = BTreeMap::new();
-        for (k, v) in [
-            ("malformed", m.drops.malformed),
-            ("unauthenticated", m.drops.unauthenticated),
-            ("stale", m.drops.stale),
-            ("unexpected", m.drops.unexpected),
-            ("handshake_failed", m.transport.handshake_failed),
-            ("undecryptable", m.transport.undecryptable),
-            ("write_queue_full", m.transport.write_queue_full),
-            ("unconfirmed", m.transport.unconfirmed),
-            ("pending_refused", m.transport.pending_refused),
-            ("timed_out", m.transport.timed_out),
-        ] {
-            if v > 0 {
-                drops.insert(k.to_owned(), v);
-            }
-        }
-        let refused = ipam
-            .claims
-            .lock()
-            .map(|c| c.current.clone())
-            .unwrap_or_default();
-        let name = |id: &weft_mesh::NodeId| {
-            m.members
-                .iter()
-                .find(|x| x.id == *id)
-                .map_or_else(|| id.to_string(), |x| x.record.name.clone())
-        };
-        MeshStatus {
-            rejected: crate::api::metrics::rejections(m, ipam).into_iter().collect(),
-            identity_clash: m.identity_clash.map(|c| {
-                format!(
-                    "another daemon runs with this node's key: ours private {} public {}, theirs private {} public {}",
-                    shown(c.our_private),
-                    shown(c.our_public),
-                    shown(c.their_private),
-                    shown(c.their_public)
-                )
-            }),
-            address_clashes: m
-                .address_clashes
-                .iter()
-                .map(|c| {
-                    format!(
-                        "{} is held down: {} is advertised by {}",
-                        name(&c.member),
-                        c.address,
-                        if c.owner == m.me {
-                            "this node".to_owned()
-                        } else {
-                            name(&c.owner)
-                        }
-                    )
-                })
-                .collect(),
-            node_id: m.me.to_string(),
-            members: m
-                .members
-                .iter()
-                .map(|x| MeshMember {
-                    claims_refused: refused.get(&x.id.0).cloned(),
-                    name: x.record.name.clone(),
-                    node_id: x.id.to_string(),
-                    region: x.record.region.clone(),
-                    alive: x.alive,
-                    left: x.record.left,
-                    version: x.record.version,
-                    pod_cidrs: x.record.pod_cidrs.iter().map(ToString::to_string).collect(),
-                })
-                .collect(),
-            connections: m.connections,
-            drops,
-        }
-    });
+    let mesh = mesh.map(|m| mesh_status(m, ipam));
     let mut node = node.clone();
     if let Some(m) = mesh.as_ref().and(mesh_snap) {
         node.pod_cidrs = m.record.pod_cidrs.iter().map(ToString::to_string).collect();
@@ -150,5 +45,117 @@ pub fn status(
         drops: d,
         mesh,
         kubernetes: None,
+    }
+}
+
+/// One peer's line of the report.
+fn peer_status(
+    p: &weft_router::PeerStatus,
+    infos: &HashMap<[u8; 32], control::PeerInfo>,
+) -> PeerStatus {
+    PeerStatus {
+        name: p.config.name.clone(),
+        region: infos
+            .get(&p.config.public_key)
+            .and_then(|i| i.region.clone()),
+        public_key: keys::encode(&p.config.public_key),
+        pod_cidrs: p
+            .config
+            .allowed_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        endpoint: p.endpoint.map(|e| e.to_string()),
+        endpoint_reason: match (p.endpoint, p.endpoint_learned) {
+            (None, _) => "none",
+            (Some(_), true) => "learned",
+            (Some(_), false) => infos
+                .get(&p.config.public_key)
+                .map_or("configured", |i| i.reason.as_str()),
+        }
+        .to_owned(),
+        path: p.config.path.as_str().to_owned(),
+        state: p.state.as_str().to_owned(),
+        last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
+        rx_bytes: p.counters.rx_bytes,
+        tx_bytes: p.counters.tx_bytes,
+        drops: drops(&p.counters.drops),
+    }
+}
+
+/// The mesh's part of the report.
+fn mesh_status(m: &MeshSnapshot, ipam: &crate::api::metrics::IpamCounters) -> MeshStatus {
+    let mut drops = BTreeMap::new();
+    for (k, v) in [
+        ("malformed", m.drops.malformed),
+        ("unauthenticated", m.drops.unauthenticated),
+        ("stale", m.drops.stale),
+        ("unexpected", m.drops.unexpected),
+        ("handshake_failed", m.transport.handshake_failed),
+        ("undecryptable", m.transport.undecryptable),
+        ("write_queue_full", m.transport.write_queue_full),
+        ("unconfirmed", m.transport.unconfirmed),
+        ("pending_refused", m.transport.pending_refused),
+        ("timed_out", m.transport.timed_out),
+    ] {
+        if v > 0 {
+            drops.insert(k.to_owned(), v);
+        }
+    }
+    let refused = ipam
+        .claims
+        .lock()
+        .map(|c| c.current.clone())
+        .unwrap_or_default();
+    let name = |id: &weft_mesh::NodeId| {
+        m.members
+            .iter()
+            .find(|x| x.id == *id)
+            .map_or_else(|| id.to_string(), |x| x.record.name.clone())
+    };
+    MeshStatus {
+        rejected: crate::api::metrics::rejections(m, ipam).into_iter().collect(),
+        identity_clash: m.identity_clash.map(|c| {
+            format!(
+                "another daemon runs with this node's key: ours private {} public {}, theirs private {} public {}",
+                shown(c.our_private),
+                shown(c.our_public),
+                shown(c.their_private),
+                shown(c.their_public)
+            )
+        }),
+        address_clashes: m
+            .address_clashes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} is held down: {} is advertised by {}",
+                    name(&c.member),
+                    c.address,
+                    if c.owner == m.me {
+                        "this node".to_owned()
+                    } else {
+                        name(&c.owner)
+                    }
+                )
+            })
+            .collect(),
+        node_id: m.me.to_string(),
+        members: m
+            .members
+            .iter()
+            .map(|x| MeshMember {
+                claims_refused: refused.get(&x.id.0).cloned(),
+                name: x.record.name.clone(),
+                node_id: x.id.to_string(),
+                region: x.record.region.clone(),
+                alive: x.alive,
+                left: x.record.left,
+                version: x.record.version,
+                pod_cidrs: x.record.pod_cidrs.iter().map(ToString::to_string).collect(),
+            })
+            .collect(),
+        connections: m.connections,
+        drops,
     }
 }

@@ -162,23 +162,27 @@ fn vet_claims(
 }
 
 /// Keeps the router's peers in line with the mesh, and this node's blocks with the others'
-/// claims, until `shutdown`.
+/// claims, until `shutdown`: on each membership event, change of `wireguard_peers`, or
+/// [`RESYNC`], one round of [`Reconciler::round`].
 pub async fn reconcile_loop(
-    Inputs {
-        mut statics,
-        cluster,
-        claims,
-    }: Inputs,
+    inputs: Inputs,
     router: RouterHandle,
     mesh: MeshHandle,
     mut events: mpsc::UnboundedReceiver<Event>,
     infos: PeerInfos,
-    mut ipam: Ipam,
+    ipam: Ipam,
     mut shutdown: crate::shutdown::Shutdown,
 ) {
-    let mut choices = Choices::default();
-    let mut history = ClaimHistory::default();
-    let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut r = Reconciler {
+        inputs,
+        router,
+        mesh,
+        infos,
+        ipam,
+        choices: Choices::default(),
+        history: ClaimHistory::default(),
+        warned: BTreeSet::new(),
+    };
     loop {
         tokio::select! {
             () = shutdown.wait() => return,
@@ -186,21 +190,80 @@ pub async fn reconcile_loop(
                 debug!(event = ?e, "membership changed");
                 while events.try_recv().is_ok() {}
             }
-            Ok(()) = statics.changed() => debug!("wireguard_peers changed"),
+            Ok(()) = r.inputs.statics.changed() => debug!("wireguard_peers changed"),
             () = tokio::time::sleep(RESYNC) => {}
         }
-        let Some(mut snap) = mesh.snapshot().await else {
+        if !r.round().await {
             return;
+        }
+    }
+}
+
+/// The reconcile loop's state between rounds.
+struct Reconciler {
+    inputs: Inputs,
+    router: RouterHandle,
+    mesh: MeshHandle,
+    infos: PeerInfos,
+    ipam: Ipam,
+    choices: Choices,
+    history: ClaimHistory,
+    /// What was already reported, so each is logged once.
+    warned: BTreeSet<String>,
+}
+
+impl Reconciler {
+    /// One round: gather (the mesh's members, vetted, and this node's blocks, settled), decide
+    /// (the desired peers), apply (the difference to the router). False once a driver is gone.
+    async fn round(&mut self) -> bool {
+        let Some((snap, nodes)) = self.gather().await else {
+            return false;
         };
-        let nodes = cluster.as_ref().and_then(|c| c.borrow().clone());
+        let Some(actual) = self.router.snapshot().await else {
+            return false;
+        };
+        let cands = self.observe_paths(&snap, &actual.peers);
+        let desired = self.decide(snap, nodes);
+        if !apply(&self.router, &actual.peers, &desired, |k| {
+            cands.contains_key(k)
+        })
+        .await
+        {
+            return false;
+        }
+        let map = desired
+            .iter()
+            .map(|d| {
+                let info = PeerInfo {
+                    region: d.region.clone(),
+                    reason: d.reason,
+                };
+                (d.config.public_key, info)
+            })
+            .collect();
+        if let Ok(mut infos) = self.infos.lock() {
+            *infos = map;
+        }
+        true
+    }
+
+    /// The mesh's view with refused members dropped, and this node's blocks after one IPAM
+    /// round (published to the mesh when they changed); with Kubernetes, the cluster's Nodes.
+    async fn gather(&mut self) -> Option<(MeshSnapshot, Option<ClusterNodes>)> {
+        let mut snap = self.mesh.snapshot().await?;
+        let nodes = self
+            .inputs
+            .cluster
+            .as_ref()
+            .and_then(|c| c.borrow().clone());
         vet_claims(
-            &claims,
-            &mut history,
+            &self.inputs.claims,
+            &mut self.history,
             &mut snap,
             nodes.as_ref(),
-            &ipam.counters,
+            &self.ipam.counters,
         );
-        if let Some(blocks) = ipam.step(&snap).await {
+        if let Some(blocks) = self.ipam.step(&snap).await {
             let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
             let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();
             snap.record.pod_cidrs.clone_from(&cidrs);
@@ -209,38 +272,53 @@ pub async fn reconcile_loop(
                 r.pod_cidrs = cidrs;
                 r.claimed_at = since;
             };
-            if !mesh.modify(change).await {
-                return;
+            if !self.mesh.modify(change).await {
+                return None;
             }
         }
-        let Some(actual) = router.snapshot().await else {
-            return;
-        };
+        Some((snap, nodes))
+    }
+
+    /// Feeds the handshake states of the WireGuard peers to the endpoint choices; returns each
+    /// member's number of endpoint candidates (by WireGuard key).
+    fn observe_paths(
+        &mut self,
+        snap: &MeshSnapshot,
+        actual: &[weft_router::PeerStatus],
+    ) -> HashMap<[u8; 32], usize> {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let cands: HashMap<[u8; 32], usize> = snap
             .members
             .iter()
             .map(|m| {
-                (
-                    m.record.wireguard_key,
-                    reconcile::candidates(&snap.record, &m.record).len(),
-                )
+                let n = reconcile::candidates(&snap.record, &m.record).len();
+                (m.record.wireguard_key, n)
             })
             .collect();
         // Only WireGuard paths are confirmed by a handshake; a plaintext path needs none.
         for p in actual
-            .peers
             .iter()
             .filter(|p| p.config.path == weft_router::PathKind::Encrypted)
         {
             if let Some(n) = cands.get(&p.config.public_key) {
-                choices.observe(now, p.config.public_key, p.state, *n);
+                self.choices.observe(now, p.config.public_key, p.state, *n);
             }
         }
-        choices.retain(|k| cands.contains_key(k));
-        let configured = statics.borrow_and_update().clone();
+        self.choices.retain(|k| cands.contains_key(k));
+        cands
+    }
+
+    /// The desired peers: with Kubernetes only members that have a Node; what is not routed
+    /// and why is logged once.
+    fn decide(
+        &mut self,
+        mut snap: MeshSnapshot,
+        nodes: Option<ClusterNodes>,
+    ) -> Vec<reconcile::DesiredPeer> {
+        let configured = self.inputs.statics.borrow_and_update().clone();
         if let Some(names) = nodes {
+            let warned = &mut self.warned;
             snap.members.retain(|m| {
                 let known = names.contains_key(&m.record.name);
                 if !known && warned.insert(format!("no Node {}", m.record.name)) {
@@ -254,29 +332,14 @@ pub async fn reconcile_loop(
             snap.me.0,
             &snap.members,
             &configured,
-            &choices,
+            &self.choices,
         );
         for s in skipped {
-            if warned.insert(s.clone()) {
+            if self.warned.insert(s.clone()) {
                 warn!(reason = %s, "mesh member not routed");
             }
         }
-        if !apply(&router, &actual.peers, &desired, |k| cands.contains_key(k)).await {
-            return;
-        }
-        let mut map = HashMap::new();
-        for d in &desired {
-            map.insert(
-                d.config.public_key,
-                PeerInfo {
-                    region: d.region.clone(),
-                    reason: d.reason,
-                },
-            );
-        }
-        if let Ok(mut infos) = infos.lock() {
-            *infos = map;
-        }
+        desired
     }
 }
 

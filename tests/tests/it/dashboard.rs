@@ -92,8 +92,9 @@ fn every_metric_and_label_the_grafana_dashboard_queries_is_served_by_a_running_d
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
         .with_context(|| format!("{} is not JSON", path.display()))?;
     let queries = queries(&dashboard)?;
-    let source =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/api/metrics.rs"))?;
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/api/metrics.rs"),
+    )?;
     let spec = |name, region, lan, bootstrap| Spec {
         name,
         region,
