@@ -155,16 +155,23 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                 ("l", &l, "198.18.0.1", "198.18.0.2", 1, 2, kl, &pr),
                 ("r", &r, "198.18.0.2", "198.18.0.1", 2, 1, kr, &pl),
             ] {
+                let pods = format!("100.64.{block}.0/24");
+                let node = weft::demo::lab::NodeSection {
+                    name,
+                    region: (!encrypted).then_some("bench"),
+                    private_address: Some(me),
+                    pod_cidr: Some(&pods),
+                    ..Default::default()
+                }
+                .yaml();
                 let body = if encrypted {
                     format!(
-                        "node:\n  name: {name}\n  private_address: {me}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{block}.0/24\n\
-                         mesh:\n  secret_file: SECRET_FILE\n\
+                        "{node}mesh:\n  secret_file: SECRET_FILE\n\
                          wireguard_peers:\n  - name: peer\n    public_key: {peer_pub}\n    endpoint: {other}:51820\n    allowed_ips: [100.64.{peer_block}.0/24]\n"
                     )
                 } else {
                     format!(
-                        "node:\n  name: {name}\n  region: bench\n  private_address: {me}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{block}.0/24\n\
-                         network:\n  trusted_subnets: [198.18.0.0/24]\n\
+                        "{node}network:\n  trusted_subnets: [198.18.0.0/24]\n\
                          mesh:\n  secret_file: SECRET_FILE\n  peers: [{other}]\n"
                     )
                 };

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use criterion::{BatchSize, Criterion, Throughput};
+use weft_router::testing::{ip, peer_config};
 use weft_router::x25519::{PublicKey, StaticSecret};
 use weft_router::{NetAction, PathKind, PeerConfig, PrefixTable, Router, TunAction, test_packet};
 
@@ -18,12 +19,13 @@ const B: &str = "198.18.0.2:51820";
 
 fn peer(key: &StaticSecret, endpoint: &str, allowed: &str, path: PathKind) -> PeerConfig {
     PeerConfig {
-        name: "peer".into(),
-        public_key: PublicKey::from(key).to_bytes(),
-        endpoint: Some(endpoint.parse().expect("address")),
-        allowed_ips: vec![allowed.parse().expect("prefix")],
-        persistent_keepalive: None,
         path,
+        ..peer_config(
+            "peer",
+            PublicKey::from(key).to_bytes(),
+            Some(endpoint),
+            &[allowed],
+        )
     }
 }
 
@@ -105,10 +107,6 @@ fn encapsulate(
         TunAction::Transmit(t) => Ok(out[..t.len].to_vec()),
         other => bail!("encapsulate: {other:?}"),
     }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("address")
 }
 
 /// 10 000 distinct /24s (and a default-free table), and addresses that hit them.

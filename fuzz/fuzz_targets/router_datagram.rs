@@ -6,27 +6,17 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use weft_router::x25519::{PublicKey, StaticSecret};
+use weft_router::testing::peer_config;
 use weft_router::{NetAction, PathKind, PeerConfig, Router};
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let mut r = Router::new(StaticSecret::from([1; 32]), 7);
     let peer = PublicKey::from(&StaticSecret::from([2; 32])).to_bytes();
+    let _ = r.add_peer(now, peer_config("wg", peer, Some("198.18.1.2:51820"), &["100.64.2.0/24"]));
     let _ = r.add_peer(now, PeerConfig {
-        name: "wg".into(),
-        public_key: peer,
-        endpoint: Some("198.18.1.2:51820".parse().unwrap()),
-        allowed_ips: vec!["100.64.2.0/24".parse().unwrap()],
-        persistent_keepalive: None,
-        path: PathKind::Encrypted,
-    });
-    let _ = r.add_peer(now, PeerConfig {
-        name: "clear".into(),
-        public_key: [3; 32],
-        endpoint: Some("198.18.1.3:51820".parse().unwrap()),
-        allowed_ips: vec!["100.64.3.0/24".parse().unwrap()],
-        persistent_keepalive: None,
         path: PathKind::Plaintext,
+        ..peer_config("clear", [3; 32], Some("198.18.1.3:51820"), &["100.64.3.0/24"])
     });
     let mut out = vec![0; 65_600];
     for from in ["198.18.1.2:51820", "198.18.1.3:51820"] {

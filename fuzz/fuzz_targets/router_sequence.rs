@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use weft_router::x25519::{PublicKey, StaticSecret};
-use weft_router::{NetAction, PathKind, PeerConfig, Router, TunAction};
+use weft_router::testing::peer_config;
+use weft_router::{NetAction, PeerConfig, Router, TunAction};
 
 const WIRE_MAX: usize = 64;
 const REPLAYS_MAX: usize = 64;
@@ -72,12 +73,8 @@ fn side(seed: u8, addr: &str, pod: &str, peer_seed: u8, peer_addr: &str, peer_ne
     let mut router = Router::new(StaticSecret::from([seed; 32]), u32::from(seed) * 1000);
     let peer = PublicKey::from(&StaticSecret::from([peer_seed; 32])).to_bytes();
     let config = PeerConfig {
-        name: format!("n{peer_seed}"),
-        public_key: peer,
-        endpoint: Some(peer_addr.parse().expect("address")),
-        allowed_ips: vec![peer_net.parse().expect("prefix")],
         persistent_keepalive: Some(25),
-        path: PathKind::Encrypted,
+        ..peer_config(&format!("n{peer_seed}"), peer, Some(peer_addr), &[peer_net])
     };
     let _ = router.add_peer(Instant::now(), config);
     Side {

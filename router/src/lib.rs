@@ -37,6 +37,8 @@ mod tunnel;
 #[cfg(feature = "driver")]
 pub mod driver;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -178,8 +178,16 @@ impl Status {
     /// The table `weft status` prints; every text from the node's config or the mesh passes
     /// through [`printable`].
     pub fn table(&self) -> String {
-        let n = &self.node;
         let mut s = String::new();
+        self.node_lines(&mut s);
+        self.peer_table(&mut s);
+        self.mesh_lines(&mut s);
+        s
+    }
+
+    /// This node: name, region, key, blocks, addresses, interface.
+    fn node_lines(&self, s: &mut String) {
+        let n = &self.node;
         let dash = || "-".to_owned();
         let _ = writeln!(
             s,
@@ -201,6 +209,11 @@ impl Status {
             n.interface, n.mtu, n.listen_port
         );
         let _ = writeln!(s);
+    }
+
+    /// One row per peer under a header, columns as wide as their widest cell.
+    fn peer_table(&self, s: &mut String) {
+        let dash = || "-".to_owned();
         let rows: Vec<[String; 10]> = self
             .peers
             .iter()
@@ -257,6 +270,10 @@ impl Status {
         if self.peers.is_empty() {
             s.push_str("(no peers)\n");
         }
+    }
+
+    /// The mesh: members, connections, clashes, refused claims.
+    fn mesh_lines(&self, s: &mut String) {
         if let Some(m) = &self.mesh {
             let alive = m.members.iter().filter(|x| x.alive).count();
             let _ = writeln!(
@@ -277,7 +294,6 @@ impl Status {
                 }
             }
         }
-        s
     }
 }
 

@@ -105,14 +105,7 @@ impl App {
 
     /// Spawns every task.
     fn start(self) -> Running {
-        let Self {
-            origin,
-            config,
-            checked,
-            bound,
-            host,
-            set_log,
-        } = self;
+        let (config, checked, bound, host) = (self.config, self.checked, self.bound, self.host);
         let mut tasks = Tasks::default();
         let (mut wiring, commands, mesh_rx) = Wiring::new(&config, &checked, &bound);
         let (data_stop, data_stop_rx) = watch::channel(false);
@@ -159,7 +152,7 @@ impl App {
             notify::run(wiring.router.clone(), tasks.shutdown()),
         );
         let reloader = Reloader {
-            path: origin,
+            path: self.origin,
             config: config.clone(),
             netlink: bound.netlink.clone(),
             interface: (config.router.interface.clone(), host.index),
@@ -170,7 +163,7 @@ impl App {
             statics: wiring.statics.take(),
             node: wiring.node.clone(),
             conflist: host.conflist.clone(),
-            set_log,
+            set_log: self.set_log,
         };
         let shared = wiring.shared(crate::cni::Store::load(config.state_dir.join("cni.json")));
         Running {

@@ -140,19 +140,7 @@ impl Blocks {
             .decide(mine, &others, now_ms, fixed);
             let claim = match decision {
                 Ok(Decision::Keep(mine)) => {
-                    events.extend(
-                        others
-                            .iter()
-                            .filter(|o| o.holds && o.owner != self.owner)
-                            .flat_map(|o| o.claims.iter())
-                            .filter(|c| overlaps(&c.block, &mine.block))
-                            .map(|c| BlockEvent::Overlapped {
-                                mine: mine.block,
-                                fixed,
-                                other: c.owner,
-                                theirs: c.block,
-                            }),
-                    );
+                    events.extend(self.overlapped(&others, mine.block, fixed));
                     continue;
                 }
                 Ok(Decision::New(c)) => {
@@ -193,5 +181,25 @@ impl Blocks {
             }
         }
         (next, events)
+    }
+
+    /// The younger claims of others that overlap `mine`, which this node keeps.
+    fn overlapped<'a>(
+        &'a self,
+        others: &'a [Other],
+        mine: IpNet,
+        fixed: bool,
+    ) -> impl Iterator<Item = BlockEvent> + 'a {
+        others
+            .iter()
+            .filter(|o| o.holds && o.owner != self.owner)
+            .flat_map(|o| o.claims.iter())
+            .filter(move |c| overlaps(&c.block, &mine))
+            .map(move |c| BlockEvent::Overlapped {
+                mine,
+                fixed,
+                other: c.owner,
+                theirs: c.block,
+            })
     }
 }

@@ -481,86 +481,125 @@ pub async fn kubernetes_loop(
     api: Arc<Mutex<String>>,
     own: OwnNode,
 ) {
-    use crate::control::nodesource::SourceEvent;
-    let mut warned = None;
+    use self::nodesource::SourceEvent;
+    let mut k = KubeView {
+        region: node.region.clone(),
+        node,
+        mesh_port,
+        configured,
+        mesh,
+        blocks,
+        names,
+        own,
+        warned: None,
+        joined: Vec::new(),
+    };
     let say = |s: String| {
         if let Ok(mut a) = api.lock() {
             *a = s;
         }
     };
-    let mut region = node.region.clone();
-    let mut joined: Vec<std::net::SocketAddr> = Vec::new();
     while let Some(event) = source.recv().await {
         match event {
             SourceEvent::Me(me) => {
                 say("ok".into());
-                let facts = k8s::own_facts(&me, &node);
-                region.clone_from(&facts.region);
-                own.update(&facts, &mut warned).await;
-                if let Some(snap) = mesh.snapshot().await {
-                    let r = &snap.record;
-                    if (&r.region, r.private_address, r.public_address)
-                        != (&facts.region, facts.private_address, facts.public_address)
-                    {
-                        info!(region = ?facts.region, private = ?facts.private_address, public = ?facts.public_address, "this node's facts from Kubernetes");
-                        let f = facts.clone();
-                        let change = move |r: &mut NodeRecord| {
-                            r.region = f.region;
-                            r.private_address = f.private_address;
-                            r.public_address = f.public_address;
-                        };
-                        mesh.modify(change).await;
-                    }
-                }
-                if node.pod_cidr.is_empty() && *blocks.borrow() != me.pod_cidrs {
-                    info!(pod_cidrs = ?me.pod_cidrs, "pod blocks from the Node's spec.podCIDRs");
-                    let _ = blocks.send(me.pod_cidrs.clone());
-                }
+                k.on_me(&me).await;
             }
             SourceEvent::Others(others) => {
                 say("ok".into());
-                let set: ClusterNodes = others
-                    .iter()
-                    .map(|n| (n.name.clone(), n.pod_cidrs.clone()))
-                    .collect();
-                if names.borrow().as_ref() != Some(&set) {
-                    let _ = names.send(Some(set));
-                }
-                // Other Nodes' address annotations count only where the mesh's signed
-                // record for that node agrees; the mesh is asked only when one has any.
-                let annotated = others
-                    .iter()
-                    .any(|n| n.private_annotated || n.public_annotated);
-                let snapshot = if annotated {
-                    mesh.snapshot().await
-                } else {
-                    None
-                };
-                let signed: k8s::SignedAddresses = snapshot
-                    .map(|snap| {
-                        snap.members
-                            .into_iter()
-                            .map(|m| {
-                                let r = m.record;
-                                (r.name, (r.private_address, r.public_address))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let mut addrs = configured.clone();
-                addrs.extend(k8s::bootstrap(
-                    &others,
-                    region.as_deref(),
-                    mesh_port,
-                    &signed,
-                ));
-                if addrs != joined {
-                    debug!(peers = ?addrs, "bootstrap peers from the Kubernetes nodes");
-                    mesh.join(addrs.clone()).await;
-                    joined = addrs;
-                }
+                k.on_others(&others).await;
             }
             SourceEvent::Trouble(msg) => say(msg),
+        }
+    }
+}
+
+/// The Kubernetes loop's state.
+struct KubeView {
+    node: weft_config::Node,
+    region: Option<String>,
+    mesh_port: u16,
+    configured: Vec<std::net::SocketAddr>,
+    mesh: MeshHandle,
+    blocks: watch::Sender<Vec<ipnet::IpNet>>,
+    names: watch::Sender<Option<ClusterNodes>>,
+    own: OwnNode,
+    warned: Option<std::net::IpAddr>,
+    joined: Vec<std::net::SocketAddr>,
+}
+
+impl KubeView {
+    /// This node's Node: its facts to the record and status, its `spec.podCIDRs` to IPAM.
+    async fn on_me(&mut self, me: &k8s::NodeView) {
+        let (node, mesh, blocks) = (&self.node, &self.mesh, &self.blocks);
+        let (region, own, warned) = (&mut self.region, &self.own, &mut self.warned);
+        let facts = k8s::own_facts(me, node);
+        region.clone_from(&facts.region);
+        own.update(&facts, warned).await;
+        if let Some(snap) = mesh.snapshot().await {
+            let r = &snap.record;
+            if (&r.region, r.private_address, r.public_address)
+                != (&facts.region, facts.private_address, facts.public_address)
+            {
+                info!(region = ?facts.region, private = ?facts.private_address, public = ?facts.public_address, "this node's facts from Kubernetes");
+                let f = facts.clone();
+                let change = move |r: &mut NodeRecord| {
+                    r.region = f.region;
+                    r.private_address = f.private_address;
+                    r.public_address = f.public_address;
+                };
+                mesh.modify(change).await;
+            }
+        }
+        if node.pod_cidr.is_empty() && *blocks.borrow() != me.pod_cidrs {
+            info!(pod_cidrs = ?me.pod_cidrs, "pod blocks from the Node's spec.podCIDRs");
+            let _ = blocks.send(me.pod_cidrs.clone());
+        }
+    }
+
+    /// The other Nodes: the cluster's names and blocks, and the mesh's bootstrap peers.
+    async fn on_others(&mut self, others: &[k8s::NodeView]) {
+        let (names, mesh, configured) = (&self.names, &self.mesh, &self.configured);
+        let (region, mesh_port, joined) = (&self.region, self.mesh_port, &mut self.joined);
+        let set: ClusterNodes = others
+            .iter()
+            .map(|n| (n.name.clone(), n.pod_cidrs.clone()))
+            .collect();
+        if names.borrow().as_ref() != Some(&set) {
+            let _ = names.send(Some(set));
+        }
+        // Other Nodes' address annotations count only where the mesh's signed
+        // record for that node agrees; the mesh is asked only when one has any.
+        let annotated = others
+            .iter()
+            .any(|n| n.private_annotated || n.public_annotated);
+        let snapshot = if annotated {
+            mesh.snapshot().await
+        } else {
+            None
+        };
+        let signed: k8s::SignedAddresses = snapshot
+            .map(|snap| {
+                snap.members
+                    .into_iter()
+                    .map(|m| {
+                        let r = m.record;
+                        (r.name, (r.private_address, r.public_address))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut addrs = configured.clone();
+        addrs.extend(k8s::bootstrap(
+            others,
+            region.as_deref(),
+            mesh_port,
+            &signed,
+        ));
+        if addrs != *joined {
+            debug!(peers = ?addrs, "bootstrap peers from the Kubernetes nodes");
+            mesh.join(addrs.clone()).await;
+            *joined = addrs;
         }
     }
 }
@@ -598,25 +637,38 @@ impl Ipam {
     /// One round: decides per pool, applies a change (state file, TUN address), and returns
     /// the new blocks when they changed.
     pub async fn step(&mut self, snap: &MeshSnapshot) -> Option<Vec<SavedBlock>> {
+        let (next, events) = self.next(snap)?;
+        self.report(events, snap);
+        if next == self.blocks.held || !self.move_to(&next).await {
+            return None;
+        }
+        Some(next)
+    }
+
+    /// The next blocks and what happened: Kubernetes' assignment, else a round of the blocks
+    /// against the members; `None` while Kubernetes has not assigned any.
+    fn next(&mut self, snap: &MeshSnapshot) -> Option<(Vec<SavedBlock>, Vec<BlockEvent>)> {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let settled = now.saturating_duration_since(self.started) >= self.settle;
-        let (next, events) = match &self.external {
-            Some(rx) => {
-                let assigned = rx.borrow().clone();
-                if assigned.is_empty() {
-                    if self.reported.insert("waiting for podCIDRs".into()) {
-                        info!(
-                            "waiting for the Node's spec.podCIDRs (kube-controller-manager --allocate-node-cidrs)"
-                        );
-                    }
-                    return None;
-                }
-                let next = blocks::assigned(&assigned, &self.blocks.held, now_millis());
-                (next, Vec::new())
-            }
-            None => self.blocks.round(&snap.members, now, now_millis(), settled),
+        let Some(rx) = &self.external else {
+            return Some(self.blocks.round(&snap.members, now, now_millis(), settled));
         };
+        let assigned = rx.borrow().clone();
+        if assigned.is_empty() {
+            if self.reported.insert("waiting for podCIDRs".into()) {
+                info!(
+                    "waiting for the Node's spec.podCIDRs (kube-controller-manager --allocate-node-cidrs)"
+                );
+            }
+            return None;
+        }
+        let next = blocks::assigned(&assigned, &self.blocks.held, now_millis());
+        Some((next, Vec::new()))
+    }
+
+    /// Logs (and counts) what a round of the blocks did, each conflict once.
+    fn report(&mut self, events: Vec<BlockEvent>, snap: &MeshSnapshot) {
         let name = |id: &[u8; 32]| {
             snap.members
                 .iter()
@@ -678,12 +730,14 @@ impl Ipam {
                 }
             }
         }
-        if next == self.blocks.held {
-            return None;
-        }
-        if let Err(e) = write_state(&self.state_file, &next) {
+    }
+
+    /// Moves to `next`: the state file first (nothing else changes when it cannot be
+    /// written), then the TUN addresses, masquerade and the conflist. False when nothing moved.
+    async fn move_to(&mut self, next: &[SavedBlock]) -> bool {
+        if let Err(e) = write_state(&self.state_file, next) {
             error!(error = %e, path = %self.state_file.display(), "could not persist the pod blocks; keeping the old ones");
-            return None;
+            return false;
         }
         let host = |b: &SavedBlock| crate::plan::overlay_address(b.block);
         let held = &self.blocks.held;
@@ -705,8 +759,8 @@ impl Ipam {
             m.apply(&blocks);
         }
         self.conflist.write_or_log(&blocks);
-        self.blocks.held = next.clone();
-        Some(next)
+        self.blocks.held = next.to_vec();
+        true
     }
 }
 

@@ -158,22 +158,7 @@ pub fn desired(
 ) -> (Vec<DesiredPeer>, Vec<String>) {
     let mut out = static_peers(statics);
     let mut skipped = Vec::new();
-    // Every claim that can win: this node's, the alive members', and the configured peers'
-    // (as the oldest of all).
-    let mut claims: Vec<(IpNet, u64, [u8; 32])> = Vec::new();
-    for (i, n) in me.pod_cidrs.iter().enumerate() {
-        claims.push((*n, me.claimed_at.get(i).copied().unwrap_or(0), me_id));
-    }
-    for d in &out {
-        for n in &d.config.allowed_ips {
-            claims.push((*n, 0, [0; 32]));
-        }
-    }
-    for m in members.iter().filter(|m| m.alive && !m.record.left) {
-        for (i, n) in m.record.pod_cidrs.iter().enumerate() {
-            claims.push((*n, m.record.claimed_at.get(i).copied().unwrap_or(0), m.id.0));
-        }
-    }
+    let claims = all_claims(me, me_id, &out, members);
     let mut sorted: Vec<&Member> = members
         .iter()
         .filter(|m| m.alive && !m.record.left)
@@ -188,38 +173,12 @@ pub fn desired(
             skipped.push(format!("{}: its WireGuard key is already in use", r.name));
             continue;
         }
-        // Where claims overlap, the older claim (then the smaller id) is routed; configured
-        // wireguard_peers always keep theirs.
-        let mut routed = Vec::new();
-        for (i, n) in r.pod_cidrs.iter().enumerate() {
-            let mine = (r.claimed_at.get(i).copied().unwrap_or(0), m.id.0);
-            let beaten_by = claims.iter().find(|(net, since, owner)| {
-                *owner != m.id.0 && overlaps(net, n) && (*since, *owner) < mine
-            });
-            match beaten_by {
-                Some((net, ..)) => skipped.push(format!(
-                    "{}: its pod CIDR {n} overlaps {net}, claimed earlier by another node",
-                    r.name
-                )),
-                None => routed.push(*n),
-            }
-        }
+        let routed = winning(m, &claims, &mut skipped);
         if routed.is_empty() && !r.pod_cidrs.is_empty() {
             continue;
         }
         let cands = candidates(me, r);
-        let (endpoint, reason, path) =
-            match cands.get(choices.index(&r.wireguard_key) % cands.len().max(1)) {
-                Some(&(addr, reason)) => {
-                    let mine = local_address(me, r);
-                    let path = match mine {
-                        Some(mine) if plaintext(me, mine, r, addr) => PathKind::Plaintext,
-                        _ => PathKind::Encrypted,
-                    };
-                    (Some(SocketAddr::new(addr, r.router_port)), reason, path)
-                }
-                None => (None, Reason::None, PathKind::Encrypted),
-            };
+        let (endpoint, reason, path) = endpoint(me, r, &cands, choices);
         out.push(DesiredPeer {
             config: PeerConfig {
                 name: r.name.clone(),
@@ -235,6 +194,73 @@ pub fn desired(
         });
     }
     (out, skipped)
+}
+
+/// Every claim that can win: this node's, the alive members', and the configured peers' (`out`,
+/// as the oldest of all), as (prefix, claim time, owner id).
+fn all_claims(
+    me: &NodeRecord,
+    me_id: [u8; 32],
+    out: &[DesiredPeer],
+    members: &[Member],
+) -> Vec<(IpNet, u64, [u8; 32])> {
+    let mut claims: Vec<(IpNet, u64, [u8; 32])> = Vec::new();
+    for (i, n) in me.pod_cidrs.iter().enumerate() {
+        claims.push((*n, me.claimed_at.get(i).copied().unwrap_or(0), me_id));
+    }
+    for d in out {
+        for n in &d.config.allowed_ips {
+            claims.push((*n, 0, [0; 32]));
+        }
+    }
+    for m in members.iter().filter(|m| m.alive && !m.record.left) {
+        for (i, n) in m.record.pod_cidrs.iter().enumerate() {
+            claims.push((*n, m.record.claimed_at.get(i).copied().unwrap_or(0), m.id.0));
+        }
+    }
+    claims
+}
+
+/// The prefixes of member `m` that are routed to it: where claims overlap, the older claim
+/// (then the smaller id) wins, and configured `wireguard_peers` always keep theirs. Each lost
+/// prefix is added to `skipped` with why.
+fn winning(m: &Member, claims: &[(IpNet, u64, [u8; 32])], skipped: &mut Vec<String>) -> Vec<IpNet> {
+    let r = &m.record;
+    let mut routed = Vec::new();
+    for (i, n) in r.pod_cidrs.iter().enumerate() {
+        let mine = (r.claimed_at.get(i).copied().unwrap_or(0), m.id.0);
+        let beaten_by = claims.iter().find(|(net, since, owner)| {
+            *owner != m.id.0 && overlaps(net, n) && (*since, *owner) < mine
+        });
+        match beaten_by {
+            Some((net, ..)) => skipped.push(format!(
+                "{}: its pod CIDR {n} overlaps {net}, claimed earlier by another node",
+                r.name
+            )),
+            None => routed.push(*n),
+        }
+    }
+    routed
+}
+
+/// The endpoint the choices point at among `cands`, why, and the path to it (plaintext when
+/// both ends trust the addresses).
+fn endpoint(
+    me: &NodeRecord,
+    r: &NodeRecord,
+    cands: &[(IpAddr, Reason)],
+    choices: &Choices,
+) -> (Option<SocketAddr>, Reason, PathKind) {
+    match cands.get(choices.index(&r.wireguard_key) % cands.len().max(1)) {
+        Some(&(addr, reason)) => {
+            let path = match local_address(me, r) {
+                Some(mine) if plaintext(me, mine, r, addr) => PathKind::Plaintext,
+                _ => PathKind::Encrypted,
+            };
+            (Some(SocketAddr::new(addr, r.router_port)), reason, path)
+        }
+        None => (None, Reason::None, PathKind::Encrypted),
+    }
 }
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {

@@ -741,6 +741,43 @@ pub fn tcp_transfer(
     Ok(took)
 }
 
+/// The `node:` section of a lab daemon's config, written one way for the demo, the tests and
+/// the benchmarks. The key file is left as `KEY_FILE` for [`Lab::daemon`] to fill in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeSection<'a> {
+    /// `node.name`.
+    pub name: &'a str,
+    /// `node.region`.
+    pub region: Option<&'a str>,
+    /// `node.private_address`.
+    pub private_address: Option<&'a str>,
+    /// `node.public_address`.
+    pub public_address: Option<&'a str>,
+    /// `node.pod_cidr`.
+    pub pod_cidr: Option<&'a str>,
+}
+
+impl NodeSection<'_> {
+    /// The section as YAML, ending with a newline.
+    pub fn yaml(&self) -> String {
+        let mut s = format!("node:\n  name: {}\n", self.name);
+        for (key, value) in [
+            ("region", self.region),
+            ("private_address", self.private_address),
+            ("public_address", self.public_address),
+        ] {
+            if let Some(v) = value {
+                s.push_str(&format!("  {key}: {v}\n"));
+            }
+        }
+        s.push_str("  key_file: KEY_FILE\n");
+        if let Some(p) = self.pod_cidr {
+            s.push_str(&format!("  pod_cidr: {p}\n"));
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

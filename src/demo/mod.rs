@@ -125,11 +125,19 @@ fn build(lab: &mut Lab) -> anyhow::Result<Vec<Daemon>> {
         lab.plug((&sw, "inet"), (&ns, "wan0", &format!("{}/24", n.public)))?;
         // eu-west trusts its LAN; us-east does not, so its nodes encrypt even between each other.
         let trusted = if eu { "[198.18.1.0/24]" } else { "[]" };
+        let block = format!("100.64.{}.0/24", n.block);
+        let node = lab::NodeSection {
+            name: n.name,
+            region: Some(n.region),
+            private_address: Some(n.private),
+            public_address: Some(n.public),
+            pod_cidr: Some(&block),
+        };
         let cfg = format!(
-            "node:\n  name: {}\n  region: {}\n  private_address: {}\n  public_address: {}\n  key_file: KEY_FILE\n  pod_cidr: 100.64.{}.0/24\n\
-             network:\n  trusted_subnets: {trusted}\n\
+            "{}network:\n  trusted_subnets: {trusted}\n\
              mesh:\n  secret_file: SECRET_FILE\n  peers: [{}]\n",
-            n.name, n.region, n.private, n.public, n.block, n.bootstrap
+            node.yaml(),
+            n.bootstrap
         );
         let d = lab.daemon(n.name, &ns, &cfg)?;
         crate::host::keys::write_private(&d.secret_file, &secret)?;
@@ -173,39 +181,7 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
         println!("started weft on node {} (log {})", d.name, d.log.display());
     }
 
-    println!("waiting for the mesh to converge...");
-    for d in &daemons {
-        interrupted(&stop)?;
-        wait_for(
-            &format!("node {} to learn every other node", d.name),
-            Duration::from_secs(30),
-            || {
-                let st = status(bin, d).ok()?;
-                (st.peers.len() == NODES.len() - 1).then_some(())
-            },
-        )?;
-    }
-    println!("every node learned the others through the mesh\n");
-
-    println!("pod-to-pod ping (ICMP echo from each pod's namespace), every pair:");
-    for from in &NODES {
-        for to in NODES.iter().filter(|t| t.name != from.name) {
-            interrupted(&stop)?;
-            let dst = to.pod_ip();
-            let pod = lab.ns(&format!("pod-{}", from.name));
-            let rtt = lab
-                .icmp_echo(&pod, dst.parse()?, Duration::from_secs(15))
-                .with_context(|| format!("pod-{} to reach {dst}", from.name))?;
-            println!(
-                "  pod-{} {} -> pod-{} {dst}: reply in {:.3} ms",
-                from.name,
-                from.pod_ip(),
-                to.name,
-                rtt.as_secs_f64() * 1e3
-            );
-        }
-    }
-
+    converge_and_ping(&lab, bin, &daemons, &stop)?;
     let a = &daemons[0];
     let out = run(Command::new(bin)
         .arg("status")
@@ -216,70 +192,10 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
         String::from_utf8_lossy(&out.stdout)
     );
 
-    println!(
-        "TCP between pods ({} MB each), and where it went:",
-        TRANSFER >> 20
-    );
-    for (from, to) in [(0, 1), (0, 2), (2, 3)] {
-        interrupted(&stop)?;
-        let (src, dst) = (&NODES[from], &NODES[to]);
-        let before = status(bin, &daemons[from])?;
-        // Every byte is checked on arrival.
-        let took = lab::tcp_transfer(
-            &lab,
-            (
-                &lab.ns(&format!("pod-{}", src.name)),
-                &lab.ns(&format!("pod-{}", dst.name)),
-            ),
-            format!("{}:5201", dst.pod_ip()).parse()?,
-            TRANSFER,
-            from as u64 + 1,
-        )?;
-        let after = status(bin, &daemons[from])?;
-        let peer = |st: &Status| st.peers.iter().find(|p| p.name == dst.name).cloned();
-        let (p0, p1) = (
-            peer(&before).context("peer before")?,
-            peer(&after).context("peer after")?,
-        );
-        let rate = TRANSFER as f64 * 8.0 / took.as_secs_f64() / 1e6;
-        println!(
-            "  pod-{} -> pod-{}: {} MB in {:.2} s ({rate:.0} Mbit/s); node {} sent {:.1} MB to node {} at {} ({}, {}){}",
-            src.name,
-            dst.name,
-            TRANSFER >> 20,
-            took.as_secs_f64(),
-            src.name,
-            mb(p1.tx_bytes.saturating_sub(p0.tx_bytes)),
-            dst.name,
-            p1.endpoint.as_deref().unwrap_or("-"),
-            p1.path,
-            p1.endpoint_reason,
-            if p1.path == "plaintext" {
-                ": both trust the LAN"
-            } else {
-                ""
-            }
-        );
-    }
+    tcp_between_pods(&lab, bin, &daemons, &stop)?;
 
     if keep {
-        let id = lab.id.clone();
-        let (ns_a, pod_a) = (lab.ns("a"), lab.ns("pod-a"));
-        let file = lab.keep()?;
-        println!(
-            "\nthe lab is still running (listed in {}). Look around:\n  \
-             ip netns exec {ns_a} {bin} status --socket {}\n  \
-             ip netns exec {ns_a} {bin} status --json --socket {}\n  \
-             ip netns exec {pod_a} ping {pod_c}\n  \
-             ip netns list | grep {id}\n\
-             and remove it with:\n  {bin} demo down",
-            file.display(),
-            a.socket.display(),
-            a.socket.display(),
-            pod_c = NODES[2].pod_ip(),
-            bin = bin.display(),
-        );
-        return Ok(());
+        return show_kept(lab, bin, a);
     }
     println!("stopping the daemons and removing the lab...");
     for d in &daemons {
@@ -316,4 +232,123 @@ pub fn down() -> anyhow::Result<()> {
 /// The path of the running binary, for starting the daemons.
 pub fn current_binary() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("finding the weft binary")
+}
+
+/// Waits until every node learned the others, then pings every pod pair.
+fn converge_and_ping(
+    lab: &Lab,
+    bin: &Path,
+    daemons: &[Daemon],
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    println!("waiting for the mesh to converge...");
+    for d in daemons {
+        interrupted(stop)?;
+        wait_for(
+            &format!("node {} to learn every other node", d.name),
+            Duration::from_secs(30),
+            || {
+                let st = status(bin, d).ok()?;
+                (st.peers.len() == NODES.len() - 1).then_some(())
+            },
+        )?;
+    }
+    println!("every node learned the others through the mesh\n");
+
+    println!("pod-to-pod ping (ICMP echo from each pod's namespace), every pair:");
+    for from in &NODES {
+        for to in NODES.iter().filter(|t| t.name != from.name) {
+            interrupted(stop)?;
+            let dst = to.pod_ip();
+            let pod = lab.ns(&format!("pod-{}", from.name));
+            let rtt = lab
+                .icmp_echo(&pod, dst.parse()?, Duration::from_secs(15))
+                .with_context(|| format!("pod-{} to reach {dst}", from.name))?;
+            println!(
+                "  pod-{} {} -> pod-{} {dst}: reply in {:.3} ms",
+                from.name,
+                from.pod_ip(),
+                to.name,
+                rtt.as_secs_f64() * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
+/// TCP between three pod pairs, every byte checked, with what each node's status says of
+/// the path.
+fn tcp_between_pods(
+    lab: &Lab,
+    bin: &Path,
+    daemons: &[Daemon],
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    println!(
+        "TCP between pods ({} MB each), and where it went:",
+        TRANSFER >> 20
+    );
+    for (from, to) in [(0, 1), (0, 2), (2, 3)] {
+        interrupted(stop)?;
+        let (src, dst) = (&NODES[from], &NODES[to]);
+        let before = status(bin, &daemons[from])?;
+        // Every byte is checked on arrival.
+        let took = lab::tcp_transfer(
+            lab,
+            (
+                &lab.ns(&format!("pod-{}", src.name)),
+                &lab.ns(&format!("pod-{}", dst.name)),
+            ),
+            format!("{}:5201", dst.pod_ip()).parse()?,
+            TRANSFER,
+            from as u64 + 1,
+        )?;
+        let after = status(bin, &daemons[from])?;
+        let peer = |st: &Status| st.peers.iter().find(|p| p.name == dst.name).cloned();
+        let (p0, p1) = (
+            peer(&before).context("peer before")?,
+            peer(&after).context("peer after")?,
+        );
+        let rate = TRANSFER as f64 * 8.0 / took.as_secs_f64() / 1e6;
+        println!(
+            "  pod-{} -> pod-{}: {} MB in {:.2} s ({rate:.0} Mbit/s); node {} sent {:.1} MB to node {} at {} ({}, {}){}",
+            src.name,
+            dst.name,
+            TRANSFER >> 20,
+            took.as_secs_f64(),
+            src.name,
+            mb(p1.tx_bytes.saturating_sub(p0.tx_bytes)),
+            dst.name,
+            p1.endpoint.as_deref().unwrap_or("-"),
+            p1.path,
+            p1.endpoint_reason,
+            if p1.path == "plaintext" {
+                ": both trust the LAN"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Leaves the lab running (`--keep`) and says how to look around and remove it.
+fn show_kept(lab: Lab, bin: &Path, a: &Daemon) -> anyhow::Result<()> {
+    let id = lab.id.clone();
+    let (ns_a, pod_a) = (lab.ns("a"), lab.ns("pod-a"));
+    let file = lab.keep()?;
+    println!(
+        "\nthe lab is still running (listed in {}). Look around:\n  \
+         ip netns exec {ns_a} {bin} status --socket {}\n  \
+         ip netns exec {ns_a} {bin} status --json --socket {}\n  \
+         ip netns exec {pod_a} ping {pod_c}\n  \
+         ip netns list | grep {id}\n\
+         and remove it with:\n  {bin} demo down",
+        file.display(),
+        a.socket.display(),
+        a.socket.display(),
+        pod_c = NODES[2].pod_ip(),
+        bin = bin.display(),
+    );
+    Ok(())
 }

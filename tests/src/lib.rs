@@ -63,9 +63,15 @@ pub fn node_config(
     pods: &str,
     peers: &[(&str, &str, &str, &str)],
 ) -> String {
+    let node = weft::demo::lab::NodeSection {
+        name,
+        private_address: Some(addr),
+        pod_cidr: Some(pods),
+        ..Default::default()
+    };
     let mut s = format!(
-        "node:\n  name: {name}\n  private_address: {addr}\n  key_file: KEY_FILE\n  pod_cidr: {pods}\n\
-         router:\n  port: 51820\n  interface: weft0\nmesh:\n  secret_file: SECRET_FILE\n"
+        "{}router:\n  port: 51820\n  interface: weft0\nmesh:\n  secret_file: SECRET_FILE\n",
+        node.yaml()
     );
     if !peers.is_empty() {
         s.push_str("wireguard_peers:\n");

@@ -99,18 +99,24 @@ pub struct MeshLab {
 /// The config of a mesh lab node.
 pub fn config(s: &Spec, region: &str) -> String {
     let boot = s.bootstrap.map_or(String::new(), |b| format!("[{b}]"));
-    let (pod_cidr, pools) = match s.block {
-        Some(b) => (format!("  pod_cidr: 100.64.{b}.0/24\n"), String::new()),
-        None => (String::new(), format!("  pod_network_cidr: {POOLS}\n")),
+    let block = s.block.map(|b| format!("100.64.{b}.0/24"));
+    let pools = match s.block {
+        Some(_) => String::new(),
+        None => format!("  pod_network_cidr: {POOLS}\n"),
+    };
+    let (private, public) = (s.private(), s.public());
+    let node = weft::demo::lab::NodeSection {
+        name: s.name,
+        region: Some(region),
+        private_address: Some(&private),
+        public_address: Some(&public),
+        pod_cidr: block.as_deref(),
     };
     format!(
-        "node:\n  name: {n}\n  region: {region}\n  private_address: {p}\n  public_address: {q}\n  key_file: KEY_FILE\n{pod_cidr}\
-         network:\n  trusted_subnets: [198.18.{lan}.0/24]\n{pools}\
+        "{node}network:\n  trusted_subnets: [198.18.{lan}.0/24]\n{pools}\
          mesh:\n  secret_file: SECRET_FILE\n  peers: {boot}\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
          router:\n  interface: weft0\n",
-        n = s.name,
-        p = s.private(),
-        q = s.public(),
+        node = node.yaml(),
         lan = s.lan,
         boot = if boot.is_empty() {
             "[]".to_owned()

@@ -11,19 +11,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::driver::channel::{self, ChannelTun, Network};
 use crate::driver::{Command, Driver, Packets, Snapshot, TunIo};
 use crate::packet::test_packet;
-use crate::{PathKind, PeerConfig, PeerState, Router};
+use crate::{PeerConfig, PeerState, Router};
 use weft_config::Offload;
 
 fn router(own: &StaticSecret, peer: &StaticSecret, endpoint: &str, allowed: &str) -> Router {
     let mut r = Router::new(own.clone(), 1);
-    let cfg = PeerConfig {
-        name: "peer".into(),
-        public_key: PublicKey::from(peer).to_bytes(),
-        endpoint: Some(endpoint.parse().expect("address")),
-        allowed_ips: vec![allowed.parse().expect("prefix")],
-        persistent_keepalive: None,
-        path: PathKind::Encrypted,
-    };
+    let cfg = crate::testing::peer_config(
+        "peer",
+        PublicKey::from(peer).to_bytes(),
+        Some(endpoint),
+        &[allowed],
+    );
     r.add_peer(Instant::now(), cfg).expect("peer");
     r
 }
@@ -171,12 +169,13 @@ fn router_with(own: &StaticSecret, seed: u32, links: &[Link<'_>]) -> Router {
     let mut r = Router::new(own.clone(), seed);
     for (i, l) in links.iter().enumerate() {
         let cfg = PeerConfig {
-            name: format!("peer{i}"),
-            public_key: PublicKey::from(l.key).to_bytes(),
-            endpoint: Some(l.endpoint.parse().expect("address")),
-            allowed_ips: vec![l.allowed.parse().expect("prefix")],
             persistent_keepalive: l.keepalive,
-            path: PathKind::Encrypted,
+            ..crate::testing::peer_config(
+                &format!("peer{i}"),
+                PublicKey::from(l.key).to_bytes(),
+                Some(l.endpoint),
+                &[l.allowed],
+            )
         };
         r.add_peer(Instant::now(), cfg).expect("peer");
     }

@@ -2,36 +2,20 @@
 //! ways (IPv4 and IPv6), and the untrusted-input paths through the real `Tunn`.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::packet::test_packet;
-use crate::{
-    DropReason, Event, NetAction, PathKind, PeerConfig, PeerId, PeerState, Router, TunAction,
-};
+use crate::testing::{ip, peer_config, sa};
+use crate::{DropReason, Event, NetAction, PeerConfig, PeerId, PeerState, Router, TunAction};
 
 const A_ADDR: &str = "198.18.1.1:51820";
 const B_ADDR: &str = "198.18.1.2:51820";
 
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test socket address")
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
 fn peer(name: &str, key: &StaticSecret, endpoint: Option<&str>, allowed: &[&str]) -> PeerConfig {
-    PeerConfig {
-        name: name.into(),
-        public_key: PublicKey::from(key).to_bytes(),
-        endpoint: endpoint.map(sa),
-        allowed_ips: allowed.iter().map(|n| n.parse().expect("prefix")).collect(),
-        persistent_keepalive: None,
-        path: PathKind::Encrypted,
-    }
+    peer_config(name, PublicKey::from(key).to_bytes(), endpoint, allowed)
 }
 
 /// One side: a router, its address, and what it wrote to its TUN device.

@@ -1,7 +1,6 @@
 //! The router's own logic on a fake tunnel: routing, anti-spoofing, roaming, plaintext, timers,
 //! batching.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,6 +9,7 @@ use boringtun::x25519::StaticSecret;
 use super::fake::{FakeTunnel, Shared, TAG, Timer, data_message};
 use crate::packet::test_packet;
 use crate::plaintext;
+use crate::testing::{ip, peer_config, sa};
 use crate::{
     DropReason, Event, NetAction, PathKind, PeerConfig, PeerId, PeerState, Router, TIMER_TICK,
     TunAction,
@@ -17,26 +17,8 @@ use crate::{
 
 const BUF: usize = 2048;
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test socket address")
-}
-
 fn config(name: &str, key: u8, endpoint: Option<&str>, allowed: &[&str]) -> PeerConfig {
-    PeerConfig {
-        name: name.into(),
-        public_key: [key; 32],
-        endpoint: endpoint.map(sa),
-        allowed_ips: allowed
-            .iter()
-            .map(|n| n.parse().expect("test prefix"))
-            .collect(),
-        persistent_keepalive: None,
-        path: PathKind::Encrypted,
-    }
+    peer_config(name, [key; 32], endpoint, allowed)
 }
 
 struct Lab {

@@ -75,10 +75,15 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
             lab.ip(&ns, &["link", "set", "lan0", "mtu", "1450"])?;
         }
         // No region, no addresses, no block, no bootstrap peers: Kubernetes says them all.
+        let node = weft::demo::lab::NodeSection {
+            name,
+            ..Default::default()
+        };
         let body = format!(
-            "node:\n  name: {name}\n  key_file: KEY_FILE\nnetwork:\n  trusted_subnets: [198.18.{lan}.0/24]\n\
+            "{}network:\n  trusted_subnets: [198.18.{lan}.0/24]\n\
              mesh:\n  secret_file: SECRET_FILE\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
-             kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n"
+             kubernetes:\n  enabled: true\nrouter:\n  interface: weft0\n",
+            node.yaml()
         );
         let d = lab.daemon(name, &ns, &body)?;
         weft::host::keys::write_private(&d.secret_file, &secret)?;
