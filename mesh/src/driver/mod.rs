@@ -189,180 +189,250 @@ impl MeshDriver {
         }
     }
 
-    /// Runs until `shutdown` turns true; membership events go to `events`.
+    /// Runs until `shutdown` turns true (or its sender is gone); membership events go to
+    /// `events`. Each turn waits for one input (shutdown, a command, an accepted socket, a
+    /// connection's message, the core's timer, the record refresh), hands it to the core, then
+    /// drains the core's outputs ([`Running::drain`]).
     pub async fn run(
         self,
         mut commands: mpsc::Receiver<Command>,
         events: mpsc::UnboundedSender<Event>,
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<Membership> {
-        let Self {
-            mut mesh,
-            listener,
-            secret,
-        } = self;
         let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(1024);
-        let mut writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>> = HashMap::new();
-        let mut tasks = JoinSet::new();
-        let mut next_conn = 1u64;
-        let mut transport = TransportDrops::default();
-        let mut traffic = Traffic::default();
-        let mut pending: HashMap<IpAddr, usize> = HashMap::new();
-        let refresh = mesh.config.record_refresh;
-        let mut next_refresh = clock() + refresh;
-        info!(listen = %listener.local_addr()?, node = %mesh.id(), "mesh running");
+        let refresh = self.mesh.config.record_refresh;
+        let mut r = Running {
+            mesh: self.mesh,
+            secret: self.secret,
+            in_tx,
+            writers: HashMap::new(),
+            tasks: JoinSet::new(),
+            next_conn: 1,
+            transport: TransportDrops::default(),
+            traffic: Traffic::default(),
+            pending: HashMap::new(),
+            refresh,
+            next_refresh: clock() + refresh,
+        };
+        let listener = self.listener;
+        info!(listen = %listener.local_addr()?, node = %r.mesh.id(), "mesh running");
         loop {
-            let deadline = mesh.poll_timeout().map(tokio::time::Instant::from_std);
+            let deadline = r.mesh.poll_timeout().map(tokio::time::Instant::from_std);
             let far = tokio::time::Instant::from_std(clock()) + Duration::from_secs(3600);
             tokio::select! {
                 biased;
                 // A dropped sender means stop too: read as "no change", its arm would be
                 // ready forever and, biased first, starve every other.
-                r = shutdown.changed() => {
-                    if r.is_err() || *shutdown.borrow() {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
                         break;
                     }
                 }
-                Some(cmd) = commands.recv() => match cmd {
-                    Command::Update(r) => {
-                        mesh.update(r);
-                        next_refresh = clock() + refresh;
-                    }
-                    Command::Join(peers) => mesh.join(&peers),
-                    Command::Modify(change) => {
-                        let mut r = mesh.record().clone();
-                        change(&mut r);
-                        if r != *mesh.record() {
-                            r.version = wall_ms();
-                            mesh.update(r);
-                            next_refresh = clock() + refresh;
-                        }
-                    }
-                    Command::Snapshot(reply) => {
-                        let _ = reply.send(Snapshot {
-                            me: mesh.id(),
-                            record: mesh.record().clone(),
-                            members: mesh.members(),
-                            drops: mesh.drops(),
-                            transport,
-                            connections: mesh.connections(),
-                            traffic,
-                            identity_clash: mesh.identity_clash(),
-                            address_clashes: mesh.address_clashes(),
-                        });
-                    }
-                },
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, from)) => {
-                        let total: usize = pending.values().sum();
-                        let mine = pending.get(&from.ip()).copied().unwrap_or(0);
-                        if total >= PENDING_MAX || mine >= PENDING_PER_SOURCE {
-                            transport.pending_refused += 1;
-                            debug!(%from, pending = total, "gossip connection refused: too many still proving the secret");
-                            drop(stream);
-                        } else {
-                            pending.insert(from.ip(), mine + 1);
-                            let id = ConnId(next_conn);
-                            next_conn += 1;
-                            tasks.spawn(connection(id, stream, from, secret, false, in_tx.clone()));
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, pause = ?ACCEPT_BACKOFF, "gossip accept failed");
-                        if matches!(e.raw_os_error(), Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)) {
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        }
-                    }
-                },
-                Some(msg) = in_rx.recv() => match msg {
-                    Incoming::Connected(id, w, first) => {
-                        writers.insert(id, w);
-                        mesh.handle_connected(clock(), id);
-                        if let Some(f) = first {
-                            traffic.frames_received += 1;
-                            traffic.bytes_received += f.len() as u64;
-                            mesh.handle_frame(clock(), id, &f);
-                        }
-                    }
-                    Incoming::Settled(ip) => {
-                        if let Some(n) = pending.get_mut(&ip) {
-                            *n -= 1;
-                            if *n == 0 {
-                                pending.remove(&ip);
-                            }
-                        }
-                    }
-                    Incoming::TimedOut(id) => {
-                        transport.timed_out += 1;
-                        writers.remove(&id);
-                        mesh.handle_disconnected(id);
-                    }
-                    Incoming::Frame(id, f) => {
-                        traffic.frames_received += 1;
-                        traffic.bytes_received += f.len() as u64;
-                        mesh.handle_frame(clock(), id, &f);
-                    }
-                    Incoming::Dropped => transport.undecryptable += 1,
-                    Incoming::Closed(id) => {
-                        writers.remove(&id);
-                        mesh.handle_disconnected(id);
-                    }
-                    Incoming::HandshakeFailed(addr, e) => {
-                        if matches!(e, TransportError::Unconfirmed) {
-                            transport.unconfirmed += 1;
-                        } else {
-                            transport.handshake_failed += 1;
-                        }
-                        debug!(%addr, error = %e, "gossip handshake failed");
-                    }
-                },
-                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => mesh.handle_timeout(clock()),
-                () = tokio::time::sleep_until(tokio::time::Instant::from_std(next_refresh)) => {
-                    let mut r = mesh.record().clone();
-                    r.version = wall_ms();
-                    mesh.update(r);
-                    next_refresh = clock() + refresh;
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(cmd) = commands.recv() => r.command(cmd),
+                accepted = listener.accept() => r.accepted(accepted).await,
+                Some(msg) = in_rx.recv() => r.incoming(msg),
+                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => r.mesh.handle_timeout(clock()),
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(r.next_refresh)) => r.publish(None),
+                Some(_) = r.tasks.join_next(), if !r.tasks.is_empty() => {}
             }
-            while let Some(t) = mesh.poll_transmit() {
-                if let Some(w) = writers.get(&t.conn) {
-                    let len = t.frame.len() as u64;
-                    if w.try_send(t.frame).is_ok() {
-                        traffic.frames_sent += 1;
-                        traffic.bytes_sent += len;
-                    } else {
-                        transport.write_queue_full += 1;
-                    }
+            r.drain(&events);
+        }
+        Ok(r.goodbye().await)
+    }
+}
+
+/// The driver while it runs: the core and everything around it.
+struct Running {
+    mesh: Membership,
+    secret: [u8; 32],
+    in_tx: mpsc::Sender<Incoming>,
+    writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    /// Every connection's tasks (and dials).
+    tasks: JoinSet<()>,
+    next_conn: u64,
+    transport: TransportDrops,
+    traffic: Traffic,
+    /// Accepted connections still proving the secret, by source address.
+    pending: HashMap<IpAddr, usize>,
+    refresh: Duration,
+    next_refresh: Instant,
+}
+
+impl Running {
+    /// A command from the daemon.
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Update(record) => self.publish(Some(record)),
+            Command::Join(peers) => self.mesh.join(&peers),
+            Command::Modify(change) => {
+                let mut record = self.mesh.record().clone();
+                change(&mut record);
+                if record != *self.mesh.record() {
+                    self.publish(Some(record));
                 }
             }
-            while let Some(addr) = mesh.poll_dial() {
-                let id = ConnId(next_conn);
-                next_conn += 1;
-                let in_tx = in_tx.clone();
-                tasks.spawn(async move {
-                    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                        Ok(Ok(stream)) => connection(id, stream, addr, secret, true, in_tx).await,
-                        Ok(Err(e)) => debug!(%addr, error = %e, "gossip dial failed"),
-                        Err(_) => debug!(%addr, "gossip dial timed out"),
-                    }
-                });
-            }
-            while let Some(id) = mesh.poll_close() {
-                writers.remove(&id);
-            }
-            while let Some(e) = mesh.poll_event() {
-                let _ = events.send(e);
+            Command::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
             }
         }
-        // Goodbye: the tombstone goes to every connection, then the writers get to flush it.
-        mesh.leave();
-        while let Some(t) = mesh.poll_transmit() {
-            if let Some(w) = writers.get(&t.conn) {
+    }
+
+    /// Publishes `record` (or, on the refresh, the current one) as a new version stamped with
+    /// the wall clock, and restarts the refresh period.
+    fn publish(&mut self, record: Option<NodeRecord>) {
+        let mut record = record.unwrap_or_else(|| self.mesh.record().clone());
+        record.version = record.version.max(wall_ms());
+        self.mesh.update(record);
+        self.next_refresh = clock() + self.refresh;
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            me: self.mesh.id(),
+            record: self.mesh.record().clone(),
+            members: self.mesh.members(),
+            drops: self.mesh.drops(),
+            transport: self.transport,
+            connections: self.mesh.connections(),
+            traffic: self.traffic,
+            identity_clash: self.mesh.identity_clash(),
+            address_clashes: self.mesh.address_clashes(),
+        }
+    }
+
+    /// An accepted socket: refused at once beyond the pending caps, else handed to a
+    /// connection task to prove the secret. An accept that failed for want of descriptors or
+    /// memory pauses accepting.
+    async fn accepted(&mut self, accepted: io::Result<(TcpStream, SocketAddr)>) {
+        match accepted {
+            Ok((stream, from)) => {
+                let total: usize = self.pending.values().sum();
+                let mine = self.pending.get(&from.ip()).copied().unwrap_or(0);
+                if total >= PENDING_MAX || mine >= PENDING_PER_SOURCE {
+                    self.transport.pending_refused += 1;
+                    debug!(%from, pending = total, "gossip connection refused: too many still proving the secret");
+                    drop(stream);
+                    return;
+                }
+                self.pending.insert(from.ip(), mine + 1);
+                let id = self.conn_id();
+                let (secret, in_tx) = (self.secret, self.in_tx.clone());
+                self.tasks
+                    .spawn(connection(id, stream, from, secret, false, in_tx));
+            }
+            Err(e) => {
+                warn!(error = %e, pause = ?ACCEPT_BACKOFF, "gossip accept failed");
+                if matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc_errno::EMFILE
+                            | libc_errno::ENFILE
+                            | libc_errno::ENOBUFS
+                            | libc_errno::ENOMEM
+                    )
+                ) {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    fn conn_id(&mut self) -> ConnId {
+        let id = ConnId(self.next_conn);
+        self.next_conn += 1;
+        id
+    }
+
+    /// A message from a connection task.
+    fn incoming(&mut self, msg: Incoming) {
+        match msg {
+            Incoming::Connected(id, w, first) => {
+                self.writers.insert(id, w);
+                self.mesh.handle_connected(clock(), id);
+                if let Some(f) = first {
+                    self.frame(id, &f);
+                }
+            }
+            Incoming::Settled(ip) => {
+                if let Some(n) = self.pending.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.pending.remove(&ip);
+                    }
+                }
+            }
+            Incoming::TimedOut(id) => {
+                self.transport.timed_out += 1;
+                self.writers.remove(&id);
+                self.mesh.handle_disconnected(id);
+            }
+            Incoming::Frame(id, f) => self.frame(id, &f),
+            Incoming::Dropped => self.transport.undecryptable += 1,
+            Incoming::Closed(id) => {
+                self.writers.remove(&id);
+                self.mesh.handle_disconnected(id);
+            }
+            Incoming::HandshakeFailed(addr, e) => {
+                if matches!(e, TransportError::Unconfirmed) {
+                    self.transport.unconfirmed += 1;
+                } else {
+                    self.transport.handshake_failed += 1;
+                }
+                debug!(%addr, error = %e, "gossip handshake failed");
+            }
+        }
+    }
+
+    fn frame(&mut self, id: ConnId, f: &[u8]) {
+        self.traffic.frames_received += 1;
+        self.traffic.bytes_received += f.len() as u64;
+        self.mesh.handle_frame(clock(), id, f);
+    }
+
+    /// Everything the core wants done after an input: frames to write, addresses to dial,
+    /// connections to close, events for the daemon.
+    fn drain(&mut self, events: &mpsc::UnboundedSender<Event>) {
+        while let Some(t) = self.mesh.poll_transmit() {
+            if let Some(w) = self.writers.get(&t.conn) {
+                let len = t.frame.len() as u64;
+                if w.try_send(t.frame).is_ok() {
+                    self.traffic.frames_sent += 1;
+                    self.traffic.bytes_sent += len;
+                } else {
+                    self.transport.write_queue_full += 1;
+                }
+            }
+        }
+        while let Some(addr) = self.mesh.poll_dial() {
+            let id = self.conn_id();
+            let (secret, in_tx) = (self.secret, self.in_tx.clone());
+            self.tasks.spawn(async move {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => connection(id, stream, addr, secret, true, in_tx).await,
+                    Ok(Err(e)) => debug!(%addr, error = %e, "gossip dial failed"),
+                    Err(_) => debug!(%addr, "gossip dial timed out"),
+                }
+            });
+        }
+        while let Some(id) = self.mesh.poll_close() {
+            self.writers.remove(&id);
+        }
+        while let Some(e) = self.mesh.poll_event() {
+            let _ = events.send(e);
+        }
+    }
+
+    /// Leaves the mesh: the tombstone goes to every connection, then the writers get a moment
+    /// to flush it.
+    async fn goodbye(mut self) -> Membership {
+        self.mesh.leave();
+        while let Some(t) = self.mesh.poll_transmit() {
+            if let Some(w) = self.writers.get(&t.conn) {
                 let _ = w.try_send(t.frame);
             }
         }
-        drop(writers);
+        drop(self.writers);
+        let tasks = &mut self.tasks;
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
             while !tasks.is_empty() {
                 // Readers end when the peers close; writers as soon as their queue is drained.
@@ -375,9 +445,9 @@ impl MeshDriver {
             }
         })
         .await;
-        tasks.abort_all();
+        self.tasks.abort_all();
         info!("mesh stopped");
-        Ok(mesh)
+        self.mesh
     }
 }
 
