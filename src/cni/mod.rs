@@ -8,7 +8,10 @@
 //! `prevResult` on unchanged. Every failure is a CNI error object ([`CniError`]) with the
 //! spec's code.
 
+pub mod plugin;
+
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -34,13 +37,58 @@ pub struct Attachment {
 /// The attachments a daemon knows, by (container id, interface).
 pub type Attachments = BTreeMap<(String, String), Attachment>;
 
-/// A CNI error: `code` as the spec numbers them, a message and details.
+/// The error codes of the CNI spec that weft uses, and weft's own (100 and up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 1: the configuration's `cniVersion` is not supported.
+    IncompatibleVersion,
+    /// 3: the container (its network namespace) is unknown or gone.
+    UnknownContainer,
+    /// 4: a required environment variable is missing or wrong.
+    InvalidEnvironment,
+    /// 5: an I/O failure (netlink, files, the runtime).
+    Io,
+    /// 6: the configuration could not be decoded.
+    Undecodable,
+    /// 7: the configuration is invalid.
+    InvalidConfig,
+    /// 11: try again later (the daemon is starting or unreachable).
+    TryAgainLater,
+    /// 50: the plugin is not available (STATUS while the daemon is not ready).
+    NotAvailable,
+    /// 100: weft's own: the pod's interface is not as weft needs it.
+    Weft,
+}
+
+impl ErrorCode {
+    /// The number the spec (or weft, from 100) gives it.
+    pub fn code(self) -> u32 {
+        match self {
+            Self::IncompatibleVersion => 1,
+            Self::UnknownContainer => 3,
+            Self::InvalidEnvironment => 4,
+            Self::Io => 5,
+            Self::Undecodable => 6,
+            Self::InvalidConfig => 7,
+            Self::TryAgainLater => 11,
+            Self::NotAvailable => 50,
+            Self::Weft => 100,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code())
+    }
+}
+
+/// A CNI error: its code, a message and details.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("CNI error {code}: {msg}{}", if details.is_empty() { String::new() } else { format!(" ({details})") })]
 pub struct CniError {
-    /// 1 incompatible version, 3 unknown container, 4 bad environment, 5 I/O, 6 undecodable,
-    /// 7 invalid config, 11 try again later, 50 not available (STATUS), 100+ weft's own.
-    pub code: u32,
+    /// What kind of failure, as the spec numbers it.
+    pub code: ErrorCode,
     /// What went wrong.
     pub msg: String,
     /// More detail.
@@ -49,7 +97,7 @@ pub struct CniError {
 
 impl CniError {
     /// An error with `code`.
-    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, msg: impl Into<String>, details: impl Into<String>) -> Self {
         Self {
             code,
             msg: msg.into(),
@@ -59,7 +107,7 @@ impl CniError {
 
     /// The error object the spec prints on stdout.
     pub fn to_json(&self, version: &str) -> Value {
-        json!({"cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details})
+        json!({"cniVersion": version, "code": self.code.code(), "msg": self.msg, "details": self.details})
     }
 }
 
@@ -137,7 +185,7 @@ impl Env {
     fn need<'a>(&self, v: &'a Option<String>, name: &str) -> Result<&'a str, CniError> {
         v.as_deref().ok_or_else(|| {
             CniError::new(
-                4,
+                ErrorCode::InvalidEnvironment,
                 format!("{name} is not set"),
                 format!("CNI_COMMAND={}", self.command),
             )
@@ -162,15 +210,20 @@ pub struct NetConf {
 
 /// Parses stdin: the JSON, the version, the fields weft-cni reads.
 pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
-    let v: Value = serde_json::from_slice(stdin)
-        .map_err(|e| CniError::new(6, "the network configuration is not JSON", e.to_string()))?;
+    let v: Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(
+            ErrorCode::Undecodable,
+            "the network configuration is not JSON",
+            e.to_string(),
+        )
+    })?;
     let version = v["cniVersion"]
         .as_str()
-        .ok_or_else(|| CniError::new(7, "cniVersion is missing", ""))?
+        .ok_or_else(|| CniError::new(ErrorCode::InvalidConfig, "cniVersion is missing", ""))?
         .to_owned();
     if !SUPPORTED.contains(&version.as_str()) {
         return Err(CniError::new(
-            1,
+            ErrorCode::IncompatibleVersion,
             format!("cniVersion {version} is not supported"),
             format!("weft-cni supports {}", SUPPORTED.join(", ")),
         ));
@@ -181,7 +234,13 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
             m.as_u64()
                 .and_then(|m| u16::try_from(m).ok())
                 .filter(|m| *m >= 576)
-                .ok_or_else(|| CniError::new(7, format!("mtu {m} is not an MTU"), ""))?,
+                .ok_or_else(|| {
+                    CniError::new(
+                        ErrorCode::InvalidConfig,
+                        format!("mtu {m} is not an MTU"),
+                        "",
+                    )
+                })?,
         ),
     };
     let valid = v["cni.dev/valid-attachments"].as_array().map(|a| {
@@ -248,20 +307,23 @@ pub fn target(env: &Env, conf: &NetConf) -> Result<Target, CniError> {
     let ifname = env.need(&env.ifname, "CNI_IFNAME")?.to_owned();
     let needs_netns = matches!(env.command.as_str(), "ADD" | "CHECK");
     let netns = if needs_netns {
-        let ns = env
-            .netns
-            .clone()
-            .ok_or_else(|| CniError::new(4, "CNI_NETNS is not set", env.command.clone()))?;
+        let ns = env.netns.clone().ok_or_else(|| {
+            CniError::new(
+                ErrorCode::InvalidEnvironment,
+                "CNI_NETNS is not set",
+                env.command.clone(),
+            )
+        })?;
         if !ns.exists() {
             return Err(CniError::new(
-                3,
+                ErrorCode::UnknownContainer,
                 format!("network namespace {} does not exist", ns.display()),
                 "",
             ));
         }
         if conf.prev_result.is_none() {
             return Err(CniError::new(
-                7,
+                ErrorCode::InvalidConfig,
                 "prevResult is missing: weft-cni is a chained plugin and runs after an interface plugin (ptp)",
                 "",
             ));
@@ -292,7 +354,7 @@ mod tests {
 
     #[test]
     fn bad_configs_get_the_spec_codes() {
-        let code = |stdin: &str| parse_conf(stdin.as_bytes()).unwrap_err().code;
+        let code = |stdin: &str| parse_conf(stdin.as_bytes()).unwrap_err().code.code();
         assert_eq!(code("{not json"), 6);
         assert_eq!(
             code(r#"{"cniVersion":"0.4.0","name":"w","type":"weft-cni"}"#),
@@ -302,13 +364,22 @@ mod tests {
         assert_eq!(code(r#"{"cniVersion":"1.0.0","mtu":"big"}"#), 7);
         let conf = parse_conf(br#"{"cniVersion":"1.1.0","name":"w","type":"weft-cni"}"#).unwrap();
         // ADD without prevResult: 7; without the netns: 3; without env: 4.
-        assert_eq!(target(&env("ADD"), &conf).unwrap_err().code, 7);
+        assert_eq!(
+            target(&env("ADD"), &conf).unwrap_err().code,
+            ErrorCode::InvalidConfig
+        );
         let mut e = env("ADD");
         e.netns = Some("/run/netns/weft-does-not-exist".into());
-        assert_eq!(target(&e, &conf).unwrap_err().code, 3);
+        assert_eq!(
+            target(&e, &conf).unwrap_err().code,
+            ErrorCode::UnknownContainer
+        );
         let mut e = env("ADD");
         e.container_id = None;
-        assert_eq!(target(&e, &conf).unwrap_err().code, 4);
+        assert_eq!(
+            target(&e, &conf).unwrap_err().code,
+            ErrorCode::InvalidEnvironment
+        );
         // DEL needs neither.
         assert!(target(&env("DEL"), &conf).is_ok());
     }

@@ -163,7 +163,7 @@ fn vet_claims(
 
 /// Keeps the router's peers in line with the mesh, and this node's blocks with the others'
 /// claims, until `shutdown`: on each membership event, change of `wireguard_peers`, or
-/// [`RESYNC`], one round of [`Reconciler::round`].
+/// a periodic resync, one round: gather, decide, apply.
 pub async fn reconcile_loop(
     inputs: Inputs,
     router: RouterHandle,
