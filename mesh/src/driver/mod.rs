@@ -192,7 +192,7 @@ impl MeshDriver {
     /// Runs until `shutdown` turns true (or its sender is gone); membership events go to
     /// `events`. Each turn waits for one input (shutdown, a command, an accepted socket, a
     /// connection's message, the core's timer, the record refresh), hands it to the core, then
-    /// drains the core's outputs ([`Running::drain`]).
+    /// drains the core's outputs (frames, dials, closes, events).
     pub async fn run(
         self,
         mut commands: mpsc::Receiver<Command>,
