@@ -71,34 +71,10 @@ impl fmt::Display for Rejected {
     }
 }
 
+weft_counters::impl_reason!(Rejected);
+
 /// One counter per [`Rejected`] reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Rejections([u64; Rejected::ALL.len()]);
-
-impl Rejections {
-    /// Counts one refusal.
-    pub fn count(&mut self, reason: Rejected) {
-        self.0[reason as usize] += 1;
-    }
-
-    /// The count for `reason`.
-    pub fn get(&self, reason: Rejected) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// `(reason, count)` for every reason with a non-zero count.
-    pub fn nonzero(&self) -> impl Iterator<Item = (Rejected, u64)> + '_ {
-        Rejected::ALL
-            .into_iter()
-            .map(|r| (r, self.get(r)))
-            .filter(|(_, n)| *n > 0)
-    }
-
-    /// The sum over all reasons.
-    pub fn total(&self) -> u64 {
-        self.0.iter().sum()
-    }
-}
+pub type Rejections = weft_counters::ByReason<Rejected, { Rejected::ALL.len() }>;
 
 /// Input refused, by the coarse reasons the daemon has always shown, plus every reason in
 /// [`Drops::rejected`], and the signature checks paid for.
@@ -120,6 +96,16 @@ pub struct Drops {
 }
 
 impl Drops {
+    /// The coarse counters with their labels, in the order status and metrics list them.
+    pub fn coarse(&self) -> [(&'static str, u64); 4] {
+        [
+            ("malformed", self.malformed),
+            ("unauthenticated", self.unauthenticated),
+            ("stale", self.stale),
+            ("unexpected", self.unexpected),
+        ]
+    }
+
     /// Counts one refusal under its precise reason and its coarse one.
     pub(crate) fn count(&mut self, reason: Rejected) {
         self.rejected.count(reason);

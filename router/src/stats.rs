@@ -73,39 +73,10 @@ impl fmt::Display for DropReason {
     }
 }
 
+weft_counters::impl_reason!(DropReason);
+
 /// Drop counters, one per [`DropReason`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Drops([u64; DropReason::ALL.len()]);
-
-impl Drops {
-    /// Counts one drop.
-    pub fn count(&mut self, reason: DropReason) {
-        self.add(reason, 1);
-    }
-
-    /// Counts `n` drops.
-    pub fn add(&mut self, reason: DropReason, n: u64) {
-        self.0[reason as usize] += n;
-    }
-
-    /// The count for `reason`.
-    pub fn get(&self, reason: DropReason) -> u64 {
-        self.0[reason as usize]
-    }
-
-    /// `(reason, count)` for every reason with a non-zero count.
-    pub fn nonzero(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL
-            .into_iter()
-            .map(|r| (r, self.get(r)))
-            .filter(|(_, n)| *n > 0)
-    }
-
-    /// The sum over all reasons.
-    pub fn total(&self) -> u64 {
-        self.0.iter().sum()
-    }
-}
+pub type Drops = weft_counters::ByReason<DropReason, { DropReason::ALL.len() }>;
 
 /// Traffic counters of one peer. Bytes are underlay datagram bytes, as `wg show` counts them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -233,11 +233,11 @@ fn render_peers(reg: &mut Registry, router: &Snapshot) {
         tx_bytes.get_or_create(&l).inc_by(p.counters.tx_bytes);
         rx_packets.get_or_create(&l).inc_by(p.counters.rx_packets);
         tx_packets.get_or_create(&l).inc_by(p.counters.tx_packets);
-        for (reason, n) in p.counters.drops.nonzero() {
+        for (reason, n) in p.counters.drops.labelled() {
             peer_drops
                 .get_or_create(&PeerReason {
                     peer: l.peer.clone(),
-                    reason: reason.as_str().to_owned(),
+                    reason: reason.to_owned(),
                 })
                 .inc_by(n);
         }
@@ -266,10 +266,10 @@ fn render_drops(reg: &mut Registry, router: &Snapshot) {
         "Packets dropped before a peer was known, by reason",
         None,
     );
-    for (reason, n) in router.drops.nonzero() {
+    for (reason, n) in router.drops.labelled() {
         drops
             .get_or_create(&Reason {
-                reason: reason.as_str().to_owned(),
+                reason: reason.to_owned(),
             })
             .inc_by(n);
     }
@@ -381,12 +381,7 @@ fn render_refusals(reg: &mut Registry, m: &MeshSnapshot, ipam: &IpamCounters) {
         "Gossip frames or records refused, by reason",
         None,
     );
-    for (reason, n) in [
-        ("malformed", m.drops.malformed),
-        ("unauthenticated", m.drops.unauthenticated),
-        ("stale", m.drops.stale),
-        ("unexpected", m.drops.unexpected),
-    ] {
+    for (reason, n) in m.drops.coarse() {
         rejected
             .get_or_create(&Reason {
                 reason: reason.into(),
@@ -411,8 +406,8 @@ pub fn rejections(m: &MeshSnapshot, ipam: &IpamCounters) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = m
         .drops
         .rejected
-        .nonzero()
-        .map(|(r, n)| (r.as_str().to_owned(), n))
+        .labelled()
+        .map(|(r, n)| (r.to_owned(), n))
         .collect();
     if let Ok(c) = ipam.claims.lock() {
         out.extend(c.by_reason.iter().map(|(r, n)| (format!("claim_{r}"), *n)));

@@ -15,9 +15,7 @@ fn shown(a: Option<IpAddr>) -> String {
 }
 
 fn drops(d: &weft_router::Drops) -> BTreeMap<String, u64> {
-    d.nonzero()
-        .map(|(r, n)| (r.as_str().to_owned(), n))
-        .collect()
+    d.labelled().map(|(r, n)| (r.to_owned(), n)).collect()
 }
 
 /// The status report from the node's facts, a router snapshot and the mesh's view.
@@ -85,23 +83,14 @@ fn peer_status(
 
 /// The mesh's part of the report.
 fn mesh_status(m: &MeshSnapshot, ipam: &crate::api::metrics::IpamCounters) -> MeshStatus {
-    let mut drops = BTreeMap::new();
-    for (k, v) in [
-        ("malformed", m.drops.malformed),
-        ("unauthenticated", m.drops.unauthenticated),
-        ("stale", m.drops.stale),
-        ("unexpected", m.drops.unexpected),
-        ("handshake_failed", m.transport.handshake_failed),
-        ("undecryptable", m.transport.undecryptable),
-        ("write_queue_full", m.transport.write_queue_full),
-        ("unconfirmed", m.transport.unconfirmed),
-        ("pending_refused", m.transport.pending_refused),
-        ("timed_out", m.transport.timed_out),
-    ] {
-        if v > 0 {
-            drops.insert(k.to_owned(), v);
-        }
-    }
+    let drops: BTreeMap<String, u64> = m
+        .drops
+        .coarse()
+        .into_iter()
+        .chain(m.transport.labelled())
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     let refused = ipam
         .claims
         .lock()

@@ -104,6 +104,20 @@ pub struct TransportDrops {
     pub timed_out: u64,
 }
 
+impl TransportDrops {
+    /// Every counter with its label, in the order status lists them.
+    pub fn labelled(&self) -> [(&'static str, u64); 6] {
+        [
+            ("handshake_failed", self.handshake_failed),
+            ("undecryptable", self.undecryptable),
+            ("write_queue_full", self.write_queue_full),
+            ("unconfirmed", self.unconfirmed),
+            ("pending_refused", self.pending_refused),
+            ("timed_out", self.timed_out),
+        ]
+    }
+}
+
 /// Gossip frames and their bytes (before encryption), both ways.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
