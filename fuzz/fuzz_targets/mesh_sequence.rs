@@ -28,18 +28,15 @@ fn identities() -> &'static [Identity] {
 
 fn record(i: u8, version: u64, left: bool, host: u8) -> NodeRecord {
     NodeRecord {
-        version,
         left,
-        name: format!("n{i}"),
         region: (host % 3 != 0).then(|| format!("r{}", host % 2)),
         private_address: Some([198, 18, 0, host % 8].into()),
         public_address: (host % 5 != 0).then(|| [198, 19, 0, host % 8].into()),
-        mesh_port: 6783,
-        router_port: 51820,
         wireguard_key: [0; 32],
         pod_cidrs: vec![format!("100.64.{i}.0/24").parse().expect("prefix")],
         claimed_at: vec![u64::from(host)],
         trusted_subnets: vec![],
+        ..weft_mesh::testing::node_record(&format!("n{i}"), version)
     }
 }
 

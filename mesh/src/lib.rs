@@ -48,6 +48,8 @@ pub mod driver;
 mod membership;
 mod record;
 mod stats;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod wire;
 
 pub use crate::beat::Beat;

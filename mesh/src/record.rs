@@ -354,31 +354,7 @@ impl UnverifiedRecord {
 pub(crate) mod tests {
     use super::*;
 
-    /// A record named `name`, with addresses of its own (198.18.1.H, 198.19.0.H, H from the
-    /// name) so that no two test nodes advertise the same one.
-    pub(crate) fn record(name: &str, version: u64) -> NodeRecord {
-        let h = name
-            .bytes()
-            .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-        let host = (h % 250 + 1) as u8;
-        NodeRecord {
-            version,
-            left: false,
-            name: name.into(),
-            region: Some("eu-west".into()),
-            private_address: Some([198, 18, 1, host].into()),
-            public_address: Some([198, 19, 0, host].into()),
-            mesh_port: 6783,
-            router_port: 51820,
-            wireguard_key: [9; 32],
-            pod_cidrs: vec![
-                "100.64.1.0/24".parse().unwrap(),
-                "fd00:64:1::/64".parse().unwrap(),
-            ],
-            claimed_at: vec![5, 6],
-            trusted_subnets: vec!["198.18.1.0/24".parse().unwrap()],
-        }
-    }
+    pub(crate) use crate::testing::node_record as record;
 
     /// Encodes `s` as it travels and reads it back, verified.
     pub(crate) fn round_trip(s: &SignedRecord) -> Result<SignedRecord, VerifyError> {

@@ -364,7 +364,6 @@ mod tests {
     )]
 
     use super::*;
-    use std::time::Instant;
     use weft_mesh::{NodeId, NodeRecord};
 
     const NOW: u64 = 1_800_000_000_000;
@@ -381,26 +380,17 @@ mod tests {
     }
 
     fn member(name: &str, claims: &[(&str, u64)]) -> Member {
-        Member {
-            id: NodeId([name.len() as u8; 32]),
-            record: NodeRecord {
-                version: 1,
-                left: false,
-                name: name.into(),
-                region: None,
-                private_address: None,
-                public_address: None,
-                mesh_port: 6783,
-                router_port: 51820,
-                wireguard_key: [name.len() as u8; 32],
-                pod_cidrs: claims.iter().map(|(c, _)| c.parse().unwrap()).collect(),
-                claimed_at: claims.iter().map(|(_, t)| *t).collect(),
-                trusted_subnets: vec![],
-            },
-            alive: true,
-            heartbeat: 1,
-            last_heard: Instant::now(),
-        }
+        let record = NodeRecord {
+            region: None,
+            private_address: None,
+            public_address: None,
+            wireguard_key: [name.len() as u8; 32],
+            pod_cidrs: claims.iter().map(|(c, _)| c.parse().unwrap()).collect(),
+            claimed_at: claims.iter().map(|(_, t)| *t).collect(),
+            trusted_subnets: vec![],
+            ..weft_mesh::testing::node_record(name, 1)
+        };
+        weft_mesh::testing::member(NodeId([name.len() as u8; 32]), record)
     }
 
     #[test]

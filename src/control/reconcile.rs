@@ -319,29 +319,19 @@ mod tests {
         key: u8,
     ) -> NodeRecord {
         NodeRecord {
-            version: 1,
-            left: false,
-            name: name.into(),
             region: Some(region.into()),
             private_address: Some(private.parse().unwrap()),
             public_address: Some(public.parse().unwrap()),
-            mesh_port: 6783,
-            router_port: 51820,
             wireguard_key: [key; 32],
             pod_cidrs: vec![format!("100.64.{block}.0/24").parse().unwrap()],
             claimed_at: vec![0],
             trusted_subnets: vec![],
+            ..weft_mesh::testing::node_record(name, 1)
         }
     }
 
     fn member(r: NodeRecord) -> Member {
-        Member {
-            id: weft_mesh::NodeId([r.wireguard_key[0]; 32]),
-            record: r,
-            alive: true,
-            heartbeat: 1,
-            last_heard: Instant::now(),
-        }
+        weft_mesh::testing::member(weft_mesh::NodeId([r.wireguard_key[0]; 32]), r)
     }
 
     #[test]

@@ -68,18 +68,14 @@ pub fn one_earlier(i: usize) -> Option<usize> {
 pub fn sim_record(i: usize, version: u64) -> NodeRecord {
     let (hi, lo) = ((i / 250) as u8, (i % 250) as u8 + 1);
     NodeRecord {
-        version,
-        left: false,
-        name: format!("n{i}"),
         region: Some(format!("r{}", i % 2)),
         private_address: Some(std::net::Ipv4Addr::new(198, 18, hi, lo).into()),
         public_address: Some(std::net::Ipv4Addr::new(198, 19, hi, lo).into()),
-        mesh_port: 6783,
-        router_port: 51820,
         wireguard_key: [0; 32],
         pod_cidrs: vec![format!("100.64.{}.0/24", i % 256).parse().expect("prefix")],
         claimed_at: vec![0],
         trusted_subnets: vec![],
+        ..weft_mesh::testing::node_record(&format!("n{i}"), version)
     }
 }
 
