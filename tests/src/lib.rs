@@ -11,6 +11,7 @@ use weft::demo::lab::{Daemon, Lab};
 pub use weft::demo::lab::{Stream, tcp_transfer};
 
 pub mod cni;
+pub mod exposition;
 pub mod ipam_sim;
 pub mod kubeapi;
 pub mod meshlab;

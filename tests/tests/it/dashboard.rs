@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use weft::api::metrics::parse_exposition;
 use weft::demo::lab::wait_for;
+use weft_tests::exposition::parse_exposition;
 use weft_tests::http_get;
 use weft_tests::meshlab::{MeshLab, Spec};
 

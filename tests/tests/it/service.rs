@@ -5,8 +5,8 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use weft::api::metrics::{Sample, parse_exposition};
 use weft::demo::lab::{Lab, wait_for};
+use weft_tests::exposition::{Sample, parse_exposition};
 use weft_tests::{Pair, http_get, node_config, tcp_transfer, weft_bin};
 
 /// Every message on `sock` until `until` says stop or `limit` passes.
