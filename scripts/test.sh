@@ -50,7 +50,7 @@ step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 # The data-path and router-core harnesses, small (the full runs: bench/RESULTS.md,
 # bench/results/router.md); they fail loudly when a comparison cannot run.
 step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --out target/net-smoke.md
-step cargo run -q -p weft-bench --locked -- router --secs 1 --out target/router-smoke.md
+step cargo run -q -p weft-bench --locked -- router --secs 1 --reps 1 --out target/router-smoke.md
 # The sequence fuzz targets (router datagrams, gossip frames over time, the transport's framing),
 # bounded in time.
 if cargo +nightly fuzz --version >/dev/null 2>&1; then

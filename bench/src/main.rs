@@ -58,6 +58,13 @@ enum Cmd {
         /// Seconds of measurement per benchmark.
         #[arg(long, default_value_t = 5)]
         secs: u64,
+        /// Numbers of workers encrypting at once, each with its own session (the part of a
+        /// multi-core data path that scales); the first should be 1, the baseline.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        workers: Vec<usize>,
+        /// Runs per number of workers (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
         /// Where to write the table.
         #[arg(long, default_value = "bench/results/router.md")]
         out: PathBuf,
@@ -353,11 +360,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Net(o) => run_net(&o, &command)?,
         Cmd::Soak { mins, every, out } => run_soak(mins, every, &out, &command)?,
-        Cmd::Router { secs, out } => {
+        Cmd::Router {
+            secs,
+            workers,
+            reps,
+            out,
+        } => {
             let table = router::run(Duration::from_secs(secs))?;
+            let scaling = router::scaling(&workers, Duration::from_secs(secs), reps)?;
             let report = format!(
-                "# weft-bench router\n\n- machine: {}\n- command: `{command}`\n- criterion means, one core, no I/O\n\n{table}",
-                net::machine()
+                "# weft-bench router\n\n- machine: {}\n- command: `{command}`\n- criterion means, one core, no I/O\n\n{table}\n\
+                 ## Encryption across cores\n\nEach worker is a thread with a router and a WireGuard session of its own (the\n\
+                 sharded design of a multi-core data path: nothing shared between workers), encrypting\n\
+                 {} B packets for {secs} s; median of {reps} runs. No I/O: this is the part that scales\n\
+                 with cores, measured alone.\n\n{scaling}",
+                net::machine(),
+                1420
             );
             print!("{report}");
             std::fs::write(&out, report)?;

@@ -201,6 +201,71 @@ pub(crate) fn run(measure: Duration) -> anyhow::Result<String> {
     ))
 }
 
+/// Encrypted 1420-byte packets per second with `workers` threads at once, each with a session
+/// of its own (the sharded design: no state shared between workers), for `measure`.
+fn encrypt_rate(workers: usize, measure: Duration) -> anyhow::Result<f64> {
+    let start = std::sync::Barrier::new(workers);
+    let payload = vec![0x5au8; PACKET - 28];
+    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), &payload);
+    let counts = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<u64> {
+                    let mut pair = Pair::new(PathKind::Encrypted)?;
+                    let mut out = vec![0u8; 2048];
+                    start.wait();
+                    #[expect(clippy::disallowed_methods, reason = "the benchmark times itself")]
+                    let began = Instant::now();
+                    let mut sent = 0u64;
+                    // Bounded by time, checked every 256 packets.
+                    while began.elapsed() < measure {
+                        for _ in 0..256 {
+                            if !matches!(
+                                pair.a.handle_tun_packet(pair.now, &pkt, &mut out),
+                                TunAction::Transmit(_)
+                            ) {
+                                bail!("a packet was not encrypted");
+                            }
+                        }
+                        sent += 256;
+                    }
+                    Ok(sent)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?)
+            .collect::<anyhow::Result<Vec<u64>>>()
+    })?;
+    Ok(counts.iter().sum::<u64>() as f64 / measure.as_secs_f64())
+}
+
+/// The table of encryption rates with each number of `workers` (median of `reps` runs of
+/// `measure`), and each rate against one worker's.
+pub(crate) fn scaling(workers: &[usize], measure: Duration, reps: usize) -> anyhow::Result<String> {
+    let mut md = String::from(
+        "| workers | encrypted packets/s (median) | Gbit/s | vs 1 worker |\n|---:|---:|---:|---:|\n",
+    );
+    let mut one = None;
+    for &w in workers {
+        let mut rates = (0..reps.max(1))
+            .map(|_| encrypt_rate(w, measure))
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        let base = *one.get_or_insert(if w == 1 { median } else { f64::NAN });
+        let _ = writeln!(
+            md,
+            "| {w} | {:.0} | {:.2} | {:.2}× |",
+            median,
+            median * PACKET as f64 * 8.0 / 1e9,
+            median / base
+        );
+    }
+    Ok(md)
+}
+
 /// The mean estimate criterion saved for `router/<name>`, in ns.
 fn estimate_ns(name: &str) -> anyhow::Result<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
