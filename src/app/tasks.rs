@@ -13,6 +13,9 @@ use tracing::error;
 
 use crate::shutdown::Shutdown;
 
+/// How long stopping waits for aborted tasks to end.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
 /// Spawned tasks and their stop signal.
 #[derive(Debug)]
 pub struct Tasks {
@@ -71,7 +74,20 @@ impl Tasks {
                 "tasks did not stop in {grace:?}; aborting them"
             );
             self.set.abort_all();
-            while self.set.join_next().await.is_some() {}
+            // An abort takes effect at the task's next await: one stuck in synchronous code
+            // (a hung `nft`, say) never gets there, and the teardown must not wait for it.
+            let set = &mut self.set;
+            let reaped = tokio::time::timeout(ABORT_WAIT, async {
+                while set.join_next().await.is_some() {}
+            })
+            .await;
+            if reaped.is_err() {
+                error!(
+                    tasks = self.set.len(),
+                    "tasks stuck outside an await; stopping without them"
+                );
+                self.set.detach_all();
+            }
         }
         left
     }
@@ -116,6 +132,23 @@ mod tests {
         let mut tasks = Tasks::default();
         tasks.spawn("stubborn", std::future::pending());
         assert_eq!(tasks.stop(Duration::from_millis(50)).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_stuck_outside_an_await_does_not_hold_up_the_stop() {
+        let mut tasks = Tasks::default();
+        // Synchronous work that an abort cannot interrupt (what a hung child process is to
+        // the task that waits for it).
+        tasks.spawn("stuck", async {
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        tasks.spawn("fine", std::future::pending());
+        let stop = tokio::spawn(tasks.stop(Duration::from_millis(50)));
+        let aborted = tokio::time::timeout(Duration::from_millis(2500), stop)
+            .await
+            .expect("the stop ends within the grace period and the abort wait")
+            .expect("the stop itself does not panic");
+        assert_eq!(aborted, 2);
     }
 
     /// The set without its sender: what is left of `Tasks` after an early return dropped it

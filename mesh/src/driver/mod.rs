@@ -276,7 +276,11 @@ impl Running {
     /// A command from the daemon.
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Update(record) => self.publish(Some(record)),
+            Command::Update(record) => {
+                // The caller's version, as given (the core raises it past the current one).
+                self.mesh.update(record);
+                self.next_refresh = clock() + self.refresh;
+            }
             Command::Join(peers) => self.mesh.join(&peers),
             Command::Modify(change) => {
                 let mut record = self.mesh.record().clone();
@@ -564,6 +568,32 @@ mod tests {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         MeshDriver::new(mesh, listener, secret)
+    }
+
+    #[tokio::test]
+    async fn an_update_keeps_its_version_and_a_modify_is_stamped_with_the_clock() {
+        let driver = driver([7; 32]).await;
+        let (commands, rx) = mpsc::channel(4);
+        let (events, _ev) = mpsc::unbounded_channel();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(driver.run(rx, events, shutdown));
+        let snapshot = || async {
+            let (reply, answer) = oneshot::channel();
+            commands.send(Command::Snapshot(reply)).await.unwrap();
+            answer.await.unwrap()
+        };
+        let mut r = snapshot().await.record;
+        r.version = 5;
+        commands.send(Command::Update(r)).await.unwrap();
+        assert_eq!(snapshot().await.record.version, 5);
+        let before = wall_ms();
+        commands
+            .send(Command::Modify(Box::new(|r| r.mesh_port = 7000)))
+            .await
+            .unwrap();
+        let after = snapshot().await.record;
+        assert_eq!(after.mesh_port, 7000);
+        assert!(after.version >= before, "{} < {before}", after.version);
     }
 
     #[tokio::test]
