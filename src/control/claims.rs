@@ -31,8 +31,8 @@
 //!   and it is believed so that every node settles the same winner there. A member holding the
 //!   cluster secret can make a fresh identity, whose first record is believed;
 //! - a back-dated claim seen by a node that never held the member's earlier record (one that
-//!   first hears of the member after the lie, or restarted since: the history is kept in
-//!   memory only);
+//!   joined after the lie, or lost its `state_dir`; the history is saved there, so a restart
+//!   keeps it);
 //! - a member publishing versions far behind its clock (weft never does; a modified build
 //!   could), or one that set a long `mesh.record_refresh`, widens its own window.
 
@@ -241,7 +241,7 @@ impl ClaimPolicy {
         nodes: Option<&BTreeMap<String, Vec<IpNet>>>,
         now_ms: u64,
     ) -> (Vec<Member>, Vec<(Member, Refusal)>) {
-        history.forget_all_but(&members);
+        history.forget_all_but(&members, now_ms);
         let mut kept = Vec::with_capacity(members.len());
         let mut refused = Vec::new();
         for m in members {
@@ -267,13 +267,42 @@ impl ClaimPolicy {
 /// member's clock when it signed it: the mesh driver stamps versions so), this node's clock
 /// when it first held that version, the claims in it, and the back-dated claims found, which
 /// keep the member refused for as long as it keeps any of them.
+///
+/// The daemon keeps it in `state_dir/claims.json` ([`ClaimHistory::to_json`],
+/// [`ClaimHistory::from_json`]), so a node that restarts (a rolling update) still holds its
+/// members' earlier records and still refuses a lie it refused before. A member the mesh no
+/// longer lists is remembered for [`HISTORY_HORIZON`] after this node last saw it (the mesh
+/// may simply not have relearned it yet after a restart), and at most [`MAX_HISTORY`]
+/// members are kept (the least recently seen go first).
 #[derive(Debug, Default)]
 pub struct ClaimHistory {
     members: HashMap<[u8; 32], Held>,
+    /// A version or a verdict changed since the last [`ClaimHistory::take_dirty`].
+    dirty: bool,
 }
 
-#[derive(Debug)]
+/// How long a member the mesh no longer lists is remembered (the mesh's default tombstone
+/// horizon).
+pub const HISTORY_HORIZON_MS: u64 = 72 * 3600 * 1000;
+/// [`HISTORY_HORIZON_MS`], for the docs.
+pub const HISTORY_HORIZON: std::time::Duration =
+    std::time::Duration::from_millis(HISTORY_HORIZON_MS);
+/// The most members remembered.
+pub const MAX_HISTORY: usize = 16_384;
+
+/// One member's entry, as kept on disk.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    /// The member's id, in hex.
+    id: String,
+    #[serde(flatten)]
+    held: Held,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Held {
+    /// This node's clock when it last saw the member in the mesh's list.
+    last_seen_ms: u64,
     version: u64,
     /// This node's clock when it first held `version`.
     seen_ms: u64,
@@ -301,13 +330,20 @@ impl ClaimHistory {
                 .zip(r.claimed_at.iter().copied())
                 .collect()
         };
-        let held = self.members.entry(m.id.0).or_insert_with(|| Held {
-            version: r.version,
-            seen_ms: now_ms,
-            claims: claims(),
-            backdated: Vec::new(),
+        let dirty = &mut self.dirty;
+        let held = self.members.entry(m.id.0).or_insert_with(|| {
+            *dirty = true;
+            Held {
+                last_seen_ms: now_ms,
+                version: r.version,
+                seen_ms: now_ms,
+                claims: claims(),
+                backdated: Vec::new(),
+            }
         });
+        held.last_seen_ms = now_ms;
         if r.version > held.version {
+            *dirty = true;
             let now = claims();
             let without = held.version.min(held.seen_ms);
             held.backdated.retain(|(c, at, _)| now.contains(&(*c, *at)));
@@ -333,9 +369,59 @@ impl ClaimHistory {
     }
 
     /// Forgets the members the mesh no longer holds.
-    fn forget_all_but(&mut self, members: &[Member]) {
+    fn forget_all_but(&mut self, members: &[Member], now_ms: u64) {
         let known: HashSet<[u8; 32]> = members.iter().map(|m| m.id.0).collect();
-        self.members.retain(|id, _| known.contains(id));
+        let before = self.members.len();
+        self.members.retain(|id, h| {
+            known.contains(id) || now_ms.saturating_sub(h.last_seen_ms) < HISTORY_HORIZON_MS
+        });
+        if self.members.len() > MAX_HISTORY {
+            let mut seen: Vec<u64> = self.members.values().map(|h| h.last_seen_ms).collect();
+            seen.sort_unstable();
+            let cut = seen[self.members.len() - MAX_HISTORY];
+            self.members.retain(|_, h| h.last_seen_ms >= cut);
+        }
+        self.dirty |= self.members.len() != before;
+    }
+
+    /// Whether anything worth saving changed since the last call.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// The history as JSON, for `state_dir/claims.json`.
+    pub fn to_json(&self) -> String {
+        let mut saved: Vec<Saved> = self
+            .members
+            .iter()
+            .map(|(id, held)| Saved {
+                id: id.iter().map(|b| format!("{b:02x}")).collect(),
+                held: held.clone(),
+            })
+            .collect();
+        saved.sort_by(|a, b| a.id.cmp(&b.id));
+        serde_json::to_string(&saved).unwrap_or_else(|_| "[]".to_owned())
+    }
+
+    /// A history read back from [`ClaimHistory::to_json`]'s output.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let saved: Vec<Saved> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut members = HashMap::with_capacity(saved.len());
+        for s in saved.into_iter().take(MAX_HISTORY) {
+            let mut id = [0u8; 32];
+            if s.id.len() != 64 || !s.id.is_ascii() {
+                return Err(format!("member id {:?} is not 64 hex digits", s.id));
+            }
+            for (i, b) in id.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&s.id[2 * i..2 * i + 2], 16)
+                    .map_err(|_| format!("member id {:?} is not hex", s.id))?;
+            }
+            members.insert(id, s.held);
+        }
+        Ok(Self {
+            members,
+            dirty: false,
+        })
     }
 
     /// The number of members remembered.
@@ -673,15 +759,69 @@ mod tests {
     }
 
     #[test]
-    fn the_history_forgets_members_the_mesh_forgot() {
+    fn the_history_forgets_members_the_mesh_no_longer_lists_after_the_horizon() {
         let mut h = ClaimHistory::default();
         let a = member("a", &[("100.64.1.0/24", NOW)]);
         let bb = member("bb", &[("100.64.2.0/24", NOW)]);
         policy().vet(&mut h, vec![a.clone(), bb], None, NOW);
         assert_eq!(h.len(), 2);
-        policy().vet(&mut h, vec![a], None, NOW);
+        // Not listed (the mesh may not have relearned it yet): still remembered.
+        policy().vet(&mut h, vec![a.clone()], None, NOW + HOUR);
+        assert_eq!(h.len(), 2);
+        policy().vet(&mut h, vec![a], None, NOW + HISTORY_HORIZON_MS);
         assert_eq!(h.len(), 1);
-        policy().vet(&mut h, vec![], None, NOW);
+        policy().vet(&mut h, vec![], None, NOW + 2 * HISTORY_HORIZON_MS + HOUR);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_node_still_refuses_a_lie_from_its_saved_history() {
+        // The victim saw the liar's honest record, then restarted (a rolling update): the
+        // history comes back from state_dir/claims.json, before the mesh relearns the liar.
+        let mut h = ClaimHistory::default();
+        let honest = at_version(member("liar", &[("100.64.3.0/24", NOW - HOUR)]), NOW - HOUR);
+        assert_eq!(vet_one(&mut h, &honest), Ok(()));
+        assert!(h.take_dirty());
+        let text = h.to_json();
+        let mut restarted = ClaimHistory::from_json(&text).expect("reads back");
+        assert!(!restarted.take_dirty());
+        policy().vet(&mut restarted, vec![], None, NOW);
+        assert_eq!(
+            restarted.len(),
+            1,
+            "kept while the mesh relearns its members"
+        );
+        let lie = at_version(member("liar", &[("100.64.2.0/24", NOW - 2 * HOUR)]), NOW);
+        assert!(matches!(
+            vet_one(&mut restarted, &lie),
+            Err(Refusal::BackDated { .. })
+        ));
+        // A refused member stays refused across a second restart too.
+        let again = ClaimHistory::from_json(&restarted.to_json()).expect("reads back");
+        let mut again = again;
+        assert!(vet_one(&mut again, &at_version(lie, NOW + 1)).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_history_file_is_an_error_naming_what_is_wrong_and_never_a_panic() {
+        for (text, want) in [
+            ("{", "expected a sequence"),
+            ("[", "EOF"),
+            ("[{\"id\": \"zz\"}]", "missing field"),
+            (
+                "[{\"id\": \"ab\", \"last_seen_ms\": 1, \"version\": 1, \"seen_ms\": 1, \"claims\": [], \"backdated\": []}]",
+                "not 64 hex digits",
+            ),
+            (
+                &format!(
+                    "[{{\"id\": \"{}\", \"last_seen_ms\": 1, \"version\": 1, \"seen_ms\": 1, \"claims\": [], \"backdated\": []}}]",
+                    "é".repeat(32)
+                ),
+                "64 hex digits",
+            ),
+        ] {
+            let e = ClaimHistory::from_json(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 }

@@ -173,14 +173,16 @@ pub async fn reconcile_loop(
     ipam: Ipam,
     mut shutdown: crate::shutdown::Shutdown,
 ) {
+    let history_file = ipam.state_file.with_file_name("claims.json");
     let mut r = Reconciler {
+        history: load_history(&history_file),
+        history_file,
         inputs,
         router,
         mesh,
         infos,
         ipam,
         choices: Choices::default(),
-        history: ClaimHistory::default(),
         warned: BTreeSet::new(),
     };
     loop {
@@ -199,6 +201,22 @@ pub async fn reconcile_loop(
     }
 }
 
+/// The claim history saved at `path`; empty (saying why) when there is none or it cannot be
+/// read: a lost history only means this node judges back-dating afresh.
+fn load_history(path: &Path) -> ClaimHistory {
+    match std::fs::read_to_string(path) {
+        Ok(text) => ClaimHistory::from_json(&text).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "the saved claim history is unreadable; starting without it");
+            ClaimHistory::default()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClaimHistory::default(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "could not read the saved claim history; starting without it");
+            ClaimHistory::default()
+        }
+    }
+}
+
 /// The reconcile loop's state between rounds.
 struct Reconciler {
     inputs: Inputs,
@@ -208,6 +226,8 @@ struct Reconciler {
     ipam: Ipam,
     choices: Choices,
     history: ClaimHistory,
+    /// Where `history` is kept across restarts (`state_dir/claims.json`).
+    history_file: std::path::PathBuf,
     /// What was already reported, so each is logged once.
     warned: BTreeSet<String>,
 }
@@ -263,6 +283,14 @@ impl Reconciler {
             nodes.as_ref(),
             &self.ipam.counters,
         );
+        if self.history.take_dirty()
+            && let Err(e) = crate::host::files::write_atomic(
+                &self.history_file,
+                self.history.to_json().as_bytes(),
+            )
+        {
+            warn!(path = %self.history_file.display(), error = %e, "could not save the claim history; a restart forgets what it holds");
+        }
         if let Some(blocks) = self.ipam.step(&snap).await {
             let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
             let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();

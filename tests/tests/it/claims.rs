@@ -180,5 +180,19 @@ fn a_member_back_dating_a_claim_on_another_nodes_block_is_refused_and_the_owner_
     let p = m.peer("a", "b").context("a's peer b")?;
     assert_eq!(p["pod_cidrs"], serde_json::json!(["100.64.2.0/24"]), "{p}");
     weft_tests::ping(&m.lab, &m.daemon("a").ns, "100.64.2.1", None).context("a -> b's pod")?;
+
+    // b restarts (a rolling update): its saved claim history still shows the lie, so it
+    // refuses x again as soon as it relearns it, and keeps its block.
+    let b = m.daemon("b").clone();
+    assert!(m.lab.stop("b", Duration::from_secs(10))?, "b stops cleanly");
+    assert!(
+        b.config.with_file_name("claims.json").exists(),
+        "b saved its claim history"
+    );
+    m.lab.start(&m.bin, &b)?;
+    assert_refused(&m, "b", &["100.64.2.0/24", "back-dated"], "claim_backdated")?;
+    assert_eq!(m.blocks("b")?, ["100.64.2.0/24".parse::<ipnet::IpNet>()?]);
+    weft_tests::ping(&m.lab, &m.daemon("a").ns, "100.64.2.1", None)
+        .context("a -> b's pod after b's restart")?;
     Ok(())
 }
