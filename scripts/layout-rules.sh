@@ -5,7 +5,8 @@
 # Comment lines are not code and are skipped.
 # 2. only `app` spawns tasks: outside src/app/ and src/bin/, no `tokio::spawn`, `spawn_blocking`
 #    or `JoinSet` before a file's `#[cfg(test)]` (tests spawn what they drive);
-# 3. the pure modules do not use tokio.
+# 3. the pure modules do not use tokio;
+# 4. no function in src/ is longer than 80 lines (a long function is steps without names).
 # Prints each breach and exits non-zero when there is one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +33,31 @@ for f in src/plan.rs src/control/reconcile.rs src/control/blocks.rs src/control/
     done < <(grep -n 'tokio' "$f" | grep -v '^[0-9]*: *//' || true)
 done
 
+# A brace-matching scan by indentation: a fn's body ends at the first closing brace at its indent.
+longest_fn_awk='
+FNR == 1 { open = 0 }
+{
+    if (open) {
+        if (match($0, /^ */) && RLENGTH == indent && substr($0, indent + 1, 1) == "}") {
+            len = FNR - start + 1
+            if (len > MAX) printf "%s:%d %s is %d lines\n", FILENAME, start, name, len
+            open = 0
+        }
+        next
+    }
+    if ($0 ~ /^ *(pub(\([a-z]+\))? )?(const )?(async )?(unsafe )?fn [A-Za-z_0-9]+/ && $0 !~ /;[ ]*$/) {
+        match($0, /^ */); indent = RLENGTH
+        n = $0; sub(/^.*fn /, "", n); sub(/[^A-Za-z_0-9].*$/, "", n); name = n
+        start = FNR; open = 1
+        if ($0 ~ /}[ ]*$/ && $0 ~ /{/) { open = 0 }
+    }
+}'
+while IFS= read -r hit; do
+    breach 4 "$hit (at most ${MAX_FN_LINES:-80})"
+done < <(find src -name '*.rs' | sort | xargs awk -v MAX="${MAX_FN_LINES:-80}" "$longest_fn_awk")
+
 if [ "$breaches" -gt 0 ]; then
     echo "scripts/layout-rules.sh: $breaches breach(es) of the module rules in src/lib.rs" >&2
     exit 1
 fi
-echo "layout rules hold: nothing imports app, only app spawns, the pure modules use no tokio"
+echo "layout rules hold: nothing imports app, only app spawns, the pure modules use no tokio, no function over 80 lines"

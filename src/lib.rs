@@ -29,7 +29,8 @@
 //! (`crate::app` appears only in `src/app/` and `weft::app` only in `src/bin/weft.rs`), only
 //! `app` spawns tasks (`tokio::spawn` and `JoinSet` appear in `src/` only under `src/app/`
 //! and in tests), and the pure modules ([`plan`], [`control::reconcile`],
-//! [`control::blocks`], [`control::claims`], [`control::k8s`]) do not use tokio.
+//! [`control::blocks`], [`control::claims`], [`control::k8s`]) do not use tokio; and no
+//! function is longer than 80 lines.
 
 pub mod api;
 pub mod app;
