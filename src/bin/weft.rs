@@ -29,8 +29,9 @@ enum Cmd {
         /// The config file (YAML).
         #[arg(long, short, default_value = weft_config::DEFAULT_CONFIG_PATH, env = "WEFT_CONFIG")]
         config: PathBuf,
-        /// Forgets the pod blocks saved in state_dir (ipam.json) and claims afresh; for a state
-        /// file that cannot be read, or a node moved to another cluster.
+        /// Forgets the pod blocks saved in state_dir (ipam.json) and claims afresh, and the claim
+        /// history (claims.json); for a state file that cannot be read, a node moved to another
+        /// cluster, or a member refused by mistake.
         #[arg(long)]
         reset_state: bool,
     },

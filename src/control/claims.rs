@@ -279,7 +279,14 @@ pub struct ClaimHistory {
     members: HashMap<[u8; 32], Held>,
     /// A version or a verdict changed since the last [`ClaimHistory::take_dirty`].
     dirty: bool,
+    /// This node's clock at the first round (not saved).
+    started_ms: Option<u64>,
 }
+
+/// How long after a start members the mesh does not list are kept regardless of age.
+pub const PRUNE_SETTLE_MS: u64 = 5 * 60 * 1000;
+/// How far past this node's clock a saved time may lie; an entry beyond it is dropped at load.
+pub const MAX_SAVED_AHEAD_MS: u64 = 24 * 3600 * 1000;
 
 /// How long a member the mesh no longer lists is remembered (the mesh's default tombstone
 /// horizon).
@@ -337,7 +344,7 @@ impl ClaimHistory {
                 last_seen_ms: now_ms,
                 version: r.version,
                 seen_ms: now_ms,
-                claims: claims(),
+                claims: claims().into_iter().take(2).collect(),
                 backdated: Vec::new(),
             }
         });
@@ -356,12 +363,15 @@ impl ClaimHistory {
             }
             held.version = r.version;
             held.seen_ms = now_ms;
+            // More than one claim per family is refused (`TooMany`); two are enough to keep.
             // A back-dated claim never becomes an earlier record's claim, so a later version
             // cannot launder it by dropping the others.
             held.claims = now
                 .into_iter()
                 .filter(|c| !held.backdated.iter().any(|b| (b.0, b.1) == *c))
+                .take(2)
                 .collect();
+            held.backdated.truncate(2);
         }
         held.backdated
             .first()
@@ -372,16 +382,33 @@ impl ClaimHistory {
     fn forget_all_but(&mut self, members: &[Member], now_ms: u64) {
         let known: HashSet<[u8; 32]> = members.iter().map(|m| m.id.0).collect();
         let before = self.members.len();
-        self.members.retain(|id, h| {
-            known.contains(id) || now_ms.saturating_sub(h.last_seen_ms) < HISTORY_HORIZON_MS
-        });
+        // Right after a start the mesh has not relearned its members yet: an entry it does not
+        // list is only forgotten once it has had [`PRUNE_SETTLE_MS`] to show up.
+        let since = *self.started_ms.get_or_insert(now_ms);
+        if now_ms.saturating_sub(since) >= PRUNE_SETTLE_MS {
+            self.members.retain(|id, h| {
+                known.contains(id) || now_ms.saturating_sub(h.last_seen_ms) < HISTORY_HORIZON_MS
+            });
+        }
         if self.members.len() > MAX_HISTORY {
-            let mut seen: Vec<u64> = self.members.values().map(|h| h.last_seen_ms).collect();
-            seen.sort_unstable();
-            let cut = seen[self.members.len() - MAX_HISTORY];
-            self.members.retain(|_, h| h.last_seen_ms >= cut);
+            // The least recently seen go first, ties by id: exactly MAX_HISTORY stay.
+            let mut order: Vec<(u64, [u8; 32])> = self
+                .members
+                .iter()
+                .map(|(id, h)| (h.last_seen_ms, *id))
+                .collect();
+            order.sort_unstable();
+            let excess = self.members.len() - MAX_HISTORY;
+            for (_, id) in &order[..excess] {
+                self.members.remove(id);
+            }
         }
         self.dirty |= self.members.len() != before;
+    }
+
+    /// Marks the history as still to be saved (a save failed).
+    pub fn set_dirty(&mut self) {
+        self.dirty = true;
     }
 
     /// Whether anything worth saving changed since the last call.
@@ -403,10 +430,19 @@ impl ClaimHistory {
         serde_json::to_string(&saved).unwrap_or_else(|_| "[]".to_owned())
     }
 
-    /// A history read back from [`ClaimHistory::to_json`]'s output.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let saved: Vec<Saved> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let mut members = HashMap::with_capacity(saved.len());
+    /// A history read back from [`ClaimHistory::to_json`]'s output at this node's clock
+    /// `now_ms`: entries with times more than [`MAX_SAVED_AHEAD_MS`] past it are dropped (a
+    /// version of `u64::MAX` would switch the check off for that member), and at most
+    /// [`MAX_HISTORY`] are kept, the most recently seen.
+    pub fn from_json(text: &str, now_ms: u64) -> Result<Self, String> {
+        let mut saved: Vec<Saved> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let limit = now_ms.saturating_add(MAX_SAVED_AHEAD_MS);
+        saved.retain(|s| {
+            let h = &s.held;
+            h.version <= limit && h.seen_ms <= limit && h.last_seen_ms <= limit
+        });
+        saved.sort_by_key(|s| std::cmp::Reverse(s.held.last_seen_ms));
+        let mut members = HashMap::with_capacity(saved.len().min(MAX_HISTORY));
         for s in saved.into_iter().take(MAX_HISTORY) {
             let mut id = [0u8; 32];
             if s.id.len() != 64 || !s.id.is_ascii() {
@@ -421,6 +457,7 @@ impl ClaimHistory {
         Ok(Self {
             members,
             dirty: false,
+            started_ms: None,
         })
     }
 
@@ -783,7 +820,7 @@ mod tests {
         assert_eq!(vet_one(&mut h, &honest), Ok(()));
         assert!(h.take_dirty());
         let text = h.to_json();
-        let mut restarted = ClaimHistory::from_json(&text).expect("reads back");
+        let mut restarted = ClaimHistory::from_json(&text, NOW).expect("reads back");
         assert!(!restarted.take_dirty());
         policy().vet(&mut restarted, vec![], None, NOW);
         assert_eq!(
@@ -797,9 +834,45 @@ mod tests {
             Err(Refusal::BackDated { .. })
         ));
         // A refused member stays refused across a second restart too.
-        let again = ClaimHistory::from_json(&restarted.to_json()).expect("reads back");
+        let again = ClaimHistory::from_json(&restarted.to_json(), NOW).expect("reads back");
         let mut again = again;
         assert!(vet_one(&mut again, &at_version(lie, NOW + 1)).is_err());
+    }
+
+    #[test]
+    fn saved_times_far_past_the_clock_are_dropped_and_the_cap_keeps_the_most_recently_seen() {
+        let entry = |id: u8, last: u64, version: u64| {
+            format!(
+                "{{\"id\": \"{}\", \"last_seen_ms\": {last}, \"version\": {version}, \"seen_ms\": 1, \"claims\": [], \"backdated\": []}}",
+                format!("{id:02x}").repeat(32)
+            )
+        };
+        // A version of u64::MAX would switch the check off for that member: dropped.
+        let text = format!("[{}, {}]", entry(1, NOW, u64::MAX), entry(2, NOW, NOW));
+        let h = ClaimHistory::from_json(&text, NOW).unwrap();
+        assert_eq!(h.len(), 1);
+        // More entries than the cap: the most recently seen stay, exactly MAX_HISTORY.
+        let mut h = ClaimHistory::default();
+        for i in 0..(MAX_HISTORY as u64 + 10) {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            h.members.insert(
+                id,
+                Held {
+                    last_seen_ms: NOW,
+                    version: 1,
+                    seen_ms: 1,
+                    claims: vec![],
+                    backdated: vec![],
+                },
+            );
+        }
+        policy().vet(&mut h, vec![], None, NOW);
+        assert_eq!(
+            h.len(),
+            MAX_HISTORY,
+            "ties at one instant still honour the cap"
+        );
     }
 
     #[test]
@@ -820,7 +893,7 @@ mod tests {
                 "64 hex digits",
             ),
         ] {
-            let e = ClaimHistory::from_json(text).unwrap_err();
+            let e = ClaimHistory::from_json(text, NOW).unwrap_err();
             assert!(e.contains(want), "{text}: {e}");
         }
     }

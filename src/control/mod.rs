@@ -177,6 +177,7 @@ pub async fn reconcile_loop(
     let mut r = Reconciler {
         history: load_history(&history_file),
         history_file,
+        history_saved: None,
         inputs,
         router,
         mesh,
@@ -187,7 +188,10 @@ pub async fn reconcile_loop(
     };
     loop {
         tokio::select! {
-            () = shutdown.wait() => return,
+            () = shutdown.wait() => {
+                r.save_history(true);
+                return;
+            }
             Some(e) = events.recv() => {
                 debug!(event = ?e, "membership changed");
                 while events.try_recv().is_ok() {}
@@ -201,12 +205,39 @@ pub async fn reconcile_loop(
     }
 }
 
+impl Reconciler {
+    /// Saves the claim history when it changed, at most every [`HISTORY_SAVE_EVERY`] (or now,
+    /// with `force`, at shutdown); a failed save is tried again later.
+    fn save_history(&mut self, force: bool) {
+        #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
+        let now = std::time::Instant::now();
+        let due = self
+            .history_saved
+            .is_none_or(|t| now.saturating_duration_since(t) >= HISTORY_SAVE_EVERY);
+        if !(force || due) || !self.history.take_dirty() {
+            return;
+        }
+        self.history_saved = Some(now);
+        let text = self.history.to_json();
+        if let Err(e) = crate::host::files::write_atomic(&self.history_file, text.as_bytes()) {
+            self.history.set_dirty();
+            warn!(path = %self.history_file.display(), error = %e, "could not save the claim history; trying again later");
+        }
+    }
+}
+
+/// How often the claim history is saved at most, while it changes.
+const HISTORY_SAVE_EVERY: Duration = Duration::from_secs(30);
+
 /// The claim history saved at `path`; empty (saying why) when there is none or it cannot be
 /// read: a lost history only means this node judges back-dating afresh.
 fn load_history(path: &Path) -> ClaimHistory {
     match std::fs::read_to_string(path) {
-        Ok(text) => ClaimHistory::from_json(&text).unwrap_or_else(|e| {
-            warn!(path = %path.display(), error = %e, "the saved claim history is unreadable; starting without it");
+        Ok(text) => ClaimHistory::from_json(&text, now_millis()).unwrap_or_else(|e| {
+            // Kept aside for a look, not overwritten by the next save.
+            let aside = path.with_extension("json.corrupt");
+            let kept = std::fs::rename(path, &aside).is_ok();
+            warn!(path = %path.display(), error = %e, kept_as = %if kept { aside.display().to_string() } else { "-".into() }, "the saved claim history is unreadable; starting without it");
             ClaimHistory::default()
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClaimHistory::default(),
@@ -228,6 +259,8 @@ struct Reconciler {
     history: ClaimHistory,
     /// Where `history` is kept across restarts (`state_dir/claims.json`).
     history_file: std::path::PathBuf,
+    /// When it was last saved.
+    history_saved: Option<std::time::Instant>,
     /// What was already reported, so each is logged once.
     warned: BTreeSet<String>,
 }
@@ -283,14 +316,7 @@ impl Reconciler {
             nodes.as_ref(),
             &self.ipam.counters,
         );
-        if self.history.take_dirty()
-            && let Err(e) = crate::host::files::write_atomic(
-                &self.history_file,
-                self.history.to_json().as_bytes(),
-            )
-        {
-            warn!(path = %self.history_file.display(), error = %e, "could not save the claim history; a restart forgets what it holds");
-        }
+        self.save_history(false);
         if let Some(blocks) = self.ipam.step(&snap).await {
             let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
             let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();
@@ -801,6 +827,14 @@ pub fn write_state(path: &Path, blocks: &[SavedBlock]) -> std::io::Result<()> {
 /// it cannot be read or parsed (`--reset-state` starts afresh instead).
 pub fn read_state(path: &Path, reset: bool) -> anyhow::Result<Vec<SavedBlock>> {
     if reset {
+        let history = path.with_file_name("claims.json");
+        match std::fs::remove_file(&history) {
+            Ok(()) => {
+                warn!(path = %history.display(), "--reset-state: the claim history is forgotten")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", history.display())),
+        }
         match std::fs::remove_file(path) {
             Ok(()) => {
                 warn!(path = %path.display(), "--reset-state: the saved pod blocks are forgotten")
