@@ -823,25 +823,25 @@ pub fn write_state(path: &Path, blocks: &[SavedBlock]) -> std::io::Result<()> {
     crate::host::files::write_atomic(path, Snapshot::new(blocks.to_vec()).to_json().as_bytes())
 }
 
+/// Removes `path` for `--reset-state`, logging `said`; a file that is not there is fine.
+fn forget(path: &Path, said: &str) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => warn!(path = %path.display(), "--reset-state: {said}"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}
+
 /// Reads the persisted blocks: none when the file does not exist, an error naming the file when
 /// it cannot be read or parsed (`--reset-state` starts afresh instead).
 pub fn read_state(path: &Path, reset: bool) -> anyhow::Result<Vec<SavedBlock>> {
     if reset {
-        let history = path.with_file_name("claims.json");
-        match std::fs::remove_file(&history) {
-            Ok(()) => {
-                warn!(path = %history.display(), "--reset-state: the claim history is forgotten")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", history.display())),
-        }
-        match std::fs::remove_file(path) {
-            Ok(()) => {
-                warn!(path = %path.display(), "--reset-state: the saved pod blocks are forgotten")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-        }
+        forget(
+            &path.with_file_name("claims.json"),
+            "the claim history is forgotten",
+        )?;
+        forget(path, "the saved pod blocks are forgotten")?;
         return Ok(Vec::new());
     }
     match std::fs::read_to_string(path) {
