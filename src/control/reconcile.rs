@@ -119,6 +119,23 @@ impl Choices {
         }
     }
 
+    /// Observes one round: `encrypted` lists every peer on a WireGuard path now, with its
+    /// state and number of candidates. A peer not among them (gone, or on a plaintext path)
+    /// is forgotten, so its next spell on WireGuard starts at its first candidate with a fresh
+    /// timer rather than falling back at once on a timer left from an earlier spell.
+    pub fn observe_round(
+        &mut self,
+        now: Instant,
+        encrypted: impl IntoIterator<Item = ([u8; 32], PeerState, usize)>,
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        for (key, state, n) in encrypted {
+            self.observe(now, key, state, n);
+            seen.insert(key);
+        }
+        self.retain(|k| seen.contains(k));
+    }
+
     fn index(&self, key: &[u8; 32]) -> usize {
         self.chosen.get(key).map_or(0, |c| c.0)
     }
@@ -251,14 +268,27 @@ fn endpoint(
     cands: &[(IpAddr, Reason)],
     choices: &Choices,
 ) -> (Option<SocketAddr>, Reason, PathKind) {
+    // Plaintext first: whether a candidate may carry plaintext depends on the two records
+    // only, so both ends pick the same one. A fallback chosen by this node alone (after
+    // handshakes that did not complete) must never make this end encrypt while the other
+    // sends plaintext: each would drop what the other sends.
+    let mine = local_address(me, r);
+    if let Some(&(addr, reason)) = cands
+        .iter()
+        .find(|(addr, _)| mine.is_some_and(|m| plaintext(me, m, r, *addr)))
+    {
+        return (
+            Some(SocketAddr::new(addr, r.router_port)),
+            reason,
+            PathKind::Plaintext,
+        );
+    }
     match cands.get(choices.index(&r.wireguard_key) % cands.len().max(1)) {
-        Some(&(addr, reason)) => {
-            let path = match local_address(me, r) {
-                Some(mine) if plaintext(me, mine, r, addr) => PathKind::Plaintext,
-                _ => PathKind::Encrypted,
-            };
-            (Some(SocketAddr::new(addr, r.router_port)), reason, path)
-        }
+        Some(&(addr, reason)) => (
+            Some(SocketAddr::new(addr, r.router_port)),
+            reason,
+            PathKind::Encrypted,
+        ),
         None => (None, Reason::None, PathKind::Encrypted),
     }
 }
@@ -380,6 +410,80 @@ mod tests {
         liar.trusted_subnets = vec!["0.0.0.0/0".parse().unwrap()];
         let (d, _) = desired(&me, [1; 32], &[member(liar)], &[], &Choices::default());
         assert_eq!(d[0].config.path, PathKind::Encrypted);
+    }
+
+    #[test]
+    fn a_pair_both_trusting_the_lan_is_plaintext_there_whatever_this_ends_fallback_says() {
+        // This end fell back to b's public address while the LAN was untrusted; trust is back
+        // on both sides. b's side has no fallback and sends plaintext to our private address:
+        // we must do the same, or each end drops what the other sends.
+        let lan: IpNet = "198.18.1.0/24".parse().unwrap();
+        let mut me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let mut b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
+        let mut ch = Choices::default();
+        let t0 = Instant::now();
+        ch.observe(t0, b.wireguard_key, PeerState::Connecting, 2);
+        ch.observe(
+            t0 + FALLBACK_AFTER,
+            b.wireguard_key,
+            PeerState::Connecting,
+            2,
+        );
+        ch.observe(t0 + FALLBACK_AFTER * 2, b.wireguard_key, PeerState::Up, 2);
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &ch);
+        assert_eq!(
+            d[0].reason,
+            Reason::Fallback,
+            "encrypted: the fallback holds"
+        );
+        me.trusted_subnets = vec![lan];
+        b.trusted_subnets = vec![lan];
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &ch);
+        assert_eq!(d[0].config.path, PathKind::Plaintext);
+        assert_eq!(
+            d[0].config.endpoint,
+            Some("198.18.1.2:51820".parse().unwrap())
+        );
+        assert_eq!(d[0].reason, Reason::SameRegion);
+        // And what b decides about us agrees.
+        let (back, _) = desired(&b, [2; 32], &[member(me)], &[], &Choices::default());
+        assert_eq!(back[0].config.path, PathKind::Plaintext);
+        assert_eq!(
+            back[0].config.endpoint,
+            Some("198.18.1.1:51820".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_new_spell_on_wireguard_starts_at_the_first_candidate_with_a_fresh_timer() {
+        // Up on WireGuard, then a plaintext spell of a minute (not observed), then WireGuard
+        // again: the timer left from the first spell must not make it fall back at once.
+        let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let b = rec("b", "eu", "198.18.1.2", "198.19.0.2", 2, 2);
+        let key = b.wireguard_key;
+        let mut ch = Choices::default();
+        let t0 = Instant::now();
+        ch.observe_round(t0, [(key, PeerState::Up, 2)]);
+        for s in 1..60 {
+            ch.observe_round(t0 + Duration::from_secs(s), []);
+        }
+        ch.observe_round(
+            t0 + Duration::from_secs(60),
+            [(key, PeerState::Connecting, 2)],
+        );
+        ch.observe_round(
+            t0 + Duration::from_secs(61),
+            [(key, PeerState::Connecting, 2)],
+        );
+        let (d, _) = desired(&me, [1; 32], &[member(b.clone())], &[], &ch);
+        assert_eq!(d[0].reason, Reason::SameRegion, "fell back at once");
+        // The fallback still comes when the new spell's handshakes do not complete.
+        ch.observe_round(
+            t0 + Duration::from_secs(60) + FALLBACK_AFTER,
+            [(key, PeerState::Connecting, 2)],
+        );
+        let (d, _) = desired(&me, [1; 32], &[member(b)], &[], &ch);
+        assert_eq!(d[0].reason, Reason::Fallback);
     }
 
     #[test]
