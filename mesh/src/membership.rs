@@ -195,6 +195,8 @@ pub struct Membership {
     rumours: BTreeMap<ShortId, Beat>,
     bids: clash::Bids,
     full_reported: bool,
+    /// A neighbour's digest found it knew nothing this node lacked ([`Membership::synced`]).
+    synced: bool,
     out: VecDeque<Transmit>,
     dials: VecDeque<SocketAddr>,
     closes: VecDeque<ConnId>,
@@ -248,12 +250,21 @@ impl Membership {
             rumours: BTreeMap::new(),
             bids: clash::Bids::default(),
             full_reported: false,
+            synced: false,
             out: VecDeque::new(),
             dials: VecDeque::new(),
             closes: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
         }
+    }
+
+    /// Whether this node has caught up with a neighbour once: a digest it received named
+    /// nothing it lacked. A neighbour sends the records a new connection lacks before its
+    /// digest, so from then on this node knows what that neighbour knew (claims included),
+    /// without waiting out a fixed delay.
+    pub fn synced(&self) -> bool {
+        self.synced
     }
 
     /// This node's id.

@@ -83,6 +83,14 @@ pub fn assigned(blocks: &[IpNet], held: &[SavedBlock], now_ms: u64) -> Vec<Saved
         .collect()
 }
 
+/// Whether a node without a block may make its first claim: `settle` has passed since the
+/// start, or the mesh has caught up with a neighbour (`synced`) that knew of claims already, so
+/// what is taken is known now. A neighbour that knows of no claim (a mesh starting all at once)
+/// proves nothing, and the delay stands.
+pub fn settled(elapsed: Duration, settle: Duration, synced: bool, members: &[Member]) -> bool {
+    elapsed >= settle || (synced && members.iter().any(|m| !m.record.pod_cidrs.is_empty()))
+}
+
 /// The claims of `members` as the allocator weighs them: a member holds its claims while it is
 /// alive, or down for less than `expiry`; one that left holds nothing.
 pub fn others(members: &[Member], now: Instant, expiry: Duration) -> Vec<Other> {
@@ -201,5 +209,40 @@ impl Blocks {
                 other: c.owner,
                 theirs: c.block,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_mesh::NodeId;
+    use weft_mesh::testing::{member, node_record};
+
+    use super::*;
+
+    #[test]
+    fn a_first_claim_waits_out_the_settle_unless_the_mesh_caught_up_with_known_claims() {
+        let (settle, early) = (Duration::from_secs(3), Duration::from_millis(200));
+        let claimed = member(NodeId([1; 32]), node_record("a", 1));
+        let bare = member(
+            NodeId([2; 32]),
+            weft_mesh::NodeRecord {
+                pod_cidrs: vec![],
+                claimed_at: vec![],
+                ..node_record("b", 1)
+            },
+        );
+        // An established mesh, caught up with: no wait.
+        assert!(settled(early, settle, true, std::slice::from_ref(&claimed)));
+        // Not caught up yet, or caught up with members that claim nothing: wait.
+        assert!(!settled(
+            early,
+            settle,
+            false,
+            std::slice::from_ref(&claimed)
+        ));
+        assert!(!settled(early, settle, true, std::slice::from_ref(&bare)));
+        assert!(!settled(early, settle, true, &[]));
+        // The delay over: settled whatever the mesh says.
+        assert!(settled(settle, settle, false, &[]));
     }
 }

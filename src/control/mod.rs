@@ -351,15 +351,16 @@ impl Reconciler {
             })
             .collect();
         // Only WireGuard paths are confirmed by a handshake; a plaintext path needs none.
-        for p in actual
-            .iter()
-            .filter(|p| p.config.path == weft_router::PathKind::Encrypted)
-        {
-            if let Some(n) = cands.get(&p.config.public_key) {
-                self.choices.observe(now, p.config.public_key, p.state, *n);
-            }
-        }
-        self.choices.retain(|k| cands.contains_key(k));
+        self.choices.observe_round(
+            now,
+            actual
+                .iter()
+                .filter(|p| p.config.path == weft_router::PathKind::Encrypted)
+                .filter_map(|p| {
+                    let n = cands.get(&p.config.public_key)?;
+                    Some((p.config.public_key, p.state, *n))
+                }),
+        );
         cands
     }
 
@@ -704,7 +705,12 @@ impl Ipam {
     fn next(&mut self, snap: &MeshSnapshot) -> Option<(Vec<SavedBlock>, Vec<BlockEvent>)> {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
-        let settled = now.saturating_duration_since(self.started) >= self.settle;
+        let settled = blocks::settled(
+            now.saturating_duration_since(self.started),
+            self.settle,
+            snap.synced,
+            &snap.members,
+        );
         let Some(rx) = &self.external else {
             return Some(self.blocks.round(&snap.members, now, now_millis(), settled));
         };

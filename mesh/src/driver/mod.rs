@@ -150,6 +150,8 @@ pub struct Snapshot {
     pub traffic: Traffic,
     /// Another daemon with this node's key, once detected.
     pub identity_clash: Option<IdentityClash>,
+    /// This node has caught up with a neighbour's state once ([`Membership::synced`]).
+    pub synced: bool,
     /// Members held down for an address an established member advertises.
     pub address_clashes: Vec<AddressClash>,
 }
@@ -314,6 +316,7 @@ impl Running {
             connections: self.mesh.connections(),
             traffic: self.traffic,
             identity_clash: self.mesh.identity_clash(),
+            synced: self.mesh.synced(),
             address_clashes: self.mesh.address_clashes(),
         }
     }

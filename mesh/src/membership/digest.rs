@@ -121,6 +121,7 @@ impl Membership {
         for frame in record_frames(records).into_iter().chain(beat_frames(beats)) {
             self.out.push_back(Transmit { conn, frame });
         }
+        self.synced |= !they_know_more;
         // Our digest back only when asked, or when they hold something we lack.
         if reply || they_know_more {
             self.send_digest(conn, false);

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use weft_mesh::Event;
 use weft_tests::sim::{
-    GOSSIP_INTERVAL, LIVENESS_TIMEOUT, Sim, one_earlier, sim_record, test_config as config,
+    GOSSIP_INTERVAL, LIVENESS_TIMEOUT, Sim, one_earlier, sim_identity, sim_record,
+    test_config as config,
 };
 
 #[test]
@@ -28,6 +29,31 @@ fn two_hundred_nodes_each_bootstrapped_from_one_other_converge() {
         assert_eq!(sim.node(i).mesh.drops().malformed, 0);
         assert_eq!(sim.node(i).mesh.drops().unauthenticated, 0);
     }
+}
+
+#[test]
+fn a_node_joining_an_established_mesh_knows_it_caught_up_after_one_exchange() {
+    let n = 20;
+    let mut sim = Sim::new(n, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    let newcomer = sim.add(sim_record(n, 1), sim_identity(n), Some(5));
+    assert!(
+        !sim.node(newcomer).mesh.synced(),
+        "caught up before any answer arrived"
+    );
+    // One exchange with its bootstrap (a few 20 ms hops), well within a gossip interval.
+    let took = sim
+        .run_until(GOSSIP_INTERVAL, |s| s.node(newcomer).mesh.synced())
+        .expect("the newcomer did not catch up within a gossip interval");
+    // Caught up means it holds what its neighbour held: every member, claims included.
+    let members = sim.node(newcomer).mesh.members();
+    assert_eq!(
+        members.len(),
+        n,
+        "caught up after {took:?} holding {members:?}"
+    );
+    assert!(members.iter().all(|m| !m.record.pod_cidrs.is_empty()));
 }
 
 #[test]
