@@ -51,6 +51,10 @@ step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 # bench/results/router.md); they fail loudly when a comparison cannot run.
 step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --out target/net-smoke.md
 step cargo run -q -p weft-bench --locked -- router --secs 1 --reps 1 --out target/router-smoke.md
+# The chaos lab, short (the full run: bench/results/chaos.md): 8 real daemons restarted,
+# killed, wiped, partitioned and reloaded on a fixed seed; it fails, naming the seed, when an
+# invariant breaks.
+step cargo run -q -p weft-bench --locked -- chaos --nodes 8 --mins 2.5 --seed 14 --out target/chaos-smoke.md
 # The sequence fuzz targets (router datagrams, gossip frames over time, the transport's framing),
 # bounded in time.
 if cargo +nightly fuzz --version >/dev/null 2>&1; then

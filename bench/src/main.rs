@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod chaos;
 mod net;
 mod router;
 
@@ -68,6 +69,34 @@ enum Cmd {
         /// Where to write the table.
         #[arg(long, default_value = "bench/results/router.md")]
         out: PathBuf,
+    },
+    /// Real daemons under faults (root): N `weft run` daemons in namespaces over three
+    /// regions, a seeded schedule of kill -9, restarts, wiped state, partitions, loss and
+    /// reloads, every pair probed all the time and the invariants checked once a second.
+    /// Writes bench/results/chaos.md and chaos.svg; exits non-zero, naming the seed, when an
+    /// invariant broke.
+    Chaos {
+        /// Daemons (2 to 250).
+        #[arg(long, default_value_t = 24)]
+        nodes: usize,
+        /// Minutes of faults (after every pair first answered).
+        #[arg(long, default_value_t = 10.0)]
+        mins: f64,
+        /// The schedule's seed (the same seed, nodes and minutes replay the same faults).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where to write the report (the SVG goes beside it).
+        #[arg(long, default_value = "bench/results/chaos.md")]
+        out: PathBuf,
+        /// Prints the schedule the seed gives and exits (no lab, no root needed).
+        #[arg(long)]
+        schedule_only: bool,
+        /// Faults to carry out instead of the seed's, one after another with a 15 s gap:
+        /// `kill:NODE:SECS`, `restart:NODE`, `wipe:NODE`, `partition:REGION:SECS`,
+        /// `loss:NODE:PERCENT:DELAY_MS:SECS`, `reload:SECS`, joined by commas (regions: eu, us,
+        /// ap). `--mins` is then ignored.
+        #[arg(long)]
+        faults: Option<String>,
     },
     /// Mesh scale in simulation: convergence time and steady-state gossip bytes per node.
     Mesh {
@@ -380,6 +409,31 @@ fn main() -> anyhow::Result<()> {
             print!("{report}");
             std::fs::write(&out, report)?;
             eprintln!("wrote {}", out.display());
+        }
+        Cmd::Chaos {
+            nodes,
+            mins,
+            seed,
+            out,
+            schedule_only,
+            faults,
+        } => {
+            anyhow::ensure!(
+                mins.is_finite() && mins > 0.0 && mins <= 24.0 * 60.0,
+                "--mins {mins}: give a length of faults between a few seconds and a day"
+            );
+            let opts = chaos::Opts {
+                nodes,
+                duration: Duration::from_secs_f64(mins * 60.0),
+                seed,
+                out,
+                faults,
+            };
+            if schedule_only {
+                print!("{}", chaos::schedule_text(&opts)?);
+            } else {
+                chaos::run(&weft_binary()?, &opts)?;
+            }
         }
         Cmd::Mesh {
             sizes,

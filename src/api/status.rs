@@ -42,6 +42,12 @@ pub struct MeshStatus {
     /// Members held down because an established member advertises their address.
     #[serde(default)]
     pub address_clashes: Vec<String>,
+    /// Gossip frame bytes sent since the daemon started (as the metric `weft_mesh_gossip_sent`).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Gossip frame bytes received since the daemon started.
+    #[serde(default)]
+    pub bytes_received: u64,
 }
 
 /// One mesh member.

@@ -146,5 +146,7 @@ fn mesh_status(m: &MeshSnapshot, ipam: &crate::api::metrics::IpamCounters) -> Me
             .collect(),
         connections: m.connections,
         drops,
+        bytes_sent: m.traffic.bytes_sent,
+        bytes_received: m.traffic.bytes_received,
     }
 }

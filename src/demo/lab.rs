@@ -169,16 +169,17 @@ impl Lab {
         Ok(())
     }
 
-    /// Connects `node`'s interface `ifname` (address `addr`) to `bridge` in namespace `switch`.
+    /// Connects `node`'s interface `ifname` (address `addr`) to `bridge` in namespace `switch`;
+    /// returns the name of the bridge port in the switch (for filtering in the fabric).
     pub fn plug(
         &mut self,
         (switch, bridge): (&str, &str),
         (node, ifname, addr): (&str, &str, &str),
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<String> {
         let port = format!("p{}", COUNTER.fetch_add(1, Ordering::Relaxed));
         self.link((node, ifname, addr), (switch, &port, ""))?;
         self.ip(switch, &["link", "set", &port, "master", bridge])?;
-        Ok(())
+        Ok(port)
     }
 
     /// Starts `cmd` and keeps it until the lab is dropped (or [`stop`](Self::stop)). A process
@@ -311,7 +312,7 @@ fn inet_checksum(bytes: &[u8]) -> u16 {
 }
 
 /// An ICMP echo request with identifier `id` and sequence number `seq`.
-fn echo_request(id: u16, seq: u16) -> [u8; 40] {
+pub fn echo_request(id: u16, seq: u16) -> [u8; 40] {
     let mut m = [0u8; 40];
     m[0] = 8; // echo request, code 0
     m[4..6].copy_from_slice(&id.to_be_bytes());
@@ -327,24 +328,22 @@ fn echo_request(id: u16, seq: u16) -> [u8; 40] {
 /// Whether `packet` (an IPv4 datagram as a raw socket reads it) is the echo reply from `from`
 /// to request (`id`, `seq`).
 fn is_echo_reply(packet: &[u8], from: Ipv4Addr, id: u16, seq: u16) -> bool {
-    let Some(&first) = packet.first() else {
-        return false;
-    };
-    let ihl = usize::from(first & 0x0f) * 4;
-    let src = packet
-        .get(12..16)
-        .map(|s| Ipv4Addr::new(s[0], s[1], s[2], s[3]));
-    let icmp = packet.get(ihl..ihl + 8);
-    match (src, icmp) {
-        (Some(src), Some(h)) => {
-            src == from
-                && h[0] == 0
-                && h[1] == 0
-                && h[4..6] == id.to_be_bytes()
-                && h[6..8] == seq.to_be_bytes()
-        }
-        _ => false,
-    }
+    echo_reply(packet) == Some((from, id, seq))
+}
+
+/// The source, identifier and sequence number of `packet` when it is an ICMP echo reply (an
+/// IPv4 datagram as a raw socket reads it).
+pub fn echo_reply(packet: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let s = packet.get(12..16)?;
+    let h = packet.get(ihl..ihl + 8)?;
+    (h[0] == 0 && h[1] == 0).then(|| {
+        (
+            Ipv4Addr::new(s[0], s[1], s[2], s[3]),
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+        )
+    })
 }
 
 /// The echo loop of [`Lab::icmp_echo`], in the namespace already.
@@ -654,6 +653,18 @@ impl Stream {
             word: [0; 8],
             pos: 8,
         }
+    }
+
+    /// The next eight bytes as a number (a seeded random source for schedules).
+    pub fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// A number below `n` (`n` > 0), from the next eight bytes.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 
     /// Fills `buf` with the next bytes.
