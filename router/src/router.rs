@@ -22,8 +22,14 @@ use crate::tunnel::Tunnel;
 
 /// How often WireGuard's timers run (boringtun asks for about every 250 ms).
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Handshake initiations accepted per second before the router answers with cookies.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages accepted per second before the router answers with cookies. A node that
+/// restarts in a mesh of N meets N initiations and N answers to its own at once, a legitimate
+/// burst: at 100 (boringtun's device default) a 60-node mesh already pushed peers into cookie
+/// round trips and a 5 s retry (the chaos lab's restart limit). Kernel WireGuard turns to
+/// cookies at 512 queued handshakes; 1000 a second covers a restart among ~500 peers. Up to the
+/// limit a flood costs its Diffie-Hellmans (about 0.1 of a core at 1000 a second); past it,
+/// only MACs.
+const HANDSHAKE_RATE_LIMIT: u64 = 1000;
 /// WireGuard's message type of a cookie reply.
 const COOKIE_REPLY: u8 = 3;
 /// The smallest output buffer the router accepts: a handshake initiation is 148 bytes.

@@ -342,8 +342,8 @@ fn replayed_initiations_under_load_neither_move_the_endpoint_nor_mark_a_handshak
     assert_eq!(handshakes(&mut p.b.router), 1, "the genuine initiation");
     let attacker = sa("198.19.0.66:4444");
     let mut out = vec![0u8; 2048];
-    // Past both the per-peer limit boringtun would use alone (10) and the router's (100).
-    for _ in 0..150 {
+    // Past both the per-peer limit boringtun would use alone (10) and the router's (1000).
+    for _ in 0..1100 {
         let _ = p.b.router.handle_datagram(p.now, attacker, &init, &mut out);
     }
     let s = &p.b.router.peers(p.now)[0];
@@ -357,6 +357,40 @@ fn replayed_initiations_under_load_neither_move_the_endpoint_nor_mark_a_handshak
         s_drops(&p.b.router, p.now) > 0,
         "the limiter's answers are counted as rate limited"
     );
+}
+
+/// A node restarting in a mesh of hundreds meets every peer's initiation at once: a legitimate
+/// burst, answered with handshake responses, not with cookies that cost each peer a 5 s retry.
+#[test]
+fn a_burst_of_initiations_from_hundreds_of_peers_is_answered_without_cookies() {
+    let now = Instant::now();
+    let kb = StaticSecret::from([2; 32]);
+    let mut b = Router::new(kb.clone(), 200);
+    let mut out = vec![0u8; 2048];
+    let n: u32 = 400;
+    let mut cookies = 0;
+    for i in 0..n {
+        let mut bytes = [7u8; 32];
+        // Bytes 1..5: X25519 clamping clears the low bits of byte 0.
+        bytes[1..5].copy_from_slice(&(i + 10).to_le_bytes());
+        let k = StaticSecret::from(bytes);
+        let (hi, lo) = (i / 250, i % 250);
+        let block = format!("100.65.{hi}.{lo}/32");
+        b.add_peer(now, peer(&format!("p{i}"), &k, None, &[&block]))
+            .expect("a peer");
+        let mut t = boringtun::noise::Tunn::new(k, PublicKey::from(&kb), None, None, i, None);
+        let init = match t.format_handshake_initiation(&mut out, false) {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let from = sa(&format!("198.18.{}.{}:51820", 10 + hi, 1 + lo));
+        match b.handle_datagram(now, from, &init, &mut out) {
+            NetAction::Transmit(_) if out[0] == 2 => {}
+            NetAction::Transmit(_) if out[0] == 3 => cookies += 1,
+            other => panic!("initiation {i}: {other:?}"),
+        }
+    }
+    assert_eq!(cookies, 0, "{cookies} of {n} peers were sent cookies");
 }
 
 fn s_drops(r: &Router, now: Instant) -> u64 {
