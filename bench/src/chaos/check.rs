@@ -97,13 +97,15 @@ pub(crate) const OWNERS: &str =
     "no block owned by two live nodes in any view past one gossip round";
 /// No crash.
 pub(crate) const CRASH: &str = "no daemon crash or panic";
+/// The lab's own sanity: a partition cut what it separates.
+pub(crate) const FABRIC: &str = "a partition stops every probe across it (the lab's own check)";
 /// Memory and descriptors.
 pub(crate) const FLAT: &str = "RSS and open fds flat (first vs last minute)";
 
 impl Checker {
     /// A checker for `n` nodes.
     pub(crate) fn new(n: usize, limits: Limits, start: Instant) -> Self {
-        let tallies = [BLACK_HOLE, RESTART, HEAL, OWNERS, CRASH, FLAT]
+        let tallies = [BLACK_HOLE, RESTART, HEAL, OWNERS, CRASH, FLAT, FABRIC]
             .into_iter()
             .map(|k| (k, Tally::default()))
             .collect();

@@ -1,9 +1,15 @@
 //! The chaos lab's network and daemons: N nodes in three regions, each with a private address
-//! on its region's LAN and a public one on a shared internet, all bridges in one switch
-//! namespace. Faults that touch the network (partitions, loss) are rules in one nftables table
-//! of the switch (`bridge chaos`), rewritten whole in one transaction each time they change, so
-//! the fabric is always exactly the active faults; delay, where the kernel has `sch_netem`, is
-//! a netem qdisc on the node's side of its links.
+//! on its region's LAN and a public one on a shared internet. The fabric is routed, not a flat
+//! switch: every node's link ends in one router namespace (`sw`), at a gateway address, with a
+//! host route back. A flat segment of N nodes needs N² neighbour entries, and the kernel's ARP
+//! table is one table for every namespace (1024 entries by default), so a 60-node flat lab
+//! fails with ENOBUFS; routed, each node holds two entries and the router two per node.
+//!
+//! The router forwards only within a region's LAN and within the internet (region LANs do not
+//! meet). Faults that touch the network (partitions, loss) are rules in its `inet chaos`
+//! table, rewritten whole in one transaction each time they change, so the fabric is always
+//! exactly the active faults; delay, where the kernel has `sch_netem`, is a netem qdisc on the
+//! node's side of its links.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -33,9 +39,9 @@ pub(crate) struct Node {
     pub(crate) private: Ipv4Addr,
     /// Its address on the internet segment.
     pub(crate) public: Ipv4Addr,
-    /// Its LAN port in the switch.
+    /// Its LAN link's name on the router.
     pub(crate) lan_port: String,
-    /// Its internet port in the switch.
+    /// Its internet link's name on the router.
     pub(crate) wan_port: String,
 }
 
@@ -55,7 +61,7 @@ pub(crate) struct Fabric {
     pub(crate) lab: Lab,
     /// The weft binary.
     pub(crate) bin: PathBuf,
-    /// The switch namespace.
+    /// The router namespace.
     pub(crate) switch: String,
     /// The nodes, by index.
     pub(crate) nodes: Vec<Node>,
@@ -75,9 +81,9 @@ impl Fabric {
         }
         let mut lab = Lab::new("chaos")?;
         let switch = lab.add_ns("sw")?;
-        for br in ["lan0", "lan1", "lan2", "inet"] {
-            lab.bridge(&switch, br)?;
-        }
+        run(lab
+            .cmd(&switch, "sh")
+            .args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]))?;
         let secret = String::from_utf8(run(Command::new(bin).arg("gensecret"))?.stdout)?;
         let mut me = Self {
             lab,
@@ -108,14 +114,10 @@ impl Fabric {
         );
         let name = format!("n{i}");
         let ns = self.lab.add_ns(&name)?;
-        let sw = self.switch.clone();
-        let lan_port = self.lab.plug(
-            (&sw, &format!("lan{region}")),
-            (&ns, "lan0", &format!("{private}/24")),
-        )?;
-        let wan_port = self
-            .lab
-            .plug((&sw, "inet"), (&ns, "wan0", &format!("{public}/24")))?;
+        let lan_port = format!("l{region}n{i}");
+        let wan_port = format!("wn{i}");
+        self.attach(&ns, "lan0", private, &lan_port)?;
+        self.attach(&ns, "wan0", public, &wan_port)?;
         let daemon = self.lab.daemon(&name, &ns, "")?;
         weft::host::keys::write_private(&daemon.secret_file, &self.secret)?;
         self.nodes.push(Node {
@@ -126,6 +128,36 @@ impl Fabric {
             lan_port,
             wan_port,
         });
+        Ok(())
+    }
+
+    /// Links node namespace `ns` (interface `ifname`, address `addr`) to the router (interface
+    /// `port`): the node holds `addr`/32 and reaches its /24 through the gateway `.254`, which
+    /// the router holds on every port of that /24, with a host route back to `addr`.
+    fn attach(&mut self, ns: &str, ifname: &str, addr: Ipv4Addr, port: &str) -> anyhow::Result<()> {
+        let o = addr.octets();
+        let gw = Ipv4Addr::new(o[0], o[1], o[2], 254);
+        let net = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+        let sw = self.switch.clone();
+        self.lab.link(
+            (ns, ifname, &format!("{addr}/32")),
+            (&sw, port, &format!("{gw}/32")),
+        )?;
+        self.lab.ip(
+            ns,
+            &[
+                "route",
+                "add",
+                &net,
+                "via",
+                &gw.to_string(),
+                "dev",
+                ifname,
+                "onlink",
+            ],
+        )?;
+        self.lab
+            .ip(&sw, &["route", "add", &format!("{addr}/32"), "dev", port])?;
         Ok(())
     }
 
@@ -166,8 +198,10 @@ impl Fabric {
     pub(crate) fn start(&mut self, i: usize, wipe: bool) -> anyhow::Result<()> {
         let d = self.nodes[i].daemon.clone();
         let args: &[&str] = if wipe { &["--reset-state"] } else { &[] };
+        // WEFT_LOG from the harness's environment reaches the daemons (e.g. weft_mesh=debug).
+        let level = std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into());
         self.lab
-            .start_with(&self.bin, &d, args, &[("WEFT_LOG", "info")])
+            .start_with(&self.bin, &d, args, &[("WEFT_LOG", level.as_str())])
     }
 
     /// Adds `f` to the fabric's faults and applies them.
@@ -193,7 +227,8 @@ impl Fabric {
                 .any(|f| matches!(f, Impairment::Partition(r) if *r == ra || *r == rb))
     }
 
-    /// Rewrites the switch's `bridge chaos` table to hold exactly the active faults.
+    /// Rewrites the router's `inet chaos` table to hold exactly the active faults, then what
+    /// the router forwards at all: within a region's LAN and within the internet.
     fn apply(&self) -> anyhow::Result<()> {
         let mut rules = Vec::new();
         let mut cut: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
@@ -226,9 +261,13 @@ impl Fabric {
             rules.push(format!("iifname {{ {set} }} drop"));
             rules.push(format!("oifname {{ {set} }} drop"));
         }
+        for r in 0..REGIONS.len() {
+            rules.push(format!("iifname \"l{r}n*\" oifname \"l{r}n*\" accept"));
+        }
+        rules.push("iifname \"wn*\" oifname \"wn*\" accept".to_owned());
         let script = format!(
-            "table bridge chaos\ndelete table bridge chaos\n\
-             table bridge chaos {{\n  chain cut {{\n    type filter hook forward priority 0; policy accept;\n{}  }}\n}}\n",
+            "table inet chaos\ndelete table inet chaos\n\
+             table inet chaos {{\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n{}  }}\n}}\n",
             rules
                 .iter()
                 .map(|r| format!("    {r}\n"))
@@ -242,7 +281,7 @@ impl Fabric {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .context("running nft in the switch (is nftables installed?)")?;
+            .context("running nft in the router (is nftables installed?)")?;
         child
             .stdin
             .take()

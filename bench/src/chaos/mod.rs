@@ -105,6 +105,8 @@ struct Run {
     dumped: (u64, usize),
     /// Where the report goes (dumps go beside it).
     out: PathBuf,
+    /// When the current partition began.
+    cut_at: Option<Instant>,
 }
 
 /// Status dumps made when breaks appear (every daemon's status, for the post-mortem).
@@ -168,8 +170,15 @@ pub(crate) fn run(bin: &Path, opts: &Opts) -> anyhow::Result<()> {
         netem: None,
         dumped: (0, 0),
         out: opts.out.clone(),
+        cut_at: None,
     };
-    let started = run.start_all()?;
+    let started = match run.start_all() {
+        Ok(took) => took,
+        Err(e) => {
+            let logs = run.keep_logs(&opts.out)?;
+            return Err(e.context(format!("the daemons' logs are in {}", logs.display())));
+        }
+    };
     println!(
         "chaos: every pair answered {:.1} s after the last start",
         started.as_secs_f64()
@@ -457,6 +466,7 @@ impl Run {
             (Fault::Restart(_) | Fault::Wipe(_), false) => {}
             (Fault::Partition(r), true) => {
                 self.fabric.impair(Impairment::Partition(r))?;
+                self.cut_at = Some(now());
                 self.each_pair(|run, a, b| {
                     if run.fabric.separated(a, b) {
                         run.checker.expect(a, b, None);
@@ -466,6 +476,7 @@ impl Run {
             (Fault::Partition(r), false) => {
                 let cut: Vec<(usize, usize)> =
                     self.pairs_where(|run, a, b| run.fabric.separated(a, b));
+                self.cut_held(&cut);
                 self.fabric.heal(Impairment::Partition(r))?;
                 let at = now();
                 for (a, b) in cut {
@@ -508,6 +519,30 @@ impl Run {
             }
         }
         Ok(())
+    }
+
+    /// Before a heal: no pair the partition separates may have answered a probe sent after
+    /// the cut had a second to take hold (else the lab did not partition anything).
+    fn cut_held(&mut self, cut: &[(usize, usize)]) {
+        let Some(from) = self.cut_at.take() else {
+            return;
+        };
+        let from = from + Duration::from_secs(1);
+        let last = self.probes.last_ok();
+        let n = self.nodes.len();
+        let at = now();
+        for &(a, b) in cut {
+            self.checker.checked(check::FABRIC, 2);
+            for (x, y) in [(a, b), (b, a)] {
+                if last[x * n + y].is_some_and(|t| t > from) {
+                    self.checker.violation(
+                        check::FABRIC,
+                        at,
+                        format!("n{x} → n{y} answered through the partition"),
+                    );
+                }
+            }
+        }
     }
 
     fn each_pair(&mut self, mut f: impl FnMut(&mut Self, usize, usize)) {
