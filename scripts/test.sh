@@ -49,7 +49,7 @@ step cargo check --manifest-path fuzz/Cargo.toml --locked --bins
 step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 # The data-path and router-core harnesses, small (the full runs: bench/RESULTS.md,
 # bench/results/router.md); they fail loudly when a comparison cannot run.
-step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --out target/net-smoke.md
+step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --wireguard-go "$(command -v wireguard-go)" --out target/net-smoke.md
 step cargo run -q -p weft-bench --locked -- router --secs 1 --reps 1 --out target/router-smoke.md
 # The chaos lab, short (the full run: bench/results/chaos.md): 8 real daemons restarted,
 # killed, wiped, partitioned and reloaded on a fixed seed; it fails, naming the seed, when an

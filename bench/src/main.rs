@@ -135,6 +135,10 @@ struct NetOpts {
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: PathBuf,
+    /// Another wireguard-go binary to measure beside Debian's (a newer upstream build, with
+    /// its offloads), labelled with its version; may be given more than once.
+    #[arg(long = "wireguard-go", value_name = "PATH")]
+    wireguard_go: Vec<PathBuf>,
     /// Where boringtun-cli is (or gets installed): `<tools>/bin/boringtun-cli`.
     #[arg(long, default_value = "bench/.tools")]
     tools: PathBuf,
@@ -322,7 +326,7 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
                     net::PathKind::WeftPlaintext(offload)
                 });
             }
-            "wireguard-go" => kinds.push(net::PathKind::WireguardGo),
+            "wireguard-go" => kinds.push(net::PathKind::WireguardGo(None)),
             "boringtun" => kinds.extend(
                 o.boringtun_threads
                     .iter()
@@ -333,6 +337,9 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
                  (weft and weft-plaintext take @auto, @off or @udp_batch+udp_gso+...)"
             ),
         }
+    }
+    for path in &o.wireguard_go {
+        kinds.push(net::wireguard_go_at(path)?);
     }
     net::check_tools(&kinds)?;
     let boringtun = if kinds

@@ -33,8 +33,9 @@ pub(crate) enum PathKind {
     WeftEncrypted(String),
     /// weft, plaintext between trusted subnets, with this `router.offload`.
     WeftPlaintext(String),
-    /// wireguard-go (Debian) configured with wg.
-    WireguardGo,
+    /// wireguard-go configured with wg: Debian's (`None`, found on PATH), or the binary at
+    /// this path (`--wireguard-go`), labelled with its version.
+    WireguardGo(Option<(PathBuf, String)>),
     /// boringtun-cli with this many threads.
     Boringtun(u32),
 }
@@ -46,7 +47,10 @@ impl PathKind {
             Self::Veth => "plain veth".into(),
             Self::WeftEncrypted(o) => weft_label("weft encrypted", o),
             Self::WeftPlaintext(o) => weft_label("weft plaintext", o),
-            Self::WireguardGo => "wireguard-go".into(),
+            Self::WireguardGo(None) => "wireguard-go".into(),
+            Self::WireguardGo(Some((path, version))) => {
+                format!("wireguard-go {version} ({})", path.display())
+            }
             Self::Boringtun(t) => format!("boringtun-cli --threads {t}"),
         }
     }
@@ -202,7 +206,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
             )?;
             OVERLAY_DST
         }
-        PathKind::WireguardGo | PathKind::Boringtun(_) => {
+        PathKind::WireguardGo(_) | PathKind::Boringtun(_) => {
             let (kl, kr, pl, pr) = keys();
             // The UAPI sockets live in /var/run/wireguard, shared by every namespace: the
             // interface names must differ between the ends and from anything else running.
@@ -211,8 +215,11 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
             for (i, (ns, name)) in [(&l, &names[0]), (&r, &names[1])].into_iter().enumerate() {
                 let proc_name = format!("tunnel-{i}");
                 let mut cmd = match kind {
-                    PathKind::WireguardGo => {
-                        let mut c = lab.cmd(ns, "wireguard-go");
+                    PathKind::WireguardGo(which) => {
+                        let program = which
+                            .as_ref()
+                            .map_or_else(|| PathBuf::from("wireguard-go"), |w| w.0.clone());
+                        let mut c = lab.cmd(ns, program);
                         c.args(["-f", name]);
                         c
                     }
@@ -560,6 +567,13 @@ pub(crate) fn ratios(rows: &[Row]) -> String {
         |r| r.tcp1,
         "≥ 0.4×",
     );
+    for other in rows
+        .iter()
+        .filter(|r| r.label.starts_with("wireguard-go ") && r.label.contains('('))
+    {
+        line("TCP 1 stream", enc, Some(other), |r| r.tcp1, "(for scale)");
+        line("TCP 4 streams", enc, Some(other), |r| r.tcp4, "(for scale)");
+    }
     line("UDP 64 B pps", enc, best_bt, |r| r.udp64, "≥ 2×");
     line(
         "ping p50 (lower is better)",
@@ -629,11 +643,11 @@ pub(crate) fn check_tools(paths: &[PathKind]) -> anyhow::Result<()> {
     ];
     if paths
         .iter()
-        .any(|p| matches!(p, PathKind::WireguardGo | PathKind::Boringtun(_)))
+        .any(|p| matches!(p, PathKind::WireguardGo(_) | PathKind::Boringtun(_)))
     {
         need.push(("wg", "wireguard-tools"));
     }
-    if paths.contains(&PathKind::WireguardGo) {
+    if paths.contains(&PathKind::WireguardGo(None)) {
         need.push(("wireguard-go", "wireguard-go"));
     }
     for (program, package) in need {
@@ -645,6 +659,33 @@ pub(crate) fn check_tools(paths: &[PathKind]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A wireguard-go binary given by path: it must run and say its version (`--version`), which
+/// labels its row.
+pub(crate) fn wireguard_go_at(path: &Path) -> anyhow::Result<PathKind> {
+    let out = Command::new(path)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("--wireguard-go {}: cannot run it", path.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split_whitespace()
+        .find(|w| w.starts_with('v') && w.chars().nth(1).is_some_and(|c| c.is_ascii_digit()))
+        .map(str::to_owned);
+    match version {
+        Some(v) if out.status.success() && text.contains("wireguard-go") => {
+            let path = path
+                .canonicalize()
+                .with_context(|| format!("--wireguard-go {}", path.display()))?;
+            Ok(PathKind::WireguardGo(Some((path, v))))
+        }
+        _ => anyhow::bail!(
+            "--wireguard-go {}: not a wireguard-go binary (`--version` printed {:?})",
+            path.display(),
+            text.trim()
+        ),
+    }
 }
 
 /// The iperf3 version line, for the report.
@@ -660,4 +701,23 @@ pub(crate) fn iperf_version() -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wireguard_go_path_that_is_not_one_is_refused_by_name() {
+        let e = wireguard_go_at(Path::new("/nonexistent/wireguard-go"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/wireguard-go") && e.contains("cannot run"),
+            "{e}"
+        );
+        // Runs, but is not wireguard-go.
+        let e = format!("{:#}", wireguard_go_at(Path::new("/bin/true")).unwrap_err());
+        assert!(e.contains("not a wireguard-go binary"), "{e}");
+    }
 }
