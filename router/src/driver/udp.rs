@@ -203,11 +203,24 @@ impl Udp {
         for (iov, buf) in iovs.iter_mut().zip(rx.bufs.iter_mut()) {
             *iov = IoSliceMut::new(buf);
         }
-        let count = self.socket.try_io(Interest::READABLE, || {
-            self.state
-                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)
-        })?;
-        rx.count = count;
+        // A receive that filled fewer buffers than it had emptied the socket's queue: the
+        // closure then reports WouldBlock, so tokio clears the readiness with it (only if no
+        // newer event came in meanwhile) and the next speculative receive costs no syscall.
+        let mut drained = None;
+        let r = self.socket.try_io(Interest::READABLE, || {
+            let count = self
+                .state
+                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)?;
+            if count < n {
+                drained = Some(count);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(count)
+        });
+        rx.count = match (r, drained) {
+            (Ok(count), _) | (Err(_), Some(count)) => count,
+            (Err(e), None) => return Err(e),
+        };
         Ok(())
     }
 }
