@@ -172,7 +172,7 @@ pub(crate) fn run(bin: &Path, opts: &Opts) -> anyhow::Result<()> {
         out: opts.out.clone(),
         cut_at: None,
     };
-    let started = match run.start_all() {
+    let started = match run.start_all(limits.start) {
         Ok(took) => took,
         Err(e) => {
             let logs = run.keep_logs(&opts.out)?;
@@ -241,22 +241,19 @@ impl Run {
         now().duration_since(self.t0).as_secs_f64()
     }
 
-    /// Starts every daemon, then waits (ticking) until every pair has answered.
-    fn start_all(&mut self) -> anyhow::Result<Duration> {
+    /// Starts every daemon, then waits (ticking) until every pair has answered, at most
+    /// `limit` from the last start.
+    fn start_all(&mut self, limit: Duration) -> anyhow::Result<Duration> {
         for i in 0..self.nodes.len() {
             let at = now();
             self.fabric.start(i, false)?;
             self.nodes[i].up = Some(at);
         }
         let last = now();
-        let n = self.nodes.len();
-        for a in 0..n {
-            for b in a + 1..n {
-                let since = self.nodes[a].up.max(self.nodes[b].up);
-                self.checker.expect(a, b, since.map(|s| (s, Cause::Start)));
-            }
-        }
-        let limit = Duration::from_secs(60) + Duration::from_millis(500) * n as u32;
+        self.each_pair(|run, a, b| {
+            let since = run.nodes[a].up.max(run.nodes[b].up);
+            run.checker.expect(a, b, since.map(|s| (s, Cause::Start)));
+        });
         loop {
             self.tick()?;
             if self.timeline.last().is_some_and(|&(_, up, all)| up == all) {

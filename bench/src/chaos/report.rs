@@ -33,44 +33,53 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
-/// Minutes of a life long enough to compare: the first minute after a 30 s warm-up, and the
-/// last. Flat: RSS within 20 % + 2 MiB, descriptors other than gossip connections within 3.
-/// One entry per such life: `None` when flat, else what grew; with the time.
-pub(crate) fn flatness(usage: &[Usage]) -> Vec<(Option<String>, f64)> {
+/// Each life's samples, by life (0 = the first start).
+fn lives(usage: &[Usage]) -> BTreeMap<u32, Vec<Usage>> {
     let mut lives: BTreeMap<u32, Vec<Usage>> = BTreeMap::new();
     for u in usage {
         lives.entry(u.life).or_default().push(*u);
     }
+    lives
+}
+
+/// Medians of `f` over one life's first minute after a 30 s warm-up and over its last minute
+/// (0 for a window without samples).
+fn first_and_last_minute(samples: &[Usage], f: impl Fn(&Usage) -> f64) -> (f64, f64) {
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return (0.0, 0.0);
+    };
+    let window = |from: f64, to: f64| {
+        median(
+            samples
+                .iter()
+                .filter(|u| u.t >= from && u.t < to)
+                .map(&f)
+                .collect(),
+        )
+        .unwrap_or(0.0)
+    };
+    (
+        window(first.t + 30.0, first.t + 90.0),
+        window(last.t - 60.0, last.t + 1.0),
+    )
+}
+
+/// Minutes of a life long enough to compare: the first minute after a 30 s warm-up, and the
+/// last. Flat: RSS within 20 % + 2 MiB, descriptors other than gossip connections within 3.
+/// One entry per such life: `None` when flat, else what grew; with the time.
+pub(crate) fn flatness(usage: &[Usage]) -> Vec<(Option<String>, f64)> {
     let mut out = Vec::new();
-    for samples in lives.values() {
+    for samples in lives(usage).values() {
         let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
             continue;
         };
         if last.t - first.t < 150.0 {
             continue;
         }
-        let window = |from: f64, to: f64, f: fn(&Usage) -> f64| {
-            median(
-                samples
-                    .iter()
-                    .filter(|u| u.t >= from && u.t < to)
-                    .map(f)
-                    .collect(),
-            )
-            .unwrap_or(0.0)
-        };
-        let rss = |u: &Usage| u.rss_kb as f64;
+        let (r0, r1) = first_and_last_minute(samples, |u| u.rss_kb as f64);
         // Gossip connections come and go (a node dials a few and accepts up to twice as
         // many); a leak is descriptors beyond them.
-        let fds = |u: &Usage| u.fds.saturating_sub(u.conns) as f64;
-        let (r0, r1) = (
-            window(first.t + 30.0, first.t + 90.0, rss),
-            window(last.t - 60.0, last.t + 1.0, rss),
-        );
-        let (f0, f1) = (
-            window(first.t + 30.0, first.t + 90.0, fds),
-            window(last.t - 60.0, last.t + 1.0, fds),
-        );
+        let (f0, f1) = first_and_last_minute(samples, |u| u.fds.saturating_sub(u.conns) as f64);
         let mut grew = Vec::new();
         if r1 > r0 * 1.2 + 2048.0 {
             grew.push(format!(
@@ -214,33 +223,14 @@ fn usage(md: &mut String, s: &Summary<'_>) {
     let mut rates = Vec::new();
     let mut maxes = Vec::new();
     for (i, (u, g)) in s.nodes.iter().enumerate() {
-        let longest = u.iter().map(|x| x.life).max().map(|_| {
-            let mut spans: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
-            for x in u {
-                let e = spans.entry(x.life).or_insert((x.t, x.t));
-                e.1 = x.t;
-            }
-            spans
-                .into_iter()
-                .max_by(|a, b| (a.1.1 - a.1.0).total_cmp(&(b.1.1 - b.1.0)))
-                .map_or(0, |l| l.0)
-        });
-        let life: Vec<&Usage> = u.iter().filter(|x| Some(x.life) == longest).collect();
-        let (t_first, t_last) = (
-            life.first().map_or(0.0, |x| x.t),
-            life.last().map_or(0.0, |x| x.t),
-        );
-        let med = |from: f64, to: f64, f: fn(&Usage) -> f64| {
-            median(
-                life.iter()
-                    .filter(|x| x.t >= from && x.t < to)
-                    .map(|x| f(x))
-                    .collect(),
-            )
-            .unwrap_or(0.0)
-        };
+        let span = |l: &Vec<Usage>| l.last().map_or(0.0, |x| x.t) - l.first().map_or(0.0, |x| x.t);
+        let life = lives(u)
+            .into_values()
+            .max_by(|a, b| span(a).total_cmp(&span(b)))
+            .unwrap_or_default();
         let mib = |x: &Usage| x.rss_kb as f64 / 1024.0;
-        let fds = |x: &Usage| x.fds as f64;
+        let (rss_first, rss_last) = first_and_last_minute(&life, mib);
+        let (fds_first, fds_last) = first_and_last_minute(&life, |x| x.fds as f64);
         let max = u.iter().map(mib).fold(0.0, f64::max);
         maxes.push(max);
         let (bytes, secs) = g.iter().fold((0u64, 0.0), |(b, t), (first, last)| {
@@ -250,12 +240,8 @@ fn usage(md: &mut String, s: &Summary<'_>) {
         rates.push(rate);
         let _ = writeln!(
             md,
-            "| n{i} | {} | {:.1} | {:.1} | {max:.1} | {:.0} | {:.0} | {rate:.0} |",
+            "| n{i} | {} | {rss_first:.1} | {rss_last:.1} | {max:.1} | {fds_first:.0} | {fds_last:.0} | {rate:.0} |",
             g.len(),
-            med(t_first + 30.0, t_first + 90.0, mib),
-            med(t_last - 60.0, t_last + 1.0, mib),
-            med(t_first + 30.0, t_first + 90.0, fds),
-            med(t_last - 60.0, t_last + 1.0, fds),
         );
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
