@@ -6,7 +6,7 @@
 //! version says nothing about another. Relays pass beats on untouched; a receiver checks that a
 //! beat is newer than the one it holds before it pays for the signature check.
 
-use crate::record::{Identity, NodeId, ShortId, VerifyError, verify_bytes};
+use crate::record::{Identity, NodeId, ShortId, VerifyError, verify_beat};
 
 /// Domain separation for the signed bytes of a beat.
 const CONTEXT: &[u8] = b"weft mesh beat v1";
@@ -22,6 +22,29 @@ pub struct Beat {
     pub heartbeat: u32,
     /// The origin's signature over the beat (with its full id).
     pub signature: [u8; 64],
+}
+
+/// A change of liveness that spreads through the whole mesh (plain beats go only to a node's
+/// own connections). Each carries a beat its subject signed, so a rumour can only repeat what
+/// the subject said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rumour {
+    /// The subject is alive: its newest beat, spread when it refutes a suspicion, when a node
+    /// sees it alive again, and every announce interval.
+    Alive(Beat),
+    /// The sender has heard no beat of the subject newer than this one for the liveness
+    /// timeout. Unless a newer beat (the subject's refutation) arrives within the suspicion
+    /// timeout, the subject is down.
+    Suspect(Beat),
+}
+
+impl Rumour {
+    /// The beat it carries.
+    pub fn beat(&self) -> &Beat {
+        match self {
+            Self::Alive(b) | Self::Suspect(b) => b,
+        }
+    }
 }
 
 /// The bytes a beat's signature covers.
@@ -51,10 +74,10 @@ impl Beat {
         if origin.short() != self.node {
             return Err(VerifyError::BadSignature);
         }
-        verify_bytes(
+        verify_beat(
             *origin,
             &signed_bytes(origin, self.version, self.heartbeat),
-            &self.signature,
+            (self.version, self.heartbeat, &self.signature),
         )
     }
 }

@@ -8,7 +8,9 @@
 //! with the WireGuard key of the node that signed it. Records carry a version that only grows,
 //! so a replayed old record never replaces a newer one, and each version is a heartbeat space
 //! of its own, so a restarted node (a new version, counting from zero) is alive again as soon
-//! as its new record arrives. The wire format is [`wire`]: pure encode and decode, where
+//! as its new record arrives. Liveness is SWIM-like, so that a node's gossip stays bounded as the
+//! mesh grows: beats go to a node's own connections, and only suspicions, refutations and rare
+//! announces ([`Rumour`]) cross the whole mesh (see [`Membership`]). The wire format is [`wire`]: pure encode and decode, where
 //! malformed input is a [`DecodeError`] and never a panic. What the core refuses is counted by
 //! [`Rejected`] reason in [`Drops`].
 //!
@@ -21,7 +23,7 @@
 //! | who | can | cannot |
 //! |---|---|---|
 //! | outsider | open TCP connections to the gossip port (at most `PENDING_PER_SOURCE` per address and `PENDING_MAX` in all wait to prove the secret, a few hundred bytes each, for at most the handshake deadline; more are closed at once and counted); send bytes that fail the handshake (counted); replay a captured first handshake message and get the Noise answer | send a frame the core sees; learn any record; make a replayed handshake count as a connection (a responder counts one only once the initiator's first frame decrypts: a round trip); cost more than that handshake budget; pin a connection by not reading (writes time out) |
-//! | member | publish its own record and beats; relay others' records and beats unchanged; delay or withhold what it relays; replay old records and beats (refused as stale: a relayed copy only matters while it is the newest its origin signed); send digests with any numbers (they only decide what is sent back, never liveness) | sign a record or beat for another node (the id is the signer's key); publish another node's WireGuard key ([`Rejected::UnboundKey`]); raise another node's heartbeat or version, or mark it down or alive ([`Rejected::BadBeat`], [`Rejected::UnsignedBeat`]); keep a node it impersonates routed: a member advertising an established member's address is held down ([`Rejected::AddressInUse`]); grow another node's state without bound (members capped by [`MeshConfig::max_members`], [`Rejected::MemberLimit`]; answers cut into bounded frames; dead members forgotten after [`MeshConfig::tombstone_horizon`]); make a node pay a signature check for a record or beat it would not apply |
+//! | member | publish its own record and beats; relay others' records and beats unchanged; delay or withhold what it relays; replay old records and beats (refused as stale: a relayed copy only matters while it is the newest its origin signed); send digests with any numbers (they only decide what is sent back, never liveness); suspect any member whose newest beat it holds, which costs that member one refutation spread through the mesh (at most one per half liveness timeout for a repeated beat) | sign a record or beat for another node (the id is the signer's key); publish another node's WireGuard key ([`Rejected::UnboundKey`]); raise another node's heartbeat or version, or mark it down or alive ([`Rejected::BadBeat`], [`Rejected::UnsignedBeat`]); take a live member down by suspecting it (the member, reached by any path, refutes; a suspicion carries a beat the member signed, so it cannot name a heartbeat the member has not reached); keep a dead member alive with beats it saved (a watcher's suspicion carries the newest beat it heard, and only a newer one refutes); keep a node it impersonates routed: a member advertising an established member's address is held down ([`Rejected::AddressInUse`]); grow another node's state without bound (members capped by [`MeshConfig::max_members`], [`Rejected::MemberLimit`]; answers cut into bounded frames; dead members forgotten after [`MeshConfig::tombstone_horizon`]); make a node pay a signature check for a record or beat it would not apply |
 //! | same key on two daemons | both publish as the one node | outbid each other without end: after [`MAX_BIDS`] bids both stop and report an [`IdentityClash`] naming both daemons' addresses |
 //!
 //! Pod-CIDR claims inside records are checked by the daemon against its pool, not here. The
@@ -52,15 +54,16 @@ mod stats;
 pub mod testing;
 pub mod wire;
 
-pub use crate::beat::Beat;
+pub use crate::beat::{Beat, Rumour};
 pub use crate::membership::{
-    AddressClash, BID_WINDOW, ConnId, DEFAULT_MAX_MEMBERS, DEFAULT_RECORD_REFRESH,
-    DEFAULT_TOMBSTONE_HORIZON, Event, IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member,
-    Membership, MeshConfig, Transmit, mesh_address,
+    ANNOUNCE_BYTES_PER_SEC, AddressClash, BID_WINDOW, ConnId, DEFAULT_ANNOUNCE_INTERVAL,
+    DEFAULT_MAX_MEMBERS, DEFAULT_RECORD_REFRESH, DEFAULT_TOMBSTONE_HORIZON, DIGEST_BYTES_PER_SEC,
+    Event, IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member, Membership, MeshConfig,
+    STALE_ANNOUNCES, Transmit, mesh_address,
 };
 pub use crate::record::{
     Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord, UnverifiedRecord,
-    VerifyError,
+    VerifyError, share_verified_records,
 };
 pub use crate::stats::{Drops, Rejected, Rejections};
 pub use crate::wire::{DecodeError, Entry, Frame};

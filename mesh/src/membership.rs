@@ -4,20 +4,24 @@
 //!   back from another daemon; forgotten members and the member cap.
 //! - `digest`: anti-entropy, and full-state answers cut into bounded frames.
 //! - `clash`: the same identity on two daemons, and two members advertising one address.
+//! - `liveness`: beats to neighbours, suspicions and refutations spread as rumours.
 
 mod accept;
 mod clash;
 mod digest;
+mod liveness;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, trace};
+use tracing::trace;
 
 pub use self::clash::{AddressClash, BID_WINDOW, IdentityClash, MAX_BIDS};
 pub use self::digest::MAX_MEMBERS_LIMIT;
-use crate::beat::Beat;
+pub use self::liveness::{ANNOUNCE_BYTES_PER_SEC, DIGEST_BYTES_PER_SEC};
+use crate::beat::{Beat, Rumour};
 use crate::record::{Identity, NodeId, NodeRecord, ShortId, SignedRecord};
 use crate::stats::{Drops, Rejected};
 use crate::wire::{Entry, Frame};
@@ -25,12 +29,17 @@ use crate::wire::{Entry, Frame};
 /// Timing, fan-out and bounds of the gossip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeshConfig {
-    /// How often a node sends the heartbeats it learned since the last round to its
-    /// connections (and checks liveness).
+    /// How often a node checks liveness (and, every `digest_every` rounds, sends a digest).
     pub gossip_interval: Duration,
-    /// A member whose heartbeat has not grown for this long is down. A node bumps its own
-    /// heartbeat every third of this.
+    /// A node signs a beat every third of this and sends it to its connections. A neighbour
+    /// that hears no newer beat of it for this long spreads a suspicion; the member is down
+    /// where no refutation arrives within a third of this.
     pub liveness_timeout: Duration,
+    /// How often a node spreads its beat through the whole mesh unasked (less often in a mesh
+    /// too large for it, see [`ANNOUNCE_BYTES_PER_SEC`]). A member not heard alive at all for
+    /// [`STALE_ANNOUNCES`] of these is down: the backstop for a member that died where no
+    /// neighbour saw it, or that a partition cut off unwatched.
+    pub announce_interval: Duration,
     /// How many gossip connections a node dials; it accepts up to twice as many and closes
     /// the excess, so no node becomes a hub.
     pub max_connections: usize,
@@ -58,12 +67,17 @@ pub const DEFAULT_TOMBSTONE_HORIZON: Duration = Duration::from_secs(72 * 3600);
 pub const DEFAULT_RECORD_REFRESH: Duration = Duration::from_secs(600);
 /// The default [`MeshConfig::max_members`].
 pub const DEFAULT_MAX_MEMBERS: usize = 8192;
+/// The default [`MeshConfig::announce_interval`].
+pub const DEFAULT_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(300);
+/// A member not heard alive for this many announce intervals is down.
+pub const STALE_ANNOUNCES: u32 = 3;
 
 impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             gossip_interval: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(30),
+            announce_interval: DEFAULT_ANNOUNCE_INTERVAL,
             max_connections: 4,
             dial_interval: Duration::from_secs(2),
             digest_every: 10,
@@ -107,6 +121,10 @@ pub enum Event {
     IdentityClash(IdentityClash),
 }
 
+/// Rounds between sweeps of every member (the stale backstop and forgetting): both act on
+/// horizons of minutes or days, so a node's per-round work stays independent of the mesh size.
+const SWEEP_EVERY: u32 = 10;
+
 /// A member as [`Membership::members`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -124,19 +142,24 @@ pub struct Member {
 }
 
 struct Known {
-    signed: SignedRecord,
+    signed: Arc<SignedRecord>,
     /// The counter of `beat`, or 0 before the first beat of this version.
     heartbeat: u32,
     /// The latest verified beat of the current version, to pass on.
     beat: Option<Beat>,
+    /// The heartbeat of the last suspicion of it passed on or answered, and when: each is
+    /// handled once per half liveness timeout.
+    suspicion: Option<(u32, Instant)>,
+    /// When this node last heard it alive: a newer beat of it, or a new record.
     heard_at: Instant,
     /// Since when this node has known the member at its current addresses: earlier is
     /// established.
     addressed_since: Instant,
-    /// Heard within the liveness timeout and not left.
+    /// Not found down (no suspicion of it ran out, heard within the stale horizon) and not
+    /// left.
     live: bool,
     /// An address of it already belongs to an established member.
-    held: Option<AddressClash>,
+    held: Option<Box<AddressClash>>,
 }
 
 impl Known {
@@ -154,6 +177,7 @@ struct Forgotten {
 
 struct Conn {
     peer: Option<NodeId>,
+    since: Instant,
 }
 
 /// The gossip state machine of one node.
@@ -167,13 +191,20 @@ struct Conn {
 /// [`poll_close`](Self::poll_close) (connections to close), then
 /// [`poll_timeout`](Self::poll_timeout) and [`poll_event`](Self::poll_event).
 ///
-/// Records spread by push: a newer record goes to every other connection at once. Heartbeats
-/// are signed by their origin and spread as rumours: each round a node sends the beats that
-/// grew since the last round to its connections. A full digest (20 bytes a member) goes to one
-/// random neighbour every `digest_every` rounds and on every new connection, and is answered
-/// with whatever either side lacks, in frames of bounded size. Liveness compares only local
-/// times: a member is down when no beat of its current record version, signed by it, has grown
-/// here for `liveness_timeout`. A new record version starts a new heartbeat space.
+/// Records spread by push: a newer record goes to every other connection at once. A full
+/// digest (20 bytes a member) goes to one random neighbour every `digest_every` rounds (less
+/// often in a large mesh, so digests stay near [`DIGEST_BYTES_PER_SEC`]) and on every new
+/// connection, and is answered with whatever either side lacks, in frames of bounded size.
+///
+/// Liveness costs each node a bounded amount however large the mesh (SWIM-like): a node's
+/// signed beats go only to its own connections, whose peers watch it. A watcher that hears no
+/// newer beat for `liveness_timeout` (on an open connection, or since the connection broke)
+/// spreads a [`Rumour::Suspect`] carrying the newest beat it holds; every node that takes it
+/// marks the member down unless a newer beat arrives within a third of the timeout. The
+/// suspected member, hearing it, refutes with a new beat spread as [`Rumour::Alive`]. Only
+/// changes travel the whole mesh, plus each member's announce every `announce_interval`,
+/// which is what keeps members nobody watches from staying alive forever. A new record
+/// version starts a new heartbeat space.
 pub struct Membership {
     identity: Identity,
     me: NodeId,
@@ -191,8 +222,25 @@ pub struct Membership {
     next_beat: Instant,
     next_dial: Instant,
     rounds: u32,
-    /// Beats that grew since the last round, to pass on.
-    rumours: BTreeMap<ShortId, Beat>,
+    /// Rumours to spread at once, by subject, with the connection each came from.
+    rumours: BTreeMap<ShortId, (Rumour, Option<ConnId>)>,
+    /// Members suspected here, and since when.
+    suspects: BTreeMap<NodeId, Instant>,
+    /// Members whose connection with this node broke: the heartbeat held then. Watched until
+    /// a newer beat arrives.
+    lost: BTreeMap<NodeId, u32>,
+    /// The heartbeat this node last spread through the mesh, and when.
+    spread_heartbeat: Option<(u32, Instant)>,
+    next_announce: Instant,
+    /// A member or a liveness changed since the address holds were last worked out.
+    holds_dirty: bool,
+    /// How many records (ours included) advertise each address, by a 32-bit hash of it (two
+    /// addresses that share a hash only cost a needless refresh of the holds).
+    addresses: HashMap<u32, u32>,
+    /// How many address hashes more than one record advertises.
+    shared_addresses: usize,
+    /// Whether some member is held down for an address.
+    any_held: bool,
     bids: clash::Bids,
     full_reported: bool,
     /// A neighbour's digest found it knew nothing this node lacked ([`Membership::synced`]).
@@ -230,7 +278,7 @@ impl Membership {
             max_members: config.max_members.min(MAX_MEMBERS_LIMIT),
             ..config
         };
-        Self {
+        let mut m = Self {
             me: identity.id(),
             identity,
             own,
@@ -248,6 +296,18 @@ impl Membership {
             next_dial: now,
             rounds: 0,
             rumours: BTreeMap::new(),
+            suspects: BTreeMap::new(),
+            lost: BTreeMap::new(),
+            spread_heartbeat: None,
+            // Spread over the interval, so nodes started together do not announce together.
+            next_announce: now
+                + config
+                    .announce_interval
+                    .mul_f64((seed % 1024) as f64 / 1024.0),
+            holds_dirty: false,
+            addresses: HashMap::new(),
+            shared_addresses: 0,
+            any_held: false,
             bids: clash::Bids::default(),
             full_reported: false,
             synced: false,
@@ -256,7 +316,10 @@ impl Membership {
             closes: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
-        }
+        };
+        let own = m.own.record.clone();
+        m.tally_addresses(&own, true);
+        m
     }
 
     /// Whether this node has caught up with a neighbour once: a digest it received named
@@ -333,13 +396,21 @@ impl Membership {
     /// Replaces this node's record (its version is raised above the current one) and pushes it.
     pub fn update(&mut self, mut record: NodeRecord) {
         record.version = record.version.max(self.own.record.version + 1);
+        let old = self.own.record.clone();
+        self.tally_addresses(&old, false);
+        self.tally_addresses(&record, true);
         self.own = self.identity.sign(&record);
         self.own_beat = Beat::sign(&self.identity, self.own.record.version, self.heartbeat);
         let frame = Frame::Records(vec![Ok(self.own.clone().into())]).encode();
+        let beat = Frame::SignedBeats(vec![self.own_beat]).encode();
         for conn in self.conns.keys() {
             self.out.push_back(Transmit {
                 conn: *conn,
                 frame: frame.clone(),
+            });
+            self.out.push_back(Transmit {
+                conn: *conn,
+                frame: beat.clone(),
             });
         }
     }
@@ -351,10 +422,16 @@ impl Membership {
         self.update(r);
     }
 
-    /// A connection (dialled or accepted) is up; greets it with a digest.
+    /// A connection (dialled or accepted) is up; greets it with our newest beat and a
+    /// digest.
     pub fn handle_connected(&mut self, now: Instant, conn: ConnId) {
-        let _ = now;
-        self.conns.insert(conn, Conn { peer: None });
+        self.conns.insert(
+            conn,
+            Conn {
+                peer: None,
+                since: now,
+            },
+        );
         let hello = Frame::Hello {
             node: self.me,
             mesh_port: self.own.record.mesh_port,
@@ -363,13 +440,28 @@ impl Membership {
             conn,
             frame: hello.encode(),
         });
+        self.out.push_back(Transmit {
+            conn,
+            frame: Frame::SignedBeats(vec![self.own_beat]).encode(),
+        });
         self.send_digest(conn, true);
     }
 
-    /// A connection is gone.
+    /// A connection is gone: its peer stays watched until a newer beat of it arrives.
     pub fn handle_disconnected(&mut self, conn: ConnId) {
-        self.conns.remove(&conn);
+        if let Some(Conn { peer: Some(id), .. }) = self.conns.remove(&conn)
+            && let Some(k) = self.known.get(&id)
+            && k.live
+            && !self.conns.values().any(|c| c.peer == Some(id))
+        {
+            self.lost.insert(id, k.heartbeat);
+        }
         self.out.retain(|t| t.conn != conn);
+        for (_, from) in self.rumours.values_mut() {
+            if *from == Some(conn) {
+                *from = None;
+            }
+        }
     }
 
     /// One frame from `conn`.
@@ -402,38 +494,17 @@ impl Membership {
             Frame::Beats(_) => self.drops.count(Rejected::UnsignedBeat),
             Frame::SignedBeats(beats) => {
                 for b in beats {
-                    self.heard(now, b);
+                    self.heard(now, conn, b, false);
                 }
             }
-        }
-    }
-
-    /// A signed beat: one of the current version that is newer than the one held (checked
-    /// before its signature) means the member is alive, and it is passed on next round.
-    fn heard(&mut self, now: Instant, b: Beat) {
-        let Some(id) = self.by_short.get(&b.node).copied() else {
-            return;
-        };
-        let Some(k) = self.known.get_mut(&id) else {
-            return;
-        };
-        if k.signed.record.version != b.version || b.heartbeat <= k.heartbeat {
-            return;
-        }
-        self.drops.verifications += 1;
-        if let Err(e) = b.verify(&id) {
-            debug!(node = %id, error = %e, "beat refused");
-            self.drops.count(Rejected::BadBeat);
-            return;
-        }
-        let was = k.alive();
-        k.heartbeat = b.heartbeat;
-        k.beat = Some(b);
-        k.heard_at = now;
-        k.live = !k.signed.record.left;
-        self.rumours.insert(b.node, b);
-        if !was && k.alive() {
-            self.events.push_back(Event::Up(id));
+            Frame::Rumours(rumours) => {
+                for r in rumours {
+                    match r {
+                        Rumour::Alive(b) => self.heard(now, conn, b, true),
+                        Rumour::Suspect(b) => self.suspicion(now, conn, b),
+                    }
+                }
+            }
         }
     }
 
@@ -459,9 +530,7 @@ impl Membership {
     pub fn handle_timeout(&mut self, now: Instant) {
         if now >= self.next_beat {
             self.next_beat = now + self.config.liveness_timeout / 3;
-            self.heartbeat = self.heartbeat.wrapping_add(1);
-            self.own_beat = Beat::sign(&self.identity, self.own.record.version, self.heartbeat);
-            self.rumours.insert(self.me.short(), self.own_beat);
+            self.beat(now);
         }
         if now >= self.next_tick {
             self.next_tick = now + self.config.gossip_interval;
@@ -478,41 +547,29 @@ impl Membership {
         }
     }
 
-    fn round(&mut self, now: Instant) {
-        let ready: Vec<ConnId> = self
-            .conns
+    /// The connections whose peer said hello.
+    fn ready(&self) -> Vec<ConnId> {
+        self.conns
             .iter()
             .filter(|(_, c)| c.peer.is_some())
             .map(|(id, _)| *id)
-            .collect();
-        if !self.rumours.is_empty() && !ready.is_empty() {
-            let beats: Vec<Beat> = std::mem::take(&mut self.rumours).into_values().collect();
-            for frame in digest::beat_frames(beats) {
-                for c in &ready {
-                    self.out.push_back(Transmit {
-                        conn: *c,
-                        frame: frame.clone(),
-                    });
-                }
-            }
-        }
-        if !ready.is_empty() && self.rounds % self.config.digest_every.max(1) == 0 {
+            .collect()
+    }
+
+    fn round(&mut self, now: Instant) {
+        let ready = self.ready();
+        if !ready.is_empty() && self.rounds % self.digest_every() == 0 {
             let pick = ready[self.random(ready.len())];
             self.send_digest(pick, false);
         }
-        let timeout = self.config.liveness_timeout;
-        for (id, k) in &mut self.known {
-            if k.live && now.saturating_duration_since(k.heard_at) > timeout {
-                let was = k.alive();
-                k.live = false;
-                if was {
-                    debug!(node = %id, name = %k.signed.record.name, "member down");
-                    self.events.push_back(Event::Down(*id));
-                }
-            }
+        self.check_liveness(now);
+        if self.rounds % SWEEP_EVERY == 0 {
+            self.sweep(now);
+            self.forget(now);
         }
-        self.refresh_holds();
-        self.forget(now);
+        if std::mem::take(&mut self.holds_dirty) {
+            self.refresh_holds();
+        }
     }
 
     fn dial(&mut self) {
@@ -556,6 +613,9 @@ impl Membership {
 
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if !self.rumours.is_empty() {
+            self.flush_rumours();
+        }
         self.out.pop_front()
     }
 
@@ -572,6 +632,20 @@ impl Membership {
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         Some(self.next_tick.min(self.next_dial).min(self.next_beat))
+    }
+
+    /// Whether `id` is a member held alive here, at record version `version`: a cheap check
+    /// for simulations of thousands of nodes, where [`Membership::members`] would copy every
+    /// record.
+    pub fn holds_alive(&self, id: &NodeId, version: u64) -> bool {
+        self.known
+            .get(id)
+            .is_some_and(|k| k.alive() && k.signed.record.version == version)
+    }
+
+    /// How many members are held alive here.
+    pub fn alive_count(&self) -> usize {
+        self.known.values().filter(|k| k.alive()).count()
     }
 
     /// The next membership change.

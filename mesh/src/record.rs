@@ -9,7 +9,10 @@
 //! Records travel as [`UnverifiedRecord`]s: decoded, but with the signature not yet checked, so
 //! the receiver can drop a stale one before paying for the signature check.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use curve25519_dalek::edwards::EdwardsPoint;
 use curve25519_dalek::montgomery::MontgomeryPoint;
@@ -270,7 +273,72 @@ pub struct SignedRecord {
 /// A record as it arrives: its body decoded and bound to the signer's WireGuard key, its
 /// signature not yet checked. [`UnverifiedRecord::verify`] turns it into a [`SignedRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnverifiedRecord(SignedRecord);
+pub struct UnverifiedRecord {
+    signed: Arc<SignedRecord>,
+    /// Found among the records this process already verified ([`share_verified_records`]).
+    checked: bool,
+}
+
+/// Whether identical signed records are verified and held once per process.
+static SHARING: AtomicBool = AtomicBool::new(false);
+/// The records verified while sharing, by signature.
+static SHARED: Mutex<Option<HashMap<[u8; 64], Arc<SignedRecord>>>> = Mutex::new(None);
+/// The beats verified while sharing: origin, version, heartbeat, signature.
+type BeatKey = ([u8; 32], u64, u32, [u8; 64]);
+static SHARED_BEATS: Mutex<Option<HashSet<BeatKey>>> = Mutex::new(None);
+
+/// For a simulation that runs thousands of mesh cores in one process: from now on, a record
+/// whose signer, body and signature equal one this process already verified is decoded and
+/// checked once and held once (shared by every core), instead of once per core, and so is a
+/// beat's signature. Nothing a core decides changes: a record or beat is still counted as a
+/// signature check where it is applied, and only what verified is ever shared. Off unless
+/// turned on; a daemon never does.
+pub fn share_verified_records(on: bool) {
+    SHARING.store(on, Ordering::Relaxed);
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *shared = on.then(HashMap::new);
+    let mut beats = SHARED_BEATS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *beats = on.then(HashSet::new);
+}
+
+/// Checks a beat's signature, or finds it among those this process verified (while sharing).
+pub(crate) fn verify_beat(
+    origin: NodeId,
+    bytes: &[u8],
+    key: (u64, u32, &[u8; 64]),
+) -> Result<(), VerifyError> {
+    if !SHARING.load(Ordering::Relaxed) {
+        return verify_bytes(origin, bytes, key.2);
+    }
+    let k: BeatKey = (origin.0, key.0, key.1, *key.2);
+    let mut beats = SHARED_BEATS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if beats.as_ref().is_some_and(|b| b.contains(&k)) {
+        return Ok(());
+    }
+    verify_bytes(origin, bytes, key.2)?;
+    if let Some(b) = beats.as_mut() {
+        b.insert(k);
+    }
+    Ok(())
+}
+
+/// The shared copy of a verified record with these bytes, while sharing.
+fn shared(signer: &NodeId, body: &[u8], signature: &[u8; 64]) -> Option<Arc<SignedRecord>> {
+    if !SHARING.load(Ordering::Relaxed) {
+        return None;
+    }
+    let shared = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let s = shared.as_ref()?.get(signature)?;
+    (s.signer == *signer && s.body == body).then(|| s.clone())
+}
 
 /// Why a signed record was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -299,29 +367,56 @@ impl SignedRecord {
 
 impl From<SignedRecord> for UnverifiedRecord {
     fn from(s: SignedRecord) -> Self {
-        Self(s)
+        Arc::new(s).into()
+    }
+}
+
+impl From<Arc<SignedRecord>> for UnverifiedRecord {
+    fn from(signed: Arc<SignedRecord>) -> Self {
+        Self {
+            signed,
+            checked: false,
+        }
     }
 }
 
 impl UnverifiedRecord {
     /// Its claimed origin.
     pub fn signer(&self) -> NodeId {
-        self.0.signer
+        self.signed.signer
     }
 
     /// The record, as claimed.
     pub fn record(&self) -> &NodeRecord {
-        &self.0.record
+        &self.signed.record
     }
 
     /// Checks the signature (the one costly step).
     pub fn verify(self) -> Result<SignedRecord, VerifyError> {
-        verify_bytes(self.0.signer, &self.0.body, &self.0.signature)?;
-        Ok(self.0)
+        self.verify_shared()
+            .map(|s| Arc::try_unwrap(s).unwrap_or_else(|s| (*s).clone()))
+    }
+
+    /// As [`UnverifiedRecord::verify`], keeping the record shared.
+    pub(crate) fn verify_shared(self) -> Result<Arc<SignedRecord>, VerifyError> {
+        if self.checked {
+            return Ok(self.signed);
+        }
+        let s = &self.signed;
+        verify_bytes(s.signer, &s.body, &s.signature)?;
+        if SHARING.load(Ordering::Relaxed) {
+            let mut shared = SHARED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(m) = shared.as_mut() {
+                m.insert(s.signature, self.signed.clone());
+            }
+        }
+        Ok(self.signed)
     }
 
     pub(crate) fn encode(&self, w: &mut Writer) {
-        self.0.encode(w);
+        self.signed.encode(w);
     }
 
     /// Reads one record: the body must decode and name its signer's WireGuard key; the
@@ -329,9 +424,15 @@ impl UnverifiedRecord {
     /// own; only bytes that break the frame's structure are a [`DecodeError`].
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Result<Self, VerifyError>, DecodeError> {
         let signer = NodeId(r.array()?);
-        let body = r.blob()?.to_vec();
+        let body = r.blob()?;
         let signature: [u8; 64] = r.array()?;
-        Ok(Self::check(signer, body, signature))
+        if let Some(signed) = shared(&signer, body, &signature) {
+            return Ok(Ok(Self {
+                signed,
+                checked: true,
+            }));
+        }
+        Ok(Self::check(signer, body.to_vec(), signature))
     }
 
     fn check(signer: NodeId, body: Vec<u8>, signature: [u8; 64]) -> Result<Self, VerifyError> {
@@ -341,12 +442,13 @@ impl UnverifiedRecord {
         if NodeId::from_wireguard_key(&record.wireguard_key) != Some(signer) {
             return Err(VerifyError::UnboundKey);
         }
-        Ok(Self(SignedRecord {
+        Ok(SignedRecord {
             signer,
             body,
             signature,
             record,
-        }))
+        }
+        .into())
     }
 }
 

@@ -11,19 +11,21 @@
 //! 3 Digest       = reply:u8 count:u32 entry*
 //! 4 Beats        = count:u32 entry*        (unsigned: decoded, never believed)
 //! 5 SignedBeats  = count:u32 (entry signature:64)*
+//! 6 Rumours      = count:u32 (kind:u8 entry signature:64)*   (kind: 0 alive, 1 suspect)
 //! entry          = node:u64 version:u64 heartbeat:u32     (node: the first 8 bytes of its id)
 //! ```
 //!
 //! Digest and heartbeat entries name a member by the first 8 bytes of its id, so that the
 //! frames that make up steady-state gossip stay small (20 bytes per member in a digest, 84 per
 //! signed beat). A digest entry's heartbeat only tells the receiver what to send back; liveness
-//! moves only on a beat its origin signed ([`crate::Beat`]).
+//! moves only on a beat its origin signed ([`crate::Beat`]). `SignedBeats` go from a node to its
+//! own connections; `Rumours` spread through the whole mesh (see [`crate::Rumour`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-use crate::beat::Beat;
+use crate::beat::{Beat, Rumour};
 use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, ShortId, UnverifiedRecord, VerifyError};
 
 /// The largest frame accepted.
@@ -91,8 +93,11 @@ pub enum Frame {
     /// Unsigned heartbeats, as builds before signed beats sent them: decoded, counted, and
     /// never believed.
     Beats(Vec<Entry>),
-    /// Heartbeats signed by their origins that the receiver lacked.
+    /// Heartbeats signed by their origins, sent to a node's own connections.
     SignedBeats(Vec<Beat>),
+    /// Changes of liveness to spread through the mesh, each carrying a beat its subject
+    /// signed.
+    Rumours(Vec<Rumour>),
 }
 
 /// Appends big-endian fields to a buffer.
@@ -166,15 +171,29 @@ impl Writer {
             self.entry(e);
         }
     }
+    fn beat(&mut self, b: &Beat) {
+        self.entry(&Entry {
+            node: b.node,
+            version: b.version,
+            heartbeat: b.heartbeat,
+        });
+        self.bytes(&b.signature);
+    }
     fn beats(&mut self, beats: &[Beat]) {
         self.u32(u32::try_from(beats.len()).unwrap_or(u32::MAX));
         for b in beats {
-            self.entry(&Entry {
-                node: b.node,
-                version: b.version,
-                heartbeat: b.heartbeat,
-            });
-            self.bytes(&b.signature);
+            self.beat(b);
+        }
+    }
+    fn rumours(&mut self, rumours: &[Rumour]) {
+        self.u32(u32::try_from(rumours.len()).unwrap_or(u32::MAX));
+        for r in rumours {
+            let (kind, b) = match r {
+                Rumour::Alive(b) => (0, b),
+                Rumour::Suspect(b) => (1, b),
+            };
+            self.u8(kind);
+            self.beat(b);
         }
     }
 }
@@ -270,17 +289,26 @@ impl<'a> Reader<'a> {
         let n = self.count(ENTRY_LEN)?;
         (0..n).map(|_| self.entry()).collect()
     }
+    fn beat(&mut self) -> Result<Beat, DecodeError> {
+        let e = self.entry()?;
+        Ok(Beat {
+            node: e.node,
+            version: e.version,
+            heartbeat: e.heartbeat,
+            signature: self.array()?,
+        })
+    }
     fn beats(&mut self) -> Result<Vec<Beat>, DecodeError> {
         let n = self.count(BEAT_LEN)?;
+        (0..n).map(|_| self.beat()).collect()
+    }
+    fn rumours(&mut self) -> Result<Vec<Rumour>, DecodeError> {
+        let n = self.count(1 + BEAT_LEN)?;
         (0..n)
-            .map(|_| {
-                let e = self.entry()?;
-                Ok(Beat {
-                    node: e.node,
-                    version: e.version,
-                    heartbeat: e.heartbeat,
-                    signature: self.array()?,
-                })
+            .map(|_| match self.u8()? {
+                0 => Ok(Rumour::Alive(self.beat()?)),
+                1 => Ok(Rumour::Suspect(self.beat()?)),
+                k => Err(DecodeError::BadValue("rumour kind", u64::from(k))),
             })
             .collect()
     }
@@ -326,6 +354,10 @@ impl Frame {
                 w.u8(5);
                 w.beats(beats);
             }
+            Self::Rumours(rumours) => {
+                w.u8(6);
+                w.rumours(rumours);
+            }
         }
         w.into_bytes()
     }
@@ -362,6 +394,7 @@ impl Frame {
             }
             4 => Self::Beats(r.entries()?),
             5 => Self::SignedBeats(r.beats()?),
+            6 => Self::Rumours(r.rumours()?),
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -400,6 +433,10 @@ mod tests {
             Frame::Beats(vec![e]),
             Frame::Records(vec![]),
             Frame::SignedBeats(vec![Beat::sign(&id, 3, 99), Beat::sign(&id, 3, 100)]),
+            Frame::Rumours(vec![
+                Rumour::Alive(Beat::sign(&id, 3, 101)),
+                Rumour::Suspect(Beat::sign(&id, 3, 100)),
+            ]),
         ]
     }
 
@@ -422,8 +459,20 @@ mod tests {
             assert_eq!(Frame::decode(&longer), Err(DecodeError::Trailing(1)));
         }
         assert_eq!(Frame::decode(&[9]), Err(DecodeError::UnknownType(9)));
+        // A rumour of a kind this build does not know.
+        let mut odd = Frame::Rumours(vec![Rumour::Alive(Beat::sign(
+            &Identity::from_wireguard_key(&[5; 32]),
+            1,
+            1,
+        ))])
+        .encode();
+        odd[5] = 7;
+        assert_eq!(
+            Frame::decode(&odd),
+            Err(DecodeError::BadValue("rumour kind", 7))
+        );
         // A count that claims more entries than the bytes hold is refused before allocating.
-        for t in [4, 5] {
+        for t in [4, 5, 6] {
             assert!(matches!(
                 Frame::decode(&[t, 0xff, 0xff, 0xff, 0xff]),
                 Err(DecodeError::Truncated(_))
@@ -466,7 +515,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_frames_never_panic(i in 0usize..6, pos in any::<usize>(), bit in 0u8..8) {
+        fn mutated_frames_never_panic(i in 0usize..7, pos in any::<usize>(), bit in 0u8..8) {
             let mut b = frames()[i].encode();
             let p = pos % b.len();
             b[p] ^= 1 << bit;

@@ -43,6 +43,16 @@ pub struct Sim {
     next_conn: u64,
     /// Partition group of each node, when partitioned.
     groups: Option<Vec<usize>>,
+    /// The share of frames lost (0 to 1); see [`Sim::set_loss`].
+    loss: f64,
+    /// Frames lost so far.
+    pub lost: u64,
+    /// Whether nodes' events are kept in [`SimNode::events`] (a mesh of thousands turns it
+    /// off: it holds a few events per member per node).
+    pub keep_events: bool,
+    /// `Down` events reported so far, by the member they name (kept either way).
+    pub downs: BTreeMap<NodeId, u64>,
+    rng: u64,
 }
 
 /// The gossip interval the simulation tests use (restated from the defaults, not imported).
@@ -109,6 +119,11 @@ impl Sim {
             seq: 0,
             next_conn: 1,
             groups: None,
+            loss: 0.0,
+            lost: 0,
+            keep_events: true,
+            downs: BTreeMap::new(),
+            rng: 0x9e37_79b9_7f4a_7c15,
         };
         for i in 0..n {
             sim.add(sim_record(i, 1), sim_identity(i), None);
@@ -215,7 +230,12 @@ impl Sim {
             closes.push(c);
         }
         while let Some(e) = node.mesh.poll_event() {
-            node.events.push((elapsed, e));
+            if let Event::Down(id) = e {
+                *self.downs.entry(id).or_default() += 1;
+            }
+            if self.keep_events {
+                node.events.push((elapsed, e));
+            }
         }
         for c in closes {
             busy = true;
@@ -229,6 +249,9 @@ impl Sim {
         for t in sends {
             busy = true;
             self.bytes_sent[i] += t.frame.len() as u64;
+            if self.dropped(&t.frame) {
+                continue;
+            }
             if let Some(&(_, to, their)) = self.links.get(&t.conn) {
                 self.seq += 1;
                 self.frames.insert(self.seq, t.frame);
@@ -252,6 +275,28 @@ impl Sim {
             self.node_mut(j).mesh.handle_connected(now, cj);
         }
         busy
+    }
+
+    /// Loses this share (0 to 1) of the frames sent from now on, each independently, except
+    /// the `Hello` that opens a connection. Harsher than the TCP the mesh runs on, which would
+    /// deliver a lost segment late: here whatever the frame carried never arrives.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.loss = loss.clamp(0.0, 1.0);
+    }
+
+    fn dropped(&mut self, frame: &[u8]) -> bool {
+        if self.loss <= 0.0 || frame.first() == Some(&1) {
+            return false;
+        }
+        // xorshift64: replayable.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        let lost = (x >> 11) as f64 / (1u64 << 53) as f64 <= self.loss;
+        self.lost += u64::from(lost);
+        lost
     }
 
     /// Advances the clock to the next delivery or timeout and handles everything due then.
@@ -320,6 +365,32 @@ impl Sim {
         None
     }
 
+    /// As [`Sim::run_until`], checking `done` only every `every` of virtual time (for checks
+    /// that cost O(N²) in a mesh of thousands); the time returned is that of the check that
+    /// found it done, so it is late by less than `every`.
+    pub fn run_until_every(
+        &mut self,
+        limit: Duration,
+        every: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Option<Duration> {
+        let from = self.now;
+        let mut next = self.now;
+        for _ in 0..100_000_000 {
+            if self.now >= next {
+                if done(self) {
+                    return Some(self.now - from);
+                }
+                next = self.now + every;
+            }
+            if self.now - from > limit {
+                return None;
+            }
+            self.step();
+        }
+        None
+    }
+
     /// Runs for `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let until = self.now + d;
@@ -329,17 +400,16 @@ impl Sim {
     /// Whether every live node knows every other live node, alive, at the same version.
     pub fn converged(&self) -> bool {
         let live = self.live();
-        let versions: HashMap<NodeId, u64> = live
+        let versions: Vec<(NodeId, u64)> = live
             .iter()
             .map(|i| (self.node(*i).mesh.id(), self.node(*i).mesh.record().version))
             .collect();
         live.iter().all(|i| {
-            let members = self.node(*i).mesh.members();
-            let alive: Vec<_> = members.iter().filter(|m| m.alive).collect();
-            alive.len() == live.len() - 1
-                && alive
+            let mesh = &self.node(*i).mesh;
+            mesh.alive_count() == live.len() - 1
+                && versions
                     .iter()
-                    .all(|m| versions.get(&m.id) == Some(&m.record.version))
+                    .all(|(id, v)| *id == mesh.id() || mesh.holds_alive(id, *v))
         })
     }
 

@@ -1,6 +1,7 @@
 //! Records in: what would be applied is decided from the decoded record first (newer than the
 //! one held, not forgotten, room for a new member), and only that is signature-checked.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, warn};
@@ -35,6 +36,7 @@ impl Membership {
         }
         if !forward.is_empty() {
             self.refresh_holds();
+            self.holds_dirty = false;
             let frame = Frame::Records(forward).encode();
             let others: Vec<ConnId> = self.conns.keys().copied().filter(|c| *c != conn).collect();
             for c in others {
@@ -47,7 +49,7 @@ impl Membership {
     }
 
     /// Applies a record that is newer than the one held and verifies; returns it to pass on.
-    fn accept(&mut self, now: Instant, u: UnverifiedRecord) -> Option<SignedRecord> {
+    fn accept(&mut self, now: Instant, u: UnverifiedRecord) -> Option<Arc<SignedRecord>> {
         let id = u.signer();
         if id == self.me {
             self.own_record_back(now, u);
@@ -84,6 +86,14 @@ impl Membership {
         }
         let s = self.verified(u)?;
         let left = s.record.left;
+        let old = self.known.get(&id).map(|k| k.signed.clone());
+        if let Some(old) = &old {
+            self.tally_addresses(&old.record, false);
+        }
+        self.tally_addresses(&s.record, true);
+        self.suspects.remove(&id);
+        self.lost.remove(&id);
+        self.holds_dirty = true;
         if let Some(k) = self.known.get_mut(&id) {
             let was = k.alive();
             // A new version is a new heartbeat space: its beats count from zero.
@@ -93,6 +103,7 @@ impl Membership {
             k.signed = s.clone();
             k.heartbeat = 0;
             k.beat = None;
+            k.suspicion = None;
             k.heard_at = now;
             k.live = !left;
             if left {
@@ -112,6 +123,7 @@ impl Membership {
                     signed: s.clone(),
                     heartbeat: 0,
                     beat: None,
+                    suspicion: None,
                     heard_at: now,
                     addressed_since: now,
                     live: !left,
@@ -128,9 +140,9 @@ impl Membership {
     }
 
     /// Checks a record's signature, counting the check and a failure.
-    pub(super) fn verified(&mut self, u: UnverifiedRecord) -> Option<SignedRecord> {
+    pub(super) fn verified(&mut self, u: UnverifiedRecord) -> Option<Arc<SignedRecord>> {
         self.drops.verifications += 1;
-        match u.verify() {
+        match u.verify_shared() {
             Ok(s) => Some(s),
             Err(e) => {
                 debug!(error = %e, "record refused");
@@ -153,6 +165,10 @@ impl Membership {
         for id in gone {
             if let Some(k) = self.known.remove(&id) {
                 debug!(node = %id, name = %k.signed.record.name, "member forgotten");
+                self.tally_addresses(&k.signed.record, false);
+                self.suspects.remove(&id);
+                self.lost.remove(&id);
+                self.holds_dirty = true;
                 self.by_short.remove(&id.short());
                 self.rumours.remove(&id.short());
                 self.forgotten.insert(

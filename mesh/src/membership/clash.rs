@@ -79,6 +79,17 @@ pub(super) fn same_addresses(a: &NodeRecord, b: &NodeRecord) -> bool {
     claims(a).eq(claims(b))
 }
 
+/// A 32-bit FNV-1a hash of an address, for the tally of addresses advertised.
+fn address_hash(a: IpAddr) -> u32 {
+    let bytes = match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 fn address(c: &Claim<'_>) -> IpAddr {
     match c {
         Claim::Public(a) | Claim::Private(_, a) => *a,
@@ -93,7 +104,10 @@ impl Membership {
 
     /// The members held down for an address an established member advertises.
     pub fn address_clashes(&self) -> Vec<AddressClash> {
-        self.known.values().filter_map(|k| k.held).collect()
+        self.known
+            .values()
+            .filter_map(|k| k.held.as_deref().copied())
+            .collect()
     }
 
     /// A record signed with this node's identity came back. Our current record (over a second
@@ -143,10 +157,38 @@ impl Membership {
         self.update(r);
     }
 
+    /// Counts `r`'s addresses in (or out of) the tally of every address advertised, which
+    /// lets [`Membership::refresh_holds`] skip its work while no address is advertised twice.
+    pub(super) fn tally_addresses(&mut self, r: &NodeRecord, add: bool) {
+        for a in [r.public_address, r.private_address].into_iter().flatten() {
+            let key = address_hash(a);
+            let n = self.addresses.entry(key).or_insert(0);
+            let before = *n;
+            *n = if add {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            };
+            let after = *n;
+            if after == 0 {
+                self.addresses.remove(&key);
+            }
+            match (before >= 2, after >= 2) {
+                (false, true) => self.shared_addresses += 1,
+                (true, false) => self.shared_addresses -= 1,
+                _ => {}
+            }
+        }
+    }
+
     /// Holds down every member that advertises an address an established member (known here
     /// at that address earlier, alive, not held itself) or this node advertises; releases those
-    /// whose owner is gone.
+    /// whose owner is gone. Nothing to do while no address is advertised twice and nobody is
+    /// held, so that a large mesh without clashes pays nothing per record.
     pub(super) fn refresh_holds(&mut self) {
+        if self.shared_addresses == 0 && !self.any_held {
+            return;
+        }
         let mut owners: HashMap<Claim<'_>, NodeId> = HashMap::new();
         for c in claims(&self.own.record) {
             owners.insert(c, self.me);
@@ -181,17 +223,19 @@ impl Membership {
                     owners.insert(c, id);
                 }
             }
-            if clash != k.held {
+            if clash.as_ref() != k.held.as_deref() {
                 holds.push((id, clash));
             }
         }
         drop(owners);
+        self.any_held =
+            self.known.values().any(|k| k.held.is_some()) || holds.iter().any(|(_, c)| c.is_some());
         for (id, clash) in holds {
             let Some(k) = self.known.get_mut(&id) else {
                 continue;
             };
             let was = k.alive();
-            k.held = clash;
+            k.held = clash.map(Box::new);
             match clash {
                 Some(c) => {
                     self.drops.count(Rejected::AddressInUse);

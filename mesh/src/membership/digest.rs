@@ -3,9 +3,10 @@
 //! most [`FRAME_BUDGET`] bytes so that a full-state answer to a new node always decodes.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use super::{ConnId, Membership, Transmit};
-use crate::beat::Beat;
+use crate::beat::{Beat, Rumour};
 use crate::record::SignedRecord;
 use crate::wire::{Entry, Frame};
 
@@ -46,13 +47,21 @@ fn chunks<T>(
 }
 
 /// Records as `Records` frames of bounded size.
-pub(super) fn record_frames(records: Vec<SignedRecord>) -> Vec<Vec<u8>> {
+pub(super) fn record_frames(records: Vec<Arc<SignedRecord>>) -> Vec<Vec<u8>> {
     chunks(
         records,
         |r| 32 + 2 + r.body.len() + 64,
         MAX_RECORDS,
         |part| Frame::Records(part.into_iter().map(|s| Ok(s.into())).collect()),
     )
+}
+
+/// Rumours as `Rumours` frames of bounded size.
+pub(super) fn rumour_frames(rumours: Vec<Rumour>) -> Vec<Vec<u8>> {
+    if rumours.is_empty() {
+        return Vec::new();
+    }
+    chunks(rumours, |_| BEAT_BYTES + 1, usize::MAX, Frame::Rumours)
 }
 
 /// Beats as `SignedBeats` frames of bounded size.
@@ -63,7 +72,8 @@ pub(super) fn beat_frames(beats: Vec<Beat>) -> Vec<Vec<u8>> {
 impl Membership {
     /// Answers a digest with what the sender lacks, and with our own digest when asked or when
     /// the sender holds something we lack. Nothing in a digest changes liveness: its
-    /// heartbeats are the sender's word, not the members'.
+    /// heartbeats are the sender's word, not the members'. Only this node's own heartbeat is
+    /// compared (its newest beat goes back when the sender's is older).
     pub(super) fn handle_digest(&mut self, conn: ConnId, reply: bool, entries: &[Entry]) {
         let mut records = Vec::new();
         let mut beats = Vec::new();
@@ -74,7 +84,7 @@ impl Membership {
             seen.insert(e.node);
             if e.node == me {
                 if e.version < self.own.record.version {
-                    records.push(self.own.clone());
+                    records.push(Arc::new(self.own.clone()));
                     beats.push(self.own_beat);
                 } else if e.version == self.own.record.version && e.heartbeat < self.heartbeat {
                     beats.push(self.own_beat);
@@ -90,12 +100,10 @@ impl Membership {
                     beats.extend(k.beat);
                 }
                 Some(k) if k.signed.record.version < e.version => they_know_more = true,
-                Some(k) => {
-                    if k.heartbeat > e.heartbeat {
-                        beats.extend(k.beat);
-                    }
-                    they_know_more |= e.heartbeat > k.heartbeat;
-                }
+                // Heartbeats of others are not compared: beats travel to neighbours and as
+                // rumours, and two nodes' counters of a member they do not watch differ
+                // without either lacking anything.
+                Some(_) => {}
                 None => {
                     let forgotten = self
                         .forgotten
@@ -109,7 +117,7 @@ impl Membership {
             }
         }
         if !seen.contains(&me) {
-            records.push(self.own.clone());
+            records.push(Arc::new(self.own.clone()));
             beats.push(self.own_beat);
         }
         for (id, k) in &self.known {
@@ -170,7 +178,7 @@ mod tests {
             total > 4 << 20,
             "the state ({total} bytes) exceeds one frame"
         );
-        let frames = record_frames(records);
+        let frames = record_frames(records.into_iter().map(Arc::new).collect());
         let mut n = 0;
         for f in &frames {
             assert!(f.len() <= FRAME_BUDGET + 1024, "frame of {} bytes", f.len());
