@@ -11,7 +11,7 @@ mod clash;
 mod digest;
 mod liveness;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,6 +178,9 @@ struct Forgotten {
 struct Conn {
     peer: Option<NodeId>,
     since: Instant,
+    /// A beat signed by the peer it says it is arrived on it: only then does this node watch
+    /// the peer through it (the `Hello` itself proves nothing).
+    watch: bool,
 }
 
 /// The gossip state machine of one node.
@@ -226,9 +229,14 @@ pub struct Membership {
     rumours: BTreeMap<ShortId, (Rumour, Option<ConnId>)>,
     /// Members suspected here, and since when.
     suspects: BTreeMap<NodeId, Instant>,
-    /// Members whose connection with this node broke: the heartbeat held then. Watched until
-    /// a newer beat arrives.
-    lost: BTreeMap<NodeId, u32>,
+    /// Members down here (not departed): the ones probed to heal a partition.
+    down: BTreeSet<NodeId>,
+    /// Members watched through a connection that broke: the record version held then.
+    /// Watched until suspected (or down, reconnected, or a new version).
+    lost: BTreeMap<NodeId, u64>,
+    /// A repeated suspicion of this node arrived inside the refutation window: refute when it
+    /// ends.
+    refute_at: Option<Instant>,
     /// The heartbeat this node last spread through the mesh, and when.
     spread_heartbeat: Option<(u32, Instant)>,
     next_announce: Instant,
@@ -297,8 +305,10 @@ impl Membership {
             rounds: 0,
             rumours: BTreeMap::new(),
             suspects: BTreeMap::new(),
+            down: BTreeSet::new(),
             lost: BTreeMap::new(),
             spread_heartbeat: None,
+            refute_at: None,
             // Spread over the interval, so nodes started together do not announce together.
             next_announce: now
                 + config
@@ -430,6 +440,7 @@ impl Membership {
             Conn {
                 peer: None,
                 since: now,
+                watch: false,
             },
         );
         let hello = Frame::Hello {
@@ -447,14 +458,18 @@ impl Membership {
         self.send_digest(conn, true);
     }
 
-    /// A connection is gone: its peer stays watched until a newer beat of it arrives.
+    /// A connection is gone: a peer watched through it stays watched (see `liveness`).
     pub fn handle_disconnected(&mut self, conn: ConnId) {
-        if let Some(Conn { peer: Some(id), .. }) = self.conns.remove(&conn)
+        if let Some(Conn {
+            peer: Some(id),
+            watch: true,
+            ..
+        }) = self.conns.remove(&conn)
             && let Some(k) = self.known.get(&id)
             && k.live
-            && !self.conns.values().any(|c| c.peer == Some(id))
+            && !self.conns.values().any(|c| c.peer == Some(id) && c.watch)
         {
-            self.lost.insert(id, k.heartbeat);
+            self.lost.insert(id, k.signed.record.version);
         }
         self.out.retain(|t| t.conn != conn);
         for (_, from) in self.rumours.values_mut() {
@@ -487,21 +502,31 @@ impl Membership {
                     return;
                 }
                 c.peer = Some(node);
+                c.watch = false;
             }
             _ if c.peer.is_none() => self.drops.count(Rejected::BeforeHello),
             Frame::Records(records) => self.handle_records(now, conn, records),
             Frame::Digest { reply, entries } => self.handle_digest(conn, reply, &entries),
             Frame::Beats(_) => self.drops.count(Rejected::UnsignedBeat),
+            // The rest of a frame is dropped at the first beat that fails its check, so that a
+            // frame of forged beats costs one check, not one each.
             Frame::SignedBeats(beats) => {
+                let peer = c.peer;
                 for b in beats {
-                    self.heard(now, conn, b, false);
+                    if !self.heard(now, conn, b, false) {
+                        break;
+                    }
+                    self.watch_through(conn, peer, &b);
                 }
             }
             Frame::Rumours(rumours) => {
                 for r in rumours {
-                    match r {
+                    let ok = match r {
                         Rumour::Alive(b) => self.heard(now, conn, b, true),
                         Rumour::Suspect(b) => self.suspicion(now, conn, b),
+                    };
+                    if !ok {
+                        break;
                     }
                 }
             }
@@ -545,6 +570,14 @@ impl Membership {
             self.next_dial = now + interval / 2 + jitter;
             self.dial();
         }
+    }
+
+    /// Keeps [`Membership::down`] in step with `id`'s liveness.
+    fn note_liveness(&mut self, id: NodeId) {
+        match self.known.get(&id) {
+            Some(k) if !k.live && !k.signed.record.left => self.down.insert(id),
+            _ => self.down.remove(&id),
+        };
     }
 
     /// The connections whose peer said hello.
@@ -600,9 +633,9 @@ impl Membership {
         }
         // Probe one member that is down (not departed): this is how a partition heals.
         let down: Vec<SocketAddr> = self
-            .known
-            .values()
-            .filter(|k| !k.live && !k.signed.record.left)
+            .down
+            .iter()
+            .filter_map(|id| self.known.get(id))
             .filter_map(|k| mesh_address(&self.own.record, &k.signed.record))
             .collect();
         if !down.is_empty() {

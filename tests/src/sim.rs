@@ -52,6 +52,13 @@ pub struct Sim {
     pub keep_events: bool,
     /// `Down` events reported so far, by the member they name (kept either way).
     pub downs: BTreeMap<NodeId, u64>,
+    /// Nodes given input since they were last drained (a node is in it at most once).
+    touched: Vec<usize>,
+    is_touched: Vec<bool>,
+    /// Every node's next timeout as last read, and a heap of them (entries that no longer
+    /// match are skipped): a step costs what it touches, not the size of the mesh.
+    timer_at: Vec<Option<Instant>>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
     rng: u64,
 }
 
@@ -123,6 +130,10 @@ impl Sim {
             lost: 0,
             keep_events: true,
             downs: BTreeMap::new(),
+            touched: Vec::new(),
+            is_touched: Vec::new(),
+            timer_at: Vec::new(),
+            timers: BinaryHeap::new(),
             rng: 0x9e37_79b9_7f4a_7c15,
         };
         for i in 0..n {
@@ -161,6 +172,8 @@ impl Sim {
         }
         self.addrs.insert(addr, i);
         self.bytes_sent.push(0);
+        self.is_touched.push(false);
+        self.timer_at.push(None);
         if let Some(g) = self.groups.as_mut() {
             let side = bootstrap.map_or(0, |b| g[b]);
             g.push(side);
@@ -179,9 +192,54 @@ impl Sim {
         self.nodes[i].as_ref().expect("node is alive")
     }
 
-    /// Node `i`, mutably.
+    /// Node `i`, mutably (it is drained and its timer read again at the next step).
     pub fn node_mut(&mut self, i: usize) -> &mut SimNode {
+        self.touch(i);
         self.nodes[i].as_mut().expect("node is alive")
+    }
+
+    fn touch(&mut self, i: usize) {
+        if !self.is_touched[i] {
+            self.is_touched[i] = true;
+            self.touched.push(i);
+        }
+    }
+
+    /// Reads node `i`'s next timeout again.
+    fn refresh_timer(&mut self, i: usize) {
+        let t = self.nodes[i].as_ref().and_then(|n| n.mesh.poll_timeout());
+        if t != self.timer_at[i] {
+            self.timer_at[i] = t;
+            if let Some(t) = t {
+                self.timers.push(Reverse((t, i)));
+            }
+        }
+    }
+
+    /// The earliest node timeout, dropping heap entries that no longer match.
+    fn next_timer(&mut self) -> Option<Instant> {
+        while let Some(Reverse((t, i))) = self.timers.peek().copied() {
+            if self.timer_at[i] == Some(t) && self.nodes[i].is_some() {
+                return Some(t);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Drains every touched node until none has output left.
+    fn drain_touched(&mut self) {
+        for _ in 0..1000 {
+            if self.touched.is_empty() {
+                return;
+            }
+            for i in std::mem::take(&mut self.touched) {
+                self.is_touched[i] = false;
+                self.drain(i);
+                self.refresh_timer(i);
+            }
+        }
+        panic!("the simulation did not settle in 1000 rounds at one instant");
     }
 
     /// The ids of the live nodes.
@@ -197,16 +255,10 @@ impl Sim {
 
     /// Moves every node's pending output onto the network (call after commanding a node).
     pub fn drain_all(&mut self) {
-        for _ in 0..1000 {
-            let mut busy = false;
-            for i in 0..self.nodes.len() {
-                busy |= self.drain(i);
-            }
-            if !busy {
-                return;
-            }
+        for i in 0..self.nodes.len() {
+            self.touch(i);
         }
-        panic!("the simulation did not settle in 1000 rounds at one instant");
+        self.drain_touched();
     }
 
     /// Moves node `i`'s output onto the network; true if there was any.
@@ -243,6 +295,7 @@ impl Sim {
                 self.links.remove(&theirs);
                 if let Some(n) = self.nodes[other].as_mut() {
                     n.mesh.handle_disconnected(theirs);
+                    self.touch(other);
                 }
             }
         }
@@ -273,6 +326,8 @@ impl Sim {
             self.links.insert(cj, (j, i, ci));
             self.node_mut(i).mesh.handle_connected(now, ci);
             self.node_mut(j).mesh.handle_connected(now, cj);
+            self.touch(i);
+            self.touch(j);
         }
         busy
     }
@@ -307,13 +362,9 @@ impl Sim {
     /// As [`Sim::step`], stopping at `deadline` when that comes first (a driver's own timer
     /// above the mesh).
     pub fn step_until(&mut self, deadline: Option<Instant>) {
+        self.drain_touched();
         let next_frame = self.queue.peek().map(|Reverse((t, ..))| *t);
-        let next_timer = self
-            .nodes
-            .iter()
-            .flatten()
-            .filter_map(|n| n.mesh.poll_timeout())
-            .min();
+        let next_timer = self.next_timer();
         let Some(next) = [next_frame, next_timer, deadline]
             .into_iter()
             .flatten()
@@ -334,15 +385,24 @@ impl Sim {
             let now = self.now;
             if let Some(n) = self.nodes[to].as_mut() {
                 n.mesh.handle_frame(now, conn, &frame);
+                self.touch(to);
             }
         }
         let now = self.now;
-        for n in self.nodes.iter_mut().flatten() {
-            if n.mesh.poll_timeout().is_some_and(|t| t <= now) {
+        while let Some(t) = self.next_timer() {
+            if t > now {
+                break;
+            }
+            let Some(Reverse((_, i))) = self.timers.pop() else {
+                break;
+            };
+            self.timer_at[i] = None;
+            if let Some(n) = self.nodes[i].as_mut() {
                 n.mesh.handle_timeout(now);
+                self.touch(i);
             }
         }
-        self.drain_all();
+        self.drain_touched();
     }
 
     /// Steps until `done` holds or `limit` of virtual time has passed since now; returns the
@@ -487,11 +547,16 @@ impl Sim {
             .map(|(_, to, theirs)| (*to, *theirs))
             .collect();
         for (to, theirs) in outs {
-            self.seq += 1;
-            self.frames.insert(self.seq, frame.to_vec());
-            self.queue
-                .push(Reverse((now + self.latency, self.seq, to, theirs)));
+            self.inject(now, to, theirs, frame);
         }
+    }
+
+    /// Queues `frame` for node `to` on its connection `theirs`, one latency from `now`.
+    fn inject(&mut self, now: Instant, to: usize, theirs: ConnId, frame: &[u8]) {
+        self.seq += 1;
+        self.frames.insert(self.seq, frame.to_vec());
+        self.queue
+            .push(Reverse((now + self.latency, self.seq, to, theirs)));
     }
 
     /// Whether every live node other than `i` holds `i` alive.
@@ -504,5 +569,42 @@ impl Sim {
                 .iter()
                 .any(|m| m.id == id && m.alive)
         })
+    }
+
+    /// Whether nodes `i` and `j` have a link.
+    pub fn connected(&self, i: usize, j: usize) -> bool {
+        self.links.values().any(|(a, b, _)| *a == i && *b == j)
+    }
+
+    /// The nodes linked to `i`.
+    pub fn neighbours(&self, i: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .links
+            .values()
+            .filter(|(a, ..)| *a == i)
+            .map(|(_, b, _)| *b)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// As [`Sim::send_raw`], on the links from `i` to `j` only.
+    pub fn send_raw_to(&mut self, i: usize, j: usize, frame: &[u8]) {
+        let now = self.now;
+        let outs: Vec<ConnId> = self
+            .links
+            .values()
+            .filter(|(a, b, _)| *a == i && *b == j)
+            .map(|(_, _, theirs)| *theirs)
+            .collect();
+        for theirs in outs {
+            self.inject(now, j, theirs, frame);
+        }
+    }
+
+    /// Closes every link between `i` and `j` (both ends see it break).
+    pub fn close(&mut self, i: usize, j: usize) {
+        self.cut(|a, b| (a == i && b == j) || (a == j && b == i));
     }
 }

@@ -136,6 +136,7 @@ impl Membership {
                 Event::Joined(id)
             });
         }
+        self.note_liveness(id);
         Some(s)
     }
 
@@ -168,6 +169,7 @@ impl Membership {
                 self.tally_addresses(&k.signed.record, false);
                 self.suspects.remove(&id);
                 self.lost.remove(&id);
+                self.down.remove(&id);
                 self.holds_dirty = true;
                 self.by_short.remove(&id.short());
                 self.rumours.remove(&id.short());

@@ -89,8 +89,29 @@ impl Membership {
 
     /// Queues a rumour for every connection but the one it came from (sent at the next
     /// [`Membership::poll_transmit`]).
+    /// An `Alive` never replaces a queued `Suspect` of the same life unless it is newer (a
+    /// refutation): the suspicion must still reach the member, which alone can refute it.
     pub(super) fn spread(&mut self, r: Rumour, from: Option<ConnId>) {
+        if let Some((Rumour::Suspect(s), _)) = self.rumours.get(&r.beat().node)
+            && let Rumour::Alive(a) = r
+            && a.version == s.version
+            && a.heartbeat <= s.heartbeat
+        {
+            return;
+        }
         self.rumours.insert(r.beat().node, (r, from));
+    }
+
+    /// `b` arrived on `conn`, from `peer` as its `Hello` said: if it is the peer's own beat,
+    /// held here (so it verified), the connection is a watch of the peer.
+    pub(super) fn watch_through(&mut self, conn: ConnId, peer: Option<NodeId>, b: &Beat) {
+        if let Some(p) = peer
+            && b.node == p.short()
+            && self.known.get(&p).is_some_and(|k| k.beat == Some(*b))
+            && let Some(c) = self.conns.get_mut(&conn)
+        {
+            c.watch = true;
+        }
     }
 
     /// Turns the queued rumours into frames.
@@ -112,22 +133,22 @@ impl Membership {
     /// A beat of a member, straight from a connection (`rumour` false) or spread as alive. One
     /// of its current version that is newer than the one held (checked before its signature)
     /// means the member is alive. It is passed on when it came as a rumour, and when it ends a
-    /// suspicion or a down here.
-    pub(super) fn heard(&mut self, now: Instant, from: ConnId, b: Beat, rumour: bool) {
+    /// suspicion or a down here. False when its signature fails.
+    pub(super) fn heard(&mut self, now: Instant, from: ConnId, b: Beat, rumour: bool) -> bool {
         let Some(id) = self.by_short.get(&b.node).copied() else {
-            return;
+            return true;
         };
         let Some(k) = self.known.get_mut(&id) else {
-            return;
+            return true;
         };
         if k.signed.record.version != b.version || b.heartbeat <= k.heartbeat {
-            return;
+            return true;
         }
         self.drops.verifications += 1;
         if let Err(e) = b.verify(&id) {
             debug!(node = %id, error = %e, "beat refused");
             self.drops.count(Rejected::BadBeat);
-            return;
+            return false;
         }
         let (was_live, was_alive) = (k.live, k.alive());
         k.heartbeat = b.heartbeat;
@@ -135,9 +156,10 @@ impl Membership {
         k.heard_at = now;
         k.live = !k.signed.record.left;
         let up = !was_alive && k.alive();
+        let changed = was_live != k.live;
+        self.note_liveness(id);
         let suspected = self.suspects.remove(&id).is_some();
-        self.lost.remove(&id);
-        if was_live != k.live {
+        if changed {
             self.holds_dirty = true;
         }
         if up {
@@ -147,37 +169,43 @@ impl Membership {
         if rumour || suspected || !was_live {
             self.spread(Rumour::Alive(b), Some(from));
         }
+        true
     }
 
-    /// A suspicion of a member (or of this node: then it is refuted).
-    pub(super) fn suspicion(&mut self, now: Instant, from: ConnId, b: Beat) {
+    /// A suspicion of a member (or of this node: then it is refuted). False when its
+    /// signature fails.
+    pub(super) fn suspicion(&mut self, now: Instant, from: ConnId, b: Beat) -> bool {
         if b.node == self.me.short() {
-            self.suspected_here(now, b);
-            return;
+            return self.suspected_here(now, b);
         }
         let Some(id) = self.by_short.get(&b.node).copied() else {
-            return;
+            return true;
         };
         let half = self.config.liveness_timeout / 2;
+        let suspected = self.suspects.contains_key(&id);
         let Some(k) = self.known.get_mut(&id) else {
-            return;
+            return true;
         };
         if k.signed.record.version != b.version || !k.live {
-            return;
+            return true;
         }
         if k.suspicion
             .is_some_and(|(h, at)| h == b.heartbeat && now.saturating_duration_since(at) < half)
         {
-            return;
+            return true;
         }
         let recent = now.saturating_duration_since(k.heard_at) < half;
         if b.heartbeat < k.heartbeat {
-            // The sender lacks a newer beat we heard lately: it refutes the suspicion.
-            if recent && let Some(newer) = k.beat {
+            // The sender lacks a newer beat we heard alive lately (not one a suspicion
+            // brought): that refutes the suspicion.
+            if recent
+                && !suspected
+                && let Some(newer) = k.beat
+            {
                 k.suspicion = Some((b.heartbeat, now));
                 self.spread(Rumour::Alive(newer), None);
             }
-            return;
+            return true;
         }
         let held = k.beat.is_some_and(|x| x == b);
         if !held {
@@ -185,49 +213,68 @@ impl Membership {
             if let Err(e) = b.verify(&id) {
                 debug!(node = %id, error = %e, "suspicion refused");
                 self.drops.count(Rejected::BadBeat);
-                return;
+                return false;
             }
             k.heartbeat = b.heartbeat;
             k.beat = Some(b);
         }
         k.suspicion = Some((b.heartbeat, now));
-        // Passed on either way, so that it reaches the member, which alone can refute it; but
-        // taken here only if this node has not heard that very beat lately (then the sender's
-        // silence is its own).
-        let premature = held && recent;
-        if !premature && !self.suspects.contains_key(&id) {
+        // Passed on either way, so that it reaches the member, which alone can refute it. If
+        // this node heard that very beat lately, the sender's silence may be its own, so the
+        // wait starts only half a timeout after that hearing; it is never dropped, or a member
+        // replaying a dead node's last beat would keep it alive.
+        if !suspected {
+            let since = if held && recent {
+                k.heard_at + half
+            } else {
+                now
+            };
             debug!(node = %id, name = %k.signed.record.name, heartbeat = b.heartbeat, "member suspected by another");
-            self.suspects.insert(id, now);
+            self.suspects.insert(id, since);
         }
         self.spread(Rumour::Suspect(b), Some(from));
+        true
     }
 
     /// Someone suspects this node: a new beat, spread everywhere, refutes it. Only a suspicion
     /// carrying a beat this node signed counts, and one that only repeats the beat of the last
     /// refutation is answered at most once per half liveness timeout.
-    fn suspected_here(&mut self, now: Instant, b: Beat) {
+    /// A repeat inside the window is answered when the window ends, so that a node that missed
+    /// the refutation and takes the repeat still hears one in time.
+    fn suspected_here(&mut self, now: Instant, b: Beat) -> bool {
         if b.version != self.own.record.version {
-            return;
+            return true;
         }
-        let answer = match self.spread_heartbeat {
-            None => true,
-            Some((h, at)) => {
-                b.heartbeat > h
-                    || now.saturating_duration_since(at) >= self.config.liveness_timeout / 2
+        let window = self.config.liveness_timeout / 2;
+        let later = match self.spread_heartbeat {
+            Some((h, at)) if b.heartbeat <= h && now.saturating_duration_since(at) < window => {
+                Some(at + window)
             }
+            _ => None,
         };
-        if !answer {
-            return;
+        if later.is_some() && self.refute_at.is_some() {
+            return true;
         }
         self.drops.verifications += 1;
         if b.verify(&self.me).is_err() {
             self.drops.count(Rejected::BadBeat);
-            return;
+            return false;
+        }
+        if later.is_some() {
+            self.refute_at = later;
+            return true;
         }
         debug!(
             heartbeat = b.heartbeat,
             "suspected by a neighbour: refuting"
         );
+        self.refute(now);
+        true
+    }
+
+    /// A new beat, spread everywhere.
+    fn refute(&mut self, now: Instant) {
+        self.refute_at = None;
         self.heartbeat = self.heartbeat.wrapping_add(1);
         self.own_beat = Beat::sign(&self.identity, self.own.record.version, self.heartbeat);
         self.spread_own(now);
@@ -238,15 +285,16 @@ impl Membership {
         let Some(k) = self.known.get(&id) else {
             return;
         };
+        // Never without a beat to carry: a suspicion the member cannot hear cannot be refuted.
+        let Some(b) = k.beat else {
+            return;
+        };
         debug!(node = %id, name = %k.signed.record.name, heartbeat = k.heartbeat, "member suspected: no beat for the liveness timeout");
-        let beat = k.beat;
         self.suspects.insert(id, now);
-        if let Some(b) = beat {
-            if let Some(k) = self.known.get_mut(&id) {
-                k.suspicion = Some((b.heartbeat, now));
-            }
-            self.spread(Rumour::Suspect(b), None);
+        if let Some(k) = self.known.get_mut(&id) {
+            k.suspicion = Some((b.heartbeat, now));
         }
+        self.spread(Rumour::Suspect(b), None);
     }
 
     /// Marks `id` down.
@@ -262,14 +310,19 @@ impl Membership {
         let was = k.alive();
         k.live = false;
         self.holds_dirty = true;
+        let name = k.signed.record.name.clone();
+        self.note_liveness(id);
         if was {
-            debug!(node = %id, name = %k.signed.record.name, why, "member down");
+            debug!(node = %id, %name, why, "member down");
             self.events.push_back(Event::Down(id));
         }
     }
 
     /// Each round: suspicions that ran out, and watched members silent for the timeout.
     pub(super) fn check_liveness(&mut self, now: Instant) {
+        if self.refute_at.is_some_and(|t| now >= t) {
+            self.refute(now);
+        }
         let timeout = self.config.liveness_timeout;
         let wait = self.suspicion_timeout();
         let expired: Vec<NodeId> = self
@@ -283,7 +336,9 @@ impl Membership {
         }
         let mut silent = Vec::new();
         for c in self.conns.values() {
-            let Some(id) = c.peer else { continue };
+            let (Some(id), true) = (c.peer, c.watch) else {
+                continue;
+            };
             if let Some(k) = self.known.get(&id)
                 && k.live
                 && !self.suspects.contains_key(&id)
@@ -292,11 +347,19 @@ impl Membership {
                 silent.push(id);
             }
         }
+        // A lost watch ends only in a suspicion (refuted at once if the member is alive) or when
+        // the member is watched again, down, or in a new life: a newer beat relayed by someone
+        // else proves only that the member was alive when it signed it.
         let mut settled = Vec::new();
-        for (id, at_loss) in &self.lost {
-            let connected = self.conns.values().any(|c| c.peer == Some(*id));
+        for (id, version) in &self.lost {
+            let watched = self.conns.values().any(|c| c.peer == Some(*id) && c.watch);
             match self.known.get(id) {
-                Some(k) if k.live && k.heartbeat <= *at_loss && !connected => {
+                Some(k)
+                    if k.live
+                        && k.signed.record.version == *version
+                        && !watched
+                        && !self.suspects.contains_key(id) =>
+                {
                     if now.saturating_duration_since(k.heard_at) > timeout {
                         silent.push(*id);
                         settled.push(*id);

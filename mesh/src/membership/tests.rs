@@ -168,7 +168,7 @@ fn a_thousand_bootstrap_addresses_are_dialled_a_few_at_a_time_never_all_at_once(
     // With no connection, each dial round tries a few more, still bounded, and over rounds
     // not always the same ones.
     let mut now = Instant::now();
-    let mut tried: std::collections::BTreeSet<SocketAddr> = first.into_iter().collect();
+    let mut tried: BTreeSet<SocketAddr> = first.into_iter().collect();
     for round in 0..20 {
         now += MeshConfig::default().dial_interval * 2;
         a.handle_timeout(now);
@@ -181,4 +181,60 @@ fn a_thousand_bootstrap_addresses_are_dialled_a_few_at_a_time_never_all_at_once(
     let mut b = node(2);
     b.join(&many[..1]);
     assert_eq!(dials(&mut b), many[..1].to_vec());
+}
+
+/// Rule: a suspicion counts only with a beat its subject signed: one forged (signed by the
+/// sender, or with a raised counter) is refused and counted, passed on to nobody, and the
+/// member stays alive past the suspicion timeout; a genuine one takes it down unless refuted.
+#[test]
+fn a_suspicion_with_a_forged_beat_is_refused_and_a_genuine_one_unrefuted_takes_the_member_down() {
+    let (mut b, conn, now) = greeted();
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    let liar = Identity::from_wireguard_key(&[9; 32]);
+    b.handle_frame(now, conn, &records(&[&c.sign(&record("c", 4))]));
+    while b.poll_transmit().is_some() {}
+    let genuine = Beat::sign(&c, 4, 7);
+    let forged = [
+        Beat {
+            node: c.id().short(),
+            ..Beat::sign(&liar, 4, 7)
+        },
+        Beat {
+            heartbeat: 8,
+            ..genuine
+        },
+    ];
+    for f in forged {
+        b.handle_frame(
+            now,
+            conn,
+            &Frame::Rumours(vec![Rumour::Suspect(f)]).encode(),
+        );
+    }
+    assert_eq!(b.drops().rejected.get(Rejected::BadBeat), 2);
+    assert_eq!(b.poll_transmit(), None, "nothing passed on");
+    let later = now + MeshConfig::default().liveness_timeout;
+    b.handle_timeout(later);
+    assert!(b.members()[0].alive, "a forged suspicion took it down");
+    // The genuine one, unrefuted for a third of the timeout: down.
+    b.handle_frame(
+        later,
+        conn,
+        &Frame::Rumours(vec![Rumour::Suspect(genuine)]).encode(),
+    );
+    assert_eq!(b.members()[0].heartbeat, 7);
+    let after = later + MeshConfig::default().liveness_timeout / 3 + Duration::from_secs(2);
+    b.handle_timeout(after);
+    assert!(
+        !b.members()[0].alive,
+        "an unrefuted suspicion left it alive"
+    );
+    assert!(std::iter::from_fn(|| b.poll_event()).any(|e| e == Event::Down(c.id())));
+    // Its refutation, a newer beat it signed, brings it back.
+    b.handle_frame(
+        after,
+        conn,
+        &Frame::Rumours(vec![Rumour::Alive(Beat::sign(&c, 4, 8))]).encode(),
+    );
+    assert!(b.members()[0].alive);
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use weft_mesh::{Beat, Entry, Event, Frame, MeshConfig, Rejected};
+use weft_mesh::{Beat, Entry, Event, Frame, MeshConfig, Rejected, Rumour};
 use weft_tests::sim::{
     GOSSIP_INTERVAL, LIVENESS_TIMEOUT, Sim, one_earlier, sim_identity, sim_record,
     test_config as config,
@@ -449,4 +449,201 @@ fn a_replayed_state_costs_no_signature_check_and_each_beat_is_checked_once() {
         (after.iter().sum::<u64>() - before.iter().sum::<u64>()) / n as u64,
         n - 1
     );
+}
+
+/// The nodes that reported `id` down, and when.
+fn downs_of(sim: &Sim, id: &weft_mesh::NodeId) -> Vec<(usize, Duration)> {
+    let mut v = Vec::new();
+    for j in sim.live() {
+        for (t, e) in &sim.node(j).events {
+            if *e == Event::Down(*id) {
+                v.push((j, *t));
+            }
+        }
+    }
+    v
+}
+
+/// `n` nodes, converged and then a hundred seconds into steady state.
+fn steady_mesh(n: usize) -> Sim {
+    let mut sim = Sim::new(n, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    sim.run_for(Duration::from_secs(100));
+    sim
+}
+
+/// A member not linked to `victim`, and its neighbours that are not the victim's either.
+fn liar_and_targets(sim: &Sim, n: usize, victim: usize) -> (usize, Vec<usize>) {
+    let liar = (0..n)
+        .find(|l| *l != victim && !sim.connected(*l, victim))
+        .expect("a node not linked to the victim");
+    let theirs = sim.neighbours(victim);
+    let targets: Vec<usize> = sim
+        .neighbours(liar)
+        .into_iter()
+        .filter(|t| *t != victim && !theirs.contains(t))
+        .collect();
+    assert!(!targets.is_empty(), "the liar has no target");
+    (liar, targets)
+}
+
+/// Rule (found by review): a member cannot smother a suspicion so that it never reaches the
+/// member it names. One frame `[Alive(B[n-1]), Suspect(B[n]), Suspect(B[n-1])]` once made each
+/// receiver take the suspicion and then replace its own queued `Suspect` with an `Alive`
+/// "answer" built from the suspicion's own beat: the victim never heard it, never refuted, and
+/// every receiver marked a live node down.
+#[test]
+fn a_suspicion_cannot_be_smothered_before_it_reaches_the_member_it_names() {
+    let n = 60;
+    let mut sim = steady_mesh(n);
+    let victim = 41;
+    let id = sim.node(victim).mesh.id();
+    let (liar, targets) = liar_and_targets(&sim, n, victim);
+    let version = sim.node(victim).mesh.record().version;
+    let h = sim.node(victim).mesh.heartbeat();
+    // Two beats the victim signed (the liar, as any neighbour of it, holds them).
+    let b = |h| Beat::sign(&sim_identity(victim), version, h);
+    let frame = Frame::Rumours(vec![
+        Rumour::Alive(b(h - 1)),
+        Rumour::Suspect(b(h)),
+        Rumour::Suspect(b(h - 1)),
+    ])
+    .encode();
+    for t in &targets {
+        sim.send_raw_to(liar, *t, &frame);
+    }
+    sim.run_for(LIVENESS_TIMEOUT);
+    let downs = downs_of(&sim, &id);
+    assert!(
+        downs.is_empty(),
+        "a live node was marked down by one frame: {downs:?}"
+    );
+}
+
+/// Rule (found by review): a member cannot keep a dead node alive by replaying the dead node's
+/// own last beat just before the watchers' suspicion arrives. That made every node hold the beat
+/// as heard lately, take the suspicion as premature, drop it for good, and keep the dead node
+/// alive until the stale backstop (3 announce intervals).
+#[test]
+fn replaying_a_dead_nodes_last_beat_does_not_keep_it_alive() {
+    let n = 60;
+    let mut sim = steady_mesh(n);
+    let (liar, dead) = (5, 30);
+    let id = sim.node(dead).mesh.id();
+    let version = sim.node(dead).mesh.record().version;
+    // Killed right after a beat, once its neighbours have it.
+    let h0 = sim.node(dead).mesh.heartbeat();
+    sim.run_until(Duration::from_secs(20), |s| {
+        s.node(dead).mesh.heartbeat() > h0
+    })
+    .expect("a beat");
+    let h = sim.node(dead).mesh.heartbeat();
+    let last_beat = sim.now;
+    sim.run_for(Duration::from_secs(1));
+    sim.kill(dead);
+    let killed = sim.now;
+    // 20 s after that beat, the liar spreads it as alive (the dead node did sign it).
+    sim.run_for(Duration::from_secs(20) - (sim.now - last_beat));
+    let beat = Beat::sign(&sim_identity(dead), version, h);
+    sim.send_raw(liar, &Frame::Rumours(vec![Rumour::Alive(beat)]).encode());
+    sim.run_until(3 * LIVENESS_TIMEOUT, |s| {
+        held_everywhere(s, &id, false, &[])
+    })
+    .unwrap_or_else(|| {
+        let alive = sim
+            .live()
+            .into_iter()
+            .filter(|j| {
+                sim.node(*j)
+                    .mesh
+                    .members()
+                    .iter()
+                    .any(|m| m.id == id && m.alive)
+            })
+            .count();
+        panic!("{alive} nodes hold the dead node alive three liveness timeouts after the replay")
+    });
+    assert!(
+        sim.now - killed <= 2 * LIVENESS_TIMEOUT,
+        "down everywhere only {:?} after the kill",
+        sim.now - killed
+    );
+}
+
+/// Rule (found by review): the unauthenticated `Hello` does not make its receiver a watcher of
+/// the node it names. A member once sent `Hello` naming a live node on its links, closed them,
+/// and each receiver, having "lost" that node with no beat of its current version to carry,
+/// suspected it locally (nothing to spread, nothing to refute) and marked it down.
+#[test]
+fn a_spoofed_hello_and_a_close_do_not_take_a_live_node_down() {
+    let n = 60;
+    let mut sim = steady_mesh(n);
+    let victim = 41;
+    let id = sim.node(victim).mesh.id();
+    // The victim's periodic record refresh: non-neighbours hold no beat of the new version.
+    let r = sim.node(victim).mesh.record().clone();
+    sim.node_mut(victim).mesh.update(r);
+    sim.drain_all();
+    sim.run_for(Duration::from_secs(35));
+    let (liar, targets) = liar_and_targets(&sim, n, victim);
+    let hello = Frame::Hello {
+        node: id,
+        mesh_port: sim.node(victim).mesh.record().mesh_port,
+    }
+    .encode();
+    for t in &targets {
+        sim.send_raw_to(liar, *t, &hello);
+    }
+    sim.run_for(sim.latency * 2);
+    for t in &targets {
+        sim.close(liar, *t);
+    }
+    sim.run_for(2 * LIVENESS_TIMEOUT);
+    let downs = downs_of(&sim, &id);
+    assert!(downs.is_empty(), "a live node was marked down: {downs:?}");
+}
+
+/// Rule (found by review): one frame full of forged beats costs its receiver one signature
+/// check, not one per beat: the rest of a frame is dropped at the first beat that fails.
+#[test]
+fn a_frame_of_forged_suspicions_costs_one_signature_check() {
+    let mut sim = Sim::new(10, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    let (liar, victim) = (1, 5);
+    let target = sim.neighbours(liar)[0];
+    let id = sim.node(victim).mesh.id();
+    let held = sim
+        .node(target)
+        .mesh
+        .members()
+        .into_iter()
+        .find(|m| m.id == id)
+        .expect("known");
+    let forged = Beat {
+        signature: [7; 64],
+        ..Beat::sign(
+            &sim_identity(victim),
+            held.record.version,
+            held.heartbeat + 1,
+        )
+    };
+    let count = 40_000;
+    for frame in [
+        Frame::Rumours(vec![Rumour::Suspect(forged); count]),
+        Frame::Rumours(vec![Rumour::Alive(forged); count]),
+        Frame::SignedBeats(vec![forged; count]),
+    ] {
+        let before = sim.node(target).mesh.drops().verifications;
+        sim.send_raw_to(liar, target, &frame.encode());
+        let deliver = sim.now + sim.latency;
+        while sim.now < deliver {
+            sim.step_until(Some(deliver));
+        }
+        let checks = sim.node(target).mesh.drops().verifications - before;
+        // One for the forged beat, and whatever genuine beats fell due meanwhile.
+        assert!(checks <= 5, "{checks} signature checks for one frame");
+    }
+    assert!(rejected(&sim, Rejected::BadBeat) >= 3);
 }
