@@ -4,10 +4,11 @@
 //! boringtun-cli in one run and writes `bench/RESULTS.md` (see [`net`]).
 //!
 //! `weft-bench mesh` runs the mesh cores in the simulator (virtual time, no sockets) and reports,
-//! at several sizes, how long one record change takes to reach every node and how many gossip
-//! bytes each node sends per second in steady state. The numbers are deterministic for a given
-//! build (the simulation's randomness is seeded); `bench/results/mesh.md` holds the committed
-//! run and the targets.
+//! at several sizes up to 5000 nodes, how long joining and one record change take to reach every
+//! node, how many gossip bytes each node sends per second in steady state, how long a killed node
+//! takes to be down everywhere, and how many members go down falsely under 5% frame loss. The
+//! numbers are deterministic for a given build (the simulation's randomness is seeded);
+//! `bench/results/mesh.md` holds the committed run and the targets.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -100,7 +101,9 @@ enum Cmd {
         #[arg(long)]
         faults: Option<String>,
     },
-    /// Mesh scale in simulation: convergence time and steady-state gossip bytes per node.
+    /// Mesh scale in simulation: time to join and to spread one change, steady-state gossip
+    /// bytes per node, a killed node's time to be down everywhere, false downs under 5% loss;
+    /// exits non-zero when a size misses a target.
     Mesh {
         /// Cluster sizes to simulate.
         #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
