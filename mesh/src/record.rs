@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use curve25519_dalek::edwards::EdwardsPoint;
 use curve25519_dalek::montgomery::MontgomeryPoint;
@@ -287,6 +287,12 @@ static SHARED: Mutex<Option<HashMap<[u8; 64], Arc<SignedRecord>>>> = Mutex::new(
 type BeatKey = ([u8; 32], u64, u32, [u8; 64]);
 static SHARED_BEATS: Mutex<Option<HashSet<BeatKey>>> = Mutex::new(None);
 
+/// A sharing table, even if a thread panicked while holding it (it only ever holds records
+/// and beats that verified).
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// For a simulation that runs thousands of mesh cores in one process: from now on, a record
 /// whose signer, body and signature equal one this process already verified is decoded and
 /// checked once and held once (shared by every core), instead of once per core, and so is a
@@ -295,13 +301,9 @@ static SHARED_BEATS: Mutex<Option<HashSet<BeatKey>>> = Mutex::new(None);
 /// turned on; a daemon never does.
 pub fn share_verified_records(on: bool) {
     SHARING.store(on, Ordering::Relaxed);
-    let mut shared = SHARED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut shared = locked(&SHARED);
     *shared = on.then(HashMap::new);
-    let mut beats = SHARED_BEATS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut beats = locked(&SHARED_BEATS);
     *beats = on.then(HashSet::new);
 }
 
@@ -315,9 +317,7 @@ pub(crate) fn verify_beat(
         return verify_bytes(origin, bytes, key.2);
     }
     let k: BeatKey = (origin.0, key.0, key.1, *key.2);
-    let mut beats = SHARED_BEATS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut beats = locked(&SHARED_BEATS);
     if beats.as_ref().is_some_and(|b| b.contains(&k)) {
         return Ok(());
     }
@@ -333,9 +333,7 @@ fn shared(signer: &NodeId, body: &[u8], signature: &[u8; 64]) -> Option<Arc<Sign
     if !SHARING.load(Ordering::Relaxed) {
         return None;
     }
-    let shared = SHARED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let shared = locked(&SHARED);
     let s = shared.as_ref()?.get(signature)?;
     (s.signer == *signer && s.body == body).then(|| s.clone())
 }
@@ -405,9 +403,7 @@ impl UnverifiedRecord {
         let s = &self.signed;
         verify_bytes(s.signer, &s.body, &s.signature)?;
         if SHARING.load(Ordering::Relaxed) {
-            let mut shared = SHARED
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut shared = locked(&SHARED);
             if let Some(m) = shared.as_mut() {
                 m.insert(s.signature, self.signed.clone());
             }

@@ -261,14 +261,13 @@ impl Sim {
         self.drain_touched();
     }
 
-    /// Moves node `i`'s output onto the network; true if there was any.
-    fn drain(&mut self, i: usize) -> bool {
+    /// Moves node `i`'s output onto the network.
+    fn drain(&mut self, i: usize) {
         let now = self.now;
         let elapsed = now - self.start;
         let Some(node) = self.nodes[i].as_mut() else {
-            return false;
+            return;
         };
-        let mut busy = false;
         let mut sends = Vec::new();
         while let Some(t) = node.mesh.poll_transmit() {
             sends.push(t);
@@ -290,7 +289,6 @@ impl Sim {
             }
         }
         for c in closes {
-            busy = true;
             if let Some((_, other, theirs)) = self.links.remove(&c) {
                 self.links.remove(&theirs);
                 if let Some(n) = self.nodes[other].as_mut() {
@@ -300,7 +298,6 @@ impl Sim {
             }
         }
         for t in sends {
-            busy = true;
             self.bytes_sent[i] += t.frame.len() as u64;
             if self.dropped(&t.frame) {
                 continue;
@@ -319,7 +316,6 @@ impl Sim {
             if j == i || self.nodes[j].is_none() || self.separated(i, j) {
                 continue;
             }
-            busy = true;
             let (ci, cj) = (ConnId(self.next_conn), ConnId(self.next_conn + 1));
             self.next_conn += 2;
             self.links.insert(ci, (i, j, cj));
@@ -329,7 +325,6 @@ impl Sim {
             self.touch(i);
             self.touch(j);
         }
-        busy
     }
 
     /// Loses this share (0 to 1) of the frames sent from now on, each independently, except

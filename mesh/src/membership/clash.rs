@@ -228,8 +228,6 @@ impl Membership {
             }
         }
         drop(owners);
-        self.any_held =
-            self.known.values().any(|k| k.held.is_some()) || holds.iter().any(|(_, c)| c.is_some());
         for (id, clash) in holds {
             let Some(k) = self.known.get_mut(&id) else {
                 continue;
@@ -252,5 +250,6 @@ impl Membership {
                 _ => {}
             }
         }
+        self.any_held = self.known.values().any(|k| k.held.is_some());
     }
 }

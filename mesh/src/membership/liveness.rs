@@ -282,7 +282,7 @@ impl Membership {
 
     /// Raises a suspicion of its own: this node watched `id` and heard nothing newer.
     fn suspect(&mut self, now: Instant, id: NodeId) {
-        let Some(k) = self.known.get(&id) else {
+        let Some(k) = self.known.get_mut(&id) else {
             return;
         };
         // Never without a beat to carry: a suspicion the member cannot hear cannot be refuted.
@@ -290,10 +290,8 @@ impl Membership {
             return;
         };
         debug!(node = %id, name = %k.signed.record.name, heartbeat = k.heartbeat, "member suspected: no beat for the liveness timeout");
+        k.suspicion = Some((b.heartbeat, now));
         self.suspects.insert(id, now);
-        if let Some(k) = self.known.get_mut(&id) {
-            k.suspicion = Some((b.heartbeat, now));
-        }
         self.spread(Rumour::Suspect(b), None);
     }
 
@@ -309,13 +307,12 @@ impl Membership {
         }
         let was = k.alive();
         k.live = false;
-        self.holds_dirty = true;
-        let name = k.signed.record.name.clone();
-        self.note_liveness(id);
         if was {
-            debug!(node = %id, %name, why, "member down");
+            debug!(node = %id, name = %k.signed.record.name, why, "member down");
             self.events.push_back(Event::Down(id));
         }
+        self.holds_dirty = true;
+        self.note_liveness(id);
     }
 
     /// Each round: suspicions that ran out, and watched members silent for the timeout.
@@ -374,9 +371,7 @@ impl Membership {
         silent.sort();
         silent.dedup();
         for id in silent {
-            if !self.suspects.contains_key(&id) {
-                self.suspect(now, id);
-            }
+            self.suspect(now, id);
         }
     }
 
