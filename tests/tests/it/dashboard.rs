@@ -111,21 +111,9 @@ fn every_metric_and_label_the_grafana_dashboard_queries_is_served_by_a_running_d
         ],
     )?;
     m.wait_full_mesh(&["e1", "u1"])?;
-    let block = m.status("u1")?["node"]["pod_cidrs"][0]
-        .as_str()
-        .context("u1's block")?
-        .to_owned();
-    let u1_pod = block
-        .split('/')
-        .next()
-        .context("block")?
-        .replacen(".0", ".1", 1);
-    let u1_pod = if u1_pod.ends_with(".1") {
-        u1_pod
-    } else {
-        // 100.64.N.0 -> 100.64.N.1
-        format!("{}1", u1_pod.trim_end_matches('0'))
-    };
+    // The first host of u1's block (never computed by hand: a string edit of "100.64.0.0/24"
+    // once gave 100.64.1.1, the wrong block, whenever u1 claimed the pool's first block).
+    let u1_pod = m.overlay("u1")?.into_iter().next().context("u1's block")?;
     weft_tests::ping(&m.lab, &m.daemon("e1").ns, &u1_pod, None)?;
     let ns = m.daemon("e1").ns.clone();
     // Scraped once the handshake shows, so every family the dashboard reads has its samples.
