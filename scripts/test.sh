@@ -5,7 +5,8 @@
 #   sudo scripts/test.sh
 #
 # Debian packages the end-to-end tests drive (iproute2, wireguard-go, wireguard-tools, tcpdump,
-# iputils-ping, iperf3, systemd for systemd-analyze, procps, nftables, the CNI reference plugins,
+# iputils-ping, iperf3, systemd for systemd-analyze, procps, nftables, conntrack (to flush NAT
+# mappings in the NAT tests), the CNI reference plugins,
 # iptables, podman and runc for the image test, ca-certificates and binutils for the image
 # script) are installed first when missing and apt-get is there. Where cargo fuzz and a nightly
 # toolchain are installed, the sequence fuzz targets also run for FUZZ_SECS (default 60) each.
@@ -17,7 +18,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3 systemd procps nftables containernetworking-plugins iptables podman runc ca-certificates binutils)
+packages=(iproute2 wireguard-go wireguard-tools tcpdump iputils-ping iperf3 systemd procps nftables conntrack containernetworking-plugins iptables podman runc ca-certificates binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -83,6 +83,15 @@ impl MeshHandle {
             .is_ok()
     }
 
+    /// Tells member `to` where its WireGuard datagrams arrive from here; false when the mesh
+    /// has stopped.
+    pub async fn tell_observed(&self, to: weft_mesh::NodeId, endpoint: SocketAddr) -> bool {
+        self.tx
+            .send(MeshCommand::TellObserved(to, endpoint))
+            .await
+            .is_ok()
+    }
+
     /// New bootstrap addresses; false when the mesh has stopped.
     pub async fn join(&self, peers: Vec<SocketAddr>) -> bool {
         self.tx.send(MeshCommand::Join(peers)).await.is_ok()

@@ -62,8 +62,8 @@ pub use crate::membership::{
     STALE_ANNOUNCES, Transmit, mesh_address,
 };
 pub use crate::record::{
-    Identity, MAX_NAME, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord, UnverifiedRecord,
-    VerifyError, share_verified_records,
+    Identity, MAX_NAME, MAX_OBSERVED, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord,
+    UnverifiedRecord, VerifyError, share_verified_records,
 };
 pub use crate::stats::{Drops, Rejected, Rejections};
 pub use crate::wire::{DecodeError, Entry, Frame};

@@ -119,6 +119,16 @@ pub enum Event {
     /// Another daemon runs with this node's identity (the same WireGuard key): the two stopped
     /// outbidding each other's records.
     IdentityClash(IdentityClash),
+    /// Member `by` says this node's WireGuard datagrams arrive at it from `endpoint` (a NAT
+    /// mapping when that is none of this node's addresses). Only a member that proved who it
+    /// is on its connection (a beat it signed arrived there) is heard; what it says is its
+    /// word, to be weighed against the others'.
+    Observed {
+        /// The member that saw it.
+        by: NodeId,
+        /// Where this node's datagrams come from, as it sees them.
+        endpoint: SocketAddr,
+    },
 }
 
 /// Rounds between sweeps of every member (the stale backstop and forgetting): both act on
@@ -519,6 +529,10 @@ impl Membership {
                     self.watch_through(conn, peer, &b);
                 }
             }
+            Frame::Observed(endpoint) => match (c.peer, c.watch) {
+                (Some(by), true) => self.events.push_back(Event::Observed { by, endpoint }),
+                _ => self.drops.count(Rejected::Unproven),
+            },
             Frame::Rumours(rumours) => {
                 for r in rumours {
                     let ok = match r {
@@ -549,6 +563,23 @@ impl Membership {
         x ^= x << 17;
         self.rng = x;
         (x % n as u64) as usize
+    }
+
+    /// Tells member `to` that its WireGuard datagrams arrive here from `endpoint`, on a
+    /// connection where it proved who it is; false when there is none (nothing is sent).
+    pub fn tell_observed(&mut self, to: NodeId, endpoint: SocketAddr) -> bool {
+        let Some((&conn, _)) = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.peer == Some(to) && c.watch)
+        else {
+            return false;
+        };
+        self.out.push_back(Transmit {
+            conn,
+            frame: Frame::Observed(endpoint).encode(),
+        });
+        true
     }
 
     /// Runs the gossip round, the liveness check and dialling when due.

@@ -10,7 +10,7 @@
 //! the receiver can drop a stale one before paying for the signature check.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -197,12 +197,18 @@ pub struct NodeRecord {
     pub claimed_at: Vec<u64>,
     /// The underlay subnets it trusts for plaintext.
     pub trusted_subnets: Vec<IpNet>,
+    /// Where its WireGuard datagrams arrive from at its peers when that is none of its own
+    /// addresses: the mappings of a NAT in front of it (reflexive endpoints, as STUN finds
+    /// them), at most [`MAX_OBSERVED`]. Peers that cannot reach its addresses try these.
+    pub observed: Vec<SocketAddr>,
 }
 
 /// The longest name or region a record carries.
 pub const MAX_NAME: usize = 253;
 /// The most prefixes in one list of a record.
 pub const MAX_PREFIXES: usize = 64;
+/// The most observed endpoints a record carries.
+pub const MAX_OBSERVED: usize = 4;
 
 impl NodeRecord {
     pub(crate) fn encode(&self, w: &mut Writer) {
@@ -220,6 +226,7 @@ impl NodeRecord {
             w.u64(self.claimed_at.get(i).copied().unwrap_or(0));
         }
         w.nets(&self.trusted_subnets);
+        w.endpoints(&self.observed[..self.observed.len().min(MAX_OBSERVED)]);
     }
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -253,6 +260,12 @@ impl NodeRecord {
             pod_cidrs,
             claimed_at,
             trusted_subnets: r.nets()?,
+            // Absent in the records of builds before NAT traversal.
+            observed: if r.is_empty() {
+                Vec::new()
+            } else {
+                r.endpoints()?
+            },
         })
     }
 }
@@ -473,6 +486,40 @@ pub(crate) mod tests {
         assert_eq!(s.signer, id.id());
         // Same WireGuard key, same identity.
         assert_eq!(Identity::from_wireguard_key(&[1; 32]).id(), id.id());
+    }
+
+    #[test]
+    fn observed_endpoints_round_trip_a_body_without_them_still_decodes_and_too_many_are_refused() {
+        let id = Identity::from_wireguard_key(&[1; 32]);
+        let mut r = record("a", 7);
+        r.observed = vec![
+            "198.19.0.101:51820".parse().unwrap(),
+            "[2001:db8::7]:1024".parse().unwrap(),
+        ];
+        let s = id.sign(&r);
+        assert_eq!(round_trip(&s).unwrap().record.observed, r.observed);
+        // A body as builds before NAT traversal wrote it: no observed list at all.
+        let mut w = Writer::default();
+        record("a", 7).encode(&mut w);
+        let mut old = w.into_bytes();
+        assert_eq!(old.pop(), Some(0), "the empty list is the last byte");
+        let mut rd = Reader::new(&old);
+        let decoded = NodeRecord::decode(&mut rd).expect("decodes");
+        assert!(decoded.observed.is_empty());
+        // More than MAX_OBSERVED in a body is refused, not truncated or believed.
+        let mut w = Writer::default();
+        record("a", 7).encode(&mut w);
+        let mut many = w.into_bytes();
+        many.pop();
+        let e: SocketAddr = "198.19.0.9:9".parse().unwrap();
+        let mut w = Writer::default();
+        w.endpoints(&[e; MAX_OBSERVED + 1]);
+        many.extend(w.into_bytes());
+        let mut rd = Reader::new(&many);
+        assert!(matches!(
+            NodeRecord::decode(&mut rd),
+            Err(DecodeError::BadValue("endpoint count", 5))
+        ));
     }
 
     #[test]

@@ -29,11 +29,14 @@ pub enum Rejected {
     IdentityClash,
     /// A member claiming an address that an older, alive member already advertises.
     AddressInUse,
+    /// A frame that only a proven peer may send (an observed endpoint) on a connection whose
+    /// peer has not proved who it is.
+    Unproven,
 }
 
 impl Rejected {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Malformed,
         Self::BeforeHello,
         Self::BadSignature,
@@ -45,6 +48,7 @@ impl Rejected {
         Self::Forgotten,
         Self::IdentityClash,
         Self::AddressInUse,
+        Self::Unproven,
     ];
 
     /// Its name, as a metric label or a status key.
@@ -61,6 +65,7 @@ impl Rejected {
             Self::Forgotten => "forgotten",
             Self::IdentityClash => "identity_clash",
             Self::AddressInUse => "address_in_use",
+            Self::Unproven => "unproven",
         }
     }
 }
@@ -121,6 +126,7 @@ impl Drops {
             | Rejected::Forgotten
             | Rejected::IdentityClash
             | Rejected::AddressInUse => {}
+            Rejected::Unproven => self.unexpected += 1,
         }
     }
 }
@@ -144,7 +150,7 @@ mod tests {
             Rejected::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), Rejected::ALL.len());
         assert_eq!(d.malformed, 1);
-        assert_eq!(d.unexpected, 2);
+        assert_eq!(d.unexpected, 2 + 12);
         assert_eq!(d.unauthenticated, 3 + 4 + 7);
         assert_eq!(d.stale, 5);
     }

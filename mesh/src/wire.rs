@@ -12,6 +12,7 @@
 //! 4 Beats        = count:u32 entry*        (unsigned: decoded, never believed)
 //! 5 SignedBeats  = count:u32 (entry signature:64)*
 //! 6 Rumours      = count:u32 (kind:u8 entry signature:64)*   (kind: 0 alive, 1 suspect)
+//! 7 Observed     = address port:u16         (where the receiver's WireGuard datagrams come from)
 //! entry          = node:u64 version:u64 heartbeat:u32     (node: the first 8 bytes of its id)
 //! ```
 //!
@@ -21,12 +22,14 @@
 //! moves only on a beat its origin signed ([`crate::Beat`]). `SignedBeats` go from a node to its
 //! own connections; `Rumours` spread through the whole mesh (see [`crate::Rumour`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
 use crate::beat::{Beat, Rumour};
-use crate::record::{MAX_NAME, MAX_PREFIXES, NodeId, ShortId, UnverifiedRecord, VerifyError};
+use crate::record::{
+    MAX_NAME, MAX_OBSERVED, MAX_PREFIXES, NodeId, ShortId, UnverifiedRecord, VerifyError,
+};
 
 /// The largest frame accepted.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -98,6 +101,10 @@ pub enum Frame {
     /// Changes of liveness to spread through the mesh, each carrying a beat its subject
     /// signed.
     Rumours(Vec<Rumour>),
+    /// The address and port the receiver's authenticated WireGuard datagrams arrive from at
+    /// the sender: how a node behind NAT learns its mapping. Sent only to the node it is
+    /// about, on a connection whose peer proved who it is.
+    Observed(SocketAddr),
 }
 
 /// Appends big-endian fields to a buffer.
@@ -152,6 +159,16 @@ impl Writer {
         }
     }
     /// At most [`MAX_PREFIXES`] prefixes.
+    pub(crate) fn endpoint(&mut self, e: SocketAddr) {
+        self.addr(Some(e.ip()));
+        self.u16(e.port());
+    }
+    pub(crate) fn endpoints(&mut self, es: &[SocketAddr]) {
+        self.u8(u8::try_from(es.len()).unwrap_or(u8::MAX));
+        for e in es.iter().take(usize::from(u8::MAX)) {
+            self.endpoint(*e);
+        }
+    }
     pub(crate) fn nets(&mut self, nets: &[IpNet]) {
         let nets = &nets[..nets.len().min(MAX_PREFIXES)];
         self.u8(nets.len() as u8);
@@ -250,6 +267,22 @@ impl<'a> Reader<'a> {
             6 => Ok(Some(Ipv6Addr::from(self.array::<16>()?).into())),
             t => Err(DecodeError::BadValue("address family", u64::from(t))),
         }
+    }
+    pub(crate) fn endpoint(&mut self) -> Result<SocketAddr, DecodeError> {
+        let ip = self
+            .addr()?
+            .ok_or(DecodeError::BadValue("endpoint family", 0))?;
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+    pub(crate) fn endpoints(&mut self) -> Result<Vec<SocketAddr>, DecodeError> {
+        let n = usize::from(self.u8()?);
+        if n > MAX_OBSERVED {
+            return Err(DecodeError::BadValue("endpoint count", n as u64));
+        }
+        (0..n).map(|_| self.endpoint()).collect()
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
     pub(crate) fn nets(&mut self) -> Result<Vec<IpNet>, DecodeError> {
         let n = usize::from(self.u8()?);
@@ -358,6 +391,10 @@ impl Frame {
                 w.u8(6);
                 w.rumours(rumours);
             }
+            Self::Observed(e) => {
+                w.u8(7);
+                w.endpoint(*e);
+            }
         }
         w.into_bytes()
     }
@@ -395,6 +432,7 @@ impl Frame {
             4 => Self::Beats(r.entries()?),
             5 => Self::SignedBeats(r.beats()?),
             6 => Self::Rumours(r.rumours()?),
+            7 => Self::Observed(r.endpoint()?),
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -437,6 +475,8 @@ mod tests {
                 Rumour::Alive(Beat::sign(&id, 3, 101)),
                 Rumour::Suspect(Beat::sign(&id, 3, 100)),
             ]),
+            Frame::Observed("198.19.0.101:51820".parse().expect("endpoint")),
+            Frame::Observed("[2001:db8::1]:40000".parse().expect("endpoint")),
         ]
     }
 

@@ -104,6 +104,11 @@ pub struct NodeStatus {
     pub mtu: u16,
     /// The UDP port of the data plane.
     pub listen_port: u16,
+    /// The endpoints members see this node's WireGuard datagrams come from, where those are
+    /// none of its addresses (the mappings of a NAT in front of it), as its record publishes
+    /// them.
+    #[serde(default)]
+    pub observed_endpoints: Vec<String>,
 }
 
 impl NodeStatus {
@@ -209,6 +214,13 @@ impl Status {
             n.private_address.clone().unwrap_or_else(dash),
             n.public_address.clone().unwrap_or_else(dash)
         );
+        if !n.observed_endpoints.is_empty() {
+            let _ = writeln!(
+                s,
+                "  behind NAT  seen at {}",
+                n.observed_endpoints.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
             "  interface   {} mtu {}  udp port {}",
@@ -323,6 +335,7 @@ mod tests {
                 interface: "weft0".into(),
                 mtu: 1420,
                 listen_port: 51820,
+                observed_endpoints: Vec::new(),
             },
             peers: vec![PeerStatus {
                 name: "b".into(),
@@ -392,6 +405,7 @@ mod tests {
                 interface: "weft0".into(),
                 mtu: 1420,
                 listen_port: 51820,
+                observed_endpoints: Vec::new(),
             },
             peers: vec![peer],
             drops: Default::default(),

@@ -200,6 +200,7 @@ fn node_status(config: &Config, checked: &Checked, bound: &Bound) -> NodeStatus 
         interface: config.router.interface.clone(),
         mtu: bound.mtu,
         listen_port: config.router.port,
+        observed_endpoints: Vec::new(),
     };
     shown.set_facts(&bound.facts);
     shown

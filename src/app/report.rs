@@ -36,6 +36,7 @@ pub fn status(
     let mut node = node.clone();
     if let Some(m) = mesh.as_ref().and(mesh_snap) {
         node.pod_cidrs = m.record.pod_cidrs.iter().map(ToString::to_string).collect();
+        node.observed_endpoints = m.record.observed.iter().map(ToString::to_string).collect();
     }
     Status {
         node,

@@ -9,6 +9,7 @@ pub mod blocks;
 pub mod claims;
 pub mod k8s;
 pub mod nodesource;
+pub mod observed;
 pub mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -100,6 +101,7 @@ pub fn own_record(config: &Config, wireguard_key: [u8; 32], blocks: &[SavedBlock
         pod_cidrs: blocks.iter().map(|b| b.block).collect(),
         claimed_at: blocks.iter().map(|b| b.since).collect(),
         trusted_subnets: config.network.trusted_subnets.clone(),
+        observed: Vec::new(),
     }
 }
 
@@ -185,6 +187,9 @@ pub async fn reconcile_loop(
         ipam,
         choices: Choices::default(),
         warned: BTreeSet::new(),
+        observations: observed::Observations::default(),
+        telling: observed::Telling::default(),
+        own: observed::Own::default(),
     };
     loop {
         tokio::select! {
@@ -193,8 +198,10 @@ pub async fn reconcile_loop(
                 return;
             }
             Some(e) = events.recv() => {
-                debug!(event = ?e, "membership changed");
-                while events.try_recv().is_ok() {}
+                r.event(e).await;
+                while let Ok(e) = events.try_recv() {
+                    r.event(e).await;
+                }
             }
             Ok(()) = r.inputs.statics.changed() => debug!("wireguard_peers changed"),
             () = tokio::time::sleep(RESYNC) => {}
@@ -263,18 +270,117 @@ struct Reconciler {
     history_saved: Option<std::time::Instant>,
     /// What was already reported, so each is logged once.
     warned: BTreeSet<String>,
+    /// What members say about where this node's datagrams come from.
+    observations: observed::Observations,
+    /// When each peer was last told where its datagrams come from.
+    telling: observed::Telling,
+    /// This node's addresses and pod network, to judge observations by.
+    own: observed::Own,
 }
 
 impl Reconciler {
+    /// Takes one membership event: an observed endpoint is weighed, the rest only logged (the
+    /// round that follows reads the membership).
+    async fn event(&mut self, e: Event) {
+        let Event::Observed { by, endpoint } = e else {
+            debug!(event = ?e, "membership changed");
+            return;
+        };
+        self.refresh_own(None).await;
+        #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
+        let now = std::time::Instant::now();
+        match self.observations.heard(now, by, endpoint, &self.own) {
+            Ok(()) => {
+                debug!(member = %by, %endpoint, "a member sees this node's datagrams come from this endpoint")
+            }
+            Err(why) => {
+                debug!(member = %by, %endpoint, reason = why.as_str(), "observed endpoint not taken")
+            }
+        }
+    }
+
+    /// Refreshes this node's own addresses (from the kernel) and pod network (from `snap`,
+    /// when given).
+    async fn refresh_own(&mut self, snap: Option<&MeshSnapshot>) {
+        match self.ipam.netlink.local_addresses().await {
+            Ok(local) => self.own.local = local,
+            Err(e) => debug!(error = %e, "could not list this node's addresses"),
+        }
+        if let Some(snap) = snap {
+            let mut pods: Vec<ipnet::IpNet> = snap.record.pod_cidrs.clone();
+            for m in &snap.members {
+                pods.extend(m.record.pod_cidrs.iter().copied());
+            }
+            if let Some(m) = &self.ipam.masquerade {
+                pods.extend(m.keep.iter().copied());
+            }
+            self.own.pod_network = pods;
+        }
+    }
+
+    /// NAT traversal's part of a round: tells each member on an up session where its datagrams
+    /// come from when that is none of its own addresses, and publishes the endpoints members
+    /// say this node's datagrams come from (into `snap` too). False when the mesh is gone.
+    async fn observe_endpoints(
+        &mut self,
+        snap: &mut MeshSnapshot,
+        actual: &[weft_router::PeerStatus],
+    ) -> bool {
+        #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
+        let now = std::time::Instant::now();
+        for p in actual {
+            let (Some(endpoint), weft_router::PeerState::Up) = (p.endpoint, p.state) else {
+                continue;
+            };
+            let Some(m) = snap
+                .members
+                .iter()
+                .find(|m| m.record.wireguard_key == p.config.public_key)
+            else {
+                continue;
+            };
+            let r = &m.record;
+            let own = [r.private_address, r.public_address]
+                .into_iter()
+                .flatten()
+                .any(|a| std::net::SocketAddr::new(a, r.router_port) == endpoint);
+            if !own
+                && self.telling.due(now, p.config.public_key, endpoint)
+                && !self.mesh.tell_observed(m.id, endpoint).await
+            {
+                return false;
+            }
+        }
+        let live: BTreeSet<[u8; 32]> = actual.iter().map(|p| p.config.public_key).collect();
+        self.telling.retain(|k| live.contains(k));
+        let published = if self.observations.is_empty() {
+            Vec::new()
+        } else {
+            self.refresh_own(Some(snap)).await;
+            self.observations.endpoints(now, &self.own)
+        };
+        if published != snap.record.observed {
+            info!(endpoints = ?published, "endpoints members see this node's datagrams come from (NAT mappings)");
+            snap.record.observed.clone_from(&published);
+            if !self.mesh.modify(move |r| r.observed = published).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// One round: gather (the mesh's members, vetted, and this node's blocks, settled), decide
     /// (the desired peers), apply (the difference to the router). False once a driver is gone.
     async fn round(&mut self) -> bool {
-        let Some((snap, nodes)) = self.gather().await else {
+        let Some((mut snap, nodes)) = self.gather().await else {
             return false;
         };
         let Some(actual) = self.router.snapshot().await else {
             return false;
         };
+        if !self.observe_endpoints(&mut snap, &actual.peers).await {
+            return false;
+        }
         let cands = self.observe_paths(&snap, &actual.peers);
         let desired = self.decide(snap, nodes);
         if !apply(&self.router, &actual.peers, &desired, |k| {
@@ -346,8 +452,9 @@ impl Reconciler {
             .members
             .iter()
             .map(|m| {
-                let n = reconcile::candidates(&snap.record, &m.record).len();
-                (m.record.wireguard_key, n)
+                let c = reconcile::candidates(&snap.record, &m.record);
+                self.choices.restart_if_changed(m.record.wireguard_key, &c);
+                (m.record.wireguard_key, c.len())
             })
             .collect();
         // Only WireGuard paths are confirmed by a handshake; a plaintext path needs none.

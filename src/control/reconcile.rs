@@ -34,6 +34,12 @@ pub enum Reason {
     Configured,
     /// Learned from the peer's authenticated packets (roaming).
     Learned,
+    /// A NAT mapping of the peer that other members see its datagrams come from (its record
+    /// publishes it).
+    Observed,
+    /// As [`Reason::Observed`], with this node behind NAT too: both ends send to each other's
+    /// mapping, so each NAT lets the other's datagrams in.
+    HolePunched,
     /// No address known.
     None,
 }
@@ -48,6 +54,8 @@ impl Reason {
             Self::Fallback => "fallback",
             Self::Configured => "configured",
             Self::Learned => "learned",
+            Self::Observed => "observed",
+            Self::HolePunched => "hole-punched",
             Self::None => "none",
         }
     }
@@ -63,16 +71,21 @@ pub struct DesiredPeer {
     /// Why its endpoint.
     pub reason: Reason,
     /// The underlay candidates in order of preference, with the reason each would have.
-    pub candidates: Vec<(IpAddr, Reason)>,
+    pub candidates: Vec<(SocketAddr, Reason)>,
 }
 
 fn same_region(me: &NodeRecord, peer: &NodeRecord) -> bool {
     me.region.is_some() && me.region == peer.region
 }
 
-/// The peer's addresses in order of preference, each with its reason.
-pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(IpAddr, Reason)> {
-    match (peer.private_address, peer.public_address) {
+/// The peer's endpoints in order of preference, each with its reason: its own addresses (the
+/// private one first within the region, the public one first across regions), with the NAT
+/// mappings its record publishes ([`NodeRecord::observed`]) ranked as a public address: after
+/// the public one, and before the private one across regions. A published mapping that is one
+/// of its addresses, or not unicast, is left out.
+pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(SocketAddr, Reason)> {
+    let port = peer.router_port;
+    let own: Vec<(IpAddr, Reason)> = match (peer.private_address, peer.public_address) {
         (Some(p), Some(q)) if p == q => vec![(p, Reason::OnlyAddress)],
         (Some(p), Some(q)) if same_region(me, peer) => {
             vec![(p, Reason::SameRegion), (q, Reason::Fallback)]
@@ -80,7 +93,36 @@ pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(IpAddr, Reason)> {
         (Some(p), Some(q)) => vec![(q, Reason::OtherRegion), (p, Reason::Fallback)],
         (Some(a), None) | (None, Some(a)) => vec![(a, Reason::OnlyAddress)],
         (None, None) => vec![],
-    }
+    };
+    let mapped = if me.observed.is_empty() {
+        Reason::Observed
+    } else {
+        Reason::HolePunched
+    };
+    let nat: Vec<(SocketAddr, Reason)> = peer
+        .observed
+        .iter()
+        .take(weft_mesh::MAX_OBSERVED)
+        .filter(|e| {
+            let ip = e.ip().to_canonical();
+            crate::control::observed::vet(**e, &Default::default()).is_ok()
+                && !own.iter().any(|(a, _)| a.to_canonical() == ip)
+        })
+        .map(|e| (*e, mapped))
+        .collect();
+    let mut out: Vec<(SocketAddr, Reason)> = own
+        .iter()
+        .map(|(a, r)| (SocketAddr::new(*a, port), *r))
+        .collect();
+    // Within the region after its own addresses; across regions after the public address,
+    // or first when it has none.
+    let at = if same_region(me, peer) {
+        out.len()
+    } else {
+        usize::from(peer.public_address.is_some()).min(out.len())
+    };
+    out.splice(at..at, nat);
+    out
 }
 
 /// This node's address as `peer` sees it: the private one within the region, else the public.
@@ -102,9 +144,23 @@ pub fn plaintext(me: &NodeRecord, mine: IpAddr, peer: &NodeRecord, theirs: IpAdd
 #[derive(Debug, Default)]
 pub struct Choices {
     chosen: HashMap<[u8; 32], (usize, Instant)>,
+    /// Each peer's candidates when last seen.
+    seen: HashMap<[u8; 32], Vec<(SocketAddr, Reason)>>,
 }
 
 impl Choices {
+    /// Starts a peer over at its first candidate, with a fresh timer, when its candidates
+    /// changed: a new address (a NAT mapping just published, above all) is tried at once and
+    /// by both ends at the same time, rather than after the rest of a cycle.
+    pub fn restart_if_changed(&mut self, key: [u8; 32], cands: &[(SocketAddr, Reason)]) {
+        if self.seen.get(&key).is_some_and(|c| c.as_slice() == cands) {
+            return;
+        }
+        if self.seen.insert(key, cands.to_vec()).is_some() {
+            self.chosen.remove(&key);
+        }
+    }
+
     /// Moves a peer that has not come up within [`FALLBACK_AFTER`] of its current choice to
     /// its next candidate (cycling).
     pub fn observe(&mut self, now: Instant, key: [u8; 32], state: PeerState, n_candidates: usize) {
@@ -143,6 +199,7 @@ impl Choices {
     /// Forgets peers that are gone.
     pub fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) {
         self.chosen.retain(|k, _| keep(k));
+        self.seen.retain(|k, _| keep(k));
     }
 }
 
@@ -265,7 +322,7 @@ fn winning(m: &Member, claims: &[(IpNet, u64, [u8; 32])], skipped: &mut Vec<Stri
 fn endpoint(
     me: &NodeRecord,
     r: &NodeRecord,
-    cands: &[(IpAddr, Reason)],
+    cands: &[(SocketAddr, Reason)],
     choices: &Choices,
 ) -> (Option<SocketAddr>, Reason, PathKind) {
     // Plaintext first: whether a candidate may carry plaintext depends on the two records
@@ -275,20 +332,12 @@ fn endpoint(
     let mine = local_address(me, r);
     if let Some(&(addr, reason)) = cands
         .iter()
-        .find(|(addr, _)| mine.is_some_and(|m| plaintext(me, m, r, *addr)))
+        .find(|(addr, _)| mine.is_some_and(|m| plaintext(me, m, r, addr.ip())))
     {
-        return (
-            Some(SocketAddr::new(addr, r.router_port)),
-            reason,
-            PathKind::Plaintext,
-        );
+        return (Some(addr), reason, PathKind::Plaintext);
     }
     match cands.get(choices.index(&r.wireguard_key) % cands.len().max(1)) {
-        Some(&(addr, reason)) => (
-            Some(SocketAddr::new(addr, r.router_port)),
-            reason,
-            PathKind::Encrypted,
-        ),
+        Some(&(addr, reason)) => (Some(addr), reason, PathKind::Encrypted),
         None => (None, Reason::None, PathKind::Encrypted),
     }
 }
@@ -584,5 +633,109 @@ mod tests {
         assert_eq!(changes.len(), 1);
         assert!(matches!(&changes[0], Change::Replace(cfg) if cfg.name == "c"));
         assert_eq!(diff(&current, &[]).len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod nat_tests {
+    use super::*;
+
+    fn behind_nat(name: &str, region: &str, lan: &str, mapped: &[&str]) -> NodeRecord {
+        NodeRecord {
+            version: 1,
+            left: false,
+            name: name.into(),
+            region: Some(region.into()),
+            private_address: Some(lan.parse().unwrap()),
+            public_address: None,
+            mesh_port: 6783,
+            router_port: 51820,
+            wireguard_key: [name.len() as u8; 32],
+            pod_cidrs: vec![],
+            claimed_at: vec![],
+            trusted_subnets: vec![],
+            observed: mapped.iter().map(|m| m.parse().unwrap()).collect(),
+        }
+    }
+
+    fn ep(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_peer_behind_nat_is_reached_at_its_mapping_across_regions_and_at_its_lan_address_within() {
+        let me = behind_nat("me", "cloud", "198.19.0.1", &[]);
+        let peer = behind_nat("peer", "home", "198.18.101.2", &["198.19.0.101:40000"]);
+        assert_eq!(
+            candidates(&me, &peer),
+            vec![
+                (ep("198.19.0.101:40000"), Reason::Observed),
+                (ep("198.18.101.2:51820"), Reason::OnlyAddress),
+            ]
+        );
+        let neighbour = behind_nat("me", "home", "198.18.101.3", &["198.19.0.101:40001"]);
+        assert_eq!(
+            candidates(&neighbour, &peer),
+            vec![
+                (ep("198.18.101.2:51820"), Reason::OnlyAddress),
+                (ep("198.19.0.101:40000"), Reason::HolePunched),
+            ]
+        );
+    }
+
+    #[test]
+    fn both_ends_behind_nat_is_hole_punched_and_a_mapping_that_is_no_endpoint_is_left_out() {
+        let me = behind_nat("me", "home", "198.18.101.2", &["198.19.0.101:51820"]);
+        let peer = behind_nat(
+            "peer",
+            "office",
+            "198.18.102.2",
+            &[
+                "198.19.0.102:51820",
+                "198.18.102.2:51820",
+                "0.0.0.0:1",
+                "127.0.0.1:9",
+            ],
+        );
+        assert_eq!(
+            candidates(&me, &peer),
+            vec![
+                (ep("198.19.0.102:51820"), Reason::HolePunched),
+                (ep("198.18.102.2:51820"), Reason::OnlyAddress),
+            ]
+        );
+    }
+
+    #[test]
+    fn new_candidates_start_the_peer_over_at_the_first_at_once() {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let t0 = Instant::now();
+        let key = [4; 32];
+        let mut ch = Choices::default();
+        let before = vec![
+            (ep("198.18.102.2:51820"), Reason::OnlyAddress),
+            (ep("198.19.0.9:51820"), Reason::Fallback),
+        ];
+        ch.restart_if_changed(key, &before);
+        ch.observe(t0, key, PeerState::Connecting, 2);
+        ch.observe(t0 + FALLBACK_AFTER, key, PeerState::Connecting, 2);
+        assert_eq!(ch.index(&key), 1, "fell back");
+        ch.restart_if_changed(key, &before);
+        assert_eq!(ch.index(&key), 1, "same candidates: no restart");
+        let mut after = before.clone();
+        after.insert(0, (ep("198.19.0.102:51820"), Reason::HolePunched));
+        ch.restart_if_changed(key, &after);
+        assert_eq!(ch.index(&key), 0, "the new first candidate at once");
+        // With a fresh timer: no fallback right away.
+        ch.observe(
+            t0 + FALLBACK_AFTER + Duration::from_secs(1),
+            key,
+            PeerState::Connecting,
+            3,
+        );
+        assert_eq!(ch.index(&key), 0);
     }
 }

@@ -62,6 +62,23 @@ impl Netlink {
         }
     }
 
+    /// Every address on every link of this namespace.
+    pub async fn local_addresses(&self) -> Result<Vec<IpAddr>, NetlinkError> {
+        let mut addrs = self.handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(err("listing addresses".to_owned()))?
+        {
+            out.extend(msg.attributes.iter().filter_map(|a| match a {
+                AddressAttribute::Address(a) | AddressAttribute::Local(a) => Some(*a),
+                _ => None,
+            }));
+        }
+        Ok(out)
+    }
+
     /// The MTU of the link that carries `addr`, if any link does.
     pub async fn mtu_of_address(&self, addr: IpAddr) -> Result<Option<u32>, NetlinkError> {
         let mut addrs = self

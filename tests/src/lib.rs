@@ -15,6 +15,7 @@ pub mod exposition;
 pub mod ipam_sim;
 pub mod kubeapi;
 pub mod meshlab;
+pub mod natlab;
 pub mod pcap;
 pub mod sim;
 

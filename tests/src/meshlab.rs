@@ -98,12 +98,7 @@ pub struct MeshLab {
 
 /// The config of a mesh lab node.
 pub fn config(s: &Spec, region: &str) -> String {
-    let boot = s.bootstrap.map_or(String::new(), |b| format!("[{b}]"));
     let block = s.block.map(|b| format!("100.64.{b}.0/24"));
-    let pools = match s.block {
-        Some(_) => String::new(),
-        None => format!("  pod_network_cidr: {POOLS}\n"),
-    };
     let (private, public) = (s.private(), s.public());
     let node = weft::demo::lab::NodeSection {
         name: s.name,
@@ -112,40 +107,36 @@ pub fn config(s: &Spec, region: &str) -> String {
         public_address: Some(&public),
         pod_cidr: block.as_deref(),
     };
+    node_config(&node, &[&format!("198.18.{}.0/24", s.lan)], s.bootstrap)
+}
+
+/// The config of a lab node given its `node` section: it trusts `trusted`, bootstraps from
+/// `bootstrap` (an IP) if any, claims blocks from [`POOLS`] unless it has a static one, and
+/// gossips fast (1 s rounds, 6 s liveness timeout).
+pub fn node_config(
+    node: &weft::demo::lab::NodeSection<'_>,
+    trusted: &[&str],
+    bootstrap: Option<&str>,
+) -> String {
+    let pools = match node.pod_cidr {
+        Some(_) => String::new(),
+        None => format!("  pod_network_cidr: {POOLS}\n"),
+    };
     format!(
-        "{node}network:\n  trusted_subnets: [198.18.{lan}.0/24]\n{pools}\
-         mesh:\n  secret_file: SECRET_FILE\n  peers: {boot}\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
+        "{node}network:\n  trusted_subnets: [{trusted}]\n{pools}\
+         mesh:\n  secret_file: SECRET_FILE\n  peers: [{boot}]\n  gossip_interval: 1s\n  liveness_timeout: 6s\n\
          router:\n  interface: weft0\n",
         node = node.yaml(),
-        lan = s.lan,
-        boot = if boot.is_empty() {
-            "[]".to_owned()
-        } else {
-            boot
-        },
+        trusted = trusted.join(", "),
+        boot = bootstrap.unwrap_or(""),
     )
 }
 
 impl MeshLab {
     /// Builds the underlay for `specs` and starts every node with the same secret.
     pub fn start(tag: &str, specs: &[Spec]) -> anyhow::Result<Self> {
-        let bin = weft_bin()?;
-        let mut lab = Lab::new(tag)?;
-        let switch = lab.add_ns("sw")?;
-        for br in ["lan1", "lan2", "inet"] {
-            lab.bridge(&switch, br)?;
-        }
-        let secret = String::from_utf8(
-            weft::demo::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
-        )?;
-        let mut me = Self {
-            lab,
-            bin,
-            switch,
-            secret,
-            daemons: Vec::new(),
-            specs: specs.to_vec(),
-        };
+        let mut me = Self::empty(tag, &["lan1", "lan2", "inet"])?;
+        me.specs = specs.to_vec();
         for s in specs {
             let d = me.add_node(s, s.region, &me.secret.clone())?;
             me.daemons.push(d);
@@ -154,6 +145,27 @@ impl MeshLab {
             me.lab.start(&me.bin, &d)?;
         }
         Ok(me)
+    }
+
+    /// A lab with a switch holding `bridges`, a cluster secret, and no node yet.
+    pub fn empty(tag: &str, bridges: &[&str]) -> anyhow::Result<Self> {
+        let bin = weft_bin()?;
+        let mut lab = Lab::new(tag)?;
+        let switch = lab.add_ns("sw")?;
+        for br in bridges {
+            lab.bridge(&switch, br)?;
+        }
+        let secret = String::from_utf8(
+            weft::demo::lab::run(std::process::Command::new(&bin).arg("gensecret"))?.stdout,
+        )?;
+        Ok(Self {
+            lab,
+            bin,
+            switch,
+            secret,
+            daemons: Vec::new(),
+            specs: Vec::new(),
+        })
     }
 
     /// Creates node `s`'s namespace and config (with `secret`), without starting it.
@@ -229,21 +241,26 @@ impl MeshLab {
             .collect())
     }
 
+    /// Waits (30 s at most) until `a` routes `b`: a peer entry with the other's blocks (a node
+    /// that has just started may show its peers before its own block is in place).
+    pub fn wait_routed(&self, a: &str, b: &str) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{a} to route {b}"),
+            Duration::from_secs(30),
+            || {
+                self.peer(a, b)
+                    .filter(|p| p["pod_cidrs"].as_array().is_some_and(|c| !c.is_empty()))
+            },
+        )?;
+        Ok(())
+    }
+
     /// Waits until every running node routes every other one and pings each of its overlay
     /// addresses.
     pub fn wait_full_mesh(&self, names: &[&str]) -> anyhow::Result<()> {
         for a in names {
             for b in names.iter().filter(|b| *b != a) {
-                // Routed: a peer entry with the other's blocks (a node that has just started
-                // may show its peers before its own block is in place).
-                wait_for(
-                    &format!("{a} to route {b}"),
-                    Duration::from_secs(30),
-                    || {
-                        self.peer(a, b)
-                            .filter(|p| p["pod_cidrs"].as_array().is_some_and(|c| !c.is_empty()))
-                    },
-                )?;
+                self.wait_routed(a, b)?;
             }
         }
         for b in names {

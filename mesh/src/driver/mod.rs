@@ -71,6 +71,9 @@ pub enum Command {
     /// Changes some fields of this node's current record (pushed if anything changed). Unlike
     /// [`Command::Update`], two modifications from different tasks never undo each other.
     Modify(Box<dyn FnOnce(&mut NodeRecord) + Send>),
+    /// Tells a member where its WireGuard datagrams arrive from here
+    /// ([`Membership::tell_observed`]).
+    TellObserved(NodeId, SocketAddr),
 }
 
 impl std::fmt::Debug for Command {
@@ -80,6 +83,7 @@ impl std::fmt::Debug for Command {
             Self::Snapshot(_) => f.write_str("Snapshot"),
             Self::Join(a) => f.debug_tuple("Join").field(a).finish(),
             Self::Modify(_) => f.write_str("Modify"),
+            Self::TellObserved(id, e) => f.debug_tuple("TellObserved").field(id).field(e).finish(),
         }
     }
 }
@@ -293,6 +297,9 @@ impl Running {
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
+            }
+            Command::TellObserved(to, endpoint) => {
+                let _ = self.mesh.tell_observed(to, endpoint);
             }
         }
     }

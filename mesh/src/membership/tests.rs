@@ -238,3 +238,41 @@ fn a_suspicion_with_a_forged_beat_is_refused_and_a_genuine_one_unrefuted_takes_t
     );
     assert!(b.members()[0].alive);
 }
+
+#[test]
+fn an_observed_endpoint_is_heard_only_from_a_peer_that_proved_who_it_is() {
+    let (mut b, conn, now) = greeted();
+    let nine = Identity::from_wireguard_key(&[9; 32]);
+    let at: SocketAddr = "198.19.0.101:51820".parse().unwrap();
+    // Hello alone proves nothing: anyone with the cluster secret can claim to be node 9.
+    b.handle_frame(now, conn, &Frame::Observed(at).encode());
+    assert_eq!(b.drops().rejected.get(Rejected::Unproven), 1);
+    assert_eq!(b.poll_event(), None);
+    assert!(
+        !b.tell_observed(nine.id(), at),
+        "no proven connection to tell it on"
+    );
+    // Its record, then a beat it signed, on this connection: now it is node 9.
+    b.handle_frame(now, conn, &records(&[&nine.sign(&record("n9", 1))]));
+    b.handle_frame(
+        now,
+        conn,
+        &Frame::SignedBeats(vec![Beat::sign(&nine, 1, 1)]).encode(),
+    );
+    while b.poll_event().is_some() {}
+    while b.poll_transmit().is_some() {}
+    b.handle_frame(now, conn, &Frame::Observed(at).encode());
+    assert_eq!(
+        b.poll_event(),
+        Some(Event::Observed {
+            by: nine.id(),
+            endpoint: at
+        })
+    );
+    assert_eq!(b.drops().rejected.get(Rejected::Unproven), 1);
+    // And b can tell node 9 where its datagrams come from, on that connection only.
+    assert!(b.tell_observed(nine.id(), at));
+    let t = b.poll_transmit().expect("a frame");
+    assert_eq!(t.conn, conn);
+    assert_eq!(Frame::decode(&t.frame), Ok(Frame::Observed(at)));
+}

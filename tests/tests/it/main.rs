@@ -19,6 +19,7 @@ mod mesh_sim;
 mod mesh_sim_trust;
 mod mesh_transport;
 mod mesh_trust;
+mod nat;
 mod nodesource;
 mod offload;
 mod service;

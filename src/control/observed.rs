@@ -1,0 +1,276 @@
+//! Observed endpoints, the pure part: what members say about where this node's WireGuard
+//! datagrams come from, and which of those this node publishes as its own endpoint candidates
+//! (the mappings of a NAT in front of it).
+//!
+//! Each member's word counts once (its newest report), and for [`OBSERVATION_TTL`]. An
+//! endpoint on one of this node's own interfaces, in the pod network, or not a unicast
+//! address is never taken: it cannot be a NAT mapping of this node, and publishing it would
+//! only send peers' handshakes somewhere useless. The endpoints reported by the most members
+//! (then the newest) are published, at most [`PUBLISHED`]. A dishonest member can therefore
+//! add one useless candidate that peers try and fall back from; it cannot take the node's
+//! traffic, which WireGuard authenticates end to end.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use weft_mesh::NodeId;
+
+/// How long a member's report counts without being repeated.
+pub const OBSERVATION_TTL: Duration = Duration::from_secs(600);
+/// How often a member's report is repeated while it holds (well inside the TTL).
+pub const TELL_EVERY: Duration = Duration::from_secs(60);
+/// The most observed endpoints published.
+pub const PUBLISHED: usize = 2;
+
+/// Why a report is not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a unicast address a peer could send to (unspecified, loopback, multicast,
+    /// broadcast, link-local) or port 0.
+    NotUnicast,
+    /// One of this node's own addresses: no NAT in between.
+    Local,
+    /// Inside the pod network: an overlay address, never an underlay endpoint.
+    PodNetwork,
+}
+
+impl Refused {
+    /// The reason, for a log line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotUnicast => "not a unicast address",
+            Self::Local => "an address of this node",
+            Self::PodNetwork => "inside the pod network",
+        }
+    }
+}
+
+/// What this node knows of itself to judge reports.
+#[derive(Debug, Clone, Default)]
+pub struct Own {
+    /// Every address on this node's interfaces (the underlay's, the overlay's, bridges').
+    pub local: Vec<IpAddr>,
+    /// The pod network (pools and blocks).
+    pub pod_network: Vec<IpNet>,
+}
+
+fn unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_link_local())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_unicast_link_local())
+        }
+    }
+}
+
+/// Whether `endpoint` may be a NAT mapping of this node.
+pub fn vet(endpoint: SocketAddr, own: &Own) -> Result<(), Refused> {
+    let ip = endpoint.ip().to_canonical();
+    if !unicast(ip) || endpoint.port() == 0 {
+        return Err(Refused::NotUnicast);
+    }
+    if own.local.iter().any(|a| a.to_canonical() == ip) {
+        return Err(Refused::Local);
+    }
+    if own.pod_network.iter().any(|n| n.contains(&ip)) {
+        return Err(Refused::PodNetwork);
+    }
+    Ok(())
+}
+
+/// The members' reports about this node.
+#[derive(Debug, Default)]
+pub struct Observations {
+    by: HashMap<NodeId, (SocketAddr, Instant)>,
+}
+
+impl Observations {
+    /// Takes member `by`'s report that this node's datagrams come from `endpoint`, unless
+    /// [`vet`] refuses it.
+    pub fn heard(
+        &mut self,
+        now: Instant,
+        by: NodeId,
+        endpoint: SocketAddr,
+        own: &Own,
+    ) -> Result<(), Refused> {
+        vet(endpoint, own)?;
+        let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
+        self.by.insert(by, (endpoint, now));
+        Ok(())
+    }
+
+    /// Whether no report is held.
+    pub fn is_empty(&self) -> bool {
+        self.by.is_empty()
+    }
+
+    /// The endpoints to publish at `now`: reports younger than [`OBSERVATION_TTL`] that
+    /// [`vet`] still passes, by number of members then newest report, at most [`PUBLISHED`].
+    pub fn endpoints(&mut self, now: Instant, own: &Own) -> Vec<SocketAddr> {
+        self.by
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < OBSERVATION_TTL);
+        let mut tally: HashMap<SocketAddr, (usize, Instant)> = HashMap::new();
+        for (endpoint, at) in self.by.values() {
+            if vet(*endpoint, own).is_err() {
+                continue;
+            }
+            let e = tally.entry(*endpoint).or_insert((0, *at));
+            e.0 += 1;
+            e.1 = e.1.max(*at);
+        }
+        let mut ranked: Vec<(SocketAddr, (usize, Instant))> = tally.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.into_iter().take(PUBLISHED).map(|(e, _)| e).collect()
+    }
+}
+
+/// Which peers to tell where their datagrams come from, and when: a peer is told when the
+/// endpoint changes, and again every [`TELL_EVERY`] while it holds.
+#[derive(Debug, Default)]
+pub struct Telling {
+    told: HashMap<[u8; 32], (SocketAddr, Instant)>,
+}
+
+impl Telling {
+    /// Whether to tell the peer with WireGuard key `key` (on an up session from `endpoint`)
+    /// now; a yes is remembered.
+    pub fn due(&mut self, now: Instant, key: [u8; 32], endpoint: SocketAddr) -> bool {
+        match self.told.get(&key) {
+            Some((e, at)) if *e == endpoint && now.saturating_duration_since(*at) < TELL_EVERY => {
+                false
+            }
+            _ => {
+                self.told.insert(key, (endpoint, now));
+                true
+            }
+        }
+    }
+
+    /// Forgets the peers `keep` refuses.
+    pub fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) {
+        self.told.retain(|k, _| keep(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "tests start their clock from a real instant"
+    )]
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn own() -> Own {
+        Own {
+            local: vec![
+                "198.18.101.2".parse().unwrap(),
+                "100.64.3.1".parse().unwrap(),
+            ],
+            pod_network: vec!["100.64.0.0/16".parse().unwrap()],
+        }
+    }
+
+    fn ep(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn reports_of_local_pod_or_non_unicast_addresses_are_refused_and_never_published() {
+        let t = Instant::now();
+        let mut o = Observations::default();
+        let cases = [
+            ("198.18.101.2:51820", Refused::Local),
+            ("[::ffff:198.18.101.2]:51820", Refused::Local),
+            ("100.64.9.9:51820", Refused::PodNetwork),
+            ("0.0.0.0:51820", Refused::NotUnicast),
+            ("127.0.0.1:51820", Refused::NotUnicast),
+            ("224.0.0.1:51820", Refused::NotUnicast),
+            ("255.255.255.255:51820", Refused::NotUnicast),
+            ("169.254.1.1:51820", Refused::NotUnicast),
+            ("[fe80::1]:51820", Refused::NotUnicast),
+            ("198.19.0.101:0", Refused::NotUnicast),
+        ];
+        for (i, (e, why)) in cases.iter().enumerate() {
+            assert_eq!(o.heard(t, id(i as u8), ep(e), &own()), Err(*why), "{e}");
+        }
+        assert_eq!(o.endpoints(t, &own()), Vec::<SocketAddr>::new());
+    }
+
+    #[test]
+    fn the_endpoints_most_members_report_are_published_and_each_member_counts_once() {
+        let t = Instant::now();
+        let mut o = Observations::default();
+        // One member repeating a lie counts once; two members agree on the real mapping.
+        for _ in 0..5 {
+            o.heard(t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
+        }
+        o.heard(t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
+        o.heard(t, id(2), ep("198.19.0.101:51820"), &own()).unwrap();
+        o.heard(t, id(3), ep("198.19.0.101:51820"), &own()).unwrap();
+        o.heard(t, id(4), ep("198.19.0.77:1"), &own()).unwrap();
+        let got = o.endpoints(t, &own());
+        assert_eq!(got.len(), PUBLISHED);
+        assert_eq!(got[0], ep("198.19.0.101:51820"));
+        // A member's newer report replaces its older one.
+        o.heard(t, id(2), ep("198.19.0.101:40000"), &own()).unwrap();
+        o.heard(t, id(3), ep("198.19.0.101:40000"), &own()).unwrap();
+        assert_eq!(o.endpoints(t, &own())[0], ep("198.19.0.101:40000"));
+        assert!(!o.endpoints(t, &own()).contains(&ep("198.19.0.101:51820")));
+    }
+
+    #[test]
+    fn reports_expire_unless_repeated_and_an_address_that_became_local_is_dropped() {
+        let t = Instant::now();
+        let mut o = Observations::default();
+        o.heard(t, id(1), ep("198.19.0.101:51820"), &own()).unwrap();
+        o.heard(t, id(2), ep("198.19.0.102:51820"), &own()).unwrap();
+        let later = t + OBSERVATION_TTL - Duration::from_secs(1);
+        o.heard(later, id(2), ep("198.19.0.102:51820"), &own())
+            .unwrap();
+        assert_eq!(
+            o.endpoints(t + OBSERVATION_TTL, &own()),
+            vec![ep("198.19.0.102:51820")]
+        );
+        let mut moved = own();
+        moved.local.push("198.19.0.102".parse().unwrap());
+        assert!(o.endpoints(t + OBSERVATION_TTL, &moved).is_empty());
+    }
+
+    #[test]
+    fn a_peer_is_told_on_a_new_endpoint_at_once_and_otherwise_once_per_period() {
+        let t = Instant::now();
+        let mut tell = Telling::default();
+        let k = [7; 32];
+        assert!(tell.due(t, k, ep("198.19.0.101:51820")));
+        assert!(!tell.due(t + Duration::from_secs(1), k, ep("198.19.0.101:51820")));
+        assert!(tell.due(t + Duration::from_secs(2), k, ep("198.19.0.101:1024")));
+        assert!(!tell.due(t + Duration::from_secs(3), k, ep("198.19.0.101:1024")));
+        assert!(tell.due(
+            t + Duration::from_secs(2) + TELL_EVERY,
+            k,
+            ep("198.19.0.101:1024")
+        ));
+        tell.retain(|_| false);
+        assert!(tell.due(
+            t + Duration::from_secs(3) + TELL_EVERY,
+            k,
+            ep("198.19.0.101:1024")
+        ));
+    }
+}

@@ -1,0 +1,115 @@
+//! Nodes behind NAT (issue 16), in the NAT lab of `weft_tests::natlab`: real daemons, NAT
+//! routers built from nftables masquerade between the sites' LANs and the internet. Run as
+//! root.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use weft::demo::lab::wait_for;
+use weft_tests::meshlab::MeshLab;
+use weft_tests::natlab::{self, Nat};
+
+/// Node `a`'s status entry for peer `b`, once it is up with an endpoint on `ip`.
+fn up_at(
+    m: &MeshLab,
+    a: &str,
+    b: &str,
+    ip: &str,
+    within: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    wait_for(&format!("{a} to reach {b} at {ip}"), within, || {
+        m.peer(a, b).filter(|p| {
+            p["state"] == "up"
+                && p["endpoint"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with(&format!("{ip}:")))
+        })
+    })
+    .with_context(|| format!("{a}'s view of {b}: {:?}", m.peer(a, b)))
+}
+
+/// Pings `to`'s overlay address from `from` until one answers, within `within`.
+fn ping_within(m: &MeshLab, from: &str, to: &str, within: Duration) -> anyhow::Result<()> {
+    let addr = m.overlay(to)?.into_iter().next().context("no block")?;
+    let mut cmd = m.lab.cmd(&m.daemon(from).ns, "ping");
+    cmd.args(["-c", "1", "-W", "1", "-n", "-q", &addr]);
+    wait_for(&format!("{from} to ping {to} at {addr}"), within, || {
+        cmd.output().ok().filter(|o| o.status.success())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_node_behind_nat_and_a_public_node_reach_each_other_both_ways_and_after_the_mapping_is_flushed()
+-> anyhow::Result<()> {
+    let mut m = natlab::start("nat1")?;
+    natlab::add_public(&mut m, "p", 1, "cloud", None)?;
+    let router = natlab::add_site(&mut m, 1, Nat::EndpointIndependent)?;
+    natlab::add_behind_nat(&mut m, "a", 1, 2, "home", "198.19.0.1")?;
+    m.wait_routed("a", "p")?;
+    m.wait_routed("p", "a")?;
+    ping_within(&m, "a", "p", Duration::from_secs(15))?;
+    ping_within(&m, "p", "a", Duration::from_secs(15))?;
+    // p reaches a at the mapping its router made, which a learned from p and published.
+    let seen = up_at(
+        &m,
+        "p",
+        "a",
+        &natlab::site_public(1),
+        Duration::from_secs(20),
+    )?;
+    let seen = wait_for(
+        "p to use a's observed endpoint",
+        Duration::from_secs(20),
+        || {
+            m.peer("p", "a")
+                .filter(|p| p["endpoint_reason"] == "observed")
+        },
+    )
+    .with_context(|| format!("p's view of a: {seen}"))?;
+    let observed = m.status("a")?["node"]["observed_endpoints"].clone();
+    assert_eq!(
+        observed,
+        serde_json::json!([seen["endpoint"].clone()]),
+        "a publishes the endpoint p sees it at"
+    );
+    // The router forgets every mapping: a's keepalives make a new one, and p follows it.
+    natlab::flush_mappings(&m, &router)?;
+    ping_within(&m, "p", "a", Duration::from_secs(40))?;
+    ping_within(&m, "a", "p", Duration::from_secs(15))?;
+    Ok(())
+}
+
+#[test]
+fn two_nodes_behind_two_endpoint_independent_nats_connect_directly_by_hole_punching()
+-> anyhow::Result<()> {
+    let mut m = natlab::start("nat2")?;
+    natlab::add_public(&mut m, "p", 1, "cloud", None)?;
+    natlab::add_site(&mut m, 1, Nat::EndpointIndependent)?;
+    natlab::add_site(&mut m, 2, Nat::EndpointIndependent)?;
+    natlab::add_behind_nat(&mut m, "a", 1, 2, "home", "198.19.0.1")?;
+    natlab::add_behind_nat(&mut m, "b", 2, 2, "office", "198.19.0.1")?;
+    m.wait_routed("a", "b")?;
+    m.wait_routed("b", "a")?;
+    // Neither can dial the other: each reaches the other's NAT mapping, opened from both
+    // sides at once.
+    let ab = up_at(
+        &m,
+        "a",
+        "b",
+        &natlab::site_public(2),
+        Duration::from_secs(45),
+    )?;
+    let ba = up_at(
+        &m,
+        "b",
+        "a",
+        &natlab::site_public(1),
+        Duration::from_secs(15),
+    )?;
+    assert_eq!(ab["endpoint_reason"], "hole-punched", "{ab}");
+    assert_eq!(ba["endpoint_reason"], "hole-punched", "{ba}");
+    ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    ping_within(&m, "b", "a", Duration::from_secs(15))?;
+    Ok(())
+}
