@@ -59,7 +59,7 @@ pub use crate::membership::{
     ANNOUNCE_BYTES_PER_SEC, AddressClash, BID_WINDOW, ConnId, DEFAULT_ANNOUNCE_INTERVAL,
     DEFAULT_MAX_MEMBERS, DEFAULT_RECORD_REFRESH, DEFAULT_TOMBSTONE_HORIZON, DIGEST_BYTES_PER_SEC,
     Event, IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member, Membership, MeshConfig,
-    STALE_ANNOUNCES, Transmit, mesh_address,
+    OBSERVED_MIN_GAP, STALE_ANNOUNCES, Transmit, mesh_address,
 };
 pub use crate::record::{
     Identity, MAX_NAME, MAX_OBSERVED, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord,

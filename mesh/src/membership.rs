@@ -191,7 +191,14 @@ struct Conn {
     /// A beat signed by the peer it says it is arrived on it: only then does this node watch
     /// the peer through it (the `Hello` itself proves nothing).
     watch: bool,
+    /// When an observed endpoint was last heard on it.
+    observed_at: Option<Instant>,
 }
+
+/// The least time between two observed endpoints heard on one connection: the daemon weighs
+/// each (a kernel query, a reconcile round), and an honest peer tells at most once a minute
+/// unless the endpoint changes.
+pub const OBSERVED_MIN_GAP: Duration = Duration::from_secs(5);
 
 /// The gossip state machine of one node.
 ///
@@ -451,6 +458,7 @@ impl Membership {
                 peer: None,
                 since: now,
                 watch: false,
+                observed_at: None,
             },
         );
         let hello = Frame::Hello {
@@ -530,7 +538,16 @@ impl Membership {
                 }
             }
             Frame::Observed(endpoint) => match (c.peer, c.watch) {
-                (Some(by), true) => self.events.push_back(Event::Observed { by, endpoint }),
+                (Some(_), true)
+                    if c.observed_at
+                        .is_some_and(|t| now.saturating_duration_since(t) < OBSERVED_MIN_GAP) =>
+                {
+                    self.drops.count(Rejected::TooSoon);
+                }
+                (Some(by), true) => {
+                    c.observed_at = Some(now);
+                    self.events.push_back(Event::Observed { by, endpoint });
+                }
                 _ => self.drops.count(Rejected::Unproven),
             },
             Frame::Rumours(rumours) => {

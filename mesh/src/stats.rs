@@ -32,11 +32,14 @@ pub enum Rejected {
     /// A frame that only a proven peer may send (an observed endpoint) on a connection whose
     /// peer has not proved who it is.
     Unproven,
+    /// An observed endpoint sooner than [`crate::OBSERVED_MIN_GAP`] after the last
+    /// one on the same connection.
+    TooSoon,
 }
 
 impl Rejected {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Malformed,
         Self::BeforeHello,
         Self::BadSignature,
@@ -49,6 +52,7 @@ impl Rejected {
         Self::IdentityClash,
         Self::AddressInUse,
         Self::Unproven,
+        Self::TooSoon,
     ];
 
     /// Its name, as a metric label or a status key.
@@ -66,6 +70,7 @@ impl Rejected {
             Self::IdentityClash => "identity_clash",
             Self::AddressInUse => "address_in_use",
             Self::Unproven => "unproven",
+            Self::TooSoon => "too_soon",
         }
     }
 }
@@ -126,7 +131,7 @@ impl Drops {
             | Rejected::Forgotten
             | Rejected::IdentityClash
             | Rejected::AddressInUse => {}
-            Rejected::Unproven => self.unexpected += 1,
+            Rejected::Unproven | Rejected::TooSoon => self.unexpected += 1,
         }
     }
 }
@@ -150,7 +155,7 @@ mod tests {
             Rejected::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), Rejected::ALL.len());
         assert_eq!(d.malformed, 1);
-        assert_eq!(d.unexpected, 2 + 12);
+        assert_eq!(d.unexpected, 2 + 12 + 13);
         assert_eq!(d.unauthenticated, 3 + 4 + 7);
         assert_eq!(d.stale, 5);
     }

@@ -189,6 +189,7 @@ pub async fn reconcile_loop(
         warned: BTreeSet::new(),
         observations: observed::Observations::default(),
         telling: observed::Telling::default(),
+        publishing: observed::Publishing::default(),
         own: observed::Own::default(),
     };
     loop {
@@ -274,6 +275,8 @@ struct Reconciler {
     observations: observed::Observations,
     /// When each peer was last told where its datagrams come from.
     telling: observed::Telling,
+    /// When the published mappings last changed.
+    publishing: observed::Publishing,
     /// This node's addresses and pod network, to judge observations by.
     own: observed::Own,
 }
@@ -359,7 +362,7 @@ impl Reconciler {
             self.refresh_own(Some(snap)).await;
             self.observations.endpoints(now, &self.own)
         };
-        if published != snap.record.observed {
+        if self.publishing.due(now, &snap.record.observed, &published) {
             info!(endpoints = ?published, "endpoints members see this node's datagrams come from (NAT mappings)");
             snap.record.observed.clone_from(&published);
             if !self.mesh.modify(move |r| r.observed = published).await {

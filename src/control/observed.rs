@@ -23,6 +23,10 @@ pub const OBSERVATION_TTL: Duration = Duration::from_secs(600);
 pub const TELL_EVERY: Duration = Duration::from_secs(60);
 /// The most observed endpoints published.
 pub const PUBLISHED: usize = 2;
+/// The least time between two changes of the published list, but for the first (which is
+/// published at once): each change is a new record version that crosses the whole mesh, so a
+/// member whose reports keep changing must not make this node republish at its pace.
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(30);
 
 /// Why a report is not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,22 +121,44 @@ impl Observations {
     }
 
     /// The endpoints to publish at `now`: reports younger than [`OBSERVATION_TTL`] that
-    /// [`vet`] still passes, by number of members then newest report, at most [`PUBLISHED`].
+    /// [`vet`] still passes, by number of members (then by address, so that the order does
+    /// not move with who spoke last), at most [`PUBLISHED`].
     pub fn endpoints(&mut self, now: Instant, own: &Own) -> Vec<SocketAddr> {
         self.by
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < OBSERVATION_TTL);
-        let mut tally: HashMap<SocketAddr, (usize, Instant)> = HashMap::new();
-        for (endpoint, at) in self.by.values() {
-            if vet(*endpoint, own).is_err() {
-                continue;
+        let mut tally: HashMap<SocketAddr, usize> = HashMap::new();
+        for (endpoint, _) in self.by.values() {
+            if vet(*endpoint, own).is_ok() {
+                *tally.entry(*endpoint).or_default() += 1;
             }
-            let e = tally.entry(*endpoint).or_insert((0, *at));
-            e.0 += 1;
-            e.1 = e.1.max(*at);
         }
-        let mut ranked: Vec<(SocketAddr, (usize, Instant))> = tally.into_iter().collect();
+        let mut ranked: Vec<(SocketAddr, usize)> = tally.into_iter().collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         ranked.into_iter().take(PUBLISHED).map(|(e, _)| e).collect()
+    }
+}
+
+/// When the published list may change.
+#[derive(Debug, Default)]
+pub struct Publishing {
+    at: Option<Instant>,
+}
+
+impl Publishing {
+    /// Whether to publish `next` in place of `current` at `now`: a first list at once, any
+    /// later change at most once per [`PUBLISH_EVERY`]. A yes is remembered.
+    pub fn due(&mut self, now: Instant, current: &[SocketAddr], next: &[SocketAddr]) -> bool {
+        if current == next {
+            return false;
+        }
+        let waited = self
+            .at
+            .is_none_or(|t| now.saturating_duration_since(t) >= PUBLISH_EVERY);
+        if current.is_empty() || waited {
+            self.at = Some(now);
+            return true;
+        }
+        false
     }
 }
 
@@ -250,6 +276,30 @@ mod tests {
         let mut moved = own();
         moved.local.push("198.19.0.102".parse().unwrap());
         assert!(o.endpoints(t + OBSERVATION_TTL, &moved).is_empty());
+    }
+
+    #[test]
+    fn a_first_list_is_published_at_once_and_later_changes_at_most_once_per_period() {
+        let t = Instant::now();
+        let mut p = Publishing::default();
+        let (a, b, c) = (ep("198.19.0.1:1"), ep("198.19.0.2:2"), ep("198.19.0.3:3"));
+        assert!(!p.due(t, &[], &[]));
+        assert!(p.due(t, &[], &[a]));
+        assert!(!p.due(t, &[a], &[a]));
+        // A member flipping its report every few seconds moves the record once per period.
+        let mut published = vec![a];
+        let mut changes = 0;
+        for s in 1..=120u64 {
+            let next = if s % 2 == 0 { vec![a, b] } else { vec![a, c] };
+            if p.due(t + Duration::from_secs(s), &published, &next) {
+                published = next;
+                changes += 1;
+            }
+        }
+        // At 30 s, 61 s and 91 s: never two changes within PUBLISH_EVERY.
+        assert_eq!(changes, 3);
+        // A node whose record lost every mapping publishes a new one at once.
+        assert!(p.due(t + Duration::from_secs(121), &[], &[b]));
     }
 
     #[test]

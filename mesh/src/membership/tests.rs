@@ -270,6 +270,18 @@ fn an_observed_endpoint_is_heard_only_from_a_peer_that_proved_who_it_is() {
         })
     );
     assert_eq!(b.drops().rejected.get(Rejected::Unproven), 1);
+    // A flood from a proven peer costs one event per OBSERVED_MIN_GAP, the rest counted.
+    for _ in 0..100 {
+        b.handle_frame(
+            now + Duration::from_secs(1),
+            conn,
+            &Frame::Observed(at).encode(),
+        );
+    }
+    assert_eq!(b.poll_event(), None);
+    assert_eq!(b.drops().rejected.get(Rejected::TooSoon), 100);
+    b.handle_frame(now + OBSERVED_MIN_GAP, conn, &Frame::Observed(at).encode());
+    assert!(matches!(b.poll_event(), Some(Event::Observed { .. })));
     // And b can tell node 9 where its datagrams come from, on that connection only.
     assert!(b.tell_observed(nine.id(), at));
     let t = b.poll_transmit().expect("a frame");
