@@ -40,4 +40,5 @@ pub mod demo;
 pub mod handle;
 pub mod host;
 pub mod plan;
+pub mod relay;
 pub mod shutdown;

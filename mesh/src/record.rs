@@ -130,6 +130,13 @@ impl Identity {
         raw_sign::<Sha512>(&key, bytes, &self.verifying).to_bytes()
     }
 
+    /// Signs `message` for another protocol of this node, under `context` (a fixed label such
+    /// as `b"weft relay register v1"`): the context is signed first, with its length, so that
+    /// no such signature is ever valid as a record's, a beat's, or another context's.
+    pub fn sign_message(&self, context: &[u8], message: &[u8]) -> [u8; 64] {
+        self.sign_bytes(&contextual(context, message))
+    }
+
     /// Signs `record` (with its version) into a [`SignedRecord`]. The record's WireGuard key is
     /// set to this identity's: no other key could verify.
     pub fn sign(&self, record: &NodeRecord) -> SignedRecord {
@@ -153,6 +160,31 @@ impl Identity {
             record,
         }
     }
+}
+
+/// Bytes under a signature of [`Identity::sign_message`]: a marker no record body or beat
+/// starts with, the context's length and the context, then the message.
+fn contextual(context: &[u8], message: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(3 + context.len() + message.len());
+    b.push(0xff);
+    b.extend_from_slice(
+        &u16::try_from(context.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
+    b.extend_from_slice(context);
+    b.extend_from_slice(message);
+    b
+}
+
+/// Checks a signature of [`Identity::sign_message`] by `signer` over `message` in `context`.
+pub fn verify_message(
+    signer: NodeId,
+    context: &[u8],
+    message: &[u8],
+    signature: &[u8; 64],
+) -> Result<(), VerifyError> {
+    verify_bytes(signer, &contextual(context, message), signature)
 }
 
 /// Checks `signature` over `bytes` by `signer`.

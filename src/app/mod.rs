@@ -143,7 +143,13 @@ impl App {
                 masquerade: host.masquerade.clone(),
                 conflist: &host.conflist,
             };
-            start_mesh(&mut tasks, &mut wiring, parts, (secret, listener), rx);
+            start_mesh(
+                &mut tasks,
+                &mut wiring,
+                parts,
+                (secret, listener, bound.relay),
+                rx,
+            );
         }
         notify::send(sd_notify::NotifyState::Ready);
         ready.store(true, Ordering::Release);
@@ -301,7 +307,11 @@ fn start_mesh(
     tasks: &mut Tasks,
     wiring: &mut Wiring,
     p: MeshParts<'_>,
-    (secret, listener): ([u8; 32], tokio::net::TcpListener),
+    (secret, listener, relay_socket): (
+        [u8; 32],
+        tokio::net::TcpListener,
+        Option<tokio::net::UdpSocket>,
+    ),
     mesh_rx: mpsc::Receiver<weft_mesh::driver::Command>,
 ) {
     let config = p.config;
@@ -314,6 +324,8 @@ fn start_mesh(
         (p.facts.private_address, p.facts.public_address);
     let identity = Identity::from_wireguard_key(p.key_bytes);
     let owner = identity.id().0;
+    let relay = relay_socket
+        .map(|socket| start_relay(tasks, socket, &secret, &identity, config.router.port));
     let mut mesh = Membership::new(p.started, identity, record, mesh_config(config), p.seed);
     mesh.join(&config.mesh.peers);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -337,25 +349,7 @@ fn start_mesh(
     {
         warn!(error = %e, path = %p.state_file.display(), "could not persist the pod blocks");
     }
-    let ipam = control::Ipam {
-        blocks: control::blocks::Blocks {
-            pools: p.pools,
-            owner,
-            fixed: config.node.pod_cidr.clone(),
-            held: p.blocks.to_vec(),
-            expiry: config.network.block_expiry,
-        },
-        state_file: p.state_file,
-        counters: wiring.ipam.clone(),
-        masquerade: p.masquerade,
-        conflist: p.conflist.clone(),
-        settle: 3 * config.mesh.gossip_interval,
-        started: p.started,
-        netlink: p.netlink.clone(),
-        index: p.index,
-        reported: std::collections::BTreeSet::new(),
-        external,
-    };
+    let ipam = ipam_of(&p, wiring, owner, external);
     let (statics_tx, statics_rx) = watch::channel(p.plan_peers);
     wiring.statics = Some(statics_tx);
     tasks.spawn(
@@ -365,6 +359,8 @@ fn start_mesh(
                 statics: statics_rx,
                 cluster,
                 claims: control::claims::ClaimPolicy::from_config(&config.network),
+                relay,
+                relay_policy: control::relays::Policy::Auto,
             },
             wiring.router.clone(),
             mesh_handle,
@@ -374,6 +370,53 @@ fn start_mesh(
             tasks.shutdown(),
         ),
     );
+}
+
+/// The IPAM side of the reconcile loop.
+fn ipam_of(
+    p: &MeshParts<'_>,
+    wiring: &Wiring,
+    owner: [u8; 32],
+    external: Option<watch::Receiver<Vec<ipnet::IpNet>>>,
+) -> control::Ipam {
+    let config = p.config;
+    control::Ipam {
+        blocks: control::blocks::Blocks {
+            pools: p.pools.clone(),
+            owner,
+            fixed: config.node.pod_cidr.clone(),
+            held: p.blocks.to_vec(),
+            expiry: config.network.block_expiry,
+        },
+        state_file: p.state_file.clone(),
+        counters: wiring.ipam.clone(),
+        masquerade: p.masquerade.clone(),
+        conflist: p.conflist.clone(),
+        settle: 3 * config.mesh.gossip_interval,
+        started: p.started,
+        netlink: p.netlink.clone(),
+        index: p.index,
+        reported: std::collections::BTreeSet::new(),
+        external,
+    }
+}
+
+/// Starts the relay service on the relay port's `socket`.
+fn start_relay(
+    tasks: &mut Tasks,
+    socket: tokio::net::UdpSocket,
+    secret: &[u8; 32],
+    identity: &Identity,
+    router_port: u16,
+) -> crate::relay::service::RelayHandle {
+    let config = crate::relay::service::RelayConfig {
+        key: crate::relay::wire::MacKey::new(secret),
+        identity: identity.clone(),
+        router_port,
+    };
+    let (handle, service) = crate::relay::service::start(config, socket, tasks.shutdown());
+    tasks.spawn("relay", service);
+    handle
 }
 
 /// Starts the Kubernetes node source and the loop that turns its view into this node's facts,

@@ -65,20 +65,27 @@ fn peer_status(
             .map(ToString::to_string)
             .collect(),
         endpoint: p.endpoint.map(|e| e.to_string()),
-        endpoint_reason: match (p.endpoint, p.endpoint_learned) {
-            (None, _) => "none",
-            (Some(_), true) => "learned",
-            (Some(_), false) => infos
-                .get(&p.config.public_key)
-                .map_or("configured", |i| i.reason.as_str()),
-        }
-        .to_owned(),
+        endpoint_reason: endpoint_reason(p, infos.get(&p.config.public_key)),
         path: p.config.path.as_str().to_owned(),
         state: p.state.as_str().to_owned(),
         last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
         rx_bytes: p.counters.rx_bytes,
         tx_bytes: p.counters.tx_bytes,
         drops: drops(&p.counters.drops),
+    }
+}
+
+/// Why peer `p` has its endpoint: a loopback endpoint is a relay shim (named when the plan
+/// chose the relay, else the far end came through one first).
+fn endpoint_reason(p: &weft_router::PeerStatus, info: Option<&control::PeerInfo>) -> String {
+    match (p.endpoint, p.endpoint_learned) {
+        (None, _) => "none".to_owned(),
+        (Some(e), _) if e.ip().is_loopback() => match info.and_then(|i| i.via.as_deref()) {
+            Some(via) => format!("relayed via {via}"),
+            None => "relayed".to_owned(),
+        },
+        (Some(_), true) => "learned".to_owned(),
+        (Some(_), false) => info.map_or("configured", |i| i.reason.as_str()).to_owned(),
     }
 }
 

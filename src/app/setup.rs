@@ -141,6 +141,8 @@ pub(super) struct Bound {
     pub(super) mtu: u16,
     pub(super) udp: BoundUdp,
     pub(super) gossip: Option<([u8; 32], TcpListener)>,
+    /// The relay port (the router's + 1), with the mesh.
+    pub(super) relay: Option<tokio::net::UdpSocket>,
     pub(super) api_socket: ApiSocket,
     pub(super) metrics: TcpListener,
 }
@@ -178,6 +180,19 @@ pub(super) async fn bind(config: &Config, checked: &Checked) -> anyhow::Result<O
         Some(secret) => Some((secret, control::bind_gossip(config.mesh.port).await?)),
         None => None,
     };
+    let relay = match checked.secret {
+        Some(_) => {
+            let port = crate::relay::port(config.router.port);
+            Some(
+                tokio::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, port))
+                    .await
+                    .with_context(|| {
+                        format!("binding UDP port {port} (the relay port, router.port + 1)")
+                    })?,
+            )
+        }
+        None => None,
+    };
     let api_socket = ApiSocket::bind(&config.api_socket).await?;
     let metrics = TcpListener::bind(config.metrics_address)
         .await
@@ -195,6 +210,7 @@ pub(super) async fn bind(config: &Config, checked: &Checked) -> anyhow::Result<O
         mtu,
         udp,
         gossip,
+        relay,
         api_socket,
         metrics,
     }))

@@ -11,6 +11,7 @@ pub mod k8s;
 pub mod nodesource;
 pub mod observed;
 pub mod reconcile;
+pub mod relays;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -43,6 +44,9 @@ pub struct PeerInfo {
     pub region: Option<String>,
     /// Why its endpoint.
     pub reason: Reason,
+    /// The relay that reaches it, by name, when it has a relay shim (the endpoint in use
+    /// says whether it goes through it).
+    pub via: Option<String>,
 }
 
 /// Mesh peer details for status, by WireGuard key.
@@ -129,6 +133,10 @@ pub struct Inputs {
     pub cluster: Option<watch::Receiver<Option<ClusterNodes>>>,
     /// Which members' pod-CIDR claims are believed.
     pub claims: ClaimPolicy,
+    /// The relay service (with the mesh).
+    pub relay: Option<crate::relay::service::RelayHandle>,
+    /// Which members relay (`mesh.relay`).
+    pub relay_policy: relays::Policy,
 }
 
 /// The cluster's Nodes by name, with their `spec.podCIDRs`.
@@ -372,6 +380,32 @@ impl Reconciler {
         true
     }
 
+    /// Tells the relay service where to register and which peers to reach through which relay
+    /// ([`relays::plan`]), and gives the shims it answers to the endpoint choices.
+    async fn plan_relays(&mut self, snap: &MeshSnapshot) {
+        let Some(relay) = &self.inputs.relay else {
+            return;
+        };
+        let (homes, peers) = relays::plan(&snap.record, &snap.members, &self.inputs.relay_policy);
+        let names: HashMap<[u8; 32], String> =
+            peers.iter().map(|(k, r)| (*k, r.name.clone())).collect();
+        let Some(shims) = relay
+            .plan(
+                homes.iter().map(|r| r.addr).collect(),
+                peers.iter().map(|(k, r)| (*k, r.addr)).collect(),
+            )
+            .await
+        else {
+            return;
+        };
+        self.choices.set_relayed(
+            shims
+                .into_iter()
+                .filter_map(|(k, shim)| Some((k, (shim, names.get(&k)?.clone()))))
+                .collect(),
+        );
+    }
+
     /// One round: gather (the mesh's members, vetted, and this node's blocks, settled), decide
     /// (the desired peers), apply (the difference to the router). False once a driver is gone.
     async fn round(&mut self) -> bool {
@@ -384,6 +418,7 @@ impl Reconciler {
         if !self.observe_endpoints(&mut snap, &actual.peers).await {
             return false;
         }
+        self.plan_relays(&snap).await;
         let cands = self.observe_paths(&snap, &actual.peers);
         let desired = self.decide(snap, nodes);
         if !apply(&self.router, &actual.peers, &desired, |k| {
@@ -399,6 +434,7 @@ impl Reconciler {
                 let info = PeerInfo {
                     region: d.region.clone(),
                     reason: d.reason,
+                    via: d.via.clone(),
                 };
                 (d.config.public_key, info)
             })
@@ -455,7 +491,7 @@ impl Reconciler {
             .members
             .iter()
             .map(|m| {
-                let c = reconcile::candidates(&snap.record, &m.record);
+                let c = self.choices.candidates(&snap.record, &m.record);
                 self.choices.restart_if_changed(m.record.wireguard_key, &c);
                 (m.record.wireguard_key, c.len())
             })

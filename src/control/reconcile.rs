@@ -40,6 +40,9 @@ pub enum Reason {
     /// As [`Reason::Observed`], with this node behind NAT too: both ends send to each other's
     /// mapping, so each NAT lets the other's datagrams in.
     HolePunched,
+    /// Through a member that relays (no candidate worked): the endpoint is the relay
+    /// service's shim for the peer ([`crate::relay`]); status names the relay.
+    Relayed,
     /// No address known.
     None,
 }
@@ -56,6 +59,7 @@ impl Reason {
             Self::Learned => "learned",
             Self::Observed => "observed",
             Self::HolePunched => "hole-punched",
+            Self::Relayed => "relayed",
             Self::None => "none",
         }
     }
@@ -72,6 +76,8 @@ pub struct DesiredPeer {
     pub reason: Reason,
     /// The underlay candidates in order of preference, with the reason each would have.
     pub candidates: Vec<(SocketAddr, Reason)>,
+    /// The relay that reaches it, by name, when it has a relay shim.
+    pub via: Option<String>,
 }
 
 fn same_region(me: &NodeRecord, peer: &NodeRecord) -> bool {
@@ -146,9 +152,25 @@ pub struct Choices {
     chosen: HashMap<[u8; 32], (usize, Instant)>,
     /// Each peer's candidates when last seen.
     seen: HashMap<[u8; 32], Vec<(SocketAddr, Reason)>>,
+    /// The relayed peers' shims, with the relay of each by name.
+    relayed: HashMap<[u8; 32], (SocketAddr, String)>,
 }
 
 impl Choices {
+    /// The relay shims known now: a peer among them has its shim as its last candidate.
+    pub fn set_relayed(&mut self, relayed: HashMap<[u8; 32], (SocketAddr, String)>) {
+        self.relayed = relayed;
+    }
+
+    /// Peer `r`'s candidates ([`candidates`]), then its relay shim if it has one.
+    pub fn candidates(&self, me: &NodeRecord, r: &NodeRecord) -> Vec<(SocketAddr, Reason)> {
+        let mut c = candidates(me, r);
+        if let Some((shim, _)) = self.relayed.get(&r.wireguard_key) {
+            c.push((*shim, Reason::Relayed));
+        }
+        c
+    }
+
     /// Starts a peer over at its first candidate, with a fresh timer, when its candidates
     /// changed: a new address (a NAT mapping just published, above all) is tried at once and
     /// by both ends at the same time, rather than after the rest of a cycle.
@@ -216,6 +238,7 @@ pub fn static_peers(statics: &[PeerConfig]) -> Vec<DesiredPeer> {
                 Reason::None
             },
             candidates: vec![],
+            via: None,
         })
         .collect()
 }
@@ -251,8 +274,14 @@ pub fn desired(
         if routed.is_empty() && !r.pod_cidrs.is_empty() {
             continue;
         }
-        let cands = candidates(me, r);
+        let cands = choices.candidates(me, r);
         let (endpoint, reason, path) = endpoint(me, r, &cands, choices);
+        // Named whatever the choice: the far end may have come through the relay first, and
+        // roaming then keeps the shim as the endpoint.
+        let via = choices
+            .relayed
+            .get(&r.wireguard_key)
+            .map(|(_, n)| n.clone());
         out.push(DesiredPeer {
             config: PeerConfig {
                 name: r.name.clone(),
@@ -265,6 +294,7 @@ pub fn desired(
             region: r.region.clone(),
             reason,
             candidates: cands,
+            via,
         });
     }
     (out, skipped)

@@ -113,3 +113,96 @@ fn two_nodes_behind_two_endpoint_independent_nats_connect_directly_by_hole_punch
     ping_within(&m, "b", "a", Duration::from_secs(15))?;
     Ok(())
 }
+
+#[test]
+fn two_nodes_behind_symmetric_nats_talk_through_a_relay_that_can_neither_read_nor_forge_their_traffic()
+-> anyhow::Result<()> {
+    let mut m = natlab::start("nat3")?;
+    natlab::add_public(&mut m, "p", 1, "cloud", None)?;
+    natlab::add_site(&mut m, 1, Nat::Symmetric)?;
+    natlab::add_site(&mut m, 2, Nat::Symmetric)?;
+    natlab::add_behind_nat(&mut m, "a", 1, 2, "home", "198.19.0.1")?;
+    natlab::add_behind_nat(&mut m, "b", 2, 2, "office", "198.19.0.1")?;
+    m.wait_routed("a", "b")?;
+    m.wait_routed("b", "a")?;
+    // Every mapping is per destination: what p sees is useless to the other end, so after the
+    // direct candidates fail, each reaches the other through p.
+    for (x, y) in [("a", "b"), ("b", "a")] {
+        wait_for(
+            &format!("{x} to reach {y} through p"),
+            Duration::from_secs(60),
+            || {
+                m.peer(x, y)
+                    .filter(|p| p["state"] == "up" && p["endpoint_reason"] == "relayed via p")
+            },
+        )
+        .with_context(|| format!("{x}'s view of {y}: {:?}", m.peer(x, y)))?;
+    }
+    let p_ns = m.daemon("p").ns.clone();
+    let cap = weft_tests::capture(&mut m.lab, "tcpdump-relay", &p_ns, "wan0", &["udp"])?;
+    ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    // 50 MB of TCP, byte-exact, with a marker the relay must never see.
+    let b_pod = m.overlay("b")?.into_iter().next().context("b's block")?;
+    let marker = "WEFT-RELAY-MARKER-5e1d-never-at-p";
+    let hex: String = marker
+        .bytes()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut ping = m.lab.cmd(&m.daemon("a").ns, "ping");
+    ping.args(["-c", "3", "-i", "0.2", "-p", &hex, &b_pod]);
+    anyhow::ensure!(
+        weft::demo::lab::run(&mut ping).is_ok(),
+        "marker ping failed"
+    );
+    let took = weft::demo::lab::tcp_transfer(
+        &m.lab,
+        (&m.daemon("a").ns, &m.daemon("b").ns),
+        format!("{b_pod}:5001").parse()?,
+        50 << 20,
+        7,
+    )?;
+    eprintln!(
+        "50 MB a -> b through the relay in {took:?} ({:.0} Mbit/s)",
+        400.0 / took.as_secs_f64()
+    );
+    wait_for(
+        "the relay's capture to hold the transfer",
+        Duration::from_secs(20),
+        || {
+            let n = std::fs::metadata(&cap).ok()?.len();
+            (n > 50 << 20).then_some(())
+        },
+    )?;
+    m.lab.stop("tcpdump-relay", Duration::from_secs(5))?;
+    let bytes = std::fs::read(&cap)?;
+    anyhow::ensure!(
+        !bytes.windows(16).any(|w| w == &marker.as_bytes()[..16]),
+        "the marker crossed p in the clear"
+    );
+    let relayed = weft_tests::pcap::udp_datagrams(&bytes)?
+        .into_iter()
+        .filter(|d| d.dst_port == 51821)
+        .count();
+    anyhow::ensure!(
+        relayed > 10_000,
+        "only {relayed} datagrams came to p's relay port"
+    );
+    // p, holding a's pod address, sends to b over its own tunnel: b refuses a source that
+    // routes to a, not p.
+    let a_pod = m.overlay("a")?.into_iter().next().context("a's block")?;
+    m.lab
+        .ip(&p_ns, &["addr", "add", &format!("{a_pod}/32"), "dev", "lo"])?;
+    let mut spoof = m.lab.cmd(&p_ns, "ping");
+    spoof.args(["-c", "3", "-i", "0.2", "-W", "1", "-I", &a_pod, &b_pod]);
+    anyhow::ensure!(
+        !spoof.output()?.status.success(),
+        "a spoofed ping got an answer"
+    );
+    wait_for("3 spoofed drops at b", Duration::from_secs(10), || {
+        let n = m.peer("b", "p")?["drops"]["spoofed"].as_u64()?;
+        (n >= 3).then_some(n)
+    })?;
+    ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    Ok(())
+}

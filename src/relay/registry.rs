@@ -1,0 +1,230 @@
+//! The relay's side, pure: which node registered from where, and where data goes.
+//!
+//! A registration counts only when its signature checks, it is newer than the one held for
+//! that node, and its time is within [`MAX_SKEW`] of the relay's clock (an old one replayed by
+//! someone on the path is refused); it holds for [`REGISTRATION_TTL`]. Data goes, unchanged,
+//! to where its destination last registered from, and is counted on that entry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::wire::{DropReason, Register, Short, short};
+
+/// How long a registration holds without being renewed.
+pub const REGISTRATION_TTL: Duration = Duration::from_secs(60);
+/// How often a node renews its registrations (well inside the TTL, and inside the ~30 s a
+/// NAT keeps an idle UDP mapping).
+pub const REGISTER_EVERY: Duration = Duration::from_secs(15);
+/// The largest difference between a registration's time and the relay's clock.
+pub const MAX_SKEW: Duration = Duration::from_secs(120);
+/// The most nodes a relay holds registrations for.
+pub const MAX_REGISTERED: usize = 65_536;
+
+/// One registered node.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: [u8; 32],
+    from: SocketAddr,
+    at_ms: u64,
+    seen: Instant,
+    bytes: u64,
+    packets: u64,
+}
+
+/// What a relay holds.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by: HashMap<Short, Entry>,
+}
+
+/// A registered node as status shows it: its key, where it registered from, and what was
+/// forwarded to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Its WireGuard key.
+    pub key: [u8; 32],
+    /// Where it registered from.
+    pub from: SocketAddr,
+    /// Bytes forwarded to it.
+    pub bytes: u64,
+    /// Datagrams forwarded to it.
+    pub packets: u64,
+}
+
+impl Registry {
+    /// Takes `reg`, received from `from` at `now` (`now_ms` on the wall clock).
+    pub fn register(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        from: SocketAddr,
+        reg: &Register,
+    ) -> Result<(), DropReason> {
+        let skew = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
+        if reg.at_ms.abs_diff(now_ms) > skew {
+            return Err(DropReason::Stale);
+        }
+        let s = short(&reg.key);
+        let held = self.by.get(&s);
+        if held.is_some_and(|e| e.key == reg.key && e.at_ms >= reg.at_ms) {
+            return Err(DropReason::Stale);
+        }
+        if held.is_none() && self.by.len() >= MAX_REGISTERED {
+            self.expire(now);
+            if self.by.len() >= MAX_REGISTERED {
+                return Err(DropReason::Full);
+            }
+        }
+        // The costly check last, once nothing cheaper refused it.
+        if !reg.verify() {
+            return Err(DropReason::Unauthenticated);
+        }
+        let e = self.by.entry(s).or_insert(Entry {
+            key: reg.key,
+            from,
+            at_ms: 0,
+            seen: now,
+            bytes: 0,
+            packets: 0,
+        });
+        if e.key != reg.key {
+            // Another key with the same first 8 bytes: the newest registration holds.
+            e.key = reg.key;
+            e.bytes = 0;
+            e.packets = 0;
+        }
+        e.from = from;
+        e.at_ms = reg.at_ms;
+        e.seen = now;
+        Ok(())
+    }
+
+    /// Where data of `len` bytes for `dst` goes at `now` (counted), if it registered lately.
+    pub fn forward(
+        &mut self,
+        now: Instant,
+        dst: Short,
+        len: usize,
+    ) -> Result<SocketAddr, DropReason> {
+        match self.by.get_mut(&dst) {
+            Some(e) if now.saturating_duration_since(e.seen) < REGISTRATION_TTL => {
+                e.bytes += len as u64;
+                e.packets += 1;
+                Ok(e.from)
+            }
+            _ => Err(DropReason::Unregistered),
+        }
+    }
+
+    /// Forgets registrations older than [`REGISTRATION_TTL`].
+    pub fn expire(&mut self, now: Instant) {
+        self.by
+            .retain(|_, e| now.saturating_duration_since(e.seen) < REGISTRATION_TTL);
+    }
+
+    /// The nodes registered now.
+    pub fn registered(&self) -> Vec<Registered> {
+        self.by
+            .values()
+            .map(|e| Registered {
+                key: e.key,
+                from: e.from,
+                bytes: e.bytes,
+                packets: e.packets,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "tests start their clock from a real instant"
+    )]
+    use weft_mesh::Identity;
+
+    use super::*;
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn data_goes_where_its_destination_registered_from_until_the_registration_expires() {
+        let t = Instant::now();
+        let a = Identity::from_wireguard_key(&[1; 32]);
+        let mut r = Registry::default();
+        let dst = short(&a.wireguard_key());
+        assert_eq!(r.forward(t, dst, 100), Err(DropReason::Unregistered));
+        r.register(
+            t,
+            NOW_MS,
+            addr("198.19.0.101:40000"),
+            &Register::sign(&a, NOW_MS),
+        )
+        .unwrap();
+        assert_eq!(r.forward(t, dst, 100), Ok(addr("198.19.0.101:40000")));
+        // A newer registration from a new mapping moves it.
+        let t1 = t + Duration::from_secs(15);
+        r.register(
+            t1,
+            NOW_MS + 15_000,
+            addr("198.19.0.101:40001"),
+            &Register::sign(&a, NOW_MS + 15_000),
+        )
+        .unwrap();
+        assert_eq!(r.forward(t1, dst, 50), Ok(addr("198.19.0.101:40001")));
+        assert_eq!(r.registered()[0].bytes, 150);
+        assert_eq!(r.registered()[0].packets, 2);
+        assert_eq!(
+            r.forward(t1 + REGISTRATION_TTL, dst, 1),
+            Err(DropReason::Unregistered)
+        );
+        r.expire(t1 + REGISTRATION_TTL);
+        assert!(r.registered().is_empty());
+    }
+
+    #[test]
+    fn replayed_old_skewed_and_forged_registrations_are_refused_and_move_nothing() {
+        let t = Instant::now();
+        let a = Identity::from_wireguard_key(&[1; 32]);
+        let b = Identity::from_wireguard_key(&[2; 32]);
+        let mut r = Registry::default();
+        let reg = Register::sign(&a, NOW_MS);
+        r.register(t, NOW_MS, addr("198.19.0.101:40000"), &reg)
+            .unwrap();
+        // The same registration replayed from elsewhere (someone on the path): refused.
+        assert_eq!(
+            r.register(t, NOW_MS, addr("198.19.0.66:1"), &reg),
+            Err(DropReason::Stale)
+        );
+        // Far from the relay's clock: refused.
+        let old = Register::sign(&a, NOW_MS - 10 * 60_000);
+        assert_eq!(
+            r.register(t, NOW_MS, addr("198.19.0.66:1"), &old),
+            Err(DropReason::Stale)
+        );
+        // b's signature presented as a's: refused.
+        let mut forged = Register::sign(&b, NOW_MS + 1);
+        let mut bytes = forged.encode();
+        bytes[1..33].copy_from_slice(&a.wireguard_key());
+        let Ok(super::super::wire::Message::Register(f)) =
+            super::super::wire::decode(&super::super::wire::MacKey::new(&[0; 32]), &bytes)
+        else {
+            panic!("a registration");
+        };
+        forged = f;
+        assert_eq!(
+            r.register(t, NOW_MS, addr("198.19.0.66:1"), &forged),
+            Err(DropReason::Unauthenticated)
+        );
+        assert_eq!(
+            r.forward(t, short(&a.wireguard_key()), 1),
+            Ok(addr("198.19.0.101:40000"))
+        );
+    }
+}
