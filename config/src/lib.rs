@@ -118,6 +118,51 @@ pub struct Mesh {
     /// minutes before the others refuse it; each period costs one record per node at every
     /// member.
     pub record_refresh: Duration,
+    /// Which members may relay for this node when nothing direct reaches a peer (default
+    /// `auto`).
+    pub relay: Relay,
+}
+
+/// `mesh.relay`: which members this node's traffic may be relayed through. Written `auto` (any
+/// public member not behind NAT), `never` (none: a peer no direct path reaches stays
+/// unreachable), or a list of member names. It does not change whether this node relays for
+/// others: a public node not behind NAT does, as the others cannot know its setting.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Relay {
+    /// Any member that can.
+    #[default]
+    Auto,
+    /// None.
+    Never,
+    /// Only these members.
+    Named(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Relay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Names(Vec<String>),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected auto, never, or a list of member names")
+        })? {
+            Raw::Word(w) if w == "auto" => Ok(Self::Auto),
+            Raw::Word(w) if w == "never" => Ok(Self::Never),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "{w:?} is not auto or never (a single relay is written as a list: [{w}])"
+            ))),
+            Raw::Names(n) if n.is_empty() => Err(serde::de::Error::custom(
+                "an empty list of relays: write never to relay through no member",
+            )),
+            Raw::Names(n) => match n.iter().find(|s| s.is_empty()) {
+                Some(_) => Err(serde::de::Error::custom("an empty member name")),
+                None => Ok(Self::Named(n)),
+            },
+        }
+    }
 }
 
 /// Which of the data path's speed-ups are allowed; each is still used only where the kernel has it.

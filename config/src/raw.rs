@@ -66,6 +66,7 @@ pub(crate) struct RawMesh {
     pub(crate) tombstone_horizon: Option<HumanDuration>,
     pub(crate) max_members: Option<usize>,
     pub(crate) record_refresh: Option<HumanDuration>,
+    pub(crate) relay: Option<crate::Relay>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -235,6 +235,7 @@ pub(crate) fn validate(
             .mesh
             .record_refresh
             .map_or(Duration::from_secs(600), |d| d.0),
+        relay: raw.mesh.relay.clone().unwrap_or_default(),
     };
     if mesh.gossip_interval.is_zero() {
         return Err(errs.at("mesh.gossip_interval", Problem::ZeroDuration));

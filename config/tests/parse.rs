@@ -357,6 +357,30 @@ fn log_level_takes_levels_and_directives_and_names_a_bad_one() {
 }
 
 #[test]
+fn relay_is_auto_never_or_a_list_of_names_and_anything_else_is_named() {
+    assert_eq!(parse("").unwrap().mesh.relay, weft_config::Relay::Auto);
+    assert_eq!(
+        parse("mesh:\n  relay: never\n").unwrap().mesh.relay,
+        weft_config::Relay::Never
+    );
+    assert_eq!(
+        parse("mesh:\n  relay: [p1, p2]\n").unwrap().mesh.relay,
+        weft_config::Relay::Named(vec!["p1".into(), "p2".into()])
+    );
+    let msg = refused("mesh:\n  relay: p1\n", 2, "mesh.relay");
+    assert!(
+        msg.contains("\"p1\" is not auto or never") && msg.contains("[p1]"),
+        "{msg}"
+    );
+    let msg = refused("mesh:\n  relay: []\n", 2, "mesh.relay");
+    assert!(msg.contains("write never"), "{msg}");
+    let msg = refused("mesh:\n  relay: 7\n", 2, "mesh.relay");
+    assert!(msg.contains("expected auto, never, or a list"), "{msg}");
+    let msg = refused("mesh:\n  relay: [\"\"]\n", 2, "mesh.relay");
+    assert!(msg.contains("empty member name"), "{msg}");
+}
+
+#[test]
 fn offload_is_auto_off_or_a_list_of_mechanisms() {
     let off = parse("router:\n  offload: off\n").unwrap();
     assert_eq!(off.router.offload, Offload::OFF);

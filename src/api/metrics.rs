@@ -6,6 +6,7 @@
 //! snapshot's. [`serve`] answers `GET /metrics` and `GET /healthz` (503 until the daemon is
 //! ready, 200 after) until shutdown.
 
+use crate::relay::service::RelaySnapshot;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +56,8 @@ pub struct Sources {
     pub mesh: Option<crate::handle::MeshHandle>,
     /// IPAM's counters.
     pub ipam: Arc<IpamCounters>,
+    /// The relay service's state.
+    pub relay: crate::relay::service::RelayStats,
     /// The last exposition rendered and when: scrapes within [`REFRESH`] of it get it again,
     /// so scrapers cannot make the data plane copy its peers more often than that.
     pub cache: ScrapeCache,
@@ -158,7 +161,20 @@ fn plain_gauge(reg: &mut Registry, name: &str, help: &str, value: f64) {
 
 /// The exposition for one router snapshot, the mesh's (when on) and IPAM's counters.
 pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounters) -> String {
+    render_all(router, mesh, ipam, None)
+}
+
+/// As [`render`], with the relay service's state (when the mesh is on).
+pub fn render_all(
+    router: &Snapshot,
+    mesh: Option<&MeshSnapshot>,
+    ipam: &IpamCounters,
+    relay: Option<&RelaySnapshot>,
+) -> String {
     let mut reg = Registry::default();
+    if let Some(r) = relay {
+        render_relay(&mut reg, router, r);
+    }
     render_peers(&mut reg, router);
     render_drops(&mut reg, router);
     plain_counter(
@@ -178,6 +194,73 @@ pub fn render(router: &Snapshot, mesh: Option<&MeshSnapshot>, ipam: &IpamCounter
         warn!(error = %e, "encoding metrics failed");
     }
     out
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// Relaying: each relayed peer's bytes through its relay, and on a relay the bytes forwarded
+/// to each registered node and what was dropped. Names come from the router's peers (a key it
+/// does not know is shown in base64).
+fn render_relay(reg: &mut Registry, router: &Snapshot, relay: &RelaySnapshot) {
+    let name = |key: &[u8; 32]| {
+        router
+            .peers
+            .iter()
+            .find(|p| p.config.public_key == *key)
+            .map_or_else(|| crate::host::keys::encode(key), |p| p.config.name.clone())
+    };
+    let tx = counter::<NodeLabel>(
+        reg,
+        "weft_peer_relayed_transmit",
+        "Bytes of a peer's WireGuard datagrams sent through its relay",
+        Some(Unit::Bytes),
+    );
+    let rx = counter::<NodeLabel>(
+        reg,
+        "weft_peer_relayed_receive",
+        "Bytes of a peer's WireGuard datagrams received through a relay",
+        Some(Unit::Bytes),
+    );
+    for p in &relay.peers {
+        let node = p.key.as_ref().map_or_else(
+            || p.short.iter().map(|b| format!("{b:02x}")).collect(),
+            name,
+        );
+        tx.get_or_create(&NodeLabel { node: node.clone() })
+            .inc_by(p.tx_bytes);
+        rx.get_or_create(&NodeLabel { node }).inc_by(p.rx_bytes);
+    }
+    let fwd = counter::<NodeLabel>(
+        reg,
+        "weft_relay_forwarded",
+        "Bytes this node relayed to each node registered with it",
+        Some(Unit::Bytes),
+    );
+    for r in &relay.registered {
+        fwd.get_or_create(&NodeLabel { node: name(&r.key) })
+            .inc_by(r.bytes);
+    }
+    let drops = counter::<ReasonLabel>(
+        reg,
+        "weft_relay_drops",
+        "Datagrams dropped on the relay port, by reason",
+        None,
+    );
+    for (reason, n) in &relay.drops {
+        drops
+            .get_or_create(&ReasonLabel {
+                reason: (*reason).to_owned(),
+            })
+            .inc_by(*n);
+    }
 }
 
 /// Per-peer traffic, drops, handshake age and state.
@@ -513,7 +596,13 @@ async fn exposition(src: &Sources) -> Option<String> {
         Some(m) => m.snapshot().await,
         None => None,
     };
-    let text = render(&snap, mesh.as_ref(), &src.ipam);
+    let relay = src.relay.lock().map(|r| r.clone()).ok();
+    let text = render_all(
+        &snap,
+        mesh.as_ref(),
+        &src.ipam,
+        relay.as_ref().filter(|_| mesh.is_some()),
+    );
     *cache = Some((now, text.clone()));
     Some(text)
 }
@@ -554,6 +643,7 @@ mod tests {
             router,
             mesh: None,
             ipam: Arc::new(IpamCounters::default()),
+            relay: crate::relay::service::RelayStats::default(),
             ready: Arc::new(AtomicBool::new(ready)),
             cache: ScrapeCache::default(),
         };

@@ -221,6 +221,7 @@ struct Wiring {
     statics: Option<watch::Sender<Vec<weft_router::PeerConfig>>>,
     kube: Option<Arc<std::sync::Mutex<String>>>,
     node: Arc<std::sync::Mutex<NodeStatus>>,
+    relay: crate::relay::service::RelayStats,
 }
 
 impl Wiring {
@@ -252,6 +253,7 @@ impl Wiring {
             statics: None,
             kube: None,
             node: Arc::new(std::sync::Mutex::new(node)),
+            relay: crate::relay::service::RelayStats::default(),
         };
         (wiring, commands, mesh_rx)
     }
@@ -262,6 +264,7 @@ impl Wiring {
             router: self.router.clone(),
             mesh: self.mesh.clone(),
             ipam: self.ipam.clone(),
+            relay: self.relay.clone(),
             ready: ready.clone(),
             cache: api::metrics::ScrapeCache::default(),
         }
@@ -324,8 +327,17 @@ fn start_mesh(
         (p.facts.private_address, p.facts.public_address);
     let identity = Identity::from_wireguard_key(p.key_bytes);
     let owner = identity.id().0;
-    let relay = relay_socket
-        .map(|socket| start_relay(tasks, socket, &secret, &identity, config.router.port));
+    let relay = relay_socket.map(|socket| {
+        let relay = crate::relay::service::RelayConfig {
+            key: crate::relay::wire::MacKey::new(&secret),
+            identity: identity.clone(),
+            router_port: config.router.port,
+            stats: wiring.relay.clone(),
+        };
+        let (handle, service) = crate::relay::service::start(relay, socket, tasks.shutdown());
+        tasks.spawn("relay", service);
+        handle
+    });
     let mut mesh = Membership::new(p.started, identity, record, mesh_config(config), p.seed);
     mesh.join(&config.mesh.peers);
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -360,7 +372,7 @@ fn start_mesh(
                 cluster,
                 claims: control::claims::ClaimPolicy::from_config(&config.network),
                 relay,
-                relay_policy: control::relays::Policy::Auto,
+                relay_policy: config.mesh.relay.clone(),
             },
             wiring.router.clone(),
             mesh_handle,
@@ -399,24 +411,6 @@ fn ipam_of(
         reported: std::collections::BTreeSet::new(),
         external,
     }
-}
-
-/// Starts the relay service on the relay port's `socket`.
-fn start_relay(
-    tasks: &mut Tasks,
-    socket: tokio::net::UdpSocket,
-    secret: &[u8; 32],
-    identity: &Identity,
-    router_port: u16,
-) -> crate::relay::service::RelayHandle {
-    let config = crate::relay::service::RelayConfig {
-        key: crate::relay::wire::MacKey::new(secret),
-        identity: identity.clone(),
-        router_port,
-    };
-    let (handle, service) = crate::relay::service::start(config, socket, tasks.shutdown());
-    tasks.spawn("relay", service);
-    handle
 }
 
 /// Starts the Kubernetes node source and the loop that turns its view into this node's facts,

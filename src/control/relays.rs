@@ -16,16 +16,7 @@ use weft_mesh::{Member, NodeRecord};
 pub const HOMES: usize = 2;
 
 /// Which members may relay (`mesh.relay`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Policy {
-    /// Any member that can.
-    #[default]
-    Auto,
-    /// None: no relaying for this node, nor through it.
-    Never,
-    /// Only the members of these names.
-    Named(Vec<String>),
-}
+pub type Policy = weft_config::Relay;
 
 /// A member that can relay.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,7 +31,12 @@ pub struct RelayConfig {
     pub identity: Identity,
     /// The router's UDP port, on loopback: where shims deliver.
     pub router_port: u16,
+    /// Where the service publishes its state every second, for status and metrics.
+    pub stats: RelayStats,
 }
+
+/// The relay service's state, as last published.
+pub type RelayStats = Arc<std::sync::Mutex<RelaySnapshot>>;
 
 /// What the control loop asks of the service.
 #[derive(Debug)]
@@ -204,6 +209,7 @@ impl Service {
         let socket = self.socket.clone();
         let mut buf = vec![0u8; 65_536];
         let mut tick = tokio::time::interval(REGISTER_EVERY);
+        let mut publish = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 () = shutdown.wait() => return,
@@ -221,6 +227,12 @@ impl Service {
                     }
                 }
                 _ = tick.tick() => self.tick().await,
+                _ = publish.tick() => {
+                    let snap = self.snapshot();
+                    if let Ok(mut s) = self.config.stats.lock() {
+                        *s = snap;
+                    }
+                }
             }
         }
     }

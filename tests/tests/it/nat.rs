@@ -28,6 +28,18 @@ fn up_at(
     .with_context(|| format!("{a}'s view of {b}: {:?}", m.peer(a, b)))
 }
 
+/// The value of `metric` with label `node="{node}"` in what `at` serves on /metrics.
+fn metric_value(m: &MeshLab, at: &str, metric: &str, node: &str) -> Option<f64> {
+    let ns = m.daemon(at).ns.clone();
+    let resp = weft_tests::http_get(&m.lab, &ns, "127.0.0.1:6782", "/metrics").ok()?;
+    let body = resp.split("\r\n\r\n").nth(1)?;
+    weft_tests::exposition::parse_exposition(body)
+        .ok()?
+        .into_iter()
+        .find(|s| s.name == metric && s.labels.iter().any(|(k, v)| k == "node" && v == node))
+        .map(|s| s.value)
+}
+
 /// Pings `to`'s overlay address from `from` until one answers, within `within`.
 fn ping_within(m: &MeshLab, from: &str, to: &str, within: Duration) -> anyhow::Result<()> {
     let addr = m.overlay(to)?.into_iter().next().context("no block")?;
@@ -188,6 +200,26 @@ fn two_nodes_behind_symmetric_nats_talk_through_a_relay_that_can_neither_read_no
         relayed > 10_000,
         "only {relayed} datagrams came to p's relay port"
     );
+    // The relay counts what it passed on to b; a counts what it sent b through it.
+    let at_least = |node: &str, metric: &str, labels: &str, min: f64| {
+        wait_for(
+            &format!("{metric} at {node}"),
+            Duration::from_secs(10),
+            || {
+                let v = metric_value(&m, node, metric, labels)?;
+                (v >= min).then_some(v)
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{metric} at {node}: {:?}",
+                metric_value(&m, node, metric, labels)
+            )
+        })
+    };
+    at_least("p", "weft_relay_forwarded_bytes_total", "b", 50e6)?;
+    at_least("a", "weft_peer_relayed_transmit_bytes_total", "b", 50e6)?;
+    at_least("b", "weft_peer_relayed_receive_bytes_total", "a", 50e6)?;
     // p, holding a's pod address, sends to b over its own tunnel: b refuses a source that
     // routes to a, not p.
     let a_pod = m.overlay("a")?.into_iter().next().context("a's block")?;
