@@ -196,7 +196,7 @@ struct Conn {
 }
 
 /// The least time between two observed endpoints heard on one connection: the daemon weighs
-/// each (a kernel query, a reconcile round), and an honest peer tells at most once a minute
+/// each (a kernel query, a reconcile round), and an honest peer tells once every 10 s
 /// unless the endpoint changes.
 pub const OBSERVED_MIN_GAP: Duration = Duration::from_secs(5);
 

@@ -198,6 +198,7 @@ pub async fn reconcile_loop(
         observations: observed::Observations::default(),
         telling: observed::Telling::default(),
         publishing: observed::Publishing::default(),
+        relays_down: Vec::new(),
         own: observed::Own::default(),
     };
     loop {
@@ -285,6 +286,8 @@ struct Reconciler {
     telling: observed::Telling,
     /// When the published mappings last changed.
     publishing: observed::Publishing,
+    /// The relays in use that answer no probe (the relay service says).
+    relays_down: Vec<std::net::SocketAddr>,
     /// This node's addresses and pod network, to judge observations by.
     own: observed::Own,
 }
@@ -386,10 +389,15 @@ impl Reconciler {
         let Some(relay) = &self.inputs.relay else {
             return;
         };
-        let (homes, peers) = relays::plan(&snap.record, &snap.members, &self.inputs.relay_policy);
+        let (homes, peers) = relays::plan(
+            &snap.record,
+            &snap.members,
+            &self.inputs.relay_policy,
+            &self.relays_down,
+        );
         let names: HashMap<[u8; 32], String> =
             peers.iter().map(|(k, r)| (*k, r.name.clone())).collect();
-        let Some(shims) = relay
+        let Some((shims, down)) = relay
             .plan(
                 homes.iter().map(|r| r.addr).collect(),
                 peers.iter().map(|(k, r)| (*k, r.addr)).collect(),
@@ -398,6 +406,10 @@ impl Reconciler {
         else {
             return;
         };
+        if down != self.relays_down {
+            info!(relays = ?down, "relays that answer no probe: passed over");
+            self.relays_down = down;
+        }
         self.choices.set_relayed(
             shims
                 .into_iter()
@@ -487,12 +499,18 @@ impl Reconciler {
     ) -> HashMap<[u8; 32], usize> {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
+        let up: std::collections::HashSet<[u8; 32]> = actual
+            .iter()
+            .filter(|p| p.state == weft_router::PeerState::Up)
+            .map(|p| p.config.public_key)
+            .collect();
         let cands: HashMap<[u8; 32], usize> = snap
             .members
             .iter()
             .map(|m| {
+                let key = m.record.wireguard_key;
                 let c = self.choices.candidates(&snap.record, &m.record);
-                self.choices.restart_if_changed(m.record.wireguard_key, &c);
+                self.choices.restart_if_changed(key, &c, up.contains(&key));
                 (m.record.wireguard_key, c.len())
             })
             .collect();

@@ -19,8 +19,10 @@ use weft_mesh::NodeId;
 
 /// How long a member's report counts without being repeated.
 pub const OBSERVATION_TTL: Duration = Duration::from_secs(600);
-/// How often a member's report is repeated while it holds (well inside the TTL).
-pub const TELL_EVERY: Duration = Duration::from_secs(60);
+/// How often a member's report is repeated while it holds: often enough that one lost at the
+/// start (sent before the receiver had the sender's signed beat on the connection, so it was
+/// not heard) is made good within seconds, well inside the TTL; one small frame per NATed peer.
+pub const TELL_EVERY: Duration = Duration::from_secs(10);
 /// The most observed endpoints published.
 pub const PUBLISHED: usize = 2;
 /// The least time between two changes of the published list, but for the first (which is

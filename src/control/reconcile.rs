@@ -171,15 +171,33 @@ impl Choices {
         c
     }
 
-    /// Starts a peer over at its first candidate, with a fresh timer, when its candidates
-    /// changed: a new address (a NAT mapping just published, above all) is tried at once and
+    /// When a peer's candidates changed: a peer that is up stays on the endpoint it is up on
+    /// (when that is still a candidate), so that a working path, a relayed one above all, is
+    /// never left for an untried one; any other starts over at its first candidate with a
+    /// fresh timer, so that a new address (a NAT mapping just published) is tried at once and
     /// by both ends at the same time, rather than after the rest of a cycle.
-    pub fn restart_if_changed(&mut self, key: [u8; 32], cands: &[(SocketAddr, Reason)]) {
+    pub fn restart_if_changed(&mut self, key: [u8; 32], cands: &[(SocketAddr, Reason)], up: bool) {
         if self.seen.get(&key).is_some_and(|c| c.as_slice() == cands) {
             return;
         }
-        if self.seen.insert(key, cands.to_vec()).is_some() {
-            self.chosen.remove(&key);
+        let Some(old) = self.seen.insert(key, cands.to_vec()) else {
+            return;
+        };
+        let current = self
+            .chosen
+            .get(&key)
+            .and_then(|(i, _)| old.get(*i % old.len().max(1)))
+            .map(|(a, _)| *a);
+        let still = current.and_then(|a| cands.iter().position(|(c, _)| *c == a));
+        match (up, still) {
+            (true, Some(i)) => {
+                if let Some(e) = self.chosen.get_mut(&key) {
+                    e.0 = i;
+                }
+            }
+            _ => {
+                self.chosen.remove(&key);
+            }
         }
     }
 
@@ -749,15 +767,20 @@ mod nat_tests {
             (ep("198.18.102.2:51820"), Reason::OnlyAddress),
             (ep("198.19.0.9:51820"), Reason::Fallback),
         ];
-        ch.restart_if_changed(key, &before);
+        ch.restart_if_changed(key, &before, false);
         ch.observe(t0, key, PeerState::Connecting, 2);
         ch.observe(t0 + FALLBACK_AFTER, key, PeerState::Connecting, 2);
         assert_eq!(ch.index(&key), 1, "fell back");
-        ch.restart_if_changed(key, &before);
+        ch.restart_if_changed(key, &before, false);
         assert_eq!(ch.index(&key), 1, "same candidates: no restart");
+        // Up on the fallback: a new candidate in front does not move it off its path.
         let mut after = before.clone();
         after.insert(0, (ep("198.19.0.102:51820"), Reason::HolePunched));
-        ch.restart_if_changed(key, &after);
+        ch.restart_if_changed(key, &after, true);
+        assert_eq!(ch.index(&key), 2, "still on 198.19.0.9, now third");
+        // Not up: the new first candidate at once.
+        ch.restart_if_changed(key, &before, false);
+        ch.restart_if_changed(key, &after, false);
         assert_eq!(ch.index(&key), 0, "the new first candidate at once");
         // With a fresh timer: no fallback right away.
         ch.observe(

@@ -73,20 +73,24 @@ pub fn homes(node: &[u8; 32], relays: &[Relay]) -> Vec<Relay> {
 }
 
 /// This node's plan: the relays it registers with (when it is behind NAT), and for each member
-/// behind NAT the relay that reaches it (its first home relay), when this node is behind NAT
-/// too (a public node is reached directly by nodes behind NAT, and reaches them at the mappings
+/// behind NAT the relay that reaches it (its first home relay not in `down`), when this node
+/// is behind NAT too (a public node is reached directly by nodes behind NAT, and reaches them at the mappings
 /// they open).
 pub fn plan(
     me: &NodeRecord,
     members: &[Member],
     policy: &Policy,
+    down: &[SocketAddr],
 ) -> (Vec<Relay>, Vec<([u8; 32], Relay)>) {
     if !behind_nat(me) || *policy == Policy::Never {
         return (Vec::new(), Vec::new());
     }
     // Homes are worked out over every member that can relay, whatever this node's policy
-    // allows: they are the far end's choice. This node's policy limits what it uses.
-    let all = relays(members, &Policy::Auto);
+    // allows: they are the far end's choice. This node's policy limits what it uses. A relay
+    // that answers this node's probes no more is passed over at once: the far end registered
+    // with its next home too.
+    let mut all = relays(members, &Policy::Auto);
+    all.retain(|r| !down.contains(&r.addr));
     let allowed = |r: &Relay| match policy {
         Policy::Named(names) => names.contains(&r.name),
         _ => true,
@@ -161,13 +165,23 @@ mod tests {
         assert_eq!(names, ["p1", "p2"]);
         assert_eq!(r[0].addr, "198.19.0.1:51821".parse().unwrap());
         // a's plan names b's first home; b's own plan registers there.
-        let (a_homes, a_peers) = plan(&members[5].record, &members, &Policy::Auto);
-        let (b_homes, b_peers) = plan(&members[6].record, &members, &Policy::Auto);
+        let (a_homes, a_peers) = plan(&members[5].record, &members, &Policy::Auto, &[]);
+        let (b_homes, b_peers) = plan(&members[6].record, &members, &Policy::Auto, &[]);
         assert_eq!(a_homes.len(), 2);
         let via_b = &a_peers.iter().find(|(k, _)| *k == [7; 32]).unwrap().1;
         assert_eq!(via_b, &b_homes[0]);
         let via_a = &b_peers.iter().find(|(k, _)| *k == [6; 32]).unwrap().1;
         assert_eq!(via_a, &a_homes[0]);
+        // A relay that answers a's probes no more: a goes through b's next home, with which b
+        // registered too.
+        let (_, around) = plan(
+            &members[5].record,
+            &members,
+            &Policy::Auto,
+            &[b_homes[0].addr],
+        );
+        let via_b2 = &around.iter().find(|(k, _)| *k == [7; 32]).unwrap().1;
+        assert_eq!(via_b2, &b_homes[1]);
         // The NATed public member is a peer reached through a relay, never a relay.
         assert!(a_peers.iter().any(|(k, _)| *k == [4; 32]));
         assert!(!a_peers.iter().any(|(_, r)| r.name == "natted"));
@@ -183,15 +197,15 @@ mod tests {
         ];
         let public = member("me", 9, Some("198.19.0.9"), false);
         assert_eq!(
-            plan(&public.record, &members, &Policy::Auto),
+            plan(&public.record, &members, &Policy::Auto, &[]),
             (vec![], vec![])
         );
         assert_eq!(
-            plan(&members[2].record, &members, &Policy::Never),
+            plan(&members[2].record, &members, &Policy::Never, &[]),
             (vec![], vec![])
         );
         let only_p2 = Policy::Named(vec!["p2".into()]);
-        let (homes, peers) = plan(&members[2].record, &members, &only_p2);
+        let (homes, peers) = plan(&members[2].record, &members, &only_p2, &[]);
         assert!(homes.iter().all(|r| r.name == "p2"));
         assert!(peers.iter().all(|(_, r)| r.name == "p2"));
         assert_eq!(peers.len(), 1);

@@ -21,6 +21,22 @@ use super::wire::{self, DropReason, MacKey, Message, Register, Short};
 pub const MAX_SHIMS: usize = 4096;
 /// A shim no plan names is closed after this long without traffic.
 pub const SHIM_IDLE: Duration = Duration::from_secs(300);
+/// How often each relay in use (a home, or the relay of a relayed peer) is probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A relay that answered no probe for this long is unresponsive: the plan passes it over
+/// (well before the mesh's liveness timeout would).
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
+
+/// What the service knows of one relay's health.
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    /// When probing began.
+    since: Instant,
+    /// The nonce of the last probe sent.
+    nonce: u64,
+    /// When it last answered.
+    answered: Option<Instant>,
+}
 
 /// What the service needs.
 #[derive(Debug, Clone)]
@@ -38,6 +54,10 @@ pub struct RelayConfig {
 /// The relay service's state, as last published.
 pub type RelayStats = Arc<std::sync::Mutex<RelaySnapshot>>;
 
+/// The answer to a plan: each relayed peer's shim address, and the relays in use that answer
+/// no probe.
+pub type PlanReply = (HashMap<[u8; 32], SocketAddr>, Vec<SocketAddr>);
+
 /// What the control loop asks of the service.
 #[derive(Debug)]
 pub enum Command {
@@ -49,8 +69,8 @@ pub enum Command {
         homes: Vec<SocketAddr>,
         /// The relayed peers and the relay for each.
         peers: Vec<([u8; 32], SocketAddr)>,
-        /// Each peer's shim address.
-        reply: oneshot::Sender<HashMap<[u8; 32], SocketAddr>>,
+        /// Each peer's shim address, and the relays in use that answer no probe.
+        reply: oneshot::Sender<PlanReply>,
     },
     /// What the service holds and counted.
     Snapshot(oneshot::Sender<RelaySnapshot>),
@@ -84,6 +104,8 @@ pub struct RelaySnapshot {
     pub peers: Vec<ShimStatus>,
     /// Datagrams dropped on the relay port, by reason.
     pub drops: BTreeMap<&'static str, u64>,
+    /// Relays in use that answered no probe lately.
+    pub unresponsive: Vec<SocketAddr>,
 }
 
 /// Asks the relay service; every call is `None` once it stopped.
@@ -93,12 +115,13 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// Sends the plan; each relayed peer's shim address.
+    /// Sends the plan; each relayed peer's shim address, and the relays in use that answer
+    /// no probe.
     pub async fn plan(
         &self,
         homes: Vec<SocketAddr>,
         peers: Vec<([u8; 32], SocketAddr)>,
-    ) -> Option<HashMap<[u8; 32], SocketAddr>> {
+    ) -> Option<PlanReply> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Plan {
@@ -173,6 +196,9 @@ struct Service {
     reads: FuturesUnordered<BoxFuture<'static, Result<ShimRead, Aborted>>>,
     drops: BTreeMap<&'static str, u64>,
     buf: Vec<u8>,
+    /// The relays in use and how they answer.
+    health: HashMap<SocketAddr, Health>,
+    nonce: u64,
 }
 
 /// The service on the relay port's `socket`: its handle, and the future to spawn, which runs
@@ -195,6 +221,8 @@ pub fn start(
         reads: FuturesUnordered::new(),
         drops: BTreeMap::new(),
         buf: Vec::with_capacity(2048),
+        health: HashMap::new(),
+        nonce: 0,
     };
     info!(port, "relay service running");
     (RelayHandle { tx }, service.run(rx, shutdown))
@@ -210,6 +238,7 @@ impl Service {
         let mut buf = vec![0u8; 65_536];
         let mut tick = tokio::time::interval(REGISTER_EVERY);
         let mut publish = tokio::time::interval(Duration::from_secs(1));
+        let mut probe = tokio::time::interval(PROBE_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.wait() => return,
@@ -227,6 +256,7 @@ impl Service {
                     }
                 }
                 _ = tick.tick() => self.tick().await,
+                _ = probe.tick() => self.probe().await,
                 _ = publish.tick() => {
                     let snap = self.snapshot();
                     if let Ok(mut s) = self.config.stats.lock() {
@@ -264,7 +294,8 @@ impl Service {
                         out.insert(key, shim.addr);
                     }
                 }
-                let _ = reply.send(out);
+                self.track_health();
+                let _ = reply.send((out, self.unresponsive()));
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -289,6 +320,57 @@ impl Service {
                 })
                 .collect(),
             drops: self.drops.clone(),
+            unresponsive: self.unresponsive(),
+        }
+    }
+
+    /// Probes the relays in use: the homes and the relays of planned shims.
+    fn track_health(&mut self) {
+        #[expect(clippy::disallowed_methods, reason = "a driver owns the clock")]
+        let now = Instant::now();
+        let in_use: Vec<SocketAddr> = self
+            .homes
+            .iter()
+            .copied()
+            .chain(
+                self.shims
+                    .values()
+                    .filter(|s| s.planned)
+                    .filter_map(|s| s.via),
+            )
+            .collect();
+        self.health.retain(|a, _| in_use.contains(a));
+        for a in in_use {
+            self.health.entry(a).or_insert(Health {
+                since: now,
+                nonce: 0,
+                answered: None,
+            });
+        }
+    }
+
+    /// The relays in use that answered no probe for [`UNRESPONSIVE_AFTER`].
+    fn unresponsive(&self) -> Vec<SocketAddr> {
+        #[expect(clippy::disallowed_methods, reason = "a driver owns the clock")]
+        let now = Instant::now();
+        self.health
+            .iter()
+            .filter(|(_, h)| {
+                let last = h.answered.unwrap_or(h.since);
+                now.saturating_duration_since(last) >= UNRESPONSIVE_AFTER
+            })
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    async fn probe(&mut self) {
+        for (addr, h) in &mut self.health {
+            self.nonce = self.nonce.wrapping_add(1);
+            h.nonce = self.nonce;
+            let probe = wire::encode_probe(&self.config.key, h.nonce);
+            if let Err(e) = self.socket.send_to(&probe, *addr).await {
+                debug!(error = %e, relay = %addr, "probe not sent");
+            }
         }
     }
 
@@ -361,6 +443,16 @@ impl Service {
                     }
                 }
                 Err(d) => self.count(d),
+            },
+            Ok(Message::Probe(nonce)) => {
+                let answer = wire::encode_answer(&self.config.key, nonce);
+                if let Err(e) = self.socket.send_to(&answer, from).await {
+                    debug!(error = %e, %from, "probe not answered");
+                }
+            }
+            Ok(Message::Answer(nonce)) => match self.health.get_mut(&from) {
+                Some(h) if h.nonce == nonce => h.answered = Some(now),
+                _ => self.count(DropReason::Stale),
             },
             Ok(Message::Register(reg)) => {
                 let now_ms = crate::control::now_millis();

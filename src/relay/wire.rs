@@ -4,6 +4,8 @@
 //! data     = 1 dst:8 src:8 inner mac:16   (dst, src: the first 8 bytes of WireGuard keys;
 //!                                          mac: keyed BLAKE2s over everything before it)
 //! register = 2 key:32 at_ms:u64 sig:64    (key's own signature, context "weft relay register v1")
+//! probe    = 3 nonce:8 mac:16             (is the relay there?)
+//! answer   = 4 nonce:8 mac:16             (the relay's answer, same nonce)
 //! ```
 //!
 //! The MAC key comes from the cluster secret, so no outsider can make a relay forward
@@ -121,6 +123,32 @@ pub enum Message<'a> {
     },
     /// A registration, not yet verified (see [`Register::verify`]).
     Register(Register),
+    /// A probe, authenticated: answer it with [`encode_answer`].
+    Probe(u64),
+    /// A relay's answer to a probe, authenticated.
+    Answer(u64),
+}
+
+/// Bytes of a probe or an answer.
+pub const PROBE_LEN: usize = 1 + 8 + MAC_LEN;
+
+fn encode_nonce(key: &MacKey, kind: u8, nonce: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(PROBE_LEN);
+    b.push(kind);
+    b.extend_from_slice(&nonce.to_be_bytes());
+    let mac = key.mac(&b);
+    b.extend_from_slice(&mac);
+    b
+}
+
+/// A probe with `nonce`.
+pub fn encode_probe(key: &MacKey, nonce: u64) -> Vec<u8> {
+    encode_nonce(key, 3, nonce)
+}
+
+/// The answer to the probe with `nonce`.
+pub fn encode_answer(key: &MacKey, nonce: u64) -> Vec<u8> {
+    encode_nonce(key, 4, nonce)
 }
 
 /// A node's registration with a relay.
@@ -195,6 +223,21 @@ pub fn decode<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<Message<'a>, DropR
                 inner: &body[DATA_HEADER..],
             })
         }
+        Some(kind @ (3 | 4)) if datagram.len() == PROBE_LEN => {
+            let (body, mac) = datagram.split_at(datagram.len() - MAC_LEN);
+            let mut m = key.start();
+            Mac::update(&mut m, body);
+            m.verify_slice(mac)
+                .map_err(|_| DropReason::Unauthenticated)?;
+            let mut n = [0; 8];
+            n.copy_from_slice(&body[1..9]);
+            let nonce = u64::from_be_bytes(n);
+            Ok(if *kind == 3 {
+                Message::Probe(nonce)
+            } else {
+                Message::Answer(nonce)
+            })
+        }
         Some(2) if datagram.len() == REGISTER_LEN => {
             let mut key = [0; 32];
             key.copy_from_slice(&datagram[1..33]);
@@ -242,6 +285,18 @@ mod tests {
             assert!(decode(&key, &out[..n]).is_err(), "cut at {n}");
         }
         assert_eq!(decode(&key, &[]), Err(DropReason::Malformed));
+        assert_eq!(decode(&key, &encode_probe(&key, 9)), Ok(Message::Probe(9)));
+        assert_eq!(
+            decode(&key, &encode_answer(&key, 9)),
+            Ok(Message::Answer(9))
+        );
+        let mut forged = encode_answer(&key, 9);
+        forged[1] ^= 1;
+        assert_eq!(decode(&key, &forged), Err(DropReason::Unauthenticated));
+        assert_eq!(
+            decode(&MacKey::new(&[8; 32]), &encode_probe(&key, 9)),
+            Err(DropReason::Unauthenticated)
+        );
         assert_eq!(decode(&key, &[9; 64]), Err(DropReason::Malformed));
     }
 

@@ -70,21 +70,23 @@ fn a_node_behind_nat_and_a_public_node_reach_each_other_both_ways_and_after_the_
         &natlab::site_public(1),
         Duration::from_secs(20),
     )?;
-    let seen = wait_for(
-        "p to use a's observed endpoint",
+    // p follows a's datagrams to the mapping (learned), or, when a published it before p's
+    // first choice settled, picks it from a's record (observed).
+    let reason = seen["endpoint_reason"].as_str().unwrap_or("");
+    assert!(
+        reason == "learned" || reason == "observed",
+        "p's view of a: {seen}"
+    );
+    wait_for(
+        "a to publish the endpoint p sees it at",
         Duration::from_secs(20),
         || {
-            m.peer("p", "a")
-                .filter(|p| p["endpoint_reason"] == "observed")
+            let st = m.status("a").ok()?;
+            (st["node"]["observed_endpoints"] == serde_json::json!([seen["endpoint"].clone()]))
+                .then_some(())
         },
     )
-    .with_context(|| format!("p's view of a: {seen}"))?;
-    let observed = m.status("a")?["node"]["observed_endpoints"].clone();
-    assert_eq!(
-        observed,
-        serde_json::json!([seen["endpoint"].clone()]),
-        "a publishes the endpoint p sees it at"
-    );
+    .with_context(|| format!("p sees a at {}", seen["endpoint"]))?;
     // The router forgets every mapping: a's keepalives make a new one, and p follows it.
     natlab::flush_mappings(&m, &router)?;
     ping_within(&m, "p", "a", Duration::from_secs(40))?;
@@ -236,5 +238,53 @@ fn two_nodes_behind_symmetric_nats_talk_through_a_relay_that_can_neither_read_no
         (n >= 3).then_some(n)
     })?;
     ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    Ok(())
+}
+
+#[test]
+fn when_the_relay_dies_traffic_moves_to_the_next_home_relay_within_ten_seconds()
+-> anyhow::Result<()> {
+    let mut m = natlab::start("nat4")?;
+    natlab::add_public(&mut m, "p1", 1, "cloud", None)?;
+    natlab::add_public(&mut m, "p2", 2, "cloud", Some("198.19.0.1"))?;
+    natlab::add_site(&mut m, 1, Nat::Symmetric)?;
+    natlab::add_site(&mut m, 2, Nat::Symmetric)?;
+    let both = "198.19.0.1, 198.19.0.2";
+    natlab::add_behind_nat(&mut m, "a", 1, 2, "home", both)?;
+    natlab::add_behind_nat(&mut m, "b", 2, 2, "office", both)?;
+    m.wait_routed("a", "b")?;
+    let relayed = |x: &str, y: &str| {
+        wait_for(
+            &format!("{x} to reach {y} through a relay"),
+            Duration::from_secs(60),
+            || {
+                let p = m.peer(x, y)?;
+                let reason = p["endpoint_reason"].as_str()?.to_owned();
+                (p["state"] == "up" && reason.starts_with("relayed via ")).then_some(reason)
+            },
+        )
+        .with_context(|| format!("{x}'s view of {y}: {:?}", m.peer(x, y)))
+    };
+    let first = relayed("a", "b")?;
+    relayed("b", "a")?;
+    ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    let dead = first.trim_start_matches("relayed via ").to_owned();
+    let other = if dead == "p1" { "p2" } else { "p1" };
+    m.lab.kill(&dead)?;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the test measures how long the move takes"
+    )]
+    let killed = std::time::Instant::now();
+    ping_within(&m, "a", "b", Duration::from_secs(10))?;
+    let took = killed.elapsed();
+    let now = m.peer("a", "b").context("a's view of b")?;
+    assert_eq!(
+        now["endpoint_reason"],
+        format!("relayed via {other}"),
+        "a moved to b's other home relay: {now}"
+    );
+    eprintln!("{dead} killed: a reached b through {other} again after {took:?}");
+    ping_within(&m, "b", "a", Duration::from_secs(10))?;
     Ok(())
 }
