@@ -48,6 +48,7 @@ mod beat;
 #[cfg(feature = "driver")]
 pub mod driver;
 mod membership;
+mod observation;
 mod record;
 mod stats;
 #[cfg(any(test, feature = "test-util"))]
@@ -61,6 +62,7 @@ pub use crate::membership::{
     Event, IdentityClash, MAX_BIDS, MAX_MEMBERS_LIMIT, Member, Membership, MeshConfig,
     OBSERVED_MIN_GAP, STALE_ANNOUNCES, Transmit, mesh_address,
 };
+pub use crate::observation::Observation;
 pub use crate::record::{
     Identity, MAX_NAME, MAX_OBSERVED, MAX_PREFIXES, NodeId, NodeRecord, ShortId, SignedRecord,
     UnverifiedRecord, VerifyError, share_verified_records, verify_message,

@@ -120,14 +120,16 @@ pub enum Event {
     /// outbidding each other's records.
     IdentityClash(IdentityClash),
     /// Member `by` says this node's WireGuard datagrams arrive at it from `endpoint` (a NAT
-    /// mapping when that is none of this node's addresses). Only a member that proved who it
-    /// is on its connection (a beat it signed arrived there) is heard; what it says is its
-    /// word, to be weighed against the others'.
+    /// mapping when that is none of this node's addresses), signed for this node at `at_ms`
+    /// on its clock: its word, to be weighed against the others' (and refused when not newer
+    /// than its last, or far from this node's clock).
     Observed {
         /// The member that saw it.
         by: NodeId,
         /// Where this node's datagrams come from, as it sees them.
         endpoint: SocketAddr,
+        /// When it signed, ms since the epoch on its clock.
+        at_ms: u64,
     },
 }
 
@@ -537,19 +539,30 @@ impl Membership {
                     self.watch_through(conn, peer, &b);
                 }
             }
-            Frame::Observed(endpoint) => match (c.peer, c.watch) {
-                (Some(_), true)
-                    if c.observed_at
-                        .is_some_and(|t| now.saturating_duration_since(t) < OBSERVED_MIN_GAP) =>
+            Frame::Observed(o) => {
+                if c.observed_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < OBSERVED_MIN_GAP)
                 {
                     self.drops.count(Rejected::TooSoon);
+                    return;
                 }
-                (Some(by), true) => {
-                    c.observed_at = Some(now);
-                    self.events.push_back(Event::Observed { by, endpoint });
+                c.observed_at = Some(now);
+                // Only a member's word counts, and only with its signature for this node.
+                if o.by == self.me || !self.known.contains_key(&o.by) {
+                    self.drops.count(Rejected::Unproven);
+                    return;
                 }
-                _ => self.drops.count(Rejected::Unproven),
-            },
+                self.drops.verifications += 1;
+                if o.verify(&self.me).is_err() {
+                    self.drops.count(Rejected::BadSignature);
+                    return;
+                }
+                self.events.push_back(Event::Observed {
+                    by: o.by,
+                    endpoint: o.endpoint,
+                    at_ms: o.at_ms,
+                });
+            }
             Frame::Rumours(rumours) => {
                 for r in rumours {
                     let ok = match r {
@@ -582,19 +595,24 @@ impl Membership {
         (x % n as u64) as usize
     }
 
-    /// Tells member `to` that its WireGuard datagrams arrive here from `endpoint`, on a
-    /// connection where it proved who it is; false when there is none (nothing is sent).
-    pub fn tell_observed(&mut self, to: NodeId, endpoint: SocketAddr) -> bool {
-        let Some((&conn, _)) = self
+    /// Tells member `to` that its WireGuard datagrams arrive here from `endpoint`, signed at
+    /// `at_ms` (this node's wall clock), on a connection to it (one where it proved who it is
+    /// first); false when there is none (nothing is sent).
+    pub fn tell_observed(&mut self, to: NodeId, endpoint: SocketAddr, at_ms: u64) -> bool {
+        let to_it = |c: &&Conn| c.peer == Some(to);
+        let Some(conn) = self
             .conns
             .iter()
-            .find(|(_, c)| c.peer == Some(to) && c.watch)
+            .filter(|(_, c)| to_it(c))
+            .max_by_key(|(_, c)| c.watch)
+            .map(|(id, _)| *id)
         else {
             return false;
         };
+        let o = crate::Observation::sign(&self.identity, &to, endpoint, at_ms);
         self.out.push_back(Transmit {
             conn,
-            frame: Frame::Observed(endpoint).encode(),
+            frame: Frame::Observed(o).encode(),
         });
         true
     }

@@ -258,7 +258,11 @@ impl NodeRecord {
             w.u64(self.claimed_at.get(i).copied().unwrap_or(0));
         }
         w.nets(&self.trusted_subnets);
-        w.endpoints(&self.observed[..self.observed.len().min(MAX_OBSERVED)]);
+        // Written only when there is one: a record without is byte for byte what builds before
+        // NAT traversal write and read (they refuse trailing bytes).
+        if !self.observed.is_empty() {
+            w.endpoints(&self.observed[..self.observed.len().min(MAX_OBSERVED)]);
+        }
     }
 
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -530,19 +534,27 @@ pub(crate) mod tests {
         ];
         let s = id.sign(&r);
         assert_eq!(round_trip(&s).unwrap().record.observed, r.observed);
-        // A body as builds before NAT traversal wrote it: no observed list at all.
+        // Without any, the body is what builds before NAT traversal write, and what they read
+        // to the last byte (they refuse trailing bytes).
         let mut w = Writer::default();
         record("a", 7).encode(&mut w);
-        let mut old = w.into_bytes();
-        assert_eq!(old.pop(), Some(0), "the empty list is the last byte");
+        let old = w.into_bytes();
         let mut rd = Reader::new(&old);
         let decoded = NodeRecord::decode(&mut rd).expect("decodes");
         assert!(decoded.observed.is_empty());
+        let mut old_reader = Reader::new(&old);
+        // What the old decoder read: every field up to the trusted subnets, then the end.
+        let _ = NodeRecord::decode(&mut old_reader).expect("decodes");
+        assert!(old_reader.finish().is_ok());
+        assert_eq!(
+            old.last(),
+            Some(&24),
+            "the last trusted subnet's prefix length ends it"
+        );
         // More than MAX_OBSERVED in a body is refused, not truncated or believed.
         let mut w = Writer::default();
         record("a", 7).encode(&mut w);
         let mut many = w.into_bytes();
-        many.pop();
         let e: SocketAddr = "198.19.0.9:9".parse().unwrap();
         let mut w = Writer::default();
         w.endpoints(&[e; MAX_OBSERVED + 1]);

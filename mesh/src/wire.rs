@@ -12,7 +12,8 @@
 //! 4 Beats        = count:u32 entry*        (unsigned: decoded, never believed)
 //! 5 SignedBeats  = count:u32 (entry signature:64)*
 //! 6 Rumours      = count:u32 (kind:u8 entry signature:64)*   (kind: 0 alive, 1 suspect)
-//! 7 Observed     = address port:u16         (where the receiver's WireGuard datagrams come from)
+//! 7 Observed     = by:32 address port:u16 at_ms:u64 signature:64
+//!                  (where the receiver's WireGuard datagrams come from, signed by `by`)
 //! entry          = node:u64 version:u64 heartbeat:u32     (node: the first 8 bytes of its id)
 //! ```
 //!
@@ -102,9 +103,9 @@ pub enum Frame {
     /// signed.
     Rumours(Vec<Rumour>),
     /// The address and port the receiver's authenticated WireGuard datagrams arrive from at
-    /// the sender: how a node behind NAT learns its mapping. Sent only to the node it is
-    /// about, on a connection whose peer proved who it is.
-    Observed(SocketAddr),
+    /// the sender, signed by the sender for the receiver: how a node behind NAT learns its
+    /// mapping.
+    Observed(crate::Observation),
 }
 
 /// Appends big-endian fields to a buffer.
@@ -391,9 +392,12 @@ impl Frame {
                 w.u8(6);
                 w.rumours(rumours);
             }
-            Self::Observed(e) => {
+            Self::Observed(o) => {
                 w.u8(7);
-                w.endpoint(*e);
+                w.bytes(&o.by.0);
+                w.endpoint(o.endpoint);
+                w.u64(o.at_ms);
+                w.bytes(&o.signature);
             }
         }
         w.into_bytes()
@@ -432,7 +436,12 @@ impl Frame {
             4 => Self::Beats(r.entries()?),
             5 => Self::SignedBeats(r.beats()?),
             6 => Self::Rumours(r.rumours()?),
-            7 => Self::Observed(r.endpoint()?),
+            7 => Self::Observed(crate::Observation {
+                by: NodeId(r.array()?),
+                endpoint: r.endpoint()?,
+                at_ms: r.u64()?,
+                signature: r.array()?,
+            }),
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -475,8 +484,18 @@ mod tests {
                 Rumour::Alive(Beat::sign(&id, 3, 101)),
                 Rumour::Suspect(Beat::sign(&id, 3, 100)),
             ]),
-            Frame::Observed("198.19.0.101:51820".parse().expect("endpoint")),
-            Frame::Observed("[2001:db8::1]:40000".parse().expect("endpoint")),
+            Frame::Observed(crate::Observation::sign(
+                &id,
+                &id.id(),
+                "198.19.0.101:51820".parse().expect("endpoint"),
+                7,
+            )),
+            Frame::Observed(crate::Observation::sign(
+                &id,
+                &id.id(),
+                "[2001:db8::1]:40000".parse().expect("endpoint"),
+                8,
+            )),
         ]
     }
 

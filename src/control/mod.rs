@@ -296,14 +296,22 @@ impl Reconciler {
     /// Takes one membership event: an observed endpoint is weighed, the rest only logged (the
     /// round that follows reads the membership).
     async fn event(&mut self, e: Event) {
-        let Event::Observed { by, endpoint } = e else {
+        let Event::Observed {
+            by,
+            endpoint,
+            at_ms,
+        } = e
+        else {
             debug!(event = ?e, "membership changed");
             return;
         };
         self.refresh_own(None).await;
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
-        match self.observations.heard(now, by, endpoint, &self.own) {
+        match self
+            .observations
+            .heard((now, now_millis()), by, (endpoint, at_ms), &self.own)
+        {
             Ok(()) => {
                 debug!(member = %by, %endpoint, "a member sees this node's datagrams come from this endpoint")
             }
@@ -510,7 +518,8 @@ impl Reconciler {
             .map(|m| {
                 let key = m.record.wireguard_key;
                 let c = self.choices.candidates(&snap.record, &m.record);
-                self.choices.restart_if_changed(key, &c, up.contains(&key));
+                self.choices
+                    .restart_if_changed(now, key, &c, up.contains(&key));
                 (m.record.wireguard_key, c.len())
             })
             .collect();

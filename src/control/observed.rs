@@ -40,7 +40,13 @@ pub enum Refused {
     Local,
     /// Inside the pod network: an overlay address, never an underlay endpoint.
     PodNetwork,
+    /// Not newer than the member's last report, or signed too far from this node's clock (a
+    /// replay).
+    Stale,
 }
+
+/// The largest difference between a report's signing time and this node's clock.
+pub const MAX_SKEW: Duration = Duration::from_secs(120);
 
 impl Refused {
     /// The reason, for a log line.
@@ -49,6 +55,7 @@ impl Refused {
             Self::NotUnicast => "not a unicast address",
             Self::Local => "an address of this node",
             Self::PodNetwork => "inside the pod network",
+            Self::Stale => "not newer than the last, or far from this clock",
         }
     }
 }
@@ -99,19 +106,33 @@ pub fn vet(endpoint: SocketAddr, own: &Own) -> Result<(), Refused> {
 #[derive(Debug, Default)]
 pub struct Observations {
     by: HashMap<NodeId, (SocketAddr, Instant)>,
+    /// The signing time of each member's newest report taken.
+    last_ms: HashMap<NodeId, u64>,
 }
 
 impl Observations {
-    /// Takes member `by`'s report that this node's datagrams come from `endpoint`, unless
-    /// [`vet`] refuses it.
+    /// Takes member `by`'s report, signed at `at_ms`, that this node's datagrams come from
+    /// `endpoint`, unless it is not newer than its last, too far from `now_ms`, or [`vet`]
+    /// refuses it.
     pub fn heard(
         &mut self,
-        now: Instant,
+        (now, now_ms): (Instant, u64),
         by: NodeId,
-        endpoint: SocketAddr,
+        (endpoint, at_ms): (SocketAddr, u64),
         own: &Own,
     ) -> Result<(), Refused> {
-        vet(endpoint, own)?;
+        let skew = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
+        if at_ms.abs_diff(now_ms) > skew || self.last_ms.get(&by).is_some_and(|l| *l >= at_ms) {
+            return Err(Refused::Stale);
+        }
+        self.last_ms.insert(by, at_ms);
+        if let Err(why) = vet(endpoint, own) {
+            // A member that sees this node's own address sees no NAT: its earlier word goes.
+            if why == Refused::Local {
+                self.by.remove(&by);
+            }
+            return Err(why);
+        }
         let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
         self.by.insert(by, (endpoint, now));
         Ok(())
@@ -128,6 +149,8 @@ impl Observations {
     pub fn endpoints(&mut self, now: Instant, own: &Own) -> Vec<SocketAddr> {
         self.by
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < OBSERVATION_TTL);
+        let by = &self.by;
+        self.last_ms.retain(|k, _| by.contains_key(k));
         let mut tally: HashMap<SocketAddr, usize> = HashMap::new();
         for (endpoint, _) in self.by.values() {
             if vet(*endpoint, own).is_ok() {
@@ -218,6 +241,46 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A fresh report (signed now, newer than any before).
+    fn say(
+        o: &mut Observations,
+        t: Instant,
+        by: NodeId,
+        e: SocketAddr,
+        own: &Own,
+    ) -> Result<(), Refused> {
+        static CLOCK: std::sync::atomic::AtomicU64 =
+            std::sync::atomic::AtomicU64::new(1_800_000_000_000);
+        let ms = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        o.heard((t, ms), by, (e, ms), own)
+    }
+
+    #[test]
+    fn a_replayed_or_skewed_report_is_refused_and_one_of_this_nodes_address_withdraws_a_vote() {
+        let t = Instant::now();
+        let now_ms = 1_900_000_000_000;
+        let mut o = Observations::default();
+        let m = ep("198.19.0.101:51820");
+        assert_eq!(o.heard((t, now_ms), id(1), (m, now_ms), &own()), Ok(()));
+        assert_eq!(
+            o.heard((t, now_ms), id(1), (m, now_ms), &own()),
+            Err(Refused::Stale)
+        );
+        let old = now_ms - 10 * 60_000;
+        assert_eq!(
+            o.heard((t, now_ms), id(2), (m, old), &own()),
+            Err(Refused::Stale)
+        );
+        assert_eq!(o.endpoints(t, &own()), vec![m]);
+        // Member 1 now sees this node's own address: no NAT in between for it.
+        let direct = ep("198.18.101.2:51820");
+        assert_eq!(
+            o.heard((t, now_ms + 1), id(1), (direct, now_ms + 1), &own()),
+            Err(Refused::Local)
+        );
+        assert!(o.endpoints(t, &own()).is_empty());
+    }
+
     #[test]
     fn reports_of_local_pod_or_non_unicast_addresses_are_refused_and_never_published() {
         let t = Instant::now();
@@ -235,7 +298,7 @@ mod tests {
             ("198.19.0.101:0", Refused::NotUnicast),
         ];
         for (i, (e, why)) in cases.iter().enumerate() {
-            assert_eq!(o.heard(t, id(i as u8), ep(e), &own()), Err(*why), "{e}");
+            assert_eq!(say(&mut o, t, id(i as u8), ep(e), &own()), Err(*why), "{e}");
         }
         assert_eq!(o.endpoints(t, &own()), Vec::<SocketAddr>::new());
     }
@@ -246,18 +309,18 @@ mod tests {
         let mut o = Observations::default();
         // One member repeating a lie counts once; two members agree on the real mapping.
         for _ in 0..5 {
-            o.heard(t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
+            say(&mut o, t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
         }
-        o.heard(t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
-        o.heard(t, id(2), ep("198.19.0.101:51820"), &own()).unwrap();
-        o.heard(t, id(3), ep("198.19.0.101:51820"), &own()).unwrap();
-        o.heard(t, id(4), ep("198.19.0.77:1"), &own()).unwrap();
+        say(&mut o, t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
+        say(&mut o, t, id(2), ep("198.19.0.101:51820"), &own()).unwrap();
+        say(&mut o, t, id(3), ep("198.19.0.101:51820"), &own()).unwrap();
+        say(&mut o, t, id(4), ep("198.19.0.77:1"), &own()).unwrap();
         let got = o.endpoints(t, &own());
         assert_eq!(got.len(), PUBLISHED);
         assert_eq!(got[0], ep("198.19.0.101:51820"));
         // A member's newer report replaces its older one.
-        o.heard(t, id(2), ep("198.19.0.101:40000"), &own()).unwrap();
-        o.heard(t, id(3), ep("198.19.0.101:40000"), &own()).unwrap();
+        say(&mut o, t, id(2), ep("198.19.0.101:40000"), &own()).unwrap();
+        say(&mut o, t, id(3), ep("198.19.0.101:40000"), &own()).unwrap();
         assert_eq!(o.endpoints(t, &own())[0], ep("198.19.0.101:40000"));
         assert!(!o.endpoints(t, &own()).contains(&ep("198.19.0.101:51820")));
     }
@@ -266,11 +329,10 @@ mod tests {
     fn reports_expire_unless_repeated_and_an_address_that_became_local_is_dropped() {
         let t = Instant::now();
         let mut o = Observations::default();
-        o.heard(t, id(1), ep("198.19.0.101:51820"), &own()).unwrap();
-        o.heard(t, id(2), ep("198.19.0.102:51820"), &own()).unwrap();
+        say(&mut o, t, id(1), ep("198.19.0.101:51820"), &own()).unwrap();
+        say(&mut o, t, id(2), ep("198.19.0.102:51820"), &own()).unwrap();
         let later = t + OBSERVATION_TTL - Duration::from_secs(1);
-        o.heard(later, id(2), ep("198.19.0.102:51820"), &own())
-            .unwrap();
+        say(&mut o, later, id(2), ep("198.19.0.102:51820"), &own()).unwrap();
         assert_eq!(
             o.endpoints(t + OBSERVATION_TTL, &own()),
             vec![ep("198.19.0.102:51820")]

@@ -110,9 +110,11 @@ pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(SocketAddr, Reason
         .iter()
         .take(weft_mesh::MAX_OBSERVED)
         .filter(|e| {
-            let ip = e.ip().to_canonical();
-            crate::control::observed::vet(**e, &Default::default()).is_ok()
-                && !own.iter().any(|(a, _)| a.to_canonical() == ip)
+            let e = SocketAddr::new(e.ip().to_canonical(), e.port());
+            crate::control::observed::vet(e, &Default::default()).is_ok()
+                && !own
+                    .iter()
+                    .any(|(a, _)| SocketAddr::new(a.to_canonical(), port) == e)
         })
         .map(|e| (*e, mapped))
         .collect();
@@ -154,7 +156,12 @@ pub struct Choices {
     seen: HashMap<[u8; 32], Vec<(SocketAddr, Reason)>>,
     /// The relayed peers' shims, with the relay of each by name.
     relayed: HashMap<[u8; 32], (SocketAddr, String)>,
+    /// When each peer last started over because its candidates changed.
+    restarted: HashMap<[u8; 32], Instant>,
 }
+
+/// The least time between two restarts of one peer's choice on a change of its candidates.
+pub const RESTART_GAP: Duration = Duration::from_secs(60);
 
 impl Choices {
     /// The relay shims known now: a peer among them has its shim as its last candidate.
@@ -176,8 +183,19 @@ impl Choices {
     /// never left for an untried one; any other starts over at its first candidate with a
     /// fresh timer, so that a new address (a NAT mapping just published) is tried at once and
     /// by both ends at the same time, rather than after the rest of a cycle.
-    pub fn restart_if_changed(&mut self, key: [u8; 32], cands: &[(SocketAddr, Reason)], up: bool) {
-        if self.seen.get(&key).is_some_and(|c| c.as_slice() == cands) {
+    pub fn restart_if_changed(
+        &mut self,
+        now: Instant,
+        key: [u8; 32],
+        cands: &[(SocketAddr, Reason)],
+        up: bool,
+    ) {
+        // Only the addresses count: a reason that changes alone (this node's own mapping
+        // appearing turns `observed` into `hole-punched`) changes no path.
+        let same =
+            |c: &Vec<(SocketAddr, Reason)>| c.iter().map(|x| x.0).eq(cands.iter().map(|x| x.0));
+        if self.seen.get(&key).is_some_and(same) {
+            self.seen.insert(key, cands.to_vec());
             return;
         }
         let Some(old) = self.seen.insert(key, cands.to_vec()) else {
@@ -189,14 +207,22 @@ impl Choices {
             .and_then(|(i, _)| old.get(*i % old.len().max(1)))
             .map(|(a, _)| *a);
         let still = current.and_then(|a| cands.iter().position(|(c, _)| *c == a));
-        match (up, still) {
+        // Starting over at most once per RESTART_GAP: a member whose reports keep changing a
+        // peer's candidates must not keep it from ever reaching the candidate that works.
+        let may_restart = self
+            .restarted
+            .get(&key)
+            .is_none_or(|t| now.saturating_duration_since(*t) >= RESTART_GAP);
+        match (up || !may_restart, still) {
             (true, Some(i)) => {
                 if let Some(e) = self.chosen.get_mut(&key) {
                     e.0 = i;
                 }
             }
+            (true, None) if !up => {}
             _ => {
                 self.chosen.remove(&key);
+                self.restarted.insert(key, now);
             }
         }
     }
@@ -240,6 +266,7 @@ impl Choices {
     pub fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) {
         self.chosen.retain(|k, _| keep(k));
         self.seen.retain(|k, _| keep(k));
+        self.restarted.retain(|k, _| keep(k));
     }
 }
 
@@ -755,6 +782,78 @@ mod nat_tests {
     }
 
     #[test]
+    fn a_liar_changing_a_mapping_every_9_s_cannot_keep_a_peer_from_its_working_address() {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let t0 = Instant::now();
+        let a = behind_nat("a", "cloud", "198.19.0.1", &[]);
+        let mut v = behind_nat("v", "home", "198.18.5.2", &[]);
+        let works = ep("198.18.5.2:51820");
+        let mut ch = Choices::default();
+        let (mut up_rounds, mut endpoint_now) = (0, None);
+        for s in 0..180u64 {
+            let now = t0 + Duration::from_secs(s);
+            v.observed = vec![SocketAddr::new(
+                "203.0.113.66".parse().unwrap(),
+                1000 + (s / 9) as u16,
+            )];
+            let cands = ch.candidates(&a, &v);
+            let up = endpoint_now == Some(works);
+            ch.restart_if_changed(now, v.wireguard_key, &cands, up);
+            let state = if up {
+                PeerState::Up
+            } else {
+                PeerState::Connecting
+            };
+            ch.observe_round(now, [(v.wireguard_key, state, cands.len())]);
+            let (e, _, _) = endpoint(&a, &v, &cands, &ch);
+            endpoint_now = e;
+            if e == Some(works) {
+                up_rounds += 1;
+            }
+        }
+        assert!(up_rounds > 150, "v reachable in only {up_rounds} of 180 s");
+    }
+
+    #[test]
+    fn a_reason_that_changes_alone_restarts_no_peer_and_a_mapping_on_another_port_is_kept() {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let t0 = Instant::now();
+        let mut me = behind_nat("me", "home", "198.18.101.2", &[]);
+        let peer = behind_nat("peer", "office", "198.18.102.2", &["198.19.0.102:51820"]);
+        let key = peer.wireguard_key;
+        let mut ch = Choices::default();
+        let c = ch.candidates(&me, &peer);
+        ch.restart_if_changed(t0, key, &c, false);
+        ch.observe(t0, key, PeerState::Connecting, 2);
+        ch.observe(t0 + FALLBACK_AFTER, key, PeerState::Connecting, 2);
+        assert_eq!(ch.index(&key), 1);
+        // This node's own mapping appears: observed becomes hole-punched, nothing else.
+        me.observed = vec![ep("198.19.0.101:51820")];
+        let c2 = ch.candidates(&me, &peer);
+        assert_ne!(c, c2);
+        ch.restart_if_changed(t0 + FALLBACK_AFTER, key, &c2, false);
+        assert_eq!(ch.index(&key), 1, "a reason-only change reset the choice");
+        // A NAT that maps the public address to another port: that mapping is a candidate.
+        let mut nat_public = behind_nat("p2", "home", "198.18.101.9", &["198.19.0.101:40000"]);
+        nat_public.public_address = Some("198.19.0.101".parse().unwrap());
+        let c = candidates(&behind_nat("x", "cloud", "198.19.0.1", &[]), &nat_public);
+        assert!(
+            c.iter().any(|(e, _)| *e == ep("198.19.0.101:40000")),
+            "{c:?}"
+        );
+        assert!(
+            c.iter().any(|(e, _)| *e == ep("198.19.0.101:51820")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
     fn new_candidates_start_the_peer_over_at_the_first_at_once() {
         #[expect(
             clippy::disallowed_methods,
@@ -767,20 +866,20 @@ mod nat_tests {
             (ep("198.18.102.2:51820"), Reason::OnlyAddress),
             (ep("198.19.0.9:51820"), Reason::Fallback),
         ];
-        ch.restart_if_changed(key, &before, false);
+        ch.restart_if_changed(t0, key, &before, false);
         ch.observe(t0, key, PeerState::Connecting, 2);
         ch.observe(t0 + FALLBACK_AFTER, key, PeerState::Connecting, 2);
         assert_eq!(ch.index(&key), 1, "fell back");
-        ch.restart_if_changed(key, &before, false);
+        ch.restart_if_changed(t0, key, &before, false);
         assert_eq!(ch.index(&key), 1, "same candidates: no restart");
         // Up on the fallback: a new candidate in front does not move it off its path.
         let mut after = before.clone();
         after.insert(0, (ep("198.19.0.102:51820"), Reason::HolePunched));
-        ch.restart_if_changed(key, &after, true);
+        ch.restart_if_changed(t0, key, &after, true);
         assert_eq!(ch.index(&key), 2, "still on 198.19.0.9, now third");
         // Not up: the new first candidate at once.
-        ch.restart_if_changed(key, &before, false);
-        ch.restart_if_changed(key, &after, false);
+        ch.restart_if_changed(t0, key, &before, false);
+        ch.restart_if_changed(t0, key, &after, false);
         assert_eq!(ch.index(&key), 0, "the new first candidate at once");
         // With a fresh timer: no fallback right away.
         ch.observe(

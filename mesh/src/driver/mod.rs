@@ -299,7 +299,7 @@ impl Running {
                 let _ = reply.send(self.snapshot());
             }
             Command::TellObserved(to, endpoint) => {
-                let _ = self.mesh.tell_observed(to, endpoint);
+                let _ = self.mesh.tell_observed(to, endpoint, wall_ms());
             }
         }
     }

@@ -240,51 +240,62 @@ fn a_suspicion_with_a_forged_beat_is_refused_and_a_genuine_one_unrefuted_takes_t
 }
 
 #[test]
-fn an_observed_endpoint_is_heard_only_from_a_peer_that_proved_who_it_is() {
+fn an_observed_endpoint_is_heard_only_with_its_members_signature_for_this_node() {
     let (mut b, conn, now) = greeted();
+    let me = Identity::from_wireguard_key(&[2; 32]).id();
     let nine = Identity::from_wireguard_key(&[9; 32]);
+    let liar = Identity::from_wireguard_key(&[3; 32]);
     let at: SocketAddr = "198.19.0.101:51820".parse().unwrap();
-    // Hello alone proves nothing: anyone with the cluster secret can claim to be node 9.
-    b.handle_frame(now, conn, &Frame::Observed(at).encode());
+    let mut t = now;
+    let mut send = |b: &mut Membership, o: crate::Observation| {
+        t += OBSERVED_MIN_GAP;
+        b.handle_frame(t, conn, &Frame::Observed(o).encode());
+    };
+    // Not yet a member: not heard.
+    send(&mut b, crate::Observation::sign(&nine, &me, at, 1));
     assert_eq!(b.drops().rejected.get(Rejected::Unproven), 1);
-    assert_eq!(b.poll_event(), None);
-    assert!(
-        !b.tell_observed(nine.id(), at),
-        "no proven connection to tell it on"
-    );
-    // Its record, then a beat it signed, on this connection: now it is node 9.
     b.handle_frame(now, conn, &records(&[&nine.sign(&record("n9", 1))]));
-    b.handle_frame(
-        now,
-        conn,
-        &Frame::SignedBeats(vec![Beat::sign(&nine, 1, 1)]).encode(),
-    );
+    b.handle_frame(now, conn, &records(&[&liar.sign(&record("liar", 1))]));
     while b.poll_event().is_some() {}
-    while b.poll_transmit().is_some() {}
-    b.handle_frame(now, conn, &Frame::Observed(at).encode());
+    // A member saying hello as node 9 and relaying its beat (what any member can do) still
+    // cannot sign as node 9: its report in 9's name is refused.
+    let mut forged = crate::Observation::sign(&liar, &me, at, 2);
+    forged.by = nine.id();
+    send(&mut b, forged);
+    // Node 9's genuine report for another node is no report for this one.
+    let other = Identity::from_wireguard_key(&[4; 32]).id();
+    send(&mut b, crate::Observation::sign(&nine, &other, at, 3));
+    assert_eq!(b.drops().rejected.get(Rejected::BadSignature), 2);
+    assert_eq!(b.poll_event(), None);
+    send(&mut b, crate::Observation::sign(&nine, &me, at, 4));
     assert_eq!(
         b.poll_event(),
         Some(Event::Observed {
             by: nine.id(),
-            endpoint: at
+            endpoint: at,
+            at_ms: 4
         })
     );
-    assert_eq!(b.drops().rejected.get(Rejected::Unproven), 1);
-    // A flood from a proven peer costs one event per OBSERVED_MIN_GAP, the rest counted.
-    for _ in 0..100 {
+    // A flood on one connection costs one check per OBSERVED_MIN_GAP; the rest is counted.
+    let before = b.drops().verifications;
+    for n in 0..100 {
         b.handle_frame(
-            now + Duration::from_secs(1),
+            t,
             conn,
-            &Frame::Observed(at).encode(),
+            &Frame::Observed(crate::Observation::sign(&nine, &me, at, 10 + n)).encode(),
         );
     }
     assert_eq!(b.poll_event(), None);
     assert_eq!(b.drops().rejected.get(Rejected::TooSoon), 100);
-    b.handle_frame(now + OBSERVED_MIN_GAP, conn, &Frame::Observed(at).encode());
-    assert!(matches!(b.poll_event(), Some(Event::Observed { .. })));
-    // And b can tell node 9 where its datagrams come from, on that connection only.
-    assert!(b.tell_observed(nine.id(), at));
-    let t = b.poll_transmit().expect("a frame");
-    assert_eq!(t.conn, conn);
-    assert_eq!(Frame::decode(&t.frame), Ok(Frame::Observed(at)));
+    assert_eq!(b.drops().verifications, before);
+    // b tells node 9 on its connection, signed for node 9.
+    assert!(b.tell_observed(nine.id(), at, 99));
+    let sent = b.poll_transmit().expect("a frame");
+    assert_eq!(sent.conn, conn);
+    let Ok(Frame::Observed(o)) = Frame::decode(&sent.frame) else {
+        panic!("an observation");
+    };
+    assert_eq!((o.by, o.endpoint, o.at_ms), (me, at, 99));
+    assert!(o.verify(&nine.id()).is_ok());
+    assert!(!b.tell_observed(other, at, 100), "no connection to it");
 }
