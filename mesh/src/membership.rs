@@ -596,15 +596,14 @@ impl Membership {
     }
 
     /// Tells member `to` that its WireGuard datagrams arrive here from `endpoint`, signed at
-    /// `at_ms` (this node's wall clock), on a connection to it (one where it proved who it is
-    /// first); false when there is none (nothing is sent).
+    /// `at_ms` (this node's wall clock), on a connection where it proved who it is (so that
+    /// with two daemons on one identity, the report goes to the one whose beats come on it);
+    /// false when there is none (nothing is sent).
     pub fn tell_observed(&mut self, to: NodeId, endpoint: SocketAddr, at_ms: u64) -> bool {
-        let to_it = |c: &&Conn| c.peer == Some(to);
         let Some(conn) = self
             .conns
             .iter()
-            .filter(|(_, c)| to_it(c))
-            .max_by_key(|(_, c)| c.watch)
+            .find(|(_, c)| c.peer == Some(to) && c.watch)
             .map(|(id, _)| *id)
         else {
             return false;

@@ -288,7 +288,15 @@ fn an_observed_endpoint_is_heard_only_with_its_members_signature_for_this_node()
     assert_eq!(b.poll_event(), None);
     assert_eq!(b.drops().rejected.get(Rejected::TooSoon), 100);
     assert_eq!(b.drops().verifications, before);
-    // b tells node 9 on its connection, signed for node 9.
+    // b tells node 9 only once 9 proved itself on the connection (a beat it signed came on
+    // it), and signs the report for node 9.
+    assert!(!b.tell_observed(nine.id(), at, 98));
+    b.handle_frame(
+        t,
+        conn,
+        &Frame::SignedBeats(vec![Beat::sign(&nine, 1, 1)]).encode(),
+    );
+    while b.poll_transmit().is_some() {}
     assert!(b.tell_observed(nine.id(), at, 99));
     let sent = b.poll_transmit().expect("a frame");
     assert_eq!(sent.conn, conn);
