@@ -496,7 +496,6 @@ impl Service {
     /// A WireGuard datagram the router sent to the shim of peer `peer`.
     async fn outbound(&mut self, peer: Short, inner: &[u8]) {
         let me = self.me;
-        let key = self.config.key.clone();
         let Some(shim) = self.shims.get_mut(&peer) else {
             return;
         };
@@ -507,7 +506,7 @@ impl Service {
         let now = Instant::now();
         shim.used = now;
         shim.tx_bytes += inner.len() as u64;
-        wire::encode_data(&key, peer, me, inner, &mut self.buf);
+        wire::encode_data(&self.config.key, peer, me, inner, &mut self.buf);
         if let Err(e) = self.socket.send_to(&self.buf, via).await {
             debug!(error = %e, relay = %via, "datagram to the relay not sent");
         }

@@ -203,16 +203,22 @@ impl Register {
     }
 }
 
+/// The part of `datagram` before its MAC, when the MAC checks (in constant time).
+fn authenticated<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<&'a [u8], DropReason> {
+    let (body, mac) = datagram.split_at(datagram.len().saturating_sub(MAC_LEN));
+    let mut m = key.start();
+    Mac::update(&mut m, body);
+    m.verify_slice(mac)
+        .map_err(|_| DropReason::Unauthenticated)?;
+    Ok(body)
+}
+
 /// Reads one datagram: data only when its MAC checks (in constant time); a registration as
 /// it claims, for [`Register::verify`] once the cheap checks passed.
 pub fn decode<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<Message<'a>, DropReason> {
     match datagram.first() {
         Some(1) if datagram.len() >= OVERHEAD => {
-            let (body, mac) = datagram.split_at(datagram.len() - MAC_LEN);
-            let mut m = key.start();
-            Mac::update(&mut m, body);
-            m.verify_slice(mac)
-                .map_err(|_| DropReason::Unauthenticated)?;
+            let body = authenticated(key, datagram)?;
             let mut dst = [0; 8];
             let mut src = [0; 8];
             dst.copy_from_slice(&body[1..9]);
@@ -224,11 +230,7 @@ pub fn decode<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<Message<'a>, DropR
             })
         }
         Some(kind @ (3 | 4)) if datagram.len() == PROBE_LEN => {
-            let (body, mac) = datagram.split_at(datagram.len() - MAC_LEN);
-            let mut m = key.start();
-            Mac::update(&mut m, body);
-            m.verify_slice(mac)
-                .map_err(|_| DropReason::Unauthenticated)?;
+            let body = authenticated(key, datagram)?;
             let mut n = [0; 8];
             n.copy_from_slice(&body[1..9]);
             let nonce = u64::from_be_bytes(n);
