@@ -55,6 +55,21 @@ impl RouterHandle {
     pub async fn connect(&self, id: PeerId) -> bool {
         self.tx.send(RouterCommand::Connect(id)).await.is_ok()
     }
+
+    /// Sends a peer a handshake initiation at other addresses than its endpoint; false when
+    /// the data plane has stopped.
+    pub async fn probe(&self, id: PeerId, addrs: Vec<SocketAddr>) -> bool {
+        self.tx.send(RouterCommand::Probe(id, addrs)).await.is_ok()
+    }
+
+    /// Points a peer at a new endpoint, its session kept; false when the data plane has
+    /// stopped.
+    pub async fn set_endpoint(&self, id: PeerId, addr: SocketAddr) -> bool {
+        self.tx
+            .send(RouterCommand::SetEndpoint(id, addr))
+            .await
+            .is_ok()
+    }
 }
 
 /// The mesh driver, as the daemon's tasks see it.

@@ -36,6 +36,8 @@ const COOKIE_REPLY: u8 = 3;
 pub const MIN_BUFFER: usize = 148;
 /// What WireGuard adds to an inner packet: 16 bytes header, 16 bytes tag.
 pub const WIREGUARD_OVERHEAD: usize = 32;
+/// The most addresses one [`Router::probe`] sends to.
+pub(crate) const MAX_PROBES: usize = 8;
 
 /// A datagram for the driver to send; its bytes are the first `len` of the caller's buffer.
 #[must_use = "a transmit must be sent"]
@@ -134,7 +136,7 @@ pub enum PeerError {
 /// input the caller drains, in this order, [`poll_transmit`](Self::poll_transmit) until `None`,
 /// then [`poll_timeout`](Self::poll_timeout), then [`poll_event`](Self::poll_event). Commands:
 /// [`add_peer`](Self::add_peer), [`remove_peer`](Self::remove_peer),
-/// [`set_endpoint`](Self::set_endpoint).
+/// [`set_endpoint`](Self::set_endpoint), [`connect`](Self::connect), [`probe`](Self::probe).
 ///
 /// Anti-spoofing: a packet from peer P reaches the TUN device only if its inner source address
 /// routes back to P in the allowed-IPs table; everything else is dropped and counted.
@@ -165,6 +167,10 @@ pub struct Router {
     timers: VecDeque<PeerId>,
     /// Peers to start a handshake with.
     connect: VecDeque<PeerId>,
+    /// Peers to start a handshake with at other addresses than their endpoint.
+    probe: VecDeque<(PeerId, Vec<SocketAddr>)>,
+    /// The initiation of a probe being sent, and the addresses it is still to go to.
+    probing: Option<(Vec<u8>, Vec<SocketAddr>)>,
     events: VecDeque<Event>,
 }
 
@@ -218,6 +224,8 @@ impl Router {
             flush: VecDeque::new(),
             timers: VecDeque::new(),
             connect: VecDeque::new(),
+            probe: VecDeque::new(),
+            probing: None,
             events: VecDeque::new(),
         }
     }
@@ -361,6 +369,7 @@ impl Router {
         self.flush.retain(|p| *p != id);
         self.timers.retain(|p| *p != id);
         self.connect.retain(|p| *p != id);
+        self.probe.retain(|(p, _)| *p != id);
         if self.peers.is_empty() {
             self.next_tick = None;
         }
@@ -377,7 +386,23 @@ impl Router {
         }
     }
 
-    /// Points a WireGuard peer at a new endpoint (the control plane's choice).
+    /// Offers a WireGuard peer's session other paths: one handshake initiation, sent to each
+    /// of `addrs` (the first eight), while traffic stays on the endpoint in use. The
+    /// first answer completes the handshake and, as any authenticated packet does, moves the
+    /// endpoint to where it came from; an address that answers nothing costs one datagram,
+    /// and boringtun's retry of an unanswered initiation goes to the endpoint in use. Nothing
+    /// is sent while a handshake is already under way (the next probe tries again).
+    pub fn probe(&mut self, id: PeerId, addrs: &[SocketAddr]) {
+        if addrs.is_empty() || self.peers.get(&id).is_none_or(|p| p.tunnel.is_none()) {
+            return;
+        }
+        self.probe.retain(|(p, _)| *p != id);
+        let addrs = addrs.iter().take(MAX_PROBES).copied().collect();
+        self.probe.push_back((id, addrs));
+    }
+
+    /// Points a WireGuard peer at a new endpoint (the control plane's choice), its session
+    /// kept: its configuration says this endpoint from now on.
     pub fn set_endpoint(&mut self, id: PeerId, endpoint: SocketAddr) {
         if let Some(peer) = self.peers.get_mut(&id)
             && peer.tunnel.is_some()
@@ -385,6 +410,7 @@ impl Router {
             Self::moved(&mut self.wireguard_at, peer.endpoint, Some(endpoint));
             peer.endpoint = Some(endpoint);
             peer.endpoint_learned = false;
+            peer.config.endpoint = Some(endpoint);
         }
     }
 
@@ -727,6 +753,9 @@ impl Router {
                 return Some(Transmit { destination, len });
             }
         }
+        if let Some(t) = self.poll_probe(buf) {
+            return Some(t);
+        }
         while let Some(id) = self.timers.pop_front() {
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;
@@ -755,6 +784,36 @@ impl Router {
         }
         let _ = now;
         None
+    }
+
+    /// The next datagram of the probes ([`probe`](Self::probe)): one initiation per peer,
+    /// copied to each of its addresses.
+    fn poll_probe(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        loop {
+            if let Some((bytes, addrs)) = &mut self.probing {
+                if let (Some(destination), Some(out)) = (addrs.pop(), buf.get_mut(..bytes.len())) {
+                    out.copy_from_slice(bytes);
+                    return Some(Transmit {
+                        destination,
+                        len: bytes.len(),
+                    });
+                }
+                self.probing = None;
+            }
+            let (id, mut addrs) = self.probe.pop_front()?;
+            let Some(tunnel) = self.peers.get_mut(&id).and_then(|p| p.tunnel.as_mut()) else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(b) = tunnel.initiate(buf) {
+                let n = b.len() as u64 * addrs.len() as u64;
+                addrs.reverse();
+                self.probing = Some((b.to_vec(), addrs));
+                if let Some(peer) = self.peers.get_mut(&id) {
+                    peer.counters.tx_bytes += n;
+                    debug!(peer = %id, name = %peer.config.name, "probing other paths");
+                }
+            }
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.

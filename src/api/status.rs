@@ -144,6 +144,9 @@ pub struct PeerStatus {
     pub path: String,
     /// `up`, `connecting` or `down`.
     pub state: String,
+    /// Why a peer is `down` when weft knows: no direct path works and no relay can carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_reason: Option<String>,
     /// Seconds since the last handshake, if one completed.
     pub last_handshake_secs: Option<u64>,
     /// Bytes received.
@@ -288,6 +291,11 @@ impl Status {
         if self.peers.is_empty() {
             s.push_str("(no peers)\n");
         }
+        for p in &self.peers {
+            if let Some(why) = &p.down_reason {
+                let _ = writeln!(s, "{} is down: {}", printable(&p.name), printable(why));
+            }
+        }
     }
 
     /// The mesh: members, connections, clashes, refused claims.
@@ -346,6 +354,7 @@ mod tests {
                 endpoint_reason: "configured".into(),
                 path: "encrypted".into(),
                 state: "up".into(),
+                down_reason: None,
                 last_handshake_secs: Some(3),
                 rx_bytes: 1234,
                 tx_bytes: 5678,
@@ -386,6 +395,7 @@ mod tests {
             endpoint_reason: "none".into(),
             path: "encrypted".into(),
             state: "down".into(),
+            down_reason: Some(evil.into()),
             last_handshake_secs: None,
             rx_bytes: 0,
             tx_bytes: 0,

@@ -52,6 +52,12 @@ fn peer_status(
     p: &weft_router::PeerStatus,
     infos: &HashMap<[u8; 32], control::PeerInfo>,
 ) -> PeerStatus {
+    let info = infos.get(&p.config.public_key);
+    // Down, with the reason, when the control plane knows no path can work (no direct one
+    // came up and no relay can carry it): the router would only say it keeps trying.
+    let down_reason = info
+        .and_then(|i| i.unreachable.clone())
+        .filter(|_| p.state != weft_router::PeerState::Up);
     PeerStatus {
         name: p.config.name.clone(),
         region: infos
@@ -67,7 +73,11 @@ fn peer_status(
         endpoint: p.endpoint.map(|e| e.to_string()),
         endpoint_reason: endpoint_reason(p, infos.get(&p.config.public_key)),
         path: p.config.path.as_str().to_owned(),
-        state: p.state.as_str().to_owned(),
+        state: down_reason
+            .as_ref()
+            .map_or(p.state.as_str(), |_| "down")
+            .to_owned(),
+        down_reason,
         last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
         rx_bytes: p.counters.rx_bytes,
         tx_bytes: p.counters.tx_bytes,

@@ -65,8 +65,16 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum DemoCmd {
-    /// Removes a lab that `weft demo --keep` left running.
+    /// Removes a lab that `weft demo --keep` (or `weft demo nat --keep`) left running.
     Down,
+    /// Nodes behind NAT: a public node, two nodes behind NAT routers that map
+    /// endpoint-independently (they punch through to each other) and one behind a symmetric
+    /// NAT (reached through the public node as a relay). Needs root, iproute2 and nftables.
+    Nat {
+        /// Leaves the lab running afterwards; `weft demo down` removes it.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 /// Logs to stderr, one line per event with its fields (journald takes stderr as is): the
@@ -103,8 +111,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Runs the demo; SIGINT/SIGTERM stop it between steps and the lab is still cleaned up.
-fn demo(keep: bool) -> anyhow::Result<()> {
+/// Runs the demo (`nat`: the NAT scene); SIGINT/SIGTERM stop it between steps and the lab is
+/// still cleaned up.
+fn demo(keep: bool, nat: bool) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let rt = runtime()?;
@@ -117,7 +126,12 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         flag.store(true, Ordering::Relaxed);
         Ok::<_, std::io::Error>(())
     });
-    weft::demo::run_demo(&weft::demo::current_binary()?, stop, keep)
+    let bin = weft::demo::current_binary()?;
+    if nat {
+        weft::demo::nat::run_nat_demo(&bin, stop, keep)
+    } else {
+        weft::demo::run_demo(&bin, stop, keep)
+    }
 }
 
 fn main() -> ExitCode {
@@ -147,7 +161,11 @@ fn main() -> ExitCode {
             action: Some(DemoCmd::Down),
             ..
         } => weft::demo::down(),
-        Cmd::Demo { keep, action: None } => demo(keep),
+        Cmd::Demo {
+            action: Some(DemoCmd::Nat { keep }),
+            ..
+        } => demo(keep, true),
+        Cmd::Demo { keep, action: None } => demo(keep, false),
         Cmd::Genkey => {
             println!("{}", keys::encode(&keys::generate().to_bytes()));
             Ok(())

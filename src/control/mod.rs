@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 use weft_config::Config;
 use weft_ipam::{SavedBlock, Snapshot};
 use weft_mesh::driver::Snapshot as MeshSnapshot;
-use weft_mesh::{Event, NodeRecord};
+use weft_mesh::{Event, Member, NodeRecord};
 use weft_router::PeerConfig;
 
 use self::reconcile::{Change, Choices, Reason};
@@ -47,7 +47,13 @@ pub struct PeerInfo {
     /// The relay that reaches it, by name, when it has a relay shim (the endpoint in use
     /// says whether it goes through it).
     pub via: Option<String>,
+    /// Why it cannot be reached unless a direct path comes up: both ends are behind NAT and
+    /// no relay can carry it.
+    pub unreachable: Option<String>,
 }
+
+/// A relayed peer's direct candidates to probe: its router id, name and the addresses.
+type Probe = (weft_router::PeerId, String, Vec<std::net::SocketAddr>);
 
 /// Mesh peer details for status, by WireGuard key.
 pub type PeerInfos = Arc<Mutex<HashMap<[u8; 32], PeerInfo>>>;
@@ -199,6 +205,7 @@ pub async fn reconcile_loop(
         telling: observed::Telling::default(),
         publishing: observed::Publishing::default(),
         relays_down: Vec::new(),
+        stranded: HashMap::new(),
         own: observed::Own::default(),
     };
     loop {
@@ -288,6 +295,8 @@ struct Reconciler {
     publishing: observed::Publishing,
     /// The relays in use that answer no probe (the relay service says).
     relays_down: Vec<std::net::SocketAddr>,
+    /// The peers behind NAT no relay can carry, with why ([`relays::stranded`]).
+    stranded: HashMap<[u8; 32], String>,
     /// This node's addresses and pod network, to judge observations by.
     own: observed::Own,
 }
@@ -405,6 +414,20 @@ impl Reconciler {
         );
         let names: HashMap<[u8; 32], String> =
             peers.iter().map(|(k, r)| (*k, r.name.clone())).collect();
+        let why = self.no_relay_reason(&snap.members);
+        let stranded: HashMap<[u8; 32], String> =
+            relays::stranded(&snap.record, &snap.members, &peers)
+                .into_iter()
+                .map(|k| (k, why.clone()))
+                .collect();
+        for (k, why) in &stranded {
+            if !self.stranded.contains_key(k)
+                && let Some(m) = snap.members.iter().find(|m| m.record.wireguard_key == *k)
+            {
+                warn!(peer = %m.record.name, reason = %why, "peer behind NAT has no relay: reached only if a direct path works");
+            }
+        }
+        self.stranded = stranded;
         let Some((shims, down)) = relay
             .plan(
                 homes.iter().map(|r| r.addr).collect(),
@@ -426,6 +449,23 @@ impl Reconciler {
         );
     }
 
+    /// Why no relay can carry a peer behind NAT, for status.
+    fn no_relay_reason(&self, members: &[Member]) -> String {
+        let policy = &self.inputs.relay_policy;
+        if *policy == relays::Policy::Never {
+            return "both ends are behind NAT, no direct path came up, and mesh.relay is never"
+                .to_owned();
+        }
+        if relays::relays(members, policy).is_empty() {
+            return "both ends are behind NAT, no direct path came up, and no member can relay (none is public, alive and not behind NAT)".to_owned();
+        }
+        let silent: Vec<String> = self.relays_down.iter().map(ToString::to_string).collect();
+        format!(
+            "both ends are behind NAT, no direct path came up, and no relay answers (silent: {})",
+            silent.join(", ")
+        )
+    }
+
     /// One round: gather (the mesh's members, vetted, and this node's blocks, settled), decide
     /// (the desired peers), apply (the difference to the router). False once a driver is gone.
     async fn round(&mut self) -> bool {
@@ -439,7 +479,7 @@ impl Reconciler {
             return false;
         }
         self.plan_relays(&snap).await;
-        let cands = self.observe_paths(&snap, &actual.peers);
+        let (cands, probes) = self.observe_paths(&snap, &actual.peers);
         let desired = self.decide(snap, nodes);
         if !apply(&self.router, &actual.peers, &desired, |k| {
             cands.contains_key(k)
@@ -448,6 +488,12 @@ impl Reconciler {
         {
             return false;
         }
+        for (id, name, direct) in probes {
+            debug!(peer = %name, candidates = ?direct, "relayed: offering the direct candidates again");
+            if !self.router.probe(id, direct).await {
+                return false;
+            }
+        }
         let map = desired
             .iter()
             .map(|d| {
@@ -455,6 +501,7 @@ impl Reconciler {
                     region: d.region.clone(),
                     reason: d.reason,
                     via: d.via.clone(),
+                    unreachable: self.stranded.get(&d.config.public_key).cloned(),
                 };
                 (d.config.public_key, info)
             })
@@ -499,12 +546,13 @@ impl Reconciler {
     }
 
     /// Feeds the handshake states of the WireGuard peers to the endpoint choices; returns each
-    /// member's number of endpoint candidates (by WireGuard key).
+    /// member's number of endpoint candidates (by WireGuard key), and the relayed peers whose
+    /// direct candidates are due a probe.
     fn observe_paths(
         &mut self,
         snap: &MeshSnapshot,
         actual: &[weft_router::PeerStatus],
-    ) -> HashMap<[u8; 32], usize> {
+    ) -> (HashMap<[u8; 32], usize>, Vec<Probe>) {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let up: std::collections::HashSet<[u8; 32]> = actual
@@ -512,6 +560,13 @@ impl Reconciler {
             .filter(|p| p.state == weft_router::PeerState::Up)
             .map(|p| p.config.public_key)
             .collect();
+        let live: HashMap<[u8; 32], (weft_router::PeerId, std::net::SocketAddr)> = actual
+            .iter()
+            .filter(|p| up.contains(&p.config.public_key))
+            .filter(|p| p.config.path == weft_router::PathKind::Encrypted)
+            .filter_map(|p| Some((p.config.public_key, (p.id, p.endpoint?))))
+            .collect();
+        let mut probes = Vec::new();
         let cands: HashMap<[u8; 32], usize> = snap
             .members
             .iter()
@@ -520,6 +575,13 @@ impl Reconciler {
                 let c = self.choices.candidates(&snap.record, &m.record);
                 self.choices
                     .restart_if_changed(now, key, &c, up.contains(&key));
+                if let Some(&(id, at)) = live.get(&key) {
+                    self.choices.follow(now, key, &c, at);
+                    let direct = self.choices.probes(now, key, &c, at);
+                    if !direct.is_empty() {
+                        probes.push((id, m.record.name.clone(), direct));
+                    }
+                }
                 (m.record.wireguard_key, c.len())
             })
             .collect();
@@ -534,7 +596,7 @@ impl Reconciler {
                     Some((p.config.public_key, p.state, *n))
                 }),
         );
-        cands
+        (cands, probes)
     }
 
     /// The desired peers: with Kubernetes only members that have a Node; what is not routed
@@ -607,11 +669,39 @@ pub async fn apply(
 ) -> bool {
     let ids: BTreeMap<[u8; 32], weft_router::PeerId> =
         actual.iter().map(|p| (p.config.public_key, p.id)).collect();
+    // Where each peer that is up has its session now.
+    let live: BTreeMap<[u8; 32], std::net::SocketAddr> = actual
+        .iter()
+        .filter(|p| p.state == weft_router::PeerState::Up)
+        .filter_map(|p| Some((p.config.public_key, p.endpoint?)))
+        .collect();
     let current: BTreeMap<[u8; 32], PeerConfig> = actual
         .iter()
         .map(|p| (p.config.public_key, p.config.clone()))
         .collect();
     for change in reconcile::diff(&current, desired) {
+        // A session that is up where the choice now points (the choice followed it to where
+        // the far end's packets come from) keeps its keys: no new handshake, nothing in
+        // flight lost. Any other move starts a fresh session at the new endpoint.
+        if let Change::Replace(c) = &change
+            && let (Some(id), Some(have), Some(to)) = (
+                ids.get(&c.public_key),
+                current.get(&c.public_key),
+                c.endpoint,
+            )
+            && live.get(&c.public_key) == Some(&to)
+            && *have
+                == (PeerConfig {
+                    endpoint: have.endpoint,
+                    ..c.clone()
+                })
+        {
+            debug!(peer = %c.name, endpoint = %to, "endpoint moved, session kept");
+            if !router.set_endpoint(*id, to).await {
+                return false;
+            }
+            continue;
+        }
         let (remove, add) = match change {
             Change::Add(c) => (None, Some(c)),
             Change::Remove(k) => (Some(k), None),

@@ -158,7 +158,14 @@ pub struct Choices {
     relayed: HashMap<[u8; 32], (SocketAddr, String)>,
     /// When each peer last started over because its candidates changed.
     restarted: HashMap<[u8; 32], Instant>,
+    /// When each relayed peer's direct candidates were last probed.
+    probed: HashMap<[u8; 32], Instant>,
 }
+
+/// How often a peer reached through a relay is offered its direct candidates again
+/// ([`Choices::probes`]): a direct path that appears (a NAT removed, a firewall opened, a
+/// mapping that lets the other end in) takes the traffic off the relay within this time.
+pub const DIRECT_RETRY: Duration = Duration::from_secs(30);
 
 /// The least time between two restarts of one peer's choice on a change of its candidates.
 pub const RESTART_GAP: Duration = Duration::from_secs(60);
@@ -258,6 +265,55 @@ impl Choices {
         self.retain(|k| seen.contains(k));
     }
 
+    /// Makes peer `key`'s choice the candidate its session is up on (`live`, where its
+    /// authenticated packets come from), when that is one of `cands`: a path that the far end
+    /// or a probe moved the session to is kept, and its reason shown, rather than undone.
+    pub fn follow(
+        &mut self,
+        now: Instant,
+        key: [u8; 32],
+        cands: &[(SocketAddr, Reason)],
+        live: SocketAddr,
+    ) {
+        let Some(j) = cands.iter().position(|(a, _)| *a == live) else {
+            return;
+        };
+        let entry = self.chosen.entry(key).or_insert((j, now));
+        if entry.0 % cands.len() != j {
+            *entry = (j, now);
+        }
+    }
+
+    /// The direct candidates to probe now for peer `key`, up on its relay shim at `live`:
+    /// every [`DIRECT_RETRY`] (the first one period after it went through the relay), all of
+    /// `cands` but the shim. Empty when the peer is not on its shim.
+    pub fn probes(
+        &mut self,
+        now: Instant,
+        key: [u8; 32],
+        cands: &[(SocketAddr, Reason)],
+        live: SocketAddr,
+    ) -> Vec<SocketAddr> {
+        let on_shim = self
+            .relayed
+            .get(&key)
+            .is_some_and(|(shim, _)| *shim == live);
+        if !on_shim {
+            self.probed.remove(&key);
+            return Vec::new();
+        }
+        let last = *self.probed.entry(key).or_insert(now);
+        if now.saturating_duration_since(last) < DIRECT_RETRY {
+            return Vec::new();
+        }
+        self.probed.insert(key, now);
+        cands
+            .iter()
+            .filter(|(a, r)| *r != Reason::Relayed && *a != live)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
     fn index(&self, key: &[u8; 32]) -> usize {
         self.chosen.get(key).map_or(0, |c| c.0)
     }
@@ -267,6 +323,7 @@ impl Choices {
         self.chosen.retain(|k, _| keep(k));
         self.seen.retain(|k, _| keep(k));
         self.restarted.retain(|k, _| keep(k));
+        self.probed.retain(|k, _| keep(k));
     }
 }
 
@@ -889,5 +946,50 @@ mod nat_tests {
             3,
         );
         assert_eq!(ch.index(&key), 0);
+    }
+
+    #[test]
+    fn a_relayed_peer_is_offered_its_direct_candidates_every_retry_period_and_the_choice_follows_the_path_that_answers()
+     {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let t0 = Instant::now();
+        let me = behind_nat("me", "home", "198.18.101.2", &["198.19.0.101:40001"]);
+        let peer = behind_nat("peer", "home", "198.18.102.2", &["198.19.0.102:40002"]);
+        let key = peer.wireguard_key;
+        let shim = ep("127.0.0.1:40100");
+        let mut ch = Choices::default();
+        ch.set_relayed(HashMap::from([(key, (shim, "p".to_owned()))]));
+        let c = ch.candidates(&me, &peer);
+        assert_eq!(
+            c.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [ep("198.18.102.2:51820"), ep("198.19.0.102:40002"), shim]
+        );
+        // Up on its direct address: never probed.
+        assert!(ch.probes(t0, key, &c, c[0].0).is_empty());
+        assert!(ch.probes(t0 + DIRECT_RETRY * 3, key, &c, c[0].0).is_empty());
+        // Up through the relay: the far end came through it, and the choice follows.
+        ch.follow(t0, key, &c, shim);
+        assert_eq!(ch.index(&key), 2);
+        assert!(ch.probes(t0, key, &c, shim).is_empty(), "not at once");
+        assert!(
+            ch.probes(t0 + DIRECT_RETRY - Duration::from_millis(1), key, &c, shim)
+                .is_empty()
+        );
+        let t1 = t0 + DIRECT_RETRY;
+        assert_eq!(ch.probes(t1, key, &c, shim), [c[0].0, c[1].0]);
+        assert!(ch.probes(t1, key, &c, shim).is_empty(), "once per period");
+        assert_eq!(ch.probes(t1 + DIRECT_RETRY, key, &c, shim).len(), 2);
+        // The LAN address answered: the session moved there, and so does the choice.
+        ch.follow(t1, key, &c, c[0].0);
+        assert_eq!(ch.index(&key), 0);
+        // An address that is no candidate (a mapping nobody published) is not followed.
+        ch.follow(t1, key, &c, ep("198.19.0.102:9"));
+        assert_eq!(ch.index(&key), 0);
+        // Without a relay shim nothing is probed.
+        ch.set_relayed(HashMap::new());
+        assert!(ch.probes(t1 + DIRECT_RETRY * 5, key, &c, shim).is_empty());
     }
 }

@@ -110,6 +110,20 @@ pub fn plan(
     (mine.into_iter().filter(|r| allowed(r)).collect(), peers)
 }
 
+/// The members behind NAT that this node, behind NAT too, has no relay for among `peers` (its
+/// [`plan`]): they are reached only if a direct path comes up.
+pub fn stranded(me: &NodeRecord, members: &[Member], peers: &[([u8; 32], Relay)]) -> Vec<[u8; 32]> {
+    if !behind_nat(me) {
+        return Vec::new();
+    }
+    members
+        .iter()
+        .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
+        .map(|m| m.record.wireguard_key)
+        .filter(|k| *k != me.wireguard_key && !peers.iter().any(|(p, _)| p == k))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -210,5 +224,36 @@ mod tests {
         assert!(peers.iter().all(|(_, r)| r.name == "p2"));
         assert_eq!(peers.len(), 1);
         assert!(relays(&members, &Policy::Never).is_empty());
+    }
+
+    #[test]
+    fn a_peer_behind_nat_without_a_relay_is_stranded_and_a_public_one_never_is() {
+        let mut members = vec![
+            member("p1", 1, Some("198.19.0.1"), false),
+            member("a", 6, None, true),
+            member("b", 7, None, true),
+            member("c", 8, None, false),
+        ];
+        let me = members[1].record.clone();
+        let (_, peers) = plan(&me, &members, &Policy::Auto, &[]);
+        assert!(stranded(&me, &members, &peers).is_empty());
+        // Its only relay silent, or relaying refused: b is stranded; c, not behind NAT, never.
+        let (_, peers) = plan(
+            &me,
+            &members,
+            &Policy::Auto,
+            &["198.19.0.1:51821".parse().unwrap()],
+        );
+        assert_eq!(stranded(&me, &members, &peers), [[7; 32]]);
+        let (_, peers) = plan(&me, &members, &Policy::Never, &[]);
+        assert_eq!(stranded(&me, &members, &peers), [[7; 32]]);
+        // A public node reaches every node behind NAT at its mapping.
+        assert!(stranded(&members[0].record, &members, &[]).is_empty());
+        members[2].alive = false;
+        let (_, peers) = plan(&me, &members, &Policy::Never, &[]);
+        assert!(
+            stranded(&me, &members, &peers).is_empty(),
+            "a dead member is no peer"
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! daemon's counters where they went.
 
 pub mod lab;
+pub mod nat;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -162,24 +163,9 @@ fn mb(bytes: u64) -> f64 {
 pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result<()> {
     lab::require_root("weft demo")?;
     need("ip", "iproute2")?;
-    let mut lab = Lab::new(TAG)?;
-    println!(
-        "weft demo: building lab {} (namespaces {}-*){}",
-        lab.id,
-        lab.id,
-        if keep {
-            ", kept after the demo (--keep)"
-        } else {
-            ", removed on exit"
-        }
-    );
+    let mut lab = new_lab("weft demo", TAG, keep)?;
     let daemons = build(&mut lab)?;
-    for d in &daemons {
-        interrupted(&stop)?;
-        lab.start(bin, d)
-            .with_context(|| format!("starting weft on node {}", d.name))?;
-        println!("started weft on node {} (log {})", d.name, d.log.display());
-    }
+    start_all(&mut lab, bin, &daemons, &stop)?;
 
     converge_and_ping(&lab, bin, &daemons, &stop)?;
     let a = &daemons[0];
@@ -197,8 +183,47 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
     if keep {
         return show_kept(lab, bin, a);
     }
+    stop_all(lab, &daemons)?;
+    println!("Next: `weft run --config /etc/weft/weft.yaml` on real nodes.");
+    Ok(())
+}
+
+/// A new lab tagged `tag` for demo `what`, announced.
+fn new_lab(what: &str, tag: &str, keep: bool) -> anyhow::Result<Lab> {
+    let lab = Lab::new(tag)?;
+    println!(
+        "{what}: building lab {} (namespaces {}-*){}",
+        lab.id,
+        lab.id,
+        if keep {
+            ", kept after the demo (--keep)"
+        } else {
+            ", removed on exit"
+        }
+    );
+    Ok(lab)
+}
+
+/// Starts weft on every node.
+fn start_all(
+    lab: &mut Lab,
+    bin: &Path,
+    daemons: &[Daemon],
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    for d in daemons {
+        interrupted(stop)?;
+        lab.start(bin, d)
+            .with_context(|| format!("starting weft on node {}", d.name))?;
+        println!("started weft on node {} (log {})", d.name, d.log.display());
+    }
+    Ok(())
+}
+
+/// Stops every daemon (an error names one that did not exit cleanly) and removes the lab.
+fn stop_all(mut lab: Lab, daemons: &[Daemon]) -> anyhow::Result<()> {
     println!("stopping the daemons and removing the lab...");
-    for d in &daemons {
+    for d in daemons {
         if !lab.stop(&d.name, Duration::from_secs(10))? {
             bail!(
                 "weft on node {} did not exit cleanly; see {}",
@@ -208,7 +233,7 @@ pub fn run_demo(bin: &Path, stop: Arc<AtomicBool>, keep: bool) -> anyhow::Result
         }
     }
     drop(lab);
-    println!("done: the lab is gone. Next: `weft run --config /etc/weft/weft.yaml` on real nodes.");
+    println!("done: the lab is gone.");
     Ok(())
 }
 

@@ -10,20 +10,10 @@ use weft::demo::lab::{Daemon, NodeSection};
 
 use crate::meshlab::{MeshLab, node_config};
 
-/// How a site's router maps its nodes' flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Nat {
-    /// nftables `masquerade`: a flow keeps its source port where it can, and one local
-    /// address and port maps to the same public one whatever the destination
-    /// (endpoint-independent mapping).
-    EndpointIndependent,
-    /// nftables `masquerade fully-random`: every flow gets a random public port, so a
-    /// mapping seen by one peer is useless to another (symmetric-like).
-    Symmetric,
-}
+pub use weft::demo::nat::{Nat, site_public};
 
 /// The internet bridge of the lab.
-pub const INTERNET: &str = "inet";
+pub const INTERNET: &str = weft::demo::nat::INTERNET;
 
 /// A lab with only the internet bridge.
 pub fn start(tag: &str) -> anyhow::Result<MeshLab> {
@@ -55,53 +45,11 @@ pub fn add_public(
     start_node(m, name, &ns, &node_config(&node, &[], bootstrap))
 }
 
-/// The public (internet) address of site `site`'s NAT router.
-pub fn site_public(site: u8) -> String {
-    format!("198.19.0.{}", 100 + site)
-}
-
-/// Builds site `site` behind a NAT router of kind `nat`; returns the router's namespace.
+/// Builds site `site` behind a NAT router of kind `nat` ([`weft::demo::nat::add_site`]);
+/// returns the router's namespace.
 pub fn add_site(m: &mut MeshLab, site: u8, nat: Nat) -> anyhow::Result<String> {
     let sw = m.switch.clone();
-    let lan = format!("site{site}");
-    m.lab.bridge(&sw, &lan)?;
-    let router = m.lab.add_ns(&format!("r{site}"))?;
-    m.lab.plug(
-        (&sw, INTERNET),
-        (&router, "wan0", &format!("{}/24", site_public(site))),
-    )?;
-    m.lab.plug(
-        (&sw, &lan),
-        (&router, "lan0", &format!("198.18.{}.1/24", 100 + site)),
-    )?;
-    let random = match nat {
-        Nat::EndpointIndependent => "",
-        Nat::Symmetric => " fully-random",
-    };
-    for rule in [
-        "add table ip natlab".to_owned(),
-        "add chain ip natlab post { type nat hook postrouting priority srcnat; }".to_owned(),
-        format!("add rule ip natlab post oifname \"wan0\" masquerade{random}"),
-        "add chain ip natlab guard { type filter hook forward priority filter; policy drop; }"
-            .to_owned(),
-        "add rule ip natlab guard ct state established,related accept".to_owned(),
-        "add rule ip natlab guard iifname \"lan0\" oifname \"wan0\" accept".to_owned(),
-        // Nothing unsolicited reaches the router itself from the internet either: such a
-        // packet is dropped before its connection-tracking entry is confirmed, so it never
-        // holds the public port a node's own flow would map to.
-        "add chain ip natlab input { type filter hook input priority filter; policy accept; }"
-            .to_owned(),
-        "add rule ip natlab input iifname \"wan0\" ct state new drop".to_owned(),
-    ] {
-        weft::demo::lab::run(m.lab.cmd(&router, "nft").arg(&rule))
-            .with_context(|| format!("NAT rules of site {site}"))?;
-    }
-    weft::demo::lab::run(
-        m.lab
-            .cmd(&router, "sysctl")
-            .args(["-qw", "net.ipv4.ip_forward=1"]),
-    )?;
-    Ok(router)
+    weft::demo::nat::add_site(&mut m.lab, &sw, site, nat)
 }
 
 /// Adds and starts node `name` behind site `site` (built by [`add_site`]) as host `host` of
@@ -115,21 +63,8 @@ pub fn add_behind_nat(
     bootstrap: &str,
 ) -> anyhow::Result<Daemon> {
     let ns = m.lab.add_ns(name)?;
-    let address = format!("198.18.{}.{host}", 100 + site);
-    m.lab.plug(
-        (&m.switch.clone(), &format!("site{site}")),
-        (&ns, "lan0", &format!("{address}/24")),
-    )?;
-    m.lab.ip(
-        &ns,
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("198.18.{}.1", 100 + site),
-        ],
-    )?;
+    let sw = m.switch.clone();
+    let address = weft::demo::nat::join_site(&mut m.lab, &sw, &ns, site, host)?;
     let node = NodeSection {
         name,
         region: Some(region),
@@ -154,4 +89,23 @@ pub fn flush_mappings(m: &MeshLab, router: &str) -> anyhow::Result<()> {
     weft::demo::lab::run(m.lab.cmd(router, "conntrack").arg("-F"))
         .map(drop)
         .context("conntrack -F (the conntrack package)")
+}
+
+/// Takes the NAT away from site `site`: its router (namespace `router`) forwards both ways
+/// without rewriting, every mapping is forgotten, and each namespace in `routers` (the other
+/// sites' routers and the public nodes) routes the site's LAN through it.
+pub fn remove_nat(m: &MeshLab, site: u8, router: &str, routers: &[&str]) -> anyhow::Result<()> {
+    weft::demo::lab::run(
+        m.lab
+            .cmd(router, "nft")
+            .args(["delete", "table", "ip", "natlab"]),
+    )
+    .with_context(|| format!("removing site {site}'s NAT"))?;
+    flush_mappings(m, router)?;
+    let lan = format!("198.18.{}.0/24", 100 + site);
+    for ns in routers {
+        m.lab
+            .ip(ns, &["route", "add", &lan, "via", &site_public(site)])?;
+    }
+    Ok(())
 }

@@ -73,6 +73,10 @@ pub enum Command {
     RemovePeer(PeerId),
     /// Starts a handshake with a peer now.
     Connect(PeerId),
+    /// Sends a peer a handshake initiation at other addresses ([`crate::Router::probe`]).
+    Probe(PeerId, Vec<SocketAddr>),
+    /// Points a peer at a new endpoint, its session kept.
+    SetEndpoint(PeerId, SocketAddr),
 }
 
 /// The router's state at one instant.
@@ -331,6 +335,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 let _ = self.router.remove_peer(id);
             }
             Command::Connect(id) => self.router.connect(id),
+            Command::Probe(id, addrs) => self.router.probe(id, &addrs),
+            Command::SetEndpoint(id, addr) => self.router.set_endpoint(id, addr),
         }
     }
 

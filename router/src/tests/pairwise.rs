@@ -397,3 +397,63 @@ fn s_drops(r: &Router, now: Instant) -> u64 {
     r.peers(now)[0].counters.drops.get(DropReason::RateLimited)
         + r.drops().get(DropReason::RateLimited)
 }
+
+/// A relayed peer offered its direct address: one initiation goes to every probed address
+/// while data stays on the relay, and the answer from the address that works moves the
+/// session there without a new session being needed for the data in flight.
+#[test]
+fn a_probe_sends_one_initiation_to_each_address_and_the_path_that_answers_wins() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
+    p.settle();
+    assert_eq!(p.b.tun.len(), 1, "the first packet crossed");
+    let shim = sa("127.0.0.1:40001");
+    p.a.router.set_endpoint(p.b_id, shim);
+    let dead = sa("198.19.0.9:51820");
+    p.a.router.probe(p.b_id, &[dead, sa(B_ADDR)]);
+    p.drain(sa(A_ADDR));
+    let probes: Vec<_> = p.wire.drain(..).collect();
+    assert_eq!(
+        probes.iter().map(|(_, to, _)| *to).collect::<Vec<_>>(),
+        vec![dead, sa(B_ADDR)],
+        "one datagram per address, in order"
+    );
+    assert!(
+        probes
+            .iter()
+            .all(|(_, _, d)| d[0] == 1 && *d == probes[0].2)
+    );
+    // Data keeps going to the endpoint in use meanwhile.
+    match p.send(true, "100.64.1.1", "100.64.2.1", b"still relayed") {
+        TunAction::Transmit(t) => assert_eq!(t.destination, shim),
+        other => panic!("not sent: {other:?}"),
+    }
+    p.wire.clear();
+    // The dead address never answers; the direct one does.
+    let _ = p.deliver(sa(A_ADDR), sa(B_ADDR), &probes[1].2);
+    p.settle();
+    let s = &p.a.router.peers(p.now)[0];
+    assert_eq!((s.endpoint, s.endpoint_learned), (Some(sa(B_ADDR)), true));
+    assert_eq!(
+        s.config.endpoint,
+        Some(shim),
+        "the configuration is the control plane's"
+    );
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"direct");
+    p.settle();
+    assert_eq!(p.b.tun.last().map(|t| t.ends_with(b"direct")), Some(true));
+    // A probe while a handshake is under way sends nothing.
+    p.a.router.connect(p.b_id);
+    p.drain(sa(A_ADDR));
+    p.a.router.probe(p.b_id, &[dead]);
+    p.drain(sa(A_ADDR));
+    assert_eq!(
+        p.wire.iter().filter(|(_, to, _)| *to == dead).count(),
+        0,
+        "{:?}",
+        p.wire
+            .iter()
+            .map(|(_, to, d)| (to, d[0]))
+            .collect::<Vec<_>>()
+    );
+}

@@ -199,3 +199,76 @@ fn weft_demo_keep_leaves_the_lab_running_and_demo_down_removes_it() -> anyhow::R
     assert!(procs.stdout.is_empty(), "daemons left running");
     Ok(())
 }
+
+#[test]
+fn weft_demo_nat_shows_a_mapping_followed_a_hole_punched_and_a_relayed_path_and_cleans_up()
+-> anyhow::Result<()> {
+    weft::demo::lab::require_root("weft demo nat")?;
+    let out = Command::new(weft_bin()?).args(["demo", "nat"]).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "weft demo nat failed:\n{stdout}\n{stderr}"
+    );
+    let path = |from: &str, to: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("  {from} -> {to}: up at ")))
+            .map(str::to_owned)
+            .with_context(|| format!("no path {from} -> {to} in\n{stdout}"))
+    };
+    // p follows a's datagrams to its router's mapping (or takes it from a's record).
+    let pa = path("p", "a")?;
+    assert!(pa.contains("198.19.0.101:"), "{pa}");
+    assert!(
+        pa.ends_with("(learned)") || pa.ends_with("(observed)"),
+        "{pa}"
+    );
+    for (x, y, router) in [("a", "b", "198.19.0.102:"), ("b", "a", "198.19.0.101:")] {
+        let l = path(x, y)?;
+        assert!(l.contains(router) && l.ends_with("(hole-punched)"), "{l}");
+    }
+    for (x, y) in [("a", "c"), ("c", "a"), ("b", "c"), ("c", "b")] {
+        let l = path(x, y)?;
+        assert!(l.ends_with("(relayed via p)"), "{l}");
+    }
+    let replies = stdout.lines().filter(|l| l.contains(": reply in ")).count();
+    assert_eq!(replies, 12, "{stdout}");
+    assert!(
+        stdout.contains("TCP pod-a -> pod-c through the relay: 8 MB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("behind NAT  seen at 198.19.0.103:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("done: the lab is gone"), "{stdout}");
+    let id = lab_id(&stdout)?;
+    assert!(
+        !netns_list()?.contains(&id),
+        "namespaces of {id} left behind"
+    );
+    Ok(())
+}
+
+#[test]
+fn weft_demo_nat_without_nft_says_which_package_it_needs_and_builds_nothing() -> anyhow::Result<()>
+{
+    weft::demo::lab::require_root("weft demo nat")?;
+    let bare = BarePath::new()?;
+    let out = Command::new(weft_bin()?)
+        .args(["demo", "nat"])
+        .env("PATH", &bare.0)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("needs `nft` (Debian package nftables)"),
+        "{stderr}"
+    );
+    // Refused before any lab is made (other tests' labs may come and go meanwhile).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("building lab"), "{stdout}");
+    Ok(())
+}

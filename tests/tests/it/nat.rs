@@ -40,6 +40,23 @@ fn metric_value(m: &MeshLab, at: &str, metric: &str, node: &str) -> Option<f64> 
         .map(|s| s.value)
 }
 
+/// The relay `a` reaches `b` through, once it is up through one (within 60 s: the direct
+/// candidates fail first).
+fn relayed(m: &MeshLab, a: &str, b: &str) -> anyhow::Result<String> {
+    wait_for(
+        &format!("{a} to reach {b} through a relay"),
+        Duration::from_secs(60),
+        || {
+            let p = m.peer(a, b)?;
+            let via = p["endpoint_reason"]
+                .as_str()?
+                .strip_prefix("relayed via ")?;
+            (p["state"] == "up").then(|| via.to_owned())
+        },
+    )
+    .with_context(|| format!("{a}'s view of {b}: {:?}", m.peer(a, b)))
+}
+
 /// Pings `to`'s overlay address from `from` until one answers, within `within`.
 fn ping_within(m: &MeshLab, from: &str, to: &str, within: Duration) -> anyhow::Result<()> {
     let addr = m.overlay(to)?.into_iter().next().context("no block")?;
@@ -142,15 +159,7 @@ fn two_nodes_behind_symmetric_nats_talk_through_a_relay_that_can_neither_read_no
     // Every mapping is per destination: what p sees is useless to the other end, so after the
     // direct candidates fail, each reaches the other through p.
     for (x, y) in [("a", "b"), ("b", "a")] {
-        wait_for(
-            &format!("{x} to reach {y} through p"),
-            Duration::from_secs(60),
-            || {
-                m.peer(x, y)
-                    .filter(|p| p["state"] == "up" && p["endpoint_reason"] == "relayed via p")
-            },
-        )
-        .with_context(|| format!("{x}'s view of {y}: {:?}", m.peer(x, y)))?;
+        assert_eq!(relayed(&m, x, y)?, "p", "{x}'s view of {y}");
     }
     let p_ns = m.daemon("p").ns.clone();
     let cap = weft_tests::capture(&mut m.lab, "tcpdump-relay", &p_ns, "wan0", &["udp"])?;
@@ -253,22 +262,9 @@ fn when_the_relay_dies_traffic_moves_to_the_next_home_relay_within_ten_seconds()
     natlab::add_behind_nat(&mut m, "a", 1, 2, "home", both)?;
     natlab::add_behind_nat(&mut m, "b", 2, 2, "office", both)?;
     m.wait_routed("a", "b")?;
-    let relayed = |x: &str, y: &str| {
-        wait_for(
-            &format!("{x} to reach {y} through a relay"),
-            Duration::from_secs(60),
-            || {
-                let p = m.peer(x, y)?;
-                let reason = p["endpoint_reason"].as_str()?.to_owned();
-                (p["state"] == "up" && reason.starts_with("relayed via ")).then_some(reason)
-            },
-        )
-        .with_context(|| format!("{x}'s view of {y}: {:?}", m.peer(x, y)))
-    };
-    let first = relayed("a", "b")?;
-    relayed("b", "a")?;
+    let dead = relayed(&m, "a", "b")?;
+    relayed(&m, "b", "a")?;
     ping_within(&m, "a", "b", Duration::from_secs(15))?;
-    let dead = first.trim_start_matches("relayed via ").to_owned();
     let other = if dead == "p1" { "p2" } else { "p1" };
     m.lab.kill(&dead)?;
     #[expect(
@@ -286,5 +282,94 @@ fn when_the_relay_dies_traffic_moves_to_the_next_home_relay_within_ten_seconds()
     );
     eprintln!("{dead} killed: a reached b through {other} again after {took:?}");
     ping_within(&m, "b", "a", Duration::from_secs(10))?;
+    // The last relay killed too: nothing can carry b's traffic, and a says so.
+    m.lab.kill(other)?;
+    let down = wait_for(
+        "a to report b down, with the reason",
+        Duration::from_secs(30),
+        || {
+            m.peer("a", "b").filter(|p| {
+                p["state"] == "down"
+                    && p["down_reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("no relay answers"))
+            })
+        },
+    )
+    .with_context(|| format!("a's view of b: {:?}", m.peer("a", "b")))?;
+    eprintln!("with no relay left, a shows b: {down}");
+    let text = weft::demo::lab::run(
+        m.lab
+            .cmd(&m.daemon("a").ns, &m.bin)
+            .arg("status")
+            .arg("--socket")
+            .arg(&m.daemon("a").socket),
+    )?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    anyhow::ensure!(
+        text.contains("b is down: both ends are behind NAT"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn when_the_nat_goes_away_traffic_leaves_the_relay_for_the_direct_path_within_one_retry_period()
+-> anyhow::Result<()> {
+    let mut m = natlab::start("nat5")?;
+    natlab::add_public(&mut m, "p", 1, "cloud", None)?;
+    let r1 = natlab::add_site(&mut m, 1, Nat::Symmetric)?;
+    let r2 = natlab::add_site(&mut m, 2, Nat::Symmetric)?;
+    // One region: each end's LAN address is its first candidate for the other, unreachable
+    // while the NATs stand.
+    natlab::add_behind_nat(&mut m, "a", 1, 2, "home", "198.19.0.1")?;
+    natlab::add_behind_nat(&mut m, "b", 2, 2, "home", "198.19.0.1")?;
+    m.wait_routed("a", "b")?;
+    for (x, y) in [("a", "b"), ("b", "a")] {
+        assert_eq!(relayed(&m, x, y)?, "p", "{x}'s view of {y}");
+    }
+    ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    // The NATs go: the two LANs and p route to each other directly.
+    let p_ns = m.daemon("p").ns.clone();
+    natlab::remove_nat(&m, 1, &r1, &[&r2, &p_ns])?;
+    natlab::remove_nat(&m, 2, &r2, &[&r1, &p_ns])?;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the test measures how long the move takes"
+    )]
+    let removed = std::time::Instant::now();
+    let retry = weft::control::reconcile::DIRECT_RETRY;
+    // Each reaches the other at its LAN address, its only own address (the LANs share no
+    // subnet): the probe's answer moved the session, and the choice followed it.
+    for (x, y, ip) in [("a", "b", "198.18.102.2"), ("b", "a", "198.18.101.2")] {
+        wait_for(
+            &format!("{x} to reach {y} directly"),
+            retry + Duration::from_secs(5),
+            || {
+                m.peer(x, y).filter(|p| {
+                    p["state"] == "up"
+                        && p["endpoint"] == format!("{ip}:51820")
+                        && p["endpoint_reason"] == "only-address"
+                })
+            },
+        )
+        .with_context(|| format!("{x}'s view of {y}: {:?}", m.peer(x, y)))?;
+    }
+    let took = removed.elapsed();
+    eprintln!("NAT removed: a and b direct after {took:?} (retry period {retry:?})");
+    // Traffic flows, and none of it crosses the relay.
+    ping_within(&m, "a", "b", Duration::from_secs(10))?;
+    let before = metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b").unwrap_or(0.0);
+    for (x, y) in [("a", "b"), ("b", "a")] {
+        let addr = m.overlay(y)?.into_iter().next().context("no block")?;
+        let mut ping = m.lab.cmd(&m.daemon(x).ns, "ping");
+        ping.args(["-c", "5", "-i", "0.2", "-W", "1", "-n", "-q", &addr]);
+        anyhow::ensure!(
+            weft::demo::lab::run(&mut ping).is_ok(),
+            "{x} -> {y} ping failed"
+        );
+    }
+    let after = metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b").unwrap_or(0.0);
+    assert_eq!(before, after, "bytes still crossed the relay for b");
     Ok(())
 }
