@@ -567,6 +567,9 @@ impl Reconciler {
             .filter_map(|p| Some((p.config.public_key, (p.id, p.endpoint?))))
             .collect();
         let mut probes = Vec::new();
+        self.choices.set_members(
+            std::iter::once(&snap.record).chain(snap.members.iter().map(|m| &m.record)),
+        );
         let cands: HashMap<[u8; 32], usize> = snap
             .members
             .iter()

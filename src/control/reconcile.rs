@@ -48,6 +48,15 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Whether the candidate is an address the peer's record advertises as its own (not a
+    /// mapping others see, nor a relay): only these may carry plaintext.
+    pub fn own_address(self) -> bool {
+        matches!(
+            self,
+            Self::SameRegion | Self::OtherRegion | Self::OnlyAddress | Self::Fallback
+        )
+    }
+
     /// The status string.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -160,6 +169,8 @@ pub struct Choices {
     restarted: HashMap<[u8; 32], Instant>,
     /// When each relayed peer's direct candidates were last probed.
     probed: HashMap<[u8; 32], Instant>,
+    /// The addresses the members (this node too) advertise as their own, with whose they are.
+    taken: HashMap<IpAddr, [u8; 32]>,
 }
 
 /// How often a peer reached through a relay is offered its direct candidates again
@@ -176,9 +187,34 @@ impl Choices {
         self.relayed = relayed;
     }
 
-    /// Peer `r`'s candidates ([`candidates`]), then its relay shim if it has one.
+    /// Learns the addresses the members advertise as their own (`records`, this node's
+    /// among them): a NAT mapping at one of them is no candidate for anyone else.
+    pub fn set_members<'a>(&mut self, records: impl IntoIterator<Item = &'a NodeRecord>) {
+        self.taken = records
+            .into_iter()
+            .filter(|r| !r.left)
+            .flat_map(|r| {
+                [r.private_address, r.public_address]
+                    .into_iter()
+                    .flatten()
+                    .map(|a| (a.to_canonical(), r.wireguard_key))
+            })
+            .collect();
+    }
+
+    /// Peer `r`'s candidates ([`candidates`]) but for a mapping at an address another member
+    /// advertises as its own (a member that says so, or a record that publishes it, would
+    /// point a WireGuard endpoint at that member's address: the router then refuses its
+    /// plaintext there), then its relay shim if it has one.
     pub fn candidates(&self, me: &NodeRecord, r: &NodeRecord) -> Vec<(SocketAddr, Reason)> {
         let mut c = candidates(me, r);
+        c.retain(|(a, reason)| {
+            reason.own_address()
+                || self
+                    .taken
+                    .get(&a.ip().to_canonical())
+                    .is_none_or(|k| *k == r.wireguard_key)
+        });
         if let Some((shim, _)) = self.relayed.get(&r.wireguard_key) {
             c.push((*shim, Reason::Relayed));
         }
@@ -464,6 +500,7 @@ fn endpoint(
     let mine = local_address(me, r);
     if let Some(&(addr, reason)) = cands
         .iter()
+        .filter(|(_, reason)| reason.own_address())
         .find(|(addr, _)| mine.is_some_and(|m| plaintext(me, m, r, addr.ip())))
     {
         return (Some(addr), reason, PathKind::Plaintext);
@@ -991,5 +1028,50 @@ mod nat_tests {
         // Without a relay shim nothing is probed.
         ch.set_relayed(HashMap::new());
         assert!(ch.probes(t1 + DIRECT_RETRY * 5, key, &c, shim).is_empty());
+    }
+
+    /// Review finding: a member reported (or a record published) a mapping at another
+    /// member's address. As a candidate it pointed a WireGuard endpoint at that address, so
+    /// the router refused that member's plaintext there, and in both ends' trusted subnets it
+    /// even made the path plaintext to the wrong node.
+    #[test]
+    fn a_mapping_at_another_members_address_is_no_candidate_and_a_mapping_is_never_plaintext() {
+        let lan: IpNet = "10.9.0.0/16".parse().unwrap();
+        let mut me = behind_nat("me", "home", "10.9.0.1", &[]);
+        me.trusted_subnets = vec![lan];
+        // x has only a public address in another region, and trusts the LAN too.
+        let mut x = behind_nat("x", "cloud", "198.19.0.5", &["10.9.0.7:51820"]);
+        x.private_address = None;
+        x.public_address = Some("198.19.0.5".parse().unwrap());
+        x.trusted_subnets = vec![lan];
+        let y = behind_nat("yy", "home", "10.9.0.7", &[]);
+        let mut ch = Choices::default();
+        // The mapping alone (no member holds its address): a candidate, but encrypted.
+        let c = ch.candidates(&me, &x);
+        assert!(c.iter().any(|(a, _)| *a == ep("10.9.0.7:51820")), "{c:?}");
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let now = Instant::now();
+        ch.follow(now, x.wireguard_key, &c, ep("10.9.0.7:51820"));
+        let (_, _, path) = endpoint(&me, &x, &c, &ch);
+        assert_eq!(path, PathKind::Encrypted, "a NAT mapping carried plaintext");
+        // y advertises that address: x's mapping there is dropped, at any port.
+        ch.set_members([&me, &y]);
+        assert_eq!(
+            ch.candidates(&me, &x)
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            [ep("198.19.0.5:51820")]
+        );
+        x.observed = vec![ep("10.9.0.7:4000")];
+        assert_eq!(ch.candidates(&me, &x).len(), 1);
+        // y's own address stays y's candidate.
+        assert_eq!(ch.candidates(&me, &y)[0].0, ep("10.9.0.7:51820"));
+        // This node's own addresses are taken too.
+        x.observed = vec![ep("10.9.0.1:51820")];
+        assert_eq!(ch.candidates(&me, &x).len(), 1);
     }
 }
