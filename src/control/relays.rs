@@ -1,17 +1,11 @@
 //! Which members relay for whom, the pure part (see [`crate::relay`] for the design).
 //!
 //! A member can relay when it is alive, has a public address, is not behind NAT itself (its
-//! record publishes no observed mapping), and the policy (`mesh.relay`) allows it. Each node
-//! behind NAT has [`HOMES`] *home relays*, the least loaded in the order of a BLAKE2s hash of
-//! its key and theirs ([`assign`]: consistent hashing with bounded loads). Every node works
-//! out the same homes for every node from the membership alone, without a word exchanged;
-//! the load of a relay is the number of nodes behind NAT it is home to, and none carries more
-//! than a tenth above the mean (plus one), where a plain hash order leaves the busiest at up
-//! to twice the mean in small meshes (20 relays, 50 nodes behind NAT: 9.4 on average over 20
-//! meshes against 7.0, for a mean of 5). When a node joins, a few others' homes move (0.3 of
-//! 50 on average there, 1.5 of 300 with 10 relays).
+//! record publishes no observed mapping), and the policy (`mesh.relay`) allows it. Each node's
+//! *home relays* are the first [`HOMES`] of those, other than itself, in the order of a BLAKE2s
+//! hash of its key and theirs: every node works out the same homes for every node, without a
+//! word exchanged, and the nodes spread evenly over the relays.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use blake2::Digest as _;
@@ -71,50 +65,11 @@ fn rank(node: &[u8; 32], relay: &[u8; 32]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The relays in the order of node `node`'s hash ranks, itself left out.
-fn ranked<'a>(node: &[u8; 32], relays: &'a [Relay]) -> Vec<&'a Relay> {
+/// The home relays of the node with key `node` among `relays`, best first.
+pub fn homes(node: &[u8; 32], relays: &[Relay]) -> Vec<Relay> {
     let mut ranked: Vec<&Relay> = relays.iter().filter(|r| r.key != *node).collect();
     ranked.sort_by_key(|r| rank(node, &r.key));
-    ranked
-}
-
-/// The home relays of every node in `natted` (keys) among `relays`, best first: the nodes in
-/// key order each take the first [`HOMES`] relays in their hash order that are below the
-/// capacity (a tenth above the mean load, plus one), and when every relay is full, the least
-/// loaded. The same inputs give the same homes on every node.
-pub fn assign(relays: &[Relay], natted: &[[u8; 32]]) -> HashMap<[u8; 32], Vec<Relay>> {
-    let mut nodes: Vec<&[u8; 32]> = natted.iter().collect();
-    nodes.sort();
-    nodes.dedup();
-    let mut out = HashMap::new();
-    if relays.is_empty() {
-        return out;
-    }
-    let want = nodes.len() * HOMES.min(relays.len());
-    let capacity = (want * 11).div_ceil(relays.len() * 10) + 1;
-    let mut load: HashMap<[u8; 32], usize> = HashMap::new();
-    for node in nodes {
-        let order = ranked(node, relays);
-        let mut mine: Vec<&Relay> = order
-            .iter()
-            .filter(|r| load.get(&r.key).copied().unwrap_or(0) < capacity)
-            .take(HOMES)
-            .copied()
-            .collect();
-        for r in &order {
-            if mine.len() >= HOMES {
-                break;
-            }
-            if !mine.iter().any(|m| m.key == r.key) {
-                mine.push(r);
-            }
-        }
-        for r in &mine {
-            *load.entry(r.key).or_default() += 1;
-        }
-        out.insert(*node, mine.into_iter().cloned().collect());
-    }
-    out
+    ranked.into_iter().take(HOMES).cloned().collect()
 }
 
 /// This node's plan: the relays it registers with (when it is behind NAT), and for each member
@@ -131,38 +86,28 @@ pub fn plan(
         return (Vec::new(), Vec::new());
     }
     // Homes are worked out over every member that can relay, whatever this node's policy
-    // allows or its probes say: they are the far end's choice, and every node must work out
-    // the same. This node's policy limits what it uses; a relay that answers this node's
-    // probes no more is passed over at once (the far end registered with its next home too).
-    let all = relays(members, &Policy::Auto);
-    let natted = members
+    // allows: they are the far end's choice. This node's policy limits what it uses. A relay
+    // that answers this node's probes no more is passed over at once: the far end registered
+    // with its next home too.
+    let mut all = relays(members, &Policy::Auto);
+    all.retain(|r| !down.contains(&r.addr));
+    let allowed = |r: &Relay| match policy {
+        Policy::Named(names) => names.contains(&r.name),
+        _ => true,
+    };
+    let mine = homes(&me.wireguard_key, &all);
+    let peers = members
         .iter()
         .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
-        .filter(|m| m.record.wireguard_key != me.wireguard_key);
-    let keys: Vec<[u8; 32]> = natted
-        .clone()
-        .map(|m| m.record.wireguard_key)
-        .chain(std::iter::once(me.wireguard_key))
-        .collect();
-    let homes = assign(&all, &keys);
-    let usable = |r: &&Relay| {
-        !down.contains(&r.addr)
-            && match policy {
-                Policy::Named(names) => names.contains(&r.name),
-                _ => true,
-            }
-    };
-    let peers = natted
+        .filter(|m| m.record.wireguard_key != me.wireguard_key)
         .filter_map(|m| {
-            let via = homes.get(&m.record.wireguard_key)?.iter().find(usable)?;
-            Some((m.record.wireguard_key, via.clone()))
+            let via = homes(&m.record.wireguard_key, &all)
+                .into_iter()
+                .find(|r| allowed(r))?;
+            Some((m.record.wireguard_key, via))
         })
         .collect();
-    let mine = homes
-        .get(&me.wireguard_key)
-        .map(|h| h.iter().filter(usable).cloned().collect())
-        .unwrap_or_default();
-    (mine, peers)
+    (mine.into_iter().filter(|r| allowed(r)).collect(), peers)
 }
 
 /// The members behind NAT that this node, behind NAT too, has no relay for among `peers` (its
@@ -310,59 +255,5 @@ mod tests {
             stranded(&me, &members, &peers).is_empty(),
             "a dead member is no peer"
         );
-    }
-
-    fn key(i: u32) -> [u8; 32] {
-        let mut h = blake2::Blake2s256::new();
-        h.update(i.to_le_bytes());
-        h.finalize().into()
-    }
-
-    #[test]
-    fn homes_are_spread_within_a_quarter_of_the_mean_and_every_node_works_out_the_same() {
-        let relays: Vec<Relay> = (0..10)
-            .map(|i| Relay {
-                name: format!("r{i}"),
-                key: key(1000 + i),
-                addr: SocketAddr::from(([198, 19, 0, i as u8 + 1], 51821)),
-            })
-            .collect();
-        let nodes: Vec<[u8; 32]> = (0..300).map(key).collect();
-        let homes = assign(&relays, &nodes);
-        let mut load: HashMap<[u8; 32], usize> = HashMap::new();
-        for n in &nodes {
-            let h = &homes[n];
-            assert_eq!(h.len(), HOMES);
-            assert_ne!(h[0].key, h[1].key);
-            for r in h {
-                *load.entry(r.key).or_default() += 1;
-            }
-        }
-        // 600 homes over 10 relays: a mean of 60, none above 67.
-        let max = load.values().max().copied().unwrap_or(0);
-        assert!(max <= 67, "{load:?}");
-        // The plain hash order, for comparison (what the bound improves on).
-        let mut plain: HashMap<[u8; 32], usize> = HashMap::new();
-        for n in &nodes {
-            for r in ranked(n, &relays).into_iter().take(HOMES) {
-                *plain.entry(r.key).or_default() += 1;
-            }
-        }
-        let plain_max = plain.values().max().copied().unwrap_or(0);
-        assert!(plain_max > max, "plain {plain_max}, bounded {max}");
-        // The same membership in any order gives the same homes.
-        let mut shuffled = nodes.clone();
-        shuffled.reverse();
-        assert_eq!(assign(&relays, &shuffled), homes);
-        // One node more moves few others' homes.
-        let mut more = nodes.clone();
-        more.push(key(5000));
-        let after = assign(&relays, &more);
-        let moved = nodes.iter().filter(|n| after[*n] != homes[*n]).count();
-        assert!(moved <= 30, "{moved} of 300 nodes changed homes");
-        eprintln!(
-            "homes of 300 nodes on 10 relays: most loaded {max} (plain hash order {plain_max}), {moved} moved when one joined"
-        );
-        assert!(assign(&[], &nodes).is_empty());
     }
 }
