@@ -233,6 +233,10 @@ pub struct NodeRecord {
     /// addresses: the mappings of a NAT in front of it (reflexive endpoints, as STUN finds
     /// them), at most [`MAX_OBSERVED`]. Peers that cannot reach its addresses try these.
     pub observed: Vec<SocketAddr>,
+    /// The WireGuard keys of the relays it registers with, best first, while it is behind NAT
+    /// (at most [`MAX_HOMES`]; carried only with `observed`): its peers reach it through
+    /// these, so both ends agree on the relay without working it out alike.
+    pub homes: Vec<[u8; 32]>,
 }
 
 /// The longest name or region a record carries.
@@ -241,6 +245,8 @@ pub const MAX_NAME: usize = 253;
 pub const MAX_PREFIXES: usize = 64;
 /// The most observed endpoints a record carries.
 pub const MAX_OBSERVED: usize = 4;
+/// The most home relays a record names.
+pub const MAX_HOMES: usize = 4;
 
 impl NodeRecord {
     pub(crate) fn encode(&self, w: &mut Writer) {
@@ -262,6 +268,13 @@ impl NodeRecord {
         // NAT traversal write and read (they refuse trailing bytes).
         if !self.observed.is_empty() {
             w.endpoints(&self.observed[..self.observed.len().min(MAX_OBSERVED)]);
+            if !self.homes.is_empty() {
+                let homes = &self.homes[..self.homes.len().min(MAX_HOMES)];
+                w.u8(homes.len() as u8);
+                for k in homes {
+                    w.bytes(k);
+                }
+            }
         }
     }
 
@@ -301,6 +314,16 @@ impl NodeRecord {
                 Vec::new()
             } else {
                 r.endpoints()?
+            },
+            // Absent in the records of builds before published home relays.
+            homes: if r.is_empty() {
+                Vec::new()
+            } else {
+                let n = usize::from(r.u8()?);
+                if n > MAX_HOMES {
+                    return Err(DecodeError::BadValue("home relay count", n as u64));
+                }
+                (0..n).map(|_| r.array()).collect::<Result<_, _>>()?
             },
         })
     }
@@ -482,8 +505,9 @@ impl UnverifiedRecord {
 
     fn check(signer: NodeId, body: Vec<u8>, signature: [u8; 64]) -> Result<Self, VerifyError> {
         let mut r = Reader::new(&body);
+        // Bytes after the fields this build knows are a newer build's additions: signed with
+        // the rest and kept in `body`, but not read (so a rolling update can add fields).
         let record = NodeRecord::decode(&mut r).map_err(VerifyError::Body)?;
-        r.finish().map_err(VerifyError::Body)?;
         if NodeId::from_wireguard_key(&record.wireguard_key) != Some(signer) {
             return Err(VerifyError::UnboundKey);
         }
@@ -564,6 +588,59 @@ pub(crate) mod tests {
             NodeRecord::decode(&mut rd),
             Err(DecodeError::BadValue("endpoint count", 5))
         ));
+    }
+
+    #[test]
+    fn home_relays_round_trip_after_the_mappings_too_many_are_refused_and_later_fields_are_ignored()
+    {
+        let id = Identity::from_wireguard_key(&[1; 32]);
+        let mut r = record("a", 7);
+        r.observed = vec!["198.19.0.101:51820".parse().unwrap()];
+        r.homes = vec![[3; 32], [4; 32]];
+        r.wireguard_key = id.wireguard_key();
+        let s = id.sign(&r);
+        assert_eq!(round_trip(&s).unwrap().record.homes, r.homes);
+        // Homes are carried only with mappings: a node not behind NAT has none.
+        let mut public = record("a", 7);
+        public.homes = vec![[3; 32]];
+        assert!(
+            round_trip(&id.sign(&public))
+                .unwrap()
+                .record
+                .homes
+                .is_empty()
+        );
+        // More than MAX_HOMES: refused.
+        let mut w = Writer::default();
+        r.encode(&mut w);
+        let mut body = w.into_bytes();
+        body.truncate(body.len() - 1 - 2 * 32);
+        body.push(MAX_HOMES as u8 + 1);
+        body.extend([5; 32 * (MAX_HOMES + 1)]);
+        assert!(matches!(
+            NodeRecord::decode(&mut Reader::new(&body)),
+            Err(DecodeError::BadValue("home relay count", 5))
+        ));
+        // A newer build's field after the homes: signed, kept, and not read.
+        let mut w = Writer::default();
+        r.encode(&mut w);
+        let mut body = w.into_bytes();
+        body.extend_from_slice(b"a later field");
+        let signature = id.sign_bytes(&body);
+        let newer = UnverifiedRecord::check(id.id(), body.clone(), signature)
+            .and_then(UnverifiedRecord::verify)
+            .expect("a record with a later field verifies");
+        assert_eq!(newer.record, r);
+        assert_eq!(newer.body, body);
+        let mut forged = body;
+        forged.push(0);
+        assert_eq!(
+            UnverifiedRecord::check(id.id(), forged, signature)
+                .and_then(UnverifiedRecord::verify)
+                .map(|_| ()),
+            Err(VerifyError::BadSignature),
+            "the later bytes are signed like the rest"
+        );
     }
 
     #[test]

@@ -275,7 +275,15 @@ impl Reloader {
             .await
             .context("the data plane stopped")?;
         let desired = crate::control::reconcile::static_peers(statics);
-        if !crate::control::apply(&self.router, &snap.peers, &desired, |_| false).await {
+        if !crate::control::apply(
+            &self.router,
+            &snap.peers,
+            &desired,
+            &std::collections::BTreeMap::new(),
+            |_| false,
+        )
+        .await
+        {
             bail!("the data plane stopped");
         }
         Ok(())

@@ -55,6 +55,17 @@ pub struct PeerInfo {
 /// A relayed peer's direct candidates to probe: its router id, name and the addresses.
 type Probe = (weft_router::PeerId, String, Vec<std::net::SocketAddr>);
 
+/// What one round's look at the paths gives ([`Reconciler::observe_paths`]).
+#[derive(Debug, Default)]
+struct Paths {
+    /// Each member's number of endpoint candidates, by WireGuard key.
+    cands: HashMap<[u8; 32], usize>,
+    /// The relayed peers whose direct candidates are due a probe.
+    probes: Vec<Probe>,
+    /// The peers whose direct path failed, going back to their relay shim (session kept).
+    back: BTreeMap<[u8; 32], std::net::SocketAddr>,
+}
+
 /// Mesh peer details for status, by WireGuard key.
 pub type PeerInfos = Arc<Mutex<HashMap<[u8; 32], PeerInfo>>>;
 
@@ -112,6 +123,7 @@ pub fn own_record(config: &Config, wireguard_key: [u8; 32], blocks: &[SavedBlock
         claimed_at: blocks.iter().map(|b| b.since).collect(),
         trusted_subnets: config.network.trusted_subnets.clone(),
         observed: Vec::new(),
+        homes: Vec::new(),
     }
 }
 
@@ -205,6 +217,7 @@ pub async fn reconcile_loop(
         telling: observed::Telling::default(),
         publishing: observed::Publishing::default(),
         relays_down: Vec::new(),
+        homes: relays::HomeRelays::default(),
         stranded: HashMap::new(),
         own: observed::Own::default(),
     };
@@ -295,6 +308,8 @@ struct Reconciler {
     publishing: observed::Publishing,
     /// The relays in use that answer no probe (the relay service says).
     relays_down: Vec<std::net::SocketAddr>,
+    /// This node's home relays: published, and left within their grace.
+    homes: relays::HomeRelays,
     /// The peers behind NAT no relay can carry, with why ([`relays::stranded`]).
     stranded: HashMap<[u8; 32], String>,
     /// This node's addresses and pod network, to judge observations by.
@@ -401,10 +416,11 @@ impl Reconciler {
     }
 
     /// Tells the relay service where to register and which peers to reach through which relay
-    /// ([`relays::plan`]), and gives the shims it answers to the endpoint choices.
-    async fn plan_relays(&mut self, snap: &MeshSnapshot) {
-        let Some(relay) = &self.inputs.relay else {
-            return;
+    /// ([`relays::plan`]), publishes this node's home relays, and gives the shims it answers
+    /// to the endpoint choices. False when the mesh is gone.
+    async fn plan_relays(&mut self, snap: &MeshSnapshot) -> bool {
+        let Some(relay) = self.inputs.relay.clone() else {
+            return true;
         };
         let (homes, peers) = relays::plan(
             &snap.record,
@@ -428,14 +444,29 @@ impl Reconciler {
             }
         }
         self.stranded = stranded;
+        #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
+        let now = std::time::Instant::now();
+        let round = self.homes.round(now, homes);
+        if let Some(keys) = round.publish {
+            let names: Vec<&str> = round
+                .register
+                .iter()
+                .filter(|r| keys.contains(&r.key))
+                .map(|r| r.name.as_str())
+                .collect();
+            info!(homes = ?names, "home relays published: peers behind NAT reach this node through them");
+            if !self.mesh.modify(move |r| r.homes = keys).await {
+                return false;
+            }
+        }
         let Some((shims, down)) = relay
             .plan(
-                homes.iter().map(|r| r.addr).collect(),
+                round.register.iter().map(|r| r.addr).collect(),
                 peers.iter().map(|(k, r)| (*k, r.addr)).collect(),
             )
             .await
         else {
-            return;
+            return true;
         };
         if down != self.relays_down {
             info!(relays = ?down, "relays that answer no probe: passed over");
@@ -447,6 +478,7 @@ impl Reconciler {
                 .filter_map(|(k, shim)| Some((k, (shim, names.get(&k)?.clone()))))
                 .collect(),
         );
+        true
     }
 
     /// Why no relay can carry a peer behind NAT, for status.
@@ -478,17 +510,19 @@ impl Reconciler {
         if !self.observe_endpoints(&mut snap, &actual.peers).await {
             return false;
         }
-        self.plan_relays(&snap).await;
-        let (cands, probes) = self.observe_paths(&snap, &actual.peers);
+        if !self.plan_relays(&snap).await {
+            return false;
+        }
+        let paths = self.observe_paths(&snap, &actual.peers);
         let desired = self.decide(snap, nodes);
-        if !apply(&self.router, &actual.peers, &desired, |k| {
-            cands.contains_key(k)
+        if !apply(&self.router, &actual.peers, &desired, &paths.back, |k| {
+            paths.cands.contains_key(k)
         })
         .await
         {
             return false;
         }
-        for (id, name, direct) in probes {
+        for (id, name, direct) in paths.probes {
             debug!(peer = %name, candidates = ?direct, "relayed: offering the direct candidates again");
             if !self.router.probe(id, direct).await {
                 return false;
@@ -545,14 +579,9 @@ impl Reconciler {
         Some((snap, nodes))
     }
 
-    /// Feeds the handshake states of the WireGuard peers to the endpoint choices; returns each
-    /// member's number of endpoint candidates (by WireGuard key), and the relayed peers whose
-    /// direct candidates are due a probe.
-    fn observe_paths(
-        &mut self,
-        snap: &MeshSnapshot,
-        actual: &[weft_router::PeerStatus],
-    ) -> (HashMap<[u8; 32], usize>, Vec<Probe>) {
+    /// Feeds the handshake states and packet counts of the WireGuard peers to the endpoint
+    /// choices ([`Paths`]).
+    fn observe_paths(&mut self, snap: &MeshSnapshot, actual: &[weft_router::PeerStatus]) -> Paths {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let up: std::collections::HashSet<[u8; 32]> = actual
@@ -560,13 +589,14 @@ impl Reconciler {
             .filter(|p| p.state == weft_router::PeerState::Up)
             .map(|p| p.config.public_key)
             .collect();
-        let live: HashMap<[u8; 32], (weft_router::PeerId, std::net::SocketAddr)> = actual
+        let live: HashMap<[u8; 32], &weft_router::PeerStatus> = actual
             .iter()
             .filter(|p| up.contains(&p.config.public_key))
             .filter(|p| p.config.path == weft_router::PathKind::Encrypted)
-            .filter_map(|p| Some((p.config.public_key, (p.id, p.endpoint?))))
+            .map(|p| (p.config.public_key, p))
             .collect();
         let mut probes = Vec::new();
+        let mut back = BTreeMap::new();
         self.choices.set_members(
             std::iter::once(&snap.record).chain(snap.members.iter().map(|m| &m.record)),
         );
@@ -578,11 +608,18 @@ impl Reconciler {
                 let c = self.choices.candidates(&snap.record, &m.record);
                 self.choices
                     .restart_if_changed(now, key, &c, up.contains(&key));
-                if let Some(&(id, at)) = live.get(&key) {
+                if let Some(p) = live.get(&key)
+                    && let Some(at) = p.endpoint
+                {
                     self.choices.follow(now, key, &c, at);
+                    let counts = (p.counters.rx_packets, p.counters.tx_packets);
+                    if let Some(shim) = self.choices.check_path(now, key, at, counts) {
+                        warn!(peer = %m.record.name, endpoint = %at, "direct path carried packets out and none back: back through the relay");
+                        back.insert(key, shim);
+                    }
                     let direct = self.choices.probes(now, key, &c, at);
                     if !direct.is_empty() {
-                        probes.push((id, m.record.name.clone(), direct));
+                        probes.push((p.id, m.record.name.clone(), direct));
                     }
                 }
                 (m.record.wireguard_key, c.len())
@@ -599,7 +636,11 @@ impl Reconciler {
                     Some((p.config.public_key, p.state, *n))
                 }),
         );
-        (cands, probes)
+        Paths {
+            cands,
+            probes,
+            back,
+        }
     }
 
     /// The desired peers: with Kubernetes only members that have a Node; what is not routed
@@ -662,12 +703,14 @@ impl Masquerade {
 }
 
 /// Turns the router's peers (`actual`) into `desired`: removes, adds and replaces only what
-/// changed, and asks for a handshake at once with new mesh peers (`is_mesh`). False when the
-/// router is gone.
+/// changed, and asks for a handshake at once with new mesh peers (`is_mesh`). A peer in
+/// `back` keeps its session when only its endpoint moves to the relay shim given there. False
+/// when the router is gone.
 pub async fn apply(
     router: &RouterHandle,
     actual: &[weft_router::PeerStatus],
     desired: &[reconcile::DesiredPeer],
+    back: &BTreeMap<[u8; 32], std::net::SocketAddr>,
     is_mesh: impl Fn(&[u8; 32]) -> bool,
 ) -> bool {
     let ids: BTreeMap<[u8; 32], weft_router::PeerId> =
@@ -684,15 +727,16 @@ pub async fn apply(
         .collect();
     for change in reconcile::diff(&current, desired) {
         // A session that is up where the choice now points (the choice followed it to where
-        // the far end's packets come from) keeps its keys: no new handshake, nothing in
-        // flight lost. Any other move starts a fresh session at the new endpoint.
+        // the far end's packets come from), or going back to its relay, keeps its keys: no
+        // new handshake, nothing in flight lost. Any other move starts a fresh session at the
+        // new endpoint.
         if let Change::Replace(c) = &change
             && let (Some(id), Some(have), Some(to)) = (
                 ids.get(&c.public_key),
                 current.get(&c.public_key),
                 c.endpoint,
             )
-            && live.get(&c.public_key) == Some(&to)
+            && (live.get(&c.public_key) == Some(&to) || back.get(&c.public_key) == Some(&to))
             && *have
                 == (PeerConfig {
                     endpoint: have.endpoint,

@@ -167,8 +167,17 @@ pub struct Choices {
     relayed: HashMap<[u8; 32], (SocketAddr, String)>,
     /// When each peer last started over because its candidates changed.
     restarted: HashMap<[u8; 32], Instant>,
-    /// When each relayed peer's direct candidates were last probed.
-    probed: HashMap<[u8; 32], Instant>,
+    /// When each relayed peer's direct candidates were last probed, and whether a probe went
+    /// out then (rather than the wait starting).
+    probed: HashMap<[u8; 32], (Instant, bool)>,
+    /// How many times in a row each relayed peer's direct candidates failed it: a probe no
+    /// answer took off the relay, or a path that carried nothing back ([`Choices::check_path`]).
+    /// Each doubles the wait before the next probe.
+    failures: HashMap<[u8; 32], u32>,
+    /// Each relayed peer's direct path in use, on trial: where, and the peer's inner packet
+    /// counts (received, sent) when packets last came back on it or it was last quiet, and
+    /// when.
+    trials: HashMap<[u8; 32], Trial>,
     /// The addresses the members (this node too) advertise as their own, with whose they are.
     taken: HashMap<IpAddr, [u8; 32]>,
 }
@@ -177,6 +186,28 @@ pub struct Choices {
 /// ([`Choices::probes`]): a direct path that appears (a NAT removed, a firewall opened, a
 /// mapping that lets the other end in) takes the traffic off the relay within this time.
 pub const DIRECT_RETRY: Duration = Duration::from_secs(30);
+
+/// The most doublings of [`DIRECT_RETRY`] after failed probes: a relayed peer's direct
+/// candidates are offered at least every 16 minutes.
+pub const MAX_BACKOFF: u32 = 5;
+
+/// How long a relayed peer's direct path may carry packets out with none coming back before
+/// the peer goes back to its relay ([`Choices::check_path`]).
+pub const PATH_PROOF: Duration = Duration::from_secs(15);
+
+/// The least packets sent unanswered over [`PATH_PROOF`] that fail a direct path: a path that
+/// carries too little to judge is not judged.
+pub const UNANSWERED: u64 = 4;
+
+/// A relayed peer's direct path in use, with the peer's inner packet counts when packets last
+/// came back on it or it was last quiet.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    at: SocketAddr,
+    rx: u64,
+    tx: u64,
+    since: Instant,
+}
 
 /// The least time between two restarts of one peer's choice on a change of its candidates.
 pub const RESTART_GAP: Duration = Duration::from_secs(60);
@@ -321,8 +352,10 @@ impl Choices {
     }
 
     /// The direct candidates to probe now for peer `key`, up on its relay shim at `live`:
-    /// every [`DIRECT_RETRY`] (the first one period after it went through the relay), all of
-    /// `cands` but the shim. Empty when the peer is not on its shim.
+    /// all of `cands` but the shim, one [`DIRECT_RETRY`] after it went through the relay, and
+    /// then after a wait that doubles with each failure (a probe still on the relay when the
+    /// next is due failed), up to [`MAX_BACKOFF`] doublings. Empty when the peer is not on its
+    /// shim.
     pub fn probes(
         &mut self,
         now: Instant,
@@ -338,16 +371,98 @@ impl Choices {
             self.probed.remove(&key);
             return Vec::new();
         }
-        let last = *self.probed.entry(key).or_insert(now);
-        if now.saturating_duration_since(last) < DIRECT_RETRY {
+        let (last, sent) = *self.probed.entry(key).or_insert((now, false));
+        if now.saturating_duration_since(last) < self.retry(&key) {
             return Vec::new();
         }
-        self.probed.insert(key, now);
+        if sent {
+            // The last probe left the peer on its relay: wait longer before the next.
+            self.failed(key);
+            self.probed.insert(key, (last, false));
+            if now.saturating_duration_since(last) < self.retry(&key) {
+                return Vec::new();
+            }
+        }
+        self.probed.insert(key, (now, true));
         cands
             .iter()
             .filter(|(a, r)| *r != Reason::Relayed && *a != live)
             .map(|(a, _)| *a)
             .collect()
+    }
+
+    /// The wait before peer `key`'s next probe.
+    fn retry(&self, key: &[u8; 32]) -> Duration {
+        let n = self
+            .failures
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+            .min(MAX_BACKOFF);
+        DIRECT_RETRY * 2u32.pow(n)
+    }
+
+    fn failed(&mut self, key: [u8; 32]) {
+        let n = self.failures.entry(key).or_default();
+        *n = (*n + 1).min(MAX_BACKOFF);
+    }
+
+    /// Judges the direct path peer `key` (that has a relay) is up on at `live`, given its inner
+    /// packet counts: a path that answers handshakes is not proven until packets come back on
+    /// it. When it has carried [`UNANSWERED`] packets or more out and none back for
+    /// [`PATH_PROOF`] (a one-way path, or a host that passes handshakes and drops the rest),
+    /// the choice goes back to the relay shim, which is returned, and the next probe waits
+    /// twice as long. Packets coming back clear the peer's failures.
+    pub fn check_path(
+        &mut self,
+        now: Instant,
+        key: [u8; 32],
+        live: SocketAddr,
+        (rx, tx): (u64, u64),
+    ) -> Option<SocketAddr> {
+        let Some(&(shim, _)) = self.relayed.get(&key) else {
+            self.trials.remove(&key);
+            return None;
+        };
+        if live == shim {
+            self.trials.remove(&key);
+            return None;
+        }
+        let trial = self.trials.entry(key).or_insert(Trial {
+            at: live,
+            rx,
+            tx,
+            since: now,
+        });
+        if trial.at != live || rx != trial.rx || tx == trial.tx {
+            // Moved, answered, or quiet: the wait counts from the first packet left unanswered.
+            if trial.at == live && rx > trial.rx {
+                self.failures.remove(&key);
+            }
+            *trial = Trial {
+                at: live,
+                rx,
+                tx,
+                since: now,
+            };
+            return None;
+        }
+        if tx.saturating_sub(trial.tx) < UNANSWERED
+            || now.saturating_duration_since(trial.since) < PATH_PROOF
+        {
+            return None;
+        }
+        self.trials.remove(&key);
+        self.failed(key);
+        self.probed.insert(key, (now, false));
+        if let Some(i) = self
+            .seen
+            .get(&key)
+            .and_then(|c| c.iter().position(|(a, _)| *a == shim))
+        {
+            self.chosen.insert(key, (i, now));
+        }
+        Some(shim)
     }
 
     fn index(&self, key: &[u8; 32]) -> usize {
@@ -360,6 +475,8 @@ impl Choices {
         self.seen.retain(|k, _| keep(k));
         self.restarted.retain(|k, _| keep(k));
         self.probed.retain(|k, _| keep(k));
+        self.failures.retain(|k, _| keep(k));
+        self.trials.retain(|k, _| keep(k));
     }
 }
 
@@ -824,6 +941,7 @@ mod nat_tests {
             claimed_at: vec![],
             trusted_subnets: vec![],
             observed: mapped.iter().map(|m| m.parse().unwrap()).collect(),
+            homes: vec![],
         }
     }
 
@@ -985,9 +1103,15 @@ mod nat_tests {
         assert_eq!(ch.index(&key), 0);
     }
 
-    #[test]
-    fn a_relayed_peer_is_offered_its_direct_candidates_every_retry_period_and_the_choice_follows_the_path_that_answers()
-     {
+    /// A peer in one region with this node, both behind NAT, with a relay shim: the clock's
+    /// start, its key, its shim, the choices, and its candidates (LAN, mapping, shim).
+    fn relayed_pair() -> (
+        Instant,
+        [u8; 32],
+        SocketAddr,
+        Choices,
+        Vec<(SocketAddr, Reason)>,
+    ) {
         #[expect(
             clippy::disallowed_methods,
             reason = "a test's clock starts from a real instant"
@@ -1000,6 +1124,13 @@ mod nat_tests {
         let mut ch = Choices::default();
         ch.set_relayed(HashMap::from([(key, (shim, "p".to_owned()))]));
         let c = ch.candidates(&me, &peer);
+        (t0, key, shim, ch, c)
+    }
+
+    #[test]
+    fn a_relayed_peer_is_offered_its_direct_candidates_every_retry_period_and_the_choice_follows_the_path_that_answers()
+     {
+        let (t0, key, shim, mut ch, c) = relayed_pair();
         assert_eq!(
             c.iter().map(|x| x.0).collect::<Vec<_>>(),
             [ep("198.18.102.2:51820"), ep("198.19.0.102:40002"), shim]
@@ -1018,7 +1149,18 @@ mod nat_tests {
         let t1 = t0 + DIRECT_RETRY;
         assert_eq!(ch.probes(t1, key, &c, shim), [c[0].0, c[1].0]);
         assert!(ch.probes(t1, key, &c, shim).is_empty(), "once per period");
-        assert_eq!(ch.probes(t1 + DIRECT_RETRY, key, &c, shim).len(), 2);
+        // Still on the relay when the next is due: that probe failed, the wait doubles, and
+        // doubles again up to MAX_BACKOFF times.
+        assert!(ch.probes(t1 + DIRECT_RETRY, key, &c, shim).is_empty());
+        let t2 = t1 + DIRECT_RETRY * 2;
+        assert_eq!(ch.probes(t2, key, &c, shim).len(), 2);
+        assert!(ch.probes(t2 + DIRECT_RETRY * 3, key, &c, shim).is_empty());
+        let mut t = t2 + DIRECT_RETRY * 4;
+        assert_eq!(ch.probes(t, key, &c, shim).len(), 2);
+        for _ in 0..8 {
+            t += DIRECT_RETRY * 2u32.pow(MAX_BACKOFF);
+            assert_eq!(ch.probes(t, key, &c, shim).len(), 2, "capped at 16 min");
+        }
         // The LAN address answered: the session moved there, and so does the choice.
         ch.follow(t1, key, &c, c[0].0);
         assert_eq!(ch.index(&key), 0);
@@ -1028,6 +1170,71 @@ mod nat_tests {
         // Without a relay shim nothing is probed.
         ch.set_relayed(HashMap::new());
         assert!(ch.probes(t1 + DIRECT_RETRY * 5, key, &c, shim).is_empty());
+    }
+
+    #[test]
+    fn a_direct_path_that_sends_and_gets_nothing_back_goes_back_to_the_relay_and_the_next_probe_waits_longer()
+     {
+        let (t0, key, shim, mut ch, c) = relayed_pair();
+        ch.restart_if_changed(t0, key, &c, true);
+        let mapping = c[1].0;
+        // On the relay: nothing to judge.
+        assert_eq!(ch.check_path(t0, key, shim, (0, 100)), None);
+        // A probe answered at the mapping; packets go out and come back: the path holds.
+        ch.follow(t0, key, &c, mapping);
+        let sec = Duration::from_secs(1);
+        let mut t = t0;
+        for i in 0..40u64 {
+            t = t0 + sec * u32::try_from(i).unwrap();
+            assert_eq!(ch.check_path(t, key, mapping, (i, i * 10)), None);
+        }
+        // Quiet (nothing sent): never judged, however long.
+        assert_eq!(
+            ch.check_path(t + PATH_PROOF * 4, key, mapping, (39, 390)),
+            None
+        );
+        // Packets out, none back: just under PATH_PROOF holds, PATH_PROOF goes back.
+        let t1 = t + PATH_PROOF * 4;
+        let t2 = t1 + sec;
+        assert_eq!(ch.check_path(t2, key, mapping, (39, 400)), None);
+        let late = t1 + PATH_PROOF - Duration::from_millis(1);
+        assert_eq!(ch.check_path(late, key, mapping, (39, 500)), None);
+        // Too little sent to judge: held.
+        let mut ch2 = Choices::default();
+        ch2.set_relayed(HashMap::from([(key, (shim, "p".to_owned()))]));
+        assert_eq!(ch2.check_path(t0, key, mapping, (5, 5)), None);
+        let quiet = ch2.check_path(t0 + PATH_PROOF * 2, key, mapping, (5, 5 + UNANSWERED - 1));
+        assert_eq!(quiet, None);
+        assert_eq!(
+            ch.check_path(t1 + PATH_PROOF, key, mapping, (39, 500)),
+            Some(shim)
+        );
+        assert_eq!(ch.index(&key), 2, "the choice is the shim again");
+        // Back on the relay, the next probe waits twice the period.
+        let back = t1 + PATH_PROOF;
+        assert!(ch.probes(back + DIRECT_RETRY, key, &c, shim).is_empty());
+        assert_eq!(ch.probes(back + DIRECT_RETRY * 2, key, &c, shim).len(), 2);
+        // Packets back on a direct path clear the failures: the wait is one period again.
+        let t3 = back + DIRECT_RETRY * 2;
+        ch.follow(t3, key, &c, mapping);
+        assert!(ch.probes(t3, key, &c, mapping).is_empty());
+        assert_eq!(ch.check_path(t3, key, mapping, (0, 0)), None);
+        assert_eq!(ch.check_path(t3 + sec, key, mapping, (1, 1)), None);
+        ch.follow(t3 + sec, key, &c, shim);
+        assert!(ch.probes(t3 + sec, key, &c, shim).is_empty());
+        assert_eq!(
+            ch.probes(t3 + sec + DIRECT_RETRY, key, &c, shim).len(),
+            2,
+            "one period again"
+        );
+        // A peer without a relay is never sent back.
+        ch.set_relayed(HashMap::new());
+        ch.follow(t3, key, &c, mapping);
+        assert_eq!(ch.check_path(t3, key, mapping, (0, 0)), None);
+        assert_eq!(
+            ch.check_path(t3 + PATH_PROOF * 2, key, mapping, (0, 100)),
+            None
+        );
     }
 
     /// Review finding: a member reported (or a record published) a mapping at another

@@ -1,12 +1,23 @@
 //! Which members relay for whom, the pure part (see [`crate::relay`] for the design).
 //!
 //! A member can relay when it is alive, has a public address, is not behind NAT itself (its
-//! record publishes no observed mapping), and the policy (`mesh.relay`) allows it. Each node's
-//! *home relays* are the first [`HOMES`] of those, other than itself, in the order of a BLAKE2s
-//! hash of its key and theirs: every node works out the same homes for every node, without a
-//! word exchanged, and the nodes spread evenly over the relays.
+//! record publishes no observed mapping), and the policy (`mesh.relay`) allows it.
+//!
+//! Each node behind NAT picks its [`HOMES`] *home relays* itself ([`own_homes`]) and publishes
+//! them in its record ([`NodeRecord::homes`]); its peers send through the first of those they
+//! can use. The pick spreads the load (the number of nodes behind NAT a relay is home to):
+//! [`assign`] is consistent hashing with bounded loads. In key order, every node behind NAT
+//! takes the first relays of its own hash order (BLAKE2s of its key and theirs) that carry less
+//! than a tenth above the mean load plus one, and the least loaded when all are full. So no
+//! relay carries more than that bound while any is below it, and a join moves few homes. Each
+//! node works it out for itself over the relays it can reach, and the far ends read the result
+//! from its record, so the two ends of a relayed pair never depend on seeing the mesh alike. A
+//! record without homes (a build before they were published) is reached through the first of
+//! its hash order, as those builds register.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use blake2::Digest as _;
 use weft_mesh::{Member, NodeRecord};
@@ -65,17 +76,127 @@ fn rank(node: &[u8; 32], relay: &[u8; 32]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The home relays of the node with key `node` among `relays`, best first.
-pub fn homes(node: &[u8; 32], relays: &[Relay]) -> Vec<Relay> {
+/// The relays in the order of node `node`'s hash ranks, itself left out.
+fn ranked<'a>(node: &[u8; 32], relays: &'a [Relay]) -> Vec<&'a Relay> {
     let mut ranked: Vec<&Relay> = relays.iter().filter(|r| r.key != *node).collect();
     ranked.sort_by_key(|r| rank(node, &r.key));
-    ranked.into_iter().take(HOMES).cloned().collect()
+    ranked
 }
 
-/// This node's plan: the relays it registers with (when it is behind NAT), and for each member
-/// behind NAT the relay that reaches it (its first home relay not in `down`), when this node
-/// is behind NAT too (a public node is reached directly by nodes behind NAT, and reaches them at the mappings
-/// they open).
+/// The home relays in plain hash order of the node with key `node` among `relays`, best
+/// first: how a node whose record names no homes registers.
+pub fn hash_homes(node: &[u8; 32], relays: &[Relay]) -> Vec<Relay> {
+    ranked(node, relays)
+        .into_iter()
+        .take(HOMES)
+        .cloned()
+        .collect()
+}
+
+/// The home relays of every node in `natted` (keys) among `relays`, best first: the nodes in
+/// key order each take the first [`HOMES`] relays in their hash order that are below the
+/// capacity (a tenth above the mean load, plus one), and when every relay is full, the least
+/// loaded. The same inputs give the same homes in any order.
+pub fn assign(relays: &[Relay], natted: &[[u8; 32]]) -> HashMap<[u8; 32], Vec<Relay>> {
+    let mut nodes: Vec<&[u8; 32]> = natted.iter().collect();
+    nodes.sort();
+    nodes.dedup();
+    let mut out = HashMap::new();
+    if relays.is_empty() {
+        return out;
+    }
+    let want = nodes.len() * HOMES.min(relays.len());
+    let capacity = (want * 11).div_ceil(relays.len() * 10) + 1;
+    let mut load: HashMap<[u8; 32], usize> = HashMap::new();
+    for node in nodes {
+        let order = ranked(node, relays);
+        let load_of =
+            |r: &Relay, load: &HashMap<[u8; 32], usize>| load.get(&r.key).copied().unwrap_or(0);
+        let mut mine: Vec<&Relay> = order
+            .iter()
+            .filter(|r| load_of(r, &load) < capacity)
+            .take(HOMES)
+            .copied()
+            .collect();
+        if mine.len() < HOMES {
+            // Every relay is full: the least loaded of the rest (hash order breaks ties).
+            let mut rest: Vec<&Relay> = order
+                .iter()
+                .filter(|r| !mine.iter().any(|m| m.key == r.key))
+                .copied()
+                .collect();
+            rest.sort_by_key(|r| load_of(r, &load));
+            mine.extend(rest.into_iter().take(HOMES - mine.len()));
+        }
+        for r in &mine {
+            *load.entry(r.key).or_default() += 1;
+        }
+        out.insert(*node, mine.into_iter().cloned().collect());
+    }
+    out
+}
+
+/// Whether `policy` lets this node use relay `r`.
+fn allowed(policy: &Policy, r: &Relay) -> bool {
+    match policy {
+        Policy::Named(names) => names.contains(&r.name),
+        Policy::Never => false,
+        Policy::Auto => true,
+    }
+}
+
+/// The members behind NAT (alive, not left), by WireGuard key.
+fn natted(members: &[Member]) -> impl Iterator<Item = &Member> {
+    members
+        .iter()
+        .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
+}
+
+/// The home relays this node (`me`, behind NAT) registers with and publishes: its part of
+/// [`assign`] over the relays its policy allows and its probes find answering, with every
+/// member behind NAT counted in the load.
+pub fn own_homes(
+    me: &NodeRecord,
+    members: &[Member],
+    policy: &Policy,
+    down: &[SocketAddr],
+) -> Vec<Relay> {
+    if !behind_nat(me) {
+        return Vec::new();
+    }
+    let mut usable = relays(members, policy);
+    usable.retain(|r| !down.contains(&r.addr));
+    let keys: Vec<[u8; 32]> = natted(members)
+        .map(|m| m.record.wireguard_key)
+        .chain(std::iter::once(me.wireguard_key))
+        .collect();
+    assign(&usable, &keys)
+        .remove(&me.wireguard_key)
+        .unwrap_or_default()
+}
+
+/// The relays that reach member `m` (behind NAT), best first: the homes its record names that
+/// are relays, or for a record that names none, its plain hash order over the relays not in
+/// `down`.
+fn homes_of(m: &Member, all: &[Relay], down: &[SocketAddr]) -> Vec<Relay> {
+    if m.record.homes.is_empty() {
+        let mut answering = all.to_vec();
+        answering.retain(|r| !down.contains(&r.addr));
+        return hash_homes(&m.record.wireguard_key, &answering);
+    }
+    m.record
+        .homes
+        .iter()
+        .filter_map(|k| all.iter().find(|r| r.key == *k))
+        .cloned()
+        .collect()
+}
+
+/// This node's plan: the relays it registers with and publishes ([`own_homes`], when it is
+/// behind NAT), and for each member behind NAT the relay that reaches it (the first of its
+/// published homes that this node's policy allows and that is not in `down`), when this node
+/// is behind NAT too (a public node is reached directly by nodes behind NAT, and reaches them
+/// at the mappings they open).
 pub fn plan(
     me: &NodeRecord,
     members: &[Member],
@@ -85,29 +206,82 @@ pub fn plan(
     if !behind_nat(me) || *policy == Policy::Never {
         return (Vec::new(), Vec::new());
     }
-    // Homes are worked out over every member that can relay, whatever this node's policy
-    // allows: they are the far end's choice. This node's policy limits what it uses. A relay
-    // that answers this node's probes no more is passed over at once: the far end registered
-    // with its next home too.
-    let mut all = relays(members, &Policy::Auto);
-    all.retain(|r| !down.contains(&r.addr));
-    let allowed = |r: &Relay| match policy {
-        Policy::Named(names) => names.contains(&r.name),
-        _ => true,
-    };
-    let mine = homes(&me.wireguard_key, &all);
-    let peers = members
-        .iter()
-        .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
+    // A peer's homes are its own choice, read from its record. This node's policy limits
+    // which it uses, and a relay that answers this node's probes no more is passed over at
+    // once: the peer registered with its next home too.
+    let all = relays(members, &Policy::Auto);
+    let peers = natted(members)
         .filter(|m| m.record.wireguard_key != me.wireguard_key)
         .filter_map(|m| {
-            let via = homes(&m.record.wireguard_key, &all)
+            let via = homes_of(m, &all, down)
                 .into_iter()
-                .find(|r| allowed(r))?;
+                .find(|r| allowed(policy, r) && !down.contains(&r.addr))?;
             Some((m.record.wireguard_key, via))
         })
         .collect();
-    (mine.into_iter().filter(|r| allowed(r)).collect(), peers)
+    (own_homes(me, members, policy, down), peers)
+}
+
+/// How long a node stays registered with a home relay it no longer publishes: while its peers
+/// learn its new record, they still send through the old one.
+pub const HOME_GRACE: Duration = Duration::from_secs(30);
+
+/// The least time between two publications of new homes that only rebalance (a published
+/// home that is gone or silent is replaced at once).
+pub const REBALANCE_EVERY: Duration = Duration::from_secs(10);
+
+/// This node's published home relays, and the ones it left but stays registered with for
+/// [`HOME_GRACE`].
+#[derive(Debug, Default)]
+pub struct HomeRelays {
+    published: Vec<[u8; 32]>,
+    at: Option<Instant>,
+    leaving: Vec<(Relay, Instant)>,
+    last: Vec<Relay>,
+}
+
+/// What to do with this round's homes ([`HomeRelays::round`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct HomesRound {
+    /// Every relay to register with: the homes in use, then the ones left within their grace.
+    pub register: Vec<Relay>,
+    /// The homes to publish in the record, when they change.
+    pub publish: Option<Vec<[u8; 32]>>,
+}
+
+impl HomeRelays {
+    /// Takes this round's [`own_homes`] at `now`.
+    pub fn round(&mut self, now: Instant, wanted: Vec<Relay>) -> HomesRound {
+        let keys: Vec<[u8; 32]> = wanted.iter().map(|r| r.key).collect();
+        let lost = self.published.iter().any(|k| !keys.contains(k));
+        let waited = self
+            .at
+            .is_none_or(|t| now.saturating_duration_since(t) >= REBALANCE_EVERY);
+        let publish = (keys != self.published && (lost || waited)).then(|| {
+            self.published.clone_from(&keys);
+            self.at = Some(now);
+            keys
+        });
+        // Homes left (dropped, or waiting for a rebalance's turn to be published) stay
+        // registered for their grace: longer than a rebalance waits.
+        let current = wanted;
+        for r in &self.last {
+            if !current.contains(r) && !self.leaving.iter().any(|(h, _)| h == r) {
+                self.leaving.push((r.clone(), now));
+            }
+        }
+        self.leaving.retain(|(r, since)| {
+            !current.contains(r) && now.saturating_duration_since(*since) < HOME_GRACE
+        });
+        self.last.clone_from(&current);
+        HomesRound {
+            register: current
+                .into_iter()
+                .chain(self.leaving.iter().map(|(r, _)| r.clone()))
+                .collect(),
+            publish,
+        }
+    }
 }
 
 /// The members behind NAT that this node, behind NAT too, has no relay for among `peers` (its
@@ -116,9 +290,7 @@ pub fn stranded(me: &NodeRecord, members: &[Member], peers: &[([u8; 32], Relay)]
     if !behind_nat(me) {
         return Vec::new();
     }
-    members
-        .iter()
-        .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
+    natted(members)
         .map(|m| m.record.wireguard_key)
         .filter(|k| *k != me.wireguard_key && !peers.iter().any(|(p, _)| p == k))
         .collect()
@@ -139,7 +311,7 @@ mod tests {
             id: NodeId([key; 32]),
             alive: true,
             heartbeat: 0,
-            last_heard: std::time::Instant::now(),
+            last_heard: Instant::now(),
             record: NodeRecord {
                 version: 1,
                 left: false,
@@ -158,8 +330,15 @@ mod tests {
                 } else {
                     vec![]
                 },
+                homes: vec![],
             },
         }
+    }
+
+    fn publish(members: &mut [Member], i: usize) -> Vec<Relay> {
+        let homes = own_homes(&members[i].record, members, &Policy::Auto, &[]);
+        members[i].record.homes = homes.iter().map(|r| r.key).collect();
+        homes
     }
 
     #[test]
@@ -178,9 +357,17 @@ mod tests {
         let names: Vec<&str> = r.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["p1", "p2"]);
         assert_eq!(r[0].addr, "198.19.0.1:51821".parse().unwrap());
-        // a's plan names b's first home; b's own plan registers there.
+        // Records without published homes (older builds) are reached by the hash order they
+        // register by.
+        let (_, a_peers) = plan(&members[5].record, &members, &Policy::Auto, &[]);
+        let via_b = &a_peers.iter().find(|(k, _)| *k == [7; 32]).unwrap().1;
+        assert_eq!(via_b, &hash_homes(&[7; 32], &r)[0]);
+        // a's plan names b's first published home; b's own plan registers there.
+        let a_published = publish(&mut members, 5);
+        let b_published = publish(&mut members, 6);
         let (a_homes, a_peers) = plan(&members[5].record, &members, &Policy::Auto, &[]);
         let (b_homes, b_peers) = plan(&members[6].record, &members, &Policy::Auto, &[]);
+        assert_eq!((&a_homes, &b_homes), (&a_published, &b_published));
         assert_eq!(a_homes.len(), 2);
         let via_b = &a_peers.iter().find(|(k, _)| *k == [7; 32]).unwrap().1;
         assert_eq!(via_b, &b_homes[0]);
@@ -255,5 +442,145 @@ mod tests {
             stranded(&me, &members, &peers).is_empty(),
             "a dead member is no peer"
         );
+    }
+
+    fn key(i: u32) -> [u8; 32] {
+        let mut h = blake2::Blake2s256::new();
+        h.update(i.to_le_bytes());
+        h.finalize().into()
+    }
+
+    fn relay(i: u8) -> Relay {
+        Relay {
+            name: format!("r{i}"),
+            key: key(1000 + u32::from(i)),
+            addr: SocketAddr::from(([198, 19, 0, i + 1], 51821)),
+        }
+    }
+
+    #[test]
+    fn no_relay_is_home_to_more_than_a_tenth_above_the_mean_plus_one_and_a_join_moves_few() {
+        let relays: Vec<Relay> = (0..10).map(relay).collect();
+        let nodes: Vec<[u8; 32]> = (0..300).map(key).collect();
+        let homes = assign(&relays, &nodes);
+        let mut load: HashMap<[u8; 32], usize> = HashMap::new();
+        for n in &nodes {
+            let h = &homes[n];
+            assert_eq!(h.len(), HOMES);
+            assert_ne!(h[0].key, h[1].key);
+            for r in h {
+                *load.entry(r.key).or_default() += 1;
+            }
+        }
+        // 600 homes over 10 relays: a mean of 60, a bound of 67.
+        let max = load.values().max().copied().unwrap_or(0);
+        assert!(max <= 67, "{load:?}");
+        let mut plain: HashMap<[u8; 32], usize> = HashMap::new();
+        for n in &nodes {
+            for r in hash_homes(n, &relays) {
+                *plain.entry(r.key).or_default() += 1;
+            }
+        }
+        let plain_max = plain.values().max().copied().unwrap_or(0);
+        assert!(plain_max > max, "plain {plain_max}, bounded {max}");
+        let mut shuffled = nodes.clone();
+        shuffled.reverse();
+        assert_eq!(assign(&relays, &shuffled), homes, "order does not matter");
+        let mut more = nodes.clone();
+        more.push(key(5000));
+        let after = assign(&relays, &more);
+        let moved = nodes.iter().filter(|n| after[*n] != homes[*n]).count();
+        assert!(moved <= 30, "{moved} of 300 nodes changed homes");
+        // Every relay full but one: the least loaded takes the rest.
+        let two = &relays[..2];
+        let h = assign(two, &nodes[..5]);
+        assert!(h.values().all(|v| v.len() == 2));
+        assert!(assign(&[], &nodes).is_empty());
+        eprintln!(
+            "homes of 300 nodes on 10 relays: busiest {max} (plain hash order {plain_max}), {moved} moved when one joined"
+        );
+    }
+
+    #[test]
+    fn a_peer_is_reached_through_the_first_usable_home_its_record_names() {
+        let mut members = vec![
+            member("p1", 1, Some("198.19.0.1"), false),
+            member("p2", 2, Some("198.19.0.2"), false),
+            member("p3", 3, Some("198.19.0.3"), false),
+            member("a", 6, None, true),
+            member("b", 7, None, true),
+        ];
+        // b names p3 then p2, whatever a would work out for it.
+        members[4].record.homes = vec![[3; 32], [2; 32]];
+        let me = members[3].record.clone();
+        let via = |members: &[Member], policy: &Policy, down: &[SocketAddr]| {
+            plan(&me, members, policy, down)
+                .1
+                .into_iter()
+                .find(|(k, _)| *k == [7; 32])
+                .map(|(_, r)| r.name)
+        };
+        assert_eq!(via(&members, &Policy::Auto, &[]).as_deref(), Some("p3"));
+        // Silent to a, or not allowed by a's policy: the next one b named.
+        let p3: SocketAddr = "198.19.0.3:51821".parse().unwrap();
+        assert_eq!(via(&members, &Policy::Auto, &[p3]).as_deref(), Some("p2"));
+        let p1_p2 = Policy::Named(vec!["p1".into(), "p2".into()]);
+        assert_eq!(via(&members, &p1_p2, &[]).as_deref(), Some("p2"));
+        // A named home that is no relay (dead here) is passed over; none left: stranded.
+        members[2].alive = false;
+        assert_eq!(via(&members, &Policy::Auto, &[]).as_deref(), Some("p2"));
+        let p2: SocketAddr = "198.19.0.2:51821".parse().unwrap();
+        assert_eq!(via(&members, &Policy::Auto, &[p2]), None);
+        let (_, peers) = plan(&me, &members, &Policy::Auto, &[p2]);
+        assert_eq!(stranded(&me, &members, &peers), [[7; 32]]);
+        // A node's own homes leave out relays it finds silent or may not use.
+        let own = own_homes(&me, &members, &Policy::Auto, &[p2]);
+        assert_eq!(
+            own.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["p1"]
+        );
+        let own = own_homes(&me, &members, &Policy::Named(vec!["p2".into()]), &[]);
+        assert_eq!(
+            own.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["p2"]
+        );
+        assert!(own_homes(&members[0].record, &members, &Policy::Auto, &[]).is_empty());
+    }
+
+    #[test]
+    fn new_homes_are_published_at_once_when_one_is_lost_else_every_rebalance_period_and_left_ones_stay_registered_for_the_grace()
+     {
+        let t0 = Instant::now();
+        let [r0, r1, r2] = [relay(0), relay(1), relay(2)];
+        let names = |v: &[Relay]| v.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        let mut h = HomeRelays::default();
+        let first = h.round(t0, vec![r0.clone(), r1.clone()]);
+        assert_eq!(first.publish, Some(vec![r0.key, r1.key]));
+        assert_eq!(names(&first.register), ["r0", "r1"]);
+        let same = h.round(t0 + Duration::from_secs(1), vec![r0.clone(), r1.clone()]);
+        assert_eq!(same.publish, None);
+        // r1 silent: replaced at once; r1 stays registered for the grace.
+        let t = t0 + Duration::from_secs(2);
+        let lost = h.round(t, vec![r0.clone(), r2.clone()]);
+        assert_eq!(lost.publish, Some(vec![r0.key, r2.key]));
+        assert_eq!(names(&lost.register), ["r0", "r2", "r1"]);
+        // A reorder (no home lost) waits for the rebalance period since the last publication.
+        let early = h.round(t + Duration::from_secs(1), vec![r2.clone(), r0.clone()]);
+        assert_eq!(early.publish, None);
+        assert_eq!(names(&early.register), ["r2", "r0", "r1"]);
+        let due = h.round(t + REBALANCE_EVERY, vec![r2.clone(), r0.clone()]);
+        assert_eq!(due.publish, Some(vec![r2.key, r0.key]));
+        let graced = h.round(
+            t + HOME_GRACE - Duration::from_secs(1),
+            vec![r2.clone(), r0.clone()],
+        );
+        assert_eq!(names(&graced.register), ["r2", "r0", "r1"]);
+        let t = t + HOME_GRACE;
+        let gone = h.round(t, vec![r2.clone(), r0.clone()]);
+        assert_eq!(names(&gone.register), ["r2", "r0"]);
+        // No longer behind NAT: nothing to publish, nothing kept but the grace.
+        let public = h.round(t + Duration::from_secs(1), vec![]);
+        assert_eq!(public.publish, Some(vec![]));
+        assert_eq!(names(&public.register), ["r2", "r0"]);
     }
 }

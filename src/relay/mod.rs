@@ -1,11 +1,11 @@
 //! Relaying through a member, for a pair of nodes that no endpoint candidate connects (both
 //! behind NATs that give every destination its own port, for one).
 //!
-//! Each node behind NAT registers with its *home relays*: the first two public members, not
-//! behind NAT themselves, in the order of a hash of its key and theirs, so every node works out
-//! the same homes for it. A node that cannot reach such a peer directly sends the peer's
-//! WireGuard datagrams, unchanged, to the peer's first alive home relay, which passes them on to
-//! where the peer registered from. The end-to-end WireGuard session stays between the two ends:
+//! Each node behind NAT registers with its *home relays*: two public members, not behind NAT
+//! themselves, that it picks so that the load spreads ([`crate::control::relays`]), and
+//! publishes in its record. A node that cannot reach such a peer directly sends the peer's
+//! WireGuard datagrams, unchanged, to the first of the peer's published homes that answers,
+//! which passes them on to where the peer registered from. The end-to-end WireGuard session stays between the two ends:
 //! the relay forwards bytes it cannot read or forge, and the far end's checks (WireGuard's
 //! authentication, then the inner source against the sender's allowed IPs) still hold.
 //!

@@ -9,6 +9,10 @@ use weft::demo::lab::wait_for;
 use weft_tests::meshlab::MeshLab;
 use weft_tests::natlab::{self, Nat};
 
+/// How late a relay's counters can reach `/metrics`: the service publishes them every second,
+/// and the endpoint caches its text for a second; with a margin.
+const METRICS_LAG: Duration = Duration::from_secs(3);
+
 /// Node `a`'s status entry for peer `b`, once it is up with an endpoint on `ip`.
 fn up_at(
     m: &MeshLab,
@@ -313,10 +317,11 @@ fn when_the_relay_dies_traffic_moves_to_the_next_home_relay_within_ten_seconds()
     Ok(())
 }
 
-#[test]
-fn when_the_nat_goes_away_traffic_leaves_the_relay_for_the_direct_path_within_one_retry_period()
--> anyhow::Result<()> {
-    let mut m = natlab::start("nat5")?;
+/// Two nodes behind two symmetric NATs in one region, relayed via `p`; then the NATs go and
+/// the sites route to each other. Returns the lab, the two site routers, and how long after
+/// the NATs went both ends were up on each other's LAN address.
+fn relayed_then_direct(tag: &str) -> anyhow::Result<(MeshLab, [String; 2], Duration)> {
+    let mut m = natlab::start(tag)?;
     natlab::add_public(&mut m, "p", 1, "cloud", None)?;
     let r1 = natlab::add_site(&mut m, 1, Nat::Symmetric)?;
     let r2 = natlab::add_site(&mut m, 2, Nat::Symmetric)?;
@@ -355,7 +360,14 @@ fn when_the_nat_goes_away_traffic_leaves_the_relay_for_the_direct_path_within_on
         )
         .with_context(|| format!("{x}'s view of {y}: {:?}", m.peer(x, y)))?;
     }
-    let took = removed.elapsed();
+    Ok((m, [r1, r2], removed.elapsed()))
+}
+
+#[test]
+fn when_the_nat_goes_away_traffic_leaves_the_relay_for_the_direct_path_within_one_retry_period()
+-> anyhow::Result<()> {
+    let (m, _, took) = relayed_then_direct("nat5")?;
+    let retry = weft::control::reconcile::DIRECT_RETRY;
     eprintln!("NAT removed: a and b direct after {took:?} (retry period {retry:?})");
     // Traffic flows, and none of it crosses the relay.
     ping_within(&m, "a", "b", Duration::from_secs(10))?;
@@ -369,7 +381,85 @@ fn when_the_nat_goes_away_traffic_leaves_the_relay_for_the_direct_path_within_on
             "{x} -> {y} ping failed"
         );
     }
-    let after = metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b").unwrap_or(0.0);
-    assert_eq!(before, after, "bytes still crossed the relay for b");
+    // The relay's counters reach /metrics up to METRICS_LAG late: watch them that long.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "an observation window, not a wait for a condition"
+    )]
+    let start = std::time::Instant::now();
+    while start.elapsed() < METRICS_LAG {
+        let now = metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b").unwrap_or(0.0);
+        assert_eq!(before, now, "bytes still crossed the relay for b");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_direct_path_that_passes_handshakes_and_drops_data_is_left_for_the_relay_within_the_proof_time()
+-> anyhow::Result<()> {
+    let (m, [r1, _], _) = relayed_then_direct("nat6")?;
+    // What a host that a dishonest member slipped onto the path could do: pass WireGuard's
+    // handshakes (at most 176 bytes on the wire) and keepalives both ways, drop the data.
+    for rule in [
+        "add table ip blackhole",
+        "add chain ip blackhole hole { type filter hook forward priority -10; policy accept; }",
+        "add rule ip blackhole hole ip saddr 198.18.101.0/24 ip daddr 198.18.102.0/24 ip length > 200 drop",
+        "add rule ip blackhole hole ip saddr 198.18.102.0/24 ip daddr 198.18.101.0/24 ip length > 200 drop",
+    ] {
+        weft::demo::lab::run(m.lab.cmd(&r1, "nft").arg(rule)).context("the black hole")?;
+    }
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the test measures how long the way back takes"
+    )]
+    let holed = std::time::Instant::now();
+    // Pings of 1000 bytes from a: lost while the pair stays on the direct path, answered once
+    // a goes back to its relay (b follows where a's packets come from).
+    let addr = m.overlay("b")?.into_iter().next().context("no block")?;
+    let mut ping = m.lab.cmd(&m.daemon("a").ns, "ping");
+    ping.args([
+        "-c", "3", "-i", "0.2", "-W", "1", "-s", "1000", "-n", "-q", &addr,
+    ]);
+    let proof = weft::control::reconcile::PATH_PROOF;
+    wait_for(
+        "a big ping from a to b to be answered",
+        proof + Duration::from_secs(20),
+        || ping.output().ok().filter(|o| o.status.success()),
+    )?;
+    let took = holed.elapsed();
+    eprintln!(
+        "data black-holed on the direct path: answered again after {took:?} (proof time {proof:?})"
+    );
+    anyhow::ensure!(
+        took >= proof,
+        "answered after {took:?}: the black hole did not hold (the test proves nothing)"
+    );
+    for (x, y) in [("a", "b"), ("b", "a")] {
+        assert_eq!(relayed(&m, x, y)?, "p", "{x}'s view of {y}");
+    }
+    let before = metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b").unwrap_or(0.0);
+    let mut big = m.lab.cmd(&m.daemon("a").ns, "ping");
+    big.args([
+        "-c", "5", "-i", "0.2", "-W", "1", "-s", "1000", "-n", "-q", &addr,
+    ]);
+    anyhow::ensure!(
+        weft::demo::lab::run(&mut big).is_ok(),
+        "a -> b big pings failed through the relay"
+    );
+    wait_for(
+        "p's count of bytes relayed to b to take the pings",
+        METRICS_LAG * 2,
+        || {
+            metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b")
+                .filter(|v| *v >= before + 5.0 * 1000.0)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "relay forwarded {before} -> {:?} bytes for b",
+            metric_value(&m, "p", "weft_relay_forwarded_bytes_total", "b")
+        )
+    })?;
     Ok(())
 }
