@@ -62,11 +62,11 @@ impl RouterHandle {
         self.tx.send(RouterCommand::Probe(id, addrs)).await.is_ok()
     }
 
-    /// Points a peer at a new endpoint, its session kept; false when the data plane has
-    /// stopped.
-    pub async fn set_endpoint(&self, id: PeerId, addr: SocketAddr) -> bool {
+    /// Points a peer at endpoint `to`, its session kept, if it is still at `from` (where the
+    /// caller saw it: a roam since stands); false when the data plane has stopped.
+    pub async fn set_endpoint(&self, id: PeerId, from: SocketAddr, to: SocketAddr) -> bool {
         self.tx
-            .send(RouterCommand::SetEndpoint(id, addr))
+            .send(RouterCommand::SetEndpoint { id, from, to })
             .await
             .is_ok()
     }

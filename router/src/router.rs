@@ -414,6 +414,18 @@ impl Router {
         }
     }
 
+    /// As [`Self::set_endpoint`], only while the peer's endpoint is still `from`, where the
+    /// caller saw it; false (nothing changed) when it moved since (the peer roamed after the
+    /// caller looked, and the newer endpoint stands).
+    pub fn move_endpoint(&mut self, id: PeerId, from: SocketAddr, to: SocketAddr) -> bool {
+        let at = self.peers.get(&id).and_then(|p| p.endpoint);
+        if at != Some(from) {
+            return false;
+        }
+        self.set_endpoint(id, to);
+        true
+    }
+
     /// Keeps [`Self::wireguard_at`] in step when a WireGuard peer's endpoint goes from `old` to
     /// `new`.
     fn moved(index: &mut HashMap<IpAddr, u32>, old: Option<SocketAddr>, new: Option<SocketAddr>) {

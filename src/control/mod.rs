@@ -731,12 +731,13 @@ pub async fn apply(
         // new handshake, nothing in flight lost. Any other move starts a fresh session at the
         // new endpoint.
         if let Change::Replace(c) = &change
-            && let (Some(id), Some(have), Some(to)) = (
+            && let (Some(id), Some(have), Some(to), Some(&from)) = (
                 ids.get(&c.public_key),
                 current.get(&c.public_key),
                 c.endpoint,
+                live.get(&c.public_key),
             )
-            && (live.get(&c.public_key) == Some(&to) || back.get(&c.public_key) == Some(&to))
+            && (from == to || back.get(&c.public_key) == Some(&to))
             && *have
                 == (PeerConfig {
                     endpoint: have.endpoint,
@@ -744,7 +745,7 @@ pub async fn apply(
                 })
         {
             debug!(peer = %c.name, endpoint = %to, "endpoint moved, session kept");
-            if !router.set_endpoint(*id, to).await {
+            if !router.set_endpoint(*id, from, to).await {
                 return false;
             }
             continue;

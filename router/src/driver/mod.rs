@@ -76,7 +76,14 @@ pub enum Command {
     /// Sends a peer a handshake initiation at other addresses ([`crate::Router::probe`]).
     Probe(PeerId, Vec<SocketAddr>),
     /// Points a peer at a new endpoint, its session kept.
-    SetEndpoint(PeerId, SocketAddr),
+    SetEndpoint {
+        /// The peer.
+        id: PeerId,
+        /// Its endpoint when the caller looked: nothing changes if it moved since.
+        from: SocketAddr,
+        /// The new endpoint.
+        to: SocketAddr,
+    },
 }
 
 /// The router's state at one instant.
@@ -336,7 +343,11 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             }
             Command::Connect(id) => self.router.connect(id),
             Command::Probe(id, addrs) => self.router.probe(id, &addrs),
-            Command::SetEndpoint(id, addr) => self.router.set_endpoint(id, addr),
+            Command::SetEndpoint { id, from, to } => {
+                if !self.router.move_endpoint(id, from, to) {
+                    debug!(peer = %id, %from, %to, "endpoint not moved: the peer roamed since");
+                }
+            }
         }
     }
 

@@ -382,6 +382,29 @@ fn plaintext_is_refused_from_an_address_that_has_a_wireguard_session() {
 }
 
 #[test]
+fn an_endpoint_move_from_where_the_caller_saw_the_peer_is_dropped_once_the_peer_roamed() {
+    let mut lab = Lab::new();
+    let (wg, _) = lab.add(
+        config("laptop", 5, Some("198.18.1.9:51820"), &["100.64.5.0/24"]),
+        9,
+    );
+    let (seen, shim, roamed) = (
+        sa("198.18.1.9:51820"),
+        sa("127.0.0.1:40001"),
+        sa("198.18.1.7:51820"),
+    );
+    // It roamed after the caller looked: the newer endpoint stands.
+    lab.router.set_endpoint(wg, roamed);
+    assert!(!lab.router.move_endpoint(wg, seen, shim));
+    assert_eq!(lab.peer(wg).endpoint, Some(roamed));
+    assert_eq!(lab.peer(wg).config.endpoint, Some(roamed));
+    // Still where the caller saw it: moved, and configured there.
+    assert!(lab.router.move_endpoint(wg, roamed, shim));
+    assert_eq!(lab.peer(wg).endpoint, Some(shim));
+    assert_eq!(lab.peer(wg).config.endpoint, Some(shim));
+}
+
+#[test]
 fn timers_run_every_tick_and_report_expiry_once() {
     let mut lab = Lab::new();
     assert_eq!(lab.router.poll_timeout(), None, "no peers, no timers");
