@@ -64,8 +64,8 @@ pub use crate::membership::{
 };
 pub use crate::observation::Observation;
 pub use crate::record::{
-    Identity, MAX_HOMES, MAX_NAME, MAX_OBSERVED, MAX_PREFIXES, NodeId, NodeRecord, ShortId,
-    SignedRecord, UnverifiedRecord, VerifyError, share_verified_records, verify_message,
+    Identity, MAX_HOMES, MAX_LATER, MAX_NAME, MAX_OBSERVED, MAX_PREFIXES, NodeId, NodeRecord,
+    ShortId, SignedRecord, UnverifiedRecord, VerifyError, share_verified_records, verify_message,
 };
 pub use crate::stats::{Drops, Rejected, Rejections};
 pub use crate::wire::{DecodeError, Entry, Frame};

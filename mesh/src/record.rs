@@ -235,8 +235,10 @@ pub struct NodeRecord {
     pub observed: Vec<SocketAddr>,
     /// The WireGuard keys of the relays it registers with, best first, while it is behind NAT
     /// (at most [`MAX_HOMES`]; carried only with `observed`): its peers reach it through
-    /// these, so both ends agree on the relay without working it out alike.
-    pub homes: Vec<[u8; 32]>,
+    /// these, so both ends agree on the relay without working it out alike. `None` from a
+    /// build before homes were published (its peers work its homes out as it does); an empty
+    /// list when it has no relay.
+    pub homes: Option<Vec<[u8; 32]>>,
 }
 
 /// The longest name or region a record carries.
@@ -247,6 +249,8 @@ pub const MAX_PREFIXES: usize = 64;
 pub const MAX_OBSERVED: usize = 4;
 /// The most home relays a record names.
 pub const MAX_HOMES: usize = 4;
+/// The most bytes a record may carry after the fields this build knows (a later build's).
+pub const MAX_LATER: usize = 512;
 
 impl NodeRecord {
     pub(crate) fn encode(&self, w: &mut Writer) {
@@ -266,10 +270,12 @@ impl NodeRecord {
         w.nets(&self.trusted_subnets);
         // Written only when there is one: a record without is byte for byte what builds before
         // NAT traversal write and read (they refuse trailing bytes).
+        // A build that adds a field after these must write every field before it, empty ones
+        // too (a count of 0), so that this build reads each where it is.
         if !self.observed.is_empty() {
             w.endpoints(&self.observed[..self.observed.len().min(MAX_OBSERVED)]);
-            if !self.homes.is_empty() {
-                let homes = &self.homes[..self.homes.len().min(MAX_HOMES)];
+            if let Some(homes) = &self.homes {
+                let homes = &homes[..homes.len().min(MAX_HOMES)];
                 w.u8(homes.len() as u8);
                 for k in homes {
                     w.bytes(k);
@@ -317,13 +323,13 @@ impl NodeRecord {
             },
             // Absent in the records of builds before published home relays.
             homes: if r.is_empty() {
-                Vec::new()
+                None
             } else {
                 let n = usize::from(r.u8()?);
                 if n > MAX_HOMES {
                     return Err(DecodeError::BadValue("home relay count", n as u64));
                 }
-                (0..n).map(|_| r.array()).collect::<Result<_, _>>()?
+                Some((0..n).map(|_| r.array()).collect::<Result<_, _>>()?)
             },
         })
     }
@@ -506,8 +512,12 @@ impl UnverifiedRecord {
     fn check(signer: NodeId, body: Vec<u8>, signature: [u8; 64]) -> Result<Self, VerifyError> {
         let mut r = Reader::new(&body);
         // Bytes after the fields this build knows are a newer build's additions: signed with
-        // the rest and kept in `body`, but not read (so a rolling update can add fields).
+        // the rest and kept in `body`, but not read (so a rolling update can add fields), up
+        // to MAX_LATER of them.
         let record = NodeRecord::decode(&mut r).map_err(VerifyError::Body)?;
+        if r.remaining() > MAX_LATER {
+            return Err(VerifyError::Body(DecodeError::Trailing(r.remaining())));
+        }
         if NodeId::from_wireguard_key(&record.wireguard_key) != Some(signer) {
             return Err(VerifyError::UnboundKey);
         }
@@ -596,20 +606,16 @@ pub(crate) mod tests {
         let id = Identity::from_wireguard_key(&[1; 32]);
         let mut r = record("a", 7);
         r.observed = vec!["198.19.0.101:51820".parse().unwrap()];
-        r.homes = vec![[3; 32], [4; 32]];
         r.wireguard_key = id.wireguard_key();
-        let s = id.sign(&r);
-        assert_eq!(round_trip(&s).unwrap().record.homes, r.homes);
+        // Absent (a build before homes), present and empty (no relay), and two.
+        for homes in [None, Some(vec![]), Some(vec![[3; 32], [4; 32]])] {
+            r.homes = homes;
+            assert_eq!(round_trip(&id.sign(&r)).unwrap().record.homes, r.homes);
+        }
         // Homes are carried only with mappings: a node not behind NAT has none.
         let mut public = record("a", 7);
-        public.homes = vec![[3; 32]];
-        assert!(
-            round_trip(&id.sign(&public))
-                .unwrap()
-                .record
-                .homes
-                .is_empty()
-        );
+        public.homes = Some(vec![[3; 32]]);
+        assert_eq!(round_trip(&id.sign(&public)).unwrap().record.homes, None);
         // More than MAX_HOMES: refused.
         let mut w = Writer::default();
         r.encode(&mut w);
@@ -621,18 +627,28 @@ pub(crate) mod tests {
             NodeRecord::decode(&mut Reader::new(&body)),
             Err(DecodeError::BadValue("home relay count", 5))
         ));
-        // A newer build's field after the homes: signed, kept, and not read.
+        // A later build's field after the homes: signed, kept, and not read, up to MAX_LATER
+        // bytes of them.
+        let verify = |body: Vec<u8>| {
+            let signature = id.sign_bytes(&body);
+            UnverifiedRecord::check(id.id(), body, signature).and_then(UnverifiedRecord::verify)
+        };
         let mut w = Writer::default();
         r.encode(&mut w);
-        let mut body = w.into_bytes();
-        body.extend_from_slice(b"a later field");
-        let signature = id.sign_bytes(&body);
-        let newer = UnverifiedRecord::check(id.id(), body.clone(), signature)
-            .and_then(UnverifiedRecord::verify)
-            .expect("a record with a later field verifies");
+        let known = w.into_bytes();
+        let mut body = known.clone();
+        body.extend_from_slice(&[7; MAX_LATER]);
+        let newer = verify(body.clone()).expect("a record with a later field verifies");
         assert_eq!(newer.record, r);
         assert_eq!(newer.body, body);
-        let mut forged = body;
+        body.push(7);
+        assert_eq!(
+            verify(body).map(|_| ()),
+            Err(VerifyError::Body(DecodeError::Trailing(MAX_LATER + 1)))
+        );
+        let mut forged = known;
+        forged.push(0);
+        let signature = id.sign_bytes(&forged);
         forged.push(0);
         assert_eq!(
             UnverifiedRecord::check(id.id(), forged, signature)

@@ -32,7 +32,7 @@ pub fn node_record(name: &str, version: u64) -> NodeRecord {
         claimed_at: vec![5, 6],
         trusted_subnets: vec!["198.18.1.0/24".parse().expect("a prefix")],
         observed: Vec::new(),
-        homes: Vec::new(),
+        homes: None,
     }
 }
 

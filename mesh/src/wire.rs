@@ -285,6 +285,9 @@ impl<'a> Reader<'a> {
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    pub(crate) fn remaining(&self) -> usize {
+        self.0.len()
+    }
     pub(crate) fn nets(&mut self) -> Result<Vec<IpNet>, DecodeError> {
         let n = usize::from(self.u8()?);
         if n > MAX_PREFIXES {

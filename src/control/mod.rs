@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 use weft_config::Config;
 use weft_ipam::{SavedBlock, Snapshot};
 use weft_mesh::driver::Snapshot as MeshSnapshot;
-use weft_mesh::{Event, Member, NodeRecord};
+use weft_mesh::{Event, NodeRecord};
 use weft_router::PeerConfig;
 
 use self::reconcile::{Change, Choices, Reason};
@@ -123,7 +123,7 @@ pub fn own_record(config: &Config, wireguard_key: [u8; 32], blocks: &[SavedBlock
         claimed_at: blocks.iter().map(|b| b.since).collect(),
         trusted_subnets: config.network.trusted_subnets.clone(),
         observed: Vec::new(),
-        homes: Vec::new(),
+        homes: None,
     }
 }
 
@@ -430,11 +430,19 @@ impl Reconciler {
         );
         let names: HashMap<[u8; 32], String> =
             peers.iter().map(|(k, r)| (*k, r.name.clone())).collect();
-        let why = self.no_relay_reason(&snap.members);
         let stranded: HashMap<[u8; 32], String> =
             relays::stranded(&snap.record, &snap.members, &peers)
                 .into_iter()
-                .map(|k| (k, why.clone()))
+                .filter_map(|k| {
+                    let m = snap.members.iter().find(|m| m.record.wireguard_key == k)?;
+                    let why = relays::why_stranded(
+                        m,
+                        &snap.members,
+                        &self.inputs.relay_policy,
+                        &self.relays_down,
+                    );
+                    Some((k, why))
+                })
                 .collect();
         for (k, why) in &stranded {
             if !self.stranded.contains_key(k)
@@ -446,12 +454,17 @@ impl Reconciler {
         self.stranded = stranded;
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
-        let round = self.homes.round(now, homes);
+        let policy = &self.inputs.relay_policy;
+        let usable = relays::usable(&snap.members, policy, &self.relays_down);
+        let mut silent = relays::relays(&snap.members, policy);
+        silent.retain(|r| self.relays_down.contains(&r.addr));
+        let wanted = relays::behind_nat(&snap.record).then_some(homes);
+        let round = self.homes.round(now, wanted, &usable, &silent);
         if let Some(keys) = round.publish {
             let names: Vec<&str> = round
                 .register
                 .iter()
-                .filter(|r| keys.contains(&r.key))
+                .filter(|r| keys.iter().flatten().any(|k| *k == r.key))
                 .map(|r| r.name.as_str())
                 .collect();
             info!(homes = ?names, "home relays published: peers behind NAT reach this node through them");
@@ -479,23 +492,6 @@ impl Reconciler {
                 .collect(),
         );
         true
-    }
-
-    /// Why no relay can carry a peer behind NAT, for status.
-    fn no_relay_reason(&self, members: &[Member]) -> String {
-        let policy = &self.inputs.relay_policy;
-        if *policy == relays::Policy::Never {
-            return "both ends are behind NAT, no direct path came up, and mesh.relay is never"
-                .to_owned();
-        }
-        if relays::relays(members, policy).is_empty() {
-            return "both ends are behind NAT, no direct path came up, and no member can relay (none is public, alive and not behind NAT)".to_owned();
-        }
-        let silent: Vec<String> = self.relays_down.iter().map(ToString::to_string).collect();
-        format!(
-            "both ends are behind NAT, no direct path came up, and no relay answers (silent: {})",
-            silent.join(", ")
-        )
     }
 
     /// One round: gather (the mesh's members, vetted, and this node's blocks, settled), decide

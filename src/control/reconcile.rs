@@ -207,6 +207,8 @@ struct Trial {
     rx: u64,
     tx: u64,
     since: Instant,
+    /// Packets came back on it at some point.
+    proven: bool,
 }
 
 /// The least time between two restarts of one peer's choice on a change of its candidates.
@@ -412,7 +414,9 @@ impl Choices {
     /// it. When it has carried [`UNANSWERED`] packets or more out and none back for
     /// [`PATH_PROOF`] (a one-way path, or a host that passes handshakes and drops the rest),
     /// the choice goes back to the relay shim, which is returned, and the next probe waits
-    /// twice as long. Packets coming back clear the peer's failures.
+    /// twice as long. Packets coming back clear the peer's failures. A direct path left for
+    /// the relay (the far end judged it) before any packet came back on it counts as a
+    /// failure here too, so that both ends' probes back off, not only the end that judged.
     pub fn check_path(
         &mut self,
         now: Instant,
@@ -422,10 +426,13 @@ impl Choices {
     ) -> Option<SocketAddr> {
         let Some(&(shim, _)) = self.relayed.get(&key) else {
             self.trials.remove(&key);
+            self.failures.remove(&key);
             return None;
         };
         if live == shim {
-            self.trials.remove(&key);
+            if self.trials.remove(&key).is_some_and(|t| !t.proven) {
+                self.failed(key);
+            }
             return None;
         }
         let trial = self.trials.entry(key).or_insert(Trial {
@@ -433,10 +440,12 @@ impl Choices {
             rx,
             tx,
             since: now,
+            proven: false,
         });
         if trial.at != live || rx != trial.rx || tx == trial.tx {
             // Moved, answered, or quiet: the wait counts from the first packet left unanswered.
-            if trial.at == live && rx > trial.rx {
+            let answered = trial.at == live && rx > trial.rx;
+            if answered {
                 self.failures.remove(&key);
             }
             *trial = Trial {
@@ -444,6 +453,7 @@ impl Choices {
                 rx,
                 tx,
                 since: now,
+                proven: answered || (trial.at == live && trial.proven),
             };
             return None;
         }
@@ -454,7 +464,6 @@ impl Choices {
         }
         self.trials.remove(&key);
         self.failed(key);
-        self.probed.insert(key, (now, false));
         if let Some(i) = self
             .seen
             .get(&key)
@@ -941,7 +950,7 @@ mod nat_tests {
             claimed_at: vec![],
             trusted_subnets: vec![],
             observed: mapped.iter().map(|m| m.parse().unwrap()).collect(),
-            homes: vec![],
+            homes: None,
         }
     }
 
@@ -1212,6 +1221,7 @@ mod nat_tests {
         assert_eq!(ch.index(&key), 2, "the choice is the shim again");
         // Back on the relay, the next probe waits twice the period.
         let back = t1 + PATH_PROOF;
+        assert!(ch.probes(back, key, &c, shim).is_empty());
         assert!(ch.probes(back + DIRECT_RETRY, key, &c, shim).is_empty());
         assert_eq!(ch.probes(back + DIRECT_RETRY * 2, key, &c, shim).len(), 2);
         // Packets back on a direct path clear the failures: the wait is one period again.
@@ -1234,6 +1244,39 @@ mod nat_tests {
         assert_eq!(
             ch.check_path(t3 + PATH_PROOF * 2, key, mapping, (0, 100)),
             None
+        );
+    }
+
+    #[test]
+    fn the_far_end_of_a_path_judged_failed_backs_off_too_unless_packets_came_back_on_it() {
+        let sec = Duration::from_secs(1);
+        // The far end of a path the other end judged: its session comes back to the shim
+        // with nothing ever received on the direct path, and its probes back off too.
+        let (t0, key, shim, mut b, c) = relayed_pair();
+        let mapping = c[1].0;
+        b.restart_if_changed(t0, key, &c, true);
+        b.follow(t0, key, &c, mapping);
+        assert!(b.probes(t0, key, &c, mapping).is_empty());
+        assert_eq!(b.check_path(t0, key, mapping, (7, 7)), None);
+        assert_eq!(b.check_path(t0 + sec * 16, key, mapping, (7, 7)), None);
+        let back = t0 + sec * 17;
+        b.follow(back, key, &c, shim);
+        assert_eq!(b.check_path(back, key, shim, (7, 7)), None);
+        assert!(b.probes(back, key, &c, shim).is_empty());
+        assert!(b.probes(back + DIRECT_RETRY, key, &c, shim).is_empty());
+        assert_eq!(b.probes(back + DIRECT_RETRY * 2, key, &c, shim).len(), 2);
+        // Packets came back on it before: no failure, the next probe one period later.
+        let (t0, key, shim, mut b, c) = relayed_pair();
+        b.follow(t0, key, &c, mapping);
+        assert_eq!(b.check_path(t0, key, mapping, (7, 7)), None);
+        assert_eq!(b.check_path(t0 + sec, key, mapping, (8, 7)), None);
+        assert_eq!(b.check_path(t0 + sec * 2, key, mapping, (8, 7)), None);
+        b.follow(t0 + sec * 3, key, &c, shim);
+        assert_eq!(b.check_path(t0 + sec * 3, key, shim, (8, 7)), None);
+        assert!(b.probes(t0 + sec * 3, key, &c, shim).is_empty());
+        assert_eq!(
+            b.probes(t0 + sec * 3 + DIRECT_RETRY, key, &c, shim).len(),
+            2
         );
     }
 

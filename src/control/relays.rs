@@ -119,7 +119,8 @@ pub fn assign(relays: &[Relay], natted: &[[u8; 32]]) -> HashMap<[u8; 32], Vec<Re
             .copied()
             .collect();
         if mine.len() < HOMES {
-            // Every relay is full: the least loaded of the rest (hash order breaks ties).
+            // Too few relays below the capacity (rare: together they hold a tenth more than
+            // all nodes want): the least loaded of the rest (hash order breaks ties).
             let mut rest: Vec<&Relay> = order
                 .iter()
                 .filter(|r| !mine.iter().any(|m| m.key == r.key))
@@ -152,9 +153,17 @@ fn natted(members: &[Member]) -> impl Iterator<Item = &Member> {
         .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
 }
 
+/// The relays this node may use as its homes: those its policy allows, not in `down`.
+pub fn usable(members: &[Member], policy: &Policy, down: &[SocketAddr]) -> Vec<Relay> {
+    let mut usable = relays(members, policy);
+    usable.retain(|r| !down.contains(&r.addr));
+    usable
+}
+
 /// The home relays this node (`me`, behind NAT) registers with and publishes: its part of
-/// [`assign`] over the relays its policy allows and its probes find answering, with every
-/// member behind NAT counted in the load.
+/// [`assign`] over the relays it may use ([`usable`]), with every member behind NAT counted in
+/// the load. The bound on the load holds as far as the members see the mesh alike (the
+/// nodes' policies and silent relays differ, and older builds register by hash order).
 pub fn own_homes(
     me: &NodeRecord,
     members: &[Member],
@@ -164,8 +173,7 @@ pub fn own_homes(
     if !behind_nat(me) {
         return Vec::new();
     }
-    let mut usable = relays(members, policy);
-    usable.retain(|r| !down.contains(&r.addr));
+    let usable = usable(members, policy, down);
     let keys: Vec<[u8; 32]> = natted(members)
         .map(|m| m.record.wireguard_key)
         .chain(std::iter::once(me.wireguard_key))
@@ -176,16 +184,15 @@ pub fn own_homes(
 }
 
 /// The relays that reach member `m` (behind NAT), best first: the homes its record names that
-/// are relays, or for a record that names none, its plain hash order over the relays not in
-/// `down`.
+/// are relays, or for a record of a build before published homes, its plain hash order over
+/// the relays not in `down` (as it registers).
 fn homes_of(m: &Member, all: &[Relay], down: &[SocketAddr]) -> Vec<Relay> {
-    if m.record.homes.is_empty() {
+    let Some(homes) = &m.record.homes else {
         let mut answering = all.to_vec();
         answering.retain(|r| !down.contains(&r.addr));
         return hash_homes(&m.record.wireguard_key, &answering);
-    }
-    m.record
-        .homes
+    };
+    homes
         .iter()
         .filter_map(|k| all.iter().find(|r| r.key == *k))
         .cloned()
@@ -234,7 +241,7 @@ pub const REBALANCE_EVERY: Duration = Duration::from_secs(10);
 /// [`HOME_GRACE`].
 #[derive(Debug, Default)]
 pub struct HomeRelays {
-    published: Vec<[u8; 32]>,
+    published: Option<Vec<[u8; 32]>>,
     at: Option<Instant>,
     leaving: Vec<(Relay, Instant)>,
     last: Vec<Relay>,
@@ -245,33 +252,51 @@ pub struct HomeRelays {
 pub struct HomesRound {
     /// Every relay to register with: the homes in use, then the ones left within their grace.
     pub register: Vec<Relay>,
-    /// The homes to publish in the record, when they change.
-    pub publish: Option<Vec<[u8; 32]>>,
+    /// The homes to publish in the record, when they change (the outer `Some`; the inner
+    /// `None` when this node is not behind NAT).
+    pub publish: Option<Option<Vec<[u8; 32]>>>,
 }
 
 impl HomeRelays {
-    /// Takes this round's [`own_homes`] at `now`.
-    pub fn round(&mut self, now: Instant, wanted: Vec<Relay>) -> HomesRound {
-        let keys: Vec<[u8; 32]> = wanted.iter().map(|r| r.key).collect();
-        let lost = self.published.iter().any(|k| !keys.contains(k));
+    /// Takes this round's [`own_homes`] at `now` (`None` when this node is not behind NAT),
+    /// the relays it may use ([`usable`]), and the relays it may use but that answer no probe
+    /// (`silent`). A change is published at once when a published home can no longer be used
+    /// (or this node went behind NAT or came out), and a change that only rebalances at most
+    /// every [`REBALANCE_EVERY`]. A home left stays registered for [`HOME_GRACE`], and for as
+    /// long as it stays silent: registered, it is still probed, so it is not taken back
+    /// while silent (and dropped again a moment later) once the service forgets it.
+    pub fn round(
+        &mut self,
+        now: Instant,
+        wanted: Option<Vec<Relay>>,
+        usable: &[Relay],
+        silent: &[Relay],
+    ) -> HomesRound {
+        let keys: Option<Vec<[u8; 32]>> =
+            wanted.as_ref().map(|w| w.iter().map(|r| r.key).collect());
+        let urgent = match &self.published {
+            Some(p) => keys.is_none() || p.iter().any(|k| !usable.iter().any(|r| r.key == *k)),
+            None => keys.is_some(),
+        };
         let waited = self
             .at
             .is_none_or(|t| now.saturating_duration_since(t) >= REBALANCE_EVERY);
-        let publish = (keys != self.published && (lost || waited)).then(|| {
+        let publish = (keys != self.published && (urgent || waited)).then(|| {
             self.published.clone_from(&keys);
             self.at = Some(now);
             keys
         });
         // Homes left (dropped, or waiting for a rebalance's turn to be published) stay
         // registered for their grace: longer than a rebalance waits.
-        let current = wanted;
+        let current = wanted.unwrap_or_default();
         for r in &self.last {
             if !current.contains(r) && !self.leaving.iter().any(|(h, _)| h == r) {
                 self.leaving.push((r.clone(), now));
             }
         }
         self.leaving.retain(|(r, since)| {
-            !current.contains(r) && now.saturating_duration_since(*since) < HOME_GRACE
+            !current.contains(r)
+                && (now.saturating_duration_since(*since) < HOME_GRACE || silent.contains(r))
         });
         self.last.clone_from(&current);
         HomesRound {
@@ -294,6 +319,54 @@ pub fn stranded(me: &NodeRecord, members: &[Member], peers: &[([u8; 32], Relay)]
         .map(|m| m.record.wireguard_key)
         .filter(|k| *k != me.wireguard_key && !peers.iter().any(|(p, _)| p == k))
         .collect()
+}
+
+/// Why no relay from this node (under `policy`, with `down` silent) can carry peer `m`, a
+/// [`stranded`] one, for status.
+pub fn why_stranded(
+    m: &Member,
+    members: &[Member],
+    policy: &Policy,
+    down: &[SocketAddr],
+) -> String {
+    const BOTH: &str = "both ends are behind NAT, no direct path came up, and";
+    if *policy == Policy::Never {
+        return format!("{BOTH} mesh.relay is never");
+    }
+    let all = relays(members, &Policy::Auto);
+    if all.is_empty() {
+        return format!("{BOTH} no member can relay (none is public, alive and not behind NAT)");
+    }
+    let homes = homes_of(m, &all, &[]);
+    if homes.is_empty() {
+        return if m.record.homes.as_ref().is_some_and(Vec::is_empty) {
+            format!("{BOTH} it has no relay to register with")
+        } else {
+            format!("{BOTH} none of the relays it registers with is alive")
+        };
+    }
+    let names = |v: Vec<&Relay>| {
+        v.iter()
+            .map(|r| format!("{} ({})", r.name, r.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let allowed_homes: Vec<&Relay> = homes.iter().filter(|r| allowed(policy, r)).collect();
+    if allowed_homes.is_empty() {
+        return format!(
+            "{BOTH} mesh.relay allows none of the relays it registers with: {}",
+            names(homes.iter().collect())
+        );
+    }
+    format!(
+        "{BOTH} no relay answers (silent: {})",
+        names(
+            allowed_homes
+                .into_iter()
+                .filter(|r| down.contains(&r.addr))
+                .collect()
+        )
+    )
 }
 
 #[cfg(test)]
@@ -330,14 +403,14 @@ mod tests {
                 } else {
                     vec![]
                 },
-                homes: vec![],
+                homes: None,
             },
         }
     }
 
     fn publish(members: &mut [Member], i: usize) -> Vec<Relay> {
         let homes = own_homes(&members[i].record, members, &Policy::Auto, &[]);
-        members[i].record.homes = homes.iter().map(|r| r.key).collect();
+        members[i].record.homes = Some(homes.iter().map(|r| r.key).collect());
         homes
     }
 
@@ -491,18 +564,20 @@ mod tests {
         let after = assign(&relays, &more);
         let moved = nodes.iter().filter(|n| after[*n] != homes[*n]).count();
         assert!(moved <= 30, "{moved} of 300 nodes changed homes");
-        // Every relay full but one: the least loaded takes the rest.
-        let two = &relays[..2];
-        let h = assign(two, &nodes[..5]);
+        // Two relays: both are every node's homes; one: it is every node's only home.
+        let h = assign(&relays[..2], &nodes[..5]);
         assert!(h.values().all(|v| v.len() == 2));
+        let h = assign(&relays[..1], &nodes[..5]);
+        assert!(h.values().all(|v| v.len() == 1 && v[0] == relays[0]));
         assert!(assign(&[], &nodes).is_empty());
         eprintln!(
             "homes of 300 nodes on 10 relays: busiest {max} (plain hash order {plain_max}), {moved} moved when one joined"
         );
     }
 
-    #[test]
-    fn a_peer_is_reached_through_the_first_usable_home_its_record_names() {
+    /// Relays p1, p2, p3, and a and b behind NAT; b names p3 then p2 as its homes, whatever
+    /// a would work out for it.
+    fn three_relays_and_b_naming_p3_then_p2() -> Vec<Member> {
         let mut members = vec![
             member("p1", 1, Some("198.19.0.1"), false),
             member("p2", 2, Some("198.19.0.2"), false),
@@ -510,8 +585,13 @@ mod tests {
             member("a", 6, None, true),
             member("b", 7, None, true),
         ];
-        // b names p3 then p2, whatever a would work out for it.
-        members[4].record.homes = vec![[3; 32], [2; 32]];
+        members[4].record.homes = Some(vec![[3; 32], [2; 32]]);
+        members
+    }
+
+    #[test]
+    fn a_peer_is_reached_through_the_first_usable_home_its_record_names() {
+        let mut members = three_relays_and_b_naming_p3_then_p2();
         let me = members[3].record.clone();
         let via = |members: &[Member], policy: &Policy, down: &[SocketAddr]| {
             plan(&me, members, policy, down)
@@ -545,6 +625,57 @@ mod tests {
             ["p2"]
         );
         assert!(own_homes(&members[0].record, &members, &Policy::Auto, &[]).is_empty());
+        // A record that says it has no relay is stranded with that reason, not reached by
+        // the hash order (as a record of an older build, without homes, is).
+        members[4].record.homes = Some(vec![]);
+        let (_, peers) = plan(&me, &members, &Policy::Auto, &[]);
+        assert_eq!(stranded(&me, &members, &peers), [[7; 32]]);
+        assert!(
+            why_stranded(&members[4], &members, &Policy::Auto, &[])
+                .ends_with("it has no relay to register with")
+        );
+        members[4].record.homes = None;
+        let (_, peers) = plan(&me, &members, &Policy::Auto, &[]);
+        assert!(stranded(&me, &members, &peers).is_empty());
+    }
+
+    #[test]
+    fn a_stranded_peer_is_shown_with_why_no_relay_from_here_can_carry_it() {
+        let mut members = three_relays_and_b_naming_p3_then_p2();
+        members[2].alive = false;
+        let p2: SocketAddr = "198.19.0.2:51821".parse().unwrap();
+        // Why, as status shows it: what this node's policy and probes leave of b's homes.
+        let why = |policy: &Policy, down: &[SocketAddr]| {
+            why_stranded(&members[4], &members, policy, down)
+        };
+        assert!(
+            why(&Policy::Auto, &[p2]).ends_with("no relay answers (silent: p2 (198.19.0.2:51821))"),
+            "{}",
+            why(&Policy::Auto, &[p2])
+        );
+        let only_p1 = Policy::Named(vec!["p1".into()]);
+        assert!(
+            why(&only_p1, &[]).ends_with(
+                "mesh.relay allows none of the relays it registers with: p2 (198.19.0.2:51821)"
+            ),
+            "{}",
+            why(&only_p1, &[])
+        );
+        assert!(why(&Policy::Never, &[]).ends_with("mesh.relay is never"));
+        let mut no_relays = members.clone();
+        for r in &mut no_relays[..3] {
+            r.alive = false;
+        }
+        assert!(
+            why_stranded(&no_relays[4], &no_relays, &Policy::Auto, &[])
+                .ends_with("no member can relay (none is public, alive and not behind NAT)")
+        );
+        let mut gone_homes = members.clone();
+        gone_homes[1].alive = false;
+        assert!(
+            why_stranded(&gone_homes[4], &gone_homes, &Policy::Auto, &[])
+                .ends_with("none of the relays it registers with is alive")
+        );
     }
 
     #[test]
@@ -552,35 +683,76 @@ mod tests {
      {
         let t0 = Instant::now();
         let [r0, r1, r2] = [relay(0), relay(1), relay(2)];
+        let all = [r0.clone(), r1.clone(), r2.clone()];
         let names = |v: &[Relay]| v.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        let keys = |v: &[&Relay]| Some(Some(v.iter().map(|r| r.key).collect::<Vec<_>>()));
         let mut h = HomeRelays::default();
-        let first = h.round(t0, vec![r0.clone(), r1.clone()]);
-        assert_eq!(first.publish, Some(vec![r0.key, r1.key]));
+        let first = h.round(t0, Some(vec![r0.clone(), r1.clone()]), &all, &[]);
+        assert_eq!(first.publish, keys(&[&r0, &r1]));
         assert_eq!(names(&first.register), ["r0", "r1"]);
-        let same = h.round(t0 + Duration::from_secs(1), vec![r0.clone(), r1.clone()]);
+        let sec = Duration::from_secs(1);
+        let same = h.round(t0 + sec, Some(vec![r0.clone(), r1.clone()]), &all, &[]);
         assert_eq!(same.publish, None);
-        // r1 silent: replaced at once; r1 stays registered for the grace.
-        let t = t0 + Duration::from_secs(2);
-        let lost = h.round(t, vec![r0.clone(), r2.clone()]);
-        assert_eq!(lost.publish, Some(vec![r0.key, r2.key]));
+        // r1 silent: replaced at once; r1 stays registered (and so probed) for the grace.
+        let t = t0 + sec * 2;
+        let answering = [r0.clone(), r2.clone()];
+        let silent = [r1.clone()];
+        let wanted = || Some(vec![r0.clone(), r2.clone()]);
+        let lost = h.round(t, wanted(), &answering, &silent);
+        assert_eq!(lost.publish, keys(&[&r0, &r2]));
         assert_eq!(names(&lost.register), ["r0", "r2", "r1"]);
-        // A reorder (no home lost) waits for the rebalance period since the last publication.
-        let early = h.round(t + Duration::from_secs(1), vec![r2.clone(), r0.clone()]);
-        assert_eq!(early.publish, None);
-        assert_eq!(names(&early.register), ["r2", "r0", "r1"]);
-        let due = h.round(t + REBALANCE_EVERY, vec![r2.clone(), r0.clone()]);
-        assert_eq!(due.publish, Some(vec![r2.key, r0.key]));
-        let graced = h.round(
-            t + HOME_GRACE - Duration::from_secs(1),
-            vec![r2.clone(), r0.clone()],
+        // ... and past it, for as long as it stays silent: not forgotten and taken back.
+        let held = h.round(t + HOME_GRACE * 3, wanted(), &answering, &silent);
+        assert_eq!(
+            (held.publish, names(&held.register)),
+            (None, names(&[r0.clone(), r2.clone(), r1.clone()]))
         );
-        assert_eq!(names(&graced.register), ["r2", "r0", "r1"]);
-        let t = t + HOME_GRACE;
-        let gone = h.round(t, vec![r2.clone(), r0.clone()]);
-        assert_eq!(names(&gone.register), ["r2", "r0"]);
-        // No longer behind NAT: nothing to publish, nothing kept but the grace.
-        let public = h.round(t + Duration::from_secs(1), vec![]);
-        assert_eq!(public.publish, Some(vec![]));
-        assert_eq!(names(&public.register), ["r2", "r0"]);
+        let t = t + HOME_GRACE * 3 + sec;
+        let answers = h.round(t, wanted(), &all, &[]);
+        assert_eq!(names(&answers.register), ["r0", "r2"]);
+        // A change that only rebalances (every home still usable) waits for the rebalance
+        // period since the last publication; a home no longer usable is published at once.
+        let mut h = HomeRelays::default();
+        let _ = h.round(t, Some(vec![r0.clone(), r1.clone()]), &all, &[]);
+        let early = h.round(t + sec, Some(vec![r0.clone(), r2.clone()]), &all, &[]);
+        assert_eq!(early.publish, None);
+        assert_eq!(
+            names(&early.register),
+            ["r0", "r2", "r1"],
+            "r1 kept while it is published"
+        );
+        let due = h.round(
+            t + REBALANCE_EVERY,
+            Some(vec![r0.clone(), r2.clone()]),
+            &all,
+            &[],
+        );
+        assert_eq!(due.publish, keys(&[&r0, &r2]));
+        let graced = h.round(
+            t + HOME_GRACE - sec,
+            Some(vec![r0.clone(), r2.clone()]),
+            &all,
+            &[],
+        );
+        assert_eq!(names(&graced.register), ["r0", "r2", "r1"]);
+        let gone = h.round(
+            t + HOME_GRACE + sec,
+            Some(vec![r0.clone(), r2.clone()]),
+            &all,
+            &[],
+        );
+        assert_eq!(names(&gone.register), ["r0", "r2"]);
+        // No relay usable: "none" is published at once (peers report it, rather than guess).
+        let t = t + HOME_GRACE * 2;
+        let none = h.round(t, Some(vec![]), &[], &[]);
+        assert_eq!(none.publish, Some(Some(vec![])));
+        // No longer behind NAT: nothing published, at once; the grace still holds.
+        let mut h = HomeRelays::default();
+        let _ = h.round(t, Some(vec![r0.clone()]), &all, &[]);
+        let public = h.round(t + sec, None, &all, &[]);
+        assert_eq!(public.publish, Some(None));
+        assert_eq!(names(&public.register), ["r0"]);
+        let never = HomeRelays::default().round(t, None, &all, &[]);
+        assert_eq!(never.publish, None, "a public node publishes nothing");
     }
 }
