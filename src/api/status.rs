@@ -109,6 +109,10 @@ pub struct NodeStatus {
     /// them.
     #[serde(default)]
     pub observed_endpoints: Vec<String>,
+    /// The relays this node, behind NAT, registers with and publishes as its homes (by name),
+    /// best first: its peers behind NAT reach it through these.
+    #[serde(default)]
+    pub home_relays: Vec<String>,
 }
 
 impl NodeStatus {
@@ -223,6 +227,10 @@ impl Status {
                 "  behind NAT  seen at {}",
                 n.observed_endpoints.join(", ")
             );
+        }
+        if !n.home_relays.is_empty() {
+            let names: Vec<String> = n.home_relays.iter().map(|r| printable(r)).collect();
+            let _ = writeln!(s, "  relays      registered with {}", names.join(", "));
         }
         let _ = writeln!(
             s,
@@ -343,7 +351,8 @@ mod tests {
                 interface: "weft0".into(),
                 mtu: 1420,
                 listen_port: 51820,
-                observed_endpoints: Vec::new(),
+                observed_endpoints: vec!["198.19.0.101:40001".into()],
+                home_relays: vec!["p1".into(), "p2".into()],
             },
             peers: vec![PeerStatus {
                 name: "b".into(),
@@ -376,6 +385,8 @@ mod tests {
             "1234",
             "5678",
             "encrypted",
+            "behind NAT  seen at 198.19.0.101:40001",
+            "relays      registered with p1, p2",
         ] {
             assert!(t.contains(want), "{want} missing from\n{t}");
         }
@@ -415,7 +426,8 @@ mod tests {
                 interface: "weft0".into(),
                 mtu: 1420,
                 listen_port: 51820,
-                observed_endpoints: Vec::new(),
+                observed_endpoints: vec!["198.19.0.101:40001".into()],
+                home_relays: vec![evil.into()],
             },
             peers: vec![peer],
             drops: Default::default(),
@@ -426,6 +438,10 @@ mod tests {
         let table = st.table();
         assert!(!table.chars().any(bad), "{table:?}");
         assert!(table.contains("x?]0;pwned??[2J??31m?gnp"), "{table:?}");
+        assert!(
+            table.contains("relays      registered with x?]0;pwned"),
+            "{table:?}"
+        );
         // serde_json escapes C0 but writes DEL and C1 (U+009B starts a CSI sequence) raw; the
         // JSON `weft status --json` prints escapes them too and still carries the name as is.
         assert!(serde_json::to_string(&st).unwrap().contains('\u{9b}'));

@@ -207,6 +207,7 @@ fn node_status(config: &Config, checked: &Checked, bound: &Bound) -> NodeStatus 
         mtu: bound.mtu,
         listen_port: config.router.port,
         observed_endpoints: Vec::new(),
+        home_relays: Vec::new(),
     };
     shown.set_facts(&bound.facts);
     shown

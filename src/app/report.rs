@@ -37,6 +37,18 @@ pub fn status(
     if let Some(m) = mesh.as_ref().and(mesh_snap) {
         node.pod_cidrs = m.record.pod_cidrs.iter().map(ToString::to_string).collect();
         node.observed_endpoints = m.record.observed.iter().map(ToString::to_string).collect();
+        node.home_relays = m
+            .record
+            .homes
+            .iter()
+            .flatten()
+            .map(|k| {
+                m.members
+                    .iter()
+                    .find(|x| x.record.wireguard_key == *k)
+                    .map_or_else(|| keys::encode(k), |x| x.record.name.clone())
+            })
+            .collect();
     }
     Status {
         node,

@@ -269,6 +269,19 @@ fn when_the_relay_dies_traffic_moves_to_the_next_home_relay_within_ten_seconds()
     let dead = relayed(&m, "a", "b")?;
     relayed(&m, "b", "a")?;
     ping_within(&m, "a", "b", Duration::from_secs(15))?;
+    // b registers with both relays and publishes them; a goes through the first b names.
+    let homes = m.status("b")?["node"]["home_relays"].clone();
+    let names: Vec<&str> = homes
+        .as_array()
+        .context("b's status has no home_relays")?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "b's homes: {homes}");
+    assert_eq!(
+        names[0], dead,
+        "a goes through b's first published home: {homes}"
+    );
     let other = if dead == "p1" { "p2" } else { "p1" };
     m.lab.kill(&dead)?;
     #[expect(
