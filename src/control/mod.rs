@@ -455,9 +455,7 @@ impl Reconciler {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let policy = &self.inputs.relay_policy;
-        let usable = relays::usable(&snap.members, policy, &self.relays_down);
-        let mut silent = relays::relays(&snap.members, policy);
-        silent.retain(|r| self.relays_down.contains(&r.addr));
+        let (usable, silent) = relays::usable(&snap.members, policy, &self.relays_down);
         let wanted = relays::behind_nat(&snap.record).then_some(homes);
         let round = self.homes.round(now, wanted, &usable, &silent);
         if let Some(keys) = round.publish {

@@ -153,11 +153,16 @@ fn natted(members: &[Member]) -> impl Iterator<Item = &Member> {
         .filter(|m| m.alive && !m.record.left && behind_nat(&m.record))
 }
 
-/// The relays this node may use as its homes: those its policy allows, not in `down`.
-pub fn usable(members: &[Member], policy: &Policy, down: &[SocketAddr]) -> Vec<Relay> {
-    let mut usable = relays(members, policy);
-    usable.retain(|r| !down.contains(&r.addr));
-    usable
+/// The relays this node's policy allows, split into those it may use as its homes and those
+/// it may not because they answer no probe (in `down`).
+pub fn usable(
+    members: &[Member],
+    policy: &Policy,
+    down: &[SocketAddr],
+) -> (Vec<Relay>, Vec<Relay>) {
+    relays(members, policy)
+        .into_iter()
+        .partition(|r| !down.contains(&r.addr))
 }
 
 /// The home relays this node (`me`, behind NAT) registers with and publishes: its part of
@@ -173,7 +178,7 @@ pub fn own_homes(
     if !behind_nat(me) {
         return Vec::new();
     }
-    let usable = usable(members, policy, down);
+    let (usable, _) = usable(members, policy, down);
     let keys: Vec<[u8; 32]> = natted(members)
         .map(|m| m.record.wireguard_key)
         .chain(std::iter::once(me.wireguard_key))
