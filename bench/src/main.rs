@@ -486,10 +486,12 @@ fn main() -> anyhow::Result<()> {
             let scaling = router::scaling(&workers, Duration::from_secs(secs), reps)?;
             let report = format!(
                 "# weft-bench router\n\n- machine: {}\n- command: `{command}`\n- criterion means, one core, no I/O\n\n{table}\n\
-                 ## Encryption across cores\n\nEach worker is a thread with a router and a WireGuard session of its own (the\n\
-                 sharded design of a multi-core data path: nothing shared between workers), encrypting\n\
-                 {} B packets for {secs} s; median of {reps} runs. No I/O: this is the part that scales\n\
-                 with cores, measured alone.\n\n{scaling}",
+                 ## Encryption across cores\n\nEach worker is a thread encrypting {} B packets for {secs} s; median of {reps} runs; no I/O.\n\
+                 Sharded: each worker has a router and a WireGuard session of its own (nothing shared: the\n\
+                 part of a multi-core data path that scales with cores, measured alone). Shared router: the\n\
+                 workers encrypt through one router behind a mutex, locked per batch of 64 packets, as the\n\
+                 daemon's workers share it today: this measures the lock, which lets one core encrypt at a\n\
+                 time (the daemon's workers overlap their system calls, not their encryption).\n\n{scaling}",
                 net::machine(),
                 1420
             );

@@ -241,26 +241,85 @@ fn encrypt_rate(workers: usize, measure: Duration) -> anyhow::Result<f64> {
     Ok(counts.iter().sum::<u64>() as f64 / measure.as_secs_f64())
 }
 
+/// Packets per second `workers` threads encrypt through one router behind a mutex, as the
+/// daemon's workers share it: each locks it for a batch of [`SHARED_BATCH`] packets.
+fn encrypt_rate_shared(workers: usize, measure: Duration) -> anyhow::Result<f64> {
+    let start = std::sync::Barrier::new(workers);
+    let payload = vec![0x5au8; PACKET - 28];
+    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), &payload);
+    let pair = Pair::new(PathKind::Encrypted)?;
+    let now = pair.now;
+    let router = std::sync::Mutex::new(pair.a);
+    let counts = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<u64> {
+                    let mut out = vec![0u8; 2048];
+                    start.wait();
+                    #[expect(clippy::disallowed_methods, reason = "the benchmark times itself")]
+                    let began = Instant::now();
+                    let mut sent = 0u64;
+                    // Bounded by time, checked every batch.
+                    while began.elapsed() < measure {
+                        let mut r = router
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("a worker panicked"))?;
+                        for _ in 0..SHARED_BATCH {
+                            if !matches!(
+                                r.handle_tun_packet(now, &pkt, &mut out),
+                                TunAction::Transmit(_)
+                            ) {
+                                bail!("a packet was not encrypted");
+                            }
+                        }
+                        drop(r);
+                        sent += SHARED_BATCH as u64;
+                    }
+                    Ok(sent)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?)
+            .collect::<anyhow::Result<Vec<u64>>>()
+    })?;
+    Ok(counts.iter().sum::<u64>() as f64 / measure.as_secs_f64())
+}
+
+/// Packets a daemon worker encrypts per lock of the shared router (a TUN batch).
+const SHARED_BATCH: usize = 64;
+
+/// The median of `reps` runs of `rate`.
+fn median(reps: usize, rate: impl Fn() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+    let mut rates = (0..reps.max(1))
+        .map(|_| rate())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[rates.len() / 2])
+}
+
 /// The table of encryption rates with each number of `workers` (median of `reps` runs of
-/// `measure`), and each rate against one worker's.
+/// `measure`), and each rate against one worker's: with a session per worker (sharded), and
+/// through one router shared behind a mutex (as the daemon runs today).
 pub(crate) fn scaling(workers: &[usize], measure: Duration, reps: usize) -> anyhow::Result<String> {
     let mut md = String::from(
-        "| workers | encrypted packets/s (median) | Gbit/s | vs 1 worker |\n|---:|---:|---:|---:|\n",
+        "| workers | sharded: packets/s (median) | Gbit/s | vs 1 worker | shared router: packets/s (median) | Gbit/s | vs 1 worker |\n|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    let mut one = None;
+    let (mut one, mut one_shared) = (None, None);
+    let gbits = |pps: f64| pps * PACKET as f64 * 8.0 / 1e9;
     for &w in workers {
-        let mut rates = (0..reps.max(1))
-            .map(|_| encrypt_rate(w, measure))
-            .collect::<anyhow::Result<Vec<f64>>>()?;
-        rates.sort_by(f64::total_cmp);
-        let median = rates[rates.len() / 2];
-        let base = *one.get_or_insert(if w == 1 { median } else { f64::NAN });
+        let sharded = median(reps, || encrypt_rate(w, measure))?;
+        let shared = median(reps, || encrypt_rate_shared(w, measure))?;
+        let base = *one.get_or_insert(if w == 1 { sharded } else { f64::NAN });
+        let base_shared = *one_shared.get_or_insert(if w == 1 { shared } else { f64::NAN });
         let _ = writeln!(
             md,
-            "| {w} | {:.0} | {:.2} | {:.2}× |",
-            median,
-            median * PACKET as f64 * 8.0 / 1e9,
-            median / base
+            "| {w} | {sharded:.0} | {:.2} | {:.2}× | {shared:.0} | {:.2} | {:.2}× |",
+            gbits(sharded),
+            sharded / base,
+            gbits(shared),
+            shared / base_shared
         );
     }
     Ok(md)

@@ -264,6 +264,79 @@ pub struct Router {
     pub interface: String,
     /// Which speed-ups the data path may use (default all: `auto`).
     pub offload: Offload,
+    /// How many threads move packets (default `auto`: one per core this process may use).
+    pub workers: Workers,
+}
+
+/// `router.workers`: how many data-path threads the daemon runs, each with its own TUN queue
+/// and UDP socket. Written `auto` (one per core the process may run on) or a count from 1 to
+/// [`Workers::MAX`]; `1` is the single-threaded path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Workers {
+    /// One per available core, at most [`Workers::MAX`].
+    #[default]
+    Auto,
+    /// Exactly this many.
+    Count(u16),
+}
+
+impl Workers {
+    /// The most workers: a TUN device has at most 256 queues, and past a few dozen cores one
+    /// node's overlay traffic is not what the cores are for.
+    pub const MAX: u16 = 64;
+
+    /// The number of workers, with `auto` resolved against `cores` (the cores this process may
+    /// use, from [`std::thread::available_parallelism`]).
+    pub fn resolve(self, cores: usize) -> usize {
+        match self {
+            Self::Auto => cores.clamp(1, usize::from(Self::MAX)),
+            Self::Count(n) => usize::from(n),
+        }
+    }
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Workers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<u16>() {
+            Ok(n) if (1..=Self::MAX).contains(&n) => Ok(Self::Count(n)),
+            _ => Err(format!(
+                "{s:?} is not auto or a number of workers from 1 to {}",
+                Self::MAX
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Word(String),
+        }
+        let text = match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected auto or a number of workers"))?
+        {
+            Raw::Number(n) => n.to_string(),
+            Raw::Word(w) => w,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// A plain WireGuard peer outside the mesh.

@@ -75,6 +75,7 @@ pub(crate) struct RawRouter {
     pub(crate) port: Option<Port>,
     pub(crate) interface: Option<String>,
     pub(crate) offload: Option<crate::Offload>,
+    pub(crate) workers: Option<crate::Workers>,
 }
 
 #[derive(Debug, Deserialize)]

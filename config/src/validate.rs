@@ -273,6 +273,7 @@ pub(crate) fn validate(
         port: raw.router.port.map_or(51820, |p| p.0),
         interface,
         offload: raw.router.offload.unwrap_or_default(),
+        workers: raw.router.workers.unwrap_or_default(),
     };
 
     // wireguard_peers: unique names, keys and prefixes (our own block counts as claimed).

@@ -390,3 +390,33 @@ fn offload_is_auto_off_or_a_list_of_mechanisms() {
     let msg = refused("router:\n  offload: [udp_gso, warp]\n", 2, "router.offload");
     assert!(msg.contains("\"warp\"") && msg.contains("udp_gro"), "{msg}");
 }
+
+#[test]
+fn workers_are_auto_or_a_count_from_one_to_the_most_and_anything_else_is_named() {
+    use weft_config::Workers;
+    assert_eq!(parse("").unwrap().router.workers, Workers::Auto);
+    assert_eq!(
+        parse("router:\n  workers: auto\n").unwrap().router.workers,
+        Workers::Auto
+    );
+    assert_eq!(
+        parse("router:\n  workers: 4\n").unwrap().router.workers,
+        Workers::Count(4)
+    );
+    assert_eq!(
+        parse("router:\n  workers: \"1\"\n").unwrap().router.workers,
+        Workers::Count(1)
+    );
+    for bad in ["0", "65", "-1", "many", "70000", "2.5"] {
+        let msg = refused(&format!("router:\n  workers: {bad}\n"), 2, "router.workers");
+        assert!(
+            msg.contains("not auto or a number of workers from 1 to 64")
+                || msg.contains("expected auto or a number of workers"),
+            "{bad}: {msg}"
+        );
+    }
+    assert_eq!(Workers::Auto.resolve(8), 8);
+    assert_eq!(Workers::Auto.resolve(0), 1);
+    assert_eq!(Workers::Auto.resolve(512), 64);
+    assert_eq!(Workers::Count(3).resolve(1), 3);
+}

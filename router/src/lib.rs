@@ -11,9 +11,32 @@
 //! `now` it is given, follows roaming peers, drops spoofed inner sources, and counts everything
 //! ([`PeerCounters`], [`Drops`]). It owns no socket, spawns no task and never reads the clock.
 //!
-//! The `driver` module (feature `driver`, on by default) is one tokio task that owns the TUN
-//! device, the UDP socket and the router, moves bytes between them in batches, and decides
+//! The `driver` module (feature `driver`, on by default) runs the data-path workers around the
+//! router: each moves bytes between its TUN queue and its UDP socket in batches, and decides
 //! nothing. TUN and UDP sit behind small traits with in-memory implementations for tests.
+//!
+//! # Workers
+//!
+//! `router.workers` data-path workers run, each a thread with a single-threaded tokio runtime:
+//!
+//! - **Its own TUN queue.** With more than one worker the device is multi-queue
+//!   (`IFF_MULTI_QUEUE`). The kernel puts each flow on one queue (by its flow hash, or on the
+//!   queue its return packets were written to), so a flow is read, encrypted and sent by one
+//!   worker, in order.
+//! - **Its own UDP socket**, all bound to `router.port` in a `SO_REUSEPORT` group. The kernel
+//!   hands each datagram to one socket by a hash of its addresses and ports, so one peer's
+//!   datagrams (one underlay 4-tuple) reach one worker, in order.
+//! - **One shared [`Router`]** behind a mutex, locked while a batch is routed and encrypted (a
+//!   buffer of up to 512 KB out, one receive buffer of up to 64 datagrams in), unlocked for
+//!   every system call. Encryption is about a quarter of a worker's time at full speed here (the
+//!   rest is the system calls and the kernel's work on them), so workers overlap that rest on
+//!   every core; the lock lets one core encrypt at a time (`weft-bench router --shared` measures
+//!   it). Peers' WireGuard counters stay consistent, and packets of two flows to one peer may
+//!   leave in either order, which the receiver's replay window takes.
+//! - **Timers and commands on worker 0 only**, so WireGuard's timers run once per peer however
+//!   many workers there are. Any worker sends what the router queued (handshake answers,
+//!   packets released by a handshake).
+//! - A supervisor stops every worker when one stops (the daemon gone, its device failed).
 //!
 //! # Layout
 //!

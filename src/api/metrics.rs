@@ -95,6 +95,12 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerFrom {
+    worker: String,
+    from: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
     state: String,
 }
@@ -177,6 +183,7 @@ pub fn render_all(
     }
     render_peers(&mut reg, router);
     render_drops(&mut reg, router);
+    render_workers(&mut reg, router);
     plain_counter(
         &mut reg,
         "weft_ipam_reclaims",
@@ -338,6 +345,26 @@ fn render_peers(reg: &mut Registry, router: &Snapshot) {
                 state: p.state.as_str().to_owned(),
             })
             .set(1.0);
+    }
+}
+
+/// Each data-path worker's packets: how the TUN queues and the socket group spread the load.
+fn render_workers(reg: &mut Registry, router: &Snapshot) {
+    let family = counter::<WorkerFrom>(
+        reg,
+        "weft_router_worker_packets",
+        "Packets each data-path worker took in, from its TUN queue (tun) or its UDP socket (network)",
+        None,
+    );
+    for (i, w) in router.workers.iter().enumerate() {
+        for (from, n) in [("tun", w.tun_packets), ("network", w.datagrams)] {
+            family
+                .get_or_create(&WorkerFrom {
+                    worker: i.to_string(),
+                    from: from.into(),
+                })
+                .inc_by(n);
+        }
     }
 }
 
@@ -662,6 +689,7 @@ mod tests {
                     peers: Vec::new(),
                     drops: weft_router::Drops::default(),
                     send_errors: 0,
+                    workers: Vec::new(),
                 });
             }
         });

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use weft_config::Config;
 use weft_ipam::{Pool, SavedBlock};
 use weft_router::Router;
-use weft_router::driver::{BoundUdp, bind_udp, open_tun};
+use weft_router::driver::{BoundUdp, bind_udp_workers, open_tun_queues};
 
 use crate::api::ApiSocket;
 use crate::control;
@@ -139,7 +139,8 @@ pub(super) struct Bound {
     pub(super) signals: Signals,
     pub(super) facts: OwnFacts,
     pub(super) mtu: u16,
-    pub(super) udp: BoundUdp,
+    /// One socket per data-path worker, on `router.port`.
+    pub(super) udp: Vec<BoundUdp>,
     pub(super) gossip: Option<([u8; 32], TcpListener)>,
     /// The relay port (the router's + 1), with the mesh.
     pub(super) relay: Option<tokio::net::UdpSocket>,
@@ -174,8 +175,15 @@ pub(super) async fn bind(config: &Config, checked: &Checked) -> anyhow::Result<O
         return Ok(None);
     };
     let mtu = crate::host::netlink::choose_mtu(config, &netlink, facts.private_address).await?;
-    let udp = bind_udp(config.router.port, &config.router.offload)
-        .with_context(|| format!("binding UDP port {} (router.port)", config.router.port))?;
+    let workers = workers(config);
+    let udp = bind_udp_workers(config.router.port, &config.router.offload, workers).with_context(
+        || {
+            format!(
+                "binding UDP port {} (router.port) for {workers} workers (router.workers)",
+                config.router.port
+            )
+        },
+    )?;
     let gossip = match checked.secret {
         Some(secret) => Some((secret, control::bind_gossip(config.mesh.port).await?)),
         None => None,
@@ -219,7 +227,8 @@ pub(super) async fn bind(config: &Config, checked: &Checked) -> anyhow::Result<O
 /// What is installed on the host: the TUN device (owned by the guard) and what follows the
 /// node's blocks.
 pub(super) struct Host {
-    pub(super) tun: tun_rs::SyncDevice,
+    /// One queue per data-path worker.
+    pub(super) tun: Vec<tun_rs::SyncDevice>,
     pub(super) installed: Installed,
     pub(super) index: u32,
     pub(super) masquerade: Option<control::Masquerade>,
@@ -238,7 +247,12 @@ pub(super) async fn install(
     let offload = config.router.offload;
     let nl = &bound.netlink;
     let (tun, tun_offload) =
-        open_tun(iface, offload.tun).with_context(|| format!("creating TUN device {iface}"))?;
+        open_tun_queues(iface, offload.tun, bound.udp.len()).with_context(|| {
+            format!(
+                "creating TUN device {iface} with {} queues (router.workers)",
+                bound.udp.len()
+            )
+        })?;
     let mut installed = Installed::new(nl.clone(), iface.clone());
     let index = match nl.link(iface).await {
         Ok(Some((index, _))) => index,
@@ -250,8 +264,9 @@ pub(super) async fn install(
     info!(
         allowed = ?offload.names(),
         batched_receive = offload.udp_batch,
-        udp_gso_segments = bound.udp.max_segments(),
-        udp_gro = bound.udp.gro(),
+        udp_gso_segments = bound.udp.first().map_or(1, BoundUdp::max_segments),
+        udp_gro = bound.udp.first().is_some_and(BoundUdp::gro),
+        workers = bound.udp.len(),
         tun_offload = tun_offload,
         "data path offloads"
     );
@@ -324,4 +339,11 @@ async fn facts_before_the_device(
         ),
     }
     Some(facts)
+}
+
+/// How many data-path workers `router.workers` asks for on this machine: `auto` is one per core
+/// this process may run on (its CPU affinity and cgroup quota count).
+fn workers(config: &Config) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    config.router.workers.resolve(cores)
 }

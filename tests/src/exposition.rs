@@ -120,11 +120,31 @@ mod tests {
             peers: Vec::new(),
             drops,
             send_errors: 0,
+            workers: vec![
+                weft_router::driver::WorkerCounters {
+                    tun_packets: 5,
+                    datagrams: 7,
+                },
+                weft_router::driver::WorkerCounters::default(),
+            ],
         };
         let body = weft::api::metrics::render(&snap, None, &ipam);
         let samples = parse_exposition(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
         let find = |n: &str| samples.iter().find(|s| s.name == n).map(|s| s.value);
         assert_eq!(find("weft_ipam_reclaims_total"), Some(2.0), "{body}");
         assert_eq!(find("weft_drops_total"), Some(1.0), "{body}");
+        let worker = |w: &str, from: &str| {
+            samples
+                .iter()
+                .find(|s| {
+                    s.name == "weft_router_worker_packets_total"
+                        && s.labels.iter().any(|(k, v)| k == "worker" && v == w)
+                        && s.labels.iter().any(|(k, v)| k == "from" && v == from)
+                })
+                .map(|s| s.value)
+        };
+        assert_eq!(worker("0", "tun"), Some(5.0), "{body}");
+        assert_eq!(worker("0", "network"), Some(7.0), "{body}");
+        assert_eq!(worker("1", "network"), Some(0.0), "{body}");
     }
 }

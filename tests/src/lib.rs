@@ -94,13 +94,14 @@ impl Pair {
         Self::start_with(tag, None)
     }
 
-    /// As [`start`](Self::start), with `router.offload` set to `offload` and IPv6 pod blocks
-    /// beside the IPv4 ones (a: fd00:64:0:1::/64, b: fd00:64:0:2::/64).
-    pub fn start_dual(tag: &str, offload: &str) -> anyhow::Result<Self> {
-        Self::start_with(tag, Some(offload))
+    /// As [`start`](Self::start), with `router.offload` and `router.workers` set to `offload`
+    /// and `workers`, and IPv6 pod blocks beside the IPv4 ones (a: fd00:64:0:1::/64, b:
+    /// fd00:64:0:2::/64).
+    pub fn start_dual(tag: &str, offload: &str, workers: &str) -> anyhow::Result<Self> {
+        Self::start_with(tag, Some((offload, workers)))
     }
 
-    fn start_with(tag: &str, dual_offload: Option<&str>) -> anyhow::Result<Self> {
+    fn start_with(tag: &str, dual_offload: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let bin = weft_bin()?;
         let (pods_a, pods_b, allow_a, allow_b) = if dual_offload.is_some() {
             (
@@ -118,10 +119,10 @@ impl Pair {
             )
         };
         let finish = |body: String| match dual_offload {
-            Some(o) => {
+            Some((o, w)) => {
                 body.replace(
                     "  interface: weft0\n",
-                    &format!("  interface: weft0\n  offload: {o}\n"),
+                    &format!("  interface: weft0\n  offload: {o}\n  workers: {w}\n"),
                 ) + "network:\n  pod_network_cidr: [100.64.0.0/16, fd00:64::/48]\n"
             }
             None => body,

@@ -1,5 +1,5 @@
-//! The tokio driver: one task that owns the TUN device, the UDP socket and the [`Router`], moves
-//! packets between them in batches, and decides nothing.
+//! The tokio driver: data-path workers, each owning a TUN queue and a UDP socket and sharing the
+//! [`Router`] (see the crate docs, "Workers"), that move packets in batches and decide nothing.
 //!
 //! # Turns
 //!
@@ -31,14 +31,21 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use weft_config::Offload;
 
-pub use self::tun::{MAX_SPLIT, OFFSET, Packets, SLOTS, TunIo, is_fatal, open_tun};
-pub use self::udp::{BoundUdp, Datagrams, MAX_GSO_BYTES, RX_BATCH, Udp, UdpIo, bind_udp};
+pub use self::tun::{
+    MAX_SPLIT, OFFSET, Packets, SLOTS, TunIo, is_fatal, open_tun, open_tun_queues,
+};
+pub use self::udp::{
+    BoundUdp, Datagrams, MAX_GSO_BYTES, RX_BATCH, Udp, UdpIo, bind_udp, bind_udp_workers,
+};
+pub use self::workers::spawn;
 
 use crate::{
     DropReason, Drops, Event, NetAction, PeerConfig, PeerError, PeerId, PeerStatus, Router,
@@ -48,6 +55,7 @@ use crate::{
 pub mod channel;
 mod tun;
 mod udp;
+mod workers;
 
 /// TUN reads (and UDP receives) per turn, with batching, before the driver serves its other
 /// inputs.
@@ -97,11 +105,73 @@ pub struct Snapshot {
     pub drops: Drops,
     /// Errors sending to the network (unreachable, buffer full), counted rather than fatal.
     pub send_errors: u64,
+    /// Each data-path worker's packets, by worker number.
+    pub workers: Vec<WorkerCounters>,
 }
 
-/// The driver's I/O and state.
+/// The router as the data-path workers share it. A worker locks it for the core's work on a
+/// batch (routing and encryption) and makes its system calls with it unlocked.
+pub type SharedRouter = Arc<Mutex<Router>>;
+
+/// Locks the shared router; a worker that panicked while holding it left no half-done packet
+/// that matters (each input leaves the router consistent), so its lock is taken over.
+fn lock(router: &SharedRouter) -> MutexGuard<'_, Router> {
+    router.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the workers count: I/O errors (counted rather than fatal) and each worker's packets.
+#[derive(Debug)]
+pub struct IoCounters {
+    /// Datagrams that could not be sent (unreachable, buffer full).
+    send: AtomicU64,
+    /// TUN reads the device layer could not split.
+    tun: AtomicU64,
+    /// Per worker: packets read from its TUN queue, datagrams received on its socket.
+    workers: Vec<[AtomicU64; 2]>,
+}
+
+impl IoCounters {
+    /// Counters for `n` workers.
+    pub fn new(n: usize) -> Self {
+        Self {
+            send: AtomicU64::new(0),
+            tun: AtomicU64::new(0),
+            workers: (0..n.max(1)).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn count(&self, worker: usize, from_network: bool, n: usize) {
+        if let Some(w) = self.workers.get(worker) {
+            w[usize::from(from_network)].fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn workers(&self) -> Vec<WorkerCounters> {
+        self.workers
+            .iter()
+            .map(|[tun, net]| WorkerCounters {
+                tun_packets: tun.load(Ordering::Relaxed),
+                datagrams: net.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+/// One data-path worker's share of the traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Packets it read from its TUN queue.
+    pub tun_packets: u64,
+    /// Datagrams it received on its UDP socket.
+    pub datagrams: u64,
+}
+
+/// One data-path worker: its TUN queue, its UDP socket, its buffers, and the shared router.
 pub struct Driver<T = tun_rs::AsyncDevice, U = Udp> {
-    router: Router,
+    router: SharedRouter,
+    errors: Arc<IoCounters>,
+    /// This worker's number; worker 0 also serves commands and runs the timers.
+    worker: usize,
     tun: T,
     udp: U,
     offload: Offload,
@@ -116,8 +186,6 @@ pub struct Driver<T = tun_rs::AsyncDevice, U = Udp> {
     /// Encapsulated datagrams of one batch, back to back, and where each is.
     net_out: Vec<u8>,
     pending: Vec<Out>,
-    send_errors: u64,
-    tun_errors: u64,
     start: Instant,
 }
 
@@ -183,13 +251,29 @@ fn runs(pending: &[Out], max: usize) -> impl Iterator<Item = (SocketAddr, usize,
 }
 
 impl<T: TunIo, U: UdpIo> Driver<T, U> {
-    /// A driver around a router, an open TUN device and a bound UDP socket, using the batching
-    /// `offload` allows (the kernel offloads are the device's and the socket's own).
+    /// A single worker around a router, an open TUN device and a bound UDP socket, using the
+    /// batching `offload` allows (the kernel offloads are the device's and the socket's own).
     pub fn new(router: Router, tun: T, udp: U, offload: Offload) -> io::Result<Self> {
+        let shared = Arc::new(Mutex::new(router));
+        Self::worker(0, shared, Arc::new(IoCounters::new(1)), tun, udp, offload)
+    }
+
+    /// Worker `worker` of several sharing `router` and `errors`, over its own TUN queue and UDP
+    /// socket.
+    pub fn worker(
+        worker: usize,
+        router: SharedRouter,
+        errors: Arc<IoCounters>,
+        tun: T,
+        udp: U,
+        offload: Offload,
+    ) -> io::Result<Self> {
         let udp_v6 = udp.local_addr()?.is_ipv6();
         let rx = if offload.udp_batch { RX_BATCH } else { 1 };
         Ok(Self {
             router,
+            errors,
+            worker,
             tun,
             udp,
             offload,
@@ -199,29 +283,40 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             udp_in: Datagrams::new(rx),
             net_out: vec![0; NET_OUT + ONE_OUT],
             pending: Vec::with_capacity(SLOTS),
-            send_errors: 0,
-            tun_errors: 0,
             start: clock(),
         })
     }
 
-    /// Runs until `shutdown` turns true, the daemon goes away (its shutdown sender dropped or
-    /// its command channel closed) or the TUN device fails; returns the router.
-    ///
-    /// Each wake-up is followed by one turn (see the module docs, "Turns") that serves every source
-    /// with bounded work, whichever woke the driver, so that none can starve the others.
+    /// Runs a single worker (see [`serve`](Self::serve)) and returns the router.
     pub async fn run(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
-        mut shutdown: watch::Receiver<bool>,
+        commands: mpsc::Receiver<Command>,
+        shutdown: watch::Receiver<bool>,
     ) -> io::Result<Router> {
-        info!(udp = %self.udp.local_addr()?, "data plane running");
+        self.serve(Some(commands), shutdown).await?;
+        let Self { router, .. } = self;
+        unshare(router)
+    }
+
+    /// Serves until `shutdown` turns true (or its sender is dropped), the daemon goes away (its
+    /// command channel closed) or the TUN device fails. The worker with `commands` serves them
+    /// and runs the router's timers, so that they run once however many workers there are.
+    ///
+    /// Each wake-up is followed by one turn (see the module docs, "Turns") that serves every
+    /// source with bounded work, whichever woke the worker, so that none can starve the others.
+    pub async fn serve(
+        &mut self,
+        mut commands: Option<mpsc::Receiver<Command>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        info!(worker = self.worker, udp = %self.udp.local_addr()?, "data plane running");
         loop {
-            let deadline = self
-                .router
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
-            let far = tokio::time::Instant::from_std(clock()) + Duration::from_secs(3600);
+            let deadline = match commands {
+                Some(_) => lock(&self.router).poll_timeout(),
+                None => None,
+            };
+            let far = clock() + Duration::from_secs(3600);
+            let deadline = tokio::time::Instant::from_std(deadline.unwrap_or(far));
             // Only waits for one source to be ready; the turn below serves them all.
             tokio::select! {
                 biased;
@@ -230,39 +325,44 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                         break;
                     }
                 }
-                cmd = commands.recv() => match cmd {
+                cmd = next_command(&mut commands) => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
                 r = self.tun.recv(&mut self.tun_in) => self.tun_result(r)?,
                 r = self.udp.recv(&mut self.udp_in) => udp_result(r),
-                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {}
+                () = tokio::time::sleep_until(deadline) => {}
             }
-            if self.turn(&mut commands).await? == Turn::Stop {
+            if self.turn(commands.as_mut()).await? == Turn::Stop {
                 break;
             }
         }
-        info!("data plane stopped");
-        Ok(self.router)
+        info!(worker = self.worker, "data plane stopped");
+        Ok(())
     }
 
-    /// One turn: the timers if due, then datagrams (those the wake-up received and, with
-    /// batching, up to [`TURN_PACKETS`] more), then TUN packets (likewise up to a batch), then up
-    /// to [`TURN_COMMANDS`] commands. No source gets more than its share before the next is
-    /// served.
-    async fn turn(&mut self, commands: &mut mpsc::Receiver<Command>) -> io::Result<Turn> {
+    /// One turn: the timers if due (the commands' worker only), then datagrams (those the
+    /// wake-up received and, with batching, up to [`TURN_PACKETS`] more), then TUN packets
+    /// (likewise up to a batch), then up to [`TURN_COMMANDS`] commands. No source gets more
+    /// than its share before the next is served.
+    async fn turn(&mut self, commands: Option<&mut mpsc::Receiver<Command>>) -> io::Result<Turn> {
         let now = clock();
-        if self.router.poll_timeout().is_some_and(|t| t <= now) {
-            self.router.handle_timeout(now);
-            self.flush().await;
+        if commands.is_some() {
+            let mut router = lock(&self.router);
+            if router.poll_timeout().is_some_and(|t| t <= now) {
+                router.handle_timeout(now);
+            }
         }
+        self.flush().await;
         self.serve_udp().await;
         self.serve_tun().await?;
-        for _ in 0..TURN_COMMANDS {
-            match commands.try_recv() {
-                Ok(cmd) => self.command(cmd),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Turn::Stop),
+        if let Some(commands) = commands {
+            for _ in 0..TURN_COMMANDS {
+                match commands.try_recv() {
+                    Ok(cmd) => self.command(cmd),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Turn::Stop),
+                }
             }
         }
         self.flush().await;
@@ -284,7 +384,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             }
             handled += self.on_datagrams().await;
         }
-        self.write_tun().await;
+        write_batch(&self.tun, &mut self.tun_out).await;
         self.flush().await;
     }
 
@@ -314,7 +414,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             Ok(()) => Ok(()),
             Err(e) if is_fatal(&e) => Err(e),
             Err(e) => {
-                self.tun_errors += 1;
+                self.errors.tun.fetch_add(1, Ordering::Relaxed);
                 debug!(error = %e, "tun read dropped");
                 Ok(())
             }
@@ -323,56 +423,64 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
 
     fn command(&mut self, cmd: Command) {
         let now = clock();
+        let mut router = lock(&self.router);
         match cmd {
             Command::Status(reply) => {
-                let mut drops = *self.router.drops();
+                let mut drops = *router.drops();
                 // Segments the device layer could not split.
-                drops.add(DropReason::BadInnerPacket, self.tun_errors);
+                let tun = self.errors.tun.load(Ordering::Relaxed);
+                drops.add(DropReason::BadInnerPacket, tun);
                 let _ = reply.send(Snapshot {
-                    public_key: self.router.public_key(),
-                    peers: self.router.peers(now),
+                    public_key: router.public_key(),
+                    peers: router.peers(now),
                     drops,
-                    send_errors: self.send_errors,
+                    send_errors: self.errors.send.load(Ordering::Relaxed),
+                    workers: self.errors.workers(),
                 });
             }
             Command::AddPeer(config, reply) => {
-                let _ = reply.send(self.router.add_peer(now, config));
+                let _ = reply.send(router.add_peer(now, config));
             }
             Command::RemovePeer(id) => {
-                let _ = self.router.remove_peer(id);
+                let _ = router.remove_peer(id);
             }
-            Command::Connect(id) => self.router.connect(id),
-            Command::Probe(id, addrs) => self.router.probe(id, &addrs),
+            Command::Connect(id) => router.connect(id),
+            Command::Probe(id, addrs) => router.probe(id, &addrs),
             Command::SetEndpoint { id, from, to } => {
-                if !self.router.move_endpoint(id, from, to) {
+                if !router.move_endpoint(id, from, to) {
                     debug!(peer = %id, %from, %to, "endpoint not moved: the peer roamed since");
                 }
             }
         }
     }
 
-    /// Encapsulates the packets read and sends them.
+    /// Encapsulates the packets read and sends them: the router locked while a buffer's worth
+    /// is encapsulated, unlocked while it is sent.
     async fn on_tun_packets(&mut self) {
-        let now = clock();
-        let mut used = 0;
-        for i in 0..self.tun_in.len() {
-            if used > NET_OUT {
-                self.send_pending().await;
-                used = 0;
+        let (n, mut i) = (self.tun_in.len(), 0);
+        self.errors.count(self.worker, false, n);
+        while i < n {
+            let now = clock();
+            let mut used = 0;
+            {
+                let mut router = lock(&self.router);
+                while i < n && used <= NET_OUT {
+                    let packet = self.tun_in.get(i);
+                    let out = &mut self.net_out[used..];
+                    if let TunAction::Transmit(t) = router.handle_tun_packet(now, packet, out) {
+                        self.pending.push(Out {
+                            to: t.destination,
+                            at: used,
+                            len: t.len,
+                        });
+                        used += t.len;
+                    }
+                    i += 1;
+                }
             }
-            let packet = self.tun_in.get(i);
-            let out = &mut self.net_out[used..];
-            if let TunAction::Transmit(t) = self.router.handle_tun_packet(now, packet, out) {
-                self.pending.push(Out {
-                    to: t.destination,
-                    at: used,
-                    len: t.len,
-                });
-                used += t.len;
-            }
+            self.send_pending().await;
         }
         self.tun_in.clear();
-        self.send_pending().await;
     }
 
     /// Sends the encapsulated batch, each run of equal datagrams in one send where GSO allows.
@@ -381,7 +489,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         for (to, start, end, segment) in runs(&self.pending, max) {
             let to = wire_addr(self.udp_v6, to);
             if let Err(e) = self.udp.send(to, &self.net_out[start..end], segment).await {
-                self.send_errors += (end - start).div_ceil(segment) as u64;
+                let n = (end - start).div_ceil(segment) as u64;
+                self.errors.send.fetch_add(n, Ordering::Relaxed);
                 debug!(error = %e, %to, "udp send failed");
             }
         }
@@ -389,93 +498,122 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     }
 
     /// Decapsulates the datagrams received into the TUN batch and empties the receive batch;
-    /// answers handshakes at once. Returns how many datagrams there were.
+    /// answers handshakes. The router is locked for each receive buffer (one datagram, or a
+    /// GRO run of up to 64), and unlocked to write a full TUN batch or send the answers.
+    /// Returns how many datagrams there were.
     async fn on_datagrams(&mut self) -> usize {
-        let now = clock();
         let mut handled = 0;
-        for (from, bytes, stride) in self.udp_in.iter() {
-            // An empty datagram is still one (and is counted as malformed).
-            let empty: &[&[u8]] = if bytes.is_empty() { &[&[]] } else { &[] };
-            for datagram in bytes.chunks(stride).chain(empty.iter().copied()) {
-                handled += 1;
-                if self.tun_out.free() == 0 {
-                    write_batch(&self.tun, &mut self.tun_out).await;
-                }
-                let Some(out) = self.tun_out.next_mut() else {
-                    continue;
-                };
-                match self.router.handle_datagram(now, from, datagram, out) {
-                    NetAction::WriteTun(len) => self.tun_out.commit(len),
-                    NetAction::Transmit(t) => {
-                        let to = wire_addr(self.udp_v6, t.destination);
-                        let bytes = self.tun_out.next_mut().and_then(|b| b.get(..t.len));
-                        if let Some(bytes) = bytes
-                            && let Err(e) = self.udp.send(to, bytes, t.len).await
-                        {
-                            self.send_errors += 1;
-                            debug!(error = %e, %to, "udp send failed");
-                        }
-                    }
-                    NetAction::Done | NetAction::Dropped(_) => {}
-                }
+        for entry in 0..self.udp_in.len() {
+            let Some((_, bytes, stride)) = self.udp_in.get(entry) else {
+                break;
+            };
+            if self.tun_out.free() < bytes.len().div_ceil(stride).max(1) {
+                write_batch(&self.tun, &mut self.tun_out).await;
+            }
+            let n = self.decapsulate(entry);
+            self.errors.count(self.worker, true, n);
+            handled += n;
+            if !self.pending.is_empty() {
+                self.send_pending().await;
             }
         }
         self.udp_in.clear();
         handled
     }
 
-    async fn write_tun(&mut self) {
-        write_batch(&self.tun, &mut self.tun_out).await;
+    /// Decapsulates receive buffer `entry` into the TUN batch; answers go to `pending`.
+    fn decapsulate(&mut self, entry: usize) -> usize {
+        let Some((from, bytes, stride)) = self.udp_in.get(entry) else {
+            return 0;
+        };
+        let now = clock();
+        let mut router = lock(&self.router);
+        let (mut handled, mut used) = (0, 0);
+        // An empty datagram is still one (and is counted as malformed).
+        let empty: &[&[u8]] = if bytes.is_empty() { &[&[]] } else { &[] };
+        for datagram in bytes.chunks(stride).chain(empty.iter().copied()) {
+            handled += 1;
+            let Some(out) = self.tun_out.next_mut() else {
+                continue;
+            };
+            match router.handle_datagram(now, from, datagram, out) {
+                NetAction::WriteTun(len) => self.tun_out.commit(len),
+                NetAction::Transmit(t) => {
+                    let answer = self.tun_out.next_mut().and_then(|b| b.get(..t.len));
+                    let room = self.net_out.get_mut(used..used + t.len);
+                    if let (Some(answer), Some(room)) = (answer, room) {
+                        room.copy_from_slice(answer);
+                        self.pending.push(Out {
+                            to: t.destination,
+                            at: used,
+                            len: t.len,
+                        });
+                        used += t.len;
+                    }
+                }
+                NetAction::Done | NetAction::Dropped(_) => {}
+            }
+        }
+        handled
     }
 
     /// Sends everything the router has queued and logs its events.
     async fn flush(&mut self) {
-        let now = clock();
-        while let Some(t) = self.router.poll_transmit(now, &mut self.net_out) {
-            let to = wire_addr(self.udp_v6, t.destination);
-            if let Err(e) = self.udp.send(to, &self.net_out[..t.len], t.len).await {
-                self.send_errors += 1;
-                debug!(error = %e, %to, "udp send failed");
+        loop {
+            let now = clock();
+            let mut used = 0;
+            {
+                let mut router = lock(&self.router);
+                while used <= NET_OUT {
+                    let Some(t) = router.poll_transmit(now, &mut self.net_out[used..]) else {
+                        break;
+                    };
+                    self.pending.push(Out {
+                        to: t.destination,
+                        at: used,
+                        len: t.len,
+                    });
+                    used += t.len;
+                }
+                while let Some(event) = router.poll_event() {
+                    self.log(now, &event);
+                }
+            }
+            let full = used > NET_OUT;
+            self.send_pending().await;
+            if !full {
+                break;
             }
         }
-        while let Some(event) = self.router.poll_event() {
-            let secs = now.saturating_duration_since(self.start).as_secs();
-            match event {
-                Event::HandshakeCompleted { peer } => {
-                    debug!(%peer, uptime_secs = secs, "handshake completed");
-                }
-                Event::EndpointChanged { peer, endpoint } => {
-                    info!(%peer, %endpoint, "peer endpoint changed");
-                }
-                Event::SessionExpired { peer } => warn!(%peer, "session expired"),
+    }
+
+    fn log(&self, now: Instant, event: &Event) {
+        let secs = now.saturating_duration_since(self.start).as_secs();
+        match *event {
+            Event::HandshakeCompleted { peer } => {
+                debug!(%peer, uptime_secs = secs, "handshake completed");
             }
+            Event::EndpointChanged { peer, endpoint } => {
+                info!(%peer, %endpoint, "peer endpoint changed");
+            }
+            Event::SessionExpired { peer } => warn!(%peer, "session expired"),
         }
     }
 }
 
-/// Runs the driver for `router` over `tun` and `udp` on a thread of its own, with a
-/// single-threaded runtime: a packet's wake-up is that thread leaving `epoll_wait`, with no hand-over
-/// between worker threads. The handle yields what [`Driver::run`] returns.
-pub fn spawn(
-    router: Router,
-    tun: tun_rs::SyncDevice,
-    udp: BoundUdp,
-    offload: Offload,
-    commands: mpsc::Receiver<Command>,
-    shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<io::Result<Router>> {
-    tokio::task::spawn_blocking(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let tun = tun_rs::AsyncDevice::new(tun)?;
-            let udp = udp.register()?;
-            Driver::new(router, tun, udp, offload)?
-                .run(commands, shutdown)
-                .await
-        })
-    })
+/// The next command, or never without a command channel (a worker that serves none).
+async fn next_command(commands: &mut Option<mpsc::Receiver<Command>>) -> Option<Command> {
+    match commands {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The router back from the workers, once they have all stopped.
+fn unshare(router: SharedRouter) -> io::Result<Router> {
+    Arc::try_unwrap(router)
+        .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+        .map_err(|_| io::Error::other("a data-plane worker still holds the router"))
 }
 
 /// A receive's result: errors are not fatal (ICMP errors, port unreachable, surface here on

@@ -251,10 +251,36 @@ impl TunIo for tun_rs::AsyncDevice {
 /// them; says whether it got them. The device is made async (`tun_rs::AsyncDevice::new`) on the
 /// runtime that drives it.
 pub fn open_tun(name: &str, offload: bool) -> io::Result<(tun_rs::SyncDevice, bool)> {
+    let (mut queues, on) = open_tun_queues(name, offload, 1)?;
+    let one = queues
+        .pop()
+        .ok_or_else(|| io::Error::other("no TUN queue opened"))?;
+    Ok((one, on))
+}
+
+/// As [`open_tun`], with `n` queues, one per data-path worker. With more than one the device
+/// is multi-queue (`IFF_MULTI_QUEUE`): the kernel puts each flow's packets on one queue, so a
+/// flow is read by one worker, in order.
+pub fn open_tun_queues(
+    name: &str,
+    offload: bool,
+    n: usize,
+) -> io::Result<(Vec<tun_rs::SyncDevice>, bool)> {
+    let (first, on) = open_first(name, offload, n > 1)?;
+    let mut all = Vec::with_capacity(n);
+    for _ in 1..n {
+        all.push(first.try_clone()?);
+    }
+    all.insert(0, first);
+    Ok((all, on))
+}
+
+fn open_first(name: &str, offload: bool, multi: bool) -> io::Result<(tun_rs::SyncDevice, bool)> {
     let build = |offload: bool| {
         tun_rs::DeviceBuilder::new()
             .name(name)
             .offload(offload)
+            .multi_queue(multi)
             .build_sync()
     };
     if offload {

@@ -54,6 +54,16 @@ impl Datagrams {
             })
     }
 
+    /// The number of buffers filled.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Buffer `i` as (sender, bytes, stride); see [`iter`](Self::iter).
+    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8], usize)> {
+        self.iter().nth(i)
+    }
+
     /// Whether no datagram waits to be handled.
     pub fn is_empty(&self) -> bool {
         self.count == 0
@@ -158,19 +168,47 @@ fn size_buffers(socket: &Socket) {
 /// Opens the UDP socket on `port`: dual-stack `[::]` when the host has IPv6, else `0.0.0.0`; with
 /// the offloads `offload` allows and the kernel has.
 pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<BoundUdp> {
-    let dual = (|| {
-        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_only_v6(false)?;
-        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    bind_one(port, offload, false)
+}
+
+/// Opens `n` UDP sockets on one port, one per data-path worker. With more than one they join a
+/// `SO_REUSEPORT` group: the kernel hands each datagram to one of them by a hash of its
+/// addresses and ports, so one peer's datagrams (one underlay 4-tuple) all reach one worker, in
+/// order. Only sockets of the same user may join the group. Port 0 binds the first to a free
+/// port and the others to the same.
+pub fn bind_udp_workers(port: u16, offload: &Offload, n: usize) -> io::Result<Vec<BoundUdp>> {
+    if n <= 1 {
+        return Ok(vec![bind_udp(port, offload)?]);
+    }
+    let first = bind_one(port, offload, true)?;
+    let port = first.local_addr()?.port();
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(bind_one(port, offload, true)?);
+    }
+    Ok(all)
+}
+
+fn bind_one(port: u16, offload: &Offload, reuse: bool) -> io::Result<BoundUdp> {
+    let open = |domain: Domain, addr: SocketAddr| {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if domain == Domain::IPV6 {
+            s.set_only_v6(false)?;
+        }
+        if reuse {
+            s.set_reuse_port(true)?;
+        }
+        s.bind(&addr.into())?;
         Ok::<_, io::Error>(s)
-    })();
-    let socket = match dual {
+    };
+    let socket = match open(
+        Domain::IPV6,
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    ) {
         Ok(s) => s,
         Err(e) => {
             debug!(error = %e, "no dual-stack socket; binding IPv4 only");
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-            s
+            open(Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port)))?
         }
     };
     size_buffers(&socket);

@@ -26,3 +26,4 @@ mod service;
 mod standalone;
 mod two_nodes;
 mod vm;
+mod workers;

@@ -1,8 +1,9 @@
 //! The data path's batching and offloads keep payloads byte-exact: TCP in both directions over
 //! IPv4 and IPv6 and a UDP flow at once (mixed flows through one batch), while 1% of the underlay
 //! datagrams into b are dropped, so TCP retransmits and segments arrive out of order around each
-//! gap. Once with every offload (`auto`: TUN segments split and coalesced, UDP GSO and GRO,
-//! batched receive) and once with `off`.
+//! gap. With every offload (`auto`: TUN segments split and coalesced, UDP GSO and GRO, batched
+//! receive), once with a worker per core (`router.workers: auto`) and once with one; and with
+//! `off`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::thread::JoinHandle;
@@ -94,8 +95,8 @@ fn retransmitted(lab: &Lab, ns: &str) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-fn mixed_flows_arrive_byte_exact(tag: &str, offload: &str) -> anyhow::Result<()> {
-    let p = Pair::start_dual(tag, offload)?;
+fn mixed_flows_arrive_byte_exact(tag: &str, offload: &str, workers: &str) -> anyhow::Result<()> {
+    let p = Pair::start_dual(tag, offload, workers)?;
     let (a, b) = (p.a.ns.clone(), p.b.ns.clone());
     p.ping(&a, "100.64.2.1")?;
     p.ping(&a, "fd00:64:0:2::1")?;
@@ -120,6 +121,17 @@ fn mixed_flows_arrive_byte_exact(tag: &str, offload: &str) -> anyhow::Result<()>
             "offloads in use with off: {line}"
         );
     }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let expect = if workers == "auto" {
+        cores.min(64).to_string()
+    } else {
+        workers.to_owned()
+    };
+    ensure!(
+        line.contains(&format!("workers={expect} "))
+            || line.ends_with(&format!("workers={expect}")),
+        "expected {expect} workers (router.workers: {workers}, {cores} cores): {line}"
+    );
 
     // Lose 1% of what reaches b's WireGuard port.
     for rule in [
@@ -181,11 +193,18 @@ fn mixed_flows_arrive_byte_exact(tag: &str, offload: &str) -> anyhow::Result<()>
 }
 
 #[test]
-fn with_every_offload_mixed_flows_arrive_byte_exact_through_loss() -> anyhow::Result<()> {
-    mixed_flows_arrive_byte_exact("ofa", "auto")
+fn with_every_offload_and_a_worker_per_core_mixed_flows_arrive_byte_exact_through_loss()
+-> anyhow::Result<()> {
+    mixed_flows_arrive_byte_exact("ofa", "auto", "auto")
+}
+
+#[test]
+fn with_every_offload_and_one_worker_mixed_flows_arrive_byte_exact_through_loss()
+-> anyhow::Result<()> {
+    mixed_flows_arrive_byte_exact("of1", "auto", "1")
 }
 
 #[test]
 fn with_offload_off_mixed_flows_arrive_byte_exact_through_loss() -> anyhow::Result<()> {
-    mixed_flows_arrive_byte_exact("ofo", "off")
+    mixed_flows_arrive_byte_exact("ofo", "off", "auto")
 }

@@ -1,0 +1,150 @@
+//! Several data-path workers (`router.workers`) keep each flow in order: the multi-queue TUN
+//! device hands a flow to one worker, which encrypts and sends it in order, while other flows to
+//! the same peer are encrypted at the same time by the other worker (their WireGuard counters
+//! interleave, which the receiver's replay window takes).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use weft::demo::lab::wait_for;
+use weft_tests::Pair;
+
+/// Concurrent one-way UDP flows, each from its own source port.
+const FLOWS: u16 = 16;
+/// Datagrams per flow.
+const PER_FLOW: u32 = 3000;
+/// The first flow's port at b; flow i goes to `PORT + i`.
+const PORT: u16 = 6100;
+
+/// Receives flow `i` at b until [`PER_FLOW`] datagrams or 3 s of silence; returns (arrived,
+/// datagrams that came after a later one of the same flow).
+fn receive(sock: &UdpSocket) -> anyhow::Result<(u32, u32)> {
+    let mut buf = [0u8; 2048];
+    let (mut arrived, mut late, mut last) = (0, 0, None::<u32>);
+    // Bounded: one datagram per pass, and a 3 s silence ends it.
+    for _ in 0..PER_FLOW {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        ensure!(n >= 4, "a datagram of {n} bytes");
+        let seq = u32::from_be_bytes(buf[..4].try_into()?);
+        if last.is_some_and(|l| seq <= l) {
+            late += 1;
+        } else {
+            last = Some(seq);
+        }
+        arrived += 1;
+    }
+    Ok((arrived, late))
+}
+
+/// Packets worker `w` of the node in `ns` read from its TUN queue.
+fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
+    let resp = weft_tests::http_get(&p.lab, ns, "127.0.0.1:6782", "/metrics")?;
+    let body = resp.split("\r\n\r\n").nth(1).context("no metrics body")?;
+    weft_tests::exposition::parse_exposition(body)
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .find(|s| {
+            s.name == "weft_router_worker_packets_total"
+                && s.labels.iter().any(|(k, v)| k == "worker" && v == w)
+                && s.labels.iter().any(|(k, v)| k == "from" && v == "tun")
+        })
+        .map(|s| s.value)
+        .with_context(|| format!("no weft_router_worker_packets_total for worker {w}"))
+}
+
+#[test]
+fn with_two_workers_every_flow_arrives_in_order_while_both_encrypt_for_one_peer()
+-> anyhow::Result<()> {
+    let p = Pair::start_dual("wko", "auto", "2")?;
+    let (a, b) = (p.a.ns.clone(), p.b.ns.clone());
+    p.ping(&a, "100.64.2.1")?;
+    let before = [tun_packets(&p, &a, "0")?, tun_packets(&p, &a, "1")?];
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receivers = p.lab.in_ns(&b, move || {
+        let socks = (0..FLOWS)
+            .map(|i| {
+                let s = UdpSocket::bind(("100.64.2.1", PORT + i))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                Ok(s)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        ready_tx.send(()).ok();
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = socks.iter().map(|s| sc.spawn(|| receive(s))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a receiver panicked"))?
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the receivers did not start")?;
+    let sender = p.lab.in_ns(&a, move || {
+        let socks = (0..FLOWS)
+            .map(|_| Ok(UdpSocket::bind("0.0.0.0:0")?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut payload = [0u8; 600];
+        for seq in 0..PER_FLOW {
+            payload[..4].copy_from_slice(&seq.to_be_bytes());
+            for (i, s) in (0u16..).zip(&socks) {
+                let to = SocketAddr::from(([100, 64, 2, 1], PORT + i));
+                s.send_to(&payload, to)?;
+            }
+            // Paced (about 16 datagrams per 100 µs), so that no socket buffer is what drops.
+            if seq % 8 == 7 {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        Ok(())
+    });
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    let flows = receivers
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receivers panicked"))??;
+
+    let total: u32 = flows.iter().map(|f| f.0).sum();
+    let late: u32 = flows.iter().map(|f| f.1).sum();
+    let sent = u32::from(FLOWS) * PER_FLOW;
+    // Both workers of a read the flows from their queues: the counters are scraped until they
+    // show the whole run (they reach /metrics on the next status request).
+    let mut shares = [0.0; 2];
+    wait_for(
+        "a's workers to count the flows",
+        Duration::from_secs(5),
+        || {
+            shares = [
+                tun_packets(&p, &a, "0").ok()? - before[0],
+                tun_packets(&p, &a, "1").ok()? - before[1],
+            ];
+            (shares[0] + shares[1] >= f64::from(total)).then_some(())
+        },
+    )?;
+    eprintln!(
+        "{FLOWS} flows x {PER_FLOW}: {total}/{sent} arrived, {late} out of order; a's workers \
+         read {} and {} packets from their TUN queues",
+        shares[0], shares[1]
+    );
+    ensure!(
+        late == 0,
+        "{late} datagrams arrived after a later one of their flow"
+    );
+    ensure!(
+        total >= sent * 9 / 10,
+        "only {total} of {sent} datagrams arrived"
+    );
+    for (w, share) in shares.iter().enumerate() {
+        ensure!(
+            *share >= f64::from(sent) / 10.0,
+            "a's worker {w} read only {share} of {sent} packets: the flows did not spread"
+        );
+    }
+    Ok(())
+}
