@@ -133,11 +133,12 @@ struct NetOpts {
     boringtun_threads: Vec<u32>,
     /// Paths to measure: veth, weft, weft-plaintext, wireguard-go, boringtun; weft and
     /// weft-plaintext take `@off`, `@auto` or mechanisms joined by `+` (`@udp_batch+udp_gso`),
-    /// so the default adds the offloads one at a time.
+    /// so the default adds the offloads one at a time, and `/1`, `/auto` or a number of
+    /// workers (`weft/1`, `weft@off/2`).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "veth,weft@off,weft@udp_batch,weft@udp_batch+udp_gso,weft@udp_batch+udp_gso+udp_gro,weft,weft-plaintext@off,weft-plaintext,wireguard-go,boringtun"
+        default_value = "veth,weft@off,weft@udp_batch,weft@udp_batch+udp_gso,weft@udp_batch+udp_gso+udp_gro,weft/1,weft/auto,weft-plaintext@off,weft-plaintext,wireguard-go,boringtun"
     )]
     paths: Vec<String>,
     /// Where to write the report (Markdown).
@@ -323,7 +324,7 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
         weft: weft_binary()?,
         boringtun: PathBuf::new(),
     };
-    let mut b = net::setup(&args, &net::PathKind::WeftEncrypted("auto".into()))?;
+    let mut b = net::setup(&args, &net::PathKind::WeftEncrypted(net::Weft::auto()))?;
     net::iperf_background(&mut b, "iperf3-load", mins * 60, 4)?;
     let mut samples: Vec<(u64, Vec<f64>)> = Vec::new();
     #[expect(clippy::disallowed_methods, reason = "sampling on a wall clock")]
@@ -380,6 +381,32 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
     Ok(())
 }
 
+/// A weft path: `weft` or `weft-plaintext`, then `@` and its offloads (`auto`, `off`, or
+/// mechanisms joined by `+`), then `/` and its workers (`auto` or a number).
+fn weft_path(spec: &str) -> anyhow::Result<net::PathKind> {
+    let (rest, workers) = match spec.split_once('/') {
+        Some((rest, w)) => {
+            let _: weft_config::Workers = w
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("path {spec:?}: {e}"))?;
+            (rest, Some(w.to_owned()))
+        }
+        None => (spec, None),
+    };
+    let (path, offload) = rest.split_once('@').unwrap_or((rest, "auto"));
+    let _: weft_config::Offload = list_check(offload)?;
+    let offload = match offload {
+        "auto" | "off" => offload.to_owned(),
+        list => format!("[{}]", list.replace('+', ", ")),
+    };
+    let weft = net::Weft { offload, workers };
+    Ok(if path == "weft" {
+        net::PathKind::WeftEncrypted(weft)
+    } else {
+        net::PathKind::WeftPlaintext(weft)
+    })
+}
+
 fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
     let (secs, reps, out) = (o.secs, o.reps, &o.out);
     weft::demo::lab::require_root("weft-bench net")?;
@@ -391,20 +418,14 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
     for p in &o.paths {
         match p.as_str() {
             "veth" => kinds.push(net::PathKind::Veth),
-            "weft" => kinds.push(net::PathKind::WeftEncrypted("auto".into())),
-            "weft-plaintext" => kinds.push(net::PathKind::WeftPlaintext("auto".into())),
-            w if w.starts_with("weft@") || w.starts_with("weft-plaintext@") => {
-                let (path, spec) = w.split_once('@').unwrap_or((w, "auto"));
-                let offload = match spec {
-                    "auto" | "off" => spec.to_owned(),
-                    list => format!("[{}]", list.replace('+', ", ")),
-                };
-                let _: weft_config::Offload = list_check(spec)?;
-                kinds.push(if path == "weft" {
-                    net::PathKind::WeftEncrypted(offload)
-                } else {
-                    net::PathKind::WeftPlaintext(offload)
-                });
+            w if w.starts_with("weft@")
+                || w.starts_with("weft-plaintext@")
+                || w.starts_with("weft/")
+                || w.starts_with("weft-plaintext/")
+                || w == "weft"
+                || w == "weft-plaintext" =>
+            {
+                kinds.push(weft_path(w)?);
             }
             "wireguard-go" => kinds.push(net::PathKind::WireguardGo(None)),
             "boringtun" => kinds.extend(

@@ -29,10 +29,10 @@ const TUNNEL_MTU: &str = "1440";
 pub(crate) enum PathKind {
     /// Plain veth, no tunnel.
     Veth,
-    /// weft, WireGuard, with this `router.offload` (`auto`, `off`, or a YAML list).
-    WeftEncrypted(String),
-    /// weft, plaintext between trusted subnets, with this `router.offload`.
-    WeftPlaintext(String),
+    /// weft, WireGuard, with these settings.
+    WeftEncrypted(Weft),
+    /// weft, plaintext between trusted subnets, with these settings.
+    WeftPlaintext(Weft),
     /// wireguard-go configured with wg: Debian's (`None`, found on PATH), or the binary at
     /// this path (`--wireguard-go`), labelled with its version.
     WireguardGo(Option<(PathBuf, String)>),
@@ -45,8 +45,8 @@ impl PathKind {
     pub(crate) fn label(&self) -> String {
         match self {
             Self::Veth => "plain veth".into(),
-            Self::WeftEncrypted(o) => weft_label("weft encrypted", o),
-            Self::WeftPlaintext(o) => weft_label("weft plaintext", o),
+            Self::WeftEncrypted(w) => weft_label("weft encrypted", w),
+            Self::WeftPlaintext(w) => weft_label("weft plaintext", w),
             Self::WireguardGo(None) => "wireguard-go".into(),
             Self::WireguardGo(Some((path, version))) => {
                 format!("wireguard-go {version} ({})", path.display())
@@ -56,12 +56,43 @@ impl PathKind {
     }
 }
 
-fn weft_label(what: &str, offload: &str) -> String {
-    if offload == "auto" {
-        what.to_owned()
-    } else {
-        format!("{what}, offload {offload}")
+/// A weft path's `router` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Weft {
+    /// `router.offload`: `auto`, `off`, or a YAML list.
+    pub(crate) offload: String,
+    /// `router.workers`, when the path sets it (else the default, `auto`).
+    pub(crate) workers: Option<String>,
+}
+
+impl Weft {
+    /// Every offload, the default workers.
+    pub(crate) fn auto() -> Self {
+        Self {
+            offload: "auto".into(),
+            workers: None,
+        }
     }
+
+    /// The `router:` section.
+    fn yaml(&self) -> String {
+        let mut s = format!("router:\n  offload: {}\n", self.offload);
+        if let Some(w) = &self.workers {
+            s.push_str(&format!("  workers: {w}\n"));
+        }
+        s
+    }
+}
+
+fn weft_label(what: &str, w: &Weft) -> String {
+    let mut label = what.to_owned();
+    if w.offload != "auto" {
+        label.push_str(&format!(", offload {}", w.offload));
+    }
+    if let Some(workers) = &w.workers {
+        label.push_str(&format!(", workers={workers}"));
+    }
+    label
 }
 
 /// The settings of a run.
@@ -150,7 +181,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
     let mut procs = Vec::new();
     let dst = match kind {
         PathKind::Veth => UNDERLAY_DST,
-        PathKind::WeftEncrypted(offload) | PathKind::WeftPlaintext(offload) => {
+        PathKind::WeftEncrypted(weft) | PathKind::WeftPlaintext(weft) => {
             let encrypted = matches!(kind, PathKind::WeftEncrypted(_));
             let (kl, kr, pl, pr) = keys();
             let secret = weft::host::keys::encode(&weft::host::keys::generate_secret());
@@ -179,7 +210,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                          mesh:\n  secret_file: SECRET_FILE\n  peers: [{other}]\n"
                     )
                 };
-                let body = format!("{body}router:\n  offload: {offload}\n");
+                let body = format!("{body}{}", weft.yaml());
                 let d = lab.daemon(name, ns, &body)?;
                 weft::host::keys::create(&d.key_file, &key)?;
                 if !encrypted {
@@ -551,7 +582,10 @@ pub(crate) fn ratios(rows: &[Row]) -> String {
                 );
             }
         };
-    let enc = find("weft encrypted");
+    let enc = find("weft encrypted, workers=auto").or_else(|| find("weft encrypted"));
+    let one = find("weft encrypted, workers=1");
+    line("TCP 1 stream", enc, one, |r| r.tcp1, "≥ 1× (auto not below 1)");
+    line("TCP 4 streams", enc, one, |r| r.tcp4, "≥ 1× (auto not below 1)");
     line("TCP 1 stream", enc, best_bt, |r| r.tcp1, "≥ 5×");
     line(
         "TCP 1 stream",
@@ -580,6 +614,13 @@ pub(crate) fn ratios(rows: &[Row]) -> String {
         enc,
         best_bt,
         |r| r.rtt50,
+        "≤ 1×",
+    );
+    line(
+        "ping p99 (lower is better)",
+        enc,
+        best_bt,
+        |r| r.rtt99,
         "≤ 1×",
     );
     let mut out =
