@@ -349,6 +349,13 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
         log.contains("receiver"),
         "the iperf3 load did not finish normally:\n{log}"
     );
+    let summary = log
+        .lines()
+        .rfind(|l| l.contains("receiver"))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let peak = net::peak_rss(&b)?;
     let first_min: f64 = samples
         .iter()
@@ -371,8 +378,9 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
         );
     }
     let report = format!(
-        "# weft-bench soak\n\n- machine: {}\n- command: `{command}`\n- weft encrypted, iperf3 TCP 4 streams for {mins} min, RSS (`VmRSS`) of both daemons every {every} s\n\nPeak RSS (`VmHWM`, larger daemon): {peak:.1} MB (target ≤ 64 MB). Largest RSS in the first minute: {first_min:.1} MB; in the last minute: {last_min:.1} MB ({:+.1} MB).\n\n{table}",
+        "# weft-bench soak\n\n- machine: {}\n- command: `{command}`\n- weft encrypted, `router.workers: auto` ({} workers on this machine), iperf3 TCP 4 streams for {mins} min, RSS (`VmRSS`) of both daemons every {every} s\n\nPeak RSS (`VmHWM`, larger daemon): {peak:.1} MB (target ≤ 64 MB). Largest RSS in the first minute: {first_min:.1} MB; in the last minute: {last_min:.1} MB ({:+.1} MB).\n\nThe load's iperf3 receiver summary: `{summary}`\n\n{table}",
         net::machine(),
+        std::thread::available_parallelism().map_or(1, usize::from),
         last_min - first_min,
     );
     print!("{report}");
@@ -510,9 +518,9 @@ fn main() -> anyhow::Result<()> {
                  ## Encryption across cores\n\nEach worker is a thread encrypting {} B packets for {secs} s; median of {reps} runs; no I/O.\n\
                  Sharded: each worker has a router and a WireGuard session of its own (nothing shared: the\n\
                  part of a multi-core data path that scales with cores, measured alone). Shared router: the\n\
-                 workers encrypt through one router behind a mutex, locked per batch of 64 packets, as the\n\
-                 daemon's workers share it today: this measures the lock, which lets one core encrypt at a\n\
-                 time (the daemon's workers overlap their system calls, not their encryption).\n\n{scaling}",
+                 workers encrypt through one router as the daemon's workers share it (a read lock per batch\n\
+                 of 64 packets, a lock per peer's session per packet), worker i to peer i: this measures\n\
+                 what the sharing costs.\n\n{scaling}",
                 net::machine(),
                 1420
             );

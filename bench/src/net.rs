@@ -584,8 +584,20 @@ pub(crate) fn ratios(rows: &[Row]) -> String {
         };
     let enc = find("weft encrypted, workers=auto").or_else(|| find("weft encrypted"));
     let one = find("weft encrypted, workers=1");
-    line("TCP 1 stream", enc, one, |r| r.tcp1, "≥ 1× (auto not below 1)");
-    line("TCP 4 streams", enc, one, |r| r.tcp4, "≥ 1× (auto not below 1)");
+    line(
+        "TCP 1 stream",
+        enc,
+        one,
+        |r| r.tcp1,
+        "≥ 1× (auto not below 1)",
+    );
+    line(
+        "TCP 4 streams",
+        enc,
+        one,
+        |r| r.tcp4,
+        "≥ 1× (auto not below 1)",
+    );
     line("TCP 1 stream", enc, best_bt, |r| r.tcp1, "≥ 5×");
     line(
         "TCP 1 stream",

@@ -54,7 +54,12 @@ impl Pair {
 
     /// Runs the handshake over an in-memory wire (bounded).
     fn handshake(&mut self) -> anyhow::Result<()> {
-        let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"hello");
+        self.handshake_with(B, "100.64.2.1")
+    }
+
+    /// As [`handshake`](Self::handshake), with `b` at `b_at` owning `dst`.
+    fn handshake_with(&mut self, b_at: &str, dst: &str) -> anyhow::Result<()> {
+        let pkt = test_packet(ip("100.64.1.1"), ip(dst), b"hello");
         let mut out = vec![0u8; 2048];
         let mut wire: Vec<(bool, Vec<u8>)> = Vec::new();
         if let TunAction::Transmit(t) = self.a.handle_tun_packet(self.now, &pkt, &mut out) {
@@ -70,7 +75,7 @@ impl Pair {
             let (to, from) = if from_a {
                 (&mut self.b, A)
             } else {
-                (&mut self.a, B)
+                (&mut self.a, b_at)
             };
             if let NetAction::Transmit(t) =
                 to.handle_datagram(self.now, from.parse()?, &d, &mut out)
@@ -139,7 +144,7 @@ pub(crate) fn run(measure: Duration) -> anyhow::Result<String> {
         ("plaintext", PathKind::Plaintext),
     ] {
         let pair = Pair::new(path)?;
-        let (now, mut a, mut b) = (pair.now, pair.a, pair.b);
+        let (now, mut a, b) = (pair.now, pair.a, pair.b);
         g.bench_function(format!("encapsulate_{name}"), |bench| {
             bench.iter(|| a.handle_tun_packet(now, &pkt, &mut out));
         });
@@ -211,7 +216,7 @@ fn encrypt_rate(workers: usize, measure: Duration) -> anyhow::Result<f64> {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| -> anyhow::Result<u64> {
-                    let mut pair = Pair::new(PathKind::Encrypted)?;
+                    let pair = Pair::new(PathKind::Encrypted)?;
                     let mut out = vec![0u8; 2048];
                     start.wait();
                     #[expect(clippy::disallowed_methods, reason = "the benchmark times itself")]
@@ -241,19 +246,49 @@ fn encrypt_rate(workers: usize, measure: Duration) -> anyhow::Result<f64> {
     Ok(counts.iter().sum::<u64>() as f64 / measure.as_secs_f64())
 }
 
-/// Packets per second `workers` threads encrypt through one router behind a mutex, as the
-/// daemon's workers share it: each locks it for a batch of [`SHARED_BATCH`] packets.
+/// A router with `n` peers, each with a session: peer `i` at 198.18.0.`2+i` owns
+/// 100.64.`2+i`.0/24.
+fn router_with_peers(n: usize) -> anyhow::Result<(Router, Instant)> {
+    #[expect(clippy::disallowed_methods, reason = "the benchmark drives the cores")]
+    let now = Instant::now();
+    let ka = StaticSecret::from([1; 32]);
+    let mut a = Router::new(ka.clone(), 1);
+    for i in 0..n {
+        let kb = StaticSecret::from([2 + i as u8; 32]);
+        let (at, block) = (format!("198.18.0.{}:51820", 2 + i), 2 + i);
+        let mut b = Router::new(kb.clone(), 2 + i as u32);
+        a.add_peer(
+            now,
+            peer(
+                &kb,
+                &at,
+                &format!("100.64.{block}.0/24"),
+                PathKind::Encrypted,
+            ),
+        )?;
+        b.add_peer(now, peer(&ka, A, "100.64.1.0/24", PathKind::Encrypted))?;
+        let mut pair = Pair { a, b, now };
+        pair.handshake_with(&at, &format!("100.64.{block}.1"))?;
+        a = pair.a;
+    }
+    Ok((a, now))
+}
+
+/// Packets per second `workers` threads encrypt through one router shared as the daemon's
+/// workers share it: each takes the read lock for a batch of [`SHARED_BATCH`] packets, and
+/// worker `i` sends to peer `i` (each peer's session has its own lock).
 fn encrypt_rate_shared(workers: usize, measure: Duration) -> anyhow::Result<f64> {
     let start = std::sync::Barrier::new(workers);
     let payload = vec![0x5au8; PACKET - 28];
-    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), &payload);
-    let pair = Pair::new(PathKind::Encrypted)?;
-    let now = pair.now;
-    let router = std::sync::Mutex::new(pair.a);
+    let (router, now) = router_with_peers(workers)?;
+    let router = std::sync::RwLock::new(router);
     let counts = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| -> anyhow::Result<u64> {
+            .map(|i| {
+                let (start, router, payload) = (&start, &router, &payload);
+                s.spawn(move || -> anyhow::Result<u64> {
+                    let dst = ip(&format!("100.64.{}.1", 2 + i));
+                    let pkt = test_packet(ip("100.64.1.1"), dst, payload);
                     let mut out = vec![0u8; 2048];
                     start.wait();
                     #[expect(clippy::disallowed_methods, reason = "the benchmark times itself")]
@@ -261,8 +296,8 @@ fn encrypt_rate_shared(workers: usize, measure: Duration) -> anyhow::Result<f64>
                     let mut sent = 0u64;
                     // Bounded by time, checked every batch.
                     while began.elapsed() < measure {
-                        let mut r = router
-                            .lock()
+                        let r = router
+                            .read()
                             .map_err(|_| anyhow::anyhow!("a worker panicked"))?;
                         for _ in 0..SHARED_BATCH {
                             if !matches!(

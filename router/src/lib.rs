@@ -26,13 +26,16 @@
 //! - **Its own UDP socket**, all bound to `router.port` in a `SO_REUSEPORT` group. The kernel
 //!   hands each datagram to one socket by a hash of its addresses and ports, so one peer's
 //!   datagrams (one underlay 4-tuple) reach one worker, in order.
-//! - **One shared [`Router`]** behind a mutex, locked while a batch is routed and encrypted (a
-//!   buffer of up to 512 KB out, one receive buffer of up to 64 datagrams in), unlocked for
-//!   every system call. Encryption is about a quarter of a worker's time at full speed here (the
-//!   rest is the system calls and the kernel's work on them), so workers overlap that rest on
-//!   every core; the lock lets one core encrypt at a time (`weft-bench router --shared` measures
-//!   it). Peers' WireGuard counters stay consistent, and packets of two flows to one peer may
-//!   leave in either order, which the receiver's replay window takes.
+//! - **One shared [`Router`]** behind a read-write lock. Packets go through under the read
+//!   lock, taken for a batch (a buffer of up to 512 KB out, one receive buffer of up to 64
+//!   datagrams in) and released for every system call. Inside, each peer's session and counters
+//!   have a lock of their own, held for one packet, and each peer sits alone on its cache lines.
+//!   So workers encrypt for different peers at once, and one peer's packets are encrypted by one
+//!   worker at a time (its WireGuard counter stays consistent; packets of two flows to one peer
+//!   may leave in either order, which the receiver's replay window takes). Commands, timers and
+//!   queued output (handshake answers, packets a handshake released) take the write lock,
+//!   briefly, and only when there is something. `weft-bench router` measures what the sharing
+//!   costs: two workers encrypting to two peers through one router against one worker.
 //! - **Timers and commands on worker 0 only**, so WireGuard's timers run once per peer however
 //!   many workers there are. Any worker sends what the router queued (handshake answers,
 //!   packets released by a handshake).

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
@@ -140,29 +140,35 @@ pub enum PeerError {
 ///
 /// Anti-spoofing: a packet from peer P reaches the TUN device only if its inner source address
 /// routes back to P in the allowed-IPs table; everything else is dropped and counted.
+///
+/// Sharing: the two packet inputs take `&self`, so several data-path workers can run them at
+/// once under a read lock. Each peer's session and counters sit behind a mutex of their own,
+/// held for one packet; the router-wide drop counters, the queues of output and events, and the
+/// index of WireGuard endpoints have small mutexes of their own, always taken after a peer's
+/// (never the other way round). Everything else changes only through `&mut self`.
 pub struct Router {
     private_key: StaticSecret,
     public_key: PublicKey,
     /// Verifies handshake initiations' MAC before the costly anonymous parse, and answers floods
     /// with cookies.
     rate_limiter: Arc<RateLimiter>,
-    peers: HashMap<PeerId, Peer>,
+    peers: HashMap<PeerId, Slot>,
     by_key: HashMap<[u8; 32], PeerId>,
     /// Plaintext peers by underlay address.
     by_addr: HashMap<IpAddr, PeerId>,
     /// Underlay addresses that are a WireGuard peer's endpoint, with how many such peers:
     /// plaintext from them is refused (an address that speaks WireGuard is not trusted to
     /// speak plaintext too).
-    wireguard_at: HashMap<IpAddr, u32>,
+    wireguard_at: Mutex<HashMap<IpAddr, u32>>,
     routes: PrefixTable<PeerId>,
     next_index: u32,
     /// Drops not attributable to a known peer.
-    drops: Drops,
+    drops: Mutex<Drops>,
     next_tick: Option<Instant>,
     last_rate_reset: Option<Instant>,
     /// Peers whose session may have queued output after a handshake (boringtun: "call
     /// `decapsulate` again with an empty datagram until `Done`").
-    flush: VecDeque<PeerId>,
+    flush: Mutex<VecDeque<PeerId>>,
     /// Peers whose timers are due this tick.
     timers: VecDeque<PeerId>,
     /// Peers to start a handshake with.
@@ -171,7 +177,37 @@ pub struct Router {
     probe: VecDeque<(PeerId, Vec<SocketAddr>)>,
     /// The initiation of a probe being sent, and the addresses it is still to go to.
     probing: Option<(Vec<u8>, Vec<SocketAddr>)>,
-    events: VecDeque<Event>,
+    events: Mutex<VecDeque<Event>>,
+}
+
+/// A peer behind its lock, alone on its cache lines: workers sending to two peers at once
+/// write to two peers' locks and counters, which would otherwise share a line and slow both.
+#[repr(align(128))]
+struct Slot(Mutex<Peer>);
+
+impl Slot {
+    /// The peer, through `&mut` (no locking).
+    fn peer(&mut self) -> &mut Peer {
+        inner(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for Slot {
+    type Target = Mutex<Peer>;
+    fn deref(&self) -> &Mutex<Peer> {
+        &self.0
+    }
+}
+
+/// Locks `m`; a panic while it was held left nothing half-done that matters (every input leaves
+/// a peer consistent), so a poisoned lock is taken over.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The value behind `m`, through `&mut` (no locking).
+fn inner<T>(m: &mut Mutex<T>) -> &mut T {
+    m.get_mut().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Router {
@@ -215,18 +251,18 @@ impl Router {
             peers: HashMap::new(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
-            wireguard_at: HashMap::new(),
+            wireguard_at: Mutex::default(),
             routes: PrefixTable::default(),
             next_index: index_seed & PeerId::MAX,
-            drops: Drops::default(),
+            drops: Mutex::default(),
             next_tick: None,
             last_rate_reset: None,
-            flush: VecDeque::new(),
+            flush: Mutex::default(),
             timers: VecDeque::new(),
             connect: VecDeque::new(),
             probe: VecDeque::new(),
             probing: None,
-            events: VecDeque::new(),
+            events: Mutex::default(),
         }
     }
 
@@ -236,13 +272,36 @@ impl Router {
     }
 
     /// Drops not attributable to a known peer (malformed datagrams, unknown senders).
-    pub fn drops(&self) -> &Drops {
-        &self.drops
+    pub fn drops(&self) -> Drops {
+        *lock(&self.drops)
+    }
+
+    fn count(&self, reason: DropReason) {
+        lock(&self.drops).count(reason);
+    }
+
+    /// A peer's name, for errors.
+    fn name_of(&self, id: PeerId) -> String {
+        self.peers
+            .get(&id)
+            .map(|p| lock(p).config.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether the router has output to poll ([`poll_transmit`](Self::poll_transmit),
+    /// [`poll_event`](Self::poll_event)), so that a worker takes the write lock only then.
+    pub fn has_output(&self) -> bool {
+        !lock(&self.flush).is_empty()
+            || !self.connect.is_empty()
+            || !self.probe.is_empty()
+            || self.probing.is_some()
+            || !self.timers.is_empty()
+            || !lock(&self.events).is_empty()
     }
 
     /// A snapshot of every peer, in index order.
     pub fn peers(&self, now: Instant) -> Vec<PeerStatus> {
-        let mut out: Vec<_> = self.peers.values().map(|p| p.status(now)).collect();
+        let mut out: Vec<_> = self.peers.values().map(|p| lock(p).status(now)).collect();
         out.sort_by_key(|s| s.id);
         out
     }
@@ -288,13 +347,11 @@ impl Router {
             return Err(PeerError::OwnKey);
         }
         if let Some(other) = self.by_key.get(&config.public_key) {
-            return Err(PeerError::DuplicateKey(
-                self.peers[other].config.name.clone(),
-            ));
+            return Err(PeerError::DuplicateKey(self.name_of(*other)));
         }
         for net in &config.allowed_ips {
             if let Some(owner) = self.routes.iter().find(|(n, _)| **n == net.trunc()) {
-                let owner = self.peers[owner.1].config.name.clone();
+                let owner = self.name_of(*owner.1);
                 return Err(PeerError::PrefixTaken { net: *net, owner });
             }
         }
@@ -304,10 +361,7 @@ impl Router {
                 .ok_or(PeerError::PlaintextWithoutEndpoint)?
                 .ip();
             if let Some(other) = self.by_addr.get(&ip.to_canonical()) {
-                return Err(PeerError::DuplicateAddress(
-                    ip,
-                    self.peers[other].config.name.clone(),
-                ));
+                return Err(PeerError::DuplicateAddress(ip, self.name_of(*other)));
             }
         }
         // Find a free 24-bit index, starting from the seed. Index 0 is never used.
@@ -338,7 +392,7 @@ impl Router {
             self.by_addr.insert(ep.ip().to_canonical(), id);
         }
         if tunnel.is_some() {
-            Self::moved(&mut self.wireguard_at, None, config.endpoint);
+            Self::moved(inner(&mut self.wireguard_at), None, config.endpoint);
         }
         debug!(peer = %id, name = %config.name, path = config.path.as_str(), "peer added");
         let peer = Peer {
@@ -352,7 +406,7 @@ impl Router {
             last_rx_at: None,
             expired: false,
         };
-        self.peers.insert(id, peer);
+        self.peers.insert(id, Slot(Mutex::new(peer)));
         self.next_tick.get_or_insert(now + TIMER_TICK);
         id
     }
@@ -360,13 +414,14 @@ impl Router {
     /// Removes a peer and its routes; returns its configuration.
     pub fn remove_peer(&mut self, id: PeerId) -> Option<PeerConfig> {
         let peer = self.peers.remove(&id)?;
+        let peer = peer.0.into_inner().unwrap_or_else(PoisonError::into_inner);
         if peer.tunnel.is_some() {
-            Self::moved(&mut self.wireguard_at, peer.endpoint, None);
+            Self::moved(inner(&mut self.wireguard_at), peer.endpoint, None);
         }
         self.routes.retain(|_, p| *p != id);
         self.by_key.remove(&peer.config.public_key);
         self.by_addr.retain(|_, p| *p != id);
-        self.flush.retain(|p| *p != id);
+        inner(&mut self.flush).retain(|p| *p != id);
         self.timers.retain(|p| *p != id);
         self.connect.retain(|p| *p != id);
         self.probe.retain(|(p, _)| *p != id);
@@ -381,7 +436,7 @@ impl Router {
     /// control plane learns soon whether its endpoint works; the initiation comes out of
     /// [`poll_transmit`](Self::poll_transmit).
     pub fn connect(&mut self, id: PeerId) {
-        if self.peers.get(&id).is_some_and(|p| p.tunnel.is_some()) && !self.connect.contains(&id) {
+        if self.wireguard(id) && !self.connect.contains(&id) {
             self.connect.push_back(id);
         }
     }
@@ -393,7 +448,7 @@ impl Router {
     /// and boringtun's retry of an unanswered initiation goes to the endpoint in use. Nothing
     /// is sent while a handshake is already under way (the next probe tries again).
     pub fn probe(&mut self, id: PeerId, addrs: &[SocketAddr]) {
-        if addrs.is_empty() || self.peers.get(&id).is_none_or(|p| p.tunnel.is_none()) {
+        if addrs.is_empty() || !self.wireguard(id) {
             return;
         }
         self.probe.retain(|(p, _)| *p != id);
@@ -401,13 +456,20 @@ impl Router {
         self.probe.push_back((id, addrs));
     }
 
+    /// Whether `id` is a WireGuard peer.
+    fn wireguard(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| lock(p).tunnel.is_some())
+    }
+
     /// Points a WireGuard peer at a new endpoint (the control plane's choice), its session
     /// kept: its configuration says this endpoint from now on.
     pub fn set_endpoint(&mut self, id: PeerId, endpoint: SocketAddr) {
-        if let Some(peer) = self.peers.get_mut(&id)
+        if let Some(peer) = self.peers.get_mut(&id).map(Slot::peer)
             && peer.tunnel.is_some()
         {
-            Self::moved(&mut self.wireguard_at, peer.endpoint, Some(endpoint));
+            Self::moved(inner(&mut self.wireguard_at), peer.endpoint, Some(endpoint));
             peer.endpoint = Some(endpoint);
             peer.endpoint_learned = false;
             peer.config.endpoint = Some(endpoint);
@@ -418,7 +480,7 @@ impl Router {
     /// caller saw it; false (nothing changed) when it moved since (the peer roamed after the
     /// caller looked, and the newer endpoint stands).
     pub fn move_endpoint(&mut self, id: PeerId, from: SocketAddr, to: SocketAddr) -> bool {
-        let at = self.peers.get(&id).and_then(|p| p.endpoint);
+        let at = self.peers.get(&id).and_then(|p| lock(p).endpoint);
         if at != Some(from) {
             return false;
         }
@@ -445,21 +507,22 @@ impl Router {
 
     /// Routes one packet read from the TUN device; the datagram to send is written into `out`,
     /// which must hold at least `packet.len() + 32` and [`MIN_BUFFER`] bytes.
-    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> TunAction {
+    pub fn handle_tun_packet(&self, now: Instant, packet: &[u8], out: &mut [u8]) -> TunAction {
         let _ = now;
         let Some(addrs) = packet::addrs(packet) else {
-            self.drops.count(DropReason::BadInnerPacket);
+            self.count(DropReason::BadInnerPacket);
             return TunAction::Dropped(DropReason::BadInnerPacket);
         };
         let Some(peer) = self
             .routes
             .lookup(addrs.dst)
-            .and_then(|id| self.peers.get_mut(id))
+            .and_then(|id| self.peers.get(id))
         else {
             trace!(dst = %addrs.dst, "no route");
-            self.drops.count(DropReason::NoRoute);
+            self.count(DropReason::NoRoute);
             return TunAction::Dropped(DropReason::NoRoute);
         };
+        let peer = &mut *lock(peer);
         let drop = |peer: &mut Peer, reason| {
             peer.counters.drops.count(reason);
             TunAction::Dropped(reason)
@@ -502,7 +565,7 @@ impl Router {
     /// Handles one datagram from the UDP socket; output goes into `out`, which must hold at
     /// least the datagram's length and [`MIN_BUFFER`] bytes.
     pub fn handle_datagram(
-        &mut self,
+        &self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
@@ -510,7 +573,7 @@ impl Router {
     ) -> NetAction {
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
         if out.len() < MIN_BUFFER.max(datagram.len()) {
-            self.drops.count(DropReason::TooLarge);
+            self.count(DropReason::TooLarge);
             return NetAction::Dropped(DropReason::TooLarge);
         }
         if plaintext::is_plaintext(datagram) {
@@ -526,14 +589,14 @@ impl Router {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         let len = cookie.len();
-                        self.drops.count(DropReason::RateLimited);
+                        self.count(DropReason::RateLimited);
                         return NetAction::Transmit(Transmit {
                             destination: from,
                             len,
                         });
                     }
                     Err(_) => {
-                        self.drops.count(DropReason::Unauthenticated);
+                        self.count(DropReason::Unauthenticated);
                         return NetAction::Dropped(DropReason::Unauthenticated);
                     }
                 }
@@ -542,12 +605,12 @@ impl Router {
                         Some(id) => *id,
                         None => {
                             debug!(%from, "handshake from an unknown key");
-                            self.drops.count(DropReason::UnknownPeer);
+                            self.count(DropReason::UnknownPeer);
                             return NetAction::Dropped(DropReason::UnknownPeer);
                         }
                     },
                     Err(_) => {
-                        self.drops.count(DropReason::Unauthenticated);
+                        self.count(DropReason::Unauthenticated);
                         return NetAction::Dropped(DropReason::Unauthenticated);
                     }
                 }
@@ -556,14 +619,15 @@ impl Router {
             Ok(Packet::PacketCookieReply(p)) => PeerId::from_receiver_idx(p.receiver_idx),
             Ok(Packet::PacketData(p)) => PeerId::from_receiver_idx(p.receiver_idx),
             Err(_) => {
-                self.drops.count(DropReason::Malformed);
+                self.count(DropReason::Malformed);
                 return NetAction::Dropped(DropReason::Malformed);
             }
         };
-        let Some(peer) = self.peers.get_mut(&id) else {
-            self.drops.count(DropReason::UnknownPeer);
+        let Some(peer) = self.peers.get(&id) else {
+            self.count(DropReason::UnknownPeer);
             return NetAction::Dropped(DropReason::UnknownPeer);
         };
+        let peer = &mut *lock(peer);
         let Some(tunnel) = peer.tunnel.as_mut() else {
             peer.counters.drops.count(DropReason::WrongPath);
             return NetAction::Dropped(DropReason::WrongPath);
@@ -585,12 +649,11 @@ impl Router {
             TunnResult::WriteToNetwork(b) => {
                 let len = b.len();
                 // After a handshake the session may hold queued packets: drain them next.
-                self.flush.push_back(id);
+                lock(&self.flush).push_back(id);
                 if kind == 1 || kind == 2 {
                     peer.last_handshake_at = Some(now);
                     peer.expired = false;
-                    self.events
-                        .push_back(Event::HandshakeCompleted { peer: id });
+                    lock(&self.events).push_back(Event::HandshakeCompleted { peer: id });
                     debug!(peer = %id, name = %peer.config.name, "handshake completed");
                 }
                 peer.counters.tx_bytes += len as u64;
@@ -631,10 +694,10 @@ impl Router {
             // Roaming: the endpoint follows the peer's authenticated packets.
             if peer.endpoint != Some(from) {
                 debug!(peer = %id, name = %peer.config.name, endpoint = %from, "endpoint changed");
-                Self::moved(&mut self.wireguard_at, peer.endpoint, Some(from));
+                Self::moved(&mut lock(&self.wireguard_at), peer.endpoint, Some(from));
                 peer.endpoint = Some(from);
                 peer.endpoint_learned = true;
-                self.events.push_back(Event::EndpointChanged {
+                lock(&self.events).push_back(Event::EndpointChanged {
                     peer: id,
                     endpoint: from,
                 });
@@ -660,27 +723,28 @@ impl Router {
     }
 
     fn handle_plaintext(
-        &mut self,
+        &self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
         out: &mut [u8],
     ) -> NetAction {
         let Ok(inner) = plaintext::decode(datagram) else {
-            self.drops.count(DropReason::Malformed);
+            self.count(DropReason::Malformed);
             return NetAction::Dropped(DropReason::Malformed);
         };
         let Some(peer) = self
             .by_addr
             .get(&from.ip())
-            .and_then(|id| self.peers.get_mut(id))
+            .and_then(|id| self.peers.get(id))
         else {
             // Plaintext from an address no plaintext peer has: never accepted.
-            self.drops.count(DropReason::WrongPath);
+            self.count(DropReason::WrongPath);
             return NetAction::Dropped(DropReason::WrongPath);
         };
+        let peer = &mut *lock(peer);
         // Nor from an address a WireGuard peer is at.
-        if self.wireguard_at.contains_key(&from.ip().to_canonical()) {
+        if lock(&self.wireguard_at).contains_key(&from.ip().to_canonical()) {
             peer.counters.drops.count(DropReason::WrongPath);
             return NetAction::Dropped(DropReason::WrongPath);
         }
@@ -719,7 +783,8 @@ impl Router {
         }
         let mut due: Vec<PeerId> = self
             .peers
-            .values()
+            .values_mut()
+            .map(Slot::peer)
             .filter(|p| p.tunnel.is_some())
             .map(|p| p.id)
             .collect();
@@ -731,13 +796,14 @@ impl Router {
     /// the largest packet plus 32 bytes): packets released by a handshake, then timer output
     /// (keepalives, handshake retries, rekeys).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
-        while let Some(&id) = self.flush.front() {
-            let Some(peer) = self.peers.get_mut(&id) else {
-                self.flush.pop_front();
+        let flush = inner(&mut self.flush);
+        while let Some(&id) = flush.front() {
+            let Some(peer) = self.peers.get_mut(&id).map(Slot::peer) else {
+                flush.pop_front();
                 continue;
             };
             let (Some(tunnel), Some(destination)) = (peer.tunnel.as_mut(), peer.endpoint) else {
-                self.flush.pop_front();
+                flush.pop_front();
                 continue;
             };
             match tunnel.decapsulate(None, &[], buf) {
@@ -748,12 +814,12 @@ impl Router {
                     return Some(Transmit { destination, len });
                 }
                 _ => {
-                    self.flush.pop_front();
+                    flush.pop_front();
                 }
             }
         }
         while let Some(id) = self.connect.pop_front() {
-            let Some(peer) = self.peers.get_mut(&id) else {
+            let Some(peer) = self.peers.get_mut(&id).map(Slot::peer) else {
                 continue;
             };
             let (Some(tunnel), Some(destination)) = (peer.tunnel.as_mut(), peer.endpoint) else {
@@ -769,7 +835,7 @@ impl Router {
             return Some(t);
         }
         while let Some(id) = self.timers.pop_front() {
-            let Some(peer) = self.peers.get_mut(&id) else {
+            let Some(peer) = self.peers.get_mut(&id).map(Slot::peer) else {
                 continue;
             };
             let Some(tunnel) = peer.tunnel.as_mut() else {
@@ -788,7 +854,7 @@ impl Router {
                 TunnResult::Err(WireGuardError::ConnectionExpired) if !peer.expired => {
                     peer.expired = true;
                     debug!(peer = %id, name = %peer.config.name, "session expired");
-                    self.events.push_back(Event::SessionExpired { peer: id });
+                    inner(&mut self.events).push_back(Event::SessionExpired { peer: id });
                 }
                 TunnResult::Err(e) => trace!(peer = %id, error = ?e, "timer error"),
                 _ => {}
@@ -813,14 +879,18 @@ impl Router {
                 self.probing = None;
             }
             let (id, mut addrs) = self.probe.pop_front()?;
-            let Some(tunnel) = self.peers.get_mut(&id).and_then(|p| p.tunnel.as_mut()) else {
+            let Some(tunnel) = self
+                .peers
+                .get_mut(&id)
+                .and_then(|p| p.peer().tunnel.as_mut())
+            else {
                 continue;
             };
             if let TunnResult::WriteToNetwork(b) = tunnel.initiate(buf) {
                 let n = b.len() as u64 * addrs.len() as u64;
                 addrs.reverse();
                 self.probing = Some((b.to_vec(), addrs));
-                if let Some(peer) = self.peers.get_mut(&id) {
+                if let Some(peer) = self.peers.get_mut(&id).map(Slot::peer) {
                     peer.counters.tx_bytes += n;
                     debug!(peer = %id, name = %peer.config.name, "probing other paths");
                 }
@@ -835,6 +905,6 @@ impl Router {
 
     /// The next event for the control plane.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        inner(&mut self.events).pop_front()
     }
 }

@@ -32,7 +32,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -109,14 +109,20 @@ pub struct Snapshot {
     pub workers: Vec<WorkerCounters>,
 }
 
-/// The router as the data-path workers share it. A worker locks it for the core's work on a
-/// batch (routing and encryption) and makes its system calls with it unlocked.
-pub type SharedRouter = Arc<Mutex<Router>>;
+/// The router as the data-path workers share it: packets go through under a read lock, for a
+/// batch at a time (each peer's session has its own lock inside); commands, timers and queued
+/// output take the write lock. No system call is made with either held.
+pub type SharedRouter = Arc<RwLock<Router>>;
 
-/// Locks the shared router; a worker that panicked while holding it left no half-done packet
-/// that matters (each input leaves the router consistent), so its lock is taken over.
-fn lock(router: &SharedRouter) -> MutexGuard<'_, Router> {
-    router.lock().unwrap_or_else(PoisonError::into_inner)
+/// The shared router for packets. A worker that panicked while holding a lock left nothing
+/// half-done that matters (each input leaves the router consistent), so its lock is taken over.
+fn read(router: &SharedRouter) -> RwLockReadGuard<'_, Router> {
+    router.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The shared router for commands, timers and queued output.
+fn write(router: &SharedRouter) -> RwLockWriteGuard<'_, Router> {
+    router.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What the workers count: I/O errors (counted rather than fatal) and each worker's packets.
@@ -254,7 +260,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// A single worker around a router, an open TUN device and a bound UDP socket, using the
     /// batching `offload` allows (the kernel offloads are the device's and the socket's own).
     pub fn new(router: Router, tun: T, udp: U, offload: Offload) -> io::Result<Self> {
-        let shared = Arc::new(Mutex::new(router));
+        let shared = Arc::new(RwLock::new(router));
         Self::worker(0, shared, Arc::new(IoCounters::new(1)), tun, udp, offload)
     }
 
@@ -312,7 +318,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         info!(worker = self.worker, udp = %self.udp.local_addr()?, "data plane running");
         loop {
             let deadline = match commands {
-                Some(_) => lock(&self.router).poll_timeout(),
+                Some(_) => read(&self.router).poll_timeout(),
                 None => None,
             };
             let far = clock() + Duration::from_secs(3600);
@@ -347,11 +353,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// than its share before the next is served.
     async fn turn(&mut self, commands: Option<&mut mpsc::Receiver<Command>>) -> io::Result<Turn> {
         let now = clock();
-        if commands.is_some() {
-            let mut router = lock(&self.router);
-            if router.poll_timeout().is_some_and(|t| t <= now) {
-                router.handle_timeout(now);
-            }
+        if commands.is_some() && read(&self.router).poll_timeout().is_some_and(|t| t <= now) {
+            write(&self.router).handle_timeout(now);
         }
         self.flush().await;
         self.serve_udp().await;
@@ -423,10 +426,10 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
 
     fn command(&mut self, cmd: Command) {
         let now = clock();
-        let mut router = lock(&self.router);
+        let mut router = write(&self.router);
         match cmd {
             Command::Status(reply) => {
-                let mut drops = *router.drops();
+                let mut drops = router.drops();
                 // Segments the device layer could not split.
                 let tun = self.errors.tun.load(Ordering::Relaxed);
                 drops.add(DropReason::BadInnerPacket, tun);
@@ -463,7 +466,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             let now = clock();
             let mut used = 0;
             {
-                let mut router = lock(&self.router);
+                let router = read(&self.router);
                 while i < n && used <= NET_OUT {
                     let packet = self.tun_in.get(i);
                     let out = &mut self.net_out[used..];
@@ -527,7 +530,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             return 0;
         };
         let now = clock();
-        let mut router = lock(&self.router);
+        let router = read(&self.router);
         let (mut handled, mut used) = (0, 0);
         // An empty datagram is still one (and is counted as malformed).
         let empty: &[&[u8]] = if bytes.is_empty() { &[&[]] } else { &[] };
@@ -557,13 +560,14 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         handled
     }
 
-    /// Sends everything the router has queued and logs its events.
+    /// Sends everything the router has queued and logs its events; takes the write lock only
+    /// when there is something.
     async fn flush(&mut self) {
-        loop {
+        while read(&self.router).has_output() {
             let now = clock();
             let mut used = 0;
             {
-                let mut router = lock(&self.router);
+                let mut router = write(&self.router);
                 while used <= NET_OUT {
                     let Some(t) = router.poll_transmit(now, &mut self.net_out[used..]) else {
                         break;
@@ -579,11 +583,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                     self.log(now, &event);
                 }
             }
-            let full = used > NET_OUT;
             self.send_pending().await;
-            if !full {
-                break;
-            }
         }
     }
 

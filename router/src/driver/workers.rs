@@ -3,7 +3,7 @@
 //! stops them all when one stops.
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -33,7 +33,7 @@ pub fn spawn(
             )))
         });
     }
-    let shared: SharedRouter = Arc::new(Mutex::new(router));
+    let shared: SharedRouter = Arc::new(RwLock::new(router));
     let errors = Arc::new(IoCounters::new(tuns.len()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut set = JoinSet::new();

@@ -457,3 +457,65 @@ fn a_probe_sends_one_initiation_to_each_address_and_the_path_that_answers_wins()
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn two_threads_encrypting_through_one_shared_router_lose_no_count_and_reuse_no_nonce() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"first");
+    p.settle();
+    assert_eq!(p.b.tun.len(), 1, "the handshake completed");
+    let before = p.a.router.peers(p.now)[0].counters;
+    const EACH: u32 = 500;
+    // Two workers share `a` (`&Router` across threads) and send to the same peer at once.
+    let (router, now) = (&p.a.router, p.now);
+    let sent: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2u8)
+            .map(|w| {
+                s.spawn(move || {
+                    let mut out = vec![0; 2048];
+                    (0..EACH)
+                        .map(|seq| {
+                            let mut body = vec![w; 200];
+                            body[1..5].copy_from_slice(&seq.to_be_bytes());
+                            let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), &body);
+                            match router.handle_tun_packet(now, &pkt, &mut out) {
+                                TunAction::Transmit(t) => out[..t.len].to_vec(),
+                                other => panic!("worker {w}, packet {seq}: {other:?}"),
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|h| h.join().expect("a worker panicked"))
+            .collect()
+    });
+    let after = p.a.router.peers(p.now)[0].counters;
+    assert_eq!(after.tx_packets - before.tx_packets, u64::from(2 * EACH));
+    let bytes: usize = sent.iter().flatten().map(Vec::len).sum();
+    assert_eq!(after.tx_bytes - before.tx_bytes, bytes as u64);
+    // Every datagram decrypts at b (a reused counter would be refused as a replay), each
+    // worker's in the order it sent them, whatever the interleaving.
+    p.b.tun.clear();
+    let (a_addr, b_addr) = (p.a.addr, p.b.addr);
+    for (i, (zero, one)) in sent[0].iter().zip(&sent[1]).enumerate() {
+        for (w, d) in [(1, one), (0, zero)] {
+            let action = p.deliver(a_addr, b_addr, d);
+            assert!(
+                matches!(action, NetAction::WriteTun(_)),
+                "worker {w}'s datagram {i}: {action:?}"
+            );
+        }
+    }
+    for w in 0..2u8 {
+        let seqs: Vec<u32> =
+            p.b.tun
+                .iter()
+                .filter(|pkt| pkt[20] == w)
+                .map(|pkt| u32::from_be_bytes(pkt[21..25].try_into().expect("4 bytes")))
+                .collect();
+        assert_eq!(seqs, (0..EACH).collect::<Vec<_>>(), "worker {w}");
+    }
+}
