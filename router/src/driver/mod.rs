@@ -152,7 +152,8 @@ impl IoCounters {
         }
     }
 
-    fn workers(&self) -> Vec<WorkerCounters> {
+    /// Each worker's counts, by worker number.
+    pub fn snapshot(&self) -> Vec<WorkerCounters> {
         self.workers
             .iter()
             .map(|[tun, net]| WorkerCounters {
@@ -438,7 +439,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                     peers: router.peers(now),
                     drops,
                     send_errors: self.errors.send.load(Ordering::Relaxed),
-                    workers: self.errors.workers(),
+                    workers: self.errors.snapshot(),
                 });
             }
             Command::AddPeer(config, reply) => {

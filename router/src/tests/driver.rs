@@ -371,3 +371,100 @@ async fn a_dropped_shutdown_sender_stops_the_driver() {
 async fn a_closed_command_channel_stops_the_driver() {
     stops_when(true).await;
 }
+
+/// Waits (bounded) for one datagram at `sock`.
+async fn datagram_at(sock: &channel::ChannelUdp) -> Vec<u8> {
+    use crate::driver::{Datagrams, UdpIo};
+    let mut rx = Datagrams::new(1);
+    tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut rx))
+        .await
+        .expect("a datagram within 10 s")
+        .expect("socket open");
+    rx.iter()
+        .next()
+        .map(|(_, b, _)| b.to_vec())
+        .unwrap_or_default()
+}
+
+/// Several workers share one router; only the one that serves commands runs its timers, so
+/// WireGuard's timers run once per peer however many workers there are.
+#[tokio::test]
+async fn only_the_worker_with_commands_runs_the_timers_of_the_router_they_share() {
+    use crate::driver::IoCounters;
+    use std::sync::{Arc, RwLock};
+    let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+    let shared = Arc::new(RwLock::new(router(
+        &ka,
+        &kb,
+        "198.18.1.2:51820",
+        "100.64.2.0/24",
+    )));
+    let tick = || shared.read().expect("router").poll_timeout();
+    let first = tick().expect("a peer's timers are due");
+    let counters = Arc::new(IoCounters::new(2));
+    let net = Network::default();
+    let peer = net.bind("198.18.1.2:51820".parse().unwrap());
+    let (stop, stopped) = watch::channel(false);
+
+    // Worker 1 alone: it moves packets, and leaves the timers.
+    let (tun1, kernel1) = channel::tun();
+    let mut follower = Driver::worker(
+        1,
+        shared.clone(),
+        counters.clone(),
+        tun1,
+        net.bind("198.18.1.1:51820".parse().unwrap()),
+        Offload::AUTO,
+    )
+    .unwrap();
+    let s1 = stopped.clone();
+    let h1 = tokio::spawn(async move { follower.serve(None, s1).await });
+    let packet = test_packet([100, 64, 1, 1].into(), [100, 64, 2, 1].into(), b"x");
+    // Two packets, the second once the timers were due: it is handled by a turn after then.
+    kernel1.tx.send(packet.clone()).await.unwrap();
+    assert_eq!(datagram_at(&peer).await[0], 1, "a handshake initiation");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(first) + Duration::from_millis(50))
+        .await;
+    kernel1.tx.send(packet.clone()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counters_tun(&counters, 1) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "worker 1 did not read the packet"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(tick(), Some(first), "worker 1 ran the timers");
+
+    // Worker 0, which serves the commands, runs them.
+    let (tun0, _kernel0) = channel::tun();
+    let mut lead = Driver::worker(
+        0,
+        shared.clone(),
+        counters.clone(),
+        tun0,
+        net.bind("198.18.1.11:51820".parse().unwrap()),
+        Offload::AUTO,
+    )
+    .unwrap();
+    let (_cmd, rx) = mpsc::channel(4);
+    let s0 = stopped.clone();
+    let h0 = tokio::spawn(async move { lead.serve(Some(rx), s0).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tick() == Some(first) {
+        assert!(Instant::now() < deadline, "worker 0 did not run the timers");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(true).unwrap();
+    for h in [h0, h1] {
+        tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("a worker stops")
+            .expect("no panic")
+            .expect("no error");
+    }
+}
+
+fn counters_tun(c: &crate::driver::IoCounters, worker: usize) -> u64 {
+    c.snapshot().get(worker).map_or(0, |w| w.tun_packets)
+}
