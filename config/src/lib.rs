@@ -269,11 +269,12 @@ pub struct Router {
 }
 
 /// `router.workers`: how many data-path threads the daemon runs, each with its own TUN queue
-/// and UDP socket. Written `auto` (one per core the process may run on) or a count from 1 to
-/// [`Workers::MAX`]; `1` is the single-threaded path.
+/// and UDP socket. Written `auto` (one per core the process may run on, at most
+/// [`Workers::AUTO_MAX`]) or a count from 1 to [`Workers::MAX`]; `1` is the single-threaded
+/// path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub enum Workers {
-    /// One per available core, at most [`Workers::MAX`].
+    /// One per available core, at most [`Workers::AUTO_MAX`].
     #[default]
     Auto,
     /// Exactly this many.
@@ -284,12 +285,16 @@ impl Workers {
     /// The most workers: a TUN device has at most 256 queues, and past a few dozen cores one
     /// node's overlay traffic is not what the cores are for.
     pub const MAX: u16 = 64;
+    /// The most workers `auto` picks: each costs its buffers (a few MB of memory) and a thread,
+    /// and one node's overlay traffic rarely fills more than a few cores; a count above this
+    /// must be asked for.
+    pub const AUTO_MAX: u16 = 8;
 
     /// The number of workers, with `auto` resolved against `cores` (the cores this process may
     /// use, from [`std::thread::available_parallelism`]).
     pub fn resolve(self, cores: usize) -> usize {
         match self {
-            Self::Auto => cores.clamp(1, usize::from(Self::MAX)),
+            Self::Auto => cores.clamp(1, usize::from(Self::AUTO_MAX)),
             Self::Count(n) => usize::from(n),
         }
     }

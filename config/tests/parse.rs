@@ -417,6 +417,7 @@ fn workers_are_auto_or_a_count_from_one_to_the_most_and_anything_else_is_named()
     }
     assert_eq!(Workers::Auto.resolve(8), 8);
     assert_eq!(Workers::Auto.resolve(0), 1);
-    assert_eq!(Workers::Auto.resolve(512), 64);
+    assert_eq!(Workers::Auto.resolve(512), 8);
+    assert_eq!(Workers::Count(64).resolve(512), 64);
     assert_eq!(Workers::Count(3).resolve(1), 3);
 }

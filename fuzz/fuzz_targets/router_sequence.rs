@@ -150,6 +150,7 @@ impl World {
             }
             TunAction::Queued => *self.sides[s].sent.entry(packet).or_default() += 1,
             TunAction::Dropped(_) => {}
+            TunAction::Held(peer) => panic!("the single-caller input waited for a turn: {peer}"),
         }
         self.drain(s);
     }

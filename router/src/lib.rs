@@ -31,8 +31,14 @@
 //!   datagrams in) and released for every system call. Inside, each peer's session and counters
 //!   have a lock of their own, held for one packet, and each peer sits alone on its cache lines.
 //!   So workers encrypt for different peers at once, and one peer's packets are encrypted by one
-//!   worker at a time (its WireGuard counter stays consistent; packets of two flows to one peer
-//!   may leave in either order, which the receiver's replay window takes). Commands, timers and
+//!   worker at a time (its WireGuard counter stays consistent).
+//! - **Send turns keep each peer's counters in order on the wire.** A worker that encrypted for
+//!   a peer holds the peer's turn until it has sent those datagrams; another worker's packet
+//!   for the peer waits (its worker first sends what it holds, so none waits on another in a
+//!   circle). Otherwise a worker preempted between encrypting a batch and sending it could send
+//!   it after the others sent more than the receiver's replay window (1024 counters) of later
+//!   ones, and lose it all. A turn held past [`HOLD_LIMIT`] (a stalled worker) is taken over.
+//!   Commands, timers and
 //!   queued output (handshake answers, packets a handshake released) take the write lock,
 //!   briefly, and only when there is something. `weft-bench router` measures what the sharing
 //!   costs: two workers encrypting to two peers through one router against one worker.
@@ -74,7 +80,7 @@ pub use boringtun::x25519;
 pub use crate::packet::test_packet;
 pub use crate::peer::{PathKind, PeerConfig, PeerId, PeerState, PeerStatus, SESSION_LIFETIME};
 pub use crate::router::{
-    Event, MIN_BUFFER, NetAction, PeerError, Router, TIMER_TICK, Transmit, TunAction,
+    Event, HOLD_LIMIT, MIN_BUFFER, NetAction, PeerError, Router, TIMER_TICK, Transmit, TunAction,
     WIREGUARD_OVERHEAD,
 };
 pub use crate::stats::{DropReason, Drops, PeerCounters};

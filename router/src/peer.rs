@@ -129,6 +129,9 @@ pub(crate) struct Peer {
     pub(crate) last_rx_at: Option<Instant>,
     /// The session expired (no handshake for 3 × REJECT_AFTER_TIME) and none followed.
     pub(crate) expired: bool,
+    /// The data-path worker holding the peer's send turn, and since when: it encrypted packets
+    /// for the peer that it has not sent yet (see [`crate::Router::handle_tun_packet_as`]).
+    pub(crate) held: Option<(u16, Instant)>,
 }
 
 impl Peer {

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,10 @@ pub const MIN_BUFFER: usize = 148;
 pub const WIREGUARD_OVERHEAD: usize = 32;
 /// The most addresses one [`Router::probe`] sends to.
 pub(crate) const MAX_PROBES: usize = 8;
+/// How long a worker may hold a peer's send turn ([`Router::handle_tun_packet_as`]) before
+/// another worker takes it over: far longer than encrypting and sending a batch (about 0.1 ms),
+/// so only a worker stalled between the two (preempted, or waiting on a full socket) loses it.
+pub const HOLD_LIMIT: Duration = Duration::from_millis(2);
 
 /// A datagram for the driver to send; its bytes are the first `len` of the caller's buffer.
 #[must_use = "a transmit must be sent"]
@@ -47,6 +52,8 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// Its length in the caller's buffer.
     pub len: usize,
+    /// The peer it goes to, when it is a peer's packet.
+    pub peer: Option<PeerId>,
 }
 
 /// What to do after [`Router::handle_tun_packet`].
@@ -59,6 +66,9 @@ pub enum TunAction {
     Queued,
     /// The packet was dropped and counted.
     Dropped(DropReason),
+    /// Another worker holds the peer's send turn ([`Router::handle_tun_packet_as`]): nothing
+    /// was encrypted; send what this worker holds, then try the packet again.
+    Held(PeerId),
 }
 
 /// What to do after [`Router::handle_datagram`].
@@ -178,6 +188,8 @@ pub struct Router {
     /// The initiation of a probe being sent, and the addresses it is still to go to.
     probing: Option<(Vec<u8>, Vec<SocketAddr>)>,
     events: Mutex<VecDeque<Event>>,
+    /// Send turns taken over from a stalled worker.
+    takeovers: AtomicU64,
 }
 
 /// A peer behind its lock, alone on its cache lines: workers sending to two peers at once
@@ -263,6 +275,7 @@ impl Router {
             probe: VecDeque::new(),
             probing: None,
             events: Mutex::default(),
+            takeovers: AtomicU64::new(0),
         }
     }
 
@@ -405,6 +418,7 @@ impl Router {
             last_handshake_at: None,
             last_rx_at: None,
             expired: false,
+            held: None,
         };
         self.peers.insert(id, Slot(Mutex::new(peer)));
         self.next_tick.get_or_insert(now + TIMER_TICK);
@@ -506,9 +520,58 @@ impl Router {
     }
 
     /// Routes one packet read from the TUN device; the datagram to send is written into `out`,
-    /// which must hold at least `packet.len() + 32` and [`MIN_BUFFER`] bytes.
+    /// which must hold at least `packet.len() + 32` and [`MIN_BUFFER`] bytes. For a single
+    /// caller: it neither takes nor respects send turns (see
+    /// [`handle_tun_packet_as`](Self::handle_tun_packet_as)).
     pub fn handle_tun_packet(&self, now: Instant, packet: &[u8], out: &mut [u8]) -> TunAction {
-        let _ = now;
+        self.encapsulate(None, now, packet, out)
+    }
+
+    /// [`handle_tun_packet`](Self::handle_tun_packet) for data-path worker `worker` of several,
+    /// keeping each peer's datagrams on the wire in the order of their WireGuard counters, near
+    /// enough for the receiver's replay window (1024 counters with boringtun): a worker that
+    /// encrypts for a peer holds the peer's *send turn* until it has sent those datagrams and
+    /// calls [`release`](Self::release). Meanwhile another worker's packet for that peer is
+    /// not encrypted: it gets [`TunAction::Held`], sends what it holds itself (so two workers
+    /// never wait for each other), and tries again. Without turns, a worker that encrypted a
+    /// batch and was then preempted could send it after the others had sent more than the
+    /// window of later counters, and the receiver would drop it all as replays. A turn held
+    /// past [`HOLD_LIMIT`] (a stalled worker) is taken over and counted
+    /// ([`takeovers`](Self::takeovers)). Plaintext peers have no counters and no turns.
+    pub fn handle_tun_packet_as(
+        &self,
+        worker: u16,
+        now: Instant,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> TunAction {
+        self.encapsulate(Some(worker), now, packet, out)
+    }
+
+    /// Gives back `worker`'s send turn for `peer` (see
+    /// [`handle_tun_packet_as`](Self::handle_tun_packet_as)), once it sent what it encrypted;
+    /// nothing if another worker took it over meanwhile.
+    pub fn release(&self, worker: u16, peer: PeerId) {
+        if let Some(slot) = self.peers.get(&peer) {
+            let mut peer = lock(slot);
+            if peer.held.is_some_and(|(w, _)| w == worker) {
+                peer.held = None;
+            }
+        }
+    }
+
+    /// How many send turns were taken over from a worker that held one past [`HOLD_LIMIT`].
+    pub fn takeovers(&self) -> u64 {
+        self.takeovers.load(Ordering::Relaxed)
+    }
+
+    fn encapsulate(
+        &self,
+        worker: Option<u16>,
+        now: Instant,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> TunAction {
         let Some(addrs) = packet::addrs(packet) else {
             self.count(DropReason::BadInnerPacket);
             return TunAction::Dropped(DropReason::BadInnerPacket);
@@ -539,8 +602,22 @@ impl Router {
             };
             peer.counters.tx_bytes += len as u64;
             peer.counters.tx_packets += 1;
-            return TunAction::Transmit(Transmit { destination, len });
+            return TunAction::Transmit(Transmit {
+                destination,
+                len,
+                peer: Some(peer.id),
+            });
         };
+        if let (Some(w), Some((holder, since))) = (worker, peer.held)
+            && holder != w
+        {
+            if now.saturating_duration_since(since) < HOLD_LIMIT {
+                return TunAction::Held(peer.id);
+            }
+            self.takeovers.fetch_add(1, Ordering::Relaxed);
+            debug!(peer = %peer.id, from = holder, to = w, "send turn taken over from a stalled worker");
+            peer.held = None;
+        }
         match tunnel.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(b) => {
                 let len = b.len();
@@ -548,8 +625,17 @@ impl Router {
                 // A data message carries the packet; an initiation means it was queued.
                 if b.first() == Some(&4) {
                     peer.counters.tx_packets += 1;
+                    if let Some(w) = worker
+                        && peer.held.is_none()
+                    {
+                        peer.held = Some((w, now));
+                    }
                 }
-                TunAction::Transmit(Transmit { destination, len })
+                TunAction::Transmit(Transmit {
+                    destination,
+                    len,
+                    peer: Some(peer.id),
+                })
             }
             TunnResult::Done => TunAction::Queued,
             TunnResult::Err(e) => {
@@ -593,6 +679,7 @@ impl Router {
                         return NetAction::Transmit(Transmit {
                             destination: from,
                             len,
+                            peer: None,
                         });
                     }
                     Err(_) => {
@@ -642,6 +729,7 @@ impl Router {
                     NetAction::Transmit(Transmit {
                         destination: from,
                         len: b.len(),
+                        peer: Some(id),
                     }),
                     false,
                 )
@@ -661,6 +749,7 @@ impl Router {
                     NetAction::Transmit(Transmit {
                         destination: from,
                         len,
+                        peer: Some(id),
                     }),
                     true,
                 )
@@ -811,7 +900,11 @@ impl Router {
                     let len = b.len();
                     peer.counters.tx_bytes += len as u64;
                     peer.counters.tx_packets += 1;
-                    return Some(Transmit { destination, len });
+                    return Some(Transmit {
+                        destination,
+                        len,
+                        peer: Some(id),
+                    });
                 }
                 _ => {
                     flush.pop_front();
@@ -828,7 +921,11 @@ impl Router {
             if let TunnResult::WriteToNetwork(b) = tunnel.initiate(buf) {
                 let len = b.len();
                 peer.counters.tx_bytes += len as u64;
-                return Some(Transmit { destination, len });
+                return Some(Transmit {
+                    destination,
+                    len,
+                    peer: Some(id),
+                });
             }
         }
         if let Some(t) = self.poll_probe(buf) {
@@ -849,7 +946,11 @@ impl Router {
                         continue;
                     };
                     peer.counters.tx_bytes += len as u64;
-                    return Some(Transmit { destination, len });
+                    return Some(Transmit {
+                        destination,
+                        len,
+                        peer: Some(id),
+                    });
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) if !peer.expired => {
                     peer.expired = true;
@@ -874,6 +975,7 @@ impl Router {
                     return Some(Transmit {
                         destination,
                         len: bytes.len(),
+                        peer: None,
                     });
                 }
                 self.probing = None;

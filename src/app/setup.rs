@@ -342,7 +342,7 @@ async fn facts_before_the_device(
 }
 
 /// How many data-path workers `router.workers` asks for on this machine: `auto` is one per core
-/// this process may run on (its CPU affinity and cgroup quota count).
+/// this process may run on (its CPU affinity and cgroup quota count), at most 8.
 fn workers(config: &Config) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     config.router.workers.resolve(cores)

@@ -193,6 +193,10 @@ pub struct Driver<T = tun_rs::AsyncDevice, U = Udp> {
     /// Encapsulated datagrams of one batch, back to back, and where each is.
     net_out: Vec<u8>,
     pending: Vec<Out>,
+    /// Peers whose send turn this worker holds: it encrypted for them and has not sent yet.
+    held: Vec<PeerId>,
+    /// The router's events, logged once its lock is released.
+    events: Vec<Event>,
     start: Instant,
 }
 
@@ -290,6 +294,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             udp_in: Datagrams::new(rx),
             net_out: vec![0; NET_OUT + ONE_OUT],
             pending: Vec::with_capacity(SLOTS),
+            held: Vec::with_capacity(SLOTS),
+            events: Vec::new(),
             start: clock(),
         })
     }
@@ -459,32 +465,74 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     }
 
     /// Encapsulates the packets read and sends them: the router locked while a buffer's worth
-    /// is encapsulated, unlocked while it is sent.
+    /// is encapsulated, unlocked while it is sent. A packet for a peer whose send turn another
+    /// worker holds ([`Router::handle_tun_packet_as`]) waits: this worker sends (and gives
+    /// back) what it holds, lets the other run, and tries again; the router hands a turn held
+    /// past [`crate::HOLD_LIMIT`] over, so the wait is bounded.
     async fn on_tun_packets(&mut self) {
         let (n, mut i) = (self.tun_in.len(), 0);
         self.errors.count(self.worker, false, n);
+        let me = self.worker_id();
         while i < n {
             let now = clock();
             let mut used = 0;
+            let mut held_elsewhere = false;
             {
                 let router = read(&self.router);
                 while i < n && used <= NET_OUT {
                     let packet = self.tun_in.get(i);
                     let out = &mut self.net_out[used..];
-                    if let TunAction::Transmit(t) = router.handle_tun_packet(now, packet, out) {
-                        self.pending.push(Out {
-                            to: t.destination,
-                            at: used,
-                            len: t.len,
-                        });
-                        used += t.len;
+                    match router.handle_tun_packet_as(me, now, packet, out) {
+                        TunAction::Transmit(t) => {
+                            self.pending.push(Out {
+                                to: t.destination,
+                                at: used,
+                                len: t.len,
+                            });
+                            used += t.len;
+                            if let Some(peer) = t.peer
+                                && self.held.last() != Some(&peer)
+                            {
+                                self.held.push(peer);
+                            }
+                        }
+                        TunAction::Held(_) => {
+                            held_elsewhere = true;
+                            break;
+                        }
+                        TunAction::Queued | TunAction::Dropped(_) => {}
                     }
                     i += 1;
                 }
             }
             self.send_pending().await;
+            if held_elsewhere {
+                // The holder is sending, on another thread (or, in tests, another task on
+                // this one): give it the core rather than spin.
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+            }
         }
         self.tun_in.clear();
+    }
+
+    /// This worker's number as the router knows it.
+    fn worker_id(&self) -> u16 {
+        u16::try_from(self.worker).unwrap_or(u16::MAX)
+    }
+
+    /// Gives back the send turns this worker holds (it sent what it encrypted).
+    fn release_turns(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.held.sort_unstable();
+        self.held.dedup();
+        let me = self.worker_id();
+        let router = read(&self.router);
+        for peer in self.held.drain(..) {
+            router.release(me, peer);
+        }
     }
 
     /// Sends the encapsulated batch, each run of equal datagrams in one send where GSO allows.
@@ -499,6 +547,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             }
         }
         self.pending.clear();
+        self.release_turns();
     }
 
     /// Decapsulates the datagrams received into the TUN batch and empties the receive batch;
@@ -581,8 +630,12 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                     used += t.len;
                 }
                 while let Some(event) = router.poll_event() {
-                    self.log(now, &event);
+                    self.events.push(event);
                 }
+            }
+            // Logged without the lock: a slow log sink must not stall the other workers.
+            for event in std::mem::take(&mut self.events) {
+                self.log(now, &event);
             }
             self.send_pending().await;
         }

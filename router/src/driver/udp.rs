@@ -13,6 +13,8 @@ use weft_config::Offload;
 
 /// Socket buffer size asked for; root may exceed `net.core.[rw]mem_max`.
 const SOCKET_BUFFER: usize = 8 << 20;
+/// The least buffer size of one worker's socket.
+const MIN_WORKER_BUFFER: usize = 1 << 20;
 /// Receive buffers per batch (`recvmmsg` fills up to this many).
 pub const RX_BATCH: usize = 32;
 /// One receive buffer: a GRO run of up to 64 datagrams of an Ethernet MTU, or one datagram of
@@ -154,21 +156,21 @@ impl BoundUdp {
     }
 }
 
-fn size_buffers(socket: &Socket) {
+fn size_buffers(socket: &Socket, bytes: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
     // The FORCE options pass net.core.[rw]mem_max with CAP_NET_ADMIN; without it, ask normally.
-    if setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = socket.set_recv_buffer_size(bytes);
     }
-    if setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = socket.set_send_buffer_size(bytes);
     }
 }
 
 /// Opens the UDP socket on `port`: dual-stack `[::]` when the host has IPv6, else `0.0.0.0`; with
 /// the offloads `offload` allows and the kernel has.
 pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<BoundUdp> {
-    bind_one(port, offload, false)
+    bind_one(port, offload, false, SOCKET_BUFFER)
 }
 
 /// Opens `n` UDP sockets on one port, one per data-path worker. With more than one they join a
@@ -176,20 +178,44 @@ pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<BoundUdp> {
 /// addresses and ports, so one peer's datagrams (one underlay 4-tuple) all reach one worker, in
 /// order. Only sockets of the same user may join the group. Port 0 binds the first to a free
 /// port and the others to the same.
+///
+/// A port some socket already holds is refused, even one with `SO_REUSEPORT` set (another weft,
+/// another program of the same user): the group would take it in and the kernel would hand it a
+/// share of the peers' datagrams. So the port is first bound alone, then let go and bound by
+/// the group.
+///
+/// Each socket's buffers are the single socket's 8 MB split between the `n`, at least 1 MB: the
+/// workers together queue about what one socket would.
 pub fn bind_udp_workers(port: u16, offload: &Offload, n: usize) -> io::Result<Vec<BoundUdp>> {
     if n <= 1 {
         return Ok(vec![bind_udp(port, offload)?]);
     }
-    let first = bind_one(port, offload, true)?;
+    let buffers = (SOCKET_BUFFER / n).max(MIN_WORKER_BUFFER);
+    if port != 0 {
+        drop(bind_one(port, offload, false, buffers).map_err(|e| in_use(port, e))?);
+    }
+    let first = bind_one(port, offload, true, buffers).map_err(|e| in_use(port, e))?;
     let port = first.local_addr()?.port();
     let mut all = vec![first];
     for _ in 1..n {
-        all.push(bind_one(port, offload, true)?);
+        all.push(bind_one(port, offload, true, buffers).map_err(|e| in_use(port, e))?);
     }
     Ok(all)
 }
 
-fn bind_one(port: u16, offload: &Offload, reuse: bool) -> io::Result<BoundUdp> {
+/// A bind error, naming the port when another socket holds it.
+fn in_use(port: u16, e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        io::Error::new(
+            e.kind(),
+            format!("UDP port {port} is already bound by another socket: {e}"),
+        )
+    } else {
+        e
+    }
+}
+
+fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Result<BoundUdp> {
     let open = |domain: Domain, addr: SocketAddr| {
         let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         if domain == Domain::IPV6 {
@@ -211,7 +237,7 @@ fn bind_one(port: u16, offload: &Offload, reuse: bool) -> io::Result<BoundUdp> {
             open(Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port)))?
         }
     };
-    size_buffers(&socket);
+    size_buffers(&socket, buffers);
     socket.set_nonblocking(true)?;
     let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
     let mut gro = state.gro_segments() > 1;

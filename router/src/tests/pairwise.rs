@@ -9,7 +9,9 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::packet::test_packet;
 use crate::testing::{ip, peer_config, sa};
-use crate::{DropReason, Event, NetAction, PeerConfig, PeerId, PeerState, Router, TunAction};
+use crate::{
+    DropReason, Event, HOLD_LIMIT, NetAction, PeerConfig, PeerId, PeerState, Router, TunAction,
+};
 
 const A_ADDR: &str = "198.18.1.1:51820";
 const B_ADDR: &str = "198.18.1.2:51820";
@@ -518,4 +520,125 @@ fn two_threads_encrypting_through_one_shared_router_lose_no_count_and_reuse_no_n
                 .collect();
         assert_eq!(seqs, (0..EACH).collect::<Vec<_>>(), "worker {w}");
     }
+}
+
+/// Five workers share `a` and send to one peer, scheduled as badly as a busy machine can: each
+/// encrypts a batch of up to 256 packets and sends it only when it must. What reaches b, per
+/// worker and how many, with each worker's packets numbered in its payload. `turns`: the
+/// workers use send turns (`handle_tun_packet_as`, `release`), as the driver does.
+fn five_workers_one_peer(p: &mut Pair, turns: bool) -> [Vec<u32>; 5] {
+    const WORKERS: usize = 5;
+    const EACH: u32 = 600;
+    const BATCH: usize = 256;
+    let (a_addr, b_addr, now) = (p.a.addr, p.b.addr, p.now);
+    let mut next = [0u32; WORKERS];
+    let mut pending: [Vec<Vec<u8>>; WORKERS] = Default::default();
+    let mut wire = Vec::new();
+    let mut rng = 0x2545_f491_u32;
+    // Bounded: every step encrypts a packet or sends a batch, and there are 3000 packets.
+    for _ in 0..20_000 {
+        if next.iter().all(|&n| n == EACH) {
+            break;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 17;
+        rng ^= rng << 5;
+        let w = rng as usize % WORKERS;
+        if next[w] == EACH {
+            continue;
+        }
+        let mut body = vec![w as u8; 100];
+        body[1..5].copy_from_slice(&next[w].to_be_bytes());
+        let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), &body);
+        let mut out = vec![0; 2048];
+        let action = if turns {
+            p.a.router
+                .handle_tun_packet_as(w as u16, now, &pkt, &mut out)
+        } else {
+            p.a.router.handle_tun_packet(now, &pkt, &mut out)
+        };
+        let must_send = match action {
+            TunAction::Transmit(t) => {
+                pending[w].push(out[..t.len].to_vec());
+                next[w] += 1;
+                // Worker 0 is the one the scheduler starves: it sends only when it must.
+                pending[w].len() == BATCH || (w != 0 && rng % 7 == 0)
+            }
+            TunAction::Held(_) => true,
+            other => panic!("worker {w}: {other:?}"),
+        };
+        if must_send || next[w] == EACH {
+            wire.append(&mut pending[w]);
+            if turns {
+                p.a.router.release(w as u16, p.b_id);
+            }
+        }
+    }
+    for batch in &mut pending {
+        wire.append(batch);
+    }
+    p.b.tun.clear();
+    for d in &wire {
+        let _ = p.deliver(a_addr, b_addr, d);
+    }
+    std::array::from_fn(|w| {
+        p.b.tun
+            .iter()
+            .filter(|pkt| usize::from(pkt[20]) == w)
+            .map(|pkt| u32::from_be_bytes(pkt[21..25].try_into().expect("4 bytes")))
+            .collect()
+    })
+}
+
+#[test]
+fn workers_sharing_a_peer_send_in_counter_order_so_its_replay_window_drops_nothing() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"first");
+    p.settle();
+    assert_eq!(p.b.tun.len(), 1, "the handshake completed");
+    let got = five_workers_one_peer(&mut p, true);
+    for (w, seqs) in got.iter().enumerate() {
+        assert_eq!(*seqs, (0..600).collect::<Vec<_>>(), "worker {w}");
+    }
+    assert!(p.b.drops.is_empty(), "b dropped {:?}", p.b.drops);
+    assert_eq!(p.a.router.takeovers(), 0);
+    // The same schedule without turns loses a starved worker's batches to the window: the
+    // schedule is one that needs them.
+    let without = five_workers_one_peer(&mut p, false);
+    let lost = 5 * 600 - without.iter().map(Vec::len).sum::<usize>();
+    assert!(lost > 0, "nothing lost without turns");
+    assert!(p.b.drops.contains(&DropReason::Replay), "{:?}", p.b.drops);
+}
+
+#[test]
+fn a_send_turn_held_past_the_limit_is_taken_over_and_a_late_release_leaves_it() {
+    let mut p = Pair::new();
+    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"first");
+    p.settle();
+    let (router, now, b) = (&p.a.router, p.now, p.b_id);
+    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"x");
+    let mut out = vec![0; 2048];
+    let mut as_worker = |w: u16, at| router.handle_tun_packet_as(w, at, &pkt, &mut out);
+    assert!(matches!(as_worker(0, now), TunAction::Transmit(t) if t.peer == Some(b)));
+    // Worker 0 holds b's turn: another worker waits, the holder goes on.
+    assert_eq!(as_worker(1, now), TunAction::Held(b));
+    assert!(matches!(as_worker(0, now), TunAction::Transmit(_)));
+    let almost = now + HOLD_LIMIT - std::time::Duration::from_micros(1);
+    assert_eq!(as_worker(1, almost), TunAction::Held(b));
+    assert_eq!(router.takeovers(), 0);
+    // Past the limit worker 0 counts as stalled: worker 1 takes the turn over.
+    let late = now + HOLD_LIMIT;
+    assert!(matches!(as_worker(1, late), TunAction::Transmit(_)));
+    assert_eq!(router.takeovers(), 1);
+    // Worker 0's late release does not give back worker 1's turn.
+    router.release(0, b);
+    assert_eq!(as_worker(2, late), TunAction::Held(b));
+    router.release(1, b);
+    assert!(matches!(as_worker(2, late), TunAction::Transmit(_)));
+    // The single-caller input neither waits for turns nor takes them.
+    assert!(matches!(
+        router.handle_tun_packet(late, &pkt, &mut vec![0; 2048]),
+        TunAction::Transmit(_)
+    ));
+    assert_eq!(as_worker(3, late), TunAction::Held(b));
 }

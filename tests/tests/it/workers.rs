@@ -1,7 +1,7 @@
 //! Several data-path workers (`router.workers`) keep each flow in order: the multi-queue TUN
 //! device hands a flow to one worker, which encrypts and sends it in order, while other flows to
-//! the same peer are encrypted at the same time by the other worker (their WireGuard counters
-//! interleave, which the receiver's replay window takes).
+//! the same peer are encrypted by the other worker (the two take turns at the peer's send turn,
+//! so its WireGuard counters leave in order).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -147,4 +147,40 @@ fn with_two_workers_every_flow_arrives_in_order_while_both_encrypt_for_one_peer(
         );
     }
     Ok(())
+}
+
+/// The workers' `SO_REUSEPORT` group takes in any socket of the same user with the option set:
+/// a port another socket already holds (with the option or without) is refused and named,
+/// rather than shared with it; a free port is bound by every worker.
+#[test]
+fn a_port_another_socket_holds_is_refused_rather_than_shared_by_the_workers() -> anyhow::Result<()>
+{
+    use socket2::{Domain, Protocol, Socket, Type};
+    use weft_config::Offload;
+    use weft_router::driver::bind_udp_workers;
+
+    let mut lab = weft::demo::lab::Lab::new("wkr")?;
+    let ns = lab.add_ns("n")?;
+    lab.in_ns(&ns, || {
+        const HELD: u16 = 51820;
+        const FREE: u16 = 51821;
+        let other = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        other.set_only_v6(false)?;
+        other.set_reuse_port(true)?;
+        other.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HELD)).into())?;
+        let offload = Offload::default();
+        let err = bind_udp_workers(HELD, &offload, 2)
+            .err()
+            .context("two workers joined a port another socket holds")?;
+        ensure!(err.kind() == std::io::ErrorKind::AddrInUse, "{err}");
+        ensure!(err.to_string().contains("UDP port 51820"), "{err}");
+        let all = bind_udp_workers(FREE, &offload, 2)?;
+        ensure!(all.len() == 2, "{} sockets", all.len());
+        for s in &all {
+            ensure!(s.local_addr()?.port() == FREE, "{:?}", s.local_addr());
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the bind thread panicked"))?
 }
