@@ -348,8 +348,16 @@ fn render_peers(reg: &mut Registry, router: &Snapshot) {
     }
 }
 
-/// Each data-path worker's packets: how the TUN queues and the socket group spread the load.
+/// Each data-path worker's packets: how the TUN queues and the socket group spread the load;
+/// and the send turns taken over from a stalled worker.
 fn render_workers(reg: &mut Registry, router: &Snapshot) {
+    plain_counter(
+        reg,
+        "weft_router_send_turn_takeovers",
+        "Send turns taken over from a data-path worker that held a peer's for over 2 ms between encrypting and sending (preempted, or waiting on a full socket)",
+        None,
+        router.send_turn_takeovers,
+    );
     let family = counter::<WorkerFrom>(
         reg,
         "weft_router_worker_packets",
@@ -690,6 +698,7 @@ mod tests {
                     drops: weft_router::Drops::default(),
                     send_errors: 0,
                     workers: Vec::new(),
+                    send_turn_takeovers: 0,
                 });
             }
         });

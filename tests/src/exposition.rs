@@ -120,6 +120,7 @@ mod tests {
             peers: Vec::new(),
             drops,
             send_errors: 0,
+            send_turn_takeovers: 3,
             workers: vec![
                 weft_router::driver::WorkerCounters {
                     tun_packets: 5,
@@ -146,5 +147,10 @@ mod tests {
         assert_eq!(worker("0", "tun"), Some(5.0), "{body}");
         assert_eq!(worker("0", "network"), Some(7.0), "{body}");
         assert_eq!(worker("1", "network"), Some(0.0), "{body}");
+        assert_eq!(
+            find("weft_router_send_turn_takeovers_total"),
+            Some(3.0),
+            "{body}"
+        );
     }
 }

@@ -107,6 +107,9 @@ pub struct Snapshot {
     pub send_errors: u64,
     /// Each data-path worker's packets, by worker number.
     pub workers: Vec<WorkerCounters>,
+    /// Send turns taken over from a worker that held one past [`crate::HOLD_LIMIT`]
+    /// ([`Router::takeovers`]).
+    pub send_turn_takeovers: u64,
 }
 
 /// The router as the data-path workers share it: packets go through under a read lock, for a
@@ -446,6 +449,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                     drops,
                     send_errors: self.errors.send.load(Ordering::Relaxed),
                     workers: self.errors.snapshot(),
+                    send_turn_takeovers: router.takeovers(),
                 });
             }
             Command::AddPeer(config, reply) => {
