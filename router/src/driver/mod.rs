@@ -13,6 +13,11 @@
 //! Asking a source that is not ready costs no system call (its readiness is known). A dropped
 //! shutdown sender or a closed command channel means the daemon is gone: the driver stops.
 //!
+//! Latency: when the TUN device woke the worker its packets are served first, and the packets
+//! the wake-up read leave before the read that finds the queue empty; the timer is one
+//! `Sleep` moved only when the router's deadline moves. So a lone packet (a ping) goes from
+//! the wake-up to its send with nothing else in between.
+//!
 //! # Batches
 //!
 //! TUN → network: a read takes packets from the device (with TUN offloads one read is a 64 KB
@@ -67,6 +72,8 @@ pub const TURN_PACKETS: usize = SLOTS;
 pub const TURN_COMMANDS: usize = 16;
 /// The shared buffer the router encapsulates a batch into.
 const NET_OUT: usize = 512 << 10;
+/// How far the timer is set when the router has no deadline.
+const IDLE: Duration = Duration::from_secs(3600);
 /// Room the router needs for one packet out: the largest packet plus WireGuard's overhead.
 const ONE_OUT: usize = 65_536 + 64;
 
@@ -203,6 +210,13 @@ pub struct Driver<T = tun_rs::AsyncDevice, U = Udp> {
     start: Instant,
 }
 
+/// What woke a worker: its TUN queue, or anything else (a datagram, a command, the timer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woke {
+    Tun,
+    Other,
+}
+
 /// Whether the driver goes on after a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Turn {
@@ -326,30 +340,51 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<()> {
         info!(worker = self.worker, udp = %self.udp.local_addr()?, "data plane running");
+        // One timer for the router's deadline, moved only when the deadline moves (or it
+        // fired): not a new one on the timer wheel at every wake-up.
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(clock() + IDLE));
+        tokio::pin!(sleep);
+        let (mut armed, mut fired) = (None, false);
         loop {
             let deadline = match commands {
                 Some(_) => read(&self.router).poll_timeout(),
                 None => None,
             };
-            let far = clock() + Duration::from_secs(3600);
-            let deadline = tokio::time::Instant::from_std(deadline.unwrap_or(far));
+            if fired || deadline != armed {
+                let at = deadline.unwrap_or_else(|| clock() + IDLE);
+                sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+                (armed, fired) = (deadline, false);
+            }
             // Only waits for one source to be ready; the turn below serves them all.
-            tokio::select! {
+            let woke = tokio::select! {
                 biased;
                 r = shutdown.changed() => {
                     if r.is_err() || *shutdown.borrow() {
                         break;
                     }
+                    Woke::Other
                 }
                 cmd = next_command(&mut commands) => match cmd {
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        Woke::Other
+                    }
                     None => break,
                 },
-                r = self.tun.recv(&mut self.tun_in) => self.tun_result(r)?,
-                r = self.udp.recv(&mut self.udp_in) => udp_result(r),
-                () = tokio::time::sleep_until(deadline) => {}
-            }
-            if self.turn(commands.as_mut()).await? == Turn::Stop {
+                r = self.tun.recv(&mut self.tun_in) => {
+                    self.tun_result(r)?;
+                    Woke::Tun
+                }
+                r = self.udp.recv(&mut self.udp_in) => {
+                    udp_result(r);
+                    Woke::Other
+                }
+                () = &mut sleep => {
+                    fired = true;
+                    Woke::Other
+                }
+            };
+            if self.turn(commands.as_mut(), woke).await? == Turn::Stop {
                 break;
             }
         }
@@ -357,18 +392,28 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         Ok(())
     }
 
-    /// One turn: the timers if due (the commands' worker only), then datagrams (those the
-    /// wake-up received and, with batching, up to [`TURN_PACKETS`] more), then TUN packets
-    /// (likewise up to a batch), then up to [`TURN_COMMANDS`] commands. No source gets more
-    /// than its share before the next is served.
-    async fn turn(&mut self, commands: Option<&mut mpsc::Receiver<Command>>) -> io::Result<Turn> {
+    /// One turn: TUN packets first when they woke the worker (a ping's packet leaves before
+    /// anything else is looked at); then the timers if due (the commands' worker only);
+    /// datagrams (those the wake-up received and, with batching, up to [`TURN_PACKETS`] more);
+    /// TUN packets (likewise up to a batch) unless served first; up to [`TURN_COMMANDS`]
+    /// commands. No source gets more than its share before the next is served.
+    async fn turn(
+        &mut self,
+        commands: Option<&mut mpsc::Receiver<Command>>,
+        woke: Woke,
+    ) -> io::Result<Turn> {
+        if woke == Woke::Tun {
+            self.serve_tun().await?;
+        }
         let now = clock();
         if commands.is_some() && read(&self.router).poll_timeout().is_some_and(|t| t <= now) {
             write(&self.router).handle_timeout(now);
         }
         self.flush().await;
         self.serve_udp().await;
-        self.serve_tun().await?;
+        if woke != Woke::Tun {
+            self.serve_tun().await?;
+        }
         if let Some(commands) = commands {
             for _ in 0..TURN_COMMANDS {
                 match commands.try_recv() {
@@ -401,11 +446,17 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         self.flush().await;
     }
 
-    /// TUN → network: the packets read, more while they are ready (one read without batching,
-    /// else until the batch is full or [`BATCH`] reads), encapsulated and sent.
+    /// TUN → network: the packets the wake-up read go out first, then more while they are ready
+    /// (without batching, none; else until the batch is full or [`BATCH`] reads), encapsulated
+    /// and sent together. A lone packet (a ping, a request) thus leaves before the read that
+    /// finds the queue empty, not after it; under load that costs one more send per turn.
     async fn serve_tun(&mut self) -> io::Result<()> {
         let reads = if self.offload.udp_batch { BATCH } else { 1 };
-        let mut done = usize::from(!self.tun_in.is_empty());
+        let mut done = 0;
+        if !self.tun_in.is_empty() {
+            done = 1;
+            self.on_tun_packets().await;
+        }
         while done < reads && self.tun_in.free() >= MAX_SPLIT {
             match self.tun.try_recv(&mut self.tun_in) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

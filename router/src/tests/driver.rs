@@ -468,3 +468,118 @@ async fn only_the_worker_with_commands_runs_the_timers_of_the_router_they_share(
 fn counters_tun(c: &crate::driver::IoCounters, worker: usize) -> u64 {
     c.snapshot().get(worker).map_or(0, |w| w.tun_packets)
 }
+
+/// What a worker did, in order, as the logging devices below saw it.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>;
+
+fn note(log: &Log, what: &'static str) {
+    log.lock().expect("log").push(what);
+}
+
+/// A TUN device that logs its reads: `read` for the one the worker waited on, `try` for the
+/// speculative ones.
+struct LoggedTun {
+    inner: ChannelTun,
+    log: Log,
+}
+
+impl TunIo for LoggedTun {
+    async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
+        let r = self.inner.recv(batch).await;
+        note(&self.log, "read");
+        r
+    }
+    fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
+        note(&self.log, "try");
+        self.inner.try_recv(batch)
+    }
+    async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+        self.inner.send(batch).await
+    }
+}
+
+/// A socket that logs its sends and its speculative receives (`udp try`).
+struct LoggedUdp {
+    inner: channel::ChannelUdp,
+    log: Log,
+}
+
+impl crate::driver::UdpIo for LoggedUdp {
+    async fn recv(&self, rx: &mut crate::driver::Datagrams) -> io::Result<()> {
+        self.inner.recv(rx).await
+    }
+    fn try_recv(&self, rx: &mut crate::driver::Datagrams) -> io::Result<()> {
+        note(&self.log, "udp try");
+        self.inner.try_recv(rx)
+    }
+    async fn send(
+        &self,
+        to: std::net::SocketAddr,
+        contents: &[u8],
+        segment: usize,
+    ) -> io::Result<()> {
+        note(&self.log, "send");
+        self.inner.send(to, contents, segment).await
+    }
+    fn max_segments(&self) -> usize {
+        self.inner.max_segments()
+    }
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A lone packet (a ping) is sent as soon as the wake-up read it: before the speculative read
+/// that finds the queue empty, and before the socket is asked for datagrams.
+#[tokio::test]
+async fn a_lone_packet_leaves_before_the_read_that_finds_the_queue_empty() {
+    let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+    let net = Network::default();
+    let peer = net.bind("198.18.1.2:51820".parse().unwrap());
+    let log = Log::default();
+    let (tun, kernel) = channel::tun();
+    let tun = LoggedTun {
+        inner: tun,
+        log: log.clone(),
+    };
+    let udp = LoggedUdp {
+        inner: net.bind("198.18.1.1:51820".parse().unwrap()),
+        log: log.clone(),
+    };
+    let mut worker = Driver::new(
+        router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24"),
+        tun,
+        udp,
+        Offload::AUTO,
+    )
+    .unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let h = tokio::spawn(async move { worker.serve(None, stopped).await });
+    let packet = test_packet([100, 64, 1, 1].into(), [100, 64, 2, 1].into(), b"ping");
+    kernel.tx.send(packet).await.unwrap();
+    assert_eq!(datagram_at(&peer).await[0], 1, "a handshake initiation");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let seen = log.lock().expect("log").clone();
+        if seen
+            .iter()
+            .filter(|w| **w == "read" || **w == "try")
+            .count()
+            >= 2
+        {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no read after the send: {seen:?}"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(seen.get(..2), Some(&["read", "send"][..]), "{seen:?}");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), h)
+        .await
+        .expect("the worker stops")
+        .expect("no panic")
+        .expect("no error");
+}
