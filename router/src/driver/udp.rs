@@ -190,17 +190,20 @@ pub fn bind_udp_workers(port: u16, offload: &Offload, n: usize) -> io::Result<Ve
     if n <= 1 {
         return Ok(vec![bind_udp(port, offload)?]);
     }
-    let buffers = (SOCKET_BUFFER / n).max(MIN_WORKER_BUFFER);
-    if port != 0 {
-        drop(bind_one(port, offload, false, buffers).map_err(|e| in_use(port, e))?);
-    }
-    let first = bind_one(port, offload, true, buffers).map_err(|e| in_use(port, e))?;
-    let port = first.local_addr()?.port();
-    let mut all = vec![first];
-    for _ in 1..n {
-        all.push(bind_one(port, offload, true, buffers).map_err(|e| in_use(port, e))?);
-    }
-    Ok(all)
+    let group = || {
+        let buffers = (SOCKET_BUFFER / n).max(MIN_WORKER_BUFFER);
+        if port != 0 {
+            drop(open_socket(port, false)?);
+        }
+        let first = bind_one(port, offload, true, buffers)?;
+        let port = first.local_addr()?.port();
+        let mut all = vec![first];
+        for _ in 1..n {
+            all.push(bind_one(port, offload, true, buffers)?);
+        }
+        Ok(all)
+    };
+    group().map_err(|e| in_use(port, e))
 }
 
 /// A bind error, naming the port when another socket holds it.
@@ -215,7 +218,9 @@ fn in_use(port: u16, e: io::Error) -> io::Error {
     }
 }
 
-fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Result<BoundUdp> {
+/// A UDP socket bound to `port` on every address: dual-stack `[::]` when the host has IPv6,
+/// else `0.0.0.0`; in a `SO_REUSEPORT` group with `reuse`.
+fn open_socket(port: u16, reuse: bool) -> io::Result<Socket> {
     let open = |domain: Domain, addr: SocketAddr| {
         let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         if domain == Domain::IPV6 {
@@ -227,16 +232,20 @@ fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Re
         s.bind(&addr.into())?;
         Ok::<_, io::Error>(s)
     };
-    let socket = match open(
+    match open(
         Domain::IPV6,
         SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
     ) {
-        Ok(s) => s,
+        Ok(s) => Ok(s),
         Err(e) => {
             debug!(error = %e, "no dual-stack socket; binding IPv4 only");
-            open(Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port)))?
+            open(Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port)))
         }
-    };
+    }
+}
+
+fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Result<BoundUdp> {
+    let socket = open_socket(port, reuse)?;
     size_buffers(&socket, buffers);
     socket.set_nonblocking(true)?;
     let state = UdpSocketState::new(UdpSockRef::from(&socket))?;

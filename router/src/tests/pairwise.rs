@@ -79,6 +79,19 @@ impl Pair {
         }
     }
 
+    /// A pair whose handshake completed: `payload` went from a's pod to b's and arrived.
+    fn connected(payload: &[u8]) -> Self {
+        let mut p = Self::new();
+        let _ = p.send(true, "100.64.1.1", "100.64.2.1", payload);
+        p.settle();
+        assert_eq!(
+            p.b.tun.len(),
+            1,
+            "the handshake completed and the packet crossed"
+        );
+        p
+    }
+
     fn node(&mut self, addr: SocketAddr) -> &mut Node {
         if addr == self.a.addr {
             &mut self.a
@@ -289,10 +302,7 @@ fn a_handshake_from_an_unknown_key_is_refused() {
 
 #[test]
 fn a_decrypted_packet_with_a_forged_source_is_not_delivered() {
-    let mut p = Pair::new();
-    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
-    p.settle();
-    assert_eq!(p.b.tun.len(), 1);
+    let mut p = Pair::connected(b"hello");
     // a sends from an address it does not own (b's own block, then an unowned one).
     for src in ["100.64.2.77", "100.65.0.1"] {
         let _ = p.send(true, src, "100.64.2.1", b"forged");
@@ -405,10 +415,7 @@ fn s_drops(r: &Router, now: Instant) -> u64 {
 /// session there without a new session being needed for the data in flight.
 #[test]
 fn a_probe_sends_one_initiation_to_each_address_and_the_path_that_answers_wins() {
-    let mut p = Pair::new();
-    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"hello");
-    p.settle();
-    assert_eq!(p.b.tun.len(), 1, "the first packet crossed");
+    let mut p = Pair::connected(b"hello");
     let shim = sa("127.0.0.1:40001");
     p.a.router.set_endpoint(p.b_id, shim);
     let dead = sa("198.19.0.9:51820");
@@ -462,10 +469,7 @@ fn a_probe_sends_one_initiation_to_each_address_and_the_path_that_answers_wins()
 
 #[test]
 fn two_threads_encrypting_through_one_shared_router_lose_no_count_and_reuse_no_nonce() {
-    let mut p = Pair::new();
-    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"first");
-    p.settle();
-    assert_eq!(p.b.tun.len(), 1, "the handshake completed");
+    let mut p = Pair::connected(b"first");
     let before = p.a.router.peers(p.now)[0].counters;
     const EACH: u32 = 500;
     // Two workers share `a` (`&Router` across threads) and send to the same peer at once.
@@ -592,10 +596,7 @@ fn five_workers_one_peer(p: &mut Pair, turns: bool) -> [Vec<u32>; 5] {
 
 #[test]
 fn workers_sharing_a_peer_send_in_counter_order_so_its_replay_window_drops_nothing() {
-    let mut p = Pair::new();
-    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"first");
-    p.settle();
-    assert_eq!(p.b.tun.len(), 1, "the handshake completed");
+    let mut p = Pair::connected(b"first");
     let got = five_workers_one_peer(&mut p, true);
     for (w, seqs) in got.iter().enumerate() {
         assert_eq!(*seqs, (0..600).collect::<Vec<_>>(), "worker {w}");
@@ -612,9 +613,7 @@ fn workers_sharing_a_peer_send_in_counter_order_so_its_replay_window_drops_nothi
 
 #[test]
 fn a_send_turn_held_past_the_limit_is_taken_over_and_a_late_release_leaves_it() {
-    let mut p = Pair::new();
-    let _ = p.send(true, "100.64.1.1", "100.64.2.1", b"first");
-    p.settle();
+    let p = Pair::connected(b"first");
     let (router, now, b) = (&p.a.router, p.now, p.b_id);
     let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"x");
     let mut out = vec![0; 2048];
