@@ -17,6 +17,7 @@ use std::time::Duration;
 mod chaos;
 mod net;
 mod router;
+mod small;
 
 use clap::{Parser, Subcommand};
 use weft_mesh::MeshConfig;
@@ -42,6 +43,10 @@ enum Cmd {
     /// plaintext, wireguard-go, boringtun-cli; TCP, UDP packet rate, ping, CPU and memory;
     /// medians of several runs. Writes bench/RESULTS.md.
     Net(NetOpts),
+    /// Small packets (root): ping RTT and full-rate UDP 64 B with the CPU each packet costs
+    /// (tunnel, iperf3, whole machine), every path set up at once and measured interleaved,
+    /// round after round, so machine noise falls on all alike. Writes bench/results/small.md.
+    Small(SmallOpts),
     /// weft encrypted under iperf3 TCP load (4 streams) for a long run (root), both daemons'
     /// RSS sampled: shows peak memory and whether it grows. Writes bench/results/soak.md.
     Soak {
@@ -151,6 +156,71 @@ struct NetOpts {
     /// Where boringtun-cli is (or gets installed): `<tools>/bin/boringtun-cli`.
     #[arg(long, default_value = "bench/.tools")]
     tools: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct SmallOpts {
+    /// Rounds; each measures every path once, in an order rotated each round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Pings per path per round, 10 ms apart.
+    #[arg(long, default_value_t = 200)]
+    pings: u32,
+    /// Seconds of full-rate UDP 64 B per path per round (0: ping only).
+    #[arg(long, default_value_t = 3)]
+    secs: u64,
+    /// boringtun-cli thread counts to measure (the first is compared against).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    boringtun_threads: Vec<u32>,
+    /// Paths, as for `net`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "weft/1,weft/auto,boringtun"
+    )]
+    paths: Vec<String>,
+    /// Another wireguard-go binary to measure, as for `net`.
+    #[arg(long = "wireguard-go", value_name = "PATH")]
+    wireguard_go: Vec<PathBuf>,
+    /// Where boringtun-cli is (or gets installed): `<tools>/bin/boringtun-cli`.
+    #[arg(long, default_value = "bench/.tools")]
+    tools: PathBuf,
+    /// Where to write the report (Markdown).
+    #[arg(long, default_value = "bench/results/small.md")]
+    out: PathBuf,
+}
+
+fn run_small(o: &SmallOpts, command: &str) -> anyhow::Result<()> {
+    weft::demo::lab::require_root("weft-bench small")?;
+    anyhow::ensure!(
+        o.rounds >= 1 && o.pings >= 10,
+        "--rounds must be at least 1 and --pings at least 10"
+    );
+    let (kinds, boringtun) =
+        resolve_paths(&o.paths, &o.boringtun_threads, &o.wireguard_go, &o.tools)?;
+    let args = net::NetArgs {
+        secs: o.secs,
+        reps: 1,
+        paths: kinds.clone(),
+        weft: weft_binary()?,
+        boringtun,
+    };
+    let tables = small::run(&args, &kinds, o.rounds, o.pings, o.secs)?;
+    let report = format!(
+        "# weft-bench small\n\n- machine: {}\n- command: `{command}`\n- every path set up at once, two network namespaces each joined by a veth pair, tunnels at MTU 1440; {} rounds, each path once per round in a rotated order: {} pings 10 ms apart, then {} s of iperf3 UDP at full rate with 64 B payloads ({})\n- ping percentiles pool every round's pings; rates and CPU per packet are medians over the rounds; CPU per packet is per packet *received*\n\n{tables}",
+        net::machine(),
+        o.rounds,
+        o.pings,
+        o.secs,
+        net::iperf_version(),
+    );
+    print!("{report}");
+    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&o.out, &report)?;
+    eprintln!("wrote {}", o.out.display());
+    Ok(())
 }
 
 struct Row {
@@ -415,15 +485,16 @@ fn weft_path(spec: &str) -> anyhow::Result<net::PathKind> {
     })
 }
 
-fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
-    let (secs, reps, out) = (o.secs, o.reps, &o.out);
-    weft::demo::lab::require_root("weft-bench net")?;
-    anyhow::ensure!(
-        reps >= 1 && secs >= 1,
-        "--reps and --secs must be at least 1"
-    );
+/// The paths named on the command line, checked, and boringtun-cli's binary when one is
+/// measured (fetched into `tools` if missing).
+fn resolve_paths(
+    paths: &[String],
+    boringtun_threads: &[u32],
+    wireguard_go: &[PathBuf],
+    tools: &std::path::Path,
+) -> anyhow::Result<(Vec<net::PathKind>, PathBuf)> {
     let mut kinds = Vec::new();
-    for p in &o.paths {
+    for p in paths {
         match p.as_str() {
             "veth" => kinds.push(net::PathKind::Veth),
             w if w.starts_with("weft@")
@@ -437,7 +508,7 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
             }
             "wireguard-go" => kinds.push(net::PathKind::WireguardGo(None)),
             "boringtun" => kinds.extend(
-                o.boringtun_threads
+                boringtun_threads
                     .iter()
                     .map(|t| net::PathKind::Boringtun(*t)),
             ),
@@ -447,7 +518,7 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
             ),
         }
     }
-    for path in &o.wireguard_go {
+    for path in wireguard_go {
         kinds.push(net::wireguard_go_at(path)?);
     }
     net::check_tools(&kinds)?;
@@ -455,10 +526,22 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
         .iter()
         .any(|k| matches!(k, net::PathKind::Boringtun(_)))
     {
-        net::boringtun(&o.tools)?
+        net::boringtun(tools)?
     } else {
         PathBuf::new()
     };
+    Ok((kinds, boringtun))
+}
+
+fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
+    let (secs, reps, out) = (o.secs, o.reps, &o.out);
+    weft::demo::lab::require_root("weft-bench net")?;
+    anyhow::ensure!(
+        reps >= 1 && secs >= 1,
+        "--reps and --secs must be at least 1"
+    );
+    let (kinds, boringtun) =
+        resolve_paths(&o.paths, &o.boringtun_threads, &o.wireguard_go, &o.tools)?;
     let args = net::NetArgs {
         secs,
         reps,
@@ -504,6 +587,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Net(o) => run_net(&o, &command)?,
+        Cmd::Small(o) => run_small(&o, &command)?,
         Cmd::Soak { mins, every, out } => run_soak(mins, every, &out, &command)?,
         Cmd::Router {
             secs,

@@ -144,7 +144,7 @@ pub(crate) struct Bench {
     procs: Vec<String>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -332,7 +332,7 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
 }
 
 /// Runs iperf3 against the server; its JSON report.
-fn iperf(b: &Bench, secs: u64, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn iperf(b: &Bench, secs: u64, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = b
         .lab
         .cmd(&b.client, "iperf3")
@@ -380,6 +380,14 @@ fn udp(b: &Bench, secs: u64, len: u32) -> anyhow::Result<f64> {
 
 /// Ping RTT p50 and p99 in µs over `count` pings 10 ms apart.
 fn rtt(b: &Bench, count: u32) -> anyhow::Result<(f64, f64)> {
+    let mut times = rtts(b, count)?;
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    Ok((pick(0.5), pick(0.99)))
+}
+
+/// The RTTs in µs of `count` pings 10 ms apart (at least 90% answered).
+pub(crate) fn rtts(b: &Bench, count: u32) -> anyhow::Result<Vec<f64>> {
     let out = run(b.lab.cmd(&b.client, "ping").args([
         "-c",
         &count.to_string(),
@@ -388,7 +396,7 @@ fn rtt(b: &Bench, count: u32) -> anyhow::Result<(f64, f64)> {
         "-n",
         b.dst,
     ]))?;
-    let mut times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+    let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
         .split("time=")
         .skip(1)
         .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
@@ -399,12 +407,10 @@ fn rtt(b: &Bench, count: u32) -> anyhow::Result<(f64, f64)> {
         "only {} of {count} pings answered",
         times.len()
     );
-    times.sort_by(f64::total_cmp);
-    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    Ok((pick(0.5), pick(0.99)))
+    Ok(times)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -412,7 +418,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// User + system CPU seconds of the tunnel processes so far.
-fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
     let mut total = 0.0;
     for name in &b.procs {
         let pid = b.lab.pid(name).context("tunnel process gone")?;

@@ -16,7 +16,9 @@
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
 //! the wake-up read leave before the read that finds the queue empty; the timer is one
 //! `Sleep` moved only when the router's deadline moves. So a lone packet (a ping) goes from
-//! the wake-up to its send with nothing else in between.
+//! the wake-up to its send with nothing else in between. The other way, a receive that did
+//! not fill every buffer found the socket empty, so its packets are written to the TUN device
+//! before another receive is tried.
 //!
 //! # Batches
 //!
@@ -428,18 +430,27 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     }
 
     /// Network → TUN: the datagrams received, more while they are ready (one receive without
-    /// batching, else up to [`TURN_PACKETS`] datagrams), then the TUN batch they filled.
+    /// batching, else up to [`TURN_PACKETS`] datagrams), then the TUN batch they filled. A
+    /// receive that did not fill every buffer found the socket's queue empty: its packets are
+    /// written before the next receive is tried, so a lone packet (a ping) reaches the pod
+    /// before the receive that finds nothing; under load receives come back full and the TUN
+    /// batch stays whole.
     async fn serve_udp(&mut self) {
+        let mut drained = !self.udp_in.is_full();
         let mut handled = self.on_datagrams().await;
         let receives = if self.offload.udp_batch { BATCH } else { 1 };
         for _ in 0..receives {
             if handled >= TURN_PACKETS || (!self.offload.udp_batch && handled > 0) {
                 break;
             }
+            if drained {
+                write_batch(&self.tun, &mut self.tun_out).await;
+            }
             match self.udp.try_recv(&mut self.udp_in) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 r => udp_result(r),
             }
+            drained = !self.udp_in.is_full();
             handled += self.on_datagrams().await;
         }
         write_batch(&self.tun, &mut self.tun_out).await;

@@ -66,6 +66,12 @@ impl Datagrams {
         self.iter().nth(i)
     }
 
+    /// Whether the last receive filled every buffer: the socket may hold more. A receive that
+    /// filled fewer found the socket's queue empty.
+    pub fn is_full(&self) -> bool {
+        self.count == self.bufs.len()
+    }
+
     /// Whether no datagram waits to be handled.
     pub fn is_empty(&self) -> bool {
         self.count == 0

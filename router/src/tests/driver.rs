@@ -494,11 +494,13 @@ impl TunIo for LoggedTun {
         self.inner.try_recv(batch)
     }
     async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+        note(&self.log, "write");
         self.inner.send(batch).await
     }
 }
 
-/// A socket that logs its sends and its speculative receives (`udp try`).
+/// A socket that logs its receives: `recv` for the one the worker waited on, `udp got` and
+/// `udp try` for the speculative ones that found a datagram and that found none; and its sends.
 struct LoggedUdp {
     inner: channel::ChannelUdp,
     log: Log,
@@ -506,11 +508,14 @@ struct LoggedUdp {
 
 impl crate::driver::UdpIo for LoggedUdp {
     async fn recv(&self, rx: &mut crate::driver::Datagrams) -> io::Result<()> {
-        self.inner.recv(rx).await
+        let r = self.inner.recv(rx).await;
+        note(&self.log, "recv");
+        r
     }
     fn try_recv(&self, rx: &mut crate::driver::Datagrams) -> io::Result<()> {
-        note(&self.log, "udp try");
-        self.inner.try_recv(rx)
+        let r = self.inner.try_recv(rx);
+        note(&self.log, if r.is_ok() { "udp got" } else { "udp try" });
+        r
     }
     async fn send(
         &self,
@@ -582,4 +587,63 @@ async fn a_lone_packet_leaves_before_the_read_that_finds_the_queue_empty() {
         .expect("the worker stops")
         .expect("no panic")
         .expect("no error");
+}
+
+/// A lone datagram (a ping arriving) is written to the TUN device as soon as the wake-up
+/// received it: before the speculative receive that finds the socket empty.
+#[tokio::test]
+async fn a_lone_datagram_reaches_the_pod_before_the_receive_that_finds_the_socket_empty() {
+    let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+    let net = Network::default();
+    let log = Log::default();
+    let (tun_a, mut kernel_a) = channel::tun();
+    let a = Driver::new(
+        router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24"),
+        LoggedTun {
+            inner: tun_a,
+            log: log.clone(),
+        },
+        LoggedUdp {
+            inner: net.bind("198.18.1.1:51820".parse().unwrap()),
+            log: log.clone(),
+        },
+        Offload::AUTO,
+    )
+    .unwrap();
+    let (tun_b, kernel_b) = channel::tun();
+    let b = Driver::new(
+        router(&kb, &ka, "198.18.1.1:51820", "100.64.1.0/24"),
+        tun_b,
+        net.bind("198.18.1.2:51820".parse().unwrap()),
+        Offload::AUTO,
+    )
+    .unwrap();
+    let (_cmd_a, rx_a) = mpsc::channel(4);
+    let (_cmd_b, rx_b) = mpsc::channel(4);
+    let (stop, stopped) = watch::channel(false);
+    let ha = tokio::spawn(a.run(rx_a, stopped.clone()));
+    let hb = tokio::spawn(b.run(rx_b, stopped));
+    // B initiates; A answers, then receives the packet and writes it to its pod.
+    let packet = test_packet([100, 64, 2, 1].into(), [100, 64, 1, 1].into(), b"ping");
+    kernel_b.tx.send(packet.clone()).await.unwrap();
+    assert_eq!(recv(&mut kernel_a.rx).await, packet);
+    let seen = log.lock().expect("log").clone();
+    let write = seen
+        .iter()
+        .position(|w| *w == "write")
+        .expect("the packet was written");
+    // The receive just before the write found the packet: none that found nothing came
+    // between (B may send a keepalive first, so that receive is either kind).
+    assert!(
+        matches!(seen.get(write - 1), Some(&("recv" | "udp got"))),
+        "{seen:?}"
+    );
+    stop.send(true).unwrap();
+    for h in [ha, hb] {
+        tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("a driver stops")
+            .expect("no panic")
+            .expect("no error");
+    }
 }

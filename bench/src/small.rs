@@ -1,0 +1,208 @@
+//! `weft-bench small`: small packets through every path, the paths set up side by side and
+//! measured *interleaved* (round after round, each path once per round, the order rotated), so
+//! that a noisy machine's drift falls on all of them alike.
+//!
+//! Two figures: ping RTT (pooled over the rounds, and the median over rounds of each round's
+//! p50 ratio to boringtun-cli), and the full-rate UDP 64 B packet rate with where its CPU goes
+//! per packet received: the tunnel processes (both ends), iperf3's client and server (their
+//! own accounting, in iperf3's JSON) and the machine as a whole (`/proc/stat`, busy time of
+//! every CPU, so softirq work charged to no process is in it). On this 2-core machine both
+//! tunnel ends and both iperf3 ends share the cores, so the rate is the cores divided by the
+//! whole cost of a packet: the tunnel's share is what a tunnel's design changes.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+
+use crate::net::{self, Bench, NetArgs, PathKind, median};
+
+/// What one path gave over the rounds.
+#[derive(Debug, Default)]
+struct Samples {
+    label: String,
+    rtts: Vec<f64>,
+    round_p50: Vec<f64>,
+    pps: Vec<f64>,
+    /// CPU µs per packet received: tunnel, iperf3 client, iperf3 server, whole machine.
+    tunnel_us: Vec<f64>,
+    client_us: Vec<f64>,
+    server_us: Vec<f64>,
+    machine_us: Vec<f64>,
+}
+
+/// Busy jiffies of every CPU so far (`/proc/stat`: all but idle and iowait).
+fn machine_busy_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("/proc/stat cpu line")?;
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    Ok((total - idle) / net::clock_ticks())
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// One full-rate UDP run of 64 B payloads: (pps received, tunnel, client, server, machine
+/// CPU µs per packet received).
+fn udp64(b: &Bench, secs: u64) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+    let (t0, m0) = (net::cpu_seconds(b)?, machine_busy_secs()?);
+    let j = net::iperf(b, secs, &["-u", "-b", "0", "-l", "64"])?;
+    let (t1, m1) = (net::cpu_seconds(b)?, machine_busy_secs()?);
+    let sum = &j["end"]["sum"];
+    let (packets, lost, seconds) = (
+        sum["packets"].as_f64().context("end.sum.packets")?,
+        sum["lost_packets"].as_f64().unwrap_or(0.0),
+        sum["seconds"].as_f64().context("end.sum.seconds")?,
+    );
+    let got = (packets - lost).max(0.0);
+    anyhow::ensure!(got > 0.0, "UDP with 64-byte payloads: nothing arrived");
+    let cpu = &j["end"]["cpu_utilization_percent"];
+    // iperf3's own CPU, in percent of one core over the test.
+    let share = |k: &str| cpu[k].as_f64().unwrap_or(f64::NAN) / 100.0 * seconds;
+    let per = |s: f64| s / got * 1e6;
+    Ok((
+        got / seconds.max(1e-9),
+        per(t1 - t0),
+        per(share("host_total")),
+        per(share("remote_total")),
+        per(m1 - m0),
+    ))
+}
+
+/// Sets every path up, runs `rounds` rounds (each: `pings` pings 10 ms apart, then `secs` s of
+/// UDP 64 B, on every path in turn) and returns the report's tables.
+pub(crate) fn run(
+    args: &NetArgs,
+    kinds: &[PathKind],
+    rounds: usize,
+    pings: u32,
+    secs: u64,
+) -> anyhow::Result<String> {
+    let mut benches = Vec::new();
+    for k in kinds {
+        eprintln!("== {}: setting up", k.label());
+        benches.push(net::setup(args, k)?);
+    }
+    let mut samples: Vec<Samples> = kinds
+        .iter()
+        .map(|k| Samples {
+            label: k.label(),
+            ..Default::default()
+        })
+        .collect();
+    let n = benches.len();
+    for round in 0..rounds {
+        eprintln!("   round {}/{rounds}", round + 1);
+        for i in (0..n).map(|i| (i + round) % n) {
+            let (b, s) = (&benches[i], &mut samples[i]);
+            let mut r = net::rtts(b, pings)?;
+            r.sort_by(f64::total_cmp);
+            s.round_p50.push(percentile(&r, 0.5));
+            s.rtts.extend(r);
+            if secs > 0 {
+                let (pps, t, c, v, m) = udp64(b, secs)?;
+                s.pps.push(pps);
+                s.tunnel_us.push(t);
+                s.client_us.push(c);
+                s.server_us.push(v);
+                s.machine_us.push(m);
+            }
+        }
+    }
+    drop(benches);
+    Ok(report(&mut samples))
+}
+
+fn report(samples: &mut [Samples]) -> String {
+    let mut s = String::from(
+        "| path | ping p50 (µs) | ping p99 (µs) | UDP 64 B (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in samples.iter_mut() {
+        p.rtts.sort_by(f64::total_cmp);
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            p.label,
+            percentile(&p.rtts, 0.5),
+            percentile(&p.rtts, 0.99),
+            median(p.pps.clone()) / 1e3,
+            median(p.tunnel_us.clone()),
+            median(p.client_us.clone()),
+            median(p.server_us.clone()),
+            median(p.machine_us.clone()),
+        );
+    }
+    let Some(bt) = samples
+        .iter()
+        .find(|p| p.label.starts_with("boringtun-cli"))
+    else {
+        return s;
+    };
+    let _ = write!(
+        s,
+        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (pooled) | ping p99 (pooled) | UDP 64 B rate | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|\n",
+        bt.label
+    );
+    for p in samples.iter().filter(|p| p.label != bt.label) {
+        let per_round: Vec<f64> = p
+            .round_p50
+            .iter()
+            .zip(&bt.round_p50)
+            .map(|(a, b)| a / b)
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            p.label,
+            median(per_round),
+            percentile(&p.rtts, 0.5) / percentile(&bt.rtts, 0.5),
+            percentile(&p.rtts, 0.99) / percentile(&bt.rtts, 0.99),
+            median(p.pps.clone()) / median(bt.pps.clone()),
+            median(bt.tunnel_us.clone()) / median(p.tunnel_us.clone()),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_taken_against_boringtun_per_round_and_pooled() {
+        let mut samples = vec![
+            Samples {
+                label: "weft encrypted".into(),
+                rtts: vec![100.0, 200.0, 300.0],
+                round_p50: vec![100.0, 300.0, 200.0],
+                pps: vec![2000.0],
+                tunnel_us: vec![1.0],
+                ..Default::default()
+            },
+            Samples {
+                label: "boringtun-cli --threads 1".into(),
+                rtts: vec![200.0, 200.0, 200.0],
+                round_p50: vec![200.0, 200.0, 200.0],
+                pps: vec![1000.0],
+                tunnel_us: vec![4.0],
+                ..Default::default()
+            },
+        ];
+        let r = report(&mut samples);
+        // Rounds: 0.5, 1.5, 1.0 → median 1.0; pooled 200/200; rate 2×; CPU 4/1.
+        assert!(
+            r.contains("| weft encrypted | 1.00× | 1.00× | 1.50× | 2.00× | 4.00× |"),
+            "{r}"
+        );
+    }
+}
