@@ -18,7 +18,8 @@
 //! `Sleep` moved only when the router's deadline moves. So a lone packet (a ping) goes from
 //! the wake-up to its send with nothing else in between. The other way, a receive that did
 //! not fill every buffer found the socket empty, so its packets are written to the TUN device
-//! before another receive is tried.
+//! before another receive is tried. The socket is registered for reading only, so a send's
+//! datagram leaving its buffer does not wake the worker again (module `udp`).
 //!
 //! # Batches
 //!

@@ -1,13 +1,22 @@
 //! The UDP side of the driver: [`UdpIo`], the receive batch it fills, and its implementation over
-//! a tokio socket driven by quinn-udp (`recvmmsg`, `UDP_SEGMENT` sends, `UDP_GRO` receives).
+//! a socket driven by quinn-udp (`recvmmsg`, `UDP_SEGMENT` sends, `UDP_GRO` receives).
+//!
+//! The socket is registered with tokio for reading only. A socket registered for writing too
+//! (as `tokio::net::UdpSocket` is) gets an edge-triggered `EPOLLOUT` each time a datagram sent
+//! leaves its buffer, which on a veth or any local path is during the send itself: every send
+//! then cost one more `epoll_wait` and driver pass that woke nothing. Sends are tried directly;
+//! the rare full buffer is waited on with `poll(2)`, bounded, on the worker's own thread.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tracing::debug;
 use weft_config::Offload;
 
@@ -118,10 +127,13 @@ pub trait UdpIo: Send + Sync + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
-/// The data plane's UDP socket: tokio for readiness, quinn-udp for the system calls.
+/// How long a send waits for room in a full socket buffer before its datagrams are dropped.
+const SEND_WAIT: Duration = Duration::from_millis(20);
+
+/// The data plane's UDP socket: tokio for read readiness, quinn-udp for the system calls.
 #[derive(Debug)]
 pub struct Udp {
-    socket: UdpSocket,
+    socket: AsyncFd<Socket>,
     state: UdpSocketState,
     gso: usize,
 }
@@ -152,10 +164,17 @@ impl BoundUdp {
             .as_socket()
             .ok_or_else(|| io::Error::other("not an IP socket"))
     }
-    /// The socket on the current tokio runtime.
+    /// The socket on the current tokio runtime, for reading only (see the module docs).
     pub fn register(self) -> io::Result<Udp> {
+        #[expect(
+            deprecated,
+            reason = "its replacement is unsafe, which weft forbids; the I/O-safety concern is a \
+                      registered descriptor closed by someone else, and this one is owned by the \
+                      AsyncFd"
+        )]
+        let socket = AsyncFd::with_interest(self.socket, Interest::READABLE)?;
         Ok(Udp {
-            socket: UdpSocket::from_std(self.socket.into())?,
+            socket,
             state: self.state,
             gso: self.gso,
         })
@@ -286,10 +305,10 @@ impl Udp {
         // closure then reports WouldBlock, so tokio clears the readiness with it (only if no
         // newer event came in meanwhile) and the next speculative receive costs no syscall.
         let mut drained = None;
-        let r = self.socket.try_io(Interest::READABLE, || {
+        let r = self.socket.try_io(Interest::READABLE, |socket| {
             let count = self
                 .state
-                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)?;
+                .recv(socket.into(), &mut iovs[..n], &mut rx.meta)?;
             if count < n {
                 drained = Some(count);
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -307,7 +326,8 @@ impl Udp {
 impl UdpIo for Udp {
     async fn recv(&self, rx: &mut Datagrams) -> io::Result<()> {
         loop {
-            self.socket.readable().await?;
+            // The guard is let go: `recv_now` clears the readiness when it drains the socket.
+            drop(self.socket.readable().await?);
             match self.recv_now(rx) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return r,
@@ -325,14 +345,18 @@ impl UdpIo for Udp {
             segment_size: (segment < contents.len()).then_some(segment),
             src_ip: None,
         };
-        loop {
-            self.socket.writable().await?;
-            match self.socket.try_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), &transmit)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return r,
+        let socket = self.socket.get_ref();
+        match self.state.try_send(socket.into(), &transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The buffer is full: wait for room (this thread has nothing to do that does not
+                // need this socket or the lock it would take), once, bounded.
+                if wait_writable(socket, SEND_WAIT)? {
+                    self.state.try_send(socket.into(), &transmit)
+                } else {
+                    Err(e)
+                }
             }
+            r => r,
         }
     }
     fn max_segments(&self) -> usize {
@@ -340,6 +364,101 @@ impl UdpIo for Udp {
         self.gso.min(self.state.max_gso_segments()).max(1)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.socket
+            .get_ref()
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket"))
+    }
+}
+
+/// Waits up to `limit` for `socket` to take a datagram; says whether it will.
+fn wait_writable(socket: &Socket, limit: Duration) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The event mask `epoll` holds for descriptor `fd` of this process, from any epoll
+    /// instance's `/proc/self/fdinfo` entry that lists it.
+    fn epoll_mask(fd: i32) -> Option<u32> {
+        for entry in std::fs::read_dir("/proc/self/fdinfo").ok()? {
+            let Ok(info) = std::fs::read_to_string(entry.ok()?.path()) else {
+                continue;
+            };
+            for line in info.lines() {
+                // "tfd:        9 events:     2019 data: ..."
+                let mut words = line.split_whitespace();
+                if words.next() != Some("tfd:") || words.next() != Some(&fd.to_string()) {
+                    continue;
+                }
+                if words.next() == Some("events:") {
+                    return u32::from_str_radix(words.next()?, 16).ok();
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_socket_is_registered_for_reading_only_so_a_send_wakes_nothing() {
+        use std::os::fd::AsRawFd;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            // Bound, never sent on: no traffic leaves this test.
+            let udp = bind_udp(0, &Offload::AUTO)
+                .expect("bind")
+                .register()
+                .expect("register");
+            let fd = udp.socket.get_ref().as_raw_fd();
+            let mask = epoll_mask(fd).expect("the socket is in an epoll set");
+            let (epollin, epollout) = (0x1, 0x4);
+            assert_ne!(mask & epollin, 0, "readable wanted: {mask:#x}");
+            assert_eq!(mask & epollout, 0, "writable not wanted: {mask:#x}");
+        });
+    }
+
+    #[test]
+    fn a_full_buffer_is_waited_on_for_a_bounded_time_and_room_ends_the_wait() {
+        // A local datagram pair stands in for the UDP socket: no network.
+        let (a, b) = Socket::pair(Domain::UNIX, Type::DGRAM, None).expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let mut sent = 0;
+        while sent < 100_000 {
+            match a.send(&[0; 64]) {
+                Ok(_) => sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+        assert!(sent < 100_000, "the buffer never filled");
+        assert!(
+            !wait_writable(&a, Duration::from_millis(20)).expect("poll"),
+            "a full buffer is not writable"
+        );
+        // Drained (bounded by what was sent): the buffer has room again.
+        b.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [std::mem::MaybeUninit::new(0u8); 64];
+        for _ in 0..sent {
+            if b.recv(&mut buf).is_err() {
+                break;
+            }
+        }
+        assert!(
+            wait_writable(&a, Duration::from_secs(5)).expect("poll"),
+            "room in the buffer ends the wait"
+        );
     }
 }
