@@ -417,6 +417,27 @@ pub(crate) fn clock_ticks() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
+/// Datagrams the kernel has dropped so far at iperf3's server sockets (port 5201) for want of
+/// room: what reached the receiver but not the program. Read from `/proc/<pid>/net/udp` of the
+/// server process (its namespace's table, no process spawned); a test's socket takes its count
+/// with it when it closes, so sample this while the test runs.
+pub(crate) fn server_drops(b: &Bench) -> anyhow::Result<u64> {
+    let pid = b.lab.pid("iperf3-server").context("iperf3 server gone")?;
+    let mut total = 0;
+    for table in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+        total += text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let port = f.get(1)?.rsplit(':').next()?;
+                (port == "1451").then(|| f.last()?.parse::<u64>().ok())?
+            })
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// User + system CPU seconds of the tunnel processes so far.
 pub(crate) fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
     let mut total = 0.0;

@@ -8,7 +8,10 @@
 //! own accounting, in iperf3's JSON) and the machine as a whole (`/proc/stat`, busy time of
 //! every CPU, so softirq work charged to no process is in it). On this 2-core machine both
 //! tunnel ends and both iperf3 ends share the cores, so the rate is the cores divided by the
-//! whole cost of a packet: the tunnel's share is what a tunnel's design changes.
+//! whole cost of a packet: the tunnel's share is what a tunnel's design changes. Beside the rate
+//! iperf3's server read, the rate the tunnel *delivered* to the server's socket: what it read
+//! plus what the kernel dropped there because the server, sharing the cores, did not read in
+//! time (`/proc/net/udp`). When the server is the slower end, only the second is the tunnel's.
 
 use std::fmt::Write as _;
 
@@ -23,6 +26,9 @@ struct Samples {
     rtts: Vec<f64>,
     round_p50: Vec<f64>,
     pps: Vec<f64>,
+    /// Packets per second the tunnel delivered to iperf3's server socket: those it read and
+    /// those the socket dropped, full.
+    delivered: Vec<f64>,
     /// CPU µs per packet received: tunnel, iperf3 client, iperf3 server, whole machine.
     tunnel_us: Vec<f64>,
     client_us: Vec<f64>,
@@ -52,11 +58,38 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// One full-rate UDP run of 64 B payloads: (pps received, tunnel, client, server, machine
-/// CPU µs per packet received).
-fn udp64(b: &Bench, secs: u64) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+/// One full-rate UDP run of 64 B payloads: what it gave.
+struct Udp64 {
+    /// Packets per second iperf3's server read.
+    pps: f64,
+    /// Packets per second delivered to the server's socket (read, or dropped there full).
+    delivered: f64,
+    /// CPU µs per packet read: tunnel, iperf3 client, iperf3 server, whole machine.
+    cpu: [f64; 4],
+}
+
+fn udp64(b: &Bench, secs: u64) -> anyhow::Result<Udp64> {
     let (t0, m0) = (net::cpu_seconds(b)?, machine_busy_secs()?);
-    let j = net::iperf(b, secs, &["-u", "-b", "0", "-l", "64"])?;
+    // The test's socket takes its drop count with it: sample it while the test runs (bounded:
+    // every 50 ms until the test is over, at most its length and 30 s more).
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (j, dropped) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0;
+            for _ in 0..(secs + 30) * 20 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                most = most.max(net::server_drops(b).unwrap_or(0));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            most
+        });
+        let j = net::iperf(b, secs, &["-u", "-b", "0", "-l", "64"]);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (j, sampler.join().unwrap_or(0))
+    });
+    let j = j?;
     let (t1, m1) = (net::cpu_seconds(b)?, machine_busy_secs()?);
     let sum = &j["end"]["sum"];
     let (packets, lost, seconds) = (
@@ -70,13 +103,17 @@ fn udp64(b: &Bench, secs: u64) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
     // iperf3's own CPU, in percent of one core over the test.
     let share = |k: &str| cpu[k].as_f64().unwrap_or(f64::NAN) / 100.0 * seconds;
     let per = |s: f64| s / got * 1e6;
-    Ok((
-        got / seconds.max(1e-9),
-        per(t1 - t0),
-        per(share("host_total")),
-        per(share("remote_total")),
-        per(m1 - m0),
-    ))
+    let seconds = seconds.max(1e-9);
+    Ok(Udp64 {
+        pps: got / seconds,
+        delivered: (got + dropped as f64) / seconds,
+        cpu: [
+            per(t1 - t0),
+            per(share("host_total")),
+            per(share("remote_total")),
+            per(m1 - m0),
+        ],
+    })
 }
 
 /// Sets every path up, runs `rounds` rounds (each: `pings` pings 10 ms apart, then `secs` s of
@@ -110,8 +147,13 @@ pub(crate) fn run(
             s.round_p50.push(percentile(&r, 0.5));
             s.rtts.extend(r);
             if secs > 0 {
-                let (pps, t, c, v, m) = udp64(b, secs)?;
+                let Udp64 {
+                    pps,
+                    delivered,
+                    cpu: [t, c, v, m],
+                } = udp64(b, secs)?;
                 s.pps.push(pps);
+                s.delivered.push(delivered);
                 s.tunnel_us.push(t);
                 s.client_us.push(c);
                 s.server_us.push(v);
@@ -125,17 +167,18 @@ pub(crate) fn run(
 
 fn report(samples: &mut [Samples]) -> String {
     let mut s = String::from(
-        "| path | ping p50 (µs) | ping p99 (µs) | UDP 64 B (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| path | ping p50 (µs) | ping p99 (µs) | UDP 64 B read (kpps) | UDP 64 B delivered (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in samples.iter_mut() {
         p.rtts.sort_by(f64::total_cmp);
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             p.label,
             percentile(&p.rtts, 0.5),
             percentile(&p.rtts, 0.99),
             median(p.pps.clone()) / 1e3,
+            median(p.delivered.clone()) / 1e3,
             median(p.tunnel_us.clone()),
             median(p.client_us.clone()),
             median(p.server_us.clone()),
@@ -150,7 +193,7 @@ fn report(samples: &mut [Samples]) -> String {
     };
     let _ = write!(
         s,
-        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (pooled) | ping p99 (pooled) | UDP 64 B rate | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|\n",
+        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (pooled) | ping p99 (pooled) | UDP 64 B read | UDP 64 B delivered | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|---:|\n",
         bt.label
     );
     for p in samples.iter().filter(|p| p.label != bt.label) {
@@ -162,12 +205,13 @@ fn report(samples: &mut [Samples]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
             p.label,
             median(per_round),
             percentile(&p.rtts, 0.5) / percentile(&bt.rtts, 0.5),
             percentile(&p.rtts, 0.99) / percentile(&bt.rtts, 0.99),
             median(p.pps.clone()) / median(bt.pps.clone()),
+            median(p.delivered.clone()) / median(bt.delivered.clone()),
             median(bt.tunnel_us.clone()) / median(p.tunnel_us.clone()),
         );
     }
@@ -186,6 +230,7 @@ mod tests {
                 rtts: vec![100.0, 200.0, 300.0],
                 round_p50: vec![100.0, 300.0, 200.0],
                 pps: vec![2000.0],
+                delivered: vec![3000.0],
                 tunnel_us: vec![1.0],
                 ..Default::default()
             },
@@ -194,14 +239,15 @@ mod tests {
                 rtts: vec![200.0, 200.0, 200.0],
                 round_p50: vec![200.0, 200.0, 200.0],
                 pps: vec![1000.0],
+                delivered: vec![1000.0],
                 tunnel_us: vec![4.0],
                 ..Default::default()
             },
         ];
         let r = report(&mut samples);
-        // Rounds: 0.5, 1.5, 1.0 → median 1.0; pooled 200/200; rate 2×; CPU 4/1.
+        // Rounds: 0.5, 1.5, 1.0 → median 1.0; pooled 200/200; read 2×, delivered 3×; CPU 4/1.
         assert!(
-            r.contains("| weft encrypted | 1.00× | 1.00× | 1.50× | 2.00× | 4.00× |"),
+            r.contains("| weft encrypted | 1.00× | 1.00× | 1.50× | 2.00× | 3.00× | 4.00× |"),
             "{r}"
         );
     }
