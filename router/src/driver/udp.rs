@@ -159,10 +159,7 @@ impl BoundUdp {
     }
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("not an IP socket"))
+        bound_addr(&self.socket)
     }
     /// The socket on the current tokio runtime, for reading only (see the module docs).
     pub fn register(self) -> io::Result<Udp> {
@@ -364,12 +361,16 @@ impl UdpIo for Udp {
         self.gso.min(self.state.max_gso_segments()).max(1)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket
-            .get_ref()
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("not an IP socket"))
+        bound_addr(self.socket.get_ref())
     }
+}
+
+/// The address `socket` is bound to.
+fn bound_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))
 }
 
 /// Waits up to `limit` for `socket` to take a datagram; says whether it will.
