@@ -343,18 +343,9 @@ impl UdpIo for Udp {
             src_ip: None,
         };
         let socket = self.socket.get_ref();
-        match self.state.try_send(socket.into(), &transmit) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The buffer is full: wait for room (this thread has nothing to do that does not
-                // need this socket or the lock it would take), once, bounded.
-                if wait_writable(socket, SEND_WAIT)? {
-                    self.state.try_send(socket.into(), &transmit)
-                } else {
-                    Err(e)
-                }
-            }
-            r => r,
-        }
+        send_or_wait(socket, SEND_WAIT, || {
+            self.state.try_send(socket.into(), &transmit)
+        })
     }
     fn max_segments(&self) -> usize {
         // quinn-udp lowers its own figure if a GSO send fails.
@@ -373,13 +364,36 @@ fn bound_addr(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("not an IP socket"))
 }
 
-/// Waits up to `limit` for `socket` to take a datagram; says whether it will.
+/// Sends with `send`; when `socket`'s buffer is full, waits up to `limit` for room and then
+/// tries once more whatever the wait said. The worker's thread blocks meanwhile: its turn
+/// waits on this send either way. `poll(2)` reports a UDP socket writable only once its queue
+/// is below half the buffer, while a datagram fits as soon as there is room for it, so a wait
+/// that timed out is no proof the send would fail.
+fn send_or_wait<T>(
+    socket: &Socket,
+    limit: Duration,
+    mut send: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    match send() {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            wait_writable(socket, limit)?;
+            send()
+        }
+        r => r,
+    }
+}
+
+/// Waits up to `limit` for `socket` to take a datagram; says whether `poll(2)` reported it
+/// writable (an error or hang-up on the socket is not room).
 fn wait_writable(socket: &Socket, limit: Duration) -> io::Result<bool> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
     match poll(&mut fds, PollTimeout::from(ms)) {
-        Ok(n) => Ok(n > 0),
+        Ok(n) => Ok(n > 0
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLOUT))),
         Err(nix::errno::Errno::EINTR) => Ok(false),
         Err(e) => Err(e.into()),
     }
@@ -461,5 +475,36 @@ mod tests {
             wait_writable(&a, Duration::from_secs(5)).expect("poll"),
             "room in the buffer ends the wait"
         );
+    }
+
+    /// A full buffer, then a send that fits once the wait is over though `poll(2)` never said
+    /// so (UDP reports room only below half the buffer): the send is tried again, not dropped.
+    #[test]
+    fn a_send_is_tried_again_after_a_wait_that_timed_out() {
+        let (a, _b) = Socket::pair(Domain::UNIX, Type::DGRAM, None).expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        for _ in 0..100_000 {
+            if a.send(&[0; 64]).is_err() {
+                break;
+            }
+        }
+        let mut tries = 0;
+        let r = send_or_wait(&a, Duration::from_millis(10), || {
+            tries += 1;
+            if tries == 1 {
+                Err(io::Error::from(io::ErrorKind::WouldBlock))
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(r.expect("the second try is sent"), 2);
+        // Still full after the wait: the datagrams are given up, after exactly two tries.
+        let mut tries = 0;
+        let r: io::Result<()> = send_or_wait(&a, Duration::from_millis(10), || {
+            tries += 1;
+            Err(io::ErrorKind::WouldBlock.into())
+        });
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+        assert_eq!(tries, 2);
     }
 }
