@@ -13,7 +13,8 @@ use std::net::{Ipv6Addr, SocketAddr};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -129,6 +130,45 @@ pub trait UdpIo: Send + Sync + 'static {
 
 /// How long a send waits for room in a full socket buffer before its datagrams are dropped.
 const SEND_WAIT: Duration = Duration::from_millis(20);
+/// How long a socket whose buffer stayed full through a whole wait counts as congested: its
+/// sends meanwhile are tried once and not waited on.
+const CONGESTED_FOR: Duration = Duration::from_millis(100);
+
+/// Whether a socket's sends may wait for room. A wedged link (a full buffer that does not
+/// drain) costs the worker one bounded wait per [`CONGESTED_FOR`], not one per send: the turn
+/// goes on to serve the network→TUN side and the timers in between. A send that goes through
+/// ends the congestion.
+#[derive(Debug, Default)]
+struct Congestion {
+    until: std::sync::Mutex<Option<Instant>>,
+    marked: std::sync::atomic::AtomicBool,
+}
+
+impl Congestion {
+    fn is_congested(&self, now: Instant) -> bool {
+        let until = *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.is_some_and(|t| now < t)
+    }
+    fn mark(&self, now: Instant) {
+        *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now + CONGESTED_FOR);
+        self.marked.store(true, Ordering::Relaxed);
+    }
+    /// A send went through; cheap when nothing was marked.
+    fn clear(&self) {
+        if self.marked.swap(false, Ordering::Relaxed) {
+            *self
+                .until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+    }
+}
 
 /// The data plane's UDP socket: tokio for read readiness, quinn-udp for the system calls.
 #[derive(Debug)]
@@ -136,6 +176,7 @@ pub struct Udp {
     socket: AsyncFd<Socket>,
     state: UdpSocketState,
     gso: usize,
+    congestion: Congestion,
 }
 
 /// A bound socket not yet registered with a tokio runtime: [`register`](Self::register) it on the
@@ -174,6 +215,7 @@ impl BoundUdp {
             socket,
             state: self.state,
             gso: self.gso,
+            congestion: Congestion::default(),
         })
     }
 }
@@ -343,7 +385,7 @@ impl UdpIo for Udp {
             src_ip: None,
         };
         let socket = self.socket.get_ref();
-        send_or_wait(socket, SEND_WAIT, || {
+        send_or_wait(socket, SEND_WAIT, &self.congestion, super::clock, || {
             self.state.try_send(socket.into(), &transmit)
         })
     }
@@ -368,19 +410,34 @@ fn bound_addr(socket: &Socket) -> io::Result<SocketAddr> {
 /// tries once more whatever the wait said. The worker's thread blocks meanwhile: its turn
 /// waits on this send either way. `poll(2)` reports a UDP socket writable only once its queue
 /// is below half the buffer, while a datagram fits as soon as there is room for it, so a wait
-/// that timed out is no proof the send would fail.
+/// that timed out is no proof the send would fail. When that second try finds the buffer still
+/// full, the socket is congested (see [`Congestion`]): sends until then are not waited on.
 fn send_or_wait<T>(
     socket: &Socket,
     limit: Duration,
+    congestion: &Congestion,
+    now: impl Fn() -> Instant,
     mut send: impl FnMut() -> io::Result<T>,
 ) -> io::Result<T> {
-    match send() {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            wait_writable(socket, limit)?;
-            send()
+    let full = |r: &io::Result<T>| matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    let first = send();
+    if !full(&first) {
+        if first.is_ok() {
+            congestion.clear();
         }
-        r => r,
+        return first;
     }
+    if congestion.is_congested(now()) {
+        return first;
+    }
+    wait_writable(socket, limit)?;
+    let second = send();
+    if full(&second) {
+        congestion.mark(now());
+    } else if second.is_ok() {
+        congestion.clear();
+    }
+    second
 }
 
 /// Waits up to `limit` for `socket` to take a datagram; says whether `poll(2)` reported it
@@ -488,23 +545,80 @@ mod tests {
                 break;
             }
         }
+        let congestion = Congestion::default();
+        let now = super::super::clock();
         let mut tries = 0;
-        let r = send_or_wait(&a, Duration::from_millis(10), || {
-            tries += 1;
-            if tries == 1 {
-                Err(io::Error::from(io::ErrorKind::WouldBlock))
-            } else {
-                Ok(tries)
-            }
-        });
+        let r = send_or_wait(
+            &a,
+            Duration::from_millis(10),
+            &congestion,
+            || now,
+            || {
+                tries += 1;
+                if tries == 1 {
+                    Err(io::Error::from(io::ErrorKind::WouldBlock))
+                } else {
+                    Ok(tries)
+                }
+            },
+        );
         assert_eq!(r.expect("the second try is sent"), 2);
         // Still full after the wait: the datagrams are given up, after exactly two tries.
+        assert_eq!(tries_at(&a, &congestion, now), 2);
+    }
+
+    /// Sends into a buffer that stays full, at a virtual time `at`: how many tries each took.
+    fn tries_at(a: &Socket, congestion: &Congestion, at: Instant) -> usize {
         let mut tries = 0;
-        let r: io::Result<()> = send_or_wait(&a, Duration::from_millis(10), || {
-            tries += 1;
-            Err(io::ErrorKind::WouldBlock.into())
-        });
+        let r: io::Result<()> = send_or_wait(
+            a,
+            Duration::from_millis(5),
+            congestion,
+            || at,
+            || {
+                tries += 1;
+                Err(io::ErrorKind::WouldBlock.into())
+            },
+        );
         assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
-        assert_eq!(tries, 2);
+        tries
+    }
+
+    /// A wedged link: after one wait that ended with the buffer still full, the sends that
+    /// follow within the congestion window are tried once and not waited on (the worker is not
+    /// held one wait per send); after the window, or once a send went through, a full buffer
+    /// is waited on again.
+    #[test]
+    fn a_congested_socket_costs_one_wait_per_window_not_one_per_send() {
+        let (a, _b) = Socket::pair(Domain::UNIX, Type::DGRAM, None).expect("pair");
+        let congestion = Congestion::default();
+        let t0 = super::super::clock();
+        assert_eq!(
+            tries_at(&a, &congestion, t0),
+            2,
+            "the first full send waits"
+        );
+        for i in 1..=50u32 {
+            let at = t0 + CONGESTED_FOR * i / 60;
+            assert_eq!(
+                tries_at(&a, &congestion, at),
+                1,
+                "send {i} in the window waits"
+            );
+        }
+        assert_eq!(
+            tries_at(&a, &congestion, t0 + CONGESTED_FOR),
+            2,
+            "the window is over"
+        );
+        // A send that goes through ends the congestion at once.
+        let at = t0 + CONGESTED_FOR + Duration::from_millis(1);
+        let r = send_or_wait(&a, Duration::from_millis(5), &congestion, || at, || Ok(()));
+        assert!(r.is_ok());
+        assert_eq!(
+            tries_at(&a, &congestion, at),
+            2,
+            "room was seen: a full buffer waits again"
+        );
     }
 }
