@@ -417,25 +417,85 @@ pub(crate) fn clock_ticks() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// Datagrams the kernel has dropped so far at iperf3's server sockets (port 5201) for want of
-/// room: what reached the receiver but not the program. Read from `/proc/<pid>/net/udp` of the
-/// server process (its namespace's table, no process spawned); a test's socket takes its count
-/// with it when it closes, so sample this while the test runs.
-pub(crate) fn server_drops(b: &Bench) -> anyhow::Result<u64> {
-    let pid = b.lab.pid("iperf3-server").context("iperf3 server gone")?;
-    let mut total = 0;
-    for table in ["udp", "udp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
-        total += text
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let port = f.get(1)?.rsplit(':').next()?;
-                (port == "1451").then(|| f.last()?.parse::<u64>().ok())?
-            })
-            .sum::<u64>();
+/// Receive-buffer drops so far in the namespace of iperf3's server, two ways: `namespace`, the
+/// kernel's counters for every UDP socket there (`RcvbufErrors` of `/proc/<pid>/net/snmp` and
+/// `Udp6RcvbufErrors` of `snmp6`), and `others`, the drop counts of the sockets open now but
+/// iperf3's test sockets (port 5201), from `/proc/<pid>/net/udp{,6}`: the tunnel's own. Across
+/// a test, the first delta less the second is what iperf3's test socket dropped for want of
+/// room, exact whenever that socket was opened or closed (its count leaves with it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RcvbufDrops {
+    namespace: u64,
+    others: u64,
+}
+
+impl RcvbufDrops {
+    /// Datagrams iperf3's test sockets dropped between `before` and `self`.
+    pub(crate) fn server_since(&self, before: &Self) -> u64 {
+        let namespace = self.namespace.saturating_sub(before.namespace);
+        namespace.saturating_sub(self.others.saturating_sub(before.others))
     }
-    Ok(total)
+}
+
+/// A `/proc/<pid>/net` file, or `None` for the IPv6 ones of a kernel without IPv6.
+fn net_file(pid: u32, name: &str) -> anyhow::Result<Option<String>> {
+    let path = format!("/proc/{pid}/net/{name}");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && name.ends_with('6') => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {path}")),
+    }
+}
+
+/// The field `name` of the `Udp:` lines of a `/proc/net/snmp` (a header line, then values).
+fn snmp_udp(snmp: &str, name: &str) -> anyhow::Result<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (header, values) = (udp.next(), udp.next());
+    let (header, values) = header
+        .zip(values)
+        .context("no Udp lines in /proc/net/snmp")?;
+    let at = header
+        .split_whitespace()
+        .position(|f| f == name)
+        .with_context(|| format!("no {name} in /proc/net/snmp"))?;
+    let value = values
+        .split_whitespace()
+        .nth(at)
+        .context("short Udp line")?;
+    value
+        .parse()
+        .with_context(|| format!("{name} = {value:?} in /proc/net/snmp"))
+}
+
+pub(crate) fn rcvbuf_drops(b: &Bench) -> anyhow::Result<RcvbufDrops> {
+    let pid = b.lab.pid("iperf3-server").context("iperf3 server gone")?;
+    let snmp = net_file(pid, "snmp")?.context("no /proc/net/snmp")?;
+    let mut namespace = snmp_udp(&snmp, "RcvbufErrors")?;
+    if let Some(snmp6) = net_file(pid, "snmp6")? {
+        let line = snmp6.lines().find(|l| l.starts_with("Udp6RcvbufErrors"));
+        let value = line.and_then(|l| l.split_whitespace().nth(1));
+        namespace += value
+            .context("no Udp6RcvbufErrors in /proc/net/snmp6")?
+            .parse::<u64>()
+            .context("Udp6RcvbufErrors")?;
+    }
+    let mut others = 0;
+    for table in ["udp", "udp6"] {
+        let Some(text) = net_file(pid, table)? else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = f.get(1).and_then(|a| a.rsplit(':').next());
+            let drops = f.last().and_then(|d| d.parse::<u64>().ok());
+            let drops = drops.with_context(|| format!("/proc/net/{table} line {line:?}"))?;
+            // Port 5201, in hex: iperf3's test sockets.
+            if port != Some("1451") {
+                others += drops;
+            }
+        }
+    }
+    Ok(RcvbufDrops { namespace, others })
 }
 
 /// User + system CPU seconds of the tunnel processes so far.
@@ -449,6 +509,29 @@ pub(crate) fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
         let f: Vec<&str> = rest.split_whitespace().collect();
         let (u, s): (f64, f64) = (f[11].parse()?, f[12].parse()?);
         total += (u + s) / clock_ticks();
+    }
+    Ok(total)
+}
+
+/// Nanoseconds the tunnel processes have run on a CPU so far, every thread of each
+/// (`/proc/<pid>/task/*/schedstat`, first field): fine enough for the few milliseconds a round
+/// of pings costs, where `/proc/<pid>/stat` counts in 10 ms ticks.
+pub(crate) fn cpu_ns(b: &Bench) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for name in &b.procs {
+        let pid = b.lab.pid(name).context("tunnel process gone")?;
+        let tasks = format!("/proc/{pid}/task");
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+            let path = task?.path().join("schedstat");
+            // A thread that ended since the listing took its time with it.
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let ran = text.split_whitespace().next().unwrap_or_default();
+            total += ran
+                .parse::<u64>()
+                .with_context(|| format!("{} holds {text:?}", path.display()))?;
+        }
     }
     Ok(total)
 }
@@ -799,5 +882,37 @@ mod tests {
         // Runs, but is not wireguard-go.
         let e = format!("{:#}", wireguard_go_at(Path::new("/bin/true")).unwrap_err());
         assert!(e.contains("not a wireguard-go binary"), "{e}");
+    }
+
+    #[test]
+    fn the_udp_counters_are_read_by_name_and_a_bad_table_is_an_error_that_names_it() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 10 0 7 12 5 0\n";
+        assert_eq!(snmp_udp(snmp, "RcvbufErrors").expect("read"), 5);
+        assert_eq!(snmp_udp(snmp, "InErrors").expect("read"), 7);
+        let e = snmp_udp("Ip: a\nIp: 1\n", "RcvbufErrors").unwrap_err();
+        assert!(e.to_string().contains("no Udp lines"), "{e}");
+        let e = snmp_udp("Udp: InErrors\nUdp: x\n", "InErrors").unwrap_err();
+        assert!(format!("{e:#}").contains("\"x\""), "{e:#}");
+        let e = snmp_udp("Udp: InErrors\nUdp: 1\n", "RcvbufErrors").unwrap_err();
+        assert!(e.to_string().contains("no RcvbufErrors"), "{e}");
+    }
+
+    /// The server's drops are the namespace's less the tunnel sockets' own, whether or not the
+    /// test socket (and its count) is still there when the second reading is taken.
+    #[test]
+    fn the_server_drops_are_the_namespace_drops_less_the_tunnel_sockets() {
+        let before = RcvbufDrops {
+            namespace: 100,
+            others: 40,
+        };
+        let after = RcvbufDrops {
+            namespace: 175,
+            others: 50,
+        };
+        assert_eq!(after.server_since(&before), 65);
+        // Counters that went backwards (a namespace recreated) give 0, not a wrap.
+        assert_eq!(before.server_since(&after), 0);
     }
 }

@@ -3,7 +3,9 @@
 //! that a noisy machine's drift falls on all of them alike.
 //!
 //! Two figures: ping RTT (pooled over the rounds, and the median over rounds of each round's
-//! p50 ratio to boringtun-cli), and the full-rate UDP 64 B packet rate with where its CPU goes
+//! p50 ratio to boringtun-cli) with the CPU both tunnel ends spend per ping (request and reply,
+//! from the threads' run time in `schedstat`, less what the tunnels spend with no traffic,
+//! measured for 2 s before the rounds), and the full-rate UDP 64 B packet rate with where its CPU goes
 //! per packet received: the tunnel processes (both ends), iperf3's client and server (their
 //! own accounting, in iperf3's JSON) and the machine as a whole (`/proc/stat`, busy time of
 //! every CPU, so softirq work charged to no process is in it). On this 2-core machine both
@@ -11,7 +13,8 @@
 //! whole cost of a packet: the tunnel's share is what a tunnel's design changes. Beside the rate
 //! iperf3's server read, the rate the tunnel *delivered* to the server's socket: what it read
 //! plus what the kernel dropped there because the server, sharing the cores, did not read in
-//! time (`/proc/net/udp`). When the server is the slower end, only the second is the tunnel's.
+//! time (the namespace's UDP receive-buffer drops less the tunnel sockets' own, taken before and
+//! after the test). When the server is the slower end, only the second is the tunnel's.
 
 use std::fmt::Write as _;
 
@@ -25,6 +28,10 @@ struct Samples {
     label: String,
     rtts: Vec<f64>,
     round_p50: Vec<f64>,
+    /// Tunnel CPU µs per ping (both ends, request and reply), over the background.
+    ping_us: Vec<f64>,
+    /// Tunnel CPU µs per second with no traffic (timers, gossip).
+    background_us: f64,
     pps: Vec<f64>,
     /// Packets per second the tunnel delivered to iperf3's server socket: those it read and
     /// those the socket dropped, full.
@@ -36,7 +43,8 @@ struct Samples {
     machine_us: Vec<f64>,
 }
 
-/// Busy jiffies of every CPU so far (`/proc/stat`: all but idle and iowait).
+/// Busy seconds of every CPU so far (`/proc/stat`: user, nice, system, irq and softirq; not
+/// idle, iowait, nor steal, the hypervisor's time for other guests).
 fn machine_busy_secs() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let cpu = stat.lines().next().context("empty /proc/stat")?;
@@ -46,7 +54,7 @@ fn machine_busy_secs() -> anyhow::Result<f64> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .context("/proc/stat cpu line")?;
-    let total: f64 = f.iter().take(8).sum();
+    let total: f64 = f.iter().take(7).sum();
     let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
     Ok((total - idle) / net::clock_ticks())
 }
@@ -70,26 +78,9 @@ struct Udp64 {
 
 fn udp64(b: &Bench, secs: u64) -> anyhow::Result<Udp64> {
     let (t0, m0) = (net::cpu_seconds(b)?, machine_busy_secs()?);
-    // The test's socket takes its drop count with it: sample it while the test runs (bounded:
-    // every 50 ms until the test is over, at most its length and 30 s more).
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (j, dropped) = std::thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let mut most = 0;
-            for _ in 0..(secs + 30) * 20 {
-                if done.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                most = most.max(net::server_drops(b).unwrap_or(0));
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            most
-        });
-        let j = net::iperf(b, secs, &["-u", "-b", "0", "-l", "64"]);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        (j, sampler.join().unwrap_or(0))
-    });
-    let j = j?;
+    let d0 = net::rcvbuf_drops(b)?;
+    let j = net::iperf(b, secs, &["-u", "-b", "0", "-l", "64"])?;
+    let dropped = net::rcvbuf_drops(b)?.server_since(&d0);
     let (t1, m1) = (net::cpu_seconds(b)?, machine_busy_secs()?);
     let sum = &j["end"]["sum"];
     let (packets, lost, seconds) = (
@@ -137,12 +128,20 @@ pub(crate) fn run(
             ..Default::default()
         })
         .collect();
+    // What the tunnels cost with no traffic, to take off the pings' figure.
+    for (b, s) in benches.iter().zip(samples.iter_mut()) {
+        s.background_us = background_us(b)?;
+    }
     let n = benches.len();
     for round in 0..rounds {
         eprintln!("   round {}/{rounds}", round + 1);
         for i in (0..n).map(|i| (i + round) % n) {
             let (b, s) = (&benches[i], &mut samples[i]);
+            let (c0, w0) = (net::cpu_ns(b)?, wall());
             let mut r = net::rtts(b, pings)?;
+            let (ran, took) = (net::cpu_ns(b)?.saturating_sub(c0), wall() - w0);
+            let busy = ran as f64 / 1e3 - s.background_us * took.as_secs_f64();
+            s.ping_us.push(busy.max(0.0) / f64::from(pings));
             r.sort_by(f64::total_cmp);
             s.round_p50.push(percentile(&r, 0.5));
             s.rtts.extend(r);
@@ -165,18 +164,34 @@ pub(crate) fn run(
     Ok(report(&mut samples))
 }
 
+#[expect(clippy::disallowed_methods, reason = "the bench times on a wall clock")]
+fn wall() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// Tunnel CPU µs per second over 2 s with no traffic.
+fn background_us(b: &Bench) -> anyhow::Result<f64> {
+    let quiet = std::time::Duration::from_secs(2);
+    let (c0, w0) = (net::cpu_ns(b)?, wall());
+    std::thread::sleep(quiet);
+    let (ran, took) = (net::cpu_ns(b)?.saturating_sub(c0), wall() - w0);
+    Ok(ran as f64 / 1e3 / took.as_secs_f64())
+}
+
 fn report(samples: &mut [Samples]) -> String {
     let mut s = String::from(
-        "| path | ping p50 (µs) | ping p99 (µs) | UDP 64 B read (kpps) | UDP 64 B delivered (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| path | ping p50 (µs) | ping p99 (µs) | tunnel CPU per ping (µs) | tunnel CPU idle (µs/s) | UDP 64 B read (kpps) | UDP 64 B delivered (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in samples.iter_mut() {
         p.rtts.sort_by(f64::total_cmp);
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             p.label,
             percentile(&p.rtts, 0.5),
             percentile(&p.rtts, 0.99),
+            median(p.ping_us.clone()),
+            p.background_us,
             median(p.pps.clone()) / 1e3,
             median(p.delivered.clone()) / 1e3,
             median(p.tunnel_us.clone()),
@@ -193,7 +208,7 @@ fn report(samples: &mut [Samples]) -> String {
     };
     let _ = write!(
         s,
-        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (pooled) | ping p99 (pooled) | UDP 64 B read | UDP 64 B delivered | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (pooled) | ping p99 (pooled) | tunnel CPU per ping (ours / theirs) | UDP 64 B read | UDP 64 B delivered | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         bt.label
     );
     for p in samples.iter().filter(|p| p.label != bt.label) {
@@ -205,11 +220,12 @@ fn report(samples: &mut [Samples]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
             p.label,
             median(per_round),
             percentile(&p.rtts, 0.5) / percentile(&bt.rtts, 0.5),
             percentile(&p.rtts, 0.99) / percentile(&bt.rtts, 0.99),
+            median(p.ping_us.clone()) / median(bt.ping_us.clone()),
             median(p.pps.clone()) / median(bt.pps.clone()),
             median(p.delivered.clone()) / median(bt.delivered.clone()),
             median(bt.tunnel_us.clone()) / median(p.tunnel_us.clone()),
@@ -232,6 +248,7 @@ mod tests {
                 pps: vec![2000.0],
                 delivered: vec![3000.0],
                 tunnel_us: vec![1.0],
+                ping_us: vec![30.0, 50.0, 40.0],
                 ..Default::default()
             },
             Samples {
@@ -241,13 +258,17 @@ mod tests {
                 pps: vec![1000.0],
                 delivered: vec![1000.0],
                 tunnel_us: vec![4.0],
+                ping_us: vec![20.0, 25.0, 30.0],
                 ..Default::default()
             },
         ];
         let r = report(&mut samples);
-        // Rounds: 0.5, 1.5, 1.0 → median 1.0; pooled 200/200; read 2×, delivered 3×; CPU 4/1.
+        // Rounds: 0.5, 1.5, 1.0 → median 1.0; pooled 200/200; CPU per ping 40/25; read 2×,
+        // delivered 3×; CPU per packet 4/1.
         assert!(
-            r.contains("| weft encrypted | 1.00× | 1.00× | 1.50× | 2.00× | 3.00× | 4.00× |"),
+            r.contains(
+                "| weft encrypted | 1.00× | 1.00× | 1.50× | 1.60× | 2.00× | 3.00× | 4.00× |"
+            ),
             "{r}"
         );
     }
