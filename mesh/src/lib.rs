@@ -45,6 +45,7 @@
 //!   transport keyed by the cluster secret.
 
 mod beat;
+mod cert;
 #[cfg(feature = "driver")]
 pub mod driver;
 mod membership;
@@ -56,6 +57,7 @@ pub mod testing;
 pub mod wire;
 
 pub use crate::beat::{Beat, Rumour};
+pub use crate::cert::{Authority, AuthorityKey, CertError, MAX_CERT_CIDRS, NodeCert};
 pub use crate::membership::{
     ANNOUNCE_BYTES_PER_SEC, AddressClash, BID_WINDOW, ConnId, DEFAULT_ANNOUNCE_INTERVAL,
     DEFAULT_MAX_MEMBERS, DEFAULT_RECORD_REFRESH, DEFAULT_TOMBSTONE_HORIZON, DIGEST_BYTES_PER_SEC,

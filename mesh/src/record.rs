@@ -22,6 +22,7 @@ use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha512};
 
+use crate::cert::NodeCert;
 use crate::wire::{DecodeError, Reader, Writer};
 
 /// A mesh member: its ed25519 verifying key, the Edwards form of its WireGuard public key.
@@ -164,7 +165,7 @@ impl Identity {
 
 /// Bytes under a signature of [`Identity::sign_message`]: a marker no record body or beat
 /// starts with, the context's length and the context, then the message.
-fn contextual(context: &[u8], message: &[u8]) -> Vec<u8> {
+pub(crate) fn contextual(context: &[u8], message: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(3 + context.len() + message.len());
     b.push(0xff);
     b.extend_from_slice(
@@ -239,6 +240,9 @@ pub struct NodeRecord {
     /// build before homes were published (its peers work its homes out as it does); an empty
     /// list when it has no relay.
     pub homes: Option<Vec<[u8; 32]>>,
+    /// Its certificate from the cluster's authority (`mesh.authority`), naming the pod CIDRs
+    /// it may claim; `None` in a cluster without one, or from a build before certificates.
+    pub certificate: Option<Box<NodeCert>>,
 }
 
 /// The longest name or region a record carries.
@@ -272,14 +276,25 @@ impl NodeRecord {
         // NAT traversal write and read (they refuse trailing bytes).
         // A build that adds a field after these must write every field before it, empty ones
         // too (a count of 0), so that this build reads each where it is.
-        if !self.observed.is_empty() {
+        // The certificate's slot (a blob, empty for none) comes after the homes, so a record
+        // with one writes both before it (empty: no endpoints, no homes); homes mean nothing
+        // without endpoints, and a count of 0 there reads back as none. A later build's field
+        // goes after the slot.
+        let cert = self.certificate.as_ref();
+        if !self.observed.is_empty() || cert.is_some() {
             w.endpoints(&self.observed[..self.observed.len().min(MAX_OBSERVED)]);
-            if let Some(homes) = &self.homes {
-                let homes = &homes[..homes.len().min(MAX_HOMES)];
+            if self.homes.is_some() || cert.is_some() {
+                let homes = match &self.homes {
+                    Some(h) if !self.observed.is_empty() => &h[..h.len().min(MAX_HOMES)],
+                    _ => &[],
+                };
                 w.u8(homes.len() as u8);
                 for k in homes {
                     w.bytes(k);
                 }
+            }
+            if let Some(cert) = cert {
+                w.blob(&cert.to_bytes());
             }
         }
     }
@@ -302,6 +317,39 @@ impl NodeRecord {
         let claimed_at = (0..pod_cidrs.len())
             .map(|_| r.u64())
             .collect::<Result<Vec<_>, _>>()?;
+        let trusted_subnets = r.nets()?;
+        // Absent in the records of builds before NAT traversal.
+        let observed = if r.is_empty() {
+            Vec::new()
+        } else {
+            r.endpoints()?
+        };
+        // Absent in the records of builds before published home relays.
+        let homes = if r.is_empty() {
+            None
+        } else {
+            let n = usize::from(r.u8()?);
+            if n > MAX_HOMES {
+                return Err(DecodeError::BadValue("home relay count", n as u64));
+            }
+            let homes: Vec<[u8; 32]> = (0..n).map(|_| r.array()).collect::<Result<_, _>>()?;
+            // Written only to reach a certificate: no endpoints, no homes.
+            Some(homes).filter(|h| !(observed.is_empty() && h.is_empty()))
+        };
+        // Absent in the records of builds before certificates, and without an authority.
+        let certificate = if r.is_empty() {
+            None
+        } else {
+            let bytes = r.blob()?;
+            if bytes.is_empty() {
+                None
+            } else {
+                let mut cert = Reader::new(bytes);
+                let c = NodeCert::decode(&mut cert)?;
+                cert.finish()?;
+                Some(Box::new(c))
+            }
+        };
         Ok(Self {
             version,
             left,
@@ -314,23 +362,10 @@ impl NodeRecord {
             wireguard_key,
             pod_cidrs,
             claimed_at,
-            trusted_subnets: r.nets()?,
-            // Absent in the records of builds before NAT traversal.
-            observed: if r.is_empty() {
-                Vec::new()
-            } else {
-                r.endpoints()?
-            },
-            // Absent in the records of builds before published home relays.
-            homes: if r.is_empty() {
-                None
-            } else {
-                let n = usize::from(r.u8()?);
-                if n > MAX_HOMES {
-                    return Err(DecodeError::BadValue("home relay count", n as u64));
-                }
-                Some((0..n).map(|_| r.array()).collect::<Result<_, _>>()?)
-            },
+            trusted_subnets,
+            observed,
+            homes,
+            certificate,
         })
     }
 }
@@ -637,6 +672,8 @@ pub(crate) mod tests {
         r.encode(&mut w);
         let known = w.into_bytes();
         let mut body = known.clone();
+        // The certificate's slot, empty, comes first.
+        body.extend_from_slice(&[0, 0]);
         body.extend_from_slice(&[7; MAX_LATER]);
         let newer = verify(body.clone()).expect("a record with a later field verifies");
         assert_eq!(newer.record, r);
@@ -657,6 +694,47 @@ pub(crate) mod tests {
             Err(VerifyError::BadSignature),
             "the later bytes are signed like the rest"
         );
+    }
+
+    /// A certificate rides after the homes, in a slot a build before certificates takes for a
+    /// later field (within [`MAX_LATER`]); with it, homes still go only with mappings.
+    #[test]
+    fn a_certificate_round_trips_with_and_without_mappings() {
+        let id = Identity::from_wireguard_key(&[1; 32]);
+        let ca = crate::AuthorityKey::from_seed(&[9; 32]);
+        let block: IpNet = "100.64.3.0/24".parse().unwrap();
+        let cert = ca
+            .issue(id.wireguard_key(), vec![block], 1, 2)
+            .expect("issue");
+        assert!(
+            2 + cert.to_bytes().len() <= MAX_LATER,
+            "an older build keeps it"
+        );
+        let mut r = record("a", 7);
+        r.wireguard_key = id.wireguard_key();
+        r.certificate = Some(Box::new(cert));
+        r.homes = Some(vec![[3; 32]]);
+        let back = round_trip(&id.sign(&r)).unwrap().record;
+        assert_eq!(back.certificate, r.certificate);
+        assert_eq!(back.homes, None, "no mappings, no homes");
+        r.observed = vec!["198.19.0.101:51820".parse().unwrap()];
+        for homes in [None, Some(vec![]), Some(vec![[3; 32], [4; 32]])] {
+            r.homes = homes;
+            let back = round_trip(&id.sign(&r)).unwrap().record;
+            assert_eq!(back.certificate, r.certificate);
+            assert_eq!(back.observed, r.observed);
+            // Written to reach the certificate, absent homes read as none.
+            assert_eq!(back.homes, Some(r.homes.clone().unwrap_or_default()));
+        }
+        // A slot that does not hold a certificate is a bad record, not a panic.
+        let mut w = Writer::default();
+        r.homes = None;
+        r.certificate = None;
+        r.encode(&mut w);
+        let mut body = w.into_bytes();
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(&[0, 3, 1, 2, 3]);
+        assert!(NodeRecord::decode(&mut Reader::new(&body)).is_err());
     }
 
     #[test]

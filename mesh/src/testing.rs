@@ -33,6 +33,7 @@ pub fn node_record(name: &str, version: u64) -> NodeRecord {
         trusted_subnets: vec!["198.18.1.0/24".parse().expect("a prefix")],
         observed: Vec::new(),
         homes: None,
+        certificate: None,
     }
 }
 

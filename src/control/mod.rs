@@ -124,6 +124,7 @@ pub fn own_record(config: &Config, wireguard_key: [u8; 32], blocks: &[SavedBlock
         trusted_subnets: config.network.trusted_subnets.clone(),
         observed: Vec::new(),
         homes: None,
+        certificate: None,
     }
 }
 

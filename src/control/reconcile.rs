@@ -951,6 +951,7 @@ mod nat_tests {
             trusted_subnets: vec![],
             observed: mapped.iter().map(|m| m.parse().unwrap()).collect(),
             homes: None,
+            certificate: None,
         }
     }
 

@@ -409,6 +409,7 @@ mod tests {
                     vec![]
                 },
                 homes: None,
+                certificate: None,
             },
         }
     }
