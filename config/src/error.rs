@@ -162,4 +162,10 @@ pub enum Problem {
         "{0:?} is not a log filter: use a level (error, warn, info, debug, trace) or target=level directives, comma-separated"
     )]
     LogLevel(String),
+    /// A setting that only makes sense with another one.
+    #[error("needs {0}")]
+    Needs(&'static str),
+    /// A setting that cannot go with another one.
+    #[error("cannot be used with {0}")]
+    Excludes(&'static str),
 }

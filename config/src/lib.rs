@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::{ConfigError, Location, Problem};
-pub use crate::value::PublicKey;
+pub use crate::value::{AuthorityKey, PublicKey};
 
 /// Where `weft run` reads its config unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weft.yaml";
@@ -121,6 +121,12 @@ pub struct Mesh {
     /// Which members may relay for this node when nothing direct reaches a peer (default
     /// `auto`).
     pub relay: Relay,
+    /// The public key of the cluster's authority (`weft authority pubkey`), standalone mode
+    /// only. With it, a member's pod-CIDR claims are believed only when its certificate,
+    /// signed by this key, names them; this node's own blocks are its certificate's.
+    pub authority: Option<AuthorityKey>,
+    /// This node's certificate file (`weft authority sign`); required with `authority`.
+    pub certificate: Option<PathBuf>,
 }
 
 /// `mesh.relay`: which members this node's traffic may be relayed through. Written `auto` (any

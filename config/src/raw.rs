@@ -67,6 +67,8 @@ pub(crate) struct RawMesh {
     pub(crate) max_members: Option<usize>,
     pub(crate) record_refresh: Option<HumanDuration>,
     pub(crate) relay: Option<crate::Relay>,
+    pub(crate) authority: Option<crate::AuthorityKey>,
+    pub(crate) certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -236,7 +236,32 @@ pub(crate) fn validate(
             .record_refresh
             .map_or(Duration::from_secs(600), |d| d.0),
         relay: raw.mesh.relay.clone().unwrap_or_default(),
+        authority: raw.mesh.authority,
+        certificate: raw.mesh.certificate.clone(),
     };
+    match (&mesh.authority, &mesh.certificate) {
+        (Some(_), None) => {
+            return Err(errs.at(
+                "mesh.authority",
+                Problem::Needs("mesh.certificate, this node's own certificate"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(errs.at(
+                "mesh.certificate",
+                Problem::Needs("mesh.authority, the key that signed it"),
+            ));
+        }
+        _ => {}
+    }
+    if mesh.authority.is_some() && raw.kubernetes.enabled == Some(true) {
+        return Err(errs.at(
+            "mesh.authority",
+            Problem::Excludes(
+                "kubernetes.enabled: the API server's spec.podCIDRs already say which blocks a node owns",
+            ),
+        ));
+    }
     if mesh.gossip_interval.is_zero() {
         return Err(errs.at("mesh.gossip_interval", Problem::ZeroDuration));
     }

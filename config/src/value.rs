@@ -169,6 +169,19 @@ impl fmt::Debug for PublicKey {
     }
 }
 
+/// The ed25519 public key of a cluster's authority (`mesh.authority`): 32 bytes, base64 as
+/// `weft authority pubkey` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuthorityKey(pub [u8; 32]);
+
+impl FromStr for AuthorityKey {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<PublicKey>().map(|k| Self(k.0))
+    }
+}
+deserialize_from_str!(AuthorityKey, "authority public key");
+
 /// A duration written with a unit: `90s`, `30m`, `24h`, `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);

@@ -421,3 +421,44 @@ fn workers_are_auto_or_a_count_from_one_to_the_most_and_anything_else_is_named()
     assert_eq!(Workers::Count(64).resolve(512), 64);
     assert_eq!(Workers::Count(3).resolve(1), 3);
 }
+
+#[test]
+fn an_authority_comes_with_this_nodes_certificate_and_not_with_kubernetes() {
+    let key = "hG6ZpbcVSM8p1+4UuvV1XOVF5yYq2w1mfL7YN3p0O3E=";
+    let c = parse(&format!(
+        "mesh:\n  authority: {key}\n  certificate: /etc/weft/node.cert\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.mesh.authority.map(|k| k.0),
+        Some(key.parse::<weft_config::PublicKey>().unwrap().0)
+    );
+    assert_eq!(
+        c.mesh.certificate.as_deref(),
+        Some(Path::new("/etc/weft/node.cert"))
+    );
+    assert_eq!(parse("").unwrap().mesh.authority, None, "none by default");
+
+    let e = refused(&format!("mesh:\n  authority: {key}\n"), 2, "mesh.authority");
+    assert!(e.contains("needs mesh.certificate"), "{e}");
+    let e = refused(
+        "mesh:\n  certificate: /etc/weft/node.cert\n",
+        2,
+        "mesh.certificate",
+    );
+    assert!(e.contains("needs mesh.authority"), "{e}");
+    let e = refused(
+        &format!("kubernetes:\n  enabled: true\nmesh:\n  authority: {key}\n  certificate: /c\n"),
+        4,
+        "mesh.authority",
+    );
+    assert!(e.contains("cannot be used with kubernetes.enabled"), "{e}");
+    for bad in ["!!", "AAAA"] {
+        let e = refused(
+            &format!("mesh:\n  authority: \"{bad}\"\n  certificate: /c\n"),
+            2,
+            "mesh.authority",
+        );
+        assert!(e.contains("authority public key"), "{bad}: {e}");
+    }
+}

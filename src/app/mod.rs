@@ -9,6 +9,7 @@
 //! was installed.
 
 mod answer;
+pub mod certify;
 pub mod reload;
 mod report;
 mod setup;
@@ -72,8 +73,16 @@ impl App {
         reset_state: bool,
         set_log: Option<SetLog>,
     ) -> anyhow::Result<Option<Self>> {
-        let config = Config::load(config_path)?;
-        let checked = setup::check(&config, config_path, reset_state).await?;
+        let mut config = Config::load(config_path)?;
+        let certified = certify::certify(&mut config, config_path, control::now_millis())?;
+        if let Some(c) = &certified {
+            info!(
+                pod_cidrs = ?c.certificate.pod_cidrs, not_after_ms = c.certificate.not_after,
+                "certified by mesh.authority: claiming the certificate's blocks only"
+            );
+        }
+        let mut checked = setup::check(&config, config_path, reset_state).await?;
+        checked.certified = certified;
         let Some(bound) = setup::bind(&config, &checked).await? else {
             info!("stopped while waiting for the Node; nothing was set up");
             return Ok(None);
@@ -118,11 +127,8 @@ impl App {
             data_stop_rx,
         );
         let ready = Arc::new(AtomicBool::new(false));
-        let sources = wiring.sources(&ready);
-        tasks.spawn(
-            "metrics",
-            api::metrics::serve(bound.metrics, sources, tasks.shutdown()),
-        );
+        let metrics = api::metrics::serve(bound.metrics, wiring.sources(&ready), tasks.shutdown());
+        tasks.spawn("metrics", metrics);
         if let (Some((secret, listener)), Some(rx)) = (bound.gossip, mesh_rx) {
             let parts = MeshParts {
                 config: &config,
@@ -170,6 +176,7 @@ impl App {
             node: wiring.node.clone(),
             conflist: host.conflist.clone(),
             set_log: self.set_log,
+            certified: wiring.certified.clone(),
         };
         let shared = wiring.shared(crate::cni::Store::load(config.state_dir.join("cni.json")));
         Running {
@@ -223,6 +230,8 @@ struct Wiring {
     kube: Option<Arc<std::sync::Mutex<String>>>,
     node: Arc<std::sync::Mutex<NodeStatus>>,
     relay: crate::relay::service::RelayStats,
+    /// `mesh.authority` and this node's certificate, checked at start.
+    certified: Option<certify::Certified>,
 }
 
 impl Wiring {
@@ -255,6 +264,7 @@ impl Wiring {
             kube: None,
             node: Arc::new(std::sync::Mutex::new(node)),
             relay: crate::relay::service::RelayStats::default(),
+            certified: checked.certified.clone(),
         };
         (wiring, commands, mesh_rx)
     }
@@ -322,10 +332,8 @@ fn start_mesh(
     let Some(mesh_handle) = wiring.mesh.clone() else {
         return;
     };
-    let mut record = control::own_record(config, p.wireguard_key, p.blocks);
-    record.region.clone_from(&p.facts.region);
-    (record.private_address, record.public_address) =
-        (p.facts.private_address, p.facts.public_address);
+    let certified = wiring.certified.clone();
+    let record = own_record(&p, certified.as_ref());
     let identity = Identity::from_wireguard_key(p.key_bytes);
     let owner = identity.id().0;
     let relay = relay_socket.map(|socket| {
@@ -371,7 +379,10 @@ fn start_mesh(
             control::Inputs {
                 statics: statics_rx,
                 cluster,
-                claims: control::claims::ClaimPolicy::from_config(&config.network),
+                claims: control::claims::ClaimPolicy::from_config(
+                    &config.network,
+                    certified.map(|c| c.authority),
+                ),
                 relay,
                 relay_policy: config.mesh.relay.clone(),
             },
@@ -383,6 +394,16 @@ fn start_mesh(
             tasks.shutdown(),
         ),
     );
+}
+
+/// This node's first record: the config's, with the facts found at start and its certificate.
+fn own_record(p: &MeshParts<'_>, certified: Option<&certify::Certified>) -> weft_mesh::NodeRecord {
+    let mut record = control::own_record(p.config, p.wireguard_key, p.blocks);
+    record.region.clone_from(&p.facts.region);
+    (record.private_address, record.public_address) =
+        (p.facts.private_address, p.facts.public_address);
+    record.certificate = certified.map(|c| Box::new(c.certificate.clone()));
+    record
 }
 
 /// The IPAM side of the reconcile loop.

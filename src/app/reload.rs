@@ -80,6 +80,8 @@ pub struct Reloader {
     pub conflist: crate::cni::ConflistWriter,
     /// Changes the log filter.
     pub set_log: Option<SetLog>,
+    /// `mesh.authority` and the certificate this node publishes.
+    pub certified: Option<super::certify::Certified>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -117,7 +119,11 @@ impl Reloader {
     /// taken are undone in reverse, so the running config *and* the applied state (log level,
     /// MTU, routes, configured peers) are as they were, and the same file can be reloaded again.
     pub async fn reload(&mut self) -> anyhow::Result<Vec<String>> {
-        let new = Config::load(&self.path)?;
+        let mut new = Config::load(&self.path)?;
+        // The certificate is read again: it gives node.pod_cidr, and a renewed one (the same
+        // blocks) is published without a restart.
+        let certified =
+            super::certify::certify(&mut new, &self.path, crate::control::now_millis())?;
         let restart = needs_restart(&self.config, &new);
         if !restart.is_empty() {
             bail!(
@@ -163,6 +169,15 @@ impl Reloader {
                 mesh.join(new.mesh.peers.clone()).await;
             }
             applied.push(format!("mesh.peers {:?}", new.mesh.peers));
+        }
+        if certified != self.certified {
+            let cert = certified.as_ref().map(|c| Box::new(c.certificate.clone()));
+            if let (Some(mesh), Some(c)) = (&self.mesh, &cert) {
+                let not_after = c.not_after;
+                mesh.modify(move |r| r.certificate = cert).await;
+                applied.push(format!("mesh.certificate (valid until {not_after} ms)"));
+            }
+            self.certified = certified;
         }
         Ok(applied)
     }

@@ -37,6 +37,8 @@ pub(super) struct Checked {
     pub(super) mesh_seed: u64,
     pub(super) router: Router,
     pub(super) started: std::time::Instant,
+    /// `mesh.authority` and this node's certificate, checked (set by the caller).
+    pub(super) certified: Option<super::certify::Certified>,
 }
 
 /// Checks the config and builds the router with its configured peers.
@@ -95,6 +97,7 @@ pub(super) async fn check(
         mesh_seed,
         router,
         started,
+        certified: None,
     })
 }
 

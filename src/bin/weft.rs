@@ -22,6 +22,33 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuthorityCmd {
+    /// Prints a new authority private key (base64). Keep it off the nodes: whoever holds it can
+    /// certify any block to any key.
+    Genkey,
+    /// Reads an authority private key on standard input and prints its public key, the value
+    /// of `mesh.authority` on every node.
+    Pubkey,
+    /// Prints a certificate (base64, one line) that lets the node with WireGuard public key
+    /// `--node-key` claim the `--pod-cidr` blocks; save it as the node's `mesh.certificate`.
+    Sign {
+        /// The authority's private key file (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The node's WireGuard public key, as `weft pubkey` prints it from its private key.
+        #[arg(long, value_name = "BASE64")]
+        node_key: String,
+        /// A pod CIDR block of the node (one IPv4 and/or one IPv6), inside the cluster's
+        /// network.pod_network_cidr at its node block size.
+        #[arg(long = "pod-cidr", value_name = "CIDR", required = true)]
+        pod_cidrs: Vec<ipnet::IpNet>,
+        /// Days the certificate holds from now.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Cmd {
     /// Runs the daemon in the foreground (systemd Type=notify). Creates the TUN device, its
     /// address and routes; removes them on SIGTERM/SIGINT.
@@ -50,6 +77,14 @@ enum Cmd {
     Pubkey,
     /// Prints a new cluster secret (32 random bytes, base64).
     Gensecret,
+    /// The cluster's authority, for standalone meshes: a key, kept off the nodes, that signs
+    /// which pod CIDRs each node may claim. Nodes given its public key (`mesh.authority`) and
+    /// their own certificate (`mesh.certificate`) believe a member's claims only when its
+    /// certificate names them, so no member can claim another node's block.
+    Authority {
+        #[command(subcommand)]
+        action: AuthorityCmd,
+    },
     /// Builds a lab of four nodes in two regions in network namespaces on this machine, runs
     /// the real daemon on each, shows status and pod-to-pod traffic (ping and TCP), and cleans
     /// up. Needs root, iproute2 and ping; touches nothing outside its namespaces.
@@ -134,6 +169,34 @@ fn demo(keep: bool, nat: bool) -> anyhow::Result<()> {
     }
 }
 
+fn authority(action: AuthorityCmd) -> anyhow::Result<()> {
+    use weft::app::certify;
+    match action {
+        AuthorityCmd::Genkey => println!("{}", keys::encode(&keys::generate_secret())),
+        AuthorityCmd::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading standard input")?;
+            let seed = keys::decode(&text, "standard input")?;
+            println!("{}", certify::authority_public(&seed));
+        }
+        AuthorityCmd::Sign {
+            key,
+            node_key,
+            pod_cidrs,
+            days,
+        } => {
+            let text = keys::read_private(&key)?;
+            let seed = keys::decode(&text, &format!("authority key {}", key.display()))?;
+            let now = weft::control::now_millis();
+            let cert = certify::issue(&seed, &node_key, pod_cidrs, now, days)?;
+            print!("{}", certify::to_text(&cert));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -170,6 +233,7 @@ fn main() -> ExitCode {
             println!("{}", keys::encode(&keys::generate().to_bytes()));
             Ok(())
         }
+        Cmd::Authority { action } => authority(action),
         Cmd::Gensecret => {
             println!("{}", keys::encode(&keys::generate_secret()));
             Ok(())

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use ipnet::IpNet;
-use weft_mesh::Member;
+use weft_mesh::{Authority, CertError, Member};
 
 /// How far in the future a claim time may be (clock skew between honest nodes).
 pub const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
@@ -54,6 +54,9 @@ pub struct ClaimPolicy {
     pub mask_v4: u8,
     /// The node block size for IPv6.
     pub mask_v6: u8,
+    /// `mesh.authority`: when set, a claim is believed only when the member's certificate,
+    /// signed by it, names it.
+    pub authority: Option<Authority>,
 }
 
 /// Why a member's record is not believed.
@@ -98,6 +101,17 @@ pub enum Refusal {
         /// The version (the member's clock when it signed it) of the earlier record without it.
         without: u64,
     },
+    /// With an authority: the record carries no certificate.
+    Uncertified,
+    /// With an authority: the certificate is not good (another signer or node, expired).
+    BadCertificate(CertError),
+    /// With an authority: a claim the member's certificate does not name.
+    NotCertified {
+        /// The claim.
+        claim: IpNet,
+        /// What the certificate names.
+        certified: Vec<IpNet>,
+    },
     /// Claims and claim times differ in number.
     Unstamped {
         /// The number of claims.
@@ -118,6 +132,9 @@ impl Refusal {
             Self::Unstamped { .. } => "unstamped",
             Self::TooMany { .. } => "too_many",
             Self::BackDated { .. } => "backdated",
+            Self::Uncertified => "uncertified",
+            Self::BadCertificate(_) => "bad_certificate",
+            Self::NotCertified { .. } => "not_certified",
         }
     }
 }
@@ -147,6 +164,15 @@ impl fmt::Display for Refusal {
                 without.saturating_sub(*at) / 1000,
                 without
             ),
+            Self::Uncertified => write!(
+                f,
+                "it has no certificate, and mesh.authority says which blocks a node may claim"
+            ),
+            Self::BadCertificate(e) => write!(f, "its certificate is not good: {e}"),
+            Self::NotCertified { claim, certified } => write!(
+                f,
+                "its claim of {claim} is not in its certificate, which names {certified:?}"
+            ),
             Self::Unstamped { claims, times } => {
                 write!(f, "it claims {claims} pod CIDRs with {times} claim times")
             }
@@ -160,12 +186,53 @@ impl fmt::Display for Refusal {
 }
 
 impl ClaimPolicy {
-    /// The policy of a validated config.
-    pub fn from_config(network: &weft_config::Network) -> Self {
+    /// The policy of a validated config, with its authority (`mesh.authority`, checked).
+    pub fn from_config(network: &weft_config::Network, authority: Option<Authority>) -> Self {
         Self {
             pools: network.pod_network_cidr.clone(),
             mask_v4: network.node_cidr_mask_size_ipv4,
             mask_v6: network.node_cidr_mask_size_ipv6,
+            authority,
+        }
+    }
+
+    /// A claimed block's place: inside a pool, no broader than a node block of its family.
+    pub fn check_block(&self, claim: &IpNet) -> Result<(), Refusal> {
+        let Some(pool) = self
+            .pools
+            .iter()
+            .find(|p| same_family(p, claim) && p.contains(claim))
+        else {
+            return Err(Refusal::OutsidePool(*claim));
+        };
+        let mask = match pool {
+            IpNet::V4(_) => self.mask_v4,
+            IpNet::V6(_) => self.mask_v6,
+        };
+        if claim.prefix_len() < mask {
+            return Err(Refusal::TooBroad {
+                claim: *claim,
+                mask,
+            });
+        }
+        Ok(())
+    }
+
+    /// With an authority, the member's certificate must be good, its own, and name each claim.
+    fn check_certified(&self, m: &Member, now_ms: u64) -> Result<(), Refusal> {
+        let Some(authority) = &self.authority else {
+            return Ok(());
+        };
+        let r = &m.record;
+        let cert = r.certificate.as_ref().ok_or(Refusal::Uncertified)?;
+        cert.verify(authority, &r.wireguard_key, now_ms, MAX_SKEW_MS)
+            .map_err(Refusal::BadCertificate)?;
+        match r.pod_cidrs.iter().find(|c| !cert.covers(c)) {
+            Some(claim) => Err(Refusal::NotCertified {
+                claim: *claim,
+                certified: cert.pod_cidrs.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -190,6 +257,7 @@ impl ClaimPolicy {
                 return Err(Refusal::TooMany { claims: family });
             }
         }
+        self.check_certified(m, now_ms)?;
         if let Some(node) = node.filter(|n| !n.is_empty()) {
             let (mut a, mut b) = (r.pod_cidrs.clone(), node.to_vec());
             a.sort();
@@ -202,23 +270,7 @@ impl ClaimPolicy {
             }
         }
         for (claim, at) in r.pod_cidrs.iter().zip(&r.claimed_at) {
-            let Some(pool) = self
-                .pools
-                .iter()
-                .find(|p| same_family(p, claim) && p.contains(claim))
-            else {
-                return Err(Refusal::OutsidePool(*claim));
-            };
-            let mask = match pool {
-                IpNet::V4(_) => self.mask_v4,
-                IpNet::V6(_) => self.mask_v6,
-            };
-            if claim.prefix_len() < mask {
-                return Err(Refusal::TooBroad {
-                    claim: *claim,
-                    mask,
-                });
-            }
+            self.check_block(claim)?;
             if *at > now_ms.saturating_add(MAX_SKEW_MS) {
                 return Err(Refusal::Future {
                     claim: *claim,
@@ -499,6 +551,7 @@ mod tests {
             ],
             mask_v4: 24,
             mask_v6: 64,
+            authority: None,
         }
     }
 
@@ -514,6 +567,107 @@ mod tests {
             ..weft_mesh::testing::node_record(name, 1)
         };
         weft_mesh::testing::member(NodeId([name.len() as u8; 32]), record)
+    }
+
+    const DAY: u64 = 86_400_000;
+
+    /// The authority's key in these tests.
+    fn ca() -> weft_mesh::AuthorityKey {
+        weft_mesh::AuthorityKey::from_seed(&[42; 32])
+    }
+
+    /// `m` with a certificate from `ca` naming `blocks`, valid from a day before [`NOW`] to
+    /// `days` after.
+    fn certified(
+        mut m: Member,
+        ca: &weft_mesh::AuthorityKey,
+        blocks: &[&str],
+        days: u64,
+    ) -> Member {
+        let blocks = blocks.iter().map(|b| b.parse().unwrap()).collect();
+        let cert = ca
+            .issue(m.record.wireguard_key, blocks, NOW - DAY, NOW + days * DAY)
+            .expect("issue");
+        m.record.certificate = Some(Box::new(cert));
+        m
+    }
+
+    /// With an authority, the claim time decides nothing: a fresh identity first seen with an
+    /// old claim on another node's block (what a healed partition also looks like, so without
+    /// an authority it is believed), or a certified member claiming beyond its certificate, is
+    /// refused; a member whose certificate names its block is believed.
+    #[test]
+    fn with_an_authority_only_the_blocks_a_members_certificate_names_are_believed() {
+        let with = ClaimPolicy {
+            authority: Some(ca().authority()),
+            ..policy()
+        };
+        let honest = certified(
+            member("b", &[("100.64.2.0/24", NOW - DAY)]),
+            &ca(),
+            &["100.64.2.0/24"],
+            30,
+        );
+        assert_eq!(with.check(&honest, None, NOW), Ok(()));
+
+        // A fresh identity, first seen with b's block claimed since one second after the epoch.
+        let fresh = member("x", &[("100.64.2.0/24", 1000)]);
+        assert_eq!(
+            policy().check(&fresh, None, NOW),
+            Ok(()),
+            "believed without an authority"
+        );
+        let e = with.check(&fresh, None, NOW).unwrap_err();
+        assert_eq!(e, Refusal::Uncertified);
+        assert_eq!(e.reason(), "uncertified");
+
+        // A member certified for its own block claiming b's too, or instead.
+        for claims in [
+            &[("100.64.2.0/24", 1000)][..],
+            &[("100.64.3.0/24", NOW), ("fd64:0:0:2::/64", 1000)],
+        ] {
+            let liar = certified(member("x", claims), &ca(), &["100.64.3.0/24"], 30);
+            let e = with.check(&liar, None, NOW).unwrap_err();
+            assert_eq!(e.reason(), "not_certified", "{claims:?}");
+            assert!(e.to_string().contains("100.64.3.0/24"), "{e}");
+        }
+
+        // A certificate from another authority, another node's, or expired.
+        let forged = certified(
+            member("x", &[("100.64.2.0/24", 1000)]),
+            &weft_mesh::AuthorityKey::from_seed(&[7; 32]),
+            &["100.64.2.0/24"],
+            30,
+        );
+        let e = with.check(&forged, None, NOW).unwrap_err();
+        assert_eq!(e, Refusal::BadCertificate(CertError::BadSignature));
+        // (Test members' keys follow their names' lengths: "liar" is not "b".)
+        let mut stolen = member("liar", &[("100.64.2.0/24", 1000)]);
+        stolen.record.certificate = honest.record.certificate.clone();
+        let e = with.check(&stolen, None, NOW).unwrap_err();
+        assert_eq!(e, Refusal::BadCertificate(CertError::OtherNode));
+        assert!(e.to_string().contains("another WireGuard key"), "{e}");
+        let expired = certified(
+            member("b", &[("100.64.2.0/24", NOW - DAY)]),
+            &ca(),
+            &["100.64.2.0/24"],
+            0,
+        );
+        let e = with.check(&expired, None, NOW + 1).unwrap_err();
+        assert_eq!(e.reason(), "bad_certificate");
+        assert!(e.to_string().contains("expired"), "{e}");
+
+        // The certificate does not widen the pool rules: a certified /16 is still too broad.
+        let broad = certified(
+            member("x", &[("100.64.0.0/16", NOW)]),
+            &ca(),
+            &["100.64.0.0/16"],
+            30,
+        );
+        assert_eq!(
+            with.check(&broad, None, NOW).unwrap_err().reason(),
+            "too_broad"
+        );
     }
 
     #[test]

@@ -90,7 +90,12 @@ pub fn decode(text: &str, what: &str) -> Result<[u8; 32], KeyError> {
 
 /// The public key of a private key, base64.
 pub fn public_of(private: &StaticSecret) -> String {
-    encode(PublicKey::from(private).as_bytes())
+    encode(&public_bytes(private))
+}
+
+/// The public key of a private key.
+pub fn public_bytes(private: &StaticSecret) -> [u8; 32] {
+    *PublicKey::from(private).as_bytes()
 }
 
 /// Reads the private key at `path`, or creates it (0600, parent directories 0700) when the file

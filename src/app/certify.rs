@@ -1,0 +1,297 @@
+//! `mesh.authority` at start and at reload: this node's certificate is read, checked against
+//! the authority, its own WireGuard key and the clock, and its pod CIDRs become the node's
+//! blocks (`node.pod_cidr`), so that the node claims what its certificate names and nothing
+//! else. A certificate that is not good stops the start (or refuses the reload) with why:
+//! the others would refuse every claim of this node and not route it.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use weft_config::Config;
+use weft_mesh::{Authority, AuthorityKey, NodeCert};
+
+use crate::control::claims::{ClaimPolicy, MAX_SKEW_MS};
+use crate::host::keys;
+
+/// The authority and this node's certificate, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certified {
+    /// `mesh.authority`.
+    pub authority: Authority,
+    /// This node's certificate (`mesh.certificate`).
+    pub certificate: NodeCert,
+}
+
+/// A certificate as `weft authority sign` writes it: base64 on one line.
+pub fn to_text(cert: &NodeCert) -> String {
+    format!("{}\n", STANDARD.encode(cert.to_bytes()))
+}
+
+/// A certificate from its text (`what` names the source in errors).
+pub fn from_text(text: &str, what: &str) -> anyhow::Result<NodeCert> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .with_context(|| format!("{what}: not base64"))?;
+    NodeCert::from_bytes(&bytes).with_context(|| what.to_owned())
+}
+
+/// With `mesh.authority`: reads this node's certificate, checks it (signed by the authority,
+/// issued to the key in `node.key_file`, valid at `now_ms`, its blocks of the pod network's
+/// size) and sets `node.pod_cidr` to its pod CIDRs; a `node.pod_cidr` the config gives must be
+/// the same. Without an authority, nothing.
+pub fn certify(
+    config: &mut Config,
+    origin: &Path,
+    now_ms: u64,
+) -> anyhow::Result<Option<Certified>> {
+    let (Some(key), Some(path)) = (config.mesh.authority, config.mesh.certificate.clone()) else {
+        return Ok(None);
+    };
+    let at = |field: &str| format!("{}: {field}", origin.display());
+    let authority = Authority::from_bytes(key.0)
+        .with_context(|| at("mesh.authority"))
+        .context("give the key `weft authority pubkey` prints")?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: reading {}", at("mesh.certificate"), path.display()))?;
+    let certificate = from_text(&text, &format!("certificate {}", path.display()))?;
+    let own = match keys::read_private(&config.node.key_file) {
+        Ok(text) => {
+            let what = format!("key file {}", config.node.key_file.display());
+            keys::decode(&text, &what)?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "{}: a certificate is issued to an existing key; node.key_file {} cannot be read",
+                    at("mesh.certificate"),
+                    config.node.key_file.display()
+                )
+            });
+        }
+    };
+    let wireguard_key = keys::public_bytes(&boringtun::x25519::StaticSecret::from(own));
+    certificate
+        .verify(&authority, &wireguard_key, now_ms, MAX_SKEW_MS)
+        .with_context(|| {
+            format!(
+                "{}: certificate {} (this node's key is {})",
+                at("mesh.certificate"),
+                path.display(),
+                keys::encode(&wireguard_key)
+            )
+        })?;
+    let certified = certificate.pod_cidrs.clone();
+    if !config.node.pod_cidr.is_empty() && sorted(&config.node.pod_cidr) != sorted(&certified) {
+        bail!(
+            "{}: {:?} is not what certificate {} names ({certified:?}); leave node.pod_cidr out, \
+             the certificate gives it",
+            at("node.pod_cidr"),
+            config.node.pod_cidr,
+            path.display()
+        );
+    }
+    // The others check this node's claims so; better to hear it now than be refused.
+    let policy = ClaimPolicy::from_config(&config.network, None);
+    for block in &certified {
+        policy.check_block(block).map_err(|why| {
+            anyhow::anyhow!(
+                "{}: certificate {}: {}",
+                at("mesh.certificate"),
+                path.display(),
+                why.to_string().replacen("its ", "", 1)
+            )
+        })?;
+    }
+    config.node.pod_cidr = certified;
+    Ok(Some(Certified {
+        authority,
+        certificate,
+    }))
+}
+
+/// The public key of the authority with private key (seed) `seed`, base64.
+pub fn authority_public(seed: &[u8; 32]) -> String {
+    keys::encode(&AuthorityKey::from_seed(seed).authority().to_bytes())
+}
+
+/// A certificate from the authority with private key `seed` for the node whose WireGuard
+/// public key is `node_key` (base64), naming `pod_cidrs`, valid from `now_ms` for `days`.
+pub fn issue(
+    seed: &[u8; 32],
+    node_key: &str,
+    pod_cidrs: Vec<ipnet::IpNet>,
+    now_ms: u64,
+    days: u32,
+) -> anyhow::Result<NodeCert> {
+    let node = keys::decode(node_key, "--node-key")?;
+    let not_after = now_ms.saturating_add(u64::from(days) * 86_400_000);
+    if let Some(c) = pod_cidrs.iter().find(|c| c.trunc() != **c) {
+        bail!(
+            "--pod-cidr {c} has host bits set: did you mean {}?",
+            c.trunc()
+        );
+    }
+    AuthorityKey::from_seed(seed)
+        .issue(node, pod_cidrs, now_ms, not_after)
+        .context("--pod-cidr")
+}
+
+fn sorted(nets: &[ipnet::IpNet]) -> Vec<ipnet::IpNet> {
+    let mut v = nets.to_vec();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+    const DAY: u64 = 86_400_000;
+
+    /// A node's state dir with its key, its config (authority `[42; 32]`, pool 100.64.0.0/16
+    /// of /24s, and `extra` under `node:`), and a certificate from `issue`.
+    struct Node {
+        dir: tempfile::TempDir,
+        key: [u8; 32],
+    }
+
+    impl Node {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let key = keys::generate().to_bytes();
+            keys::create(&dir.path().join("private.key"), &key).expect("key");
+            Self { dir, key }
+        }
+        fn public(&self) -> String {
+            keys::encode(&keys::public_bytes(&boringtun::x25519::StaticSecret::from(
+                self.key,
+            )))
+        }
+        fn config(&self, extra: &str) -> Config {
+            let d = self.dir.path().display();
+            let ca = authority_public(&[42; 32]);
+            let text = format!(
+                "node:\n  key_file: {d}/private.key\n{extra}network:\n  pod_network_cidr: 100.64.0.0/16\nmesh:\n  authority: {ca}\n  certificate: {d}/node.cert\nstate_dir: {d}\n"
+            );
+            Config::parse(&text, Path::new("/etc/weft/weft.yaml"), "host").expect("config")
+        }
+        fn write_cert(&self, seed: u8, node: &str, blocks: &[&str], issued: u64, days: u32) {
+            let blocks = blocks.iter().map(|b| b.parse().unwrap()).collect();
+            let cert = issue(&[seed; 32], node, blocks, issued, days).expect("issue");
+            std::fs::write(self.dir.path().join("node.cert"), to_text(&cert)).expect("write");
+        }
+        fn certify(&self, extra: &str) -> anyhow::Result<(Config, Option<Certified>)> {
+            let mut c = self.config(extra);
+            let got = certify(&mut c, Path::new("/etc/weft/weft.yaml"), NOW)?;
+            Ok((c, got))
+        }
+    }
+
+    #[test]
+    fn a_good_certificate_gives_the_node_its_blocks() {
+        let n = Node::new();
+        n.write_cert(42, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
+        let (c, got) = n.certify("").expect("certified");
+        assert_eq!(
+            c.node.pod_cidr,
+            ["100.64.7.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        let got = got.expect("an authority is set");
+        assert_eq!(
+            got.authority.to_bytes(),
+            AuthorityKey::from_seed(&[42; 32]).authority().to_bytes()
+        );
+        // The same block given in the config too: fine.
+        assert!(n.certify("  pod_cidr: 100.64.7.0/24\n").is_ok());
+        // Without an authority: nothing read, nothing changed.
+        let mut plain = Config::parse("node:\n  name: a\n", Path::new("/w.yaml"), "h").unwrap();
+        assert_eq!(
+            certify(&mut plain, Path::new("/w.yaml"), NOW).unwrap(),
+            None
+        );
+        assert!(plain.node.pod_cidr.is_empty());
+    }
+
+    /// Each way a certificate can be wrong stops the start with a message that names the file
+    /// and says why; nothing is changed.
+    #[test]
+    fn a_certificate_that_is_not_good_stops_the_start_and_says_why() {
+        let n = Node::new();
+        let other = keys::encode(&[9; 32]);
+        /// Authority seed, node key, blocks, issued, days, `node:` extra, what the error says.
+        type Case<'a> = (u8, &'a str, &'a [&'a str], u64, u32, &'a str, &'a str);
+        let cases: [Case<'_>; 5] = [
+            (
+                7,
+                "self",
+                &["100.64.7.0/24"],
+                NOW - DAY,
+                30,
+                "",
+                "not signed by this authority",
+            ),
+            (
+                42,
+                &other,
+                &["100.64.7.0/24"],
+                NOW - DAY,
+                30,
+                "",
+                "issued to another WireGuard key",
+            ),
+            (
+                42,
+                "self",
+                &["100.64.7.0/24"],
+                NOW - 40 * DAY,
+                30,
+                "",
+                "expired",
+            ),
+            (
+                42,
+                "self",
+                &["100.65.7.0/24"],
+                NOW - DAY,
+                30,
+                "",
+                "outside network.pod_network_cidr",
+            ),
+            (
+                42,
+                "self",
+                &["100.64.7.0/24"],
+                NOW - DAY,
+                30,
+                "  pod_cidr: 100.64.8.0/24\n",
+                "not what certificate",
+            ),
+        ];
+        for (seed, node, blocks, issued, days, extra, why) in cases {
+            let node = if node == "self" {
+                n.public()
+            } else {
+                node.to_owned()
+            };
+            n.write_cert(seed, &node, blocks, issued, days);
+            let e = format!("{:#}", n.certify(extra).unwrap_err());
+            assert!(e.contains(why), "{why}: {e}");
+            assert!(
+                e.contains("node.cert") || e.contains("mesh.certificate"),
+                "{e}"
+            );
+        }
+        std::fs::write(n.dir.path().join("node.cert"), "not base64!\n").unwrap();
+        let e = format!("{:#}", n.certify("").unwrap_err());
+        assert!(e.contains("not base64"), "{e}");
+        std::fs::write(n.dir.path().join("node.cert"), "AAAA\n").unwrap();
+        let e = format!("{:#}", n.certify("").unwrap_err());
+        assert!(e.contains("not a weft node certificate"), "{e}");
+        std::fs::remove_file(n.dir.path().join("node.cert")).unwrap();
+        let e = format!("{:#}", n.certify("").unwrap_err());
+        assert!(e.contains("reading") && e.contains("node.cert"), "{e}");
+    }
+}
