@@ -26,7 +26,15 @@
 //! | member | publish its own record and beats; relay others' records and beats unchanged; delay or withhold what it relays; replay old records and beats (refused as stale: a relayed copy only matters while it is the newest its origin signed); send digests with any numbers (they only decide what is sent back, never liveness); suspect any member whose newest beat it holds, which costs that member one refutation spread through the mesh (at most one per half liveness timeout for a repeated beat); say hello as another node (the `Hello` is not signed), which makes no node its watcher until a beat that node signed arrives on the connection | sign a record or beat for another node (the id is the signer's key); publish another node's WireGuard key ([`Rejected::UnboundKey`]); raise another node's heartbeat or version, or mark it down or alive ([`Rejected::BadBeat`], [`Rejected::UnsignedBeat`]); take a live member down by suspecting it (the member, reached by any path, refutes; a suspicion carries a beat the member signed, so it cannot name a heartbeat the member has not reached); keep a dead member alive with beats it saved (a watcher's suspicion carries the newest beat it heard, only a newer one refutes, and a suspicion a node finds premature is deferred, never dropped); stop a suspicion from reaching the member it names (relays pass it on even while they answer it); keep a node it impersonates routed: a member advertising an established member's address is held down ([`Rejected::AddressInUse`]); grow another node's state without bound (members capped by [`MeshConfig::max_members`], [`Rejected::MemberLimit`]; answers cut into bounded frames; dead members forgotten after [`MeshConfig::tombstone_horizon`]); make a node pay a signature check for a record or beat it would not apply |
 //! | same key on two daemons | both publish as the one node | outbid each other without end: after [`MAX_BIDS`] bids both stop and report an [`IdentityClash`] naming both daemons' addresses |
 //!
-//! Pod-CIDR claims inside records are checked by the daemon against its pool, not here. The
+//! Pod-CIDR claims inside records are checked by the daemon against its pool, not here. What a
+//! member can claim depends on who says which blocks are whose:
+//!
+//! | authority | a member (or a fresh identity made with the secret) can claim | it cannot claim |
+//! |---|---|---|
+//! | none (standalone) | a free block; a block it held in an earlier record; when first seen, any block with any past claim time (the other side of a healed partition looks the same), so it can take a block from an honest owner | a block outside the pool or broader than a node block, two per family, a time in the future; a block it back-dates against its own earlier record, at every node that held that record |
+//! | `mesh.authority` ([`NodeCert`]) | the blocks its certificate names, while the certificate holds | any other block, whatever its claim time: its record needs a certificate signed by the authority's key, issued to its own WireGuard key (bound to its id), naming each claim |
+//! | Kubernetes | its Node's `spec.podCIDRs` | any other block (the API server says) |
+//! The
 //! driver stamps every version it publishes with the origin's wall clock and republishes the
 //! record every [`MeshConfig::record_refresh`], so a record is a recent, signed statement
 //! of what its origin holds, against which the daemon checks later claims for back-dating.
@@ -37,6 +45,7 @@
 //!
 //! - `record`: [`NodeId`], [`Identity`], [`NodeRecord`], [`SignedRecord`], [`UnverifiedRecord`].
 //! - `beat`: [`Beat`], a signed heartbeat.
+//! - `cert`: [`NodeCert`], an authority's certificate of the blocks a node may claim.
 //! - `membership`: [`Membership`], the state machine, and its inputs and outputs; its
 //!   submodules accept records, answer digests and settle clashes.
 //! - `stats`: [`Rejected`] reasons and the [`Drops`] counters.

@@ -111,6 +111,19 @@ pub fn certify(
     }))
 }
 
+/// The pools this node's IPAM claims in: every one without an authority; with one, only those
+/// holding a block of the certificate. A node certified for an IPv4 block alone claims no
+/// IPv6 block of a dual-stack pod network, which the others would refuse as uncertified.
+pub fn claimable(pools: &[weft_ipam::Pool], certified: Option<&Certified>) -> Vec<weft_ipam::Pool> {
+    pools
+        .iter()
+        .filter(|pool| {
+            certified.is_none_or(|c| c.certificate.pod_cidrs.iter().any(|b| pool.holds(b)))
+        })
+        .copied()
+        .collect()
+}
+
 /// The public key of the authority with private key (seed) `seed`, base64.
 pub fn authority_public(seed: &[u8; 32]) -> String {
     keys::encode(&AuthorityKey::from_seed(seed).authority().to_bytes())
@@ -213,6 +226,25 @@ mod tests {
             None
         );
         assert!(plain.node.pod_cidr.is_empty());
+    }
+
+    #[test]
+    fn a_node_certified_for_one_family_claims_in_that_familys_pool_only() {
+        let n = Node::new();
+        n.write_cert(42, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
+        let (c, got) = n.certify("").expect("certified");
+        let pools: Vec<weft_ipam::Pool> = [("100.64.0.0/16", 24), ("fd64::/48", 64)]
+            .iter()
+            .map(|(p, mask)| weft_ipam::Pool::new(p.parse().unwrap(), *mask).expect("pool"))
+            .collect();
+        let only = claimable(&pools, got.as_ref());
+        assert_eq!(only.len(), 1);
+        assert!(only[0].holds(&c.node.pod_cidr[0]));
+        assert_eq!(
+            claimable(&pools, None).len(),
+            2,
+            "without an authority, every pool"
+        );
     }
 
     /// Each way a certificate can be wrong stops the start with a message that names the file

@@ -416,7 +416,7 @@ fn ipam_of(
     let config = p.config;
     control::Ipam {
         blocks: control::blocks::Blocks {
-            pools: p.pools.clone(),
+            pools: certify::claimable(&p.pools, wiring.certified.as_ref()),
             owner,
             fixed: config.node.pod_cidr.clone(),
             held: p.blocks.to_vec(),

@@ -25,8 +25,13 @@
 //!   republishes its record (a new version, stamped with its clock) every
 //!   `mesh.record_refresh` (default 10 minutes), so a member can back-date by at most that plus the skew.
 //!
-//! What this cannot refuse, so that in standalone mode it detects a liar but does not bound one
-//! (with Kubernetes, the Node rule above does):
+//! - with `mesh.authority` (standalone mode), lacks a certificate signed by the authority,
+//!   issued to the member's own WireGuard key and not expired, that names the claim: the
+//!   authority, not the claim time, says which blocks a node owns.
+//!
+//! What this cannot refuse without an authority, so that in standalone mode it detects a liar
+//! but does not bound one (with Kubernetes, the Node rule above does; with an authority, the
+//! certificate rule does):
 //! - a member first seen with old claims: the other side of a healed partition looks the same,
 //!   and it is believed so that every node settles the same winner there. A member holding the
 //!   cluster secret can make a fresh identity, whose first record is believed;

@@ -36,6 +36,27 @@ pub fn weft_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// Runs `cmd` with `input` on its standard input and returns what it printed and how it
+/// ended, whatever that was.
+pub fn output_with_input(
+    cmd: &mut std::process::Command,
+    input: &str,
+) -> anyhow::Result<std::process::Output> {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    child
+        .stdin
+        .take()
+        .context("no standard input")?
+        .write_all(input.as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
+
 /// Writes a fresh private key for `d` (0600) and returns its public key, base64.
 pub fn make_key(d: &Daemon) -> anyhow::Result<String> {
     let (key, created) = weft::host::keys::load_or_create(&d.key_file)?;

@@ -227,25 +227,14 @@ fn raw(
     netns: &str,
     text: &str,
 ) -> anyhow::Result<weft_tests::cni::Outcome> {
-    use std::io::Write as _;
     let bin = weft_tests::weft_bin()?.with_file_name("weft-cni");
-    let mut child = p
-        .lab
-        .cmd(&ra.host_ns, &bin)
-        .env("CNI_COMMAND", "ADD")
+    let mut cmd = p.lab.cmd(&ra.host_ns, &bin);
+    cmd.env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", "bad")
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", &ra.cni_path)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
+        .env("CNI_PATH", &ra.cni_path);
+    let out = weft_tests::output_with_input(&mut cmd, text)?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     Ok(weft_tests::cni::Outcome {
         ok: out.status.success(),
