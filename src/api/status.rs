@@ -113,6 +113,10 @@ pub struct NodeStatus {
     /// best first: its peers behind NAT reach it through these.
     #[serde(default)]
     pub home_relays: Vec<String>,
+    /// With `mesh.authority`: until when this node's certificate holds (ms since the epoch);
+    /// past it, the other nodes refuse its claims and stop routing it.
+    #[serde(default)]
+    pub certificate_not_after_ms: Option<u64>,
 }
 
 impl NodeStatus {
@@ -231,6 +235,13 @@ impl Status {
         if !n.home_relays.is_empty() {
             let names: Vec<String> = n.home_relays.iter().map(|r| printable(r)).collect();
             let _ = writeln!(s, "  relays      registered with {}", names.join(", "));
+        }
+        if let Some(ms) = n.certificate_not_after_ms {
+            let until = i64::try_from(ms)
+                .ok()
+                .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+                .map_or_else(|| format!("{ms} ms"), |t| t.to_string());
+            let _ = writeln!(s, "  certificate valid until {until}");
         }
         let _ = writeln!(
             s,
@@ -353,6 +364,7 @@ mod tests {
                 listen_port: 51820,
                 observed_endpoints: vec!["198.19.0.101:40001".into()],
                 home_relays: vec!["p1".into(), "p2".into()],
+                certificate_not_after_ms: Some(1_830_000_000_000),
             },
             peers: vec![PeerStatus {
                 name: "b".into(),
@@ -387,6 +399,7 @@ mod tests {
             "encrypted",
             "behind NAT  seen at 198.19.0.101:40001",
             "relays      registered with p1, p2",
+            "certificate valid until 2027-12-28T",
         ] {
             assert!(t.contains(want), "{want} missing from\n{t}");
         }
@@ -428,6 +441,7 @@ mod tests {
                 listen_port: 51820,
                 observed_endpoints: vec!["198.19.0.101:40001".into()],
                 home_relays: vec![evil.into()],
+                certificate_not_after_ms: None,
             },
             peers: vec![peer],
             drops: Default::default(),

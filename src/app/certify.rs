@@ -111,6 +111,60 @@ pub fn certify(
     }))
 }
 
+/// How long before its end a certificate is warned about.
+pub const RENEW_WITHIN_MS: u64 = 7 * 86_400_000;
+/// How often the end of this node's certificate is looked at.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// What to say of a certificate that ends at `not_after` (ms), at `now_ms`: an error once it
+/// has ended (the others no longer route this node), a warning within [`RENEW_WITHIN_MS`].
+pub fn expiry_notice(not_after: u64, now_ms: u64) -> Option<(tracing::Level, String)> {
+    let renew = "renew it (weft authority sign, same blocks) and reload (SIGHUP)";
+    if now_ms > not_after {
+        let ago = (now_ms - not_after) / 3_600_000;
+        return Some((
+            tracing::Level::ERROR,
+            format!(
+                "this node's certificate ended {ago} h ago: the other nodes refuse its claims and do not route it; {renew}"
+            ),
+        ));
+    }
+    let left = not_after - now_ms;
+    (left <= RENEW_WITHIN_MS).then(|| {
+        (
+            tracing::Level::WARN,
+            format!(
+                "this node's certificate ends in {} h; {renew}",
+                left / 3_600_000
+            ),
+        )
+    })
+}
+
+/// Logs [`expiry_notice`] for this node's certificate (as status shows it, so a renewal by
+/// reload is seen) now and every six hours, until `shutdown`.
+pub async fn watch_expiry(
+    node: std::sync::Arc<std::sync::Mutex<crate::api::status::NodeStatus>>,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    let mut every = tokio::time::interval(WATCH_EVERY);
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            _ = every.tick() => {}
+        }
+        let not_after = node.lock().ok().and_then(|n| n.certificate_not_after_ms);
+        let notice = not_after.and_then(|t| expiry_notice(t, crate::control::now_millis()));
+        match notice {
+            Some((tracing::Level::ERROR, text)) => {
+                tracing::error!(not_after_ms = not_after, "{text}")
+            }
+            Some((_, text)) => tracing::warn!(not_after_ms = not_after, "{text}"),
+            None => {}
+        }
+    }
+}
+
 /// The pools this node's IPAM claims in: every one without an authority; with one, only those
 /// holding a block of the certificate. A node certified for an IPv4 block alone claims no
 /// IPv6 block of a dual-stack pod network, which the others would refuse as uncertified.
@@ -244,6 +298,23 @@ mod tests {
             claimable(&pools, None).len(),
             2,
             "without an authority, every pool"
+        );
+    }
+
+    #[test]
+    fn an_ending_certificate_is_warned_about_and_an_ended_one_is_an_error() {
+        assert_eq!(expiry_notice(NOW + 30 * DAY, NOW), None);
+        let (level, text) = expiry_notice(NOW + 2 * DAY, NOW).expect("warned");
+        assert_eq!(level, tracing::Level::WARN);
+        assert!(
+            text.contains("ends in 48 h") && text.contains("weft authority sign"),
+            "{text}"
+        );
+        let (level, text) = expiry_notice(NOW - 3_600_000, NOW).expect("an error");
+        assert_eq!(level, tracing::Level::ERROR);
+        assert!(
+            text.contains("ended 1 h ago") && text.contains("do not route it"),
+            "{text}"
         );
     }
 

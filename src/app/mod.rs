@@ -157,6 +157,7 @@ impl App {
                 rx,
             );
         }
+        watch_certificate(&mut tasks, &wiring);
         notify::send(sd_notify::NotifyState::Ready);
         ready.store(true, Ordering::Release);
         tasks.spawn(
@@ -215,6 +216,7 @@ fn node_status(config: &Config, checked: &Checked, bound: &Bound) -> NodeStatus 
         listen_port: config.router.port,
         observed_endpoints: Vec::new(),
         home_relays: Vec::new(),
+        certificate_not_after_ms: checked.certified.as_ref().map(|c| c.certificate.not_after),
     };
     shown.set_facts(&bound.facts);
     shown
@@ -394,6 +396,14 @@ fn start_mesh(
             tasks.shutdown(),
         ),
     );
+}
+
+/// With `mesh.authority`, warns as this node's certificate nears its end.
+fn watch_certificate(tasks: &mut Tasks, wiring: &Wiring) {
+    if wiring.certified.is_some() {
+        let watch = certify::watch_expiry(wiring.node.clone(), tasks.shutdown());
+        tasks.spawn("certificate expiry", watch);
+    }
 }
 
 /// This node's first record: the config's, with the facts found at start and its certificate.

@@ -171,6 +171,9 @@ impl Reloader {
             applied.push(format!("mesh.peers {:?}", new.mesh.peers));
         }
         if certified != self.certified {
+            if let Ok(mut node) = self.node.lock() {
+                node.certificate_not_after_ms = certified.as_ref().map(|c| c.certificate.not_after);
+            }
             let cert = certified.as_ref().map(|c| Box::new(c.certificate.clone()));
             if let (Some(mesh), Some(c)) = (&self.mesh, &cert) {
                 let not_after = c.not_after;

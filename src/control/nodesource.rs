@@ -231,7 +231,7 @@ impl NodeSource {
             .and_then(|c| c.iter().find(|c| c.type_ == "NetworkUnavailable"))
             .is_some_and(|c| c.status == "False" && c.reason.as_deref() == Some("WeftIsUp"));
         if !available && !*ready {
-            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let now = jiff::Timestamp::now().to_string();
             let patch = json!({"status": {"conditions": [{
                 "type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp",
                 "message": "weft is running on this node",

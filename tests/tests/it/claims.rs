@@ -261,6 +261,13 @@ fn with_an_authority_a_fresh_identity_with_an_older_claim_on_a_block_is_refused(
     })?;
     assert_eq!(m.blocks("a")?, ["100.64.1.0/24".parse::<ipnet::IpNet>()?]);
     assert_eq!(m.blocks("b")?, ["100.64.2.0/24".parse::<ipnet::IpNet>()?]);
+    // Status shows until when the certificate holds (a day from now).
+    let until = m.status("a")?["node"]["certificate_not_after_ms"].as_u64();
+    let day_on = weft::control::now_millis() + 86_400_000;
+    assert!(
+        until.is_some_and(|t| t <= day_on && t + 60_000 >= day_on),
+        "{until:?}"
+    );
 
     // The liar: a new key, the secret, and a state file saying it has held b's block since
     // one second after the epoch (older than b's claim). No certificate.
@@ -295,7 +302,7 @@ fn with_an_authority_a_fresh_identity_with_an_older_claim_on_a_block_is_refused(
     let said = wait_for("a to reload", Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&log).ok()?;
         text.lines()
-            .find(|l| l.contains("SIGHUP"))
+            .find(|l| l.contains("SIGHUP: "))
             .map(str::to_owned)
     })?;
     assert!(said.contains("config reloaded"), "{said}");
