@@ -14,7 +14,7 @@
 //! signature over all of them in a context of its own. The authority's key never travels: each
 //! node is given its public key in its config.
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use ipnet::IpNet;
 
 use crate::wire::{DecodeError, Reader, Writer};
@@ -32,8 +32,8 @@ pub enum CertError {
     /// The bytes are not a certificate.
     #[error("not a weft node certificate: {0}")]
     Malformed(String),
-    /// The authority's public key is not an ed25519 key.
-    #[error("the authority key is not an ed25519 public key")]
+    /// The authority's public key is not an ed25519 key, or a weak (small-order) one.
+    #[error("the authority key is not a usable ed25519 public key")]
     BadAuthority,
     /// The signature is not the authority's.
     #[error("not signed by this authority")]
@@ -75,7 +75,12 @@ pub struct Authority([u8; 32]);
 impl Authority {
     /// An authority from its ed25519 public key.
     pub fn from_bytes(key: [u8; 32]) -> Result<Self, CertError> {
-        VerifyingKey::from_bytes(&key).map_err(|_| CertError::BadAuthority)?;
+        let k = VerifyingKey::from_bytes(&key).map_err(|_| CertError::BadAuthority)?;
+        // A small-order key (the identity point, say) would let anyone make a signature
+        // that verifies.
+        if k.is_weak() {
+            return Err(CertError::BadAuthority);
+        }
         Ok(Self(key))
     }
 
@@ -153,7 +158,10 @@ impl NodeCert {
     ) -> Result<(), CertError> {
         self.check_shape()?;
         let key = VerifyingKey::from_bytes(&authority.0).map_err(|_| CertError::BadAuthority)?;
-        key.verify(
+        if key.is_weak() {
+            return Err(CertError::BadAuthority);
+        }
+        key.verify_strict(
             &self.signed_bytes(),
             &Signature::from_bytes(&self.signature),
         )
@@ -342,6 +350,25 @@ mod tests {
         assert_eq!(
             c.verify(&auth, &[7; 32], 15 * DAY, 0),
             Err(CertError::BadSignature)
+        );
+    }
+
+    /// A small-order authority key verifies forged signatures under the lenient check: it is
+    /// refused, and a certificate "signed" by it (R the identity, S zero) does not verify.
+    #[test]
+    fn a_weak_authority_key_is_refused_and_forges_nothing() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(
+            Authority::from_bytes(identity),
+            Err(CertError::BadAuthority)
+        );
+        let mut forged = cert();
+        forged.signature = [0; 64];
+        forged.signature[0] = 1;
+        assert_ne!(
+            forged.verify(&Authority(identity), &[7; 32], 15 * DAY, 0),
+            Ok(())
         );
     }
 

@@ -502,6 +502,11 @@ impl UnverifiedRecord {
         &self.signed.record
     }
 
+    /// The record's bytes, as signed.
+    pub fn body(&self) -> &[u8] {
+        &self.signed.body
+    }
+
     /// Checks the signature (the one costly step).
     pub fn verify(self) -> Result<SignedRecord, VerifyError> {
         self.verify_shared()
@@ -732,9 +737,19 @@ pub(crate) mod tests {
         r.certificate = None;
         r.encode(&mut w);
         let mut body = w.into_bytes();
-        body.extend_from_slice(&[0]);
-        body.extend_from_slice(&[0, 3, 1, 2, 3]);
-        assert!(NodeRecord::decode(&mut Reader::new(&body)).is_err());
+        // No homes, then a slot of 3 bytes that are no certificate.
+        body.extend_from_slice(&[0, 0, 3, 1, 2, 3]);
+        assert!(matches!(
+            NodeRecord::decode(&mut Reader::new(&body)),
+            Err(DecodeError::BadValue("certificate format", _) | DecodeError::Truncated(_))
+        ));
+        let mut body = body[..body.len() - 5].to_vec();
+        body.extend_from_slice(&[0, 8]);
+        body.extend_from_slice(b"WEFTCRT0");
+        assert_eq!(
+            NodeRecord::decode(&mut Reader::new(&body)).unwrap_err(),
+            DecodeError::BadValue("certificate format", 0)
+        );
     }
 
     #[test]

@@ -92,23 +92,46 @@ pub fn certify(
             path.display()
         );
     }
-    // The others check this node's claims so; better to hear it now than be refused.
-    let policy = ClaimPolicy::from_config(&config.network, None);
-    for block in &certified {
-        policy.check_block(block).map_err(|why| {
-            anyhow::anyhow!(
-                "{}: certificate {}: {}",
-                at("mesh.certificate"),
-                path.display(),
-                why.to_string().replacen("its ", "", 1)
-            )
-        })?;
-    }
+    check_blocks(config, &certified, &at("mesh.certificate"), &path)?;
     config.node.pod_cidr = certified;
     Ok(Some(Certified {
         authority,
         certificate,
     }))
+}
+
+/// The certificate's blocks as the others will check them (inside the pool, no broader than
+/// a node block) and exactly node blocks, as IPAM weighs them: better to hear it at start than
+/// be refused.
+fn check_blocks(
+    config: &Config,
+    certified: &[ipnet::IpNet],
+    at: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let policy = ClaimPolicy::from_config(&config.network, None);
+    for block in certified {
+        policy.check_block(block).map_err(|why| {
+            anyhow::anyhow!(
+                "{at}: certificate {}: {}",
+                path.display(),
+                why.to_string().replacen("its ", "", 1)
+            )
+        })?;
+        let (mask, family) = if block.addr().is_ipv4() {
+            (config.network.node_cidr_mask_size_ipv4, 4)
+        } else {
+            (config.network.node_cidr_mask_size_ipv6, 6)
+        };
+        if block.prefix_len() != mask {
+            bail!(
+                "{at}: certificate {}: pod CIDR {block} is not a node block \
+                 (/{mask}, network.node_cidr_mask_size_ipv{family})",
+                path.display(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How long before its end a certificate is warned about.
@@ -326,7 +349,7 @@ mod tests {
         let other = keys::encode(&[9; 32]);
         /// Authority seed, node key, blocks, issued, days, `node:` extra, what the error says.
         type Case<'a> = (u8, &'a str, &'a [&'a str], u64, u32, &'a str, &'a str);
-        let cases: [Case<'_>; 5] = [
+        let cases: [Case<'_>; 6] = [
             (
                 7,
                 "self",
@@ -366,6 +389,15 @@ mod tests {
             (
                 42,
                 "self",
+                &["100.64.7.0/25"],
+                NOW - DAY,
+                30,
+                "",
+                "is not a node block (/24",
+            ),
+            (
+                42,
+                "self",
                 &["100.64.7.0/24"],
                 NOW - DAY,
                 30,
@@ -387,6 +419,11 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_certificate_file_that_holds_no_certificate_stops_the_start() {
+        let n = Node::new();
         std::fs::write(n.dir.path().join("node.cert"), "not base64!\n").unwrap();
         let e = format!("{:#}", n.certify("").unwrap_err());
         assert!(e.contains("not base64"), "{e}");

@@ -117,7 +117,11 @@ impl Membership {
     pub(super) fn own_record_back(&mut self, now: Instant, u: UnverifiedRecord) {
         let earlier_life = {
             let (theirs, ours) = (u.record(), &self.own.record);
-            theirs.version > ours.version || (theirs.version == ours.version && theirs != ours)
+            // The signed bytes, not the decoded records: a record does not always decode to
+            // the one encoded (homes without mappings are not written), and our own record
+            // coming back must not look like another's.
+            theirs.version > ours.version
+                || (theirs.version == ours.version && u.body() != self.own.body.as_slice())
         };
         if !earlier_life {
             return;

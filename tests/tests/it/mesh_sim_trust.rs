@@ -647,3 +647,47 @@ fn a_frame_of_forged_suspicions_costs_one_signature_check() {
     }
     assert!(rejected(&sim, Rejected::BadBeat) >= 3);
 }
+
+/// A record that does not decode to itself byte for byte (a certificate with NAT mappings but
+/// no home relays yet reads back with an empty list) is still this node's own when it comes
+/// back: the node does not outbid itself, and no one sees an identity clash.
+#[test]
+fn a_certified_record_coming_back_is_not_taken_for_another_daemons() {
+    let mut sim = Sim::new(5, config(), one_earlier);
+    sim.run_until(Duration::from_secs(60), Sim::converged)
+        .expect("converges");
+    let me = 2;
+    let mut r = sim.node(me).mesh.record().clone();
+    let ca = weft_mesh::AuthorityKey::from_seed(&[42; 32]);
+    let block = "100.64.2.0/24".parse().expect("block");
+    let cert = ca
+        .issue(r.wireguard_key, vec![block], 1, u64::MAX)
+        .expect("certificate");
+    r.certificate = Some(Box::new(cert));
+    r.observed = vec!["198.19.0.102:40000".parse().expect("endpoint")];
+    r.homes = None;
+    sim.node_mut(me).mesh.update(r);
+    let v = sim.node(me).mesh.record().version;
+    // Our own current record comes back from a neighbour, as a relayed copy would.
+    let own = sim_identity(me).sign(sim.node(me).mesh.record());
+    let frame = Frame::Records(vec![Ok(own.into())]).encode();
+    let from = *sim.neighbours(me).first().expect("a neighbour");
+    sim.send_raw_to(from, me, &frame);
+    sim.run_for(2 * LIVENESS_TIMEOUT);
+    assert_eq!(
+        sim.node(me).mesh.record().version,
+        v,
+        "the node outbid itself"
+    );
+    assert_eq!(sim.node(me).mesh.identity_clash(), None);
+    for j in sim.live() {
+        assert!(
+            !sim.node(j)
+                .events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::IdentityClash(_))),
+            "node {j} saw a clash"
+        );
+    }
+    assert_eq!(rejected(&sim, Rejected::IdentityClash), 0);
+}
