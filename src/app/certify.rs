@@ -118,11 +118,8 @@ fn check_blocks(
                 why.to_string().replacen("its ", "", 1)
             )
         })?;
-        let (mask, family) = if block.addr().is_ipv4() {
-            (config.network.node_cidr_mask_size_ipv4, 4)
-        } else {
-            (config.network.node_cidr_mask_size_ipv6, 6)
-        };
+        let mask = policy.node_mask(block);
+        let family = if block.addr().is_ipv4() { 4 } else { 6 };
         if block.prefix_len() != mask {
             bail!(
                 "{at}: certificate {}: pod CIDR {block} is not a node block \

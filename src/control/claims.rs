@@ -201,6 +201,14 @@ impl ClaimPolicy {
         }
     }
 
+    /// The node block size of `net`'s family.
+    pub fn node_mask(&self, net: &IpNet) -> u8 {
+        match net {
+            IpNet::V4(_) => self.mask_v4,
+            IpNet::V6(_) => self.mask_v6,
+        }
+    }
+
     /// A claimed block's place: inside a pool, no broader than a node block of its family.
     pub fn check_block(&self, claim: &IpNet) -> Result<(), Refusal> {
         let Some(pool) = self
@@ -210,10 +218,7 @@ impl ClaimPolicy {
         else {
             return Err(Refusal::OutsidePool(*claim));
         };
-        let mask = match pool {
-            IpNet::V4(_) => self.mask_v4,
-            IpNet::V6(_) => self.mask_v6,
-        };
+        let mask = self.node_mask(pool);
         if claim.prefix_len() < mask {
             return Err(Refusal::TooBroad {
                 claim: *claim,
