@@ -513,11 +513,38 @@ pub(crate) fn cpu_seconds(b: &Bench) -> anyhow::Result<f64> {
     Ok(total)
 }
 
-/// Nanoseconds the tunnel processes have run on a CPU so far, every thread of each
-/// (`/proc/<pid>/task/*/schedstat`, first field): fine enough for the few milliseconds a round
-/// of pings costs, where `/proc/<pid>/stat` counts in 10 ms ticks.
-pub(crate) fn cpu_ns(b: &Bench) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// What the tunnel processes' threads have run so far (`schedstat`): CPU time and the number
+/// of times a thread was put on a CPU, which on an otherwise idle tunnel is its wake-ups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Ran {
+    /// CPU time, ns.
+    pub(crate) ns: u64,
+    /// Times a thread was put on a CPU.
+    pub(crate) runs: u64,
+}
+
+impl Ran {
+    /// What ran between `earlier` and `self`.
+    pub(crate) fn since(self, earlier: Ran) -> Ran {
+        Ran {
+            ns: self.ns.saturating_sub(earlier.ns),
+            runs: self.runs.saturating_sub(earlier.runs),
+        }
+    }
+}
+
+/// Parses one thread's `schedstat` (`<run ns> <wait ns> <timeslices>`).
+fn parse_schedstat(text: &str) -> Option<Ran> {
+    let mut f = text.split_whitespace().map(str::parse::<u64>);
+    let ns = f.next()?.ok()?;
+    let _wait = f.next()?.ok()?;
+    let runs = f.next()?.ok()?;
+    Some(Ran { ns, runs })
+}
+
+/// What every thread of the tunnel processes has run so far.
+pub(crate) fn ran(b: &Bench) -> anyhow::Result<Ran> {
+    let mut total = Ran::default();
     for name in &b.procs {
         let pid = b.lab.pid(name).context("tunnel process gone")?;
         let tasks = format!("/proc/{pid}/task");
@@ -527,10 +554,10 @@ pub(crate) fn cpu_ns(b: &Bench) -> anyhow::Result<u64> {
             let Ok(text) = std::fs::read_to_string(&path) else {
                 continue;
             };
-            let ran = text.split_whitespace().next().unwrap_or_default();
-            total += ran
-                .parse::<u64>()
+            let r = parse_schedstat(&text)
                 .with_context(|| format!("{} holds {text:?}", path.display()))?;
+            total.ns += r.ns;
+            total.runs += r.runs;
         }
     }
     Ok(total)
@@ -869,6 +896,18 @@ pub(crate) fn iperf_version() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threads_schedstat_gives_its_run_time_and_times_run() {
+        assert_eq!(
+            parse_schedstat("1234 99 7\n"),
+            Some(Ran { ns: 1234, runs: 7 })
+        );
+        assert_eq!(parse_schedstat("1234 99"), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+        let later = Ran { ns: 10, runs: 3 };
+        assert_eq!(later.since(Ran { ns: 4, runs: 1 }), Ran { ns: 6, runs: 2 });
+    }
 
     #[test]
     fn a_wireguard_go_path_that_is_not_one_is_refused_by_name() {

@@ -30,8 +30,10 @@ struct Samples {
     round_p50: Vec<f64>,
     /// Tunnel CPU µs per ping (both ends, request and reply), over the background.
     ping_us: Vec<f64>,
-    /// Tunnel CPU µs per second with no traffic (timers, gossip).
-    background_us: f64,
+    /// Tunnel wake-ups per ping (threads put on a CPU, both ends), over the background.
+    ping_wakes: Vec<f64>,
+    /// Tunnel CPU µs and wake-ups per second with no traffic (timers, gossip).
+    background: Rate,
     pps: Vec<f64>,
     /// Packets per second the tunnel delivered to iperf3's server socket: those it read and
     /// those the socket dropped, full.
@@ -41,6 +43,13 @@ struct Samples {
     client_us: Vec<f64>,
     server_us: Vec<f64>,
     machine_us: Vec<f64>,
+}
+
+/// What the tunnels run per second with no traffic.
+#[derive(Debug, Default, Clone, Copy)]
+struct Rate {
+    us: f64,
+    wakes: f64,
 }
 
 /// Busy seconds of every CPU so far (`/proc/stat`: user, nice, system, irq and softirq; not
@@ -130,18 +139,19 @@ pub(crate) fn run(
         .collect();
     // What the tunnels cost with no traffic, to take off the pings' figure.
     for (b, s) in benches.iter().zip(samples.iter_mut()) {
-        s.background_us = background_us(b)?;
+        s.background = background(b)?;
     }
     let n = benches.len();
     for round in 0..rounds {
         eprintln!("   round {}/{rounds}", round + 1);
         for i in (0..n).map(|i| (i + round) % n) {
             let (b, s) = (&benches[i], &mut samples[i]);
-            let (c0, w0) = (net::cpu_ns(b)?, wall());
+            let (c0, w0) = (net::ran(b)?, wall());
             let mut r = net::rtts(b, pings)?;
-            let (ran, took) = (net::cpu_ns(b)?.saturating_sub(c0), wall() - w0);
-            let busy = ran as f64 / 1e3 - s.background_us * took.as_secs_f64();
-            s.ping_us.push(busy.max(0.0) / f64::from(pings));
+            let (ran, took) = (net::ran(b)?.since(c0), wall() - w0);
+            let [us, wakes] = per_ping(ran, s.background, took.as_secs_f64(), pings);
+            s.ping_us.push(us);
+            s.ping_wakes.push(wakes);
             r.sort_by(f64::total_cmp);
             s.round_p50.push(percentile(&r, 0.5));
             s.rtts.extend(r);
@@ -169,29 +179,41 @@ fn wall() -> std::time::Instant {
     std::time::Instant::now()
 }
 
-/// Tunnel CPU µs per second over 2 s with no traffic.
-fn background_us(b: &Bench) -> anyhow::Result<f64> {
+/// Tunnel CPU µs and wake-ups per second over 2 s with no traffic.
+fn background(b: &Bench) -> anyhow::Result<Rate> {
     let quiet = std::time::Duration::from_secs(2);
-    let (c0, w0) = (net::cpu_ns(b)?, wall());
+    let (c0, w0) = (net::ran(b)?, wall());
     std::thread::sleep(quiet);
-    let (ran, took) = (net::cpu_ns(b)?.saturating_sub(c0), wall() - w0);
-    Ok(ran as f64 / 1e3 / took.as_secs_f64())
+    let (ran, took) = (net::ran(b)?.since(c0), wall() - w0);
+    let secs = took.as_secs_f64();
+    Ok(Rate {
+        us: ran.ns as f64 / 1e3 / secs,
+        wakes: ran.runs as f64 / secs,
+    })
+}
+
+/// CPU µs and wake-ups per ping: what ran over `secs` less the background, shared by `pings`.
+fn per_ping(ran: net::Ran, background: Rate, secs: f64, pings: u32) -> [f64; 2] {
+    let us = ran.ns as f64 / 1e3 - background.us * secs;
+    let wakes = ran.runs as f64 - background.wakes * secs;
+    [us, wakes].map(|v| v.max(0.0) / f64::from(pings))
 }
 
 fn report(samples: &mut [Samples]) -> String {
     let mut s = String::from(
-        "| path | ping p50 (µs) | ping p99 (µs) | tunnel CPU per ping (µs) | tunnel CPU idle (µs/s) | UDP 64 B read (kpps) | UDP 64 B delivered (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| path | ping p50 (µs) | ping p99 (µs) | tunnel CPU per ping (µs) | tunnel wake-ups per ping | tunnel CPU idle (µs/s) | UDP 64 B read (kpps) | UDP 64 B delivered (kpps) | tunnel CPU (µs/packet) | iperf3 client (µs/packet) | iperf3 server (µs/packet) | machine busy (µs/packet) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in samples.iter_mut() {
         p.rtts.sort_by(f64::total_cmp);
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
             p.label,
             percentile(&p.rtts, 0.5),
             percentile(&p.rtts, 0.99),
             median(p.ping_us.clone()),
-            p.background_us,
+            median(p.ping_wakes.clone()),
+            p.background.us,
             median(p.pps.clone()) / 1e3,
             median(p.delivered.clone()) / 1e3,
             median(p.tunnel_us.clone()),
@@ -204,7 +226,7 @@ fn report(samples: &mut [Samples]) -> String {
         .iter()
         .find(|p| p.label.starts_with("boringtun-cli"))
     else {
-        return s;
+        return not_measured(&s);
     };
     let _ = write!(
         s,
@@ -231,7 +253,12 @@ fn report(samples: &mut [Samples]) -> String {
             median(bt.tunnel_us.clone()) / median(p.tunnel_us.clone()),
         );
     }
-    s
+    not_measured(&s)
+}
+
+/// A figure a ping-only run (`--secs 0`) did not measure shows as a dash, not NaN.
+fn not_measured(table: &str) -> String {
+    table.replace("NaN×", "–").replace("NaN", "–")
 }
 
 #[cfg(test)]
@@ -271,5 +298,39 @@ mod tests {
             ),
             "{r}"
         );
+    }
+
+    #[test]
+    fn a_pings_cpu_and_wake_ups_are_what_ran_less_the_background() {
+        let ran = net::Ran {
+            ns: 3_000_000,
+            runs: 900,
+        };
+        let background = Rate {
+            us: 500.0,
+            wakes: 100.0,
+        };
+        // 2 s: 3000 µs less 1000 µs of background over 100 pings; 900 less 200 wake-ups.
+        assert_eq!(per_ping(ran, background, 2.0, 100), [20.0, 7.0]);
+        // A background larger than what ran (noise) is no negative cost.
+        assert_eq!(
+            per_ping(net::Ran::default(), background, 2.0, 100),
+            [0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn a_ping_only_run_shows_dashes_for_the_udp_figures() {
+        let mut samples = vec![Samples {
+            label: "boringtun-cli --threads 1".into(),
+            rtts: vec![200.0],
+            round_p50: vec![200.0],
+            ping_us: vec![20.0],
+            ping_wakes: vec![4.0],
+            ..Default::default()
+        }];
+        let r = report(&mut samples);
+        assert!(!r.contains("NaN"), "{r}");
+        assert!(r.contains("| 200 | 200 | 20.0 | 4.0 | 0 | – |"), "{r}");
     }
 }
