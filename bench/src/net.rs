@@ -525,8 +525,8 @@ pub(crate) struct Ran {
 
 impl Ran {
     /// What ran between `earlier` and `self`.
-    pub(crate) fn since(self, earlier: Ran) -> Ran {
-        Ran {
+    pub(crate) fn since(self, earlier: Self) -> Self {
+        Self {
             ns: self.ns.saturating_sub(earlier.ns),
             runs: self.runs.saturating_sub(earlier.runs),
         }
