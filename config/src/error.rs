@@ -168,4 +168,7 @@ pub enum Problem {
     /// A setting that cannot go with another one.
     #[error("cannot be used with {0}")]
     Excludes(&'static str),
+    /// A list that must name something is empty.
+    #[error("is an empty list: {0}")]
+    EmptyList(&'static str),
 }

@@ -121,10 +121,11 @@ pub struct Mesh {
     /// Which members may relay for this node when nothing direct reaches a peer (default
     /// `auto`).
     pub relay: Relay,
-    /// The public key of the cluster's authority (`weft authority pubkey`), standalone mode
-    /// only. With it, a member's pod-CIDR claims are believed only when its certificate,
-    /// signed by this key, names them; this node's own blocks are its certificate's.
-    pub authority: Option<AuthorityKey>,
+    /// The public keys of the cluster's authority (`weft authority pubkey`), standalone mode
+    /// only: one, or a list while a new key is rolled out. With them, a member's pod-CIDR
+    /// claims are believed only when its certificate, signed by one of these keys, names them;
+    /// this node's own blocks are its certificate's. Empty: no authority.
+    pub authority: Vec<AuthorityKey>,
     /// This node's certificate file (`weft authority sign`); required with `authority`.
     pub certificate: Option<PathBuf>,
 }

@@ -67,7 +67,7 @@ pub(crate) struct RawMesh {
     pub(crate) max_members: Option<usize>,
     pub(crate) record_refresh: Option<HumanDuration>,
     pub(crate) relay: Option<crate::Relay>,
-    pub(crate) authority: Option<crate::AuthorityKey>,
+    pub(crate) authority: Option<OneOrMany<crate::AuthorityKey>>,
     pub(crate) certificate: Option<PathBuf>,
 }
 

@@ -236,10 +236,16 @@ pub(crate) fn validate(
             .record_refresh
             .map_or(Duration::from_secs(600), |d| d.0),
         relay: raw.mesh.relay.clone().unwrap_or_default(),
-        authority: raw.mesh.authority,
+        authority: raw.mesh.authority.clone().map(|a| a.0).unwrap_or_default(),
         certificate: raw.mesh.certificate.clone(),
     };
-    match (&mesh.authority, &mesh.certificate) {
+    if raw.mesh.authority.as_ref().is_some_and(|a| a.0.is_empty()) {
+        return Err(errs.at(
+            "mesh.authority",
+            Problem::EmptyList("name the authority's public key, or leave mesh.authority out"),
+        ));
+    }
+    match (mesh.authority.first(), &mesh.certificate) {
         (Some(_), None) => {
             return Err(errs.at(
                 "mesh.authority",
@@ -254,7 +260,7 @@ pub(crate) fn validate(
         }
         _ => {}
     }
-    if mesh.authority.is_some() && raw.kubernetes.enabled == Some(true) {
+    if !mesh.authority.is_empty() && raw.kubernetes.enabled == Some(true) {
         return Err(errs.at(
             "mesh.authority",
             Problem::Excludes(

@@ -429,15 +429,29 @@ fn an_authority_comes_with_this_nodes_certificate_and_not_with_kubernetes() {
         "mesh:\n  authority: {key}\n  certificate: /etc/weft/node.cert\n"
     ))
     .unwrap();
+    let k = key.parse::<weft_config::PublicKey>().unwrap().0;
     assert_eq!(
-        c.mesh.authority.map(|k| k.0),
-        Some(key.parse::<weft_config::PublicKey>().unwrap().0)
+        c.mesh.authority.iter().map(|k| k.0).collect::<Vec<_>>(),
+        [k]
     );
     assert_eq!(
         c.mesh.certificate.as_deref(),
         Some(Path::new("/etc/weft/node.cert"))
     );
-    assert_eq!(parse("").unwrap().mesh.authority, None, "none by default");
+    assert_eq!(parse("").unwrap().mesh.authority, [], "none by default");
+    // While a new authority key is rolled out, both are listed.
+    let other = "Zm9vYmFyYmF6cXV4cXV1eGNvcmdlZ3JhdWx0Z2FycGw=";
+    let c = parse(&format!(
+        "mesh:\n  authority: [{key}, {other}]\n  certificate: /etc/weft/node.cert\n"
+    ))
+    .unwrap();
+    assert_eq!(c.mesh.authority.len(), 2);
+    let e = refused(
+        "mesh:\n  authority: []\n  certificate: /c\n",
+        2,
+        "mesh.authority",
+    );
+    assert!(e.contains("is an empty list"), "{e}");
 
     let e = refused(&format!("mesh:\n  authority: {key}\n"), 2, "mesh.authority");
     assert!(e.contains("needs mesh.certificate"), "{e}");

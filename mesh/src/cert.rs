@@ -156,6 +156,13 @@ impl NodeCert {
         now_ms: u64,
         skew_ms: u64,
     ) -> Result<(), CertError> {
+        self.signed_by(authority)?;
+        self.holds(node_key, now_ms, skew_ms)
+    }
+
+    /// Checks the certificate's shape and that `authority` signed it (the costly half of
+    /// [`verify`](Self::verify), whose result a caller may keep for the same bytes).
+    pub fn signed_by(&self, authority: &Authority) -> Result<(), CertError> {
         self.check_shape()?;
         let key = VerifyingKey::from_bytes(&authority.0).map_err(|_| CertError::BadAuthority)?;
         if key.is_weak() {
@@ -165,7 +172,25 @@ impl NodeCert {
             &self.signed_bytes(),
             &Signature::from_bytes(&self.signature),
         )
-        .map_err(|_| CertError::BadSignature)?;
+        .map_err(|_| CertError::BadSignature)
+    }
+
+    /// Which of `authorities` signed the certificate (the first that did); with none,
+    /// why the last one did not (a bad shape, a bad signature).
+    pub fn signer(&self, authorities: &[Authority]) -> Result<Authority, CertError> {
+        let mut why = CertError::BadSignature;
+        for a in authorities {
+            match self.signed_by(a) {
+                Ok(()) => return Ok(*a),
+                Err(e) => why = e,
+            }
+        }
+        Err(why)
+    }
+
+    /// Checks that the certificate is `node_key`'s and holds at `now_ms`, allowing `skew_ms`
+    /// of clock difference for its start (the cheap half of [`verify`](Self::verify)).
+    pub fn holds(&self, node_key: &[u8; 32], now_ms: u64, skew_ms: u64) -> Result<(), CertError> {
         if &self.node_key != node_key {
             return Err(CertError::OtherNode);
         }

@@ -32,7 +32,7 @@
 //! | authority | a member (or a fresh identity made with the secret) can claim | it cannot claim |
 //! |---|---|---|
 //! | none (standalone) | a free block; a block it held in an earlier record; when first seen, any block with any past claim time (the other side of a healed partition looks the same), so it can take a block from an honest owner | a block outside the pool or broader than a node block, two per family, a time in the future; a block it back-dates against its own earlier record, at every node that held that record |
-//! | `mesh.authority` ([`NodeCert`]) | the blocks its certificate names, while the certificate holds | any other block, whatever its claim time: its record needs a certificate signed by the authority's key, issued to its own WireGuard key (bound to its id), naming each claim |
+//! | `mesh.authority` ([`NodeCert`]) | the blocks its certificate names, while the certificate holds | any other block, whatever its claim time: its record needs a certificate signed by the authority's key, issued to its own WireGuard key (bound to its id), naming each claim; a block a later-issued certificate (of another node) names |
 //! | Kubernetes | its Node's `spec.podCIDRs` | any other block (the API server says) |
 //! The
 //! driver stamps every version it publishes with the origin's wall clock and republishes the

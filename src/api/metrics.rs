@@ -45,6 +45,8 @@ pub struct ClaimsRefused {
     /// What was counted: (mesh id, reason) of the members refused now (not per version: a
     /// refused member republishing cannot grow it).
     pub counted: std::collections::BTreeSet<([u8; 32], &'static str)>,
+    /// The blocks of this node's own certificate that a member's later one names.
+    pub own_superseded: Vec<crate::control::claims::OwnSuperseded>,
 }
 
 /// Everything a scrape reads.
@@ -195,6 +197,7 @@ pub fn render_all(
         render_members(&mut reg, m);
         render_gossip(&mut reg, m);
         render_refusals(&mut reg, m, ipam);
+        render_certificate(&mut reg, m, ipam);
     }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
@@ -432,6 +435,27 @@ fn render_members(reg: &mut Registry, m: &MeshSnapshot) {
     for (s, n) in [("alive", alive), ("down", down), ("left", left)] {
         members.get_or_create(&State { state: s.into() }).set(n);
     }
+}
+
+/// With `mesh.authority`: when this node's certificate ends, and how many of its blocks a
+/// member's later certificate names (non-zero: the others route them there, not here).
+fn render_certificate(reg: &mut Registry, m: &MeshSnapshot, ipam: &IpamCounters) {
+    let Some(cert) = &m.record.certificate else {
+        return;
+    };
+    plain_gauge(
+        reg,
+        "weft_node_certificate_not_after_seconds",
+        "When this node's certificate (mesh.certificate) ends, seconds since the epoch: alert well before it, as the others stop routing this node then",
+        cert.not_after as f64 / 1e3,
+    );
+    let superseded = ipam.claims.lock().map_or(0, |c| c.own_superseded.len());
+    plain_gauge(
+        reg,
+        "weft_node_certificate_superseded_blocks",
+        "Blocks of this node's certificate that a member's later-issued certificate names: the others route them to that member, not here",
+        superseded as f64,
+    );
 }
 
 /// Gossip connections and traffic.

@@ -18,8 +18,8 @@ use crate::host::keys;
 /// The authority and this node's certificate, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Certified {
-    /// `mesh.authority`.
-    pub authority: Authority,
+    /// `mesh.authority`: the keys any of which may sign a certificate.
+    pub authorities: Vec<Authority>,
     /// This node's certificate (`mesh.certificate`).
     pub certificate: NodeCert,
 }
@@ -46,13 +46,20 @@ pub fn certify(
     origin: &Path,
     now_ms: u64,
 ) -> anyhow::Result<Option<Certified>> {
-    let (Some(key), Some(path)) = (config.mesh.authority, config.mesh.certificate.clone()) else {
+    let Some(path) = config.mesh.certificate.clone() else {
         return Ok(None);
     };
     let at = |field: &str| format!("{}: {field}", origin.display());
-    let authority = Authority::from_bytes(key.0)
-        .with_context(|| at("mesh.authority"))
-        .context("give the key `weft authority pubkey` prints")?;
+    let authorities = config
+        .mesh
+        .authority
+        .iter()
+        .map(|key| {
+            Authority::from_bytes(key.0)
+                .with_context(|| format!("{} {}", at("mesh.authority"), keys::encode(&key.0)))
+                .context("give the key `weft authority pubkey` prints")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: reading {}", at("mesh.certificate"), path.display()))?;
     let certificate = from_text(&text, &format!("certificate {}", path.display()))?;
@@ -73,7 +80,8 @@ pub fn certify(
     };
     let wireguard_key = keys::public_bytes(&boringtun::x25519::StaticSecret::from(own));
     certificate
-        .verify(&authority, &wireguard_key, now_ms, MAX_SKEW_MS)
+        .signer(&authorities)
+        .and_then(|_| certificate.holds(&wireguard_key, now_ms, MAX_SKEW_MS))
         .with_context(|| {
             format!(
                 "{}: certificate {} (this node's key is {})",
@@ -95,7 +103,7 @@ pub fn certify(
     check_blocks(config, &certified, &at("mesh.certificate"), &path)?;
     config.node.pod_cidr = certified;
     Ok(Some(Certified {
-        authority,
+        authorities,
         certificate,
     }))
 }
@@ -109,7 +117,7 @@ fn check_blocks(
     at: &str,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let policy = ClaimPolicy::from_config(&config.network, None);
+    let policy = ClaimPolicy::from_config(&config.network, Vec::new());
     for block in certified {
         policy.check_block(block).map_err(|why| {
             anyhow::anyhow!(
@@ -258,8 +266,11 @@ mod tests {
             )))
         }
         fn config(&self, extra: &str) -> Config {
+            self.config_with(extra, &authority_public(&[42; 32]))
+        }
+        /// With `ca` as `mesh.authority` (a key, or a list in YAML).
+        fn config_with(&self, extra: &str, ca: &str) -> Config {
             let d = self.dir.path().display();
-            let ca = authority_public(&[42; 32]);
             let text = format!(
                 "node:\n  key_file: {d}/private.key\n{extra}network:\n  pod_network_cidr: 100.64.0.0/16\nmesh:\n  authority: {ca}\n  certificate: {d}/node.cert\nstate_dir: {d}\n"
             );
@@ -288,8 +299,8 @@ mod tests {
         );
         let got = got.expect("an authority is set");
         assert_eq!(
-            got.authority.to_bytes(),
-            AuthorityKey::from_seed(&[42; 32]).authority().to_bytes()
+            got.authorities,
+            [AuthorityKey::from_seed(&[42; 32]).authority()]
         );
         // The same block given in the config too: fine.
         assert!(n.certify("  pod_cidr: 100.64.7.0/24\n").is_ok());
@@ -300,6 +311,37 @@ mod tests {
             None
         );
         assert!(plain.node.pod_cidr.is_empty());
+    }
+
+    /// While a new authority key is rolled out, `mesh.authority` lists both, and a
+    /// certificate signed by either is good; one signed by neither still stops the start.
+    #[test]
+    fn a_certificate_signed_by_any_listed_authority_key_is_good() {
+        let n = Node::new();
+        let (old, new) = (authority_public(&[42; 32]), authority_public(&[43; 32]));
+        let both = format!("[{old}, {new}]");
+        let certify = |ca: &str| {
+            let mut c = n.config_with("", ca);
+            certify(&mut c, Path::new("/etc/weft/weft.yaml"), NOW)
+        };
+        n.write_cert(43, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
+        let got = certify(&both)
+            .expect("signed by the new key")
+            .expect("certified");
+        assert_eq!(got.authorities.len(), 2);
+        let e = certify(&old).expect_err("the new key is not listed");
+        assert!(
+            format!("{e:#}").contains("not signed by this authority"),
+            "{e:#}"
+        );
+        n.write_cert(42, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
+        assert!(certify(&both).is_ok(), "signed by the old key");
+        n.write_cert(44, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
+        let e = certify(&both).expect_err("signed by neither");
+        assert!(
+            format!("{e:#}").contains("not signed by this authority"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -383,7 +383,7 @@ fn start_mesh(
                 cluster,
                 claims: control::claims::ClaimPolicy::from_config(
                     &config.network,
-                    certified.map(|c| c.authority),
+                    certified.map(|c| c.authorities).unwrap_or_default(),
                 ),
                 relay,
                 relay_policy: config.mesh.relay.clone(),

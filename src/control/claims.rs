@@ -27,7 +27,12 @@
 //!
 //! - with `mesh.authority` (standalone mode), lacks a certificate signed by the authority,
 //!   issued to the member's own WireGuard key and not expired, that names the claim: the
-//!   authority, not the claim time, says which blocks a node owns.
+//!   authority, not the claim time, says which blocks a node owns;
+//! - with `mesh.authority`, names a block that a later-issued certificate (another member's,
+//!   or this node's own) names too ([`ClaimPolicy::supersede`]): the authority's latest word
+//!   on a block is what holds, so an operator moves a block to another node by issuing that
+//!   node a certificate, and the earlier holder's certificate no longer counts for it whatever
+//!   its claim time. Certificates issued at the same moment leave it to the claim times.
 //!
 //! What this cannot refuse without an authority, so that in standalone mode it detects a liar
 //! but does not bound one (with Kubernetes, the Node rule above does; with an authority, the
@@ -45,7 +50,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use ipnet::IpNet;
-use weft_mesh::{Authority, CertError, Member};
+use weft_mesh::{Authority, CertError, Member, NodeCert};
 
 /// How far in the future a claim time may be (clock skew between honest nodes).
 pub const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
@@ -59,9 +64,9 @@ pub struct ClaimPolicy {
     pub mask_v4: u8,
     /// The node block size for IPv6.
     pub mask_v6: u8,
-    /// `mesh.authority`: when set, a claim is believed only when the member's certificate,
-    /// signed by it, names it.
-    pub authority: Option<Authority>,
+    /// `mesh.authority`: when any, a claim is believed only when the member's certificate,
+    /// signed by one of them, names it.
+    pub authorities: Vec<Authority>,
 }
 
 /// Why a member's record is not believed.
@@ -117,6 +122,15 @@ pub enum Refusal {
         /// What the certificate names.
         certified: Vec<IpNet>,
     },
+    /// With an authority: a block of the member's certificate is named by a later-issued one.
+    Superseded {
+        /// The block.
+        claim: IpNet,
+        /// When the member's certificate was issued (ms since the epoch).
+        issued_at: u64,
+        /// When the later one was.
+        by: u64,
+    },
     /// Claims and claim times differ in number.
     Unstamped {
         /// The number of claims.
@@ -140,6 +154,7 @@ impl Refusal {
             Self::Uncertified => "uncertified",
             Self::BadCertificate(_) => "bad_certificate",
             Self::NotCertified { .. } => "not_certified",
+            Self::Superseded { .. } => "superseded",
         }
     }
 }
@@ -181,6 +196,14 @@ impl fmt::Display for Refusal {
             Self::Unstamped { claims, times } => {
                 write!(f, "it claims {claims} pod CIDRs with {times} claim times")
             }
+            Self::Superseded {
+                claim,
+                issued_at,
+                by,
+            } => write!(
+                f,
+                "its certificate for {claim} (issued at {issued_at} ms) is superseded by one issued later (at {by} ms) for the same block"
+            ),
             Self::TooMany { claims } => write!(
                 f,
                 "it claims {} pod CIDRs of one family ({claims:?}); a node holds one per family",
@@ -192,12 +215,12 @@ impl fmt::Display for Refusal {
 
 impl ClaimPolicy {
     /// The policy of a validated config, with its authority (`mesh.authority`, checked).
-    pub fn from_config(network: &weft_config::Network, authority: Option<Authority>) -> Self {
+    pub fn from_config(network: &weft_config::Network, authorities: Vec<Authority>) -> Self {
         Self {
             pools: network.pod_network_cidr.clone(),
             mask_v4: network.node_cidr_mask_size_ipv4,
             mask_v6: network.node_cidr_mask_size_ipv6,
-            authority,
+            authorities,
         }
     }
 
@@ -228,14 +251,23 @@ impl ClaimPolicy {
         Ok(())
     }
 
-    /// With an authority, the member's certificate must be good, its own, and name each claim.
-    fn check_certified(&self, m: &Member, now_ms: u64) -> Result<(), Refusal> {
-        let Some(authority) = &self.authority else {
+    /// With an authority, the member's certificate must be good (signed by one of the
+    /// authority's keys: `signatures` remembers which certificates were), its own, and name
+    /// each claim.
+    fn check_certified(
+        &self,
+        m: &Member,
+        now_ms: u64,
+        signatures: &mut Signatures,
+    ) -> Result<(), Refusal> {
+        if self.authorities.is_empty() {
             return Ok(());
-        };
+        }
         let r = &m.record;
         let cert = r.certificate.as_ref().ok_or(Refusal::Uncertified)?;
-        cert.verify(authority, &r.wireguard_key, now_ms, MAX_SKEW_MS)
+        signatures
+            .check(cert, &self.authorities)
+            .and_then(|()| cert.holds(&r.wireguard_key, now_ms, MAX_SKEW_MS))
             .map_err(Refusal::BadCertificate)?;
         match r.pod_cidrs.iter().find(|c| !cert.covers(c)) {
             Some(claim) => Err(Refusal::NotCertified {
@@ -249,6 +281,17 @@ impl ClaimPolicy {
     /// Checks one member's claims. `node` is its Node's `spec.podCIDRs` with Kubernetes (an
     /// empty list, not yet assigned, falls back to the pool rule), `now_ms` this node's clock.
     pub fn check(&self, m: &Member, node: Option<&[IpNet]>, now_ms: u64) -> Result<(), Refusal> {
+        self.check_with(m, node, now_ms, &mut Signatures::default())
+    }
+
+    /// [`check`](Self::check), remembering in `signatures` the certificates checked.
+    fn check_with(
+        &self,
+        m: &Member,
+        node: Option<&[IpNet]>,
+        now_ms: u64,
+        signatures: &mut Signatures,
+    ) -> Result<(), Refusal> {
         let r = &m.record;
         if r.pod_cidrs.len() != r.claimed_at.len() {
             return Err(Refusal::Unstamped {
@@ -267,7 +310,7 @@ impl ClaimPolicy {
                 return Err(Refusal::TooMany { claims: family });
             }
         }
-        self.check_certified(m, now_ms)?;
+        self.check_certified(m, now_ms, signatures)?;
         if let Some(node) = node.filter(|n| !n.is_empty()) {
             let (mut a, mut b) = (r.pod_cidrs.clone(), node.to_vec());
             a.sort();
@@ -314,7 +357,7 @@ impl ClaimPolicy {
             let backdated = history.observe(&m, now_ms);
             let node = nodes.and_then(|n| n.get(&m.record.name)).map(Vec::as_slice);
             match self
-                .check(&m, node, now_ms)
+                .check_with(&m, node, now_ms, &mut history.signatures)
                 .and(backdated.map_or(Ok(()), Err))
             {
                 Ok(()) => kept.push(m),
@@ -322,6 +365,91 @@ impl ClaimPolicy {
             }
         }
         (kept, refused)
+    }
+}
+
+/// A block of this node's own certificate that a member's later-issued certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnSuperseded {
+    /// The block.
+    pub block: IpNet,
+    /// The member whose certificate names it.
+    pub member: String,
+    /// When that certificate was issued (ms since the epoch).
+    pub issued_at: u64,
+}
+
+/// A member's certificate, unless it left.
+fn certified(m: &Member) -> Option<&NodeCert> {
+    m.record.certificate.as_deref().filter(|_| !m.record.left)
+}
+
+impl ClaimPolicy {
+    /// With an authority, the latest word on each block: of the believed members (`kept`,
+    /// their certificates checked by [`vet`](Self::vet)) and this node (`own`, its
+    /// certificate), a certificate naming a block that another names too, issued later, no
+    /// longer counts for it, and its member is refused whole ([`Refusal::Superseded`]). Returns
+    /// the members still believed, those refused, and the blocks of this node's own certificate
+    /// that a member's later one names. Every node that holds the same members settles the
+    /// same way; certificates issued at the same moment supersede neither (the claim times
+    /// decide, as without an authority).
+    pub fn supersede(
+        &self,
+        kept: Vec<Member>,
+        own: Option<&NodeCert>,
+    ) -> (Vec<Member>, Vec<(Member, Refusal)>, Vec<OwnSuperseded>) {
+        if self.authorities.is_empty() {
+            return (kept, Vec::new(), Vec::new());
+        }
+        // Per block, the latest issue among the members, and who holds it.
+        let mut latest: HashMap<IpNet, (u64, &str)> = HashMap::new();
+        for m in &kept {
+            let Some(cert) = certified(m) else { continue };
+            for b in &cert.pod_cidrs {
+                let e = latest.entry(*b).or_insert((cert.issued_at, &m.record.name));
+                if cert.issued_at > e.0 {
+                    *e = (cert.issued_at, &m.record.name);
+                }
+            }
+        }
+        let own_superseded: Vec<OwnSuperseded> = own
+            .into_iter()
+            .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
+            .filter_map(|(b, issued)| {
+                let (at, member) = latest.get(b).filter(|(at, _)| *at > issued)?;
+                Some(OwnSuperseded {
+                    block: *b,
+                    member: (*member).to_owned(),
+                    issued_at: *at,
+                })
+            })
+            .collect();
+        let mut newest: HashMap<IpNet, u64> = latest.iter().map(|(b, (at, _))| (*b, *at)).collect();
+        for b in own
+            .iter()
+            .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
+        {
+            let e = newest.entry(*b.0).or_insert(b.1);
+            *e = (*e).max(b.1);
+        }
+        let (mut still, mut refused) = (Vec::with_capacity(kept.len()), Vec::new());
+        for m in kept {
+            let why = certified(&m).and_then(|cert| {
+                cert.pod_cidrs.iter().find_map(|b| {
+                    let by = *newest.get(b)?;
+                    (by > cert.issued_at).then_some(Refusal::Superseded {
+                        claim: *b,
+                        issued_at: cert.issued_at,
+                        by,
+                    })
+                })
+            });
+            match why {
+                Some(why) => refused.push((m, why)),
+                None => still.push(m),
+            }
+        }
+        (still, refused, own_superseded)
     }
 }
 
@@ -343,6 +471,39 @@ pub struct ClaimHistory {
     dirty: bool,
     /// This node's clock at the first round (not saved).
     started_ms: Option<u64>,
+    /// The certificates whose signature was checked (not saved).
+    signatures: Signatures,
+}
+
+/// The certificates whose signature one of the authority's keys was found to make, by their
+/// bytes (every field and the signature): a member's certificate costs one ed25519 check when
+/// first seen, not one per round. At most [`MAX_HISTORY`] are kept; past that it starts over.
+#[derive(Debug, Default)]
+pub struct Signatures {
+    signed: HashMap<Vec<u8>, Authority>,
+    /// Signature checks made (for the tests).
+    checks: u64,
+}
+
+impl Signatures {
+    /// Whether one of `authorities` signed `cert`.
+    fn check(&mut self, cert: &NodeCert, authorities: &[Authority]) -> Result<(), CertError> {
+        let bytes = cert.to_bytes();
+        if self
+            .signed
+            .get(&bytes)
+            .is_some_and(|a| authorities.contains(a))
+        {
+            return Ok(());
+        }
+        self.checks += 1;
+        let signer = cert.signer(authorities)?;
+        if self.signed.len() >= MAX_HISTORY {
+            self.signed.clear();
+        }
+        self.signed.insert(bytes, signer);
+        Ok(())
+    }
 }
 
 /// How long after a start members the mesh does not list are kept regardless of age.
@@ -520,6 +681,7 @@ impl ClaimHistory {
             members,
             dirty: false,
             started_ms: None,
+            signatures: Signatures::default(),
         })
     }
 
@@ -561,7 +723,7 @@ mod tests {
             ],
             mask_v4: 24,
             mask_v6: 64,
-            authority: None,
+            authorities: Vec::new(),
         }
     }
 
@@ -602,6 +764,168 @@ mod tests {
         m
     }
 
+    /// `m` with a certificate from [`ca`] naming `blocks`, issued at `issued`, for 30 days.
+    fn certified_at(mut m: Member, blocks: &[&str], issued: u64) -> Member {
+        let blocks = blocks.iter().map(|b| b.parse().unwrap()).collect();
+        let cert = ca()
+            .issue(m.record.wireguard_key, blocks, issued, issued + 30 * DAY)
+            .expect("issue");
+        m.record.certificate = Some(Box::new(cert));
+        m
+    }
+
+    fn names(ms: &[Member]) -> Vec<&str> {
+        ms.iter().map(|m| m.record.name.as_str()).collect()
+    }
+
+    /// An operator moves a block by issuing another node a certificate for it: the later
+    /// certificate wins over the earlier holder's whatever the claim times say, in whatever
+    /// order the members come, against this node's own certificate too; the earlier holder is
+    /// refused whole. Certificates issued at the same moment supersede neither.
+    #[test]
+    fn with_an_authority_the_later_certificate_for_a_block_wins_whatever_the_claim_times() {
+        let with = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        const HOUR: u64 = 3_600_000;
+        let block = "100.64.2.0/24";
+        // b has claimed the block for a day, on a certificate with a second (v6) block.
+        let b = certified_at(
+            member("b", &[(block, NOW - DAY)]),
+            &[block, "fd64:0:0:2::/64"],
+            NOW - DAY,
+        );
+        // cc was given the block an hour ago and claimed it just now.
+        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
+        for members in [vec![b.clone(), cc.clone()], vec![cc.clone(), b.clone()]] {
+            let (kept, refused) = with.vet(&mut ClaimHistory::default(), members, None, NOW);
+            assert_eq!(refused, []);
+            let (kept, refused, own) = with.supersede(kept, None);
+            assert_eq!(names(&kept), ["cc"]);
+            assert_eq!(own, []);
+            let [(m, why)] = &refused[..] else {
+                panic!("{refused:?}")
+            };
+            assert_eq!(m.record.name, "b");
+            assert_eq!(
+                *why,
+                Refusal::Superseded {
+                    claim: block.parse().unwrap(),
+                    issued_at: NOW - DAY,
+                    by: NOW - HOUR,
+                }
+            );
+            assert_eq!(why.reason(), "superseded");
+            assert!(
+                why.to_string().contains("superseded by one issued later"),
+                "{why}"
+            );
+        }
+
+        // This node's own certificate counts: a later one supersedes b; an earlier one is
+        // superseded by cc's, which this node is told of.
+        let own = |issued| certified_at(member("own", &[]), &[block], issued);
+        let later = own(NOW - HOUR / 2);
+        let (kept, refused, mine) =
+            with.supersede(vec![b.clone()], later.record.certificate.as_deref());
+        assert_eq!((names(&kept), refused.len(), mine.len()), (vec![], 1, 0));
+        let earlier = own(NOW - 2 * HOUR);
+        let (kept, _, mine) =
+            with.supersede(vec![cc.clone()], earlier.record.certificate.as_deref());
+        assert_eq!(names(&kept), ["cc"]);
+        assert_eq!(
+            mine,
+            [OwnSuperseded {
+                block: block.parse().unwrap(),
+                member: "cc".into(),
+                issued_at: NOW - HOUR,
+            }]
+        );
+
+        // Issued at the same moment: neither supersedes (the claim times decide, in IPAM).
+        let twin = certified_at(member("ddd", &[(block, NOW)]), &[block], NOW - DAY);
+        let (kept, refused, _) = with.supersede(vec![b.clone(), twin], None);
+        assert_eq!((kept.len(), refused.len()), (2, 0));
+        // A member that left holds nothing.
+        let mut gone = cc.clone();
+        gone.record.left = true;
+        let (kept, refused, _) = with.supersede(vec![b.clone(), gone], None);
+        assert_eq!((kept.len(), refused.len()), (2, 0));
+        // Without an authority, certificates are not weighed at all.
+        let (kept, refused, _) = policy().supersede(vec![b, cc], None);
+        assert_eq!((kept.len(), refused.len()), (2, 0));
+    }
+
+    /// While a new authority key is rolled out both are listed, and a certificate signed by
+    /// either is believed.
+    #[test]
+    fn with_two_authority_keys_a_certificate_signed_by_either_is_believed() {
+        let new = weft_mesh::AuthorityKey::from_seed(&[43; 32]);
+        let both = ClaimPolicy {
+            authorities: vec![ca().authority(), new.authority()],
+            ..policy()
+        };
+        let old_only = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        let m = certified(
+            member("b", &[("100.64.2.0/24", NOW)]),
+            &new,
+            &["100.64.2.0/24"],
+            30,
+        );
+        assert_eq!(both.check(&m, None, NOW), Ok(()));
+        assert_eq!(
+            old_only.check(&m, None, NOW),
+            Err(Refusal::BadCertificate(CertError::BadSignature))
+        );
+    }
+
+    /// A member's certificate costs one signature check when first seen, not one per round;
+    /// a renewed one (other bytes) is checked again, and a cached one still has its time
+    /// window checked every round.
+    #[test]
+    fn a_members_certificate_signature_is_checked_once_not_every_round() {
+        let with = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        let mut h = ClaimHistory::default();
+        let b = certified(
+            member("b", &[("100.64.2.0/24", NOW - DAY)]),
+            &ca(),
+            &["100.64.2.0/24"],
+            1,
+        );
+        for round in 0..5 {
+            let (kept, _) = with.vet(&mut h, vec![b.clone()], None, NOW + round * 1000);
+            assert_eq!(kept.len(), 1);
+        }
+        assert_eq!(h.signatures.checks, 1);
+        let renewed = certified(b.clone(), &ca(), &["100.64.2.0/24"], 30);
+        let (kept, _) = with.vet(&mut h, vec![renewed], None, NOW);
+        assert_eq!((kept.len(), h.signatures.checks), (1, 2));
+        // Two days on, the first one has ended: refused, though its signature is cached.
+        let (_, refused) = with.vet(&mut h, vec![b], None, NOW + 2 * DAY);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].1.reason(), "bad_certificate");
+        assert_eq!(h.signatures.checks, 2);
+        // A forged one is not cached as good.
+        let forged = certified(
+            member("b", &[("100.64.2.0/24", NOW)]),
+            &weft_mesh::AuthorityKey::from_seed(&[7; 32]),
+            &["100.64.2.0/24"],
+            30,
+        );
+        for _ in 0..2 {
+            let (_, refused) = with.vet(&mut h, vec![forged.clone()], None, NOW);
+            assert_eq!(refused.len(), 1);
+        }
+        assert_eq!(h.signatures.checks, 4);
+    }
+
     /// With an authority, the claim time decides nothing: a fresh identity first seen with an
     /// old claim on another node's block (what a healed partition also looks like, so without
     /// an authority it is believed), or a certified member claiming beyond its certificate, is
@@ -609,7 +933,7 @@ mod tests {
     #[test]
     fn with_an_authority_only_the_blocks_a_members_certificate_names_are_believed() {
         let with = ClaimPolicy {
-            authority: Some(ca().authority()),
+            authorities: vec![ca().authority()],
             ..policy()
         };
         let honest = certified(

@@ -172,11 +172,19 @@ fn vet_claims(
     counters: &crate::api::metrics::IpamCounters,
 ) {
     let members = std::mem::take(&mut snap.members);
-    let (kept, refused) = policy.vet(history, members, nodes, now_millis());
+    let (kept, mut refused) = policy.vet(history, members, nodes, now_millis());
+    let (kept, superseded, own) = policy.supersede(kept, snap.record.certificate.as_deref());
+    refused.extend(superseded);
     snap.members = kept;
     let Ok(mut seen) = counters.claims.lock() else {
         return;
     };
+    for o in &own {
+        if !seen.own_superseded.contains(o) {
+            error!(block = %o.block, member = %o.member, issued_at_ms = o.issued_at, "this node's certificate is superseded: the authority issued the member a later certificate for this block, and the other nodes route it there, not here; get this node a new certificate (weft authority sign) and reload");
+        }
+    }
+    seen.own_superseded = own;
     seen.current.clear();
     for (m, why) in refused {
         let key = (m.id.0, why.reason());

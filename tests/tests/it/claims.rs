@@ -90,15 +90,26 @@ fn a_member_claiming_the_whole_pod_network_is_refused_and_honest_nodes_stay_rout
 /// Waits until node `me` refuses the liar `x`'s claims, then checks that why names each of
 /// `needles`, that the refusal is counted under `counter`, and that `me` does not route `x`.
 fn assert_refused(m: &MeshLab, me: &str, needles: &[&str], counter: &str) -> anyhow::Result<()> {
+    assert_refused_member(m, me, "x", needles, counter)
+}
+
+/// `me` refuses `who`'s claims: with why (each of `needles`), counted as `counter`, not routed.
+fn assert_refused_member(
+    m: &MeshLab,
+    me: &str,
+    who: &str,
+    needles: &[&str],
+    counter: &str,
+) -> anyhow::Result<()> {
     let why = wait_for(
-        &format!("{me} to refuse x's claims"),
+        &format!("{me} to refuse {who}'s claims"),
         Duration::from_secs(30),
         || {
             let st = m.status(me).ok()?;
             st["mesh"]["members"]
                 .as_array()?
                 .iter()
-                .find(|p| p["name"] == "x")?["claims_refused"]
+                .find(|p| p["name"] == who)?["claims_refused"]
                 .as_str()
                 .map(str::to_owned)
         },
@@ -111,8 +122,8 @@ fn assert_refused(m: &MeshLab, me: &str, needles: &[&str], counter: &str) -> any
     );
     let peers = st["peers"].as_array().context("peers")?;
     assert!(
-        peers.iter().all(|p| p["name"] != "x"),
-        "{me} routes the liar: {st}"
+        peers.iter().all(|p| p["name"] != who),
+        "{me} routes {who}: {st}"
     );
     Ok(())
 }
@@ -208,6 +219,54 @@ fn weft_cli(m: &MeshLab, args: &[&str], input: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
+/// The cluster's authority, made with the CLI: its key file and public key.
+struct Ca {
+    key: std::path::PathBuf,
+    public: String,
+}
+
+impl Ca {
+    fn new(m: &MeshLab) -> anyhow::Result<Self> {
+        let key = m.lab.dir.join("authority.key");
+        weft::host::keys::write_private(&key, weft_cli(m, &["authority", "genkey"], "")?)?;
+        let public = weft_cli(m, &["authority", "pubkey"], &std::fs::read_to_string(&key)?)?;
+        Ok(Self { key, public })
+    }
+
+    /// Adds and starts a node of `spec` (its static block left out) with a certificate for
+    /// `block`, signed now, for a day.
+    fn add_node(&self, m: &mut MeshLab, spec: &Spec, block: &str) -> anyhow::Result<()> {
+        let spec = Spec {
+            block: None,
+            ..*spec
+        };
+        let secret = m.secret.clone();
+        let d = m.add_node(&spec, "eu", &secret)?;
+        let node_key = weft_tests::make_key(&d)?;
+        let ca = self.key.to_string_lossy();
+        let sign = ["authority", "sign", "--key", &ca, "--node-key", &node_key];
+        let cert = weft_cli(
+            m,
+            &[&sign[..], &["--pod-cidr", block, "--days", "1"]].concat(),
+            "",
+        )?;
+        let cert_file = d.config.with_file_name("node.cert");
+        std::fs::write(&cert_file, cert)?;
+        let config = std::fs::read_to_string(&d.config)?.replace(
+            "mesh:\n",
+            &format!(
+                "mesh:\n  authority: {}\n  certificate: {}\n",
+                self.public,
+                cert_file.display()
+            ),
+        );
+        std::fs::write(&d.config, config)?;
+        m.lab.start(&m.bin, &d)?;
+        m.daemons.push(d);
+        Ok(())
+    }
+}
+
 /// With `mesh.authority`, what the back-dating rule cannot catch is refused too: a fresh
 /// identity (anyone with the cluster secret can make one) first seen with a claim on another
 /// node's block older than the owner's. Without an authority it is believed, as the other side
@@ -218,43 +277,11 @@ fn weft_cli(m: &MeshLab, args: &[&str], input: &str) -> anyhow::Result<String> {
 fn with_an_authority_a_fresh_identity_with_an_older_claim_on_a_block_is_refused()
 -> anyhow::Result<()> {
     let mut m = MeshLab::empty("cau", &["lan1", "lan2", "inet"])?;
-    let dir = m.lab.dir.clone();
-    let ca_key = dir.join("authority.key");
-    weft::host::keys::write_private(&ca_key, weft_cli(&m, &["authority", "genkey"], "")?)?;
-    let authority = weft_cli(
-        &m,
-        &["authority", "pubkey"],
-        &std::fs::read_to_string(&ca_key)?,
-    )?;
-    let secret = m.secret.clone();
+    let ca = Ca::new(&m)?;
     for (spec, block) in [(&HONEST[0], "100.64.1.0/24"), (&HONEST[1], "100.64.2.0/24")] {
-        // No static block in the config: the certificate gives it.
-        let spec = Spec {
-            block: None,
-            ..*spec
-        };
-        let d = m.add_node(&spec, "eu", &secret)?;
-        let node_key = weft_tests::make_key(&d)?;
-        let ca = ca_key.to_string_lossy();
-        let sign = ["authority", "sign", "--key", &ca, "--node-key", &node_key];
-        let cert = weft_cli(
-            &m,
-            &[&sign[..], &["--pod-cidr", block, "--days", "1"]].concat(),
-            "",
-        )?;
-        let cert_file = d.config.with_file_name("node.cert");
-        std::fs::write(&cert_file, cert)?;
-        let config = std::fs::read_to_string(&d.config)?.replace(
-            "mesh:\n",
-            &format!(
-                "mesh:\n  authority: {authority}\n  certificate: {}\n",
-                cert_file.display()
-            ),
-        );
-        std::fs::write(&d.config, config)?;
-        m.lab.start(&m.bin, &d)?;
-        m.daemons.push(d);
+        ca.add_node(&mut m, spec, block)?;
     }
+    let secret = m.secret.clone();
     m.wait_full_mesh(&["a", "b"]).with_context(|| {
         let log = |n: &str| std::fs::read_to_string(&m.daemon(n).log).unwrap_or_default();
         format!("a's log:\n{}\nb's log:\n{}", log("a"), log("b"))
@@ -307,5 +334,75 @@ fn with_an_authority_a_fresh_identity_with_an_older_claim_on_a_block_is_refused(
     })?;
     assert!(said.contains("config reloaded"), "{said}");
     assert_eq!(m.blocks("a")?, ["100.64.1.0/24".parse::<ipnet::IpNet>()?]);
+    Ok(())
+}
+
+/// With `mesh.authority`, an operator moves a block by issuing another node a certificate for
+/// it: the later certificate wins over the earlier holder's whatever the claim times say (the
+/// earlier holder claimed first). The others route the block to the new holder and refuse the
+/// old one as superseded; the old holder reports it in its log and metrics.
+#[test]
+fn with_an_authority_a_block_reissued_to_another_node_moves_there() -> anyhow::Result<()> {
+    let mut m = MeshLab::empty("cre", &["lan1", "lan2", "inet"])?;
+    let ca = Ca::new(&m)?;
+    for (spec, block) in [(&HONEST[0], "100.64.1.0/24"), (&HONEST[1], "100.64.2.0/24")] {
+        ca.add_node(&mut m, spec, block)?;
+    }
+    m.wait_full_mesh(&["a", "b"])?;
+    let moved: ipnet::IpNet = "100.64.2.0/24".parse()?;
+    assert_eq!(m.blocks("b")?, [moved]);
+
+    // b's block is re-issued to c, which starts after b has long claimed it.
+    let c = Spec { name: "c", ..LIAR };
+    ca.add_node(&mut m, &c, "100.64.2.0/24")?;
+    for me in ["a", "c"] {
+        assert_refused_member(
+            &m,
+            me,
+            "b",
+            &["100.64.2.0/24", "superseded by one issued later"],
+            "claim_superseded",
+        )?;
+    }
+    let p = wait_for("a to route the block to c", Duration::from_secs(30), || {
+        m.peer("a", "c")
+            .filter(|p| p["pod_cidrs"] == serde_json::json!([moved.to_string()]))
+    })?;
+    assert_eq!(p["pod_cidrs"], serde_json::json!(["100.64.2.0/24"]));
+    weft_tests::ping(&m.lab, &m.daemon("a").ns, "100.64.2.1", None).context("a -> c's pod")?;
+
+    // b, superseded, says so: an error in its log and a metric; a's certificate end is a metric.
+    let scrape =
+        |me: &str| weft_tests::http_get(&m.lab, &m.daemon(me).ns, "127.0.0.1:6782", "/metrics");
+    wait_for(
+        "b's metric of superseded blocks",
+        Duration::from_secs(30),
+        || {
+            scrape("b")
+                .ok()
+                .filter(|t| t.contains("weft_node_certificate_superseded_blocks 1"))
+        },
+    )?;
+    let log = std::fs::read_to_string(&m.daemon("b").log)?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("certificate is superseded")),
+        "{log}"
+    );
+    let a = scrape("a")?;
+    let until = weft::control::now_millis() / 1000 + 86_400;
+    let line = a
+        .lines()
+        .find(|l| l.starts_with("weft_node_certificate_not_after_seconds "))
+        .with_context(|| a.clone())?;
+    let secs: f64 = line.rsplit(' ').next().unwrap_or_default().parse()?;
+    assert!(
+        (secs - until as f64).abs() < 120.0,
+        "{line}, expected about {until}"
+    );
+    assert!(
+        a.contains("weft_node_certificate_superseded_blocks 0"),
+        "{a}"
+    );
     Ok(())
 }
