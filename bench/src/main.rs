@@ -139,7 +139,9 @@ struct NetOpts {
     /// Paths to measure: veth, weft, weft-plaintext, wireguard-go, boringtun; weft and
     /// weft-plaintext take `@off`, `@auto` or mechanisms joined by `+` (`@udp_batch+udp_gso`),
     /// so the default adds the offloads one at a time, and `/1`, `/auto` or a number of
-    /// workers (`weft/1`, `weft@off/2`).
+    /// workers (`weft/1`, `weft@off/2`), and `:nat` to keep weft's masquerade rule
+    /// (`network.nat_outgoing`), which the bench turns off so that no path's namespace has
+    /// conntrack the others lack (`weft/1:nat`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -460,8 +462,13 @@ fn run_soak(mins: u64, every: u64, out: &std::path::Path, command: &str) -> anyh
 }
 
 /// A weft path: `weft` or `weft-plaintext`, then `@` and its offloads (`auto`, `off`, or
-/// mechanisms joined by `+`), then `/` and its workers (`auto` or a number).
+/// mechanisms joined by `+`), then `/` and its workers (`auto` or a number), then `:nat` to
+/// keep its masquerade rule (`network.nat_outgoing`, off by default in the bench).
 fn weft_path(spec: &str) -> anyhow::Result<net::PathKind> {
+    let (spec, nat) = match spec.strip_suffix(":nat") {
+        Some(rest) => (rest, true),
+        None => (spec, false),
+    };
     let (rest, workers) = match spec.split_once('/') {
         Some((rest, w)) => {
             let _: weft_config::Workers = w
@@ -477,7 +484,11 @@ fn weft_path(spec: &str) -> anyhow::Result<net::PathKind> {
         "auto" | "off" => offload.to_owned(),
         list => format!("[{}]", list.replace('+', ", ")),
     };
-    let weft = net::Weft { offload, workers };
+    let weft = net::Weft {
+        offload,
+        workers,
+        nat,
+    };
     Ok(if path == "weft" {
         net::PathKind::WeftEncrypted(weft)
     } else {
@@ -514,7 +525,7 @@ fn resolve_paths(
             ),
             other => anyhow::bail!(
                 "unknown path {other:?}: use veth, weft, weft-plaintext, wireguard-go, boringtun \
-                 (weft and weft-plaintext take @auto, @off or @udp_batch+udp_gso+...)"
+                 (weft and weft-plaintext take @auto, @off or @udp_batch+udp_gso+..., /workers, :nat)"
             ),
         }
     }
@@ -711,4 +722,25 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_weft_path_names_its_offloads_workers_and_masquerade() {
+        let net::PathKind::WeftEncrypted(w) = weft_path("weft@off/2:nat").expect("a path") else {
+            panic!("an encrypted path");
+        };
+        assert_eq!(
+            (w.offload.as_str(), w.workers.as_deref(), w.nat),
+            ("off", Some("2"), true)
+        );
+        let net::PathKind::WeftPlaintext(w) = weft_path("weft-plaintext/1").expect("a path") else {
+            panic!("a plaintext path");
+        };
+        assert_eq!((w.offload.as_str(), w.nat), ("auto", false));
+        assert!(weft_path("weft/zero").is_err());
+    }
 }

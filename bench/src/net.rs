@@ -63,6 +63,10 @@ pub(crate) struct Weft {
     pub(crate) offload: String,
     /// `router.workers`, when the path sets it (else the default, `auto`).
     pub(crate) workers: Option<String>,
+    /// `network.nat_outgoing`. Off unless the path asks (`:nat`): its masquerade rule makes
+    /// the kernel track every packet in the namespace (conntrack), which no other tunnel's
+    /// namespace does, so with it on the comparison would not be of tunnels alone.
+    pub(crate) nat: bool,
 }
 
 impl Weft {
@@ -71,6 +75,7 @@ impl Weft {
         Self {
             offload: "auto".into(),
             workers: None,
+            nat: false,
         }
     }
 
@@ -91,6 +96,9 @@ fn weft_label(what: &str, w: &Weft) -> String {
     }
     if let Some(workers) = &w.workers {
         label.push_str(&format!(", workers={workers}"));
+    }
+    if w.nat {
+        label.push_str(", masquerade on");
     }
     label
 }
@@ -199,14 +207,16 @@ pub(crate) fn setup(args: &NetArgs, kind: &PathKind) -> anyhow::Result<Bench> {
                     ..Default::default()
                 }
                 .yaml();
+                let nat = weft.nat;
                 let body = if encrypted {
                     format!(
-                        "{node}mesh:\n  secret_file: SECRET_FILE\n\
+                        "{node}network:\n  nat_outgoing: {nat}\n\
+                         mesh:\n  secret_file: SECRET_FILE\n\
                          wireguard_peers:\n  - name: peer\n    public_key: {peer_pub}\n    endpoint: {other}:51820\n    allowed_ips: [100.64.{peer_block}.0/24]\n"
                     )
                 } else {
                     format!(
-                        "{node}network:\n  trusted_subnets: [198.18.0.0/24]\n\
+                        "{node}network:\n  trusted_subnets: [198.18.0.0/24]\n  nat_outgoing: {nat}\n\
                          mesh:\n  secret_file: SECRET_FILE\n  peers: [{other}]\n"
                     )
                 };
