@@ -265,9 +265,7 @@ impl ClaimPolicy {
         }
         let r = &m.record;
         let cert = r.certificate.as_ref().ok_or(Refusal::Uncertified)?;
-        signatures
-            .check(cert, &self.authorities)
-            .and_then(|()| cert.holds(&r.wireguard_key, now_ms, MAX_SKEW_MS))
+        self.genuine(cert, &r.wireguard_key, now_ms, signatures)
             .map_err(Refusal::BadCertificate)?;
         match r.pod_cidrs.iter().find(|c| !cert.covers(c)) {
             Some(claim) => Err(Refusal::NotCertified {
@@ -276,6 +274,40 @@ impl ClaimPolicy {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Whether `cert` is good for `holder` at `now_ms`: its blocks exactly node blocks of
+    /// the pod network (as IPAM weighs them, so two certificates' blocks overlap only when
+    /// equal), signed by one of the authority's keys (remembered in `signatures` once the rest
+    /// holds), issued to `holder`, and within its validity.
+    fn genuine(
+        &self,
+        cert: &NodeCert,
+        holder: &[u8; 32],
+        now_ms: u64,
+        signatures: &mut Signatures,
+    ) -> Result<(), CertError> {
+        if let Some(b) = cert.pod_cidrs.iter().find(|b| !self.is_node_block(b)) {
+            return Err(CertError::Invalid(format!(
+                "{b} is not a node block of the pod network (/{} inside {:?})",
+                self.node_mask(b),
+                self.pools
+            )));
+        }
+        signatures.check(cert, &self.authorities, |c| {
+            c.holds(holder, now_ms, MAX_SKEW_MS)
+        })
+    }
+
+    /// Whether `b` is exactly one node block of a pool: inside it, of its family's node block
+    /// size, with no host bits.
+    pub fn is_node_block(&self, b: &IpNet) -> bool {
+        b.trunc() == *b
+            && b.prefix_len() == self.node_mask(b)
+            && self
+                .pools
+                .iter()
+                .any(|p| same_family(p, b) && p.contains(b))
     }
 
     /// Checks one member's claims. `node` is its Node's `spec.podCIDRs` with Kubernetes (an
@@ -347,6 +379,7 @@ impl ClaimPolicy {
         now_ms: u64,
     ) -> (Vec<Member>, Vec<(Member, Refusal)>) {
         history.forget_all_but(&members, now_ms);
+        self.remember_certificates(history, &members, now_ms);
         let mut kept = Vec::with_capacity(members.len());
         let mut refused = Vec::new();
         for m in members {
@@ -385,58 +418,82 @@ fn certified(m: &Member) -> Option<&NodeCert> {
 }
 
 impl ClaimPolicy {
-    /// With an authority, the latest word on each block: of the believed members (`kept`,
-    /// their certificates checked by [`vet`](Self::vet)) and this node (`own`, its
-    /// certificate), a certificate naming a block that another names too, issued later, no
-    /// longer counts for it, and its member is refused whole ([`Refusal::Superseded`]). Returns
-    /// the members still believed, those refused, and the blocks of this node's own certificate
-    /// that a member's later one names. Every node that holds the same members settles the
-    /// same way; certificates issued at the same moment supersede neither (the claim times
-    /// decide, as without an authority).
+    /// With an authority, remembers per block the latest-issued good certificate that names
+    /// it, from every member the mesh lists: the believed, the refused, and those that left
+    /// or are down (their records still carry their certificates), so that a holder the
+    /// authority superseded does not get the block back when the new holder restarts,
+    /// leaves or is refused for something else. An entry lasts until its certificate ends.
+    fn remember_certificates(&self, history: &mut ClaimHistory, members: &[Member], now_ms: u64) {
+        if self.authorities.is_empty() {
+            return;
+        }
+        history.newest.retain(|_, n| n.not_after >= now_ms);
+        for m in members {
+            let Some(cert) = m.record.certificate.as_deref() else {
+                continue;
+            };
+            let (key, signatures) = (&m.record.wireguard_key, &mut history.signatures);
+            if self.genuine(cert, key, now_ms, signatures).is_err() {
+                continue;
+            }
+            for b in &cert.pod_cidrs {
+                let newer = history
+                    .newest
+                    .get(b)
+                    .is_none_or(|n| cert.issued_at > n.issued_at);
+                if newer {
+                    let n = Newest {
+                        issued_at: cert.issued_at,
+                        not_after: cert.not_after,
+                        holder: m.record.name.clone(),
+                    };
+                    history.newest.insert(*b, n);
+                }
+            }
+        }
+    }
+
+    /// With an authority, the latest word on each block: a believed member (`kept`, from
+    /// [`vet`](Self::vet), which remembers the certificates) whose certificate names a block
+    /// that a later-issued good certificate names too (another member's, seen now or
+    /// earlier, or this node's own, `own`, while it holds) is refused whole
+    /// ([`Refusal::Superseded`]). Returns the members still believed, those refused, and the
+    /// blocks of this node's own certificate that a member's later one names. Certificates
+    /// issued at the same moment supersede neither (the claim times decide, as without an
+    /// authority).
     pub fn supersede(
         &self,
+        history: &ClaimHistory,
         kept: Vec<Member>,
         own: Option<&NodeCert>,
+        now_ms: u64,
     ) -> (Vec<Member>, Vec<(Member, Refusal)>, Vec<OwnSuperseded>) {
         if self.authorities.is_empty() {
             return (kept, Vec::new(), Vec::new());
         }
-        // Per block, the latest issue among the members, and who holds it.
-        let mut latest: HashMap<IpNet, (u64, &str)> = HashMap::new();
-        for m in &kept {
-            let Some(cert) = certified(m) else { continue };
-            for b in &cert.pod_cidrs {
-                let e = latest.entry(*b).or_insert((cert.issued_at, &m.record.name));
-                if cert.issued_at > e.0 {
-                    *e = (cert.issued_at, &m.record.name);
-                }
-            }
-        }
+        let own = own.filter(|c| c.holds(&c.node_key, now_ms, MAX_SKEW_MS).is_ok());
         let own_superseded: Vec<OwnSuperseded> = own
             .into_iter()
             .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
             .filter_map(|(b, issued)| {
-                let (at, member) = latest.get(b).filter(|(at, _)| *at > issued)?;
+                let n = history.newest.get(b).filter(|n| n.issued_at > issued)?;
                 Some(OwnSuperseded {
                     block: *b,
-                    member: (*member).to_owned(),
-                    issued_at: *at,
+                    member: n.holder.clone(),
+                    issued_at: n.issued_at,
                 })
             })
             .collect();
-        let mut newest: HashMap<IpNet, u64> = latest.iter().map(|(b, (at, _))| (*b, *at)).collect();
-        for b in own
-            .iter()
-            .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
-        {
-            let e = newest.entry(*b.0).or_insert(b.1);
-            *e = (*e).max(b.1);
-        }
+        let newest = |b: &IpNet| {
+            let theirs = history.newest.get(b).map(|n| n.issued_at);
+            let mine = own.filter(|c| c.covers(b)).map(|c| c.issued_at);
+            theirs.max(mine)
+        };
         let (mut still, mut refused) = (Vec::with_capacity(kept.len()), Vec::new());
         for m in kept {
             let why = certified(&m).and_then(|cert| {
                 cert.pod_cidrs.iter().find_map(|b| {
-                    let by = *newest.get(b)?;
+                    let by = newest(b)?;
                     (by > cert.issued_at).then_some(Refusal::Superseded {
                         claim: *b,
                         issued_at: cert.issued_at,
@@ -473,32 +530,77 @@ pub struct ClaimHistory {
     started_ms: Option<u64>,
     /// The certificates whose signature was checked (not saved).
     signatures: Signatures,
+    /// With an authority, the latest-issued good certificate seen naming each block, until
+    /// it ends (not saved: a restarted node learns it again from the mesh's records, the
+    /// tombstones of members that left included).
+    newest: HashMap<IpNet, Newest>,
+}
+
+/// The latest-issued certificate seen naming a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Newest {
+    issued_at: u64,
+    not_after: u64,
+    /// The member it was issued to.
+    holder: String,
 }
 
 /// The certificates whose signature one of the authority's keys was found to make, by their
 /// bytes (every field and the signature): a member's certificate costs one ed25519 check when
-/// first seen, not one per round. At most [`MAX_HISTORY`] are kept; past that it starts over.
+/// first seen, not one per round. At most [`MAX_SIGNATURES`] (the most members a mesh allows)
+/// are kept; past that it starts over.
 #[derive(Debug, Default)]
 pub struct Signatures {
     signed: HashMap<Vec<u8>, Authority>,
+    /// Certificates none of `unsigned_by` signed (a forgery is checked once, not once per
+    /// round and look).
+    unsigned: HashSet<Vec<u8>>,
+    /// The authority's keys `unsigned` was found with.
+    unsigned_by: Vec<Authority>,
     /// Signature checks made (for the tests).
     checks: u64,
 }
 
 impl Signatures {
-    /// Whether one of `authorities` signed `cert`.
-    fn check(&mut self, cert: &NodeCert, authorities: &[Authority]) -> Result<(), CertError> {
+    /// Whether one of `authorities` signed `cert` and `holds` (the cheap checks, run every
+    /// time) passes; a certificate is remembered only once both did, so certificates that
+    /// hold for nobody cannot crowd out the ones in use.
+    fn check(
+        &mut self,
+        cert: &NodeCert,
+        authorities: &[Authority],
+        holds: impl FnOnce(&NodeCert) -> Result<(), CertError>,
+    ) -> Result<(), CertError> {
         let bytes = cert.to_bytes();
         if self
             .signed
             .get(&bytes)
             .is_some_and(|a| authorities.contains(a))
         {
-            return Ok(());
+            return holds(cert);
+        }
+        if self.unsigned_by != authorities {
+            self.unsigned.clear();
+            authorities.clone_into(&mut self.unsigned_by);
+        }
+        if self.unsigned.contains(&bytes) {
+            return Err(CertError::BadSignature);
         }
         self.checks += 1;
-        let signer = cert.signer(authorities)?;
-        if self.signed.len() >= MAX_HISTORY {
+        let signer = match cert.signer(authorities) {
+            Ok(signer) => signer,
+            Err(e) => {
+                if e == CertError::BadSignature {
+                    if self.unsigned.len() >= MAX_SIGNATURES {
+                        self.unsigned.clear();
+                    }
+                    self.unsigned.insert(bytes);
+                }
+                return Err(e);
+            }
+        };
+        holds(cert)?;
+        if self.signed.len() >= MAX_SIGNATURES {
             self.signed.clear();
         }
         self.signed.insert(bytes, signer);
@@ -519,6 +621,8 @@ pub const HISTORY_HORIZON: std::time::Duration =
     std::time::Duration::from_millis(HISTORY_HORIZON_MS);
 /// The most members remembered.
 pub const MAX_HISTORY: usize = 16_384;
+/// The most certificates [`Signatures`] remembers (`mesh.max_members` at most).
+pub const MAX_SIGNATURES: usize = 100_000;
 
 /// One member's entry, as kept on disk.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -682,6 +786,7 @@ impl ClaimHistory {
             dirty: false,
             started_ms: None,
             signatures: Signatures::default(),
+            newest: HashMap::new(),
         })
     }
 
@@ -765,10 +870,15 @@ mod tests {
     }
 
     /// `m` with a certificate from [`ca`] naming `blocks`, issued at `issued`, for 30 days.
-    fn certified_at(mut m: Member, blocks: &[&str], issued: u64) -> Member {
+    fn certified_at(m: Member, blocks: &[&str], issued: u64) -> Member {
+        certified_long(m, blocks, issued, 30)
+    }
+
+    /// `m` with a certificate from [`ca`] naming `blocks`, issued at `issued`, for `days`.
+    fn certified_long(mut m: Member, blocks: &[&str], issued: u64, days: u64) -> Member {
         let blocks = blocks.iter().map(|b| b.parse().unwrap()).collect();
         let cert = ca()
-            .issue(m.record.wireguard_key, blocks, issued, issued + 30 * DAY)
+            .issue(m.record.wireguard_key, blocks, issued, issued + days * DAY)
             .expect("issue");
         m.record.certificate = Some(Box::new(cert));
         m
@@ -776,6 +886,21 @@ mod tests {
 
     fn names(ms: &[Member]) -> Vec<&str> {
         ms.iter().map(|m| m.record.name.as_str()).collect()
+    }
+
+    /// One round at `now` with `policy`: vet, then supersede against `own`.
+    fn round(
+        policy: &ClaimPolicy,
+        h: &mut ClaimHistory,
+        members: Vec<Member>,
+        own: Option<&Member>,
+        now: u64,
+    ) -> (Vec<Member>, Vec<(Member, Refusal)>, Vec<OwnSuperseded>) {
+        let (kept, mut refused) = policy.vet(h, members, None, now);
+        let own = own.and_then(|o| o.record.certificate.as_deref());
+        let (kept, superseded, mine) = policy.supersede(h, kept, own, now);
+        refused.extend(superseded);
+        (kept, refused, mine)
     }
 
     /// An operator moves a block by issuing another node a certificate for it: the later
@@ -788,7 +913,6 @@ mod tests {
             authorities: vec![ca().authority()],
             ..policy()
         };
-        const HOUR: u64 = 3_600_000;
         let block = "100.64.2.0/24";
         // b has claimed the block for a day, on a certificate with a second (v6) block.
         let b = certified_at(
@@ -799,9 +923,8 @@ mod tests {
         // cc was given the block an hour ago and claimed it just now.
         let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
         for members in [vec![b.clone(), cc.clone()], vec![cc.clone(), b.clone()]] {
-            let (kept, refused) = with.vet(&mut ClaimHistory::default(), members, None, NOW);
-            assert_eq!(refused, []);
-            let (kept, refused, own) = with.supersede(kept, None);
+            let (kept, refused, own) =
+                round(&with, &mut ClaimHistory::default(), members, None, NOW);
             assert_eq!(names(&kept), ["cc"]);
             assert_eq!(own, []);
             let [(m, why)] = &refused[..] else {
@@ -826,13 +949,22 @@ mod tests {
         // This node's own certificate counts: a later one supersedes b; an earlier one is
         // superseded by cc's, which this node is told of.
         let own = |issued| certified_at(member("own", &[]), &[block], issued);
-        let later = own(NOW - HOUR / 2);
-        let (kept, refused, mine) =
-            with.supersede(vec![b.clone()], later.record.certificate.as_deref());
+        let mut h = ClaimHistory::default();
+        let (kept, refused, mine) = round(
+            &with,
+            &mut h,
+            vec![b.clone()],
+            Some(&own(NOW - HOUR / 2)),
+            NOW,
+        );
         assert_eq!((names(&kept), refused.len(), mine.len()), (vec![], 1, 0));
-        let earlier = own(NOW - 2 * HOUR);
-        let (kept, _, mine) =
-            with.supersede(vec![cc.clone()], earlier.record.certificate.as_deref());
+        let (kept, _, mine) = round(
+            &with,
+            &mut h,
+            vec![cc.clone()],
+            Some(&own(NOW - 2 * HOUR)),
+            NOW,
+        );
         assert_eq!(names(&kept), ["cc"]);
         assert_eq!(
             mine,
@@ -842,19 +974,97 @@ mod tests {
                 issued_at: NOW - HOUR,
             }]
         );
+        // An own certificate that has ended supersedes nothing.
+        let ended = own(NOW - 40 * DAY);
+        let (kept, _, _) = round(
+            &with,
+            &mut ClaimHistory::default(),
+            vec![b.clone()],
+            Some(&ended),
+            NOW,
+        );
+        assert_eq!(names(&kept), ["b"]);
 
         // Issued at the same moment: neither supersedes (the claim times decide, in IPAM).
         let twin = certified_at(member("ddd", &[(block, NOW)]), &[block], NOW - DAY);
-        let (kept, refused, _) = with.supersede(vec![b.clone(), twin], None);
-        assert_eq!((kept.len(), refused.len()), (2, 0));
-        // A member that left holds nothing.
-        let mut gone = cc.clone();
-        gone.record.left = true;
-        let (kept, refused, _) = with.supersede(vec![b.clone(), gone], None);
+        let (kept, refused, _) = round(
+            &with,
+            &mut ClaimHistory::default(),
+            vec![b.clone(), twin],
+            None,
+            NOW,
+        );
         assert_eq!((kept.len(), refused.len()), (2, 0));
         // Without an authority, certificates are not weighed at all.
-        let (kept, refused, _) = policy().supersede(vec![b, cc], None);
+        let (kept, refused, _) = round(
+            &policy(),
+            &mut ClaimHistory::default(),
+            vec![b.clone(), cc.clone()],
+            None,
+            NOW,
+        );
         assert_eq!((kept.len(), refused.len()), (2, 0));
+    }
+
+    /// The new holder's certificate keeps superseding the earlier one while it holds, though
+    /// the new holder left (a clean restart publishes a tombstone), is refused for something
+    /// else, or is no longer listed at all: the earlier holder (a stolen key, say) never gets
+    /// the block back in the gaps. Once the new certificate ends, it no longer counts.
+    #[test]
+    fn a_superseded_holder_does_not_get_the_block_back_while_the_new_holder_is_away() {
+        let with = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        let block = "100.64.2.0/24";
+        let b = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY);
+        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
+        let mut left = cc.clone();
+        left.record.left = true;
+        let mut liar = cc.clone();
+        liar.record.claimed_at = vec![NOW + DAY];
+        for others in [vec![left], vec![liar], vec![]] {
+            let mut h = ClaimHistory::default();
+            round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
+            let mut members = vec![b.clone()];
+            members.extend(others.clone());
+            let (kept, refused, _) = round(&with, &mut h, members, None, NOW + 1000);
+            assert!(!names(&kept).contains(&"b"), "{others:?}");
+            assert!(
+                refused
+                    .iter()
+                    .any(|(m, why)| m.record.name == "b" && why.reason() == "superseded")
+            );
+        }
+        // b's certificate outlives cc's: once cc's has ended, b's counts again.
+        let b = certified_long(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY, 90);
+        let mut h = ClaimHistory::default();
+        round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
+        let (kept, _, _) = round(&with, &mut h, vec![b.clone()], None, NOW + 31 * DAY);
+        assert_eq!(names(&kept), ["b"]);
+    }
+
+    /// A certificate's blocks must be exactly node blocks of the pod network, so that two
+    /// certificates' blocks overlap only when they are equal: a narrower block, one with host
+    /// bits, or one outside the pool makes the certificate bad (else a /25 inside another
+    /// node's /24 would escape supersession and be settled by the claim time).
+    #[test]
+    fn a_certificate_naming_anything_but_node_blocks_is_bad() {
+        let with = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        for block in [
+            "100.64.2.0/25",
+            "100.64.2.7/24",
+            "10.0.0.0/24",
+            "fd64:0:0:2::/65",
+        ] {
+            let m = certified_at(member("b", &[]), &[block], NOW - DAY);
+            let e = with.check(&m, None, NOW).unwrap_err();
+            assert_eq!(e.reason(), "bad_certificate", "{block}");
+            assert!(e.to_string().contains("not a node block"), "{block}: {e}");
+        }
     }
 
     /// While a new authority key is rolled out both are listed, and a certificate signed by
@@ -908,21 +1118,34 @@ mod tests {
         let (kept, _) = with.vet(&mut h, vec![renewed], None, NOW);
         assert_eq!((kept.len(), h.signatures.checks), (1, 2));
         // Two days on, the first one has ended: refused, though its signature is cached.
-        let (_, refused) = with.vet(&mut h, vec![b], None, NOW + 2 * DAY);
+        let (_, refused) = with.vet(&mut h, vec![b.clone()], None, NOW + 2 * DAY);
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].1.reason(), "bad_certificate");
         assert_eq!(h.signatures.checks, 2);
-        // A forged one is not cached as good.
+        // A forged one is refused every round and checked once: not cached as good.
         let forged = certified(
             member("b", &[("100.64.2.0/24", NOW)]),
             &weft_mesh::AuthorityKey::from_seed(&[7; 32]),
             &["100.64.2.0/24"],
             30,
         );
-        for _ in 0..2 {
+        for _ in 0..3 {
             let (_, refused) = with.vet(&mut h, vec![forged.clone()], None, NOW);
             assert_eq!(refused.len(), 1);
+            assert_eq!(
+                refused[0].1,
+                Refusal::BadCertificate(CertError::BadSignature)
+            );
         }
+        assert_eq!(h.signatures.checks, 3);
+        // A cached certificate whose signer is no longer listed is checked again, and refused.
+        let other = ClaimPolicy {
+            authorities: vec![weft_mesh::AuthorityKey::from_seed(&[43; 32]).authority()],
+            ..policy()
+        };
+        let renewed = certified(b.clone(), &ca(), &["100.64.2.0/24"], 30);
+        let (_, refused) = other.vet(&mut h, vec![renewed], None, NOW);
+        assert_eq!(refused.len(), 1);
         assert_eq!(h.signatures.checks, 4);
     }
 
@@ -991,17 +1214,16 @@ mod tests {
         assert_eq!(e.reason(), "bad_certificate");
         assert!(e.to_string().contains("expired"), "{e}");
 
-        // The certificate does not widen the pool rules: a certified /16 is still too broad.
+        // The certificate does not widen the pool rules: a certified /16 is no node block.
         let broad = certified(
             member("x", &[("100.64.0.0/16", NOW)]),
             &ca(),
             &["100.64.0.0/16"],
             30,
         );
-        assert_eq!(
-            with.check(&broad, None, NOW).unwrap_err().reason(),
-            "too_broad"
-        );
+        let e = with.check(&broad, None, NOW).unwrap_err();
+        assert_eq!(e.reason(), "bad_certificate");
+        assert!(e.to_string().contains("not a node block"), "{e}");
     }
 
     #[test]

@@ -173,7 +173,8 @@ fn vet_claims(
 ) {
     let members = std::mem::take(&mut snap.members);
     let (kept, mut refused) = policy.vet(history, members, nodes, now_millis());
-    let (kept, superseded, own) = policy.supersede(kept, snap.record.certificate.as_deref());
+    let own = snap.record.certificate.as_deref();
+    let (kept, superseded, own) = policy.supersede(history, kept, own, now_millis());
     refused.extend(superseded);
     snap.members = kept;
     let Ok(mut seen) = counters.claims.lock() else {
@@ -181,7 +182,7 @@ fn vet_claims(
     };
     for o in &own {
         if !seen.own_superseded.contains(o) {
-            error!(block = %o.block, member = %o.member, issued_at_ms = o.issued_at, "this node's certificate is superseded: the authority issued the member a later certificate for this block, and the other nodes route it there, not here; get this node a new certificate (weft authority sign) and reload");
+            error!(block = %o.block, member = %o.member, issued_at_ms = o.issued_at, "this node's certificate is superseded: the authority issued the member a later certificate for this block, and the other nodes route it there and refuse this node's claims; if the block moved on purpose, sign this node a certificate without it and restart (renewing the old one would take the block back)");
         }
     }
     seen.own_superseded = own;

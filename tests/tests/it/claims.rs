@@ -374,13 +374,16 @@ fn with_an_authority_a_block_reissued_to_another_node_moves_there() -> anyhow::R
     // b, superseded, says so: an error in its log and a metric; a's certificate end is a metric.
     let scrape =
         |me: &str| weft_tests::http_get(&m.lab, &m.daemon(me).ns, "127.0.0.1:6782", "/metrics");
+    let metric = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
     wait_for(
         "b's metric of superseded blocks",
         Duration::from_secs(30),
         || {
-            scrape("b")
-                .ok()
-                .filter(|t| t.contains("weft_node_certificate_superseded_blocks 1"))
+            let text = scrape("b").ok()?;
+            (metric(&text, "weft_node_certificate_superseded_blocks") == Some(1.0)).then_some(())
         },
     )?;
     let log = std::fs::read_to_string(&m.daemon("b").log)?;
@@ -390,19 +393,46 @@ fn with_an_authority_a_block_reissued_to_another_node_moves_there() -> anyhow::R
         "{log}"
     );
     let a = scrape("a")?;
-    let until = weft::control::now_millis() / 1000 + 86_400;
-    let line = a
-        .lines()
-        .find(|l| l.starts_with("weft_node_certificate_not_after_seconds "))
-        .with_context(|| a.clone())?;
-    let secs: f64 = line.rsplit(' ').next().unwrap_or_default().parse()?;
+    let until = (weft::control::now_millis() / 1000 + 86_400) as f64;
+    let secs = metric(&a, "weft_node_certificate_not_after_seconds").with_context(|| a.clone())?;
     assert!(
-        (secs - until as f64).abs() < 120.0,
-        "{line}, expected about {until}"
+        (secs - until).abs() < 120.0,
+        "{secs}, expected about {until}"
     );
-    assert!(
-        a.contains("weft_node_certificate_superseded_blocks 0"),
+    assert_eq!(
+        metric(&a, "weft_node_certificate_superseded_blocks"),
+        Some(0.0),
         "{a}"
+    );
+
+    // c stops cleanly (its record becomes a tombstone): b, superseded, does not get the block
+    // back in the gap. a sees c leave, then for 5 s (several rounds) never routes b.
+    anyhow::ensure!(
+        m.lab.stop("c", Duration::from_secs(10))?,
+        "c stopped cleanly"
+    );
+    wait_for("a to see c leave", Duration::from_secs(30), || {
+        let st = m.status("a").ok()?;
+        st["mesh"]["members"]
+            .as_array()?
+            .iter()
+            .any(|p| p["name"] == "c" && p["left"] == true)
+            .then_some(())
+    })?;
+    let routed_b = wait_for("a to route b (it must not)", Duration::from_secs(5), || {
+        m.peer("a", "b")
+    });
+    assert!(routed_b.is_err(), "a routes the superseded b: {routed_b:?}");
+    let st = m.status("a")?;
+    let b = st["mesh"]["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|p| p["name"] == "b"))
+        .with_context(|| st.to_string())?;
+    assert!(
+        b["claims_refused"]
+            .as_str()
+            .is_some_and(|w| w.contains("superseded")),
+        "{b}"
     );
     Ok(())
 }
