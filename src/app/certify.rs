@@ -1,8 +1,11 @@
 //! `mesh.authority` at start and at reload: this node's certificate is read, checked against
 //! the authority, its own WireGuard key and the clock, and its pod CIDRs become the node's
 //! blocks (`node.pod_cidr`), so that the node claims what its certificate names and nothing
-//! else. A certificate that is not good stops the start (or refuses the reload) with why:
-//! the others would refuse every claim of this node and not route it.
+//! else. A certificate that is not good (another signer or node, blocks that are not node
+//! blocks) stops the start (or refuses the reload) with why: the others would refuse every
+//! claim of this node and not route it. One that is good but has ended, or has not begun by
+//! this node's clock, does not: the node runs and logs an error, the others refuse its claims
+//! until a renewal is loaded (SIGHUP), and its configured peers keep working meanwhile.
 
 use std::path::Path;
 
@@ -10,7 +13,7 @@ use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use weft_config::Config;
-use weft_mesh::{Authority, AuthorityKey, NodeCert};
+use weft_mesh::{Authority, AuthorityKey, CertError, NodeCert};
 
 use crate::control::claims::{ClaimPolicy, MAX_SKEW_MS};
 use crate::host::keys;
@@ -22,6 +25,22 @@ pub struct Certified {
     pub authorities: Vec<Authority>,
     /// This node's certificate (`mesh.certificate`).
     pub certificate: NodeCert,
+    /// Why the certificate does not hold now (ended, or not begun by this node's clock),
+    /// if so: the node runs (its configured peers, its part in the mesh), but the others
+    /// refuse its claims until a certificate that holds is loaded.
+    pub outside_window: Option<CertError>,
+}
+
+impl Certified {
+    /// Logs, as an error, that the certificate does not hold now, if so.
+    pub fn log_window(&self, path: &Path) {
+        if let Some(why) = &self.outside_window {
+            tracing::error!(
+                certificate = %path.display(), reason = %why,
+                "this node's certificate does not hold now: the other nodes refuse its pod-CIDR claims and do not route it until it does; renew it (weft authority sign, same blocks) and reload (SIGHUP), or check this node's clock"
+            );
+        }
+    }
 }
 
 /// A certificate as `weft authority sign` writes it: base64 on one line.
@@ -79,9 +98,19 @@ pub fn certify(
         }
     };
     let wireguard_key = keys::public_bytes(&boringtun::x25519::StaticSecret::from(own));
+    // Ended or not yet begun is no reason not to run (a node restarted after its end, or
+    // booted before its clock was set): the node starts, says so, and waits for a renewal.
+    let outside_window = match certificate.holds(&wireguard_key, now_ms, MAX_SKEW_MS) {
+        Err(e @ (CertError::Expired { .. } | CertError::NotYetValid { .. })) => Some(e),
+        _ => None,
+    };
+    let window = |c: &NodeCert| match c.holds(&wireguard_key, now_ms, MAX_SKEW_MS) {
+        Err(CertError::Expired { .. } | CertError::NotYetValid { .. }) => Ok(()),
+        other => other,
+    };
     certificate
         .signer(&authorities)
-        .and_then(|_| certificate.holds(&wireguard_key, now_ms, MAX_SKEW_MS))
+        .and_then(|_| window(&certificate))
         .with_context(|| {
             format!(
                 "{}: certificate {} (this node's key is {})",
@@ -105,6 +134,7 @@ pub fn certify(
     Ok(Some(Certified {
         authorities,
         certificate,
+        outside_window,
     }))
 }
 
@@ -388,7 +418,7 @@ mod tests {
         let other = keys::encode(&[9; 32]);
         /// Authority seed, node key, blocks, issued, days, `node:` extra, what the error says.
         type Case<'a> = (u8, &'a str, &'a [&'a str], u64, u32, &'a str, &'a str);
-        let cases: [Case<'_>; 6] = [
+        let cases: [Case<'_>; 5] = [
             (
                 7,
                 "self",
@@ -406,15 +436,6 @@ mod tests {
                 30,
                 "",
                 "issued to another WireGuard key",
-            ),
-            (
-                42,
-                "self",
-                &["100.64.7.0/24"],
-                NOW - 40 * DAY,
-                30,
-                "",
-                "expired",
             ),
             (
                 42,
@@ -458,6 +479,34 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A certificate that has ended, or has not begun by this node's clock (booted before
+    /// the clock was set), does not stop the start: the node runs, its blocks are the
+    /// certificate's, and why it does not hold is kept to be logged.
+    #[test]
+    fn a_certificate_outside_its_window_does_not_stop_the_start() {
+        let n = Node::new();
+        for (issued, days, why) in [
+            (NOW - 40 * DAY, 30, "expired"),
+            (NOW + DAY, 30, "in the future"),
+        ] {
+            n.write_cert(42, &n.public(), &["100.64.7.0/24"], issued, days);
+            let (c, got) = n.certify("").expect("started");
+            let got = got.expect("certified");
+            let e = got.outside_window.as_ref().map(ToString::to_string);
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(why)),
+                "{why}: {e:?}"
+            );
+            assert_eq!(
+                c.node.pod_cidr,
+                ["100.64.7.0/24".parse::<ipnet::IpNet>().unwrap()]
+            );
+        }
+        n.write_cert(42, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
+        let (_, got) = n.certify("").expect("started");
+        assert_eq!(got.expect("certified").outside_window, None);
     }
 
     #[test]

@@ -76,6 +76,9 @@ impl App {
         let mut config = Config::load(config_path)?;
         let certified = certify::certify(&mut config, config_path, control::now_millis())?;
         if let Some(c) = &certified {
+            if let Some(path) = &config.mesh.certificate {
+                c.log_window(path);
+            }
             info!(
                 pod_cidrs = ?c.certificate.pod_cidrs, not_after_ms = c.certificate.not_after,
                 "certified by mesh.authority: claiming the certificate's blocks only"

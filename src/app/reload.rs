@@ -124,6 +124,9 @@ impl Reloader {
         // blocks) is published without a restart.
         let certified =
             super::certify::certify(&mut new, &self.path, crate::control::now_millis())?;
+        if let (Some(c), Some(path)) = (&certified, &new.mesh.certificate) {
+            c.log_window(path);
+        }
         let restart = needs_restart(&self.config, &new);
         if !restart.is_empty() {
             bail!(

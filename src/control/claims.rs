@@ -945,9 +945,20 @@ mod tests {
                 "{why}"
             );
         }
+    }
 
-        // This node's own certificate counts: a later one supersedes b; an earlier one is
-        // superseded by cc's, which this node is told of.
+    /// This node's own certificate counts: a later one supersedes a member's; an earlier one
+    /// is superseded by a member's, which this node is told of; one that has ended counts for
+    /// nothing.
+    #[test]
+    fn with_an_authority_this_nodes_own_certificate_supersedes_and_is_superseded() {
+        let with = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        let block = "100.64.2.0/24";
+        let b = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY);
+        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
         let own = |issued| certified_at(member("own", &[]), &[block], issued);
         let mut h = ClaimHistory::default();
         let (kept, refused, mine) = round(
@@ -984,8 +995,19 @@ mod tests {
             NOW,
         );
         assert_eq!(names(&kept), ["b"]);
+    }
 
-        // Issued at the same moment: neither supersedes (the claim times decide, in IPAM).
+    /// Certificates issued at the same moment supersede neither (the claim times decide, in
+    /// IPAM), and without an authority certificates are not weighed at all.
+    #[test]
+    fn certificates_of_one_moment_or_without_an_authority_supersede_nothing() {
+        let with = ClaimPolicy {
+            authorities: vec![ca().authority()],
+            ..policy()
+        };
+        let block = "100.64.2.0/24";
+        let b = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY);
+        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
         let twin = certified_at(member("ddd", &[(block, NOW)]), &[block], NOW - DAY);
         let (kept, refused, _) = round(
             &with,

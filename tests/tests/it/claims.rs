@@ -236,6 +236,29 @@ impl Ca {
     /// Adds and starts a node of `spec` (its static block left out) with a certificate for
     /// `block`, signed now, for a day.
     fn add_node(&self, m: &mut MeshLab, spec: &Spec, block: &str) -> anyhow::Result<()> {
+        self.add_node_with(m, spec, |m, node_key| self.sign(m, node_key, block))
+    }
+
+    /// A certificate (its file's text) for `block` to `node_key`, signed now with the CLI,
+    /// for a day.
+    fn sign(&self, m: &MeshLab, node_key: &str, block: &str) -> anyhow::Result<String> {
+        let ca = self.key.to_string_lossy();
+        let sign = ["authority", "sign", "--key", &ca, "--node-key", node_key];
+        weft_cli(
+            m,
+            &[&sign[..], &["--pod-cidr", block, "--days", "1"]].concat(),
+            "",
+        )
+    }
+
+    /// Adds and starts a node of `spec` (its static block left out) with the certificate
+    /// `cert` makes for its WireGuard key.
+    fn add_node_with(
+        &self,
+        m: &mut MeshLab,
+        spec: &Spec,
+        cert: impl FnOnce(&MeshLab, &str) -> anyhow::Result<String>,
+    ) -> anyhow::Result<()> {
         let spec = Spec {
             block: None,
             ..*spec
@@ -243,13 +266,7 @@ impl Ca {
         let secret = m.secret.clone();
         let d = m.add_node(&spec, "eu", &secret)?;
         let node_key = weft_tests::make_key(&d)?;
-        let ca = self.key.to_string_lossy();
-        let sign = ["authority", "sign", "--key", &ca, "--node-key", &node_key];
-        let cert = weft_cli(
-            m,
-            &[&sign[..], &["--pod-cidr", block, "--days", "1"]].concat(),
-            "",
-        )?;
+        let cert = cert(m, &node_key)?;
         let cert_file = d.config.with_file_name("node.cert");
         std::fs::write(&cert_file, cert)?;
         let config = std::fs::read_to_string(&d.config)?.replace(
@@ -434,5 +451,52 @@ fn with_an_authority_a_block_reissued_to_another_node_moves_there() -> anyhow::R
             .is_some_and(|w| w.contains("superseded")),
         "{b}"
     );
+    Ok(())
+}
+
+/// With `mesh.authority`, a node whose certificate has ended still starts (its end must not
+/// take down its configured peers, nor need the operator to be there at boot): it says why
+/// in its log, and the others refuse its claims and do not route it. A renewed certificate
+/// (the same block) loaded by SIGHUP is published, and the others route it again.
+#[test]
+fn with_an_authority_an_ended_certificate_starts_unrouted_and_a_renewal_by_reload_routes_it()
+-> anyhow::Result<()> {
+    let mut m = MeshLab::empty("cex", &["lan1", "lan2", "inet"])?;
+    let ca = Ca::new(&m)?;
+    ca.add_node(&mut m, &HONEST[0], "100.64.1.0/24")?;
+    let seed = weft::host::keys::decode(&std::fs::read_to_string(&ca.key)?, "authority key")?;
+    ca.add_node_with(&mut m, &HONEST[1], |_, node_key| {
+        // Issued three days ago for one day: ended two days ago.
+        let issued = weft::control::now_millis() - 3 * 86_400_000;
+        let key = weft::host::keys::decode(node_key, "node key")?;
+        let block = "100.64.2.0/24".parse()?;
+        let cert = weft_mesh::AuthorityKey::from_seed(&seed).issue(
+            key,
+            vec![block],
+            issued,
+            issued + 86_400_000,
+        )?;
+        use base64::Engine as _;
+        Ok(base64::engine::general_purpose::STANDARD.encode(cert.to_bytes()))
+    })?;
+    assert_refused_member(&m, "a", "b", &["expired"], "claim_bad_certificate")?;
+    let log = std::fs::read_to_string(&m.daemon("b").log)?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("certificate does not hold now")),
+        "{log}"
+    );
+
+    // The renewal: the same block, signed now; b reloads it.
+    let (key, _) = weft::host::keys::load_or_create(&m.daemon("b").key_file)?;
+    let node_key = weft::host::keys::public_of(&key);
+    let cert = ca.sign(&m, &node_key, "100.64.2.0/24")?;
+    std::fs::write(m.daemon("b").config.with_file_name("node.cert"), cert)?;
+    m.lab.signal("b", nix::sys::signal::Signal::SIGHUP)?;
+    wait_for("a to route b's block", Duration::from_secs(30), || {
+        m.peer("a", "b")
+            .filter(|p| p["pod_cidrs"] == serde_json::json!(["100.64.2.0/24"]))
+    })?;
+    weft_tests::ping(&m.lab, &m.daemon("a").ns, "100.64.2.1", None).context("a -> b's pod")?;
     Ok(())
 }
