@@ -888,6 +888,27 @@ mod tests {
         ms.iter().map(|m| m.record.name.as_str()).collect()
     }
 
+    /// A block moved by the authority: `b` was certified for it a day ago, `cc` an hour ago.
+    struct Moved {
+        with: ClaimPolicy,
+        block: &'static str,
+        b: Member,
+        cc: Member,
+    }
+
+    fn moved() -> Moved {
+        let block = "100.64.2.0/24";
+        Moved {
+            with: ClaimPolicy {
+                authorities: vec![ca().authority()],
+                ..policy()
+            },
+            block,
+            b: certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY),
+            cc: certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR),
+        }
+    }
+
     /// One round at `now` with `policy`: vet, then supersede against `own`.
     fn round(
         policy: &ClaimPolicy,
@@ -952,13 +973,7 @@ mod tests {
     /// nothing.
     #[test]
     fn with_an_authority_this_nodes_own_certificate_supersedes_and_is_superseded() {
-        let with = ClaimPolicy {
-            authorities: vec![ca().authority()],
-            ..policy()
-        };
-        let block = "100.64.2.0/24";
-        let b = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY);
-        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
+        let Moved { with, block, b, cc } = moved();
         let own = |issued| certified_at(member("own", &[]), &[block], issued);
         let mut h = ClaimHistory::default();
         let (kept, refused, mine) = round(
@@ -1001,13 +1016,7 @@ mod tests {
     /// IPAM), and without an authority certificates are not weighed at all.
     #[test]
     fn certificates_of_one_moment_or_without_an_authority_supersede_nothing() {
-        let with = ClaimPolicy {
-            authorities: vec![ca().authority()],
-            ..policy()
-        };
-        let block = "100.64.2.0/24";
-        let b = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY);
-        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
+        let Moved { with, block, b, cc } = moved();
         let twin = certified_at(member("ddd", &[(block, NOW)]), &[block], NOW - DAY);
         let (kept, refused, _) = round(
             &with,
@@ -1034,13 +1043,7 @@ mod tests {
     /// the block back in the gaps. Once the new certificate ends, it no longer counts.
     #[test]
     fn a_superseded_holder_does_not_get_the_block_back_while_the_new_holder_is_away() {
-        let with = ClaimPolicy {
-            authorities: vec![ca().authority()],
-            ..policy()
-        };
-        let block = "100.64.2.0/24";
-        let b = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY);
-        let cc = certified_at(member("cc", &[(block, NOW)]), &[block], NOW - HOUR);
+        let Moved { with, block, b, cc } = moved();
         let mut left = cc.clone();
         left.record.left = true;
         let mut liar = cc.clone();
