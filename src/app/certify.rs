@@ -31,6 +31,21 @@ pub struct Certified {
     pub outside_window: Option<CertError>,
 }
 
+/// A reload's certificate must hold now when the running one does: an old file put back, or
+/// one from a signer whose clock runs ahead, would otherwise take a routed node off the mesh.
+pub fn no_worse(new: &Certified, running: Option<&Certified>, now_ms: u64) -> anyhow::Result<()> {
+    let holds = |c: &NodeCert| c.holds(&c.node_key, now_ms, MAX_SKEW_MS);
+    if let (Err(why), Some(running)) = (holds(&new.certificate), running)
+        && holds(&running.certificate).is_ok()
+    {
+        bail!(
+            "the new certificate does not hold now ({why}) while the running one does (until {} ms); nothing was applied",
+            running.certificate.not_after
+        );
+    }
+    Ok(())
+}
+
 impl Certified {
     /// Logs, as an error, that the certificate does not hold now, if so.
     pub fn log_window(&self, path: &Path) {
@@ -130,7 +145,8 @@ pub fn certify(
         );
     }
     check_blocks(config, &certified, &at("mesh.certificate"), &path)?;
-    config.node.pod_cidr = certified;
+    // In one order, so that a renewal listing them otherwise is the same config.
+    config.node.pod_cidr = sorted(&certified);
     Ok(Some(Certified {
         authorities,
         certificate,
@@ -158,7 +174,7 @@ fn check_blocks(
         })?;
         let mask = policy.node_mask(block);
         let family = if block.addr().is_ipv4() { 4 } else { 6 };
-        if block.prefix_len() != mask {
+        if !policy.is_node_block(block) {
             bail!(
                 "{at}: certificate {}: pod CIDR {block} is not a node block \
                  (/{mask}, network.node_cidr_mask_size_ipv{family})",
@@ -507,6 +523,42 @@ mod tests {
         n.write_cert(42, &n.public(), &["100.64.7.0/24"], NOW - DAY, 30);
         let (_, got) = n.certify("").expect("started");
         assert_eq!(got.expect("certified").outside_window, None);
+    }
+
+    /// A reload may not swap a certificate that holds for one that does not (an old file put
+    /// back); one that does not hold may be replaced by anything good.
+    #[test]
+    fn a_reload_cannot_swap_a_certificate_that_holds_for_one_that_does_not() {
+        let n = Node::new();
+        let load = |issued: u64| {
+            n.write_cert(42, &n.public(), &["100.64.7.0/24"], issued, 30);
+            n.certify("").expect("started").1.expect("certified")
+        };
+        let (good, ended) = (load(NOW - DAY), load(NOW - 40 * DAY));
+        let e = no_worse(&ended, Some(&good), NOW).expect_err("refused");
+        assert!(e.to_string().contains("does not hold now"), "{e}");
+        assert!(no_worse(&good, Some(&ended), NOW).is_ok());
+        assert!(no_worse(&ended, Some(&ended), NOW).is_ok());
+        assert!(no_worse(&ended, None, NOW).is_ok());
+    }
+
+    /// A block with host bits (`weft authority sign` refuses one, a hand-made certificate
+    /// need not) stops the start: every other node would refuse it.
+    #[test]
+    fn a_certificate_block_with_host_bits_stops_the_start() {
+        let n = Node::new();
+        let key = keys::decode(&n.public(), "key").unwrap();
+        let cert = AuthorityKey::from_seed(&[42; 32])
+            .issue(
+                key,
+                vec!["100.64.7.5/24".parse().unwrap()],
+                NOW - DAY,
+                NOW + DAY,
+            )
+            .expect("issue");
+        std::fs::write(n.dir.path().join("node.cert"), to_text(&cert)).unwrap();
+        let e = format!("{:#}", n.certify("").unwrap_err());
+        assert!(e.contains("100.64.7.5/24 is not a node block"), "{e}");
     }
 
     #[test]

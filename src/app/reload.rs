@@ -125,6 +125,8 @@ impl Reloader {
         let certified =
             super::certify::certify(&mut new, &self.path, crate::control::now_millis())?;
         if let (Some(c), Some(path)) = (&certified, &new.mesh.certificate) {
+            super::certify::no_worse(c, self.certified.as_ref(), crate::control::now_millis())
+                .with_context(|| format!("mesh.certificate {}", path.display()))?;
             c.log_window(path);
         }
         let restart = needs_restart(&self.config, &new);
@@ -173,7 +175,9 @@ impl Reloader {
             }
             applied.push(format!("mesh.peers {:?}", new.mesh.peers));
         }
-        if certified != self.certified {
+        let cert =
+            |c: &Option<super::certify::Certified>| c.as_ref().map(|c| c.certificate.clone());
+        if cert(&certified) != cert(&self.certified) {
             if let Ok(mut node) = self.node.lock() {
                 node.certificate_not_after_ms = certified.as_ref().map(|c| c.certificate.not_after);
             }

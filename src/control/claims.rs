@@ -471,7 +471,9 @@ impl ClaimPolicy {
         if self.authorities.is_empty() {
             return (kept, Vec::new(), Vec::new());
         }
-        let own = own.filter(|c| c.holds(&c.node_key, now_ms, MAX_SKEW_MS).is_ok());
+        // What supersedes this node's own certificate is told whether or not it holds now
+        // (renewing an ended one that was superseded would take the block back); it
+        // supersedes others only while it holds.
         let own_superseded: Vec<OwnSuperseded> = own
             .into_iter()
             .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
@@ -484,6 +486,7 @@ impl ClaimPolicy {
                 })
             })
             .collect();
+        let own = own.filter(|c| c.holds(&c.node_key, now_ms, MAX_SKEW_MS).is_ok());
         let newest = |b: &IpNet| {
             let theirs = history.newest.get(b).map(|n| n.issued_at);
             let mine = own.filter(|c| c.covers(b)).map(|c| c.issued_at);
@@ -875,13 +878,26 @@ mod tests {
     }
 
     /// `m` with a certificate from [`ca`] naming `blocks`, issued at `issued`, for `days`.
-    fn certified_long(mut m: Member, blocks: &[&str], issued: u64, days: u64) -> Member {
+    fn certified_long(m: Member, blocks: &[&str], issued: u64, days: u64) -> Member {
+        certified_span(m, blocks, issued, issued + days * DAY)
+    }
+
+    /// `m` with a certificate from [`ca`] naming `blocks`, from `issued` to `not_after`.
+    fn certified_span(mut m: Member, blocks: &[&str], issued: u64, not_after: u64) -> Member {
         let blocks = blocks.iter().map(|b| b.parse().unwrap()).collect();
         let cert = ca()
-            .issue(m.record.wireguard_key, blocks, issued, issued + days * DAY)
+            .issue(m.record.wireguard_key, blocks, issued, not_after)
             .expect("issue");
         m.record.certificate = Some(Box::new(cert));
         m
+    }
+
+    /// Each refused member's name with its refusal's reason.
+    fn reasons(refused: &[(Member, Refusal)]) -> Vec<(&str, &'static str)> {
+        refused
+            .iter()
+            .map(|(m, why)| (m.record.name.as_str(), why.reason()))
+            .collect()
     }
 
     fn names(ms: &[Member]) -> Vec<&str> {
@@ -983,7 +999,8 @@ mod tests {
             Some(&own(NOW - HOUR / 2)),
             NOW,
         );
-        assert_eq!((names(&kept), refused.len(), mine.len()), (vec![], 1, 0));
+        assert_eq!((names(&kept), mine.len()), (vec![], 0));
+        assert_eq!(reasons(&refused), [("b", "superseded")]);
         let (kept, _, mine) = round(
             &with,
             &mut h,
@@ -1000,8 +1017,18 @@ mod tests {
                 issued_at: NOW - HOUR,
             }]
         );
-        // An own certificate that has ended supersedes nothing.
-        let ended = own(NOW - 40 * DAY);
+        // An own certificate that has ended (issued after b's, so it would supersede b's if
+        // it held) supersedes nothing, and is still told what supersedes it.
+        let ended = certified_span(member("own", &[]), &[block], NOW - 2 * HOUR, NOW - HOUR / 2);
+        let (kept, _, mine) = round(
+            &with,
+            &mut ClaimHistory::default(),
+            vec![b.clone(), cc.clone()],
+            Some(&ended),
+            NOW,
+        );
+        assert_eq!(names(&kept), ["cc"]);
+        assert_eq!(mine.len(), 1);
         let (kept, _, _) = round(
             &with,
             &mut ClaimHistory::default(),
@@ -1048,19 +1075,25 @@ mod tests {
         left.record.left = true;
         let mut liar = cc.clone();
         liar.record.claimed_at = vec![NOW + DAY];
-        for others in [vec![left], vec![liar], vec![]] {
-            let mut h = ClaimHistory::default();
-            round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
-            let mut members = vec![b.clone()];
-            members.extend(others.clone());
-            let (kept, refused, _) = round(&with, &mut h, members, None, NOW + 1000);
-            assert!(!names(&kept).contains(&"b"), "{others:?}");
+        // Seen for the first time as a tombstone, or refused for something else: its
+        // certificate still counts (a fresh history, nothing remembered).
+        for other in [left, liar] {
+            let members = vec![b.clone(), other.clone()];
+            let (kept, refused, _) = round(&with, &mut ClaimHistory::default(), members, None, NOW);
+            assert!(!names(&kept).contains(&"b"), "{other:?}");
             assert!(
-                refused
-                    .iter()
-                    .any(|(m, why)| m.record.name == "b" && why.reason() == "superseded")
+                reasons(&refused).contains(&("b", "superseded")),
+                "{refused:?}"
             );
         }
+        // No longer listed at all: remembered.
+        let mut h = ClaimHistory::default();
+        round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
+        let (kept, refused, _) = round(&with, &mut h, vec![b.clone()], None, NOW + 1000);
+        assert_eq!(
+            (names(&kept), reasons(&refused)),
+            (vec![], vec![("b", "superseded")])
+        );
         // b's certificate outlives cc's: once cc's has ended, b's counts again.
         let b = certified_long(member("b", &[(block, NOW - DAY)]), &[block], NOW - DAY, 90);
         let mut h = ClaimHistory::default();
