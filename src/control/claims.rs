@@ -427,27 +427,33 @@ impl ClaimPolicy {
         if self.authorities.is_empty() {
             return;
         }
-        history.newest.retain(|_, n| n.not_after >= now_ms);
-        for m in members {
-            let Some(cert) = m.record.certificate.as_deref() else {
-                continue;
-            };
-            let (key, signatures) = (&m.record.wireguard_key, &mut history.signatures);
-            if self.genuine(cert, key, now_ms, signatures).is_err() {
+        let before = history.newest.len();
+        history.newest.retain(|_, n| n.cert.not_after >= now_ms);
+        history.dirty |= history.newest.len() != before;
+        let listed = members.iter().filter_map(|m| {
+            Some(Newest {
+                holder: m.record.name.clone(),
+                holder_key: m.record.wireguard_key,
+                cert: m.record.certificate.as_deref()?.clone(),
+            })
+        });
+        let loaded = std::mem::take(&mut history.loaded);
+        for n in loaded.into_iter().chain(listed) {
+            let signatures = &mut history.signatures;
+            if self
+                .genuine(&n.cert, &n.holder_key, now_ms, signatures)
+                .is_err()
+            {
                 continue;
             }
-            for b in &cert.pod_cidrs {
+            for b in &n.cert.pod_cidrs {
                 let newer = history
                     .newest
                     .get(b)
-                    .is_none_or(|n| cert.issued_at > n.issued_at);
+                    .is_none_or(|o| n.cert.issued_at > o.cert.issued_at);
                 if newer {
-                    let n = Newest {
-                        issued_at: cert.issued_at,
-                        not_after: cert.not_after,
-                        holder: m.record.name.clone(),
-                    };
-                    history.newest.insert(*b, n);
+                    history.newest.insert(*b, n.clone());
+                    history.dirty = true;
                 }
             }
         }
@@ -478,17 +484,20 @@ impl ClaimPolicy {
             .into_iter()
             .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
             .filter_map(|(b, issued)| {
-                let n = history.newest.get(b).filter(|n| n.issued_at > issued)?;
+                let n = history
+                    .newest
+                    .get(b)
+                    .filter(|n| n.cert.issued_at > issued)?;
                 Some(OwnSuperseded {
                     block: *b,
                     member: n.holder.clone(),
-                    issued_at: n.issued_at,
+                    issued_at: n.cert.issued_at,
                 })
             })
             .collect();
         let own = own.filter(|c| c.holds(&c.node_key, now_ms, MAX_SKEW_MS).is_ok());
         let newest = |b: &IpNet| {
-            let theirs = history.newest.get(b).map(|n| n.issued_at);
+            let theirs = history.newest.get(b).map(|n| n.cert.issued_at);
             let mine = own.filter(|c| c.covers(b)).map(|c| c.issued_at);
             theirs.max(mine)
         };
@@ -534,18 +543,31 @@ pub struct ClaimHistory {
     /// The certificates whose signature was checked (not saved).
     signatures: Signatures,
     /// With an authority, the latest-issued good certificate seen naming each block, until
-    /// it ends (not saved: a restarted node learns it again from the mesh's records, the
-    /// tombstones of members that left included).
+    /// it ends. Saved apart ([`ClaimHistory::certificates_to_json`]), so that a restarted
+    /// node keeps refusing a superseded holder after the mesh has forgotten the new one.
     newest: HashMap<IpNet, Newest>,
+    /// Certificates read back from the file, to be checked again at the next round.
+    loaded: Vec<Newest>,
 }
 
 /// The latest-issued certificate seen naming a block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Newest {
-    issued_at: u64,
-    not_after: u64,
     /// The member it was issued to.
     holder: String,
+    /// Its WireGuard key (its mesh identity).
+    holder_key: [u8; 32],
+    cert: NodeCert,
+}
+
+/// A certificate behind [`ClaimHistory`]'s latest per block, as `state_dir/certificates.json`
+/// keeps it: the holder's name and key and the certificate, base64. Read back, each is
+/// checked again (signer, holder, validity) before it counts.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SavedCert {
+    holder: String,
+    key: String,
+    cert: String,
 }
 
 /// The certificates whose signature one of the authority's keys was found to make, by their
@@ -790,7 +812,55 @@ impl ClaimHistory {
             started_ms: None,
             signatures: Signatures::default(),
             newest: HashMap::new(),
+            loaded: Vec::new(),
         })
+    }
+
+    /// The certificates behind the latest per block, as JSON, for
+    /// `state_dir/certificates.json` (saved with the history, when it is dirty).
+    pub fn certificates_to_json(&self) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut seen = HashSet::new();
+        let mut saved: Vec<SavedCert> = self
+            .newest
+            .values()
+            .filter(|n| seen.insert(n.cert.to_bytes()))
+            .map(|n| SavedCert {
+                holder: n.holder.clone(),
+                key: b64.encode(n.holder_key),
+                cert: b64.encode(n.cert.to_bytes()),
+            })
+            .collect();
+        saved.sort_by(|a, b| a.cert.cmp(&b.cert));
+        serde_json::to_string(&saved).unwrap_or_else(|_| "[]".to_owned())
+    }
+
+    /// Takes back [`certificates_to_json`](Self::certificates_to_json)'s output; each
+    /// certificate is checked again at the next round before it counts (a file edited by
+    /// hand gains nothing). At most [`MAX_SIGNATURES`] are read.
+    pub fn load_certificates(&mut self, text: &str) -> Result<usize, String> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let saved: Vec<SavedCert> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut loaded = Vec::new();
+        for s in saved.into_iter().take(MAX_SIGNATURES) {
+            let bad = |what: &str, e: &dyn fmt::Display| format!("{what} of {:?}: {e}", s.holder);
+            let key = b64.decode(&s.key).map_err(|e| bad("key", &e))?;
+            let holder_key: [u8; 32] = key
+                .try_into()
+                .map_err(|k: Vec<u8>| bad("key", &format!("{} bytes, not 32", k.len())))?;
+            let bytes = b64.decode(&s.cert).map_err(|e| bad("certificate", &e))?;
+            let cert = NodeCert::from_bytes(&bytes).map_err(|e| bad("certificate", &e))?;
+            loaded.push(Newest {
+                holder: s.holder,
+                holder_key,
+                cert,
+            });
+        }
+        // All or nothing: a file that is bad somewhere is not half taken.
+        self.loaded = loaded;
+        Ok(self.loaded.len())
     }
 
     /// The number of members remembered.
@@ -1100,6 +1170,68 @@ mod tests {
         round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
         let (kept, _, _) = round(&with, &mut h, vec![b.clone()], None, NOW + 31 * DAY);
         assert_eq!(names(&kept), ["b"]);
+    }
+
+    /// The latest certificates are saved with the history: a restarted node, to which the
+    /// mesh no longer lists the new holder, keeps refusing the superseded one. What is read
+    /// back is checked again (a certificate put under another key counts for nothing), and a
+    /// file that is bad anywhere is an error naming the entry, with nothing taken from it.
+    #[test]
+    fn a_restarted_node_keeps_refusing_a_superseded_holder_from_its_saved_certificates() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Moved { with, b, cc, .. } = moved();
+        let mut h = ClaimHistory::default();
+        round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
+        assert!(h.take_dirty());
+        let text = h.certificates_to_json();
+        let restart = |text: &str| {
+            let mut r = ClaimHistory::from_json(&h.to_json(), NOW).expect("history");
+            r.load_certificates(text).map(|n| (r, n))
+        };
+        let (mut restarted, n) = restart(&text).expect("read back");
+        assert_eq!(n, 1);
+        let (kept, refused, _) = round(&with, &mut restarted, vec![b.clone()], None, NOW + 1000);
+        assert_eq!(
+            (names(&kept), reasons(&refused)),
+            (vec![], vec![("b", "superseded")])
+        );
+        // Without the file, b would be believed: that is what it is for.
+        let (kept, _, _) = round(
+            &with,
+            &mut ClaimHistory::default(),
+            vec![b.clone()],
+            None,
+            NOW,
+        );
+        assert_eq!(names(&kept), ["b"]);
+
+        // cc's certificate put under b's key is checked again and counts for nothing.
+        let cert = cc
+            .record
+            .certificate
+            .as_ref()
+            .expect("certified")
+            .to_bytes();
+        let moved_key = format!(
+            r#"[{{"holder": "cc", "key": "{}", "cert": "{}"}}]"#,
+            b64.encode(b.record.wireguard_key),
+            b64.encode(cert)
+        );
+        let (mut edited, _) = restart(&moved_key).expect("read back");
+        let (kept, _, _) = round(&with, &mut edited, vec![b.clone()], None, NOW + 1000);
+        assert_eq!(names(&kept), ["b"]);
+        // A bad entry after a good one: an error naming it, and nothing taken.
+        let bad = format!(
+            r#"{}, {{"holder": "x", "key": "AAAA", "cert": "AAAA"}}]"#,
+            text.trim_end_matches(']')
+        );
+        let e = restart(&bad).expect_err("a key of 3 bytes");
+        assert!(e.contains(r#"key of "x""#), "{e}");
+        let mut r = ClaimHistory::default();
+        assert!(r.load_certificates(&bad).is_err());
+        assert!(r.loaded.is_empty());
+        assert!(r.load_certificates("not json").is_err());
     }
 
     /// A certificate's blocks must be exactly node blocks of the pod network, so that two

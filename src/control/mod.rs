@@ -265,10 +265,15 @@ impl Reconciler {
             return;
         }
         self.history_saved = Some(now);
-        let text = self.history.to_json();
-        if let Err(e) = crate::host::files::write_atomic(&self.history_file, text.as_bytes()) {
-            self.history.set_dirty();
-            warn!(path = %self.history_file.display(), error = %e, "could not save the claim history; trying again later");
+        let certs = certificates_file(&self.history_file);
+        for (path, text) in [
+            (&self.history_file, self.history.to_json()),
+            (&certs, self.history.certificates_to_json()),
+        ] {
+            if let Err(e) = crate::host::files::write_atomic(path, text.as_bytes()) {
+                self.history.set_dirty();
+                warn!(path = %path.display(), error = %e, "could not save the claim history; trying again later");
+            }
         }
     }
 }
@@ -276,9 +281,33 @@ impl Reconciler {
 /// How often the claim history is saved at most, while it changes.
 const HISTORY_SAVE_EVERY: Duration = Duration::from_secs(30);
 
-/// The claim history saved at `path`; empty (saying why) when there is none or it cannot be
-/// read: a lost history only means this node judges back-dating afresh.
+/// Where the certificates behind the claim history are kept, beside it.
+fn certificates_file(history: &Path) -> std::path::PathBuf {
+    history.with_file_name("certificates.json")
+}
+
+/// The claim history saved at `path`, with the certificates saved beside it; empty (saying
+/// why) when there is none or it cannot be read: a lost history only means this node judges
+/// back-dating afresh, and relearns the latest certificates from the mesh.
 fn load_history(path: &Path) -> ClaimHistory {
+    let mut history = load_claims(path);
+    let certs = certificates_file(path);
+    match std::fs::read_to_string(&certs) {
+        Ok(text) => {
+            if let Err(e) = history.load_certificates(&text) {
+                warn!(path = %certs.display(), error = %e, "the saved certificates are unreadable; starting without them");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(path = %certs.display(), error = %e, "could not read the saved certificates; starting without them");
+        }
+    }
+    history
+}
+
+/// The claim history saved at `path` (without the certificates).
+fn load_claims(path: &Path) -> ClaimHistory {
     match std::fs::read_to_string(path) {
         Ok(text) => ClaimHistory::from_json(&text, now_millis()).unwrap_or_else(|e| {
             // Kept aside for a look, not overwritten by the next save.
