@@ -438,13 +438,24 @@ impl ClaimPolicy {
             })
         });
         let loaded = std::mem::take(&mut history.loaded);
-        for n in loaded.into_iter().chain(listed) {
+        let n_loaded = loaded.len();
+        for (i, n) in loaded.into_iter().chain(listed).enumerate() {
             let signatures = &mut history.signatures;
-            if self
-                .genuine(&n.cert, &n.holder_key, now_ms, signatures)
-                .is_err()
-            {
-                continue;
+            match self.genuine(&n.cert, &n.holder_key, now_ms, signatures) {
+                Ok(()) => {}
+                // One read back that does not hold by this node's clock may hold once the
+                // clock is set (a boot before NTP): kept for later, within reason.
+                Err(CertError::NotYetValid { .. }) if i < n_loaded => {
+                    history.loaded.push(n);
+                    continue;
+                }
+                Err(CertError::Expired { not_after, .. })
+                    if i < n_loaded && now_ms.saturating_sub(not_after) < PENDING_EXPIRED_MS =>
+                {
+                    history.loaded.push(n);
+                    continue;
+                }
+                Err(_) => continue,
             }
             for b in &n.cert.pod_cidrs {
                 let newer = history
@@ -482,12 +493,12 @@ impl ClaimPolicy {
         // supersedes others only while it holds.
         let own_superseded: Vec<OwnSuperseded> = own
             .into_iter()
-            .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c.issued_at)))
-            .filter_map(|(b, issued)| {
+            .flat_map(|c| c.pod_cidrs.iter().map(move |b| (b, c)))
+            .filter_map(|(b, c)| {
                 let n = history
                     .newest
                     .get(b)
-                    .filter(|n| n.cert.issued_at > issued)?;
+                    .filter(|n| n.cert.issued_at > c.issued_at && n.holder_key != c.node_key)?;
                 Some(OwnSuperseded {
                     block: *b,
                     member: n.holder.clone(),
@@ -496,16 +507,24 @@ impl ClaimPolicy {
             })
             .collect();
         let own = own.filter(|c| c.holds(&c.node_key, now_ms, MAX_SKEW_MS).is_ok());
-        let newest = |b: &IpNet| {
-            let theirs = history.newest.get(b).map(|n| n.cert.issued_at);
-            let mine = own.filter(|c| c.covers(b)).map(|c| c.issued_at);
+        // A member's (or this node's) own later certificate does not supersede its earlier
+        // one: a node that went back to an older certificate still holds its blocks.
+        let newest = |b: &IpNet, holder: &[u8; 32]| {
+            let theirs = history
+                .newest
+                .get(b)
+                .filter(|n| &n.holder_key != holder)
+                .map(|n| n.cert.issued_at);
+            let mine = own
+                .filter(|c| c.covers(b) && &c.node_key != holder)
+                .map(|c| c.issued_at);
             theirs.max(mine)
         };
         let (mut still, mut refused) = (Vec::with_capacity(kept.len()), Vec::new());
         for m in kept {
             let why = certified(&m).and_then(|cert| {
                 cert.pod_cidrs.iter().find_map(|b| {
-                    let by = newest(b)?;
+                    let by = newest(b, &m.record.wireguard_key)?;
                     (by > cert.issued_at).then_some(Refusal::Superseded {
                         claim: *b,
                         issued_at: cert.issued_at,
@@ -646,6 +665,9 @@ pub const HISTORY_HORIZON: std::time::Duration =
     std::time::Duration::from_millis(HISTORY_HORIZON_MS);
 /// The most members remembered.
 pub const MAX_HISTORY: usize = 16_384;
+/// How long past its end a certificate read back is kept unchecked for a clock that may be
+/// ahead: one further past it is dropped.
+pub const PENDING_EXPIRED_MS: u64 = 30 * 86_400_000;
 /// The most certificates [`Signatures`] remembers (`mesh.max_members` at most).
 pub const MAX_SIGNATURES: usize = 100_000;
 
@@ -822,9 +844,12 @@ impl ClaimHistory {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut seen = HashSet::new();
+        // Those read back and not yet taken (the clock was not set, or no authority is on
+        // now) are kept too.
         let mut saved: Vec<SavedCert> = self
             .newest
             .values()
+            .chain(&self.loaded)
             .filter(|n| seen.insert(n.cert.to_bytes()))
             .map(|n| SavedCert {
                 holder: n.holder.clone(),
@@ -838,29 +863,35 @@ impl ClaimHistory {
 
     /// Takes back [`certificates_to_json`](Self::certificates_to_json)'s output; each
     /// certificate is checked again at the next round before it counts (a file edited by
-    /// hand gains nothing). At most [`MAX_SIGNATURES`] are read.
-    pub fn load_certificates(&mut self, text: &str) -> Result<usize, String> {
+    /// hand gains nothing). An entry that cannot be read is skipped and returned with why; a
+    /// file that is not such a list is an error, and nothing is taken from it. At most
+    /// [`MAX_SIGNATURES`] are read.
+    pub fn load_certificates(&mut self, text: &str) -> Result<Vec<String>, String> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let saved: Vec<SavedCert> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let mut loaded = Vec::new();
+        let mut skipped = Vec::new();
         for s in saved.into_iter().take(MAX_SIGNATURES) {
             let bad = |what: &str, e: &dyn fmt::Display| format!("{what} of {:?}: {e}", s.holder);
-            let key = b64.decode(&s.key).map_err(|e| bad("key", &e))?;
-            let holder_key: [u8; 32] = key
-                .try_into()
-                .map_err(|k: Vec<u8>| bad("key", &format!("{} bytes, not 32", k.len())))?;
-            let bytes = b64.decode(&s.cert).map_err(|e| bad("certificate", &e))?;
-            let cert = NodeCert::from_bytes(&bytes).map_err(|e| bad("certificate", &e))?;
-            loaded.push(Newest {
-                holder: s.holder,
-                holder_key,
-                cert,
-            });
+            let entry = (|| {
+                let key = b64.decode(&s.key).map_err(|e| bad("key", &e))?;
+                let holder_key: [u8; 32] = key
+                    .try_into()
+                    .map_err(|k: Vec<u8>| bad("key", &format!("{} bytes, not 32", k.len())))?;
+                let bytes = b64.decode(&s.cert).map_err(|e| bad("certificate", &e))?;
+                let cert = NodeCert::from_bytes(&bytes).map_err(|e| bad("certificate", &e))?;
+                Ok::<_, String>(Newest {
+                    holder: s.holder.clone(),
+                    holder_key,
+                    cert,
+                })
+            })();
+            match entry {
+                Ok(n) => self.loaded.push(n),
+                Err(why) => skipped.push(why),
+            }
         }
-        // All or nothing: a file that is bad somewhere is not half taken.
-        self.loaded = loaded;
-        Ok(self.loaded.len())
+        Ok(skipped)
     }
 
     /// The number of members remembered.
@@ -1178,19 +1209,22 @@ mod tests {
     /// file that is bad anywhere is an error naming the entry, with nothing taken from it.
     #[test]
     fn a_restarted_node_keeps_refusing_a_superseded_holder_from_its_saved_certificates() {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD;
         let Moved { with, b, cc, .. } = moved();
         let mut h = ClaimHistory::default();
+        round(&with, &mut h, vec![b.clone()], None, NOW);
+        h.take_dirty();
+        // A new latest certificate makes the history worth saving; a steady round does not.
         round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
         assert!(h.take_dirty());
+        round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW + 1000);
+        assert!(!h.take_dirty());
         let text = h.certificates_to_json();
         let restart = |text: &str| {
             let mut r = ClaimHistory::from_json(&h.to_json(), NOW).expect("history");
-            r.load_certificates(text).map(|n| (r, n))
+            r.load_certificates(text).map(|skipped| (r, skipped))
         };
-        let (mut restarted, n) = restart(&text).expect("read back");
-        assert_eq!(n, 1);
+        let (mut restarted, skipped) = restart(&text).expect("read back");
+        assert_eq!((restarted.loaded.len(), skipped.len()), (1, 0));
         let (kept, refused, _) = round(&with, &mut restarted, vec![b.clone()], None, NOW + 1000);
         assert_eq!(
             (names(&kept), reasons(&refused)),
@@ -1206,7 +1240,28 @@ mod tests {
         );
         assert_eq!(names(&kept), ["b"]);
 
-        // cc's certificate put under b's key is checked again and counts for nothing.
+        // Booted before the clock was set (a day behind, so cc's certificate has not begun):
+        // the entry is kept, saved again, and counts once the clock is right.
+        let (mut early, _) = restart(&text).expect("read back");
+        let (kept, _, _) = round(&with, &mut early, vec![b.clone()], None, NOW - DAY);
+        assert_eq!(names(&kept), ["b"], "b's own certificate holds then");
+        let saved = early.certificates_to_json();
+        assert!(saved.contains(r#""holder":"cc""#), "{saved}");
+        let (kept, _, _) = round(&with, &mut early, vec![b.clone()], None, NOW);
+        assert_eq!(names(&kept), Vec::<&str>::new());
+    }
+
+    /// What is read back is checked again: cc's certificate put under b's key counts for
+    /// nothing; an unreadable entry is skipped and named, the others kept; a file that is no
+    /// list is an error with nothing taken.
+    #[test]
+    fn saved_certificates_are_checked_again_and_a_bad_entry_is_skipped_by_name() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Moved { with, b, cc, .. } = moved();
+        let mut h = ClaimHistory::default();
+        round(&with, &mut h, vec![b.clone(), cc.clone()], None, NOW);
+        let text = h.certificates_to_json();
         let cert = cc
             .record
             .certificate
@@ -1218,20 +1273,39 @@ mod tests {
             b64.encode(b.record.wireguard_key),
             b64.encode(cert)
         );
-        let (mut edited, _) = restart(&moved_key).expect("read back");
+        let mut edited = ClaimHistory::default();
+        assert_eq!(edited.load_certificates(&moved_key), Ok(vec![]));
         let (kept, _, _) = round(&with, &mut edited, vec![b.clone()], None, NOW + 1000);
         assert_eq!(names(&kept), ["b"]);
-        // A bad entry after a good one: an error naming it, and nothing taken.
+
         let bad = format!(
             r#"{}, {{"holder": "x", "key": "AAAA", "cert": "AAAA"}}]"#,
             text.trim_end_matches(']')
         );
-        let e = restart(&bad).expect_err("a key of 3 bytes");
-        assert!(e.contains(r#"key of "x""#), "{e}");
         let mut r = ClaimHistory::default();
-        assert!(r.load_certificates(&bad).is_err());
-        assert!(r.loaded.is_empty());
+        let skipped = r.load_certificates(&bad).expect("a list");
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains(r#"key of "x""#), "{skipped:?}");
+        let (kept, _, _) = round(&with, &mut r, vec![b.clone()], None, NOW + 1000);
+        assert_eq!(names(&kept), Vec::<&str>::new(), "the good entry counts");
+        let mut r = ClaimHistory::default();
         assert!(r.load_certificates("not json").is_err());
+        assert!(r.loaded.is_empty());
+    }
+
+    /// A member's own later certificate does not supersede its earlier one: a node that went
+    /// back to an older certificate (still good) keeps its block, and so does this node.
+    #[test]
+    fn a_holders_own_later_certificate_does_not_supersede_its_earlier_one() {
+        let Moved { with, block, b, .. } = moved();
+        let later = certified_at(member("b", &[(block, NOW - DAY)]), &[block], NOW - HOUR);
+        let mut h = ClaimHistory::default();
+        round(&with, &mut h, vec![later], None, NOW);
+        let (kept, refused, _) = round(&with, &mut h, vec![b.clone()], None, NOW + 1000);
+        assert_eq!((names(&kept), refused.len()), (vec!["b"], 0));
+        // The same for this node's own: b's later one is remembered; this node is b.
+        let (_, _, mine) = round(&with, &mut h, vec![], Some(&b), NOW + 2000);
+        assert_eq!(mine, []);
     }
 
     /// A certificate's blocks must be exactly node blocks of the pod network, so that two

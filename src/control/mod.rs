@@ -293,11 +293,19 @@ fn load_history(path: &Path) -> ClaimHistory {
     let mut history = load_claims(path);
     let certs = certificates_file(path);
     match std::fs::read_to_string(&certs) {
-        Ok(text) => {
-            if let Err(e) = history.load_certificates(&text) {
-                warn!(path = %certs.display(), error = %e, "the saved certificates are unreadable; starting without them");
+        Ok(text) => match history.load_certificates(&text) {
+            Ok(skipped) => {
+                for why in skipped {
+                    warn!(path = %certs.display(), entry = %why, "a saved certificate is unreadable; skipped");
+                }
             }
-        }
+            Err(e) => {
+                // Kept aside for a look, not overwritten by the next save.
+                let aside = certs.with_extension("json.corrupt");
+                let kept = std::fs::rename(&certs, &aside).is_ok();
+                warn!(path = %certs.display(), error = %e, kept_as = %if kept { aside.display().to_string() } else { "-".into() }, "the saved certificates are unreadable; starting without them");
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
             warn!(path = %certs.display(), error = %e, "could not read the saved certificates; starting without them");
@@ -1187,9 +1195,11 @@ fn forget(path: &Path, said: &str) -> anyhow::Result<()> {
 /// it cannot be read or parsed (`--reset-state` starts afresh instead).
 pub fn read_state(path: &Path, reset: bool) -> anyhow::Result<Vec<SavedBlock>> {
     if reset {
+        let history = path.with_file_name("claims.json");
+        forget(&history, "the claim history is forgotten")?;
         forget(
-            &path.with_file_name("claims.json"),
-            "the claim history is forgotten",
+            &certificates_file(&history),
+            "the latest certificates seen are forgotten",
         )?;
         forget(path, "the saved pod blocks are forgotten")?;
         return Ok(Vec::new());
