@@ -1222,6 +1222,29 @@ mod tests {
 
     use super::*;
 
+    /// `--reset-state` forgets the saved blocks, the claim history and the latest
+    /// certificates seen, and nothing else in the state dir.
+    #[test]
+    fn reset_state_forgets_the_blocks_the_claim_history_and_the_certificates() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("ipam.json");
+        let others = ["claims.json", "certificates.json", "private.key"];
+        for name in others {
+            std::fs::write(dir.path().join(name), "[]").expect("write");
+        }
+        std::fs::write(&state, "not json").expect("write");
+        assert!(
+            read_state(&state, false).is_err(),
+            "unreadable without a reset"
+        );
+        assert_eq!(read_state(&state, true).expect("reset"), []);
+        let left: Vec<bool> = others.iter().map(|n| dir.path().join(n).exists()).collect();
+        assert_eq!(left, [false, false, true]);
+        assert!(!state.exists());
+        // Nothing to forget is fine too.
+        assert!(read_state(&state, true).is_ok());
+    }
+
     #[test]
     fn a_cluster_secret_file_readable_by_group_or_others_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
