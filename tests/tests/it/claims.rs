@@ -391,9 +391,15 @@ fn with_an_authority_a_block_reissued_to_another_node_moves_there() -> anyhow::R
     // b, superseded, says so: an error in its log and a metric; a's certificate end is a metric.
     let scrape =
         |me: &str| weft_tests::http_get(&m.lab, &m.daemon(me).ns, "127.0.0.1:6782", "/metrics");
-    let metric = |text: &str, name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    // A scrape's body read with the strict exposition reader; the value of `name`'s one
+    // sample without labels.
+    let metric = |response: &str, name: &str| {
+        let body = response.split("\r\n\r\n").nth(1)?;
+        weft_tests::exposition::parse_exposition(body)
+            .ok()?
+            .into_iter()
+            .find(|s| s.name == name && s.labels.is_empty())
+            .map(|s| s.value)
     };
     wait_for(
         "b's metric of superseded blocks",
