@@ -46,6 +46,19 @@ impl RouterHandle {
         ask(&self.tx, |r| RouterCommand::AddPeer(config, r)).await
     }
 
+    /// Routes `allowed_ips` to a peer in place of its prefixes, its session kept; `None` when
+    /// the data plane has stopped.
+    pub async fn set_allowed_ips(
+        &self,
+        id: PeerId,
+        allowed_ips: Vec<ipnet::IpNet>,
+    ) -> Option<Result<(), PeerError>> {
+        ask(&self.tx, |r| {
+            RouterCommand::SetAllowedIps(id, allowed_ips, r)
+        })
+        .await
+    }
+
     /// Removes a peer; false when the data plane has stopped.
     pub async fn remove_peer(&self, id: PeerId) -> bool {
         self.tx.send(RouterCommand::RemovePeer(id)).await.is_ok()

@@ -133,6 +133,9 @@ pub enum PeerError {
     /// All 2^24 session indexes are in use.
     #[error("no free session index")]
     NoIndex,
+    /// No peer has this handle (it was removed).
+    #[error("no peer {0}")]
+    NoSuchPeer(PeerId),
 }
 
 /// The forwarding core: an allowed-IPs table from overlay prefixes to peers, and per peer a
@@ -444,6 +447,39 @@ impl Router {
         }
         debug!(peer = %id, name = %peer.config.name, "peer removed");
         Some(peer.config)
+    }
+
+    /// Routes `allowed_ips` to a peer in place of the prefixes it had, its session kept (as
+    /// `wg set ... allowed-ips` does): a peer whose prefixes change (a block claimed, moved or
+    /// given up) loses no packet in flight and needs no new handshake. A prefix another peer
+    /// holds is refused, naming it, and nothing changes.
+    pub fn set_allowed_ips(
+        &mut self,
+        id: PeerId,
+        allowed_ips: Vec<IpNet>,
+    ) -> Result<(), PeerError> {
+        if !self.peers.contains_key(&id) {
+            return Err(PeerError::NoSuchPeer(id));
+        }
+        for net in &allowed_ips {
+            if let Some((_, owner)) = self
+                .routes
+                .iter()
+                .find(|(n, p)| **n == net.trunc() && **p != id)
+            {
+                let owner = self.name_of(*owner);
+                return Err(PeerError::PrefixTaken { net: *net, owner });
+            }
+        }
+        self.routes.retain(|_, p| *p != id);
+        for net in &allowed_ips {
+            self.routes.insert(*net, id);
+        }
+        if let Some(peer) = self.peers.get_mut(&id).map(Slot::peer) {
+            debug!(peer = %id, name = %peer.config.name, allowed_ips = ?allowed_ips, "peer's prefixes changed");
+            peer.config.allowed_ips = allowed_ips;
+        }
+        Ok(())
     }
 
     /// Starts a WireGuard handshake with the peer without waiting for traffic, so that the

@@ -646,6 +646,8 @@ impl Reconciler {
             .iter()
             .map(|m| {
                 let key = m.record.wireguard_key;
+                self.choices
+                    .learn(key, live.get(&key).and_then(|p| p.endpoint));
                 let c = self.choices.candidates(&snap.record, &m.record);
                 self.choices
                     .restart_if_changed(now, key, &c, up.contains(&key));
@@ -744,9 +746,10 @@ impl Masquerade {
 }
 
 /// Turns the router's peers (`actual`) into `desired`: removes, adds and replaces only what
-/// changed, and asks for a handshake at once with new mesh peers (`is_mesh`). A peer in
-/// `back` keeps its session when only its endpoint moves to the relay shim given there. False
-/// when the router is gone.
+/// changed, and asks for a handshake at once with new mesh peers (`is_mesh`). A peer keeps
+/// its session when its prefixes change, and when its endpoint moves only to where the session
+/// is up or, for a peer in `back`, to the relay shim given there. False when the router is
+/// gone.
 pub async fn apply(
     router: &RouterHandle,
     actual: &[weft_router::PeerStatus],
@@ -766,57 +769,113 @@ pub async fn apply(
         .iter()
         .map(|p| (p.config.public_key, p.config.clone()))
         .collect();
-    for change in reconcile::diff(&current, desired) {
-        // A session that is up where the choice now points (the choice followed it to where
-        // the far end's packets come from), or going back to its relay, keeps its keys: no
-        // new handshake, nothing in flight lost. Any other move starts a fresh session at the
-        // new endpoint.
-        if let Change::Replace(c) = &change
-            && let (Some(id), Some(have), Some(to), Some(&from)) = (
-                ids.get(&c.public_key),
-                current.get(&c.public_key),
-                c.endpoint,
-                live.get(&c.public_key),
-            )
-            && (from == to || back.get(&c.public_key) == Some(&to))
-            && *have
-                == (PeerConfig {
-                    endpoint: have.endpoint,
-                    ..c.clone()
-                })
-        {
-            debug!(peer = %c.name, endpoint = %to, "endpoint moved, session kept");
-            if !router.set_endpoint(*id, from, to).await {
-                return false;
-            }
-            continue;
-        }
-        let (remove, add) = match change {
-            Change::Add(c) => (None, Some(c)),
-            Change::Remove(k) => (Some(k), None),
-            Change::Replace(c) => (Some(c.public_key), Some(c)),
+    let changes = reconcile::diff(&current, desired);
+    let steps = reconcile::in_place_steps(&changes, &current, &live, back);
+    if !give_up_first(router, &ids, &current, &steps).await {
+        return false;
+    }
+    // Then what leaves (removed peers, and the old half of the others replaced), then what
+    // comes (new peers, the new half), then what changes in place: any desired set in which
+    // no two peers share a prefix lands in this one round, whoever held what before.
+    let fresh = |c: &PeerConfig| !steps.contains_key(&c.public_key);
+    for change in &changes {
+        let k = match change {
+            Change::Remove(k) => *k,
+            Change::Replace(c) if fresh(c) => c.public_key,
+            _ => continue,
         };
-        if let Some(k) = remove
-            && let Some(id) = ids.get(&k)
-        {
+        if let Some(id) = ids.get(&k) {
             let name = current.get(&k).map(|c| c.name.clone()).unwrap_or_default();
             info!(peer = %name, "peer withdrawn");
             router.remove_peer(*id).await;
         }
-        if let Some(c) = add {
-            let (name, endpoint, path) = (c.name.clone(), c.endpoint, c.path.as_str());
-            let mesh_peer = is_mesh(&c.public_key);
-            match router.add_peer(c).await {
-                Some(Ok(id)) => {
-                    info!(peer = %name, endpoint = ?endpoint, path, "peer routed");
-                    // Confirm the endpoint now rather than at the first packet.
-                    if mesh_peer {
-                        router.connect(id).await;
-                    }
-                }
-                Some(Err(e)) => warn!(peer = %name, error = %e, "peer not routed"),
-                None => return false,
+    }
+    for change in &changes {
+        let c = match change {
+            Change::Add(c) => c,
+            Change::Replace(c) if fresh(c) => c,
+            _ => continue,
+        };
+        if !add(router, c.clone(), is_mesh(&c.public_key)).await {
+            return false;
+        }
+    }
+    // A peer whose prefixes change, or whose session is up where the choice now points (it
+    // followed the far end's packets there) or goes back to its relay, keeps its keys: no
+    // new handshake, nothing in flight lost ([`reconcile::in_place`]).
+    for change in &changes {
+        if let Change::Replace(c) = change
+            && let (Some(&id), Some(step)) = (ids.get(&c.public_key), steps.get(&c.public_key))
+            && !in_place(router, id, c, step.clone()).await
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Adds peer `c` and, for a mesh peer, asks for a handshake at once. False when the router is
+/// gone.
+async fn add(router: &RouterHandle, c: PeerConfig, mesh_peer: bool) -> bool {
+    let (name, endpoint, path) = (c.name.clone(), c.endpoint, c.path.as_str());
+    match router.add_peer(c).await {
+        Some(Ok(id)) => {
+            info!(peer = %name, endpoint = ?endpoint, path, "peer routed");
+            // Confirm the endpoint now rather than at the first packet.
+            if mesh_peer {
+                router.connect(id).await;
             }
+        }
+        Some(Err(e)) => warn!(peer = %name, error = %e, "peer not routed"),
+        None => return false,
+    }
+    true
+}
+
+/// Sets the prefixes each peer changing in place keeps before any peer takes new ones
+/// ([`reconcile::given_up_first`]). False when the router is gone.
+async fn give_up_first(
+    router: &RouterHandle,
+    ids: &BTreeMap<[u8; 32], weft_router::PeerId>,
+    current: &BTreeMap<[u8; 32], PeerConfig>,
+    steps: &BTreeMap<[u8; 32], reconcile::InPlace>,
+) -> bool {
+    for (k, kept) in reconcile::given_up_first(current, steps) {
+        let Some(&id) = ids.get(&k) else {
+            continue;
+        };
+        // Giving prefixes up cannot be refused; a peer gone since is left to the next round.
+        if router.set_allowed_ips(id, kept).await.is_none() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Changes peer `id` (now `c`) in place, its session kept ([`reconcile::in_place`]): its
+/// prefixes (a refusal is logged and the next round tries again), then its endpoint. False when
+/// the router is gone.
+async fn in_place(
+    router: &RouterHandle,
+    id: weft_router::PeerId,
+    c: &PeerConfig,
+    step: reconcile::InPlace,
+) -> bool {
+    if let Some(nets) = step.allowed_ips {
+        match router.set_allowed_ips(id, nets).await {
+            Some(Ok(())) => {
+                info!(peer = %c.name, allowed_ips = ?c.allowed_ips, "peer's prefixes changed, session kept");
+            }
+            Some(Err(e)) => {
+                warn!(peer = %c.name, error = %e, "peer's prefixes not changed: tried again next round");
+            }
+            None => return false,
+        }
+    }
+    if let Some((from, to)) = step.endpoint {
+        debug!(peer = %c.name, endpoint = %to, "endpoint moved, session kept");
+        if !router.set_endpoint(id, from, to).await {
+            return false;
         }
     }
     true
@@ -1268,5 +1327,97 @@ mod tests {
         assert!(e.contains(&secret.display().to_string()), "{e}");
         assert!(e.contains("readable by its group or others"), "{e}");
         assert!(!e.contains(&keys::encode(&value)), "{e}");
+    }
+
+    /// Serves `apply`'s commands against `router` until the handle is dropped.
+    async fn serve(
+        mut rx: mpsc::Receiver<weft_router::driver::Command>,
+        mut router: weft_router::Router,
+        now: std::time::Instant,
+    ) -> weft_router::Router {
+        use weft_router::driver::Command;
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::AddPeer(c, reply) => drop(reply.send(router.add_peer(now, c))),
+                Command::RemovePeer(id) => drop(router.remove_peer(id)),
+                Command::SetAllowedIps(id, nets, reply) => {
+                    drop(reply.send(router.set_allowed_ips(id, nets)));
+                }
+                Command::Connect(id) => router.connect(id),
+                Command::SetEndpoint { id, from, to } => drop(router.move_endpoint(id, from, to)),
+                other => panic!("apply sent {other:?}"),
+            }
+        }
+        router
+    }
+
+    /// Prefixes moving between peers land in one round, whether the peers change in place or
+    /// are replaced: x (in place) and y (replaced: its endpoint moved) trade blocks, and so do
+    /// z and w (both in place). Taking before the other side gave up would be refused.
+    #[tokio::test]
+    async fn prefixes_moving_between_peers_in_place_or_replaced_land_in_one_round() {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let now = std::time::Instant::now();
+        let peer = |key: u8, endpoint: &str, block: u8| PeerConfig {
+            name: format!("p{key}"),
+            public_key: [key; 32],
+            endpoint: Some(endpoint.parse().expect("endpoint")),
+            allowed_ips: vec![format!("100.64.{block}.0/24").parse().expect("block")],
+            persistent_keepalive: Some(25),
+            path: weft_router::PathKind::Encrypted,
+        };
+        let before = [
+            peer(2, "198.18.1.2:51820", 1),
+            peer(3, "198.18.1.3:51820", 2),
+            peer(4, "198.18.1.4:51820", 3),
+            peer(5, "198.18.1.5:51820", 4),
+        ];
+        let after = [
+            peer(2, "198.18.1.2:51820", 2),
+            peer(3, "198.18.9.3:51820", 1),
+            peer(4, "198.18.1.4:51820", 4),
+            peer(5, "198.18.1.5:51820", 3),
+        ];
+        let mut router =
+            weft_router::Router::new(weft_router::x25519::StaticSecret::from([7; 32]), 1);
+        for c in &before {
+            router.add_peer(now, c.clone()).expect("added");
+        }
+        let actual = router.peers(now);
+        let (handle, rx) = RouterHandle::channel();
+        let task = tokio::spawn(serve(rx, router, now));
+        let desired: Vec<reconcile::DesiredPeer> = after
+            .iter()
+            .map(|c| reconcile::DesiredPeer {
+                config: c.clone(),
+                region: None,
+                reason: Reason::Configured,
+                candidates: vec![],
+                via: None,
+            })
+            .collect();
+        assert!(apply(&handle, &actual, &desired, &BTreeMap::new(), |_| false).await);
+        drop(handle);
+        let router = task.await.expect("served");
+        let ids: BTreeMap<[u8; 32], weft_router::PeerId> =
+            actual.iter().map(|p| (p.config.public_key, p.id)).collect();
+        let now_peers = router.peers(now);
+        for want in &after {
+            let got = now_peers
+                .iter()
+                .find(|p| p.config.public_key == want.public_key)
+                .expect("still a peer");
+            assert_eq!(got.config, *want, "{} as desired", want.name);
+            let kept = got.id == ids[&want.public_key];
+            assert_eq!(
+                kept,
+                want.public_key != [3; 32],
+                "{}: session kept",
+                want.name
+            );
+        }
     }
 }

@@ -180,6 +180,9 @@ pub struct Choices {
     trials: HashMap<[u8; 32], Trial>,
     /// The addresses the members (this node too) advertise as their own, with whose they are.
     taken: HashMap<IpAddr, [u8; 32]>,
+    /// Where each peer whose session is up has it now: the endpoint its authenticated packets
+    /// come from ([`Choices::learn`]).
+    learned: HashMap<[u8; 32], SocketAddr>,
 }
 
 /// How often a peer reached through a relay is offered its direct candidates again
@@ -235,12 +238,33 @@ impl Choices {
             .collect();
     }
 
+    /// Learns where peer `key`'s session is up now (`live`, where its authenticated packets
+    /// come from), or that it is not up (`None`).
+    pub fn learn(&mut self, key: [u8; 32], live: Option<SocketAddr>) {
+        match live {
+            Some(at) => self.learned.insert(key, at),
+            None => self.learned.remove(&key),
+        };
+    }
+
     /// Peer `r`'s candidates ([`candidates`]) but for a mapping at an address another member
     /// advertises as its own (a member that says so, or a record that publishes it, would
     /// point a WireGuard endpoint at that member's address: the router then refuses its
-    /// plaintext there), then its relay shim if it has one.
+    /// plaintext there); then, while its session is up at an endpoint none of those is (it
+    /// came in from a NAT mapping its record does not publish yet), that endpoint
+    /// ([`Reason::Learned`]), so that a change of the peer's prefixes, which starts a fresh
+    /// session, starts it where the peer is reached rather than at an address that never
+    /// answered (never a relay shim this way: one the relay plan dropped is left; compared in
+    /// canonical form, so an IPv4-mapped spelling is not listed twice); then its relay shim if
+    /// it has one.
     pub fn candidates(&self, me: &NodeRecord, r: &NodeRecord) -> Vec<(SocketAddr, Reason)> {
-        let mut c = candidates(me, r);
+        // Canonical, as the router has every source address: an IPv4-mapped spelling in a
+        // record is the plain address its session is followed to.
+        let canonical = |a: &SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let mut c: Vec<(SocketAddr, Reason)> = candidates(me, r)
+            .into_iter()
+            .map(|(a, reason)| (canonical(&a), reason))
+            .collect();
         c.retain(|(a, reason)| {
             reason.own_address()
                 || self
@@ -248,8 +272,19 @@ impl Choices {
                     .get(&a.ip().to_canonical())
                     .is_none_or(|k| *k == r.wireguard_key)
         });
-        if let Some((shim, _)) = self.relayed.get(&r.wireguard_key) {
-            c.push((*shim, Reason::Relayed));
+        let shim = self.relayed.get(&r.wireguard_key).map(|(shim, _)| *shim);
+        // A loopback endpoint is a relay shim: it counts only while the relay plan lists it.
+        // Another member's address is no reason to leave it out: the session is up there
+        // already (the router refuses plaintext from it either way), and leaving it out would
+        // let any member that publishes the address restart the peer's session elsewhere.
+        if let Some(at) = self.learned.get(&r.wireguard_key).map(canonical)
+            && !at.ip().is_loopback()
+            && !c.iter().any(|(a, _)| *a == at)
+        {
+            c.push((at, Reason::Learned));
+        }
+        if let Some(shim) = shim {
+            c.push((shim, Reason::Relayed));
         }
         c
     }
@@ -486,6 +521,7 @@ impl Choices {
         self.probed.retain(|k, _| keep(k));
         self.failures.retain(|k, _| keep(k));
         self.trials.retain(|k, _| keep(k));
+        self.learned.retain(|k, _| keep(k));
     }
 }
 
@@ -648,8 +684,95 @@ pub enum Change {
     Add(PeerConfig),
     /// Remove the peer with this key.
     Remove([u8; 32]),
-    /// Replace the peer with this key (its prefixes, path or endpoint changed).
+    /// Change the peer with this key (its prefixes, path or endpoint changed): in place where
+    /// [`in_place`] allows, else a fresh peer.
     Replace(PeerConfig),
+}
+
+/// What changes in place for a peer whose configuration changed, its session kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InPlace {
+    /// Its new prefixes, when they changed.
+    pub allowed_ips: Option<Vec<IpNet>>,
+    /// Its endpoint's move, (from, to), when it moved: `from` is where its session is up.
+    pub endpoint: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// How a peer configured as `have` becomes `want` with its session kept, when it can: its
+/// prefixes are set in place (as `wg set ... allowed-ips` does: a block claimed, moved or given
+/// up costs no handshake and drops nothing in flight), and its endpoint moves only to `live`,
+/// where its session is up (the choice followed the far end's packets there), or to `back`,
+/// its relay shim after a direct path failed. `None` when anything else changed (its name,
+/// path or keepalive) or the endpoint moves anywhere else: a fresh session starts there.
+pub fn in_place(
+    have: &PeerConfig,
+    want: &PeerConfig,
+    live: Option<SocketAddr>,
+    back: Option<SocketAddr>,
+) -> Option<InPlace> {
+    let masked = PeerConfig {
+        endpoint: have.endpoint,
+        allowed_ips: have.allowed_ips.clone(),
+        ..want.clone()
+    };
+    if *have != masked {
+        return None;
+    }
+    let endpoint = match (want.endpoint, live) {
+        (to, _) if to == have.endpoint => None,
+        (Some(to), Some(from)) if from == to || back == Some(to) => Some((from, to)),
+        _ => return None,
+    };
+    Some(InPlace {
+        allowed_ips: (want.allowed_ips != have.allowed_ips).then(|| want.allowed_ips.clone()),
+        endpoint,
+    })
+}
+
+/// The changes among `changes` that keep the peer's session ([`in_place`]), by key, given
+/// where each peer that is up has its session (`live`) and the peers going back to their relay
+/// shim (`back`).
+pub fn in_place_steps(
+    changes: &[Change],
+    current: &BTreeMap<[u8; 32], PeerConfig>,
+    live: &BTreeMap<[u8; 32], SocketAddr>,
+    back: &BTreeMap<[u8; 32], SocketAddr>,
+) -> BTreeMap<[u8; 32], InPlace> {
+    changes
+        .iter()
+        .filter_map(|change| {
+            let Change::Replace(c) = change else {
+                return None;
+            };
+            let k = c.public_key;
+            let step = in_place(
+                current.get(&k)?,
+                c,
+                live.get(&k).copied(),
+                back.get(&k).copied(),
+            )?;
+            Some((k, step))
+        })
+        .collect()
+}
+
+/// The first half of the in-place prefix changes: for each peer in `steps` that gives some of
+/// its prefixes up, the ones it keeps. Set before any peer takes new ones, so that prefixes
+/// moving between peers (two trading blocks, or a longer cycle) land in one round: taking
+/// first, each would be refused the other's, round after round.
+pub fn given_up_first(
+    current: &BTreeMap<[u8; 32], PeerConfig>,
+    steps: &BTreeMap<[u8; 32], InPlace>,
+) -> Vec<([u8; 32], Vec<IpNet>)> {
+    steps
+        .iter()
+        .filter_map(|(k, step)| {
+            let want = step.allowed_ips.as_ref()?;
+            let have = &current.get(k)?.allowed_ips;
+            let kept: Vec<IpNet> = have.iter().filter(|n| want.contains(n)).copied().collect();
+            (kept.len() != have.len()).then_some((*k, kept))
+        })
+        .collect()
 }
 
 /// The changes that turn `current` (by key) into `desired`. A peer whose configuration is
@@ -1324,5 +1447,229 @@ mod nat_tests {
         // This node's own addresses are taken too.
         x.observed = vec![ep("10.9.0.1:51820")];
         assert_eq!(ch.candidates(&me, &x).len(), 1);
+    }
+
+    /// A public node's view of a node behind NAT whose record lists only its LAN address.
+    fn public_and_natted() -> (NodeRecord, NodeRecord, SocketAddr, SocketAddr) {
+        let mut p = behind_nat("p", "cloud", "198.19.0.1", &[]);
+        p.public_address = p.private_address;
+        let a = behind_nat("aa", "home", "198.18.101.2", &[]);
+        (p, a, ep("198.18.101.2:51820"), ep("198.19.0.101:51820"))
+    }
+
+    #[test]
+    fn a_session_up_at_a_mapping_no_record_lists_yet_is_where_the_peer_is_reached() {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let now = Instant::now();
+        let (p, a, lan, mapping) = public_and_natted();
+        let mut ch = Choices::default();
+        let members = [weft_mesh::testing::member(
+            weft_mesh::NodeId([9; 32]),
+            a.clone(),
+        )];
+        let (d, _) = desired(&p, [1; 32], &members, &[], &ch);
+        assert_eq!(d[0].config.endpoint, Some(lan), "nothing learned yet");
+        // a's handshake came in from its NAT's mapping: p's session with it is up there.
+        ch.learn(a.wireguard_key, Some(mapping));
+        let cands = ch.candidates(&p, &a);
+        assert_eq!(
+            cands,
+            [(lan, Reason::OnlyAddress), (mapping, Reason::Learned)]
+        );
+        ch.restart_if_changed(now, a.wireguard_key, &cands, true);
+        ch.follow(now, a.wireguard_key, &cands, mapping);
+        let (d, _) = desired(&p, [1; 32], &members, &[], &ch);
+        assert_eq!(
+            (d[0].config.endpoint, d[0].reason),
+            (Some(mapping), Reason::Learned),
+            "a fresh session (its block claimed) starts where a is reached, not at its LAN address"
+        );
+        // Once a's record publishes the mapping, it is listed once, as observed (first across
+        // regions).
+        let mut published = a.clone();
+        published.observed = vec![mapping];
+        assert_eq!(
+            ch.candidates(&p, &published),
+            [(mapping, Reason::Observed), (lan, Reason::OnlyAddress)]
+        );
+        // The session gone, the learned endpoint goes with it.
+        ch.learn(a.wireguard_key, None);
+        assert_eq!(ch.candidates(&p, &a), [(lan, Reason::OnlyAddress)]);
+    }
+
+    #[test]
+    fn a_member_publishing_the_learned_address_does_not_move_the_session_and_a_shim_is_not_learned()
+    {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let now = Instant::now();
+        let (p, a, lan, mapping) = public_and_natted();
+        let mut ch = Choices::default();
+        ch.set_members([&p, &a]);
+        ch.learn(a.wireguard_key, Some(mapping));
+        let cands = ch.candidates(&p, &a);
+        ch.restart_if_changed(now, a.wireguard_key, &cands, true);
+        ch.follow(now, a.wireguard_key, &cands, mapping);
+        // Another member (behind the same NAT, or lying) publishes the NAT's address as its
+        // own: p's session with a stays where it is up.
+        let mut other = behind_nat("other", "home", "198.18.101.3", &[]);
+        other.public_address = Some(mapping.ip());
+        ch.set_members([&p, &a, &other]);
+        let cands = ch.candidates(&p, &a);
+        assert_eq!(
+            cands,
+            [(lan, Reason::OnlyAddress), (mapping, Reason::Learned)]
+        );
+        ch.restart_if_changed(now, a.wireguard_key, &cands, true);
+        let (e, reason, _) = endpoint(&p, &a, &cands, &ch);
+        assert_eq!((e, reason), (Some(mapping), Reason::Learned));
+        // A record's IPv4-mapped spelling is the plain address the session is followed to:
+        // one candidate, and the choice finds the session there.
+        let mut mapped_lan = a.clone();
+        mapped_lan.private_address = Some("::ffff:198.18.101.2".parse().unwrap());
+        mapped_lan.public_address = Some("198.19.0.77".parse().unwrap());
+        ch.learn(a.wireguard_key, Some(lan));
+        let cands = ch.candidates(&p, &mapped_lan);
+        assert_eq!(
+            cands,
+            [
+                (ep("198.19.0.77:51820"), Reason::OtherRegion),
+                (lan, Reason::Fallback)
+            ]
+        );
+        ch.follow(now, a.wireguard_key, &cands, lan);
+        assert_eq!(endpoint(&p, &mapped_lan, &cands, &ch).0, Some(lan));
+        ch.learn(a.wireguard_key, Some(ep("[::ffff:127.0.0.1]:40001")));
+        assert_eq!(ch.candidates(&p, &a), [(lan, Reason::OnlyAddress)]);
+        // A session up through a relay's shim: listed as relayed while the plan has it, and
+        // not at all once the relay is gone (a fresh session then looks elsewhere).
+        let shim = ep("127.0.0.1:40001");
+        ch.learn(a.wireguard_key, Some(shim));
+        ch.set_relayed(HashMap::from([(a.wireguard_key, (shim, "r".to_owned()))]));
+        assert_eq!(
+            ch.candidates(&p, &a),
+            [(lan, Reason::OnlyAddress), (shim, Reason::Relayed)]
+        );
+        ch.set_relayed(HashMap::new());
+        assert_eq!(ch.candidates(&p, &a), [(lan, Reason::OnlyAddress)]);
+    }
+
+    fn cfg(endpoint: &str, allowed: &[&str]) -> PeerConfig {
+        PeerConfig {
+            name: "aa".into(),
+            public_key: [2; 32],
+            endpoint: Some(ep(endpoint)),
+            allowed_ips: allowed.iter().map(|n| n.parse().unwrap()).collect(),
+            persistent_keepalive: Some(25),
+            path: PathKind::Encrypted,
+        }
+    }
+
+    #[test]
+    fn new_prefixes_keep_the_session_and_an_endpoint_moves_in_place_only_to_where_it_is_up() {
+        let (lan, mapping, shim) = (
+            "198.18.101.2:51820",
+            "198.19.0.101:51820",
+            ep("127.0.0.1:40001"),
+        );
+        let have = cfg(lan, &[]);
+        // A block claimed: the prefixes change in place, up or not.
+        let claimed = cfg(lan, &["100.64.7.0/24"]);
+        let step = in_place(&have, &claimed, None, None).expect("in place");
+        assert_eq!(step.allowed_ips, Some(claimed.allowed_ips.clone()));
+        assert_eq!(step.endpoint, None);
+        // Prefixes and an endpoint that follows the session where it is up.
+        let both = cfg(mapping, &["100.64.7.0/24"]);
+        assert_eq!(
+            in_place(&have, &both, Some(ep(mapping)), None),
+            Some(InPlace {
+                allowed_ips: Some(both.allowed_ips.clone()),
+                endpoint: Some((ep(mapping), ep(mapping))),
+            })
+        );
+        // Back to the relay shim after a direct path failed.
+        let mut relayed = cfg(lan, &[]);
+        relayed.endpoint = Some(shim);
+        assert_eq!(
+            in_place(&have, &relayed, Some(ep(mapping)), Some(shim)),
+            Some(InPlace {
+                allowed_ips: None,
+                endpoint: Some((ep(mapping), shim)),
+            })
+        );
+        // Anywhere else, or down: a fresh session there.
+        assert_eq!(in_place(&have, &both, None, None), None);
+        assert_eq!(in_place(&have, &both, Some(ep(lan)), None), None);
+        // A change of path, name or keepalive starts a fresh session whatever else.
+        let mut plain = claimed.clone();
+        plain.path = PathKind::Plaintext;
+        assert_eq!(in_place(&have, &plain, None, None), None);
+        let mut renamed = claimed.clone();
+        renamed.name = "other".into();
+        assert_eq!(in_place(&have, &renamed, None, None), None);
+        let mut keepalive = claimed;
+        keepalive.persistent_keepalive = None;
+        assert_eq!(in_place(&have, &keepalive, None, None), None);
+    }
+
+    #[test]
+    fn two_peers_trading_blocks_both_land_in_one_round_when_each_gives_up_first() {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        let now = Instant::now();
+        let mut router =
+            weft_router::Router::new(weft_router::x25519::StaticSecret::from([7; 32]), 1);
+        let peer = |name: &str, key: u8, block: &str| PeerConfig {
+            name: name.into(),
+            public_key: [key; 32],
+            ..cfg("198.18.1.2:51820", &[block])
+        };
+        let (x, y) = (peer("x", 2, "100.64.1.0/24"), peer("y", 3, "100.64.2.0/24"));
+        let ids: BTreeMap<[u8; 32], weft_router::PeerId> = [&x, &y]
+            .into_iter()
+            .map(|c| {
+                (
+                    c.public_key,
+                    router.add_peer(now, c.clone()).expect("added"),
+                )
+            })
+            .collect();
+        let current: BTreeMap<[u8; 32], PeerConfig> = [&x, &y]
+            .into_iter()
+            .map(|c| (c.public_key, c.clone()))
+            .collect();
+        let (x2, y2) = (peer("x", 2, "100.64.2.0/24"), peer("y", 3, "100.64.1.0/24"));
+        let changes = [Change::Replace(x2.clone()), Change::Replace(y2.clone())];
+        let steps = in_place_steps(&changes, &current, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(steps.len(), 2, "both change in place");
+        assert!(
+            router
+                .set_allowed_ips(ids[&x.public_key], x2.allowed_ips.clone())
+                .is_err(),
+            "taking first is refused: y still holds it"
+        );
+        let first = given_up_first(&current, &steps);
+        assert_eq!(first, [([2; 32], vec![]), ([3; 32], vec![])]);
+        for (k, kept) in first {
+            router.set_allowed_ips(ids[&k], kept).expect("giving up");
+        }
+        for (k, step) in &steps {
+            let want = step.allowed_ips.clone().expect("prefixes change");
+            router.set_allowed_ips(ids[k], want).expect("taking after");
+        }
+        let routed: BTreeMap<[u8; 32], Vec<IpNet>> = router
+            .peers(now)
+            .into_iter()
+            .map(|p| (p.config.public_key, p.config.allowed_ips))
+            .collect();
+        assert_eq!(routed[&x.public_key], x2.allowed_ips);
+        assert_eq!(routed[&y.public_key], y2.allowed_ips);
     }
 }

@@ -528,7 +528,38 @@ impl Drop for Lab {
         for ns in self.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }
+        if let Some(to) = std::env::var_os(KEEP_LOGS) {
+            keep_logs(&self.dir, &self.id, Path::new(&to));
+        }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The environment variable naming a directory where a dropped lab leaves its daemons' logs,
+/// as `<lab id>-<daemon>.log` (a failed run's logs outlive its lab): `WEFT_LAB_LOGS=/tmp/logs
+/// cargo nextest run ...`.
+pub const KEEP_LOGS: &str = "WEFT_LAB_LOGS";
+
+/// Copies every daemon log under lab directory `dir` (`<dir>/<daemon>/weft.log`) into `to`.
+/// Best effort: the lab is being torn down, and a log that cannot be copied is reported on
+/// stderr.
+fn keep_logs(dir: &Path, id: &str, to: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    if let Err(e) = fs::create_dir_all(to) {
+        eprintln!("{KEEP_LOGS}: cannot create {}: {e}", to.display());
+        return;
+    }
+    for entry in entries.flatten() {
+        let log = entry.path().join("weft.log");
+        if !log.is_file() {
+            continue;
+        }
+        let name = format!("{id}-{}.log", entry.file_name().to_string_lossy());
+        if let Err(e) = fs::copy(&log, to.join(&name)) {
+            eprintln!("{KEEP_LOGS}: cannot copy {}: {e}", log.display());
+        }
     }
 }
 

@@ -102,6 +102,13 @@ pub enum Command {
         /// The new endpoint.
         to: SocketAddr,
     },
+    /// Routes these prefixes to a peer in place of its own, its session kept
+    /// ([`crate::Router::set_allowed_ips`]).
+    SetAllowedIps(
+        PeerId,
+        Vec<ipnet::IpNet>,
+        oneshot::Sender<Result<(), PeerError>>,
+    ),
 }
 
 /// The router's state at one instant.
@@ -527,6 +534,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 if !router.move_endpoint(id, from, to) {
                     debug!(peer = %id, %from, %to, "endpoint not moved: the peer roamed since");
                 }
+            }
+            Command::SetAllowedIps(id, nets, reply) => {
+                let _ = reply.send(router.set_allowed_ips(id, nets));
             }
         }
     }

@@ -641,3 +641,97 @@ fn a_send_turn_held_past_the_limit_is_taken_over_and_a_late_release_leaves_it() 
     ));
     assert_eq!(as_worker(3, late), TunAction::Held(b));
 }
+
+#[test]
+fn a_peers_prefixes_change_in_place_with_its_session_and_counters_kept() {
+    let mut p = Pair::connected(b"before");
+    let before = p.a.router.peers(p.now)[0].clone();
+    let initiations = p.seen.iter().filter(|d| d[0] == 1).count();
+    let later = std::time::Duration::from_secs(2);
+    p.now += later;
+    // b gives up 100.64.2.0/24 and claims 100.64.3.0/24: a routes the new block to b at once.
+    p.a.router
+        .set_allowed_ips(p.b_id, vec!["100.64.3.0/24".parse().unwrap()])
+        .expect("in place");
+    assert_eq!(
+        p.send(true, "100.64.1.1", "100.64.2.1", b"old"),
+        TunAction::Dropped(DropReason::NoRoute),
+        "the block given up is no longer b's"
+    );
+    assert!(matches!(
+        p.send(true, "100.64.1.1", "100.64.3.1", b"new"),
+        TunAction::Transmit(_)
+    ));
+    p.settle();
+    assert_eq!(
+        p.b.tun.last(),
+        Some(&test_packet(ip("100.64.1.1"), ip("100.64.3.1"), b"new"))
+    );
+    assert_eq!(
+        p.seen.iter().filter(|d| d[0] == 1).count(),
+        initiations,
+        "no new handshake"
+    );
+    // From b, a takes the new block's sources and drops the old one's as spoofed.
+    let _ = p.send(false, "100.64.3.1", "100.64.1.1", b"from the new block");
+    let _ = p.send(false, "100.64.2.1", "100.64.1.1", b"from the old block");
+    p.settle();
+    assert_eq!(
+        p.a.tun,
+        [test_packet(
+            ip("100.64.3.1"),
+            ip("100.64.1.1"),
+            b"from the new block"
+        )]
+    );
+    assert_eq!(p.a.drops, [DropReason::Spoofed]);
+    let after = p.a.router.peers(p.now)[0].clone();
+    assert_eq!(after.id, before.id);
+    assert_eq!(
+        after.last_handshake,
+        before.last_handshake.map(|d| d + later),
+        "the handshake before the change is still the last"
+    );
+    assert!(
+        after.counters.tx_bytes > before.counters.tx_bytes,
+        "counters kept"
+    );
+    assert_eq!(
+        after.config.allowed_ips,
+        vec!["100.64.3.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn a_prefix_another_peer_holds_or_an_unknown_peer_is_refused_and_nothing_changes() {
+    let mut p = Pair::connected(b"before");
+    let kc = StaticSecret::from([3; 32]);
+    p.a.router
+        .add_peer(p.now, peer("c", &kc, None, &["100.64.9.0/24"]))
+        .expect("c");
+    let r = p.a.router.set_allowed_ips(
+        p.b_id,
+        vec![
+            "100.64.4.0/24".parse().unwrap(),
+            "100.64.9.0/24".parse().unwrap(),
+        ],
+    );
+    assert!(
+        matches!(&r, Err(crate::PeerError::PrefixTaken { owner, .. }) if owner == "c"),
+        "{r:?}"
+    );
+    // Neither half applied: b keeps its block, the new one is nobody's.
+    assert!(matches!(
+        p.send(true, "100.64.1.1", "100.64.2.1", b"still b's"),
+        TunAction::Transmit(_)
+    ));
+    assert_eq!(
+        p.send(true, "100.64.1.1", "100.64.4.1", b"nobody's"),
+        TunAction::Dropped(DropReason::NoRoute)
+    );
+    let gone = PeerId::new(0x00ab_cdef);
+    assert_eq!(
+        p.a.router.set_allowed_ips(gone, vec![]),
+        Err(crate::PeerError::NoSuchPeer(gone))
+    );
+}

@@ -328,3 +328,46 @@ fn a_corrupt_state_file_stops_the_start_naming_the_file_until_reset_state() -> a
     );
     Ok(())
 }
+
+/// A block claimed after two nodes met changes the peer's prefixes in place: the WireGuard
+/// session that was up stays (no peer withdrawn and added back, no new handshake). A fresh
+/// session there cost a node behind NAT its only session with the member that tells it its
+/// mapping, when that member pointed the fresh one at the node's LAN address.
+#[test]
+fn a_block_claimed_after_the_nodes_met_keeps_their_sessions() -> anyhow::Result<()> {
+    // Two regions: an encrypted path, over the internet addresses.
+    const TWO: [Spec; 2] = [
+        node("e1", 1, 1, "198.19.0.11"),
+        node("u1", 2, 1, "198.19.0.1"),
+    ];
+    let m = MeshLab::start("ipk", &TWO)?;
+    settled_blocks(&m, &["e1", "u1"])?;
+    m.wait_full_mesh(&["e1", "u1"])?;
+    for (me, peer) in [("e1", "u1"), ("u1", "e1")] {
+        let log = std::fs::read_to_string(&m.daemon(me).log)?;
+        let at = |needle: &str, field: &str| -> Vec<usize> {
+            log.lines()
+                .enumerate()
+                .filter(|(_, l)| l.contains(needle) && l.contains(&format!("{field}={peer}")))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let routed = at("peer routed", "peer");
+        let kept = at("peer's prefixes changed, session kept", "peer");
+        let withdrawn = at("peer withdrawn", "peer");
+        // The router's own line, one per handshake completed with the peer.
+        let handshakes = at("weft_router::router: handshake completed", "name");
+        ensure!(
+            routed.len() == 1 && withdrawn.is_empty(),
+            "{me} replaced its peer {peer}:\n{log}"
+        );
+        let (Some(&change), Some(&first)) = (kept.first(), handshakes.first()) else {
+            anyhow::bail!("{me}: no handshake with {peer}, or no prefix change kept:\n{log}");
+        };
+        ensure!(
+            first < change && handshakes.iter().all(|&h| h < change),
+            "{me}'s session with {peer} was not up before the claim, or a new one followed it:\n{log}"
+        );
+    }
+    Ok(())
+}
