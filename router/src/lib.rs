@@ -1,4 +1,4 @@
-//! weft's data plane: a sans-IO forwarding core and the tokio driver that feeds it.
+//! weft's data plane: a sans-IO forwarding core and the driver that feeds it.
 //!
 //! # Architecture
 //!
@@ -17,7 +17,8 @@
 //!
 //! # Workers
 //!
-//! `router.workers` data-path workers run, each a thread with a single-threaded tokio runtime:
+//! `router.workers` data-path workers run, each a thread of its own that waits in its own `epoll`
+//! (no async runtime between a packet's wake-up and its turn):
 //!
 //! - **Its own TUN queue.** With more than one worker the device is multi-queue
 //!   (`IFF_MULTI_QUEUE`). The kernel puts each flow on one queue (by its flow hash, or on the
@@ -56,7 +57,7 @@
 //! - `packet`: IP header parsing.
 //! - `stats`: counters and [`DropReason`].
 //! - `tunnel`: the `Tunnel` trait over `noise::Tunn`.
-//! - `driver`: the tokio driver.
+//! - `driver`: the driver (its workers' threads, and an async form for the in-memory devices).
 
 mod packet;
 mod peer;

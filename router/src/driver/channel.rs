@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::{Datagrams, Packets, TunIo, UdpIo};
+use super::{Datagrams, Packets, TunIo, TunWait, UdpIo, UdpWait};
 
 /// Packets in flight per queue before senders wait.
 const DEPTH: usize = 1024;
@@ -60,7 +60,7 @@ impl ChannelTun {
     }
 }
 
-impl TunIo for ChannelTun {
+impl TunWait for ChannelTun {
     async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
         let p = self
             .from_kernel
@@ -71,6 +71,9 @@ impl TunIo for ChannelTun {
             .ok_or_else(closed)?;
         Self::add(batch, &p)
     }
+}
+
+impl TunIo for ChannelTun {
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
         let mut rx = self
             .from_kernel
@@ -126,11 +129,14 @@ impl Network {
 /// GSO sends the in-memory socket takes (it splits them, as the kernel would).
 const SEGMENTS: usize = 64;
 
-impl UdpIo for ChannelUdp {
+impl UdpWait for ChannelUdp {
     async fn recv(&self, rx: &mut Datagrams) -> io::Result<()> {
         let (from, d) = self.inbox.lock().await.recv().await.ok_or_else(closed)?;
         rx.set_one(from, &d)
     }
+}
+
+impl UdpIo for ChannelUdp {
     fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
         let mut inbox = self
             .inbox

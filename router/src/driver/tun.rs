@@ -1,5 +1,5 @@
-//! The TUN side of the driver: [`TunIo`], the packet batches it fills and drains, and its
-//! implementation over `tun_rs::AsyncDevice`.
+//! The TUN side of the driver: [`TunIo`], the packet batches it fills and drains, and [`Tun`],
+//! its implementation over a non-blocking `tun_rs::SyncDevice` queue.
 //!
 //! With TUN offloads on (`IFF_VNET_HDR` + `TUNSETOFFLOAD`), one read can carry a 64 KB TCP or UDP
 //! segment, which tun-rs splits into packets of the device MTU with their checksums; and a batch
@@ -8,6 +8,8 @@
 //! one packet.
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tun_rs::{ExpandBuffer, GROTable, VIRTIO_NET_HDR_LEN};
 
@@ -195,31 +197,84 @@ pub fn is_fatal(e: &io::Error) -> bool {
     }
 }
 
-/// What the driver needs of a TUN device.
+/// What the driver needs of a TUN device: a read that does not wait, and writes.
 pub trait TunIo: Send + Sync + 'static {
-    /// Waits for a read, and adds what it carries to `batch` (one packet, or the packets a
-    /// segment splits into).
-    fn recv(&self, batch: &mut Packets) -> impl Future<Output = io::Result<()>> + Send;
-    /// One read if one is ready, else `WouldBlock`.
+    /// One read if one is ready, else `WouldBlock`; what it carries is added to `batch` (one
+    /// packet, or the packets a segment splits into).
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()>;
     /// Writes the batch's packets (coalescing them where the device takes segments) and
     /// empties it.
     fn send(&self, batch: &mut Packets) -> impl Future<Output = io::Result<()>> + Send;
 }
 
-impl TunIo for tun_rs::AsyncDevice {
-    async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
-        let (slots, sizes, scratch) = batch.unfilled();
-        let n = self.recv_multiple(scratch, slots, sizes, OFFSET).await?;
-        batch.added(n);
-        Ok(())
+/// A TUN device a task can wait on: the in-memory ones, for the async driver
+/// ([`Driver::serve`](super::Driver::serve)).
+pub trait TunWait: TunIo {
+    /// Waits for a read, and adds what it carries to `batch`.
+    fn recv(&self, batch: &mut Packets) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// The data plane's TUN queue, non-blocking, waited on by its worker's own `epoll` (module
+/// `poll`). It remembers whether the queue may have a packet: set when `epoll` says so,
+/// cleared by the read that finds it empty, so that asking an empty queue costs no system
+/// call. `epoll` is level-triggered, so a packet left behind is reported again.
+pub struct Tun {
+    device: tun_rs::SyncDevice,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Tun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tun")
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
     }
+}
+
+impl Tun {
+    /// The queue, made non-blocking.
+    pub fn new(device: tun_rs::SyncDevice) -> io::Result<Self> {
+        device.set_nonblocking(true)?;
+        Ok(Self {
+            device,
+            ready: AtomicBool::new(false),
+        })
+    }
+}
+
+impl super::Watched for Tun {
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+impl AsFd for Tun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.device.as_fd()
+    }
+}
+
+impl TunIo for Tun {
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let (slots, sizes, scratch) = batch.unfilled();
-        let n = self.try_recv_multiple(scratch, slots, sizes, OFFSET)?;
-        batch.added(n);
-        Ok(())
+        match self.device.recv_multiple(scratch, slots, sizes, OFFSET) {
+            Ok(n) => {
+                batch.added(n);
+                Ok(())
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.ready.store(false, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
     }
+    /// Non-blocking: a write the queue cannot take (`EAGAIN`, only with a send buffer set far
+    /// below the kernel's unlimited default) loses the batch, as a full queue would.
     async fn send(&self, batch: &mut Packets) -> io::Result<()> {
         let n = batch.count;
         batch.count = 0;
@@ -231,25 +286,22 @@ impl TunIo for tun_rs::AsyncDevice {
             // ping's latency). With the virtio header, a zeroed one: no segmentation, and the
             // checksums are complete (a decapsulated packet carries its sender's).
             let slot = &mut batch.slots[0];
-            let start = if self.tcp_gso() {
+            let start = if self.device.tcp_gso() {
                 slot.data[..OFFSET].fill(0);
                 0
             } else {
                 OFFSET
             };
-            return Self::send(self, &slot.data[start..slot.len])
-                .await
-                .map(|_| ());
+            return self.device.send(&slot.data[start..slot.len]).map(|_| ());
         }
-        self.send_multiple(&mut batch.gro, &mut batch.slots[..n], OFFSET)
-            .await
+        self.device
+            .send_multiple(&mut batch.gro, &mut batch.slots[..n], OFFSET)
             .map(|_| ())
     }
 }
 
 /// Opens the TUN device `name`, with offloads when `offload` asks for them and the kernel has
-/// them; says whether it got them. The device is made async (`tun_rs::AsyncDevice::new`) on the
-/// runtime that drives it.
+/// them; says whether it got them. Its worker makes it non-blocking ([`Tun::new`]).
 pub fn open_tun(name: &str, offload: bool) -> io::Result<(tun_rs::SyncDevice, bool)> {
     let (mut queues, on) = open_tun_queues(name, offload, 1)?;
     let one = queues

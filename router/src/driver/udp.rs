@@ -1,23 +1,21 @@
 //! The UDP side of the driver: [`UdpIo`], the receive batch it fills, and its implementation over
 //! a socket driven by quinn-udp (`recvmmsg`, `UDP_SEGMENT` sends, `UDP_GRO` receives).
 //!
-//! The socket is registered with tokio for reading only. A socket registered for writing too
-//! (as `tokio::net::UdpSocket` is) gets an edge-triggered `EPOLLOUT` each time a datagram sent
-//! leaves its buffer, which on a veth or any local path is during the send itself: every send
-//! then cost one more `epoll_wait` and driver pass that woke nothing. Sends are tried directly;
-//! the rare full buffer is waited on with `poll(2)`, bounded, on the worker's own thread.
+//! The worker's `epoll` (module `poll`) waits on the socket for reading only. A socket waited on
+//! for writing too gets an `EPOLLOUT` each time a datagram sent leaves its buffer, which on a
+//! veth or any local path is during the send itself: every send would then cost one more
+//! wake-up that serves nothing. Sends are tried directly; the rare full buffer is waited on
+//! with `poll(2)`, bounded, on the worker's own thread.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tracing::debug;
 use weft_config::Offload;
 
@@ -108,11 +106,9 @@ impl Datagrams {
     }
 }
 
-/// What the driver needs of a UDP socket.
+/// What the driver needs of a UDP socket: a receive that does not wait, and sends.
 pub trait UdpIo: Send + Sync + 'static {
-    /// Waits for datagrams and replaces `rx`'s contents with them.
-    fn recv(&self, rx: &mut Datagrams) -> impl Future<Output = io::Result<()>> + Send;
-    /// Datagrams if some are ready, else `WouldBlock`.
+    /// Datagrams if some are ready (replacing `rx`'s contents), else `WouldBlock`.
     fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()>;
     /// Sends `contents` to `to` as datagrams of `segment` bytes (the last may be shorter): one
     /// datagram when `segment` is its length, else one GSO send.
@@ -128,6 +124,13 @@ pub trait UdpIo: Send + Sync + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
+/// A socket a task can wait on: the in-memory ones, for the async driver
+/// ([`Driver::serve`](super::Driver::serve)).
+pub trait UdpWait: UdpIo {
+    /// Waits for datagrams and replaces `rx`'s contents with them.
+    fn recv(&self, rx: &mut Datagrams) -> impl Future<Output = io::Result<()>> + Send;
+}
+
 /// How long a send waits for room in a full socket buffer before its datagrams are dropped.
 const SEND_WAIT: Duration = Duration::from_millis(20);
 /// How long a socket whose buffer stayed full through a whole wait counts as congested: its
@@ -141,7 +144,7 @@ const CONGESTED_FOR: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 struct Congestion {
     until: std::sync::Mutex<Option<Instant>>,
-    marked: std::sync::atomic::AtomicBool,
+    marked: AtomicBool,
 }
 
 impl Congestion {
@@ -170,17 +173,21 @@ impl Congestion {
     }
 }
 
-/// The data plane's UDP socket: tokio for read readiness, quinn-udp for the system calls.
+/// The data plane's UDP socket, non-blocking, waited on by its worker's own `epoll` (module
+/// `poll`), with quinn-udp for the system calls. Like [`Tun`](super::Tun) it remembers whether
+/// datagrams may be queued: set when `epoll` says so, cleared by a receive that finds the
+/// queue empty or fills fewer buffers than it had (it emptied the queue), so that asking an
+/// empty socket costs no system call.
 #[derive(Debug)]
 pub struct Udp {
-    socket: AsyncFd<Socket>,
+    socket: Socket,
     state: UdpSocketState,
     gso: usize,
     congestion: Congestion,
+    ready: AtomicBool,
 }
 
-/// A bound socket not yet registered with a tokio runtime: [`register`](Self::register) it on the
-/// runtime that will drive it.
+/// A bound socket not yet handed to its worker ([`Udp::from`]).
 #[derive(Debug)]
 pub struct BoundUdp {
     socket: Socket,
@@ -202,21 +209,29 @@ impl BoundUdp {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         bound_addr(&self.socket)
     }
-    /// The socket on the current tokio runtime, for reading only (see the module docs).
-    pub fn register(self) -> io::Result<Udp> {
-        #[expect(
-            deprecated,
-            reason = "its replacement is unsafe, which weft forbids; the I/O-safety concern is a \
-                      registered descriptor closed by someone else, and this one is owned by the \
-                      AsyncFd"
-        )]
-        let socket = AsyncFd::with_interest(self.socket, Interest::READABLE)?;
-        Ok(Udp {
-            socket,
-            state: self.state,
-            gso: self.gso,
+}
+
+impl From<BoundUdp> for Udp {
+    fn from(bound: BoundUdp) -> Self {
+        Self {
+            socket: bound.socket,
+            state: bound.state,
+            gso: bound.gso,
             congestion: Congestion::default(),
-        })
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl super::Watched for Udp {
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+}
+
+impl AsFd for Udp {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 }
 
@@ -332,49 +347,37 @@ fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Re
     })
 }
 
-impl Udp {
-    fn recv_now(&self, rx: &mut Datagrams) -> io::Result<()> {
+impl UdpIo for Udp {
+    fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let n = rx.bufs.len();
         let mut iovs: [IoSliceMut<'_>; RX_BATCH] =
             std::array::from_fn(|_| IoSliceMut::new(&mut []));
         for (iov, buf) in iovs.iter_mut().zip(rx.bufs.iter_mut()) {
             *iov = IoSliceMut::new(buf);
         }
-        // A receive that filled fewer buffers than it had emptied the socket's queue: the
-        // closure then reports WouldBlock, so tokio clears the readiness with it (only if no
-        // newer event came in meanwhile) and the next speculative receive costs no syscall.
-        let mut drained = None;
-        let r = self.socket.try_io(Interest::READABLE, |socket| {
-            let count = self
-                .state
-                .recv(socket.into(), &mut iovs[..n], &mut rx.meta)?;
-            if count < n {
-                drained = Some(count);
-                return Err(io::ErrorKind::WouldBlock.into());
+        match self
+            .state
+            .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)
+        {
+            Ok(count) => {
+                // Fewer than it had buffers for: the queue is empty now.
+                if count < n {
+                    self.ready.store(false, Ordering::Relaxed);
+                }
+                rx.count = count;
+                Ok(())
             }
-            Ok(count)
-        });
-        rx.count = match (r, drained) {
-            (Ok(count), _) | (Err(_), Some(count)) => count,
-            (Err(e), None) => return Err(e),
-        };
-        Ok(())
-    }
-}
-
-impl UdpIo for Udp {
-    async fn recv(&self, rx: &mut Datagrams) -> io::Result<()> {
-        loop {
-            // The guard is let go: `recv_now` clears the readiness when it drains the socket.
-            drop(self.socket.readable().await?);
-            match self.recv_now(rx) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return r,
+            Err(e) => {
+                rx.count = 0;
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.ready.store(false, Ordering::Relaxed);
+                }
+                Err(e)
             }
         }
-    }
-    fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
-        self.recv_now(rx)
     }
     async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let transmit = Transmit {
@@ -384,7 +387,7 @@ impl UdpIo for Udp {
             segment_size: (segment < contents.len()).then_some(segment),
             src_ip: None,
         };
-        let socket = self.socket.get_ref();
+        let socket = &self.socket;
         send_or_wait(socket, SEND_WAIT, &self.congestion, super::clock, || {
             self.state.try_send(socket.into(), &transmit)
         })
@@ -394,7 +397,7 @@ impl UdpIo for Udp {
         self.gso.min(self.state.max_gso_segments()).max(1)
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        bound_addr(self.socket.get_ref())
+        bound_addr(&self.socket)
     }
 }
 
@@ -482,24 +485,19 @@ mod tests {
     }
 
     #[test]
-    fn the_socket_is_registered_for_reading_only_so_a_send_wakes_nothing() {
+    fn the_socket_is_watched_for_reading_only_so_a_send_wakes_nothing() {
         use std::os::fd::AsRawFd;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            // Bound, never sent on: no traffic leaves this test.
-            let udp = bind_udp(0, &Offload::AUTO)
-                .expect("bind")
-                .register()
-                .expect("register");
-            let fd = udp.socket.get_ref().as_raw_fd();
-            let mask = epoll_mask(fd).expect("the socket is in an epoll set");
-            let (epollin, epollout) = (0x1, 0x4);
-            assert_ne!(mask & epollin, 0, "readable wanted: {mask:#x}");
-            assert_eq!(mask & epollout, 0, "writable not wanted: {mask:#x}");
-        });
+        // Bound, never sent on: no traffic leaves this test. A local datagram socket stands in
+        // for the TUN queue.
+        let udp = Udp::from(bind_udp(0, &Offload::AUTO).expect("bind"));
+        let (tun, _other) = std::os::unix::net::UnixDatagram::pair().expect("pair");
+        let bell = super::super::Bell::new().expect("eventfd");
+        let _poller = super::super::poll::Poller::new(&tun, &udp, &bell).expect("epoll");
+        let fd = udp.socket.as_raw_fd();
+        let mask = epoll_mask(fd).expect("the socket is in an epoll set");
+        let (epollin, epollout) = (0x1, 0x4);
+        assert_ne!(mask & epollin, 0, "readable wanted: {mask:#x}");
+        assert_eq!(mask & epollout, 0, "writable not wanted: {mask:#x}");
     }
 
     #[test]

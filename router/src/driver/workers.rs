@@ -1,22 +1,54 @@
-//! Several data-path workers over one router: each a thread with a single-threaded runtime, its
-//! own TUN queue and its own UDP socket (see the crate docs, "Workers"), and a supervisor that
-//! stops them all when one stops.
+//! Several data-path workers over one router: each a thread of its own waiting in its own
+//! `epoll` ([`Driver::serve_blocking`]), with its own TUN queue and UDP socket (see the crate
+//! docs, "Workers"), and a supervisor that stops them all when one stops.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use weft_config::Offload;
 
-use super::{BoundUdp, Command, Driver, IoCounters, SharedRouter, unshare};
+use super::{Bell, BoundUdp, Command, Driver, IoCounters, SharedRouter, Tun, Udp, unshare};
 use crate::Router;
 
+/// Commands on their way from the daemon to the first worker.
+const COMMANDS: usize = 64;
+
+/// What stops the workers: a flag, and each worker's bell to make it look.
+#[derive(Debug)]
+struct Stop {
+    flag: AtomicBool,
+    bells: Vec<Arc<Bell>>,
+}
+
+/// Stops the workers when dropped: when the supervisor ends, or is dropped with its runtime
+/// (a panic, an early return), even before it first ran, the threads do not outlive it.
+#[derive(Debug)]
+struct StopOnDrop(Arc<Stop>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.now();
+    }
+}
+
+impl Stop {
+    fn now(&self) {
+        self.flag.store(true, Ordering::Release);
+        for bell in &self.bells {
+            bell.ring();
+        }
+    }
+}
+
 /// Runs one worker per pair of TUN queue and UDP socket (the first also serves `commands` and
-/// the timers), each on a thread of its own with a single-threaded runtime: a packet's wake-up
-/// is that thread leaving `epoll_wait`, with no hand-over between threads. When one worker
-/// stops (the daemon gone, its device failed) or `shutdown` turns true, every worker is
-/// stopped, and the handle yields the router, or the first worker's error.
+/// the timers), each on a thread of its own: a packet's wake-up is that thread leaving
+/// `epoll_wait`, with no runtime and no hand-over between threads. Commands reach the first
+/// worker through a task on the caller's runtime that rings its bell. When one worker stops
+/// (the daemon gone, its device failed) or `shutdown` turns true, every worker is stopped, and
+/// the handle yields the router, or the first worker's error.
 pub fn spawn(
     router: Router,
     tuns: Vec<tun_rs::SyncDevice>,
@@ -33,27 +65,52 @@ pub fn spawn(
             )))
         });
     }
+    let bells = match (0..tuns.len()).map(|_| Bell::new().map(Arc::new)).collect() {
+        Ok(bells) => bells,
+        Err(e) => return tokio::spawn(async move { Err(e) }),
+    };
+    let stop = Arc::new(Stop {
+        flag: AtomicBool::new(false),
+        bells,
+    });
     let shared: SharedRouter = Arc::new(RwLock::new(router));
     let errors = Arc::new(IoCounters::new(tuns.len()));
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut set = JoinSet::new();
-    let mut commands = Some(commands);
+    let mut commands = Some(forward(commands, Arc::clone(&stop.bells[0])));
     for (worker, (tun, udp)) in tuns.into_iter().zip(udps).enumerate() {
-        let (shared, errors, stop) = (shared.clone(), errors.clone(), stop_rx.clone());
+        let (shared, errors, stop) = (shared.clone(), errors.clone(), stop.clone());
         let commands = commands.take();
         set.spawn_blocking(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let tun = tun_rs::AsyncDevice::new(tun)?;
-                let udp = udp.register()?;
+            let bell = Arc::clone(&stop.bells[worker]);
+            let run = || {
+                let (tun, udp) = (Tun::new(tun)?, Udp::from(udp));
                 let mut driver = Driver::worker(worker, shared, errors, tun, udp, offload)?;
-                driver.serve(commands, stop).await
-            })
+                driver.serve_blocking(commands, &bell, &stop.flag)
+            };
+            let outcome = run();
+            // However it ended, the others stop too.
+            stop.now();
+            outcome
         });
     }
-    tokio::spawn(supervise(set, shared, stop_tx, shutdown))
+    tokio::spawn(supervise(set, shared, StopOnDrop(stop), shutdown))
+}
+
+/// Hands the daemon's commands on to the first worker, ringing its bell for each; when the
+/// daemon's channel closes, closes the worker's and rings once more, so that it stops.
+fn forward(mut from: mpsc::Receiver<Command>, bell: Arc<Bell>) -> mpsc::Receiver<Command> {
+    let (to, rx) = mpsc::channel(COMMANDS);
+    tokio::spawn(async move {
+        while let Some(cmd) = from.recv().await {
+            if to.send(cmd).await.is_err() {
+                return;
+            }
+            bell.ring();
+        }
+        drop(to);
+        bell.ring();
+    });
+    rx
 }
 
 /// Waits for `shutdown` or the first worker to stop, stops the others, and returns the router
@@ -61,7 +118,7 @@ pub fn spawn(
 async fn supervise(
     mut set: JoinSet<io::Result<()>>,
     shared: SharedRouter,
-    stop: watch::Sender<bool>,
+    stop: StopOnDrop,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<Router> {
     let mut outcome = Ok(());
@@ -69,7 +126,7 @@ async fn supervise(
         () = until_true(&mut shutdown) => {}
         Some(done) = set.join_next() => outcome = flatten(done),
     }
-    let _ = stop.send(true);
+    stop.0.now();
     while let Some(done) = set.join_next().await {
         let r = flatten(done);
         if outcome.is_ok() {
@@ -91,4 +148,149 @@ async fn until_true(w: &mut watch::Receiver<bool>) {
 
 fn flatten(r: Result<io::Result<()>, tokio::task::JoinError>) -> io::Result<()> {
     r.map_err(|e| io::Error::other(format!("a data-plane worker failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{Datagrams, Packets, TunIo, UdpIo, Watched};
+    use boringtun::x25519::StaticSecret;
+    use std::net::SocketAddr;
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    /// A device that never has anything to read and takes every write: a local datagram socket
+    /// for `epoll` to watch, no network.
+    struct Quiet {
+        watched: UnixDatagram,
+        /// Kept open: a closed other end would make `watched` always ready.
+        _other: UnixDatagram,
+    }
+
+    fn quiet() -> Quiet {
+        let (watched, _other) = UnixDatagram::pair().expect("pair");
+        Quiet { watched, _other }
+    }
+
+    impl AsFd for Quiet {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.watched.as_fd()
+        }
+    }
+
+    impl Watched for Quiet {
+        fn set_ready(&self) {}
+    }
+
+    impl TunIo for Quiet {
+        fn try_recv(&self, _: &mut Packets) -> io::Result<()> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+            batch.clear();
+            Ok(())
+        }
+    }
+
+    impl UdpIo for Quiet {
+        fn try_recv(&self, _: &mut Datagrams) -> io::Result<()> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        async fn send(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
+            Ok(())
+        }
+        fn max_segments(&self) -> usize {
+            1
+        }
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([198, 18, 0, 1], 51820)))
+        }
+    }
+
+    /// A router without peers has no deadline: its worker waits for as long as nothing wakes it.
+    fn idle_worker(bell: Arc<Bell>, stop: Arc<Stop>, commands: Option<mpsc::Receiver<Command>>) {
+        let router = Arc::new(RwLock::new(Router::new(StaticSecret::from([1; 32]), 1)));
+        let errors = Arc::new(IoCounters::new(1));
+        let mut driver =
+            Driver::worker(0, router, errors, quiet(), quiet(), Offload::AUTO).expect("worker");
+        driver
+            .serve_blocking(commands, &bell, &stop.flag)
+            .expect("served");
+    }
+
+    fn stop_for(bell: &Arc<Bell>) -> Arc<Stop> {
+        Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            bells: vec![Arc::clone(bell)],
+        })
+    }
+
+    /// One ring for many commands: a turn serves [`super::super::TURN_COMMANDS`] of them, and
+    /// the rest must not wait for a packet or a tick (an idle router has neither).
+    #[tokio::test]
+    async fn more_commands_than_a_turn_serves_are_all_answered_without_another_wake_up() {
+        let bell = Arc::new(Bell::new().expect("eventfd"));
+        let stop = stop_for(&bell);
+        let (tx, rx) = mpsc::channel(64);
+        let mut replies = Vec::new();
+        for _ in 0..3 * super::super::TURN_COMMANDS {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.try_send(Command::Status(reply)).expect("room");
+            replies.push(answer);
+        }
+        bell.ring();
+        let (b, s) = (Arc::clone(&bell), Arc::clone(&stop));
+        let worker = std::thread::spawn(move || idle_worker(b, s, Some(rx)));
+        let all = tokio::time::timeout(Duration::from_secs(10), async {
+            for answer in replies {
+                answer.await.expect("answered");
+            }
+        })
+        .await;
+        stop.now();
+        worker.join().expect("worker");
+        assert!(
+            all.is_ok(),
+            "every command is answered after one ring (before, those past the first turn's \
+             share waited for the next wake-up)"
+        );
+    }
+
+    /// The supervisor dropped (its runtime gone, say) stops the worker threads: they would
+    /// otherwise wait on, and the runtime's shutdown would wait for them.
+    #[tokio::test]
+    async fn a_dropped_supervisor_stops_its_workers() {
+        let bell = Arc::new(Bell::new().expect("eventfd"));
+        let stop = stop_for(&bell);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let mut set = JoinSet::new();
+        let (b, s) = (Arc::clone(&bell), Arc::clone(&stop));
+        set.spawn_blocking(move || {
+            let _ = started_tx.send(());
+            idle_worker(b, s, None);
+            let _ = done_tx.send(());
+            Ok(())
+        });
+        let shared = Arc::new(RwLock::new(Router::new(StaticSecret::from([2; 32]), 2)));
+        let (_keep, shutdown) = watch::channel(false);
+        let by_hand = Arc::clone(&stop);
+        let supervisor = tokio::spawn(supervise(set, shared, StopOnDrop(stop), shutdown));
+        let stopped = tokio::task::spawn_blocking(move || {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the worker started");
+            supervisor.abort();
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+        })
+        .await
+        .expect("join");
+        // So that a failure ends the test rather than hanging it on the worker's thread.
+        by_hand.now();
+        assert!(
+            stopped,
+            "the worker stopped once its supervisor was dropped"
+        );
+    }
 }

@@ -9,7 +9,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::channel::{self, ChannelTun, Network};
-use crate::driver::{Command, Driver, Packets, Snapshot, TunIo};
+use crate::driver::{Command, Driver, Packets, Snapshot, TunIo, TunWait};
 use crate::packet::test_packet;
 use crate::{PeerConfig, PeerState, Router};
 use weft_config::Offload;
@@ -138,13 +138,16 @@ struct Flood {
     inner: ChannelTun,
 }
 
-impl TunIo for Flood {
+impl TunWait for Flood {
     async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
         // A ready device still counts against tokio's budget, as a real one does, so that the
         // test's other tasks get their turns on this one thread.
         tokio::task::consume_budget().await;
         self.try_recv(batch)
     }
+}
+
+impl TunIo for Flood {
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
         if batch.push(&self.packet) {
             Ok(())
@@ -374,7 +377,7 @@ async fn a_closed_command_channel_stops_the_driver() {
 
 /// Waits (bounded) for one datagram at `sock`.
 async fn datagram_at(sock: &channel::ChannelUdp) -> Vec<u8> {
-    use crate::driver::{Datagrams, UdpIo};
+    use crate::driver::{Datagrams, UdpWait};
     let mut rx = Datagrams::new(1);
     tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut rx))
         .await
@@ -483,12 +486,15 @@ struct LoggedTun {
     log: Log,
 }
 
-impl TunIo for LoggedTun {
+impl TunWait for LoggedTun {
     async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
         let r = self.inner.recv(batch).await;
         note(&self.log, "read");
         r
     }
+}
+
+impl TunIo for LoggedTun {
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
         note(&self.log, "try");
         self.inner.try_recv(batch)
@@ -506,12 +512,15 @@ struct LoggedUdp {
     log: Log,
 }
 
-impl crate::driver::UdpIo for LoggedUdp {
+impl crate::driver::UdpWait for LoggedUdp {
     async fn recv(&self, rx: &mut crate::driver::Datagrams) -> io::Result<()> {
         let r = self.inner.recv(rx).await;
         note(&self.log, "recv");
         r
     }
+}
+
+impl crate::driver::UdpIo for LoggedUdp {
     fn try_recv(&self, rx: &mut crate::driver::Datagrams) -> io::Result<()> {
         let r = self.inner.try_recv(rx);
         note(&self.log, if r.is_ok() { "udp got" } else { "udp try" });
