@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -48,6 +49,40 @@ impl Bell {
 pub trait Watched: AsFd {
     /// `epoll` reported it readable.
     fn set_ready(&self);
+}
+
+/// Whether a watched source may have something to read: set when `epoll` says so, cleared by
+/// the read that finds it empty (or that takes fewer than it could, which emptied it), so that
+/// asking an empty source costs no system call. `epoll` is level-triggered, so a source left
+/// unread is reported, and set, again.
+#[derive(Debug, Default)]
+pub(super) struct Readiness(AtomicBool);
+
+impl Readiness {
+    /// `epoll` reported the source readable.
+    pub(super) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// A read found the source empty.
+    pub(super) fn drained(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    /// `read`'s outcome if the source may be readable, else `WouldBlock` without calling it; a
+    /// `WouldBlock` from `read` clears it.
+    pub(super) fn read<R>(&self, read: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        if !self.0.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let r = read();
+        if r.as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+        {
+            self.drained();
+        }
+        r
+    }
 }
 
 /// What one wait found ready.
@@ -125,6 +160,38 @@ mod tests {
     /// A wait that should end at once is bounded by this, so that a regression fails rather
     /// than hangs.
     const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn an_unready_source_is_not_read_and_only_a_read_finding_it_empty_clears_it() {
+        let ready = Readiness::default();
+        let called = std::cell::Cell::new(0);
+        let read = |outcome: io::Result<u8>| {
+            ready.read(|| {
+                called.set(called.get() + 1);
+                outcome
+            })
+        };
+        let would_block =
+            |r: io::Result<u8>| r.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock);
+        assert!(would_block(read(Ok(1))), "not set: WouldBlock");
+        assert_eq!(called.get(), 0, "without a read");
+        ready.set();
+        assert_eq!(read(Ok(1)).ok(), Some(1));
+        assert!(read(Err(io::ErrorKind::Interrupted.into())).is_err());
+        assert_eq!(
+            read(Ok(2)).ok(),
+            Some(2),
+            "a read or another error keeps it set"
+        );
+        assert!(would_block(read(Err(io::ErrorKind::WouldBlock.into()))));
+        assert_eq!(called.get(), 4);
+        assert!(would_block(read(Ok(3))), "cleared by the empty read");
+        assert_eq!(called.get(), 4, "and not read again until set");
+        ready.set();
+        ready.drained();
+        assert!(would_block(read(Ok(4))), "drained by hand");
+        assert_eq!(called.get(), 4);
+    }
 
     #[test]
     fn a_timeout_is_rounded_up_to_whole_milliseconds_and_bounded() {

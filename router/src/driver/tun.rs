@@ -9,9 +9,10 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tun_rs::{ExpandBuffer, GROTable, VIRTIO_NET_HDR_LEN};
+
+use super::poll::Readiness;
 
 /// Headroom in front of every packet in a batch, where tun-rs puts the virtio header.
 pub const OFFSET: usize = VIRTIO_NET_HDR_LEN;
@@ -215,12 +216,11 @@ pub trait TunWait: TunIo {
 }
 
 /// The data plane's TUN queue, non-blocking, waited on by its worker's own `epoll` (module
-/// `poll`). It remembers whether the queue may have a packet: set when `epoll` says so,
-/// cleared by the read that finds it empty, so that asking an empty queue costs no system
-/// call. `epoll` is level-triggered, so a packet left behind is reported again.
+/// `poll`). It remembers whether the queue may have a packet (a `Readiness`), so that asking
+/// an empty queue costs no system call.
 pub struct Tun {
     device: tun_rs::SyncDevice,
-    ready: AtomicBool,
+    ready: Readiness,
 }
 
 impl std::fmt::Debug for Tun {
@@ -237,14 +237,14 @@ impl Tun {
         device.set_nonblocking(true)?;
         Ok(Self {
             device,
-            ready: AtomicBool::new(false),
+            ready: Readiness::default(),
         })
     }
 }
 
 impl super::Watched for Tun {
     fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.ready.set();
     }
 }
 
@@ -256,22 +256,12 @@ impl AsFd for Tun {
 
 impl TunIo for Tun {
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let (slots, sizes, scratch) = batch.unfilled();
-        match self.device.recv_multiple(scratch, slots, sizes, OFFSET) {
-            Ok(n) => {
-                batch.added(n);
-                Ok(())
-            }
-            Err(e) => {
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    self.ready.store(false, Ordering::Relaxed);
-                }
-                Err(e)
-            }
-        }
+        let n = self.ready.read(|| {
+            let (slots, sizes, scratch) = batch.unfilled();
+            self.device.recv_multiple(scratch, slots, sizes, OFFSET)
+        })?;
+        batch.added(n);
+        Ok(())
     }
     /// Non-blocking: a write the queue cannot take (`EAGAIN`, only with a send buffer set far
     /// below the kernel's unlimited default) loses the batch, as a full queue would.

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::debug;
+
+use super::poll::Readiness;
 use weft_config::Offload;
 
 /// Socket buffer size asked for; root may exceed `net.core.[rw]mem_max`.
@@ -175,16 +177,15 @@ impl Congestion {
 
 /// The data plane's UDP socket, non-blocking, waited on by its worker's own `epoll` (module
 /// `poll`), with quinn-udp for the system calls. Like [`Tun`](super::Tun) it remembers whether
-/// datagrams may be queued: set when `epoll` says so, cleared by a receive that finds the
-/// queue empty or fills fewer buffers than it had (it emptied the queue), so that asking an
-/// empty socket costs no system call.
+/// datagrams may be queued (a `Readiness`, cleared also by a receive that fills fewer buffers
+/// than it had: it emptied the queue), so that asking an empty socket costs no system call.
 #[derive(Debug)]
 pub struct Udp {
     socket: Socket,
     state: UdpSocketState,
     gso: usize,
     congestion: Congestion,
-    ready: AtomicBool,
+    ready: Readiness,
 }
 
 /// A bound socket not yet handed to its worker ([`Udp::from`]).
@@ -218,14 +219,14 @@ impl From<BoundUdp> for Udp {
             state: bound.state,
             gso: bound.gso,
             congestion: Congestion::default(),
-            ready: AtomicBool::new(false),
+            ready: Readiness::default(),
         }
     }
 }
 
 impl super::Watched for Udp {
     fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.ready.set();
     }
 }
 
@@ -349,35 +350,23 @@ fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Re
 
 impl UdpIo for Udp {
     fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
+        rx.count = 0;
         let n = rx.bufs.len();
-        let mut iovs: [IoSliceMut<'_>; RX_BATCH] =
-            std::array::from_fn(|_| IoSliceMut::new(&mut []));
-        for (iov, buf) in iovs.iter_mut().zip(rx.bufs.iter_mut()) {
-            *iov = IoSliceMut::new(buf);
-        }
-        match self
-            .state
-            .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)
-        {
-            Ok(count) => {
-                // Fewer than it had buffers for: the queue is empty now.
-                if count < n {
-                    self.ready.store(false, Ordering::Relaxed);
-                }
-                rx.count = count;
-                Ok(())
+        let count = self.ready.read(|| {
+            let mut iovs: [IoSliceMut<'_>; RX_BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            for (iov, buf) in iovs.iter_mut().zip(rx.bufs.iter_mut()) {
+                *iov = IoSliceMut::new(buf);
             }
-            Err(e) => {
-                rx.count = 0;
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    self.ready.store(false, Ordering::Relaxed);
-                }
-                Err(e)
-            }
+            self.state
+                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)
+        })?;
+        // Fewer than it had buffers for: the queue is empty now.
+        if count < n {
+            self.ready.drained();
         }
+        rx.count = count;
+        Ok(())
     }
     async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let transmit = Transmit {
