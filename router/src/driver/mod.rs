@@ -219,6 +219,10 @@ pub struct Driver<T = Tun, U = Udp> {
     udp_v6: bool,
     /// Packets read from the device.
     tun_in: Packets,
+    /// The last turn's first TUN read was all the queue held (a ping, a request): the next
+    /// turn sends what its first read gets before reading again. Under load reads come back
+    /// to back and are sent together.
+    tun_sparse: bool,
     /// Packets for the device.
     tun_out: Packets,
     /// Datagrams received.
@@ -454,6 +458,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             offload,
             udp_v6,
             tun_in: Packets::new(),
+            tun_sparse: true,
             tun_out: Packets::new(),
             udp_in: Datagrams::new(rx),
             net_out: vec![0; NET_OUT + ONE_OUT],
@@ -527,16 +532,28 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         self.flush().await;
     }
 
-    /// TUN → network: the packets the wake-up read go out first, then more while they are ready
-    /// (without batching, none; else until the batch is full or [`BATCH`] reads), encapsulated
-    /// and sent together. A lone packet (a ping, a request) thus leaves before the read that
-    /// finds the queue empty, not after it; under load that costs one more send per turn.
+    /// TUN → network: the packets the wake-up read (the async driver reads them while it waits,
+    /// a worker in `epoll` here), then more while they are ready (without batching, none; else
+    /// until the batch is full or [`BATCH`] reads), encapsulated and sent together. When the
+    /// last turn found one read's worth (`tun_sparse`), what the wake-up read goes out first:
+    /// a lone packet (a ping, a request) leaves before the read that finds the queue empty, not
+    /// after it, while under load, where that would cost a send per turn, the batch stays whole.
     async fn serve_tun(&mut self) -> io::Result<()> {
         let reads = if self.offload.udp_batch { BATCH } else { 1 };
+        if self.tun_in.is_empty() {
+            // A worker waiting in `epoll` is told the queue is readable, not handed a packet:
+            // the wake-up's read is done here.
+            match self.tun.try_recv(&mut self.tun_in) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                r => self.tun_result(r)?,
+            }
+        }
         let mut done = 0;
         if !self.tun_in.is_empty() {
             done = 1;
-            self.on_tun_packets().await;
+            if self.tun_sparse {
+                self.on_tun_packets().await;
+            }
         }
         while done < reads && self.tun_in.free() >= MAX_SPLIT {
             match self.tun.try_recv(&mut self.tun_in) {
@@ -544,6 +561,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 r => self.tun_result(r)?,
             }
             done += 1;
+        }
+        if done > 0 {
+            self.tun_sparse = done == 1;
         }
         if !self.tun_in.is_empty() {
             self.on_tun_packets().await;

@@ -324,11 +324,27 @@ fn open_socket(port: u16, reuse: bool) -> io::Result<Socket> {
     }
 }
 
+/// Switches off the ancillary data quinn-udp asks every receive to carry and the driver never
+/// reads (the receive time, the TOS byte or traffic class, the destination address): each is a
+/// control message built and copied out per datagram, and a socket asking for receive times
+/// makes the kernel stamp every packet the host receives. Only the sender's address, the length
+/// and the GRO segment size are read. Best effort: an option the kernel refuses costs a little
+/// time, nothing else.
+fn quiet_ancillary(socket: &Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(socket, sockopt::ReceiveTimestampns, &false);
+    let _ = setsockopt(socket, sockopt::IpRecvTos, &false);
+    let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &false);
+    let _ = setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &false);
+    let _ = setsockopt(socket, sockopt::Ipv6RecvTClass, &false);
+}
+
 fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Result<BoundUdp> {
     let socket = open_socket(port, reuse)?;
     size_buffers(&socket, buffers);
     socket.set_nonblocking(true)?;
     let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+    quiet_ancillary(&socket);
     let mut gro = state.gro_segments() > 1;
     if gro && !offload.udp_gro {
         // quinn-udp switches UDP_GRO on whenever it can.
@@ -369,14 +385,27 @@ impl UdpIo for Udp {
         Ok(())
     }
     async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+        let socket = &self.socket;
+        if segment >= contents.len() {
+            // One datagram (a ping's): a plain sendto, without the TOS control message
+            // quinn-udp attaches to every send for ECN, which weft does not use.
+            let to = socket2::SockAddr::from(to);
+            return send_or_wait(socket, SEND_WAIT, &self.congestion, super::clock, || {
+                loop {
+                    match socket.send_to(contents, &to) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        r => return r.map(|_| ()),
+                    }
+                }
+            });
+        }
         let transmit = Transmit {
             destination: to,
             ecn: None,
             contents,
-            segment_size: (segment < contents.len()).then_some(segment),
+            segment_size: Some(segment),
             src_ip: None,
         };
-        let socket = &self.socket;
         send_or_wait(socket, SEND_WAIT, &self.congestion, super::clock, || {
             self.state.try_send(socket.into(), &transmit)
         })
@@ -487,6 +516,37 @@ mod tests {
         let (epollin, epollout) = (0x1, 0x4);
         assert_ne!(mask & epollin, 0, "readable wanted: {mask:#x}");
         assert_eq!(mask & epollout, 0, "writable not wanted: {mask:#x}");
+    }
+
+    #[test]
+    fn the_socket_asks_for_no_ancillary_data_the_driver_does_not_read() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        // Bound, never sent on: no traffic leaves this test.
+        for bound in [bind_udp(0, &Offload::AUTO).expect("bind")]
+            .into_iter()
+            .chain(bind_udp_workers(0, &Offload::AUTO, 2).expect("bind two"))
+        {
+            let s = &bound.socket;
+            let on = |name: &str, v: nix::Result<bool>| (name.to_owned(), v.unwrap_or(false));
+            let asked: Vec<(String, bool)> = vec![
+                on("SO_TIMESTAMPNS", getsockopt(s, sockopt::ReceiveTimestampns)),
+                on("IP_RECVTOS", getsockopt(s, sockopt::IpRecvTos)),
+                on("IP_PKTINFO", getsockopt(s, sockopt::Ipv4PacketInfo)),
+                on(
+                    "IPV6_RECVPKTINFO",
+                    getsockopt(s, sockopt::Ipv6RecvPacketInfo),
+                ),
+                on("IPV6_RECVTCLASS", getsockopt(s, sockopt::Ipv6RecvTClass)),
+            ];
+            let still: Vec<&String> = asked.iter().filter(|(_, v)| *v).map(|(n, _)| n).collect();
+            assert!(still.is_empty(), "still asked for: {still:?}");
+            // What the driver reads stays: GRO's segment size, where offloads allow it.
+            assert_eq!(
+                getsockopt(s, sockopt::UdpGroSegment).unwrap_or(false),
+                bound.gro(),
+                "UDP_GRO as the socket reports it"
+            );
+        }
     }
 
     #[test]

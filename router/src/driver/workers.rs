@@ -153,60 +153,9 @@ fn flatten(r: Result<io::Result<()>, tokio::task::JoinError>) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::{Datagrams, Packets, TunIo, UdpIo, Watched};
+    use crate::tests::epoll_worker::quiet;
     use boringtun::x25519::StaticSecret;
-    use std::net::SocketAddr;
-    use std::os::fd::{AsFd, BorrowedFd};
-    use std::os::unix::net::UnixDatagram;
     use std::time::Duration;
-
-    /// A device that never has anything to read and takes every write: a local datagram socket
-    /// for `epoll` to watch, no network.
-    struct Quiet {
-        watched: UnixDatagram,
-        /// Kept open: a closed other end would make `watched` always ready.
-        _other: UnixDatagram,
-    }
-
-    fn quiet() -> Quiet {
-        let (watched, _other) = UnixDatagram::pair().expect("pair");
-        Quiet { watched, _other }
-    }
-
-    impl AsFd for Quiet {
-        fn as_fd(&self) -> BorrowedFd<'_> {
-            self.watched.as_fd()
-        }
-    }
-
-    impl Watched for Quiet {
-        fn set_ready(&self) {}
-    }
-
-    impl TunIo for Quiet {
-        fn try_recv(&self, _: &mut Packets) -> io::Result<()> {
-            Err(io::ErrorKind::WouldBlock.into())
-        }
-        async fn send(&self, batch: &mut Packets) -> io::Result<()> {
-            batch.clear();
-            Ok(())
-        }
-    }
-
-    impl UdpIo for Quiet {
-        fn try_recv(&self, _: &mut Datagrams) -> io::Result<()> {
-            Err(io::ErrorKind::WouldBlock.into())
-        }
-        async fn send(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
-            Ok(())
-        }
-        fn max_segments(&self) -> usize {
-            1
-        }
-        fn local_addr(&self) -> io::Result<SocketAddr> {
-            Ok(SocketAddr::from(([198, 18, 0, 1], 51820)))
-        }
-    }
 
     /// A router without peers has no deadline: its worker waits for as long as nothing wakes it.
     fn idle_worker(bell: Arc<Bell>, stop: Arc<Stop>, commands: Option<mpsc::Receiver<Command>>) {

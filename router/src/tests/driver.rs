@@ -14,7 +14,12 @@ use crate::packet::test_packet;
 use crate::{PeerConfig, PeerState, Router};
 use weft_config::Offload;
 
-fn router(own: &StaticSecret, peer: &StaticSecret, endpoint: &str, allowed: &str) -> Router {
+pub(super) fn router(
+    own: &StaticSecret,
+    peer: &StaticSecret,
+    endpoint: &str,
+    allowed: &str,
+) -> Router {
     let mut r = Router::new(own.clone(), 1);
     let cfg = crate::testing::peer_config(
         "peer",

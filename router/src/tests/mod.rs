@@ -1,5 +1,6 @@
 //! Router tests: routing, anti-spoofing, timers and batching on a fake tunnel (`fake`), and the
-//! same paths through boringtun's real `Tunn` between two routers (`pairwise`).
+//! same paths through boringtun's real `Tunn` between two routers (`pairwise`); the driver over
+//! in-memory devices (`driver`), and as a worker waiting in `epoll` (`epoll_worker`).
 
 #![allow(
     clippy::disallowed_methods,
@@ -8,6 +9,8 @@
 
 #[cfg(feature = "driver")]
 mod driver;
+#[cfg(feature = "driver")]
+pub(crate) mod epoll_worker;
 mod fake;
 mod pairwise;
 mod routing;
