@@ -18,7 +18,8 @@
 //! # Workers
 //!
 //! `router.workers` data-path workers run, each a thread of its own that waits in its own `epoll`
-//! (no async runtime between a packet's wake-up and its turn):
+//! (no async runtime between a packet's wake-up and its turn), named `weft-worker-<n>` as `top -H`,
+//! `ps -L` and `perf` show it:
 //!
 //! - **Its own TUN queue.** With more than one worker the device is multi-queue
 //!   (`IFF_MULTI_QUEUE`). The kernel puts each flow on one queue (by its flow hash, or on the

@@ -81,6 +81,7 @@ pub fn spawn(
         let (shared, errors, stop) = (shared.clone(), errors.clone(), stop.clone());
         let commands = commands.take();
         set.spawn_blocking(move || {
+            let _name = ThreadName::set(&format!("weft-worker-{worker}"));
             let bell = Arc::clone(&stop.bells[worker]);
             let run = || {
                 let (tun, udp) = (Tun::new(tun)?, Udp::from(udp));
@@ -94,6 +95,30 @@ pub fn spawn(
         });
     }
     tokio::spawn(supervise(set, shared, StopOnDrop(stop), shutdown))
+}
+
+/// The calling thread's name (what `top -H`, `ps -L`, `perf` and `/proc/<pid>/task/*/comm` show)
+/// while it serves as a worker, given back when it is dropped: the thread is the runtime's,
+/// lent for the worker's life. Best effort: a name the kernel refuses leaves the old one.
+struct ThreadName(Option<std::ffi::CString>);
+
+impl ThreadName {
+    fn set(name: &str) -> Self {
+        use nix::sys::prctl;
+        let old = prctl::get_name().ok();
+        if let Ok(name) = std::ffi::CString::new(name) {
+            let _ = prctl::set_name(&name);
+        }
+        Self(old)
+    }
+}
+
+impl Drop for ThreadName {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = nix::sys::prctl::set_name(old);
+        }
+    }
 }
 
 /// Hands the daemon's commands on to the first worker, ringing its bell for each; when the
@@ -156,6 +181,28 @@ mod tests {
     use crate::tests::epoll_worker::quiet;
     use boringtun::x25519::StaticSecret;
     use std::time::Duration;
+
+    #[test]
+    fn a_worker_thread_is_named_for_its_life_and_given_its_name_back() {
+        let comm = || std::fs::read_to_string("/proc/thread-self/comm").expect("comm");
+        let seen = std::thread::Builder::new()
+            .name("lent".into())
+            .spawn(move || {
+                let before = comm();
+                let during = {
+                    let _name = ThreadName::set("weft-worker-3");
+                    comm()
+                };
+                (before, during, comm())
+            })
+            .expect("thread")
+            .join()
+            .expect("no panic");
+        assert_eq!(
+            seen,
+            ("lent\n".into(), "weft-worker-3\n".into(), "lent\n".into())
+        );
+    }
 
     /// A router without peers has no deadline: its worker waits for as long as nothing wakes it.
     fn idle_worker(bell: Arc<Bell>, stop: Arc<Stop>, commands: Option<mpsc::Receiver<Command>>) {

@@ -53,6 +53,36 @@ fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("no weft_router_worker_packets_total for worker {w}"))
 }
 
+/// Each data-path worker runs on a thread named for it, so that `top -H`, `ps -L` and `perf`
+/// tell the workers apart (and from the daemon's other threads).
+#[test]
+fn each_worker_runs_on_a_thread_named_for_it() -> anyhow::Result<()> {
+    let p = Pair::start_dual("wkn", "auto", "2")?;
+    p.ping(&p.a.ns, "100.64.2.1")?;
+    let threads = thread_names(&p, "b")?;
+    for w in ["weft-worker-0", "weft-worker-1"] {
+        ensure!(
+            threads.iter().any(|t| t == w),
+            "no thread {w} in b: {threads:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The names of daemon `name`'s threads.
+fn thread_names(p: &Pair, name: &str) -> anyhow::Result<Vec<String>> {
+    let pid = p
+        .lab
+        .pid(name)
+        .with_context(|| format!("no daemon {name}"))?;
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm"))?;
+        names.push(comm.trim_end().to_owned());
+    }
+    Ok(names)
+}
+
 #[test]
 fn with_two_workers_every_flow_arrives_in_order_while_both_encrypt_for_one_peer()
 -> anyhow::Result<()> {
