@@ -555,15 +555,21 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 self.on_tun_packets().await;
             }
         }
+        let mut emptied = false;
         while done < reads && self.tun_in.free() >= MAX_SPLIT {
             match self.tun.try_recv(&mut self.tun_in) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    emptied = true;
+                    break;
+                }
                 r => self.tun_result(r)?,
             }
             done += 1;
         }
         if done > 0 {
-            self.tun_sparse = done == 1;
+            // Sparse only when the queue was seen empty after one read: a read that filled
+            // the batch (a GSO segment split into many packets) is load, not a lone packet.
+            self.tun_sparse = done == 1 && emptied;
         }
         if !self.tun_in.is_empty() {
             self.on_tun_packets().await;

@@ -12,5 +12,5 @@ mod driver;
 #[cfg(feature = "driver")]
 pub(crate) mod epoll_worker;
 mod fake;
-mod pairwise;
+pub(super) mod pairwise;
 mod routing;

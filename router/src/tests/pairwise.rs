@@ -21,16 +21,16 @@ fn peer(name: &str, key: &StaticSecret, endpoint: Option<&str>, allowed: &[&str]
 }
 
 /// One side: a router, its address, and what it wrote to its TUN device.
-struct Node {
-    router: Router,
+pub(super) struct Node {
+    pub(super) router: Router,
     addr: SocketAddr,
     tun: Vec<Vec<u8>>,
     drops: Vec<DropReason>,
 }
 
 /// Two nodes and the datagrams in flight between them.
-struct Pair {
-    a: Node,
+pub(super) struct Pair {
+    pub(super) a: Node,
     b: Node,
     a_id: PeerId,
     b_id: PeerId,
@@ -80,7 +80,7 @@ impl Pair {
     }
 
     /// A pair whose handshake completed: `payload` went from a's pod to b's and arrived.
-    fn connected(payload: &[u8]) -> Self {
+    pub(super) fn connected(payload: &[u8]) -> Self {
         let mut p = Self::new();
         let _ = p.send(true, "100.64.1.1", "100.64.2.1", payload);
         p.settle();

@@ -59,13 +59,20 @@ fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
 fn each_worker_runs_on_a_thread_named_for_it() -> anyhow::Result<()> {
     let p = Pair::start_dual("wkn", "auto", "2")?;
     p.ping(&p.a.ns, "100.64.2.1")?;
-    let threads = thread_names(&p, "b")?;
-    for w in ["weft-worker-0", "weft-worker-1"] {
-        ensure!(
-            threads.iter().any(|t| t == w),
-            "no thread {w} in b: {threads:?}"
-        );
-    }
+    // Polled: a worker names its thread when it starts.
+    let mut threads = Vec::new();
+    let named = wait_for(
+        "b's workers to name their threads",
+        Duration::from_secs(10),
+        || {
+            threads = thread_names(&p, "b").ok()?;
+            ["weft-worker-0", "weft-worker-1"]
+                .iter()
+                .all(|w| threads.iter().any(|t| t == w))
+                .then_some(())
+        },
+    );
+    named.with_context(|| format!("b's threads: {threads:?}"))?;
     Ok(())
 }
 
@@ -76,9 +83,11 @@ fn thread_names(p: &Pair, name: &str) -> anyhow::Result<Vec<String>> {
         .pid(name)
         .with_context(|| format!("no daemon {name}"))?;
     let mut names = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let comm = std::fs::read_to_string(task?.path().join("comm"))?;
-        names.push(comm.trim_end().to_owned());
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        // A thread that ended since the listing has no name to read.
+        if let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) {
+            names.push(comm.trim_end().to_owned());
+        }
     }
     Ok(names)
 }
