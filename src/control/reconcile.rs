@@ -1128,11 +1128,7 @@ mod nat_tests {
 
     #[test]
     fn a_liar_changing_a_mapping_every_9_s_cannot_keep_a_peer_from_its_working_address() {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let t0 = Instant::now();
+        let t0 = start();
         let a = behind_nat("a", "cloud", "198.19.0.1", &[]);
         let mut v = behind_nat("v", "home", "198.18.5.2", &[]);
         let works = ep("198.18.5.2:51820");
@@ -1164,11 +1160,7 @@ mod nat_tests {
 
     #[test]
     fn a_reason_that_changes_alone_restarts_no_peer_and_a_mapping_on_another_port_is_kept() {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let t0 = Instant::now();
+        let t0 = start();
         let mut me = behind_nat("me", "home", "198.18.101.2", &[]);
         let peer = behind_nat("peer", "office", "198.18.102.2", &["198.19.0.102:51820"]);
         let key = peer.wireguard_key;
@@ -1200,11 +1192,7 @@ mod nat_tests {
 
     #[test]
     fn new_candidates_start_the_peer_over_at_the_first_at_once() {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let t0 = Instant::now();
+        let t0 = start();
         let key = [4; 32];
         let mut ch = Choices::default();
         let before = vec![
@@ -1245,11 +1233,7 @@ mod nat_tests {
         Choices,
         Vec<(SocketAddr, Reason)>,
     ) {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let t0 = Instant::now();
+        let t0 = start();
         let me = behind_nat("me", "home", "198.18.101.2", &["198.19.0.101:40001"]);
         let peer = behind_nat("peer", "home", "198.18.102.2", &["198.19.0.102:40002"]);
         let key = peer.wireguard_key;
@@ -1423,11 +1407,7 @@ mod nat_tests {
         // The mapping alone (no member holds its address): a candidate, but encrypted.
         let c = ch.candidates(&me, &x);
         assert!(c.iter().any(|(a, _)| *a == ep("10.9.0.7:51820")), "{c:?}");
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let now = Instant::now();
+        let now = start();
         ch.follow(now, x.wireguard_key, &c, ep("10.9.0.7:51820"));
         let (_, _, path) = endpoint(&me, &x, &c, &ch);
         assert_eq!(path, PathKind::Encrypted, "a NAT mapping carried plaintext");
@@ -1449,6 +1429,15 @@ mod nat_tests {
         assert_eq!(ch.candidates(&me, &x).len(), 1);
     }
 
+    /// A test's clock, started from a real instant (the code under test takes `now` as given).
+    fn start() -> Instant {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's clock starts from a real instant"
+        )]
+        Instant::now()
+    }
+
     /// A public node's view of a node behind NAT whose record lists only its LAN address.
     fn public_and_natted() -> (NodeRecord, NodeRecord, SocketAddr, SocketAddr) {
         let mut p = behind_nat("p", "cloud", "198.19.0.1", &[]);
@@ -1459,11 +1448,7 @@ mod nat_tests {
 
     #[test]
     fn a_session_up_at_a_mapping_no_record_lists_yet_is_where_the_peer_is_reached() {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let now = Instant::now();
+        let now = start();
         let (p, a, lan, mapping) = public_and_natted();
         let mut ch = Choices::default();
         let members = [weft_mesh::testing::member(
@@ -1503,11 +1488,7 @@ mod nat_tests {
     #[test]
     fn a_member_publishing_the_learned_address_does_not_move_the_session_and_a_shim_is_not_learned()
     {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let now = Instant::now();
+        let now = start();
         let (p, a, lan, mapping) = public_and_natted();
         let mut ch = Choices::default();
         ch.set_members([&p, &a]);
@@ -1619,11 +1600,7 @@ mod nat_tests {
 
     #[test]
     fn two_peers_trading_blocks_both_land_in_one_round_when_each_gives_up_first() {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a test's clock starts from a real instant"
-        )]
-        let now = Instant::now();
+        let now = start();
         let mut router =
             weft_router::Router::new(weft_router::x25519::StaticSecret::from([7; 32]), 1);
         let peer = |name: &str, key: u8, block: &str| PeerConfig {
