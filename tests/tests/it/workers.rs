@@ -53,6 +53,18 @@ fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("no weft_router_worker_packets_total for worker {w}"))
 }
 
+/// Packets the kernel of the node in `ns` dropped at `weft0` on the way in, before any worker
+/// read them (`tx_dropped`: a TUN queue was full).
+fn tun_dropped(p: &Pair, ns: &str) -> anyhow::Result<u64> {
+    let out = p
+        .lab
+        .ip(ns, &["-s", "-j", "link", "show", "dev", "weft0"])?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    links[0]["stats64"]["tx"]["dropped"]
+        .as_u64()
+        .with_context(|| format!("no stats64.tx.dropped for weft0 in {links}"))
+}
+
 /// Each data-path worker runs on a thread named for it, so that `top -H`, `ps -L` and `perf`
 /// tell the workers apart (and from the daemon's other threads).
 #[test]
@@ -99,6 +111,7 @@ fn with_two_workers_every_flow_arrives_in_order_while_both_encrypt_for_one_peer(
     let (a, b) = (p.a.ns.clone(), p.b.ns.clone());
     p.ping(&a, "100.64.2.1")?;
     let before = [tun_packets(&p, &a, "0")?, tun_packets(&p, &a, "1")?];
+    let dropped_before = tun_dropped(&p, &a)?;
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receivers = p.lab.in_ns(&b, move || {
@@ -166,18 +179,29 @@ fn with_two_workers_every_flow_arrives_in_order_while_both_encrypt_for_one_peer(
             (shares[0] + shares[1] >= f64::from(total)).then_some(())
         },
     )?;
+    let dropped = tun_dropped(&p, &a)? - dropped_before;
     eprintln!(
-        "{FLOWS} flows x {PER_FLOW}: {total}/{sent} arrived, {late} out of order; a's workers \
-         read {} and {} packets from their TUN queues",
+        "{FLOWS} flows x {PER_FLOW}: {total}/{sent} arrived, {late} out of order, {dropped} \
+         dropped by a's kernel at full TUN queues; a's workers read {} and {} packets from \
+         their TUN queues",
         shares[0], shares[1]
     );
     ensure!(
         late == 0,
         "{late} datagrams arrived after a later one of their flow"
     );
+    // The sender outruns the workers of a debug build on a busy machine: the kernel then drops
+    // at a's full TUN queues, before weft sees the datagrams, and counts them. Every other
+    // datagram arrived: the tunnel itself lost none.
     ensure!(
-        total >= sent * 9 / 10,
-        "only {total} of {sent} datagrams arrived"
+        u64::from(total) + dropped == u64::from(sent),
+        "{total} of {sent} datagrams arrived and a's kernel dropped {dropped} at its TUN queues: \
+         {} were lost in between",
+        i64::from(sent) - i64::from(total) - i64::try_from(dropped)?
+    );
+    ensure!(
+        total >= sent / 2,
+        "only {total} of {sent} datagrams arrived ({dropped} dropped at a's TUN queues)"
     );
     for (w, share) in shares.iter().enumerate() {
         ensure!(
