@@ -179,7 +179,9 @@ fn with_two_workers_every_flow_arrives_in_order_while_both_encrypt_for_one_peer(
             (shares[0] + shares[1] >= f64::from(total)).then_some(())
         },
     )?;
-    let dropped = tun_dropped(&p, &a)? - dropped_before;
+    let dropped = tun_dropped(&p, &a)?
+        .checked_sub(dropped_before)
+        .context("weft0's drop counter on a went back: the device was made again mid-run")?;
     eprintln!(
         "{FLOWS} flows x {PER_FLOW}: {total}/{sent} arrived, {late} out of order, {dropped} \
          dropped by a's kernel at full TUN queues; a's workers read {} and {} packets from \
