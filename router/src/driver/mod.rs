@@ -235,6 +235,11 @@ pub struct Driver<T = Tun, U = Udp> {
     /// The router's events, logged once its lock is released.
     events: Vec<Event>,
     start: Instant,
+    /// The time the clock was last read: at the start of each turn, then by each step.
+    now: Instant,
+    /// `now` was read at the turn's start and no step has used it yet: the first step (the
+    /// packet that woke the worker) takes it rather than reading the clock again.
+    fresh: bool,
 }
 
 /// What woke a worker: its TUN queue, or anything else (a datagram, a command, the timer).
@@ -449,6 +454,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     ) -> io::Result<Self> {
         let udp_v6 = udp.local_addr()?.is_ipv6();
         let rx = if offload.udp_batch { RX_BATCH } else { 1 };
+        let now = clock();
         Ok(Self {
             router,
             errors,
@@ -465,7 +471,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             pending: Vec::with_capacity(SLOTS),
             held: Vec::with_capacity(SLOTS),
             events: Vec::new(),
-            start: clock(),
+            start: now,
+            now,
+            fresh: false,
         })
     }
 
@@ -474,34 +482,54 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// datagrams (those the wake-up received and, with batching, up to [`TURN_PACKETS`] more);
     /// TUN packets (likewise up to a batch) unless served first; up to [`TURN_COMMANDS`]
     /// commands. No source gets more than its share before the next is served.
+    ///
+    /// The clock is read once at the start, and that reading serves the first step; the router's
+    /// output is flushed by each step that may have made some (the timers, the datagrams, the
+    /// TUN packets, the commands), and not looked for otherwise.
     async fn turn(
         &mut self,
         commands: Option<&mut mpsc::Receiver<Command>>,
         woke: Woke,
     ) -> io::Result<Turn> {
+        self.now = clock();
+        self.fresh = true;
         if woke == Woke::Tun {
             self.serve_tun().await?;
         }
-        let now = clock();
+        let now = self.now;
         if commands.is_some() && read(&self.router).poll_timeout().is_some_and(|t| t <= now) {
             write(&self.router).handle_timeout(now);
+            self.flush().await;
         }
-        self.flush().await;
         self.serve_udp().await;
         if woke != Woke::Tun {
             self.serve_tun().await?;
         }
         if let Some(commands) = commands {
+            let mut served = 0;
             for _ in 0..TURN_COMMANDS {
                 match commands.try_recv() {
-                    Ok(cmd) => self.command(cmd),
+                    Ok(cmd) => {
+                        self.command(cmd);
+                        served += 1;
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Turn::Stop),
                 }
             }
+            if served > 0 {
+                self.flush().await;
+            }
         }
-        self.flush().await;
         Ok(Turn::Continue)
+    }
+
+    /// The time for a step: the turn's reading for its first, the clock's after that.
+    fn step_now(&mut self) -> Instant {
+        if !std::mem::take(&mut self.fresh) {
+            self.now = clock();
+        }
+        self.now
     }
 
     /// Network → TUN: the datagrams received, more while they are ready (one receive without
@@ -529,7 +557,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             handled += self.on_datagrams().await;
         }
         write_batch(&self.tun, &mut self.tun_out).await;
-        self.flush().await;
+        if handled > 0 {
+            self.flush().await;
+        }
     }
 
     /// TUN → network: the packets the wake-up read (the async driver reads them while it waits,
@@ -549,10 +579,12 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             }
         }
         let mut done = 0;
+        let mut handled = false;
         if !self.tun_in.is_empty() {
             done = 1;
             if self.tun_sparse {
                 self.on_tun_packets().await;
+                handled = true;
             }
         }
         let mut emptied = false;
@@ -573,6 +605,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         }
         if !self.tun_in.is_empty() {
             self.on_tun_packets().await;
+            handled = true;
+        }
+        if handled {
             self.flush().await;
         }
         Ok(())
@@ -639,7 +674,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         self.errors.count(self.worker, false, n);
         let me = self.worker_id();
         while i < n {
-            let now = clock();
+            let now = self.step_now();
             let mut used = 0;
             let mut held_elsewhere = false;
             {
@@ -741,10 +776,10 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
 
     /// Decapsulates receive buffer `entry` into the TUN batch; answers go to `pending`.
     fn decapsulate(&mut self, entry: usize) -> usize {
+        let now = self.step_now();
         let Some((from, bytes, stride)) = self.udp_in.get(entry) else {
             return 0;
         };
-        let now = clock();
         let router = read(&self.router);
         let (mut handled, mut used) = (0, 0);
         // An empty datagram is still one (and is counted as malformed).
@@ -779,7 +814,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// when there is something.
     async fn flush(&mut self) {
         while read(&self.router).has_output() {
-            let now = clock();
+            let now = self.step_now();
             let mut used = 0;
             {
                 let mut router = write(&self.router);

@@ -25,7 +25,9 @@ pub const SLOTS: usize = 256;
 pub const MAX_SPLIT: usize = 128;
 
 /// One packet's buffer: `OFFSET` bytes of headroom, then the packet. Its length is kept apart from
-/// its allocation, so that reusing it costs nothing, and it grows where GRO appends to it.
+/// its allocation, so that reusing it costs nothing, and it grows where GRO appends to it. A
+/// free slot (one at or past its batch's count) is always whole (`len` is its allocation's): a
+/// read is handed the free slots as they are, without a pass that writes to each of them.
 #[derive(Debug)]
 pub(super) struct Slot {
     data: Vec<u8>,
@@ -137,6 +139,15 @@ impl Packets {
 
     /// Empties the batch.
     pub fn clear(&mut self) {
+        self.release(self.count);
+    }
+
+    /// Frees the first `n` slots (the batch's packets) and empties the batch; each is made
+    /// whole again, as a free slot is.
+    fn release(&mut self, n: usize) {
+        for slot in &mut self.slots[..n] {
+            slot.len = slot.data.len();
+        }
         self.count = 0;
     }
 
@@ -169,13 +180,10 @@ impl Packets {
         }
     }
 
-    /// The free slots and their sizes, for a read to fill from the first; `added` records how
-    /// many it filled.
+    /// The free slots (whole, see [`Slot`]) and their sizes, for a read to fill from the
+    /// first; `added` records how many it filled.
     fn unfilled(&mut self) -> (&mut [Slot], &mut [usize], &mut Vec<u8>) {
         let n = self.count;
-        for s in &mut self.slots[n..] {
-            s.len = s.data.len();
-        }
         (
             &mut self.slots[n..],
             &mut self.sizes[n..],
@@ -267,27 +275,33 @@ impl TunIo for Tun {
     /// below the kernel's unlimited default) loses the batch, as a full queue would.
     async fn send(&self, batch: &mut Packets) -> io::Result<()> {
         let n = batch.count;
-        batch.count = 0;
         if n == 0 {
             return Ok(());
         }
-        if n == 1 {
-            // One packet has nothing to coalesce: one write, without the GRO table's pass (a
-            // ping's latency). With the virtio header, a zeroed one: no segmentation, and the
-            // checksums are complete (a decapsulated packet carries its sender's).
-            let slot = &mut batch.slots[0];
-            let start = if self.device.tcp_gso() {
-                slot.data[..OFFSET].fill(0);
-                0
-            } else {
-                OFFSET
-            };
-            return self.device.send(&slot.data[start..slot.len]).map(|_| ());
-        }
-        self.device
-            .send_multiple(&mut batch.gro, &mut batch.slots[..n], OFFSET)
-            .map(|_| ())
+        let sent = send_batch(&self.device, batch, n);
+        batch.release(n);
+        sent
     }
+}
+
+/// Writes the first `n` packets of `batch`.
+fn send_batch(device: &tun_rs::SyncDevice, batch: &mut Packets, n: usize) -> io::Result<()> {
+    if n == 1 {
+        // One packet has nothing to coalesce: one write, without the GRO table's pass (a
+        // ping's latency). With the virtio header, a zeroed one: no segmentation, and the
+        // checksums are complete (a decapsulated packet carries its sender's).
+        let slot = &mut batch.slots[0];
+        let start = if device.tcp_gso() {
+            slot.data[..OFFSET].fill(0);
+            0
+        } else {
+            OFFSET
+        };
+        return device.send(&slot.data[start..slot.len]).map(|_| ());
+    }
+    device
+        .send_multiple(&mut batch.gro, &mut batch.slots[..n], OFFSET)
+        .map(|_| ())
 }
 
 /// Opens the TUN device `name`, with offloads when `offload` asks for them and the kernel has
@@ -337,4 +351,56 @@ fn open_first(name: &str, offload: bool, multi: bool) -> io::Result<(tun_rs::Syn
         }
     }
     Ok((build(false)?, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every free slot is whole, whatever the batch held before: a read is handed them as
+    /// they are and may fill any of them up to its whole size.
+    fn assert_free_slots_whole(batch: &mut Packets) {
+        let free = batch.free();
+        let (slots, _, _) = batch.unfilled();
+        assert_eq!(slots.len(), free);
+        for (i, slot) in slots.iter().enumerate() {
+            assert_eq!(slot.as_ref().len(), OFFSET + SLOT, "free slot {i} is whole");
+        }
+    }
+
+    #[test]
+    fn a_cleared_batch_hands_a_read_whole_slots() {
+        let mut batch = Packets::new();
+        assert!(batch.push(&[0x45; 60]));
+        assert!(batch.push(&[0x45; 1400]));
+        assert_eq!((batch.len(), batch.get(0).len()), (2, 60));
+        batch.clear();
+        assert!(batch.is_empty());
+        assert_free_slots_whole(&mut batch);
+    }
+
+    #[test]
+    fn slots_past_the_count_stay_whole_while_packets_are_added() {
+        let mut batch = Packets::new();
+        for len in [20, 40, 1500] {
+            assert!(batch.push(&vec![0x60; len]));
+        }
+        assert_free_slots_whole(&mut batch);
+        // A packet as large as a slot still fits in the next one.
+        assert!(batch.push(&vec![0x45; SLOT]));
+        assert_eq!(batch.get(3).len(), SLOT);
+    }
+
+    #[test]
+    fn a_slot_grown_by_coalescing_is_whole_again_when_released() {
+        let mut batch = Packets::new();
+        assert!(batch.push(&[0x45; 100]));
+        assert!(batch.push(&[0x45; 100]));
+        // What GRO does to the first slot of a run: appends the next packet's payload.
+        batch.slots[0].buf_extend_from_slice(&[0; 100]);
+        batch.release(2);
+        let (slots, _, _) = batch.unfilled();
+        assert!(slots[0].as_ref().len() >= OFFSET + SLOT);
+        assert!(slots.iter().all(|s| s.as_ref().len() == s.data.len()));
+    }
 }

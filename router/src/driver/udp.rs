@@ -27,6 +27,8 @@ const SOCKET_BUFFER: usize = 8 << 20;
 const MIN_WORKER_BUFFER: usize = 1 << 20;
 /// Receive buffers per batch (`recvmmsg` fills up to this many).
 pub const RX_BATCH: usize = 32;
+/// The fewest buffers a batching receive is offered (see [`Datagrams`]).
+const MIN_OFFER: usize = 2;
 /// One receive buffer: a GRO run of up to 64 datagrams of an Ethernet MTU, or one datagram of
 /// any size.
 const RX_BUF: usize = 128 << 10;
@@ -35,11 +37,20 @@ pub const MAX_GSO_BYTES: usize = 65_507;
 
 /// Received datagrams: `meta[i]` describes `bufs[i]`, which holds `meta[i].len` bytes in
 /// datagrams of `meta[i].stride` bytes (the last may be shorter).
+///
+/// A receive is offered only as many buffers as traffic calls for: twice what the last one
+/// filled, doubling while receives come back full, up to every buffer. A lone datagram (a
+/// ping's) is received with two message headers prepared, not [`RX_BATCH`]; under load the
+/// offer reaches the whole batch within a few receives of a burst's start.
 #[derive(Debug)]
 pub struct Datagrams {
     bufs: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     count: usize,
+    /// Buffers the next receive is offered.
+    offer: usize,
+    /// Buffers the last receive was offered.
+    offered: usize,
 }
 
 impl Datagrams {
@@ -51,7 +62,22 @@ impl Datagrams {
             bufs: (0..n).map(|_| vec![0; RX_BUF]).collect(),
             meta: vec![RecvMeta::default(); n],
             count: 0,
+            offer: n.min(MIN_OFFER),
+            offered: n,
         }
+    }
+
+    /// Records that a receive offered `offered` buffers filled `count`, and sizes the next
+    /// offer from it.
+    fn received(&mut self, offered: usize, count: usize) {
+        self.count = count;
+        self.offered = offered;
+        let wanted = if count >= offered {
+            offered.saturating_mul(2)
+        } else {
+            count.saturating_mul(2)
+        };
+        self.offer = wanted.max(MIN_OFFER).min(self.bufs.len());
     }
 
     /// The buffers filled, each as (sender, bytes, stride).
@@ -76,10 +102,10 @@ impl Datagrams {
         self.iter().nth(i)
     }
 
-    /// Whether the last receive filled every buffer: the socket may hold more. A receive that
-    /// filled fewer found the socket's queue empty.
+    /// Whether the last receive filled every buffer it was offered: the socket may hold more.
+    /// A receive that filled fewer found the socket's queue empty.
     pub fn is_full(&self) -> bool {
-        self.count == self.bufs.len()
+        self.count > 0 && self.count == self.offered
     }
 
     /// Whether no datagram waits to be handled.
@@ -104,6 +130,7 @@ impl Datagrams {
         m.stride = datagram.len();
         self.meta[0] = m;
         self.count = 1;
+        self.offered = self.bufs.len();
         Ok(())
     }
 }
@@ -367,21 +394,20 @@ fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Re
 impl UdpIo for Udp {
     fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
         rx.count = 0;
-        let n = rx.bufs.len();
+        let n = rx.offer;
         let count = self.ready.read(|| {
-            let mut iovs: [IoSliceMut<'_>; RX_BATCH] =
-                std::array::from_fn(|_| IoSliceMut::new(&mut []));
-            for (iov, buf) in iovs.iter_mut().zip(rx.bufs.iter_mut()) {
-                *iov = IoSliceMut::new(buf);
-            }
+            let mut offered = rx.bufs[..n].iter_mut();
+            let mut iovs: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
+                IoSliceMut::new(offered.next().map_or(&mut [][..], Vec::as_mut_slice))
+            });
             self.state
-                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta)
+                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta[..n])
         })?;
         // Fewer than it had buffers for: the queue is empty now.
         if count < n {
             self.ready.drained();
         }
-        rx.count = count;
+        rx.received(n, count);
         Ok(())
     }
     async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
@@ -480,6 +506,47 @@ fn wait_writable(socket: &Socket, limit: Duration) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_datagram_is_received_with_few_buffers_and_a_burst_doubles_the_offer() {
+        let mut rx = Datagrams::new(RX_BATCH);
+        assert_eq!(rx.offer, MIN_OFFER, "an idle socket is offered the fewest");
+        // A ping: one datagram, the queue found empty.
+        rx.received(rx.offer, 1);
+        assert!(!rx.is_full());
+        assert_eq!(rx.offer, MIN_OFFER);
+        // A burst: every receive comes back full, and the offer doubles up to the batch.
+        let mut offers = vec![];
+        for _ in 0..6 {
+            let n = rx.offer;
+            rx.received(n, n);
+            assert!(rx.is_full(), "{n} of {n} filled: the socket may hold more");
+            offers.push(rx.offer);
+        }
+        assert_eq!(offers, [4, 8, 16, 32, 32, 32]);
+        // The burst ends: twice what the last receive found.
+        rx.received(RX_BATCH, 5);
+        assert!(!rx.is_full());
+        assert_eq!(rx.offer, 10);
+        rx.received(10, 0);
+        assert_eq!(rx.offer, MIN_OFFER);
+        rx.clear();
+        assert!(
+            !rx.is_full(),
+            "an emptied batch holds nothing to be full of"
+        );
+    }
+
+    #[test]
+    fn without_batching_every_receive_is_offered_its_one_buffer() {
+        let mut rx = Datagrams::new(1);
+        assert_eq!(rx.offer, 1);
+        rx.received(1, 1);
+        assert!(rx.is_full());
+        assert_eq!(rx.offer, 1);
+        rx.received(1, 0);
+        assert_eq!(rx.offer, 1);
+    }
 
     /// The event mask `epoll` holds for descriptor `fd` of this process, from any epoll
     /// instance's `/proc/self/fdinfo` entry that lists it.
