@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use weft_config::Config;
 use weft_ipam::{Pool, SavedBlock};
 use weft_router::Router;
-use weft_router::driver::{BoundUdp, bind_udp_workers, open_tun_queues};
+use weft_router::driver::{BoundUdp, MAX_SPLIT, bind_udp_workers, open_tun_queues};
 
 use crate::api::ApiSocket;
 use crate::control;
@@ -262,6 +262,18 @@ pub(super) async fn install(
         Ok(None) => bail!("TUN device {iface} vanished right after its creation"),
         Err(e) => return Err(e.into()),
     };
+    if tun_offload {
+        // A read is handed MAX_SPLIT free slots at least; a GSO packet of more segments could
+        // not be split into them and would be lost whole (a flow whose MSS is under 512 bytes).
+        let cap = u32::try_from(MAX_SPLIT).unwrap_or(u32::MAX);
+        if let Err(e) = nl.cap_gso_segments(iface, index, cap).await {
+            warn!(
+                error = %e,
+                "TUN segments uncapped: flows of segments under 512 bytes may lose whole \
+                 64 KB writes, which their TCP then sends again"
+            );
+        }
+    }
     nl.configure(iface, index, bound.mtu, &plan.addresses, &plan.routes)
         .await?;
     info!(

@@ -725,9 +725,28 @@ pub fn tcp_transfer(
     total: usize,
     seed: u64,
 ) -> anyhow::Result<Duration> {
+    tcp_transfer_mss(lab, (from_ns, to_ns), to, total, seed, None)
+}
+
+/// As [`tcp_transfer`], with the server advertising a maximum segment size of `mss` bytes
+/// (`TCP_MAXSEG` on its listener): the sender's segments carry at most that much.
+pub fn tcp_transfer_mss(
+    lab: &Lab,
+    (from_ns, to_ns): (&str, &str),
+    to: SocketAddr,
+    total: usize,
+    seed: u64,
+    mss: Option<u32>,
+) -> anyhow::Result<Duration> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = lab.in_ns(to_ns, move || {
         let listener = TcpListener::bind(to).with_context(|| format!("binding {to}"))?;
+        if let Some(mss) = mss {
+            // Read when a connection's SYN arrives, so it applies though set after listen().
+            socket2::SockRef::from(&listener)
+                .set_tcp_mss(mss)
+                .with_context(|| format!("setting TCP_MAXSEG {mss} on {to}"))?;
+        }
         ready_tx.send(()).ok();
         let (mut conn, _) = listener.accept().context("accepting")?;
         conn.set_read_timeout(Some(Duration::from_secs(30)))?;

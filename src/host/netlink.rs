@@ -132,13 +132,8 @@ impl Netlink {
                 .await
                 .map_err(err(format!("adding address {a} to {name}")))?;
         }
-        let up = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .set(up)
-            .execute()
-            .await
-            .map_err(err(format!("bringing {name} up")))?;
+        let up = LinkUnspec::new_with_index(index).up();
+        self.set_link(up, format!("bringing {name} up")).await?;
         for r in routes {
             self.add_route(name, index, *r).await?;
         }
@@ -181,15 +176,40 @@ impl Netlink {
 
     /// Sets link `index`'s MTU.
     pub async fn set_mtu(&self, name: &str, index: u32, mtu: u16) -> Result<(), NetlinkError> {
+        let set = LinkUnspec::new_with_index(index).mtu(u32::from(mtu));
+        self.set_link(set, format!("setting MTU {mtu} on {name}"))
+            .await
+    }
+
+    /// Caps how many segments one GSO packet the kernel hands link `index` (called `name`) may
+    /// carry: a larger one is cut in the kernel first (TCP sizes its segments to the cap).
+    pub async fn cap_gso_segments(
+        &self,
+        name: &str,
+        index: u32,
+        segments: u32,
+    ) -> Result<(), NetlinkError> {
         let set = LinkUnspec::new_with_index(index)
-            .mtu(u32::from(mtu))
-            .build();
+            .append_extra_attribute(LinkAttribute::GsoMaxSegs(segments));
+        self.set_link(
+            set,
+            format!("capping GSO packets on {name} at {segments} segments"),
+        )
+        .await
+    }
+
+    /// Applies one change to a link; `what` names it in the error.
+    async fn set_link(
+        &self,
+        set: rtnetlink::LinkMessageBuilder<LinkUnspec>,
+        what: String,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .link()
-            .set(set)
+            .set(set.build())
             .execute()
             .await
-            .map_err(err(format!("setting MTU {mtu} on {name}")))
+            .map_err(err(what))
     }
 
     /// Removes addresses `old` from link `index` and adds `new`.

@@ -147,7 +147,8 @@ impl Poller {
 /// than returning at once and spinning until it passes.
 fn millis(timeout: Option<Duration>) -> PollTimeout {
     let t = timeout.unwrap_or(LONGEST).min(LONGEST);
-    let ms = t.as_nanos().div_ceil(1_000_000);
+    // In 64 bits: a 128-bit division is a library call, once per wait.
+    let ms = t.as_secs() * 1000 + u64::from(t.subsec_nanos().div_ceil(1_000_000));
     // At most an hour's milliseconds, which fit.
     PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }

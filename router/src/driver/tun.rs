@@ -21,7 +21,8 @@ const SLOT: usize = 65_536;
 /// Slots per batch.
 pub const SLOTS: usize = 256;
 /// A read is only started while this many slots are free: a 64 KB segment split at an MSS of
-/// 512 bytes or more fits.
+/// 512 bytes or more fits. The daemon caps the device's GSO packets at this many segments
+/// (`gso_max_segs`), so that a smaller MSS's packets fit too: the kernel cuts them first.
 pub const MAX_SPLIT: usize = 128;
 
 /// One packet's buffer: `OFFSET` bytes of headroom, then the packet. Its length is kept apart from

@@ -3,14 +3,15 @@
 //! datagrams into b are dropped, so TCP retransmits and segments arrive out of order around each
 //! gap. With every offload (`auto`: TUN segments split and coalesced, UDP GSO and GRO, batched
 //! receive), once with a worker per core (`router.workers: auto`) and once with one; and with
-//! `off`.
+//! `off`. And a TCP flow of small segments, whose 64 KB writes split into more packets than a
+//! TUN read is handed slots for unless the device caps its GSO segments.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use weft::demo::lab::{Lab, wait_for};
+use weft::demo::lab::{Lab, tcp_transfer_mss, wait_for};
 use weft_tests::{Pair, Stream, tcp_transfer};
 
 const DATAGRAMS: u32 = 20_000;
@@ -207,4 +208,36 @@ fn with_every_offload_and_one_worker_mixed_flows_arrive_byte_exact_through_loss(
 #[test]
 fn with_offload_off_mixed_flows_arrive_byte_exact_through_loss() -> anyhow::Result<()> {
     mixed_flows_arrive_byte_exact("ofo", "off", "auto")
+}
+
+/// A receiver advertising a 200-byte MSS makes the sender's stack hand weft0 64 KB segments of
+/// up to 327 packets each, more than the slots a TUN read is handed: unless the device caps how
+/// many segments one write carries, such a read cannot be split and is dropped whole (counted
+/// as `bad_inner_packet`). Every byte arrives, and no read is dropped.
+#[test]
+fn a_flow_of_small_segments_loses_no_tun_read_to_the_split() -> anyhow::Result<()> {
+    let p = Pair::start_dual("ofm", "auto", "1")?;
+    let (a, b) = (p.a.ns.clone(), p.b.ns.clone());
+    p.ping(&a, "100.64.2.1")?;
+    let bad = |p: &Pair| -> anyhow::Result<u64> {
+        let st = p.lab.status(&p.bin, &p.a)?;
+        Ok(st["drops"]["bad_inner_packet"].as_u64().unwrap_or(0))
+    };
+    let before = bad(&p)?;
+    let took = tcp_transfer_mss(
+        &p.lab,
+        (&a, &b),
+        "100.64.2.1:5005".parse()?,
+        16 << 20,
+        5,
+        Some(200),
+    )
+    .context("16 MB a -> b in 200-byte segments")?;
+    let dropped = bad(&p)? - before;
+    eprintln!("16 MB in 200-byte segments in {took:?}; {dropped} TUN reads dropped unsplit");
+    ensure!(
+        dropped == 0,
+        "{dropped} TUN reads on a could not be split into the slots a read is handed"
+    );
+    Ok(())
 }
