@@ -263,16 +263,7 @@ pub(super) async fn install(
         Err(e) => return Err(e.into()),
     };
     if tun_offload {
-        // A read is handed MAX_SPLIT free slots at least; a GSO packet of more segments could
-        // not be split into them and would be lost whole (a flow whose MSS is under 512 bytes).
-        let cap = u32::try_from(MAX_SPLIT).unwrap_or(u32::MAX);
-        if let Err(e) = nl.cap_gso_segments(iface, index, cap).await {
-            warn!(
-                error = %e,
-                "TUN segments uncapped: flows of segments under 512 bytes may lose whole \
-                 64 KB writes, which their TCP then sends again"
-            );
-        }
+        cap_tun_segments(nl, iface, index).await;
     }
     nl.configure(iface, index, bound.mtu, &plan.addresses, &plan.routes)
         .await?;
@@ -319,6 +310,21 @@ pub(super) async fn install(
         masquerade,
         conflist,
     })
+}
+
+/// Caps the TUN device's GSO packets at the segments a read is handed at least (MAX_SPLIT): a
+/// packet of more could not be split into them and would be lost whole (a flow whose MSS is
+/// under 512 bytes). Capped, the kernel sizes or cuts such packets before the device. A kernel
+/// that refuses is warned about, not fatal.
+async fn cap_tun_segments(nl: &Netlink, iface: &str, index: u32) {
+    let cap = u32::try_from(MAX_SPLIT).unwrap_or(u32::MAX);
+    if let Err(e) = nl.cap_gso_segments(iface, index, cap).await {
+        warn!(
+            error = %e,
+            "TUN segments uncapped: flows of segments under 512 bytes may lose whole \
+             64 KB writes, which their TCP then sends again"
+        );
+    }
 }
 
 /// This node's facts before the TUN device exists. With Kubernetes and neither `network.mtu`

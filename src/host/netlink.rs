@@ -182,20 +182,45 @@ impl Netlink {
     }
 
     /// Caps how many segments one GSO packet the kernel hands link `index` (called `name`) may
-    /// carry: a larger one is cut in the kernel first (TCP sizes its segments to the cap).
+    /// carry: the host's own TCP sizes its segments to the cap, and a larger packet forwarded
+    /// to the link is cut into single packets first. Read back: a kernel that takes the
+    /// attribute without applying it is an error too.
     pub async fn cap_gso_segments(
         &self,
         name: &str,
         index: u32,
         segments: u32,
     ) -> Result<(), NetlinkError> {
+        let what = format!("capping GSO packets on {name} at {segments} segments");
         let set = LinkUnspec::new_with_index(index)
             .append_extra_attribute(LinkAttribute::GsoMaxSegs(segments));
-        self.set_link(
-            set,
-            format!("capping GSO packets on {name} at {segments} segments"),
-        )
-        .await
+        self.set_link(set, what.clone()).await?;
+        let mut links = self
+            .handle
+            .clone()
+            .link()
+            .get()
+            .match_index(index)
+            .execute();
+        let kept = match links.try_next().await {
+            Ok(msg) => msg.and_then(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::GsoMaxSegs(n) => Some(*n),
+                    _ => None,
+                })
+            }),
+            Err(e) => return Err(err(what)(e)),
+        };
+        if kept == Some(segments) {
+            return Ok(());
+        }
+        Err(NetlinkError {
+            what,
+            source: rtnetlink::Error::InvalidNla(format!(
+                "the link kept gso_max_segs {}",
+                kept.map_or_else(|| "unreported".to_owned(), |n| n.to_string())
+            )),
+        })
     }
 
     /// Applies one change to a link; `what` names it in the error.

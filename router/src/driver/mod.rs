@@ -361,6 +361,8 @@ impl<T: TunWait, U: UdpWait> Driver<T, U> {
                 cmd = next_command(&mut commands) => match cmd {
                     Some(cmd) => {
                         self.command(cmd);
+                        // Its output now: the turn only flushes after commands it serves.
+                        self.flush().await;
                         Woke::Other
                     }
                     None => break,

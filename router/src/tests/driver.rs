@@ -661,3 +661,44 @@ async fn a_lone_datagram_reaches_the_pod_before_the_receive_that_finds_the_socke
             .expect("no error");
     }
 }
+
+/// A command the async driver takes while it waits (a `Connect`, here) has its output sent at
+/// once, not at the next packet or timer tick. Virtual time: the initiation must arrive before
+/// any time passes; left for the tick, it would come 250 ms later.
+#[tokio::test(start_paused = true)]
+async fn output_of_a_command_taken_while_waiting_is_sent_at_once() {
+    use crate::driver::{Datagrams, UdpWait};
+    let (ka, kb) = (StaticSecret::from([5; 32]), StaticSecret::from([6; 32]));
+    let net = Network::default();
+    let (tun_a, _kernel_a) = channel::tun();
+    let a = Driver::new(
+        router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24"),
+        tun_a,
+        net.bind("198.18.1.1:51820".parse().unwrap()),
+        Offload::AUTO,
+    )
+    .unwrap();
+    let peer = net.bind("198.18.1.2:51820".parse().unwrap());
+    let (cmd, rx) = mpsc::channel(4);
+    let (_stop, stopped) = watch::channel(false);
+    let driver = tokio::spawn(a.run(rx, stopped));
+    let (tx, status) = oneshot::channel();
+    cmd.send(Command::Status(tx)).await.unwrap();
+    let id = status.await.unwrap().peers[0].id;
+
+    let t0 = tokio::time::Instant::now();
+    cmd.send(Command::Connect(id)).await.unwrap();
+    let mut got = Datagrams::new(1);
+    tokio::time::timeout(Duration::from_secs(10), peer.recv(&mut got))
+        .await
+        .expect("an initiation within 10 s")
+        .expect("received");
+    let waited = t0.elapsed();
+    let (_, initiation, _) = got.get(0).expect("one datagram");
+    assert_eq!(initiation.first(), Some(&1), "a handshake initiation");
+    assert!(
+        waited < crate::TIMER_TICK,
+        "the initiation waited {waited:?} of virtual time for something else to wake the driver"
+    );
+    driver.abort();
+}
