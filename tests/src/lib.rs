@@ -187,6 +187,17 @@ impl Pair {
     pub fn ping(&self, ns: &str, dst: &str) -> anyhow::Result<()> {
         ping(&self.lab, ns, dst, None)
     }
+
+    /// The TUN device `weft0` of the node in `ns` as the kernel reports it: `ip -j <flag> link
+    /// show weft0`, parsed (`-s` adds its statistics, `-d` its details).
+    pub fn weft0(&self, ns: &str, flag: &str) -> anyhow::Result<serde_json::Value> {
+        let out = self
+            .lab
+            .ip(ns, &[flag, "-j", "link", "show", "dev", "weft0"])?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing ip -j {flag} link show weft0 in {ns}"))?;
+        Ok(links[0].clone())
+    }
 }
 
 /// Starts tcpdump as lab process `name` on `dev` in namespace `ns`, writing every packet that

@@ -226,13 +226,7 @@ fn a_flow_of_small_segments_loses_no_tun_read_to_the_split() -> anyhow::Result<(
             .any(|l| l.contains("data path offloads") && l.contains("tun_offload=true")),
         "TUN offloads are not in use on a"
     );
-    let out = weft::demo::lab::run(
-        p.lab
-            .cmd(&a, "ip")
-            .args(["-d", "-j", "link", "show", "weft0"]),
-    )?;
-    let link: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
-    let cap = link[0]["gso_max_segs"].as_u64();
+    let cap = p.weft0(&a, "-d")?["gso_max_segs"].as_u64();
     ensure!(
         cap == Some(128),
         "weft0's gso_max_segs on a is {cap:?}, not 128"

@@ -56,13 +56,10 @@ fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
 /// Packets the kernel of the node in `ns` dropped at `weft0` on the way in, before any worker
 /// read them (`tx_dropped`: a TUN queue was full).
 fn tun_dropped(p: &Pair, ns: &str) -> anyhow::Result<u64> {
-    let out = p
-        .lab
-        .ip(ns, &["-s", "-j", "link", "show", "dev", "weft0"])?;
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    links[0]["stats64"]["tx"]["dropped"]
+    let link = p.weft0(ns, "-s")?;
+    link["stats64"]["tx"]["dropped"]
         .as_u64()
-        .with_context(|| format!("no stats64.tx.dropped for weft0 in {links}"))
+        .with_context(|| format!("no stats64.tx.dropped for weft0 in {link}"))
 }
 
 /// Each data-path worker runs on a thread named for it, so that `top -H`, `ps -L` and `perf`
