@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use weft::demo::lab::{Lab, run, wait_for};
+use weft_tests::netstat::{net_file, udp_rcvbuf_errors};
 
 /// Where the tunnel ends: server side (r) address reached from the client side (l).
 const OVERLAY_DST: &str = "100.64.2.1";
@@ -447,48 +448,9 @@ impl RcvbufDrops {
     }
 }
 
-/// A `/proc/<pid>/net` file, or `None` for the IPv6 ones of a kernel without IPv6.
-fn net_file(pid: u32, name: &str) -> anyhow::Result<Option<String>> {
-    let path = format!("/proc/{pid}/net/{name}");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && name.ends_with('6') => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {path}")),
-    }
-}
-
-/// The field `name` of the `Udp:` lines of a `/proc/net/snmp` (a header line, then values).
-fn snmp_udp(snmp: &str, name: &str) -> anyhow::Result<u64> {
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (header, values) = (udp.next(), udp.next());
-    let (header, values) = header
-        .zip(values)
-        .context("no Udp lines in /proc/net/snmp")?;
-    let at = header
-        .split_whitespace()
-        .position(|f| f == name)
-        .with_context(|| format!("no {name} in /proc/net/snmp"))?;
-    let value = values
-        .split_whitespace()
-        .nth(at)
-        .context("short Udp line")?;
-    value
-        .parse()
-        .with_context(|| format!("{name} = {value:?} in /proc/net/snmp"))
-}
-
 pub(crate) fn rcvbuf_drops(b: &Bench) -> anyhow::Result<RcvbufDrops> {
     let pid = b.lab.pid("iperf3-server").context("iperf3 server gone")?;
-    let snmp = net_file(pid, "snmp")?.context("no /proc/net/snmp")?;
-    let mut namespace = snmp_udp(&snmp, "RcvbufErrors")?;
-    if let Some(snmp6) = net_file(pid, "snmp6")? {
-        let line = snmp6.lines().find(|l| l.starts_with("Udp6RcvbufErrors"));
-        let value = line.and_then(|l| l.split_whitespace().nth(1));
-        namespace += value
-            .context("no Udp6RcvbufErrors in /proc/net/snmp6")?
-            .parse::<u64>()
-            .context("Udp6RcvbufErrors")?;
-    }
+    let namespace = udp_rcvbuf_errors(pid)?;
     let mut others = 0;
     for table in ["udp", "udp6"] {
         let Some(text) = net_file(pid, table)? else {
@@ -931,21 +893,6 @@ mod tests {
         // Runs, but is not wireguard-go.
         let e = format!("{:#}", wireguard_go_at(Path::new("/bin/true")).unwrap_err());
         assert!(e.contains("not a wireguard-go binary"), "{e}");
-    }
-
-    #[test]
-    fn the_udp_counters_are_read_by_name_and_a_bad_table_is_an_error_that_names_it() {
-        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
-                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
-                    Udp: 10 0 7 12 5 0\n";
-        assert_eq!(snmp_udp(snmp, "RcvbufErrors").expect("read"), 5);
-        assert_eq!(snmp_udp(snmp, "InErrors").expect("read"), 7);
-        let e = snmp_udp("Ip: a\nIp: 1\n", "RcvbufErrors").unwrap_err();
-        assert!(e.to_string().contains("no Udp lines"), "{e}");
-        let e = snmp_udp("Udp: InErrors\nUdp: x\n", "InErrors").unwrap_err();
-        assert!(format!("{e:#}").contains("\"x\""), "{e:#}");
-        let e = snmp_udp("Udp: InErrors\nUdp: 1\n", "RcvbufErrors").unwrap_err();
-        assert!(e.to_string().contains("no RcvbufErrors"), "{e}");
     }
 
     /// The server's drops are the namespace's less the tunnel sockets' own, whether or not the

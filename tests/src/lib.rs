@@ -16,6 +16,7 @@ pub mod ipam_sim;
 pub mod kubeapi;
 pub mod meshlab;
 pub mod natlab;
+pub mod netstat;
 pub mod pcap;
 pub mod sim;
 
