@@ -26,7 +26,9 @@
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
 //! the wake-up read leave before the read that finds the queue empty; the timer is one
 //! `Sleep` moved only when the router's deadline moves. So a lone packet (a ping) goes from
-//! the wake-up to its send with nothing else in between. The other way, a receive that did
+//! the wake-up to its send with nothing else in between. Sparse traffic (one packet per
+//! wake-up, [`LONE_GAP`] or more apart) skips that read altogether: the queue is taken for
+//! empty until `epoll` says otherwise, so a ping costs one read, not two. The other way, a receive that did
 //! not fill every buffer found the socket empty, so its packets are written to the TUN device
 //! before another receive is tried. The socket is registered for reading only, so a send's
 //! datagram leaving its buffer does not wake the worker again (module `udp`).
@@ -86,6 +88,11 @@ pub const BATCH: usize = 64;
 pub const TURN_PACKETS: usize = SLOTS;
 /// Commands served per turn.
 pub const TURN_COMMANDS: usize = 16;
+/// A TUN wake-up at least this long after the last one that read a packet, reading one lone
+/// packet while the last turn found the queue empty after its first read, is sparse traffic (a
+/// ping, a request): the queue is taken for empty without a read to see it. Under load the
+/// wake-ups come back to back, well within this.
+pub const LONE_GAP: Duration = Duration::from_millis(1);
 /// The shared buffer the router encapsulates a batch into.
 const NET_OUT: usize = 512 << 10;
 /// How far the timer is set when the router has no deadline.
@@ -219,10 +226,15 @@ pub struct Driver<T = Tun, U = Udp> {
     udp_v6: bool,
     /// Packets read from the device.
     tun_in: Packets,
-    /// The last turn's first TUN read was all the queue held (a ping, a request): the next
-    /// turn sends what its first read gets before reading again. Under load reads come back
+    /// The last turn's first TUN read was one packet and all the queue held (a ping, a
+    /// request): the next turn sends what its first read gets before reading again (if at all:
+    /// [`LONE_GAP`]). Under load reads come back
     /// to back and are sent together.
     tun_sparse: bool,
+    /// When the last turn that read a TUN packet started; `None` before the first.
+    last_tun: Option<Instant>,
+    /// [`LONE_GAP`], or another gap in tests.
+    lone_gap: Duration,
     /// Packets for the device.
     tun_out: Packets,
     /// Datagrams received.
@@ -467,6 +479,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             udp_v6,
             tun_in: Packets::new(),
             tun_sparse: true,
+            last_tun: None,
+            lone_gap: LONE_GAP,
             tun_out: Packets::new(),
             udp_in: Datagrams::new(rx),
             net_out: vec![0; NET_OUT + ONE_OUT],
@@ -526,6 +540,13 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         Ok(Turn::Continue)
     }
 
+    /// Sets the gap that makes a TUN wake-up's packet lone ([`LONE_GAP`]): 0 makes every
+    /// sparse one lone; a long one none but the first.
+    #[cfg(test)]
+    pub(crate) fn set_lone_gap(&mut self, gap: Duration) {
+        self.lone_gap = gap;
+    }
+
     /// The time for a step: the turn's reading for its first, the clock's after that.
     fn step_now(&mut self) -> Instant {
         if !std::mem::take(&mut self.fresh) {
@@ -570,6 +591,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// last turn found one read's worth (`tun_sparse`), what the wake-up read goes out first:
     /// a lone packet (a ping, a request) leaves before the read that finds the queue empty, not
     /// after it, while under load, where that would cost a send per turn, the batch stays whole.
+    /// A lone packet [`LONE_GAP`] or more after the last is not followed by that read at all.
     async fn serve_tun(&mut self) -> io::Result<()> {
         let reads = if self.offload.udp_batch { BATCH } else { 1 };
         if self.tun_in.is_empty() {
@@ -582,11 +604,27 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         }
         let mut done = 0;
         let mut handled = false;
-        if !self.tun_in.is_empty() {
+        let first = self.tun_in.len();
+        if first > 0 {
             done = 1;
+            let now = self.now;
+            let lone = self.tun_sparse
+                && first == 1
+                && self
+                    .last_tun
+                    .is_none_or(|t| now.saturating_duration_since(t) >= self.lone_gap);
+            self.last_tun = Some(now);
             if self.tun_sparse {
                 self.on_tun_packets().await;
                 handled = true;
+            }
+            if lone {
+                // Sparse traffic: no read to find the queue empty. `epoll` is level-triggered,
+                // so a packet still queued wakes the worker at once, and that wake-up, close
+                // behind this one, reads on.
+                self.tun.assume_empty();
+                self.flush().await;
+                return Ok(());
             }
         }
         let mut emptied = false;
@@ -601,9 +639,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             done += 1;
         }
         if done > 0 {
-            // Sparse only when the queue was seen empty after one read: a read that filled
-            // the batch (a GSO segment split into many packets) is load, not a lone packet.
-            self.tun_sparse = done == 1 && emptied;
+            // Sparse only when the queue was seen empty after one read of one packet: a read
+            // of many (a GSO segment split) is load, not a lone packet.
+            self.tun_sparse = done == 1 && emptied && first == 1;
         }
         if !self.tun_in.is_empty() {
             self.on_tun_packets().await;

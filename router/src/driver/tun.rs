@@ -212,6 +212,11 @@ pub trait TunIo: Send + Sync + 'static {
     /// One read if one is ready, else `WouldBlock`; what it carries is added to `batch` (one
     /// packet, or the packets a segment splits into).
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()>;
+    /// The driver takes the queue for empty without a read to see it: [`try_recv`](Self::try_recv)
+    /// answers `WouldBlock` without a system call until the device is next reported readable
+    /// (`epoll` is level-triggered: a packet still queued is reported at the next wait). A
+    /// device without readiness does nothing.
+    fn assume_empty(&self) {}
     /// Writes the batch's packets (coalescing them where the device takes segments) and
     /// empties it.
     fn send(&self, batch: &mut Packets) -> impl Future<Output = io::Result<()>> + Send;
@@ -271,6 +276,9 @@ impl TunIo for Tun {
         })?;
         batch.added(n);
         Ok(())
+    }
+    fn assume_empty(&self) {
+        self.ready.drained();
     }
     /// Non-blocking: a write the queue cannot take (`EAGAIN`, only with a send buffer set far
     /// below the kernel's unlimited default) loses the batch, as a full queue would.
