@@ -88,10 +88,10 @@ pub const BATCH: usize = 64;
 pub const TURN_PACKETS: usize = SLOTS;
 /// Commands served per turn.
 pub const TURN_COMMANDS: usize = 16;
-/// A TUN wake-up at least this long after the last one that read a packet, reading one lone
-/// packet while the last turn found the queue empty after its first read, is sparse traffic (a
-/// ping, a request): the queue is taken for empty without a read to see it. Under load the
-/// wake-ups come back to back, well within this.
+/// A TUN wake-up at least this long after the end of the last turn that read a packet, reading
+/// one lone packet while the last turn found the queue empty after its first read, is sparse
+/// traffic (a ping, a request): the queue is taken for empty without a read to see it. Under
+/// load `epoll` returns at once after each turn, well within this, however long the turns.
 pub const LONE_GAP: Duration = Duration::from_millis(1);
 /// The shared buffer the router encapsulates a batch into.
 const NET_OUT: usize = 512 << 10;
@@ -228,10 +228,13 @@ pub struct Driver<T = Tun, U = Udp> {
     tun_in: Packets,
     /// The last turn's first TUN read was one packet and all the queue held (a ping, a
     /// request): the next turn sends what its first read gets before reading again (if at all:
-    /// [`LONE_GAP`]). Under load reads come back
-    /// to back and are sent together.
+    /// [`LONE_GAP`]). Under load reads come back to back and are sent together.
     tun_sparse: bool,
-    /// When the last turn that read a TUN packet started; `None` before the first.
+    /// This turn read a TUN packet.
+    read_tun: bool,
+    /// When the last turn that read a TUN packet ended; `None` before the first. The gap to
+    /// the next is how long the queue stayed quiet, whatever a turn's own length: under load
+    /// `epoll` returns at once and the gap is near nothing, however slow each turn is.
     last_tun: Option<Instant>,
     /// [`LONE_GAP`], or another gap in tests.
     lone_gap: Duration,
@@ -479,6 +482,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             udp_v6,
             tun_in: Packets::new(),
             tun_sparse: true,
+            read_tun: false,
             last_tun: None,
             lone_gap: LONE_GAP,
             tun_out: Packets::new(),
@@ -499,8 +503,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// TUN packets (likewise up to a batch) unless served first; up to [`TURN_COMMANDS`]
     /// commands. No source gets more than its share before the next is served.
     ///
-    /// The clock is read once at the start, and that reading serves the first step; the router's
-    /// output is flushed by each step that may have made some (the timers, the datagrams, the
+    /// The clock is read once at the start, and that reading serves the first step (and once at
+    /// the end of a turn that read a TUN packet, for [`LONE_GAP`]); the router's output is flushed by each step that may have made some (the timers, the datagrams, the
     /// TUN packets, the commands), and not looked for otherwise.
     async fn turn(
         &mut self,
@@ -536,6 +540,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             if served > 0 {
                 self.flush().await;
             }
+        }
+        if std::mem::take(&mut self.read_tun) {
+            self.last_tun = Some(clock());
         }
         Ok(Turn::Continue)
     }
@@ -613,7 +620,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 && self
                     .last_tun
                     .is_none_or(|t| now.saturating_duration_since(t) >= self.lone_gap);
-            self.last_tun = Some(now);
+            self.read_tun = true;
             if self.tun_sparse {
                 self.on_tun_packets().await;
                 handled = true;
