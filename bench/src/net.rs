@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use weft::demo::lab::{Lab, run, wait_for};
-use weft_tests::netstat::{net_file, udp_rcvbuf_errors};
+use weft_tests::netstat::{net_file, udp_rcvbuf_errors, udp_socket_drops};
 
 /// Where the tunnel ends: server side (r) address reached from the client side (l).
 const OVERLAY_DST: &str = "100.64.2.1";
@@ -456,16 +456,13 @@ pub(crate) fn rcvbuf_drops(b: &Bench) -> anyhow::Result<RcvbufDrops> {
         let Some(text) = net_file(pid, table)? else {
             continue;
         };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let port = f.get(1).and_then(|a| a.rsplit(':').next());
-            let drops = f.last().and_then(|d| d.parse::<u64>().ok());
-            let drops = drops.with_context(|| format!("/proc/net/{table} line {line:?}"))?;
-            // Port 5201, in hex: iperf3's test sockets.
-            if port != Some("1451") {
-                others += drops;
-            }
-        }
+        let sockets = udp_socket_drops(&text).with_context(|| format!("/proc/net/{table}"))?;
+        // Port 5201: iperf3's test sockets.
+        others += sockets
+            .iter()
+            .filter(|(port, _)| *port != 5201)
+            .map(|(_, drops)| drops)
+            .sum::<u64>();
     }
     Ok(RcvbufDrops { namespace, others })
 }

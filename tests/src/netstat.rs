@@ -51,6 +51,23 @@ pub fn udp_rcvbuf_errors(pid: u32) -> anyhow::Result<u64> {
     Ok(drops)
 }
 
+/// Each socket of a `/proc/net/udp` or `/proc/net/udp6` table: its local port and the datagrams
+/// the kernel dropped at it (its `drops` column; for a socket without GRO, one per datagram).
+pub fn udp_socket_drops(table: &str) -> anyhow::Result<Vec<(u16, u64)>> {
+    table
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = f.get(1).and_then(|a| a.rsplit(':').next());
+            let port = port.and_then(|p| u16::from_str_radix(p, 16).ok());
+            let drops = f.last().and_then(|d| d.parse::<u64>().ok());
+            port.zip(drops)
+                .with_context(|| format!("a UDP table line {line:?}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +85,16 @@ mod tests {
         assert!(format!("{e:#}").contains("\"x\""), "{e:#}");
         let e = snmp_udp("Udp: InErrors\nUdp: 1\n", "RcvbufErrors").unwrap_err();
         assert!(e.to_string().contains("no RcvbufErrors"), "{e}");
+    }
+
+    #[test]
+    fn each_udp_socket_is_read_with_its_port_and_drops_and_a_bad_line_is_named() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when \
+                     retrnsmt   uid  timeout inode ref pointer drops\n\
+                     \x20 1: 01024064:17D4 00000000:0000 07 00000000:00000000 00:00000000 \
+                     00000000     0        0 1234 2 0000000000000000 17\n";
+        assert_eq!(udp_socket_drops(table).expect("read"), [(6100, 17)]);
+        let e = udp_socket_drops("header\n 1: 01024064:ZZZZ x 17\n").unwrap_err();
+        assert!(e.to_string().contains("ZZZZ"), "{e}");
     }
 }
