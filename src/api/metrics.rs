@@ -394,12 +394,17 @@ fn render_drops(reg: &mut Registry, router: &Snapshot) {
             })
             .inc_by(n);
     }
-    if router.send_errors > 0 {
-        drops
-            .get_or_create(&Reason {
-                reason: "send_error".into(),
-            })
-            .inc_by(router.send_errors);
+    for (reason, n) in [
+        ("send_error", router.send_errors),
+        ("tun_write_error", router.tun_write_errors),
+    ] {
+        if n > 0 {
+            drops
+                .get_or_create(&Reason {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
     }
 }
 
@@ -710,7 +715,12 @@ mod tests {
     }
 
     /// A router answering every status request with an empty snapshot, counting them.
-    fn answer(mut rx: mpsc::Receiver<Command>) -> Arc<AtomicU64> {
+    fn answer(rx: mpsc::Receiver<Command>) -> Arc<AtomicU64> {
+        answer_with(rx, 0, 0)
+    }
+
+    /// Likewise, with `send` send errors and `tun_write` failed TUN writes.
+    fn answer_with(mut rx: mpsc::Receiver<Command>, send: u64, tun_write: u64) -> Arc<AtomicU64> {
         let asked = Arc::new(AtomicU64::new(0));
         let n = asked.clone();
         tokio::spawn(async move {
@@ -720,13 +730,25 @@ mod tests {
                     public_key: [0; 32],
                     peers: Vec::new(),
                     drops: weft_router::Drops::default(),
-                    send_errors: 0,
+                    send_errors: send,
+                    tun_write_errors: tun_write,
                     workers: Vec::new(),
                     send_turn_takeovers: 0,
                 });
             }
         });
         asked
+    }
+
+    /// The data path's own losses are drops by reason: sends the network refused and TUN
+    /// writes the kernel refused.
+    #[tokio::test]
+    async fn send_errors_and_failed_tun_writes_are_drops_by_reason() {
+        let (src, rx) = sources(true);
+        answer_with(rx, 3, 2);
+        let body = get(src, "/metrics").await;
+        assert!(body.contains("reason=\"send_error\"} 3"), "{body}");
+        assert!(body.contains("reason=\"tun_write_error\"} 2"), "{body}");
     }
 
     #[tokio::test]

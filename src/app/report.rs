@@ -32,6 +32,9 @@ pub fn status(
     if snap.send_errors > 0 {
         d.insert("send_error".into(), snap.send_errors);
     }
+    if snap.tun_write_errors > 0 {
+        d.insert("tun_write_error".into(), snap.tun_write_errors);
+    }
     let mesh = mesh.map(|m| mesh_status(m, ipam));
     let mut node = node.clone();
     if let Some(m) = mesh.as_ref().and(mesh_snap) {

@@ -120,6 +120,7 @@ mod tests {
             peers: Vec::new(),
             drops,
             send_errors: 0,
+            tun_write_errors: 0,
             send_turn_takeovers: 3,
             workers: vec![
                 weft_router::driver::WorkerCounters {

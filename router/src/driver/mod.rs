@@ -142,6 +142,9 @@ pub struct Snapshot {
     pub drops: Drops,
     /// Errors sending to the network (unreachable, buffer full), counted rather than fatal.
     pub send_errors: u64,
+    /// TUN writes that failed (the kernel refused a packet, out of memory), counted rather than
+    /// fatal: each lost its packets, at least one (a coalesced write holds several).
+    pub tun_write_errors: u64,
     /// Each data-path worker's packets, by worker number.
     pub workers: Vec<WorkerCounters>,
     /// Send turns taken over from a worker that held one past [`crate::HOLD_LIMIT`]
@@ -172,6 +175,8 @@ pub struct IoCounters {
     send: AtomicU64,
     /// TUN reads the device layer could not split.
     tun: AtomicU64,
+    /// TUN writes that failed.
+    tun_write: AtomicU64,
     /// Per worker: packets read from its TUN queue, datagrams received on its socket.
     workers: Vec<[AtomicU64; 2]>,
 }
@@ -182,6 +187,7 @@ impl IoCounters {
         Self {
             send: AtomicU64::new(0),
             tun: AtomicU64::new(0),
+            tun_write: AtomicU64::new(0),
             workers: (0..n.max(1)).map(|_| Default::default()).collect(),
         }
     }
@@ -577,7 +583,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 break;
             }
             if drained {
-                write_batch(&self.tun, &mut self.tun_out).await;
+                write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
             }
             match self.udp.try_recv(&mut self.udp_in) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -586,7 +592,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             drained = !self.udp_in.is_full();
             handled += self.on_datagrams().await;
         }
-        write_batch(&self.tun, &mut self.tun_out).await;
+        write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
         if handled > 0 {
             self.flush().await;
         }
@@ -688,6 +694,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                     peers: router.peers(now),
                     drops,
                     send_errors: self.errors.send.load(Ordering::Relaxed),
+                    tun_write_errors: self.errors.tun_write.load(Ordering::Relaxed),
                     workers: self.errors.snapshot(),
                     send_turn_takeovers: router.takeovers(),
                 });
@@ -808,7 +815,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 break;
             };
             if self.tun_out.free() < bytes.len().div_ceil(stride).max(1) {
-                write_batch(&self.tun, &mut self.tun_out).await;
+                write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
             }
             let n = self.decapsulate(entry);
             self.errors.count(self.worker, true, n);
@@ -940,13 +947,15 @@ fn udp_result(r: io::Result<()>) {
     }
 }
 
-/// Writes a TUN batch; a failed write loses its packets, as a full queue would.
-async fn write_batch<T: TunIo>(tun: &T, batch: &mut Packets) {
+/// Writes a TUN batch; a failed write loses its packets, as a full queue would, and is counted.
+async fn write_batch<T: TunIo>(tun: &T, batch: &mut Packets, errors: &IoCounters) {
     if batch.is_empty() {
         return;
     }
+    let packets = batch.len();
     if let Err(e) = tun.send(batch).await {
-        debug!(error = %e, "tun write failed");
+        errors.tun_write.fetch_add(1, Ordering::Relaxed);
+        debug!(error = %e, packets, "tun write failed");
     }
     batch.clear();
 }

@@ -606,39 +606,21 @@ async fn a_lone_packet_leaves_at_once_and_costs_one_read() {
 /// received it: before the speculative receive that finds the socket empty.
 #[tokio::test]
 async fn a_lone_datagram_reaches_the_pod_before_the_receive_that_finds_the_socket_empty() {
-    let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
     let net = Network::default();
     let log = Log::default();
     let (tun_a, mut kernel_a) = channel::tun();
-    let a = Driver::new(
-        router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24"),
-        LoggedTun {
-            inner: tun_a,
-            log: log.clone(),
-        },
-        LoggedUdp {
-            inner: net.bind("198.18.1.1:51820".parse().unwrap()),
-            log: log.clone(),
-        },
-        Offload::AUTO,
-    )
-    .unwrap();
-    let (tun_b, kernel_b) = channel::tun();
-    let b = Driver::new(
-        router(&kb, &ka, "198.18.1.1:51820", "100.64.1.0/24"),
-        tun_b,
-        net.bind("198.18.1.2:51820".parse().unwrap()),
-        Offload::AUTO,
-    )
-    .unwrap();
-    let (_cmd_a, rx_a) = mpsc::channel(4);
-    let (_cmd_b, rx_b) = mpsc::channel(4);
-    let (stop, stopped) = watch::channel(false);
-    let ha = tokio::spawn(a.run(rx_a, stopped.clone()));
-    let hb = tokio::spawn(b.run(rx_b, stopped));
+    let tun_a = LoggedTun {
+        inner: tun_a,
+        log: log.clone(),
+    };
+    let udp_a = LoggedUdp {
+        inner: net.bind("198.18.1.1:51820".parse().unwrap()),
+        log: log.clone(),
+    };
+    let pair = run_pair(&net, [1, 2], tun_a, udp_a);
     // B initiates; A answers, then receives the packet and writes it to its pod.
     let packet = test_packet([100, 64, 2, 1].into(), [100, 64, 1, 1].into(), b"ping");
-    kernel_b.tx.send(packet.clone()).await.unwrap();
+    pair.kernel_b.tx.send(packet.clone()).await.unwrap();
     assert_eq!(recv(&mut kernel_a.rx).await, packet);
     let seen = log.lock().expect("log").clone();
     let write = seen
@@ -651,14 +633,7 @@ async fn a_lone_datagram_reaches_the_pod_before_the_receive_that_finds_the_socke
         matches!(seen.get(write - 1), Some(&("recv" | "udp got"))),
         "{seen:?}"
     );
-    stop.send(true).unwrap();
-    for h in [ha, hb] {
-        tokio::time::timeout(Duration::from_secs(5), h)
-            .await
-            .expect("a driver stops")
-            .expect("no panic")
-            .expect("no error");
-    }
+    pair.stop().await;
 }
 
 /// A command the async driver takes while it waits (a `Connect`, here) has its output sent at
@@ -700,4 +675,111 @@ async fn output_of_a_command_taken_while_waiting_is_sent_at_once() {
         "the initiation waited {waited:?} of virtual time for something else to wake the driver"
     );
     driver.abort();
+}
+
+/// A TUN device that refuses every write (as a kernel out of memory would).
+struct RefusingTun(ChannelTun);
+
+impl TunWait for RefusingTun {
+    async fn recv(&self, batch: &mut Packets) -> io::Result<()> {
+        self.0.recv(batch).await
+    }
+}
+
+impl TunIo for RefusingTun {
+    fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
+        self.0.try_recv(batch)
+    }
+    async fn send(&self, _: &mut Packets) -> io::Result<()> {
+        Err(io::Error::other("refused"))
+    }
+}
+
+/// A TUN write that fails loses its packets, and the loss is counted in the snapshot (the
+/// status's `tun_write_error`), not only logged. Before, it was logged at debug level only.
+#[tokio::test]
+async fn a_refused_tun_write_is_counted() {
+    let net = Network::default();
+    let (tun_a, _kernel_a) = channel::tun();
+    let udp_a = net.bind("198.18.1.1:51820".parse().unwrap());
+    let pair = run_pair(&net, [7, 8], RefusingTun(tun_a), udp_a);
+    // B initiates; A answers, then decrypts the packet and fails to write it.
+    let packet = test_packet([100, 64, 2, 1].into(), [100, 64, 1, 1].into(), b"ping");
+    pair.kernel_b.tx.send(packet).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counted = loop {
+        let (tx, rx) = oneshot::channel();
+        pair.cmd_a.send(Command::Status(tx)).await.unwrap();
+        let snap = rx.await.unwrap();
+        if snap.tun_write_errors > 0 || Instant::now() >= deadline {
+            break snap.tun_write_errors;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(counted, 1, "the refused write is counted once");
+    pair.stop().await;
+}
+
+/// Drivers a (198.18.1.1, pods 100.64.1.0/24, over the devices given) and b (198.18.1.2, pods
+/// 100.64.2.0/24, in-memory devices) running over one in-memory network.
+struct RunningPair {
+    cmd_a: mpsc::Sender<Command>,
+    _cmd_b: mpsc::Sender<Command>,
+    kernel_b: channel::Kernel,
+    stop: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<io::Result<Router>>>,
+}
+
+fn run_pair<T, U>(net: &Network, keys: [u8; 2], tun_a: T, udp_a: U) -> RunningPair
+where
+    T: TunWait,
+    U: crate::driver::UdpWait,
+{
+    let (ka, kb) = (
+        StaticSecret::from([keys[0]; 32]),
+        StaticSecret::from([keys[1]; 32]),
+    );
+    let a = Driver::new(
+        router(&ka, &kb, "198.18.1.2:51820", "100.64.2.0/24"),
+        tun_a,
+        udp_a,
+        Offload::AUTO,
+    )
+    .unwrap();
+    let (tun_b, kernel_b) = channel::tun();
+    let b = Driver::new(
+        router(&kb, &ka, "198.18.1.1:51820", "100.64.1.0/24"),
+        tun_b,
+        net.bind("198.18.1.2:51820".parse().unwrap()),
+        Offload::AUTO,
+    )
+    .unwrap();
+    let (cmd_a, rx_a) = mpsc::channel(4);
+    let (cmd_b, rx_b) = mpsc::channel(4);
+    let (stop, stopped) = watch::channel(false);
+    let handles = vec![
+        tokio::spawn(a.run(rx_a, stopped.clone())),
+        tokio::spawn(b.run(rx_b, stopped)),
+    ];
+    RunningPair {
+        cmd_a,
+        _cmd_b: cmd_b,
+        kernel_b,
+        stop,
+        handles,
+    }
+}
+
+impl RunningPair {
+    /// Stops both drivers; each must end within 5 s, without a panic or an error.
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        for h in self.handles {
+            tokio::time::timeout(Duration::from_secs(5), h)
+                .await
+                .expect("a driver stops")
+                .expect("no panic")
+                .expect("no error");
+        }
+    }
 }
