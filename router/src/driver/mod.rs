@@ -232,8 +232,8 @@ pub struct Driver<T = Tun, U = Udp> {
     udp_v6: bool,
     /// Packets read from the device.
     tun_in: Packets,
-    /// The last turn's first TUN read was one packet and all the queue held (a ping, a
-    /// request): the next turn sends what its first read gets before reading again (if at all:
+    /// The last turn's first TUN read was all the queue held, and not a full batch (a ping, a
+    /// request, a short response): the next turn sends what its first read gets before reading again (if at all:
     /// [`LONE_GAP`]). Under load reads come back to back and are sent together.
     tun_sparse: bool,
     /// This turn read a TUN packet.
@@ -652,9 +652,10 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             done += 1;
         }
         if done > 0 {
-            // Sparse only when the queue was seen empty after one read of one packet: a read
-            // of many (a GSO segment split) is load, not a lone packet.
-            self.tun_sparse = done == 1 && emptied && first == 1;
+            // Sparse only when the queue was seen empty after one read that left room for
+            // another: a read that filled the batch is load, however quiet the queue after it
+            // (a response of a few segments, a GSO segment of a few, is still sparse).
+            self.tun_sparse = done == 1 && emptied && first <= SLOTS - MAX_SPLIT;
         }
         if !self.tun_in.is_empty() {
             self.on_tun_packets().await;

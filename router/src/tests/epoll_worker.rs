@@ -234,6 +234,33 @@ fn a_burst_behind_a_lone_packet_is_read_on_however_slow_the_turns() {
     );
 }
 
+/// A short read of several packets (a response of a few segments, split) that the queue held
+/// alone leaves the worker sparse: the next packet is sent before the read that finds the queue
+/// empty. Reviewed: only a one-packet read counted, and the packet after a short response paid
+/// an empty read before its send.
+#[test]
+fn a_short_read_of_a_few_packets_keeps_the_next_packet_ahead_of_the_empty_read() {
+    let seen = run_until(
+        (Duration::from_secs(3600), Duration::ZERO),
+        |kernel, log| {
+            kernel.feed_read(vec![packet(1), packet(2), packet(3)]);
+            // Bounded: the three sends within 10 s, then the next packet.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while sends(&log.lock().expect("log")) < 3 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            kernel.feed(packet(4));
+        },
+        |seen| sends(seen) == 4 && seen.iter().filter(|w| **w == "try").count() == 2,
+    );
+    let last = seen.iter().rposition(|w| *w == "read").expect("a read");
+    assert_eq!(
+        seen.get(last..),
+        Some(&["read", "send", "try"][..]),
+        "the packet after a short read goes out first: {seen:?}"
+    );
+}
+
 /// A packet from 100.64.1.1 to 100.64.2.`n`.
 fn packet(n: u8) -> Vec<u8> {
     test_packet([100, 64, 1, 1].into(), [100, 64, 2, n].into(), b"data")
