@@ -28,9 +28,9 @@
 //! `Sleep` moved only when the router's deadline moves. So a lone packet (a ping) goes from
 //! the wake-up to its send with nothing else in between. Sparse traffic (one packet per
 //! wake-up, [`LONE_GAP`] or more apart) skips that read altogether: the queue is taken for
-//! empty until `epoll` says otherwise, so a ping costs one read, not two. The other way, a receive that did
-//! not fill every buffer found the socket empty, so its packets are written to the TUN device
-//! before another receive is tried. The socket is registered for reading only, so a send's
+//! empty until `epoll` says otherwise, so a ping costs one read, not two. The other way, a
+//! receive that did not fill every buffer found the socket empty, so its packets are written
+//! to the TUN device before another receive is tried. The socket is registered for reading only, so a send's
 //! datagram leaving its buffer does not wake the worker again (module `udp`).
 //!
 //! # Batches
@@ -233,8 +233,9 @@ pub struct Driver<T = Tun, U = Udp> {
     /// Packets read from the device.
     tun_in: Packets,
     /// The last turn's first TUN read was all the queue held, and not a full batch (a ping, a
-    /// request, a short response): the next turn sends what its first read gets before reading again (if at all:
-    /// [`LONE_GAP`]). Under load reads come back to back and are sent together.
+    /// request, a short response): the next turn sends what its first read gets before reading
+    /// again (if at all: [`LONE_GAP`]). Under load reads come back to back and are sent
+    /// together.
     tun_sparse: bool,
     /// This turn read a TUN packet.
     read_tun: bool,
@@ -510,8 +511,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// commands. No source gets more than its share before the next is served.
     ///
     /// The clock is read once at the start, and that reading serves the first step (and once at
-    /// the end of a turn that read a TUN packet, for [`LONE_GAP`]); the router's output is flushed by each step that may have made some (the timers, the datagrams, the
-    /// TUN packets, the commands), and not looked for otherwise.
+    /// the end of a turn that read a TUN packet, for [`LONE_GAP`]); the router's output is
+    /// flushed by each step that may have made some (the timers, the datagrams, the TUN
+    /// packets, the commands), and not looked for otherwise.
     async fn turn(
         &mut self,
         commands: Option<&mut mpsc::Receiver<Command>>,

@@ -25,8 +25,9 @@ const MAX_COALESCED: u8 = 64;
 const PORT: u16 = 6100;
 
 /// Receives flow `i` at b until [`PER_FLOW`] datagrams arrive, or the flow has been silent for
-/// 3 s since the sender finished (`sent`), or 20 silences of 3 s passed; returns (arrived, datagrams that came
-/// after a later one of the same flow). A silence while the sender still sends is waited out: on
+/// 3 s since the sender finished (`sent`), or 20 silences of 3 s passed; returns (arrived,
+/// datagrams that came after a later one of the same flow, datagrams b's kernel dropped at this
+/// socket's full buffer). A silence while the sender still sends is waited out: on
 /// a starved machine the sender or the tunnel can stall for seconds, and quitting then would
 /// leave datagrams that later arrive uncounted.
 fn receive(sock: &UdpSocket, sent: &AtomicBool) -> anyhow::Result<(u32, u32, u64)> {
