@@ -49,9 +49,11 @@ step cargo check --manifest-path fuzz/Cargo.toml --locked --bins
 # The mesh benchmark's harness, small (the full run and its targets: bench/results/mesh.md).
 step cargo run -q -p weft-bench --locked -- mesh --sizes 50 --steady-secs 10
 # The data-path and router-core harnesses, small (the full runs: bench/RESULTS.md,
-# bench/results/router.md); they fail loudly when a comparison cannot run.
+# bench/results/router.md, bench/results/small.md); they fail loudly when a comparison cannot
+# run.
 step cargo run -q -p weft-bench --locked -- net --secs 1 --reps 1 --paths veth,weft,wireguard-go --wireguard-go "$(command -v wireguard-go)" --out target/net-smoke.md
 step cargo run -q -p weft-bench --locked -- router --secs 1 --reps 1 --out target/router-smoke.md
+step cargo run -q -p weft-bench --locked -- small --rounds 2 --pings 20 --secs 1 --paths weft/1,weft/auto --out target/small-smoke.md
 # The chaos lab, short (the full run: bench/results/chaos.md): 8 real daemons restarted,
 # killed, wiped, partitioned and reloaded on a fixed seed; it fails, naming the seed, when an
 # invariant breaks.

@@ -162,10 +162,11 @@ struct NetOpts {
 
 #[derive(Debug, clap::Args)]
 struct SmallOpts {
-    /// Rounds; each measures every path once, in an order rotated each round.
+    /// Rounds; each pings every path at once (their pings taking turns), then runs each path's
+    /// UDP test in an order rotated each round.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Pings per path per round, 10 ms apart.
+    /// Pings per path per round, 10 ms apart (every path's at once).
     #[arg(long, default_value_t = 200)]
     pings: u32,
     /// Seconds of full-rate UDP 64 B per path per round (0: ping only).
@@ -209,7 +210,7 @@ fn run_small(o: &SmallOpts, command: &str) -> anyhow::Result<()> {
     };
     let tables = small::run(&args, &kinds, o.rounds, o.pings, o.secs)?;
     let report = format!(
-        "# weft-bench small\n\n- machine: {}\n- command: `{command}`\n- every path set up at once, two network namespaces each joined by a veth pair, tunnels at MTU 1440; {} rounds, each path once per round in a rotated order: {} pings 10 ms apart, then {} s of iperf3 UDP at full rate with 64 B payloads ({})\n- ping percentiles pool every round's pings; rates and CPU per packet are medians over the rounds; CPU per packet is per packet *received*\n\n{tables}",
+        "# weft-bench small\n\n- machine: {}\n- command: `{command}`\n- every path set up at once, two network namespaces each joined by a veth pair, tunnels at MTU 1440; {} rounds, each: {} pings 10 ms apart on every path at once, the paths' starts spread over the 10 ms (their pings take turns), then {} s of iperf3 UDP at full rate with 64 B payloads on each path in turn, in an order rotated each round ({})\n- ping percentiles pool every round's pings; rates and CPU per packet are medians over the rounds; CPU per packet is per packet *received*\n\n{tables}",
         net::machine(),
         o.rounds,
         o.pings,

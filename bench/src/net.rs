@@ -399,14 +399,30 @@ fn rtt(b: &Bench, count: u32) -> anyhow::Result<(f64, f64)> {
 
 /// The RTTs in µs of `count` pings 10 ms apart (at least 90% answered).
 pub(crate) fn rtts(b: &Bench, count: u32) -> anyhow::Result<Vec<f64>> {
-    let out = run(b.lab.cmd(&b.client, "ping").args([
+    ping_times(&run(&mut ping(b, count))?, count)
+}
+
+/// The gap between two pings of one `ping` process.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_millis(10);
+
+/// `ping` of `count` packets [`PING_INTERVAL`] apart from the client to the far end, not yet
+/// run.
+pub(crate) fn ping(b: &Bench, count: u32) -> Command {
+    let mut cmd = b.lab.cmd(&b.client, "ping");
+    cmd.args([
         "-c",
         &count.to_string(),
         "-i",
-        "0.01",
+        &format!("{}", PING_INTERVAL.as_secs_f64()),
         "-n",
         b.dst,
-    ]))?;
+    ]);
+    cmd
+}
+
+/// The RTTs in µs a `ping` of `count` packets printed; an error unless at least 90% were
+/// answered.
+pub(crate) fn ping_times(out: &std::process::Output, count: u32) -> anyhow::Result<Vec<f64>> {
     let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
         .split("time=")
         .skip(1)
@@ -907,5 +923,27 @@ mod tests {
         assert_eq!(after.server_since(&before), 65);
         // Counters that went backwards (a namespace recreated) give 0, not a wrap.
         assert_eq!(before.server_since(&after), 0);
+    }
+
+    /// A `ping`'s times are read in µs; fewer than 9 in 10 answered is an error naming the count.
+    #[test]
+    fn ping_times_are_read_in_microseconds_and_too_few_answers_are_refused() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let out = |text: &str| std::process::Output {
+            status: std::process::ExitStatus::from_raw(0),
+            stdout: text.as_bytes().to_vec(),
+            stderr: Vec::new(),
+        };
+        let line = |seq: u32, ms: &str| {
+            format!("64 bytes from 100.64.1.2: icmp_seq={seq} ttl=64 time={ms} ms\n")
+        };
+        let text: String = (1..=10).map(|i| line(i, "0.215")).collect();
+        let times = ping_times(&out(&text), 10).expect("ten answers");
+        assert_eq!(times.len(), 10);
+        assert!((times[0] - 215.0).abs() < 1e-9, "{times:?}");
+        let nine: String = (1..=9).map(|i| line(i, "1.5")).collect();
+        assert_eq!(ping_times(&out(&nine), 10).expect("nine of ten").len(), 9);
+        let e = ping_times(&out(&nine), 12).unwrap_err().to_string();
+        assert!(e.contains("only 9 of 12 pings answered"), "{e}");
     }
 }

@@ -1,6 +1,8 @@
 //! `weft-bench small`: small packets through every path, the paths set up side by side and
-//! measured *interleaved* (round after round, each path once per round, the order rotated), so
-//! that a noisy machine's drift falls on all of them alike.
+//! measured *interleaved*, so that a noisy machine's drift falls on all of them alike: in each
+//! round every path's pings run at once, their starts spread over the gap between two pings
+//! (the paths' pings take turns, a few milliseconds apart, through the same seconds), then each
+//! path's UDP test in turn, the order rotated each round.
 //!
 //! Two figures: ping RTT (pooled over the rounds, and the median over rounds of each round's
 //! p50 ratio to boringtun-cli) with the CPU both tunnel ends spend per ping (request and reply,
@@ -144,17 +146,18 @@ pub(crate) fn run(
     let n = benches.len();
     for round in 0..rounds {
         eprintln!("   round {}/{rounds}", round + 1);
-        for i in (0..n).map(|i| (i + round) % n) {
-            let (b, s) = (&benches[i], &mut samples[i]);
-            let (c0, w0) = (net::ran(b)?, wall());
-            let mut r = net::rtts(b, pings)?;
-            let (ran, took) = (net::ran(b)?.since(c0), wall() - w0);
+        let order: Vec<usize> = (0..n).map(|i| (i + round) % n).collect();
+        let (rtts, ran, took) = pings_together(&benches, &order, pings)?;
+        for ((s, mut r), ran) in samples.iter_mut().zip(rtts).zip(ran) {
             let [us, wakes] = per_ping(ran, s.background, took.as_secs_f64(), pings);
             s.ping_us.push(us);
             s.ping_wakes.push(wakes);
             r.sort_by(f64::total_cmp);
             s.round_p50.push(percentile(&r, 0.5));
             s.rtts.extend(r);
+        }
+        for i in order {
+            let (b, s) = (&benches[i], &mut samples[i]);
             if secs > 0 {
                 let Udp64 {
                     pps,
@@ -172,6 +175,64 @@ pub(crate) fn run(
     }
     drop(benches);
     Ok(report(&mut samples))
+}
+
+/// Pings on every path at once: one `ping` per path, `pings` pings [`net::PING_INTERVAL`]
+/// apart, started in `order` at even steps across that interval, so that the paths' pings take
+/// turns through the same seconds and a drift of the machine's speed falls on all of them
+/// alike. Each path's RTTs (µs) and the CPU its tunnel ran (in `benches`' order), and the
+/// time it all took. A `ping` left running by an error is killed.
+fn pings_together(
+    benches: &[Bench],
+    order: &[usize],
+    pings: u32,
+) -> anyhow::Result<(Vec<Vec<f64>>, Vec<net::Ran>, std::time::Duration)> {
+    struct Running(Vec<Option<std::process::Child>>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            for mut c in self.0.iter_mut().filter_map(Option::take) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let before = benches
+        .iter()
+        .map(net::ran)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let step = net::PING_INTERVAL / u32::try_from(order.len().max(1)).unwrap_or(u32::MAX);
+    let w0 = wall();
+    let mut running = Running(benches.iter().map(|_| None).collect());
+    for (k, &i) in order.iter().enumerate() {
+        if k > 0 {
+            std::thread::sleep(step);
+        }
+        let child = net::ping(&benches[i], pings)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting ping")?;
+        running.0[i] = Some(child);
+    }
+    let mut rtts = Vec::with_capacity(benches.len());
+    for slot in &mut running.0 {
+        let child = slot.take().context("a path's ping was not started")?;
+        let out = child.wait_with_output().context("waiting for ping")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ping failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        rtts.push(net::ping_times(&out, pings)?);
+    }
+    let took = wall() - w0;
+    let ran = benches
+        .iter()
+        .zip(before)
+        .map(|(b, c0)| Ok(net::ran(b)?.since(c0)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((rtts, ran, took))
 }
 
 #[expect(clippy::disallowed_methods, reason = "the bench times on a wall clock")]
