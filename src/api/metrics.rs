@@ -394,17 +394,12 @@ fn render_drops(reg: &mut Registry, router: &Snapshot) {
             })
             .inc_by(n);
     }
-    for (reason, n) in [
-        ("send_error", router.send_errors),
-        ("tun_write_error", router.tun_write_errors),
-    ] {
-        if n > 0 {
-            drops
-                .get_or_create(&Reason {
-                    reason: reason.into(),
-                })
-                .inc_by(n);
-        }
+    for (reason, n) in router.io_drops() {
+        drops
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc_by(n);
     }
 }
 

@@ -29,11 +29,8 @@ pub fn status(
     let mesh_snap = mesh;
     let peers = snap.peers.iter().map(|p| peer_status(p, infos)).collect();
     let mut d = drops(&snap.drops);
-    if snap.send_errors > 0 {
-        d.insert("send_error".into(), snap.send_errors);
-    }
-    if snap.tun_write_errors > 0 {
-        d.insert("tun_write_error".into(), snap.tun_write_errors);
+    for (reason, n) in snap.io_drops() {
+        d.insert(reason.into(), n);
     }
     let mesh = mesh.map(|m| mesh_status(m, ipam));
     let mut node = node.clone();

@@ -30,8 +30,8 @@
 //! wake-up, [`LONE_GAP`] or more apart) skips that read altogether: the queue is taken for
 //! empty until `epoll` says otherwise, so a ping costs one read, not two. The other way, a
 //! receive that did not fill every buffer found the socket empty, so its packets are written
-//! to the TUN device before another receive is tried. The socket is registered for reading only, so a send's
-//! datagram leaving its buffer does not wake the worker again (module `udp`).
+//! to the TUN device before another receive is tried. The socket is registered for reading
+//! only, so a send's datagram leaving its buffer does not wake the worker again (module `udp`).
 //!
 //! # Batches
 //!
@@ -150,6 +150,20 @@ pub struct Snapshot {
     /// Send turns taken over from a worker that held one past [`crate::HOLD_LIMIT`]
     /// ([`Router::takeovers`]).
     pub send_turn_takeovers: u64,
+}
+
+impl Snapshot {
+    /// The data path's own losses by drop reason, those that happened (sends the network
+    /// refused, TUN writes the kernel refused): reported beside [`drops`](Self::drops) by the
+    /// status and the metrics alike.
+    pub fn io_drops(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("send_error", self.send_errors),
+            ("tun_write_error", self.tun_write_errors),
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+    }
 }
 
 /// The router as the data-path workers share it: packets go through under a read lock, for a
@@ -992,6 +1006,27 @@ mod tests {
                 o
             })
             .collect()
+    }
+
+    /// The data path's own losses are named by reason for the status and the metrics, and a
+    /// reason with none is left out.
+    #[test]
+    fn io_drops_name_send_errors_and_failed_tun_writes_and_leave_out_zeros() {
+        let mut snap = Snapshot {
+            public_key: [0; 32],
+            peers: Vec::new(),
+            drops: Drops::default(),
+            send_errors: 3,
+            tun_write_errors: 0,
+            workers: Vec::new(),
+            send_turn_takeovers: 0,
+        };
+        assert_eq!(snap.io_drops().collect::<Vec<_>>(), [("send_error", 3)]);
+        snap.tun_write_errors = 2;
+        assert_eq!(
+            snap.io_drops().collect::<Vec<_>>(),
+            [("send_error", 3), ("tun_write_error", 2)]
+        );
     }
 
     #[test]
