@@ -10,12 +10,21 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use tun_rs::{ExpandBuffer, GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    ExpandBuffer, GROTable, VIRTIO_NET_HDR_GSO_UDP_L4 as GSO_UDP_L4, VIRTIO_NET_HDR_LEN,
+    VirtioNetHdr,
+};
 
 use super::poll::Readiness;
 
 /// Headroom in front of every packet in a batch, where tun-rs puts the virtio header.
 pub const OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// `gso_type`: a packet, not a segment (`VIRTIO_NET_HDR_GSO_NONE`, linux/virtio_net.h).
+const GSO_NONE: u8 = 0;
+/// `gso_type`'s flag for TCP segments with ECN (`VIRTIO_NET_HDR_GSO_ECN`).
+const GSO_ECN: u8 = 0x80;
+/// `flags`: the transport checksum is left to the device (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+const NEEDS_CSUM: u8 = 1;
 /// The largest packet a slot holds.
 const SLOT: usize = 65_536;
 /// Slots per batch.
@@ -270,9 +279,22 @@ impl AsFd for Tun {
 
 impl TunIo for Tun {
     fn try_recv(&self, batch: &mut Packets) -> io::Result<()> {
+        let vnet = self.device.tcp_gso();
         let n = self.ready.read(|| {
             let (slots, sizes, scratch) = batch.unfilled();
-            self.device.recv_multiple(scratch, slots, sizes, OFFSET)
+            let first = slots
+                .first_mut()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no free slot"))?;
+            if !vnet {
+                let size = sizes
+                    .first_mut()
+                    .ok_or_else(|| io::Error::other("no size"))?;
+                *size = self.device.recv(&mut first.data[OFFSET..])?;
+                return Ok(1);
+            }
+            // With the virtio header, it lands in the slot's headroom and the packet behind it.
+            let len = self.device.recv(&mut first.data)?;
+            take_read(slots, sizes, scratch, len)
         })?;
         batch.added(n);
         Ok(())
@@ -311,6 +333,102 @@ fn send_batch(device: &tun_rs::SyncDevice, batch: &mut Packets, n: usize) -> io:
     device
         .send_multiple(&mut batch.gro, &mut batch.slots[..n], OFFSET)
         .map(|_| ())
+}
+
+/// A read of `len` bytes with its virtio header, made into packets: the read sits in the first
+/// slot, header in the headroom. One packet stays where it is (its checksum completed if the
+/// kernel left that to the device); a segment moves to `scratch` and is split into the slots
+/// from the first. Returns the number of packets.
+///
+/// Taking the read apart here rather than in tun-rs's `recv_multiple`, which checks every slot
+/// it is handed before reading (256 of them, 8 KB of slot headers pulled into the cache for a
+/// lone ping), keeps a one-packet read to the one slot it fills.
+fn take_read(
+    slots: &mut [Slot],
+    sizes: &mut [usize],
+    scratch: &mut Vec<u8>,
+    len: usize,
+) -> io::Result<usize> {
+    let (Some(first), Some(size)) = (slots.first_mut(), sizes.first_mut()) else {
+        return Err(invalid("no free slot".into()));
+    };
+    let read = first.data.get_mut(..len).filter(|r| r.len() > OFFSET);
+    let Some(read) = read else {
+        return Err(invalid(format!(
+            "a TUN read of {len} bytes has no packet behind its {OFFSET}-byte virtio header"
+        )));
+    };
+    let hdr = VirtioNetHdr::decode(read)?;
+    if hdr.gso_type == GSO_NONE {
+        if hdr.flags & NEEDS_CSUM != 0 {
+            complete_checksum(&mut read[OFFSET..], hdr.csum_start, hdr.csum_offset)?;
+        }
+        *size = len - OFFSET;
+        return Ok(1);
+    }
+    // A segment: split from a buffer of its own into the slots, the first included.
+    std::mem::swap(&mut first.data, scratch);
+    first.len = first.data.len();
+    let segment = scratch
+        .get_mut(OFFSET..len)
+        .ok_or_else(|| invalid(format!("a TUN read of {len} bytes overflows its buffer")))?;
+    let (hdr, is_v6) = segment_header(hdr, segment)?;
+    tun_rs::gso_split(segment, hdr, slots, sizes, OFFSET, is_v6)
+}
+
+/// `hdr` made ready to split `segment` by: `hdr_len` (which the kernel may set to a whole
+/// packet on the forwarding path) recomputed from the transport header; whether it is IPv6.
+fn segment_header(mut hdr: VirtioNetHdr, segment: &[u8]) -> io::Result<(VirtioNetHdr, bool)> {
+    let is_v6 = match segment.first().map(|b| b >> 4) {
+        Some(4) => false,
+        Some(6) => true,
+        v => return Err(invalid(format!("a TUN segment of IP version {v:?}"))),
+    };
+    let transport = usize::from(hdr.csum_start);
+    let header = if hdr.gso_type & !GSO_ECN == GSO_UDP_L4 {
+        8
+    } else {
+        // TCP: the data offset, in 32-bit words, is the high nibble of byte 12.
+        let words = segment
+            .get(transport + 12)
+            .map_or(0, |b| usize::from(b >> 4));
+        if !(5..=15).contains(&words) {
+            return Err(invalid(format!(
+                "a TUN segment's TCP header at {transport} is {} bytes long",
+                words * 4
+            )));
+        }
+        words * 4
+    };
+    hdr.hdr_len = u16::try_from(transport + header)
+        .map_err(|_| invalid(format!("a TUN segment's headers end past {}", u16::MAX)))?;
+    Ok((hdr, is_v6))
+}
+
+/// Completes a transport checksum the kernel left to the device (`CHECKSUM_PARTIAL`): the
+/// field at `start + offset` holds the pseudo-header's sum; the sum from `start` to the end
+/// replaces it. As the kernel does, a result of 0 is sent as `0xffff` (0 would mean "no
+/// checksum" to UDP, which IPv6 refuses).
+fn complete_checksum(packet: &mut [u8], start: u16, offset: u16) -> io::Result<()> {
+    let start = usize::from(start);
+    let at = start + usize::from(offset);
+    let Some(field) = packet.get(at..at + 2) else {
+        return Err(invalid(format!(
+            "a TUN packet of {} bytes has its checksum at {at}",
+            packet.len()
+        )));
+    };
+    let partial = u16::from_be_bytes([field[0], field[1]]);
+    packet[at..at + 2].fill(0);
+    let sum = !tun_rs::checksum(&packet[start..], u64::from(partial));
+    let sum = if sum == 0 { 0xffff } else { sum };
+    packet[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    Ok(())
+}
+
+/// A read the driver counts and drops (it carries no OS error: see [`is_fatal`]).
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
 /// Opens the TUN device `name`, with offloads when `offload` asks for them and the kernel has
@@ -411,5 +529,199 @@ mod tests {
         let (slots, _, _) = batch.unfilled();
         assert!(slots[0].as_ref().len() >= OFFSET + SLOT);
         assert!(slots.iter().all(|s| s.as_ref().len() == s.data.len()));
+    }
+
+    /// The ones' complement sum of `bytes` (a reference for the tests).
+    fn ones_sum(bytes: &[u8], mut sum: u32) -> u16 {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum >> 16) + (sum & 0xffff);
+        }
+        sum as u16
+    }
+
+    /// An IPv4 UDP packet from 100.64.1.2 to 100.64.2.3 with `payload`, its checksum field
+    /// holding the pseudo-header's sum, as the kernel leaves it for the device; and the
+    /// checksum it should end with.
+    fn partial_udp4(payload: &[u8]) -> (Vec<u8>, u16) {
+        let udp_len = 8 + payload.len();
+        let mut p = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
+        ];
+        p[2..4].copy_from_slice(&u16::try_from(20 + udp_len).unwrap().to_be_bytes());
+        p.extend_from_slice(&[0x9c, 0x40, 0x13, 0x88]);
+        p.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        let mut pseudo = p[12..20].to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
+        let partial = ones_sum(&pseudo, 0);
+        let full = !ones_sum(&p[20..], u32::from(partial));
+        p[26..28].copy_from_slice(&partial.to_be_bytes());
+        (p, if full == 0 { 0xffff } else { full })
+    }
+
+    /// A read of `packet` behind a virtio header `hdr`, as the device leaves it in the first
+    /// free slot.
+    fn read_into(batch: &mut Packets, hdr: &VirtioNetHdr, packet: &[u8]) -> usize {
+        let (slots, _, _) = batch.unfilled();
+        hdr.encode(&mut slots[0].data[..OFFSET]).unwrap();
+        slots[0].data[OFFSET..OFFSET + packet.len()].copy_from_slice(packet);
+        OFFSET + packet.len()
+    }
+
+    fn take(batch: &mut Packets, len: usize) -> io::Result<usize> {
+        let (slots, sizes, scratch) = batch.unfilled();
+        let n = take_read(slots, sizes, scratch, len)?;
+        batch.added(n);
+        Ok(n)
+    }
+
+    /// A fresh batch that read `packet` behind `hdr`, and what taking the read said.
+    fn read_and_take(hdr: &VirtioNetHdr, packet: &[u8]) -> (Packets, io::Result<usize>) {
+        let mut batch = Packets::new();
+        let len = read_into(&mut batch, hdr, packet);
+        let taken = take(&mut batch, len);
+        (batch, taken)
+    }
+
+    /// The header of an IPv4 UDP packet whose checksum the kernel left to the device.
+    const UDP4_PARTIAL: VirtioNetHdr = VirtioNetHdr {
+        flags: NEEDS_CSUM,
+        gso_type: GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 20,
+        csum_offset: 6,
+    };
+
+    #[test]
+    fn a_lone_packet_is_taken_where_it_was_read() {
+        let mut batch = Packets::new();
+        let ping = [
+            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
+        ];
+        let len = read_into(&mut batch, &VirtioNetHdr::default(), &ping);
+        let before = batch.slots[0].data.as_ptr();
+        assert_eq!(take(&mut batch, len).unwrap(), 1);
+        assert_eq!(batch.get(0), &ping);
+        assert_eq!(batch.slots[0].data.as_ptr(), before, "not copied");
+    }
+
+    #[test]
+    fn a_checksum_left_to_the_device_is_completed() {
+        for payload in [&b"weft"[..], &b"odd"[..], &[0xff; 64][..]] {
+            let (packet, want) = partial_udp4(payload);
+            let (batch, taken) = read_and_take(&UDP4_PARTIAL, &packet);
+            assert_eq!(taken.unwrap(), 1);
+            let got = batch.get(0);
+            assert_eq!(got.len(), packet.len());
+            assert_eq!(u16::from_be_bytes([got[26], got[27]]), want, "{payload:?}");
+            assert_eq!(got[..26], packet[..26]);
+            assert_eq!(got[28..], packet[28..]);
+        }
+    }
+
+    #[test]
+    fn a_checksum_that_sums_to_zero_is_sent_as_all_ones() {
+        // Choose the payload's last two bytes so the data sum completes to 0.
+        let (probe, _) = partial_udp4(&[0, 0]);
+        let rest = ones_sum(&probe[20..], 0);
+        let fill = !rest;
+        let (packet, want) = partial_udp4(&fill.to_be_bytes());
+        assert_eq!(want, 0xffff, "the payload was chosen to complete to 0");
+        let (batch, taken) = read_and_take(&UDP4_PARTIAL, &packet);
+        assert_eq!(taken.unwrap(), 1);
+        assert_eq!(batch.get(0)[26..28], [0xff, 0xff]);
+    }
+
+    #[test]
+    fn a_tcp_segment_is_split_into_packets_from_the_first_slot() {
+        // IPv4 + TCP (20 bytes) + 3000 bytes of payload, cut at an MSS of 1200.
+        let mut packet = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
+        ];
+        packet.extend_from_slice(&[0x9c, 0x40, 0x13, 0x88, 0, 0, 0, 1, 0, 0, 0, 0]);
+        packet.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        packet.extend((0..3000).map(|i| i as u8));
+        let hdr = VirtioNetHdr {
+            flags: NEEDS_CSUM,
+            gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+            // The forwarding path may claim the whole packet as headers: not trusted.
+            hdr_len: u16::try_from(packet.len()).unwrap(),
+            gso_size: 1200,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut batch = Packets::new();
+        let len = read_into(&mut batch, &hdr, &packet);
+        assert_eq!(take(&mut batch, len).unwrap(), 3);
+        let sizes: Vec<usize> = (0..3).map(|i| batch.get(i).len()).collect();
+        assert_eq!(sizes, [1240, 1240, 640]);
+        for i in 0..3 {
+            let p = batch.get(i);
+            // Each segment's IPv4 header and TCP checksum verify.
+            assert_eq!(ones_sum(&p[..20], 0), 0xffff, "segment {i}'s IP header");
+            let mut pseudo = p[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&u16::try_from(p.len() - 20).unwrap().to_be_bytes());
+            let sum = ones_sum(&p[20..], u32::from(ones_sum(&pseudo, 0)));
+            assert_eq!(sum, 0xffff, "segment {i}'s TCP checksum");
+        }
+        assert_eq!(batch.get(2)[40..], packet[40 + 2400..]);
+        assert_free_slots_whole(&mut batch);
+    }
+
+    #[test]
+    fn a_bad_read_is_refused_naming_it_without_a_panic() {
+        let tcp_segment = VirtioNetHdr {
+            flags: NEEDS_CSUM,
+            gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+            gso_size: 100,
+            csum_start: 20,
+            csum_offset: 16,
+            ..VirtioNetHdr::default()
+        };
+        let mut bad_doff = vec![0x45; 20];
+        bad_doff.extend_from_slice(&[0; 12]);
+        bad_doff.push(0x10); // a data offset of 4 bytes
+        bad_doff.extend_from_slice(&[0; 300]);
+        let cases: [(&str, VirtioNetHdr, Vec<u8>, &str); 4] = [
+            (
+                "header only",
+                VirtioNetHdr::default(),
+                vec![],
+                "no packet behind",
+            ),
+            (
+                "checksum past the end",
+                UDP4_PARTIAL,
+                vec![0x45; 24],
+                "checksum at 26",
+            ),
+            (
+                "segment of IP version 7",
+                tcp_segment,
+                vec![0x70; 200],
+                "IP version Some(7)",
+            ),
+            (
+                "TCP header of 4 bytes",
+                tcp_segment,
+                bad_doff,
+                "is 4 bytes long",
+            ),
+        ];
+        for (what, hdr, packet, says) in cases {
+            let (mut batch, taken) = read_and_take(&hdr, &packet);
+            let e = taken.expect_err(what);
+            assert!(!is_fatal(&e), "{what}: counted, not fatal");
+            assert!(e.to_string().contains(says), "{what}: {e}");
+            assert!(batch.is_empty(), "{what}: nothing taken");
+            assert_free_slots_whole(&mut batch);
+        }
     }
 }
