@@ -11,6 +11,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use foldhash::HashMap as FastMap;
 use ipnet::IpNet;
 use tracing::{debug, trace};
 
@@ -165,7 +166,9 @@ pub struct Router {
     /// Verifies handshake initiations' MAC before the costly anonymous parse, and answers floods
     /// with cookies.
     rate_limiter: Arc<RateLimiter>,
-    peers: HashMap<PeerId, Slot>,
+    /// Looked up for every packet: a fast hasher (seeded per process). Its keys are the
+    /// router's own indices.
+    peers: FastMap<PeerId, Slot>,
     by_key: HashMap<[u8; 32], PeerId>,
     /// Plaintext peers by underlay address.
     by_addr: HashMap<IpAddr, PeerId>,
@@ -263,7 +266,7 @@ impl Router {
             rate_limiter: Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT)),
             private_key,
             public_key,
-            peers: HashMap::new(),
+            peers: FastMap::default(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
             wireguard_at: Mutex::default(),

@@ -3,8 +3,12 @@
 //! One hash map per prefix length in use, searched from the longest down: a lookup costs one hash
 //! probe per distinct length (a handful in practice), whatever the number of prefixes.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+
+// Searched for every packet, twice (its route out, its source's check in): a fast hasher,
+// seeded per process, so that keys colliding in it (prefixes a member claims) cannot be
+// worked out in advance.
+use foldhash::HashMap;
 
 use ipnet::IpNet;
 
@@ -48,7 +52,7 @@ fn slot<K, V>(levels: &mut Vec<(u8, HashMap<K, V>)>, len: u8) -> &mut HashMap<K,
     let pos = match levels.binary_search_by(|(l, _)| len.cmp(l)) {
         Ok(pos) => pos,
         Err(pos) => {
-            levels.insert(pos, (len, HashMap::new()));
+            levels.insert(pos, (len, HashMap::default()));
             pos
         }
     };
