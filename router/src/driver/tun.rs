@@ -724,4 +724,46 @@ mod tests {
             assert_free_slots_whole(&mut batch);
         }
     }
+
+    proptest::proptest! {
+        /// Whatever header and bytes a read holds, taking it apart never panics: it gives
+        /// packets that fit their slots, or an error the driver counts.
+        #[test]
+        fn any_read_is_taken_or_refused_without_a_panic(
+            flags in 0u8..4,
+            gso_type in proptest::prop_oneof![
+                proptest::strategy::Just(GSO_NONE),
+                proptest::strategy::Just(tun_rs::VIRTIO_NET_HDR_GSO_TCPV4),
+                proptest::strategy::Just(tun_rs::VIRTIO_NET_HDR_GSO_TCPV6),
+                proptest::strategy::Just(GSO_UDP_L4),
+                proptest::prelude::any::<u8>(),
+            ],
+            hdr_len in proptest::prelude::any::<u16>(),
+            gso_size in 0u16..2000,
+            csum_start in 0u16..120,
+            csum_offset in 0u16..40,
+            version in proptest::prop_oneof![
+                proptest::strategy::Just(0x45u8),
+                proptest::strategy::Just(0x60u8),
+                proptest::prelude::any::<u8>(),
+            ],
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+        ) {
+            let hdr = VirtioNetHdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset };
+            let mut packet = body;
+            if let Some(first) = packet.first_mut() {
+                *first = version;
+            }
+            let (batch, taken) = read_and_take(&hdr, &packet);
+            match taken {
+                Ok(n) => {
+                    proptest::prop_assert!((1..=SLOTS).contains(&n));
+                    for i in 0..n {
+                        proptest::prop_assert!(batch.get(i).len() <= SLOT);
+                    }
+                }
+                Err(e) => proptest::prop_assert!(!is_fatal(&e), "{e}"),
+            }
+        }
+    }
 }
