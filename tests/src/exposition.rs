@@ -93,6 +93,31 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
     Ok(samples)
 }
 
+/// The value of the first of `samples` named `name` that carries every label in `labels` (and
+/// may carry more).
+pub fn value_of(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        })
+        .map(|s| s.value)
+}
+
+/// [`value_of`] in an HTTP response to `GET /metrics`, its body read with
+/// [`parse_exposition`]. The error names what was missing.
+pub fn sample_value(response: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .ok_or_else(|| format!("no body in the metrics response: {response:?}"))?;
+    value_of(&parse_exposition(body)?, name, labels)
+        .ok_or_else(|| format!("no sample {name} {labels:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,18 +157,15 @@ mod tests {
         };
         let body = weft::api::metrics::render(&snap, None, &ipam);
         let samples = parse_exposition(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
-        let find = |n: &str| samples.iter().find(|s| s.name == n).map(|s| s.value);
+        let find = |n: &str| value_of(&samples, n, &[]);
         assert_eq!(find("weft_ipam_reclaims_total"), Some(2.0), "{body}");
         assert_eq!(find("weft_drops_total"), Some(1.0), "{body}");
         let worker = |w: &str, from: &str| {
-            samples
-                .iter()
-                .find(|s| {
-                    s.name == "weft_router_worker_packets_total"
-                        && s.labels.iter().any(|(k, v)| k == "worker" && v == w)
-                        && s.labels.iter().any(|(k, v)| k == "from" && v == from)
-                })
-                .map(|s| s.value)
+            value_of(
+                &samples,
+                "weft_router_worker_packets_total",
+                &[("worker", w), ("from", from)],
+            )
         };
         assert_eq!(worker("0", "tun"), Some(5.0), "{body}");
         assert_eq!(worker("0", "network"), Some(7.0), "{body}");
@@ -153,5 +175,23 @@ mod tests {
             Some(3.0),
             "{body}"
         );
+    }
+
+    #[test]
+    fn a_sample_is_found_by_name_and_labels_in_a_response_and_its_absence_named() {
+        let response = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n\
+            # TYPE weft_x counter\n\
+            weft_x_total{worker=\"0\",from=\"tun\"} 5\n\
+            weft_x_total{worker=\"1\",from=\"tun\"} 7\n\
+            # EOF\n";
+        assert_eq!(
+            sample_value(response, "weft_x_total", &[("worker", "1")]),
+            Ok(7.0)
+        );
+        assert_eq!(sample_value(response, "weft_x_total", &[]), Ok(5.0));
+        let e = sample_value(response, "weft_x_total", &[("worker", "2")]).unwrap_err();
+        assert!(e.contains("weft_x_total") && e.contains("\"2\""), "{e}");
+        let e = sample_value("HTTP/1.1 200 OK", "weft_x_total", &[]).unwrap_err();
+        assert!(e.contains("no body"), "{e}");
     }
 }

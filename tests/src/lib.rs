@@ -255,6 +255,13 @@ pub fn ping(lab: &Lab, ns: &str, dst: &str, src: Option<&str>) -> anyhow::Result
     Ok(())
 }
 
+/// The value of the sample `name` with (at least) `labels` in the metrics the daemon in `ns`
+/// serves now ([`exposition::sample_value`]).
+pub fn metric(lab: &Lab, ns: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let response = http_get(lab, ns, "127.0.0.1:6782", "/metrics")?;
+    exposition::sample_value(&response, name, labels).map_err(|e| anyhow::anyhow!("{ns}: {e}"))
+}
+
 /// One HTTP/1.1 GET of `path` from `addr`, made inside namespace `ns`; the whole response.
 pub fn http_get(
     lab: &Lab,

@@ -391,16 +391,9 @@ fn with_an_authority_a_block_reissued_to_another_node_moves_there() -> anyhow::R
     // b, superseded, says so: an error in its log and a metric; a's certificate end is a metric.
     let scrape =
         |me: &str| weft_tests::http_get(&m.lab, &m.daemon(me).ns, "127.0.0.1:6782", "/metrics");
-    // A scrape's body read with the strict exposition reader; the value of `name`'s one
-    // sample without labels.
-    let metric = |response: &str, name: &str| {
-        let body = response.split("\r\n\r\n").nth(1)?;
-        weft_tests::exposition::parse_exposition(body)
-            .ok()?
-            .into_iter()
-            .find(|s| s.name == name && s.labels.is_empty())
-            .map(|s| s.value)
-    };
+    // A scrape's value of `name` (these samples carry no labels).
+    let metric =
+        |response: &str, name: &str| weft_tests::exposition::sample_value(response, name, &[]).ok();
     wait_for(
         "b's metric of superseded blocks",
         Duration::from_secs(30),

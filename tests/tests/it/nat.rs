@@ -34,14 +34,7 @@ fn up_at(
 
 /// The value of `metric` with label `node="{node}"` in what `at` serves on /metrics.
 fn metric_value(m: &MeshLab, at: &str, metric: &str, node: &str) -> Option<f64> {
-    let ns = m.daemon(at).ns.clone();
-    let resp = weft_tests::http_get(&m.lab, &ns, "127.0.0.1:6782", "/metrics").ok()?;
-    let body = resp.split("\r\n\r\n").nth(1)?;
-    weft_tests::exposition::parse_exposition(body)
-        .ok()?
-        .into_iter()
-        .find(|s| s.name == metric && s.labels.iter().any(|(k, v)| k == "node" && v == node))
-        .map(|s| s.value)
+    weft_tests::metric(&m.lab, &m.daemon(at).ns, metric, &[("node", node)]).ok()
 }
 
 /// The relay `a` reaches `b` through, once it is up through one (within 60 s: the direct

@@ -98,8 +98,8 @@ fn peer_drops(p: &Pair, peer: &str) -> anyhow::Result<serde_json::Value> {
 
 /// Packets worker `w` of the node in `ns` read from its TUN queue.
 fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
-    metric(
-        p,
+    weft_tests::metric(
+        &p.lab,
         ns,
         "weft_router_worker_packets_total",
         &[("worker", w), ("from", "tun")],
@@ -109,24 +109,7 @@ fn tun_packets(p: &Pair, ns: &str, w: &str) -> anyhow::Result<f64> {
 /// Send turns the node in `ns` took over from a worker that held one past the router's
 /// `HOLD_LIMIT` (a stalled worker).
 fn takeovers(p: &Pair, ns: &str) -> anyhow::Result<f64> {
-    metric(p, ns, "weft_router_send_turn_takeovers_total", &[])
-}
-
-/// The sample `name` with (at least) `labels` of the node in `ns`'s metrics.
-fn metric(p: &Pair, ns: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
-    let resp = weft_tests::http_get(&p.lab, ns, "127.0.0.1:6782", "/metrics")?;
-    let body = resp.split("\r\n\r\n").nth(1).context("no metrics body")?;
-    weft_tests::exposition::parse_exposition(body)
-        .map_err(anyhow::Error::msg)?
-        .into_iter()
-        .find(|s| {
-            s.name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
-        })
-        .map(|s| s.value)
-        .with_context(|| format!("no {name} {labels:?} in {ns}'s metrics"))
+    weft_tests::metric(&p.lab, ns, "weft_router_send_turn_takeovers_total", &[])
 }
 
 /// `drops` (a peer's drops by reason, from the status) without the reason `reason`, and that
