@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 dir=${1:-target/release}
 top=${2:-25}
 if [ "$dir" = target/release ]; then
-  cargo build --release --locked --bin weft -p weft-bench >&2
+  cargo build --release --locked --bin weft >&2
+  cargo build --release --locked -p weft-bench >&2
 fi
 command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "needs root (the bench makes network namespaces)" >&2; exit 1; }

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tun_rs::{
     ExpandBuffer, GROTable, VIRTIO_NET_HDR_GSO_UDP_L4 as GSO_UDP_L4, VIRTIO_NET_HDR_LEN,
@@ -244,6 +245,7 @@ pub trait TunWait: TunIo {
 pub struct Tun {
     device: tun_rs::SyncDevice,
     ready: Readiness,
+    placement: Placement,
 }
 
 impl std::fmt::Debug for Tun {
@@ -261,6 +263,7 @@ impl Tun {
         Ok(Self {
             device,
             ready: Readiness::default(),
+            placement: Placement::default(),
         })
     }
 }
@@ -282,19 +285,18 @@ impl TunIo for Tun {
         let vnet = self.device.tcp_gso();
         let n = self.ready.read(|| {
             let (slots, sizes, scratch) = batch.unfilled();
-            let first = slots
-                .first_mut()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no free slot"))?;
             if !vnet {
+                let first = slots
+                    .first_mut()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no free slot"))?;
                 let size = sizes
                     .first_mut()
                     .ok_or_else(|| io::Error::other("no size"))?;
                 *size = self.device.recv(&mut first.data[OFFSET..])?;
                 return Ok(1);
             }
-            // With the virtio header, it lands in the slot's headroom and the packet behind it.
-            let len = self.device.recv(&mut first.data)?;
-            take_read(slots, sizes, scratch, len)
+            self.placement
+                .read(slots, sizes, scratch, |buf| self.device.recv(buf))
         })?;
         batch.added(n);
         Ok(())
@@ -335,45 +337,108 @@ fn send_batch(device: &tun_rs::SyncDevice, batch: &mut Packets, n: usize) -> io:
         .map(|_| ())
 }
 
-/// A read of `len` bytes with its virtio header, made into packets: the read sits in the first
-/// slot, header in the headroom. One packet stays where it is (its checksum completed if the
-/// kernel left that to the device); a segment moves to `scratch` and is split into the slots
-/// from the first. Returns the number of packets.
+/// Where a read with the virtio header is placed, from what the last one carried. Sparse
+/// traffic (the last read one packet) is read into the first free slot, header in its
+/// headroom, where a lone packet stays: a ping touches one buffer. Bulk traffic (the last read
+/// a segment) is read into the batch's scratch buffer and split from there: the same 64 KB
+/// every time, kept in cache, where reading each segment into the next free slot would run
+/// through all 256 slots' 64 KB buffers in turn (16 MB) and miss the cache on every read.
 ///
-/// Taking the read apart here rather than in tun-rs's `recv_multiple`, which checks every slot
+/// Taking reads apart here rather than in tun-rs's `recv_multiple`, which checks every slot
 /// it is handed before reading (256 of them, 8 KB of slot headers pulled into the cache for a
-/// lone ping), keeps a one-packet read to the one slot it fills.
+/// lone ping) and always copies out of a scratch buffer, keeps a one-packet read to the slot it
+/// fills.
+#[derive(Debug, Default)]
+struct Placement {
+    /// The last read was a segment.
+    bulk: AtomicBool,
+}
+
+impl Placement {
+    /// One read by `recv` (which fills the buffer it is given with a virtio header and what
+    /// follows), made into packets in the free `slots` from the first. Returns their number.
+    fn read(
+        &self,
+        slots: &mut [Slot],
+        sizes: &mut [usize],
+        scratch: &mut Vec<u8>,
+        recv: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let first = slots
+            .first_mut()
+            .ok_or_else(|| invalid("no free slot".into()))?;
+        let landed = if self.bulk.load(Ordering::Relaxed) {
+            Landed::Scratch(recv(scratch)?)
+        } else {
+            Landed::Slot(recv(&mut first.data)?)
+        };
+        let (n, segment) = take_read(slots, sizes, scratch, landed)?;
+        self.bulk.store(segment, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Where a read of so many bytes (virtio header included) landed.
+#[derive(Debug, Clone, Copy)]
+enum Landed {
+    /// In the first free slot.
+    Slot(usize),
+    /// In the scratch buffer.
+    Scratch(usize),
+}
+
+/// A read made into packets: one packet ends in the first slot (its checksum completed if the
+/// kernel left that to the device); a segment is split from `scratch` (moved there if it
+/// landed in the slot) into the slots from the first. Returns the number of packets and
+/// whether it was a segment.
 fn take_read(
     slots: &mut [Slot],
     sizes: &mut [usize],
     scratch: &mut Vec<u8>,
-    len: usize,
-) -> io::Result<usize> {
+    landed: Landed,
+) -> io::Result<(usize, bool)> {
     let (Some(first), Some(size)) = (slots.first_mut(), sizes.first_mut()) else {
         return Err(invalid("no free slot".into()));
     };
-    let read = first.data.get_mut(..len).filter(|r| r.len() > OFFSET);
-    let Some(read) = read else {
-        return Err(invalid(format!(
-            "a TUN read of {len} bytes has no packet behind its {OFFSET}-byte virtio header"
-        )));
+    let (len, hdr) = match landed {
+        Landed::Slot(len) => (len, header(&first.data, len)?),
+        Landed::Scratch(len) => (len, header(scratch, len)?),
     };
-    let hdr = VirtioNetHdr::decode(read)?;
     if hdr.gso_type == GSO_NONE {
+        let packet = first
+            .data
+            .get_mut(OFFSET..len)
+            .ok_or_else(|| invalid(format!("a TUN packet of {len} bytes overflows its slot")))?;
+        if let Landed::Scratch(_) = landed {
+            packet.copy_from_slice(&scratch[OFFSET..len]);
+        }
         if hdr.flags & NEEDS_CSUM != 0 {
-            complete_checksum(&mut read[OFFSET..], hdr.csum_start, hdr.csum_offset)?;
+            complete_checksum(packet, hdr.csum_start, hdr.csum_offset)?;
         }
         *size = len - OFFSET;
-        return Ok(1);
+        return Ok((1, false));
     }
-    // A segment: split from a buffer of its own into the slots, the first included.
-    std::mem::swap(&mut first.data, scratch);
-    first.len = first.data.len();
-    let segment = scratch
-        .get_mut(OFFSET..len)
-        .ok_or_else(|| invalid(format!("a TUN read of {len} bytes overflows its buffer")))?;
+    if let Landed::Slot(_) = landed {
+        // Split from a buffer of its own into the slots, the first included.
+        std::mem::swap(&mut first.data, scratch);
+        first.len = first.data.len();
+    }
+    let segment = &mut scratch[OFFSET..len];
     let (hdr, is_v6) = segment_header(hdr, segment)?;
-    tun_rs::gso_split(segment, hdr, slots, sizes, OFFSET, is_v6)
+    Ok((
+        tun_rs::gso_split(segment, hdr, slots, sizes, OFFSET, is_v6)?,
+        true,
+    ))
+}
+
+/// The virtio header of a read of `len` bytes into `buf`, which must carry a packet behind it.
+fn header(buf: &[u8], len: usize) -> io::Result<VirtioNetHdr> {
+    match buf.get(..len).filter(|r| r.len() > OFFSET) {
+        Some(read) => VirtioNetHdr::decode(read),
+        None => Err(invalid(format!(
+            "a TUN read of {len} bytes has no packet behind its {OFFSET}-byte virtio header"
+        ))),
+    }
 }
 
 /// `hdr` made ready to split `segment` by: `hdr_len` (which the kernel may set to a whole
@@ -482,6 +547,8 @@ fn open_first(name: &str, offload: bool, multi: bool) -> io::Result<(tun_rs::Syn
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
 
     /// Every free slot is whole, whatever the batch held before: a read is handed them as
@@ -564,28 +631,95 @@ mod tests {
         (p, if full == 0 { 0xffff } else { full })
     }
 
-    /// A read of `packet` behind a virtio header `hdr`, as the device leaves it in the first
-    /// free slot.
-    fn read_into(batch: &mut Packets, hdr: &VirtioNetHdr, packet: &[u8]) -> usize {
-        let (slots, _, _) = batch.unfilled();
-        hdr.encode(&mut slots[0].data[..OFFSET]).unwrap();
-        slots[0].data[OFFSET..OFFSET + packet.len()].copy_from_slice(packet);
-        OFFSET + packet.len()
+    /// A device's read of `packet` behind a virtio header `hdr`, into the buffer it is given,
+    /// whose address it records in `given`.
+    fn device<'a>(
+        hdr: &'a VirtioNetHdr,
+        packet: &'a [u8],
+        given: &'a Cell<usize>,
+    ) -> impl FnOnce(&mut [u8]) -> io::Result<usize> + 'a {
+        move |buf| {
+            given.set(buf.as_ptr() as usize);
+            hdr.encode(&mut buf[..OFFSET]).unwrap();
+            buf[OFFSET..OFFSET + packet.len()].copy_from_slice(packet);
+            Ok(OFFSET + packet.len())
+        }
     }
 
-    fn take(batch: &mut Packets, len: usize) -> io::Result<usize> {
+    /// Reads `packet` behind `hdr` into `batch`'s free slots as `placement` places it; the
+    /// address of the buffer the device was given goes into `given`.
+    fn read_with(
+        placement: &Placement,
+        batch: &mut Packets,
+        hdr: &VirtioNetHdr,
+        packet: &[u8],
+        given: &Cell<usize>,
+    ) -> io::Result<usize> {
         let (slots, sizes, scratch) = batch.unfilled();
-        let n = take_read(slots, sizes, scratch, len)?;
+        let n = placement.read(slots, sizes, scratch, device(hdr, packet, given))?;
         batch.added(n);
         Ok(n)
     }
 
-    /// A fresh batch that read `packet` behind `hdr`, and what taking the read said.
-    fn read_and_take(hdr: &VirtioNetHdr, packet: &[u8]) -> (Packets, io::Result<usize>) {
+    /// A fresh batch that read `packet` behind `hdr`, placed as after a segment (`bulk`) or
+    /// after a packet, and what taking the read said.
+    fn read_and_take(
+        bulk: bool,
+        hdr: &VirtioNetHdr,
+        packet: &[u8],
+    ) -> (Packets, io::Result<usize>) {
+        let placement = Placement {
+            bulk: AtomicBool::new(bulk),
+        };
         let mut batch = Packets::new();
-        let len = read_into(&mut batch, hdr, packet);
-        let taken = take(&mut batch, len);
+        let taken = read_with(&placement, &mut batch, hdr, packet, &Cell::new(0));
         (batch, taken)
+    }
+
+    /// An IPv4 ICMP echo request, as a ping sends it.
+    const PING: [u8; 20] = [
+        0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
+    ];
+
+    /// A TCP/IPv4 segment of 3000 bytes of payload, cut at an MSS of 1200, as a 64 KB read
+    /// carries one, with its virtio header.
+    fn tcp4_segment() -> (VirtioNetHdr, Vec<u8>) {
+        let mut packet = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
+        ];
+        packet.extend_from_slice(&[0x9c, 0x40, 0x13, 0x88, 0, 0, 0, 1, 0, 0, 0, 0]);
+        packet.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        packet.extend((0..3000).map(|i| i as u8));
+        let hdr = VirtioNetHdr {
+            flags: NEEDS_CSUM,
+            gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+            // The forwarding path may claim the whole packet as headers: not trusted.
+            hdr_len: u16::try_from(packet.len()).unwrap(),
+            gso_size: 1200,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        (hdr, packet)
+    }
+
+    /// The three packets `tcp4_segment` splits into, at the front of `batch`, each with valid
+    /// IPv4 and TCP checksums and the segment's payload.
+    fn assert_split(batch: &Packets, packet: &[u8]) {
+        let sizes: Vec<usize> = (0..3).map(|i| batch.get(i).len()).collect();
+        assert_eq!(sizes, [1240, 1240, 640]);
+        for i in 0..3 {
+            let p = batch.get(i);
+            assert_eq!(ones_sum(&p[..20], 0), 0xffff, "segment {i}'s IP header");
+            let mut pseudo = p[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&u16::try_from(p.len() - 20).unwrap().to_be_bytes());
+            let sum = ones_sum(&p[20..], u32::from(ones_sum(&pseudo, 0)));
+            assert_eq!(sum, 0xffff, "segment {i}'s TCP checksum");
+            assert_eq!(
+                p[40..],
+                packet[40 + 1200 * i..(40 + 1200 * (i + 1)).min(packet.len())]
+            );
+        }
     }
 
     /// The header of an IPv4 UDP packet whose checksum the kernel left to the device.
@@ -601,21 +735,63 @@ mod tests {
     #[test]
     fn a_lone_packet_is_taken_where_it_was_read() {
         let mut batch = Packets::new();
-        let ping = [
-            0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 1, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
-        ];
-        let len = read_into(&mut batch, &VirtioNetHdr::default(), &ping);
-        let before = batch.slots[0].data.as_ptr();
-        assert_eq!(take(&mut batch, len).unwrap(), 1);
-        assert_eq!(batch.get(0), &ping);
-        assert_eq!(batch.slots[0].data.as_ptr(), before, "not copied");
+        let slot = batch.slots[0].data.as_ptr() as usize;
+        let given = Cell::new(0);
+        let n = read_with(
+            &Placement::default(),
+            &mut batch,
+            &VirtioNetHdr::default(),
+            &PING,
+            &given,
+        );
+        assert_eq!(n.unwrap(), 1);
+        assert_eq!(batch.get(0), &PING);
+        assert_eq!(given.get(), slot, "read into the slot, not copied there");
+        assert_eq!(batch.slots[0].data.as_ptr() as usize, slot);
+    }
+
+    #[test]
+    fn reads_go_to_the_scratch_buffer_after_a_segment_and_back_to_the_slot_after_a_packet() {
+        let placement = Placement::default();
+        let (hdr, segment) = tcp4_segment();
+        let given = Cell::new(0);
+        let mut batch = Packets::new();
+        let read = |batch: &mut Packets, hdr: &VirtioNetHdr, packet: &[u8]| {
+            read_with(&placement, batch, hdr, packet, &given).unwrap()
+        };
+        // A segment after a packet lands in the slot and is split from a buffer of its own.
+        let slot = batch.slots[0].data.as_ptr() as usize;
+        assert_eq!(read(&mut batch, &hdr, &segment), 3);
+        assert_eq!(given.get(), slot);
+        assert_split(&batch, &segment);
+        batch.clear();
+        // The next read goes to the scratch buffer, the same one each time.
+        let scratch = batch.scratch.as_ptr() as usize;
+        for _ in 0..2 {
+            assert_eq!(read(&mut batch, &hdr, &segment), 3);
+            assert_eq!(given.get(), scratch, "a segment after a segment");
+            assert_split(&batch, &segment);
+            batch.clear();
+        }
+        // A packet read there is copied into the slot ...
+        assert_eq!(read(&mut batch, &VirtioNetHdr::default(), &PING), 1);
+        assert_eq!(given.get(), scratch);
+        assert_eq!(batch.get(0), &PING);
+        batch.clear();
+        // ... and the next read goes to the slot again.
+        let slot = batch.slots[0].data.as_ptr() as usize;
+        assert_eq!(read(&mut batch, &VirtioNetHdr::default(), &PING), 1);
+        assert_eq!(given.get(), slot);
+        assert_eq!(batch.get(0), &PING);
+        assert_free_slots_whole(&mut batch);
     }
 
     #[test]
     fn a_checksum_left_to_the_device_is_completed() {
-        for payload in [&b"weft"[..], &b"odd"[..], &[0xff; 64][..]] {
+        let payloads = [&b"weft"[..], &b"odd"[..], &[0xff; 64][..]];
+        for (payload, bulk) in payloads.into_iter().flat_map(|p| [(p, false), (p, true)]) {
             let (packet, want) = partial_udp4(payload);
-            let (batch, taken) = read_and_take(&UDP4_PARTIAL, &packet);
+            let (batch, taken) = read_and_take(bulk, &UDP4_PARTIAL, &packet);
             assert_eq!(taken.unwrap(), 1);
             let got = batch.get(0);
             assert_eq!(got.len(), packet.len());
@@ -633,46 +809,22 @@ mod tests {
         let fill = !rest;
         let (packet, want) = partial_udp4(&fill.to_be_bytes());
         assert_eq!(want, 0xffff, "the payload was chosen to complete to 0");
-        let (batch, taken) = read_and_take(&UDP4_PARTIAL, &packet);
-        assert_eq!(taken.unwrap(), 1);
-        assert_eq!(batch.get(0)[26..28], [0xff, 0xff]);
+        for bulk in [false, true] {
+            let (batch, taken) = read_and_take(bulk, &UDP4_PARTIAL, &packet);
+            assert_eq!(taken.unwrap(), 1);
+            assert_eq!(batch.get(0)[26..28], [0xff, 0xff], "bulk: {bulk}");
+        }
     }
 
     #[test]
     fn a_tcp_segment_is_split_into_packets_from_the_first_slot() {
-        // IPv4 + TCP (20 bytes) + 3000 bytes of payload, cut at an MSS of 1200.
-        let mut packet = vec![
-            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 100, 64, 1, 2, 100, 64, 2, 3,
-        ];
-        packet.extend_from_slice(&[0x9c, 0x40, 0x13, 0x88, 0, 0, 0, 1, 0, 0, 0, 0]);
-        packet.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
-        packet.extend((0..3000).map(|i| i as u8));
-        let hdr = VirtioNetHdr {
-            flags: NEEDS_CSUM,
-            gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
-            // The forwarding path may claim the whole packet as headers: not trusted.
-            hdr_len: u16::try_from(packet.len()).unwrap(),
-            gso_size: 1200,
-            csum_start: 20,
-            csum_offset: 16,
-        };
-        let mut batch = Packets::new();
-        let len = read_into(&mut batch, &hdr, &packet);
-        assert_eq!(take(&mut batch, len).unwrap(), 3);
-        let sizes: Vec<usize> = (0..3).map(|i| batch.get(i).len()).collect();
-        assert_eq!(sizes, [1240, 1240, 640]);
-        for i in 0..3 {
-            let p = batch.get(i);
-            // Each segment's IPv4 header and TCP checksum verify.
-            assert_eq!(ones_sum(&p[..20], 0), 0xffff, "segment {i}'s IP header");
-            let mut pseudo = p[12..20].to_vec();
-            pseudo.extend_from_slice(&[0, 6]);
-            pseudo.extend_from_slice(&u16::try_from(p.len() - 20).unwrap().to_be_bytes());
-            let sum = ones_sum(&p[20..], u32::from(ones_sum(&pseudo, 0)));
-            assert_eq!(sum, 0xffff, "segment {i}'s TCP checksum");
+        let (hdr, packet) = tcp4_segment();
+        for bulk in [false, true] {
+            let (mut batch, taken) = read_and_take(bulk, &hdr, &packet);
+            assert_eq!(taken.unwrap(), 3, "bulk: {bulk}");
+            assert_split(&batch, &packet);
+            assert_free_slots_whole(&mut batch);
         }
-        assert_eq!(batch.get(2)[40..], packet[40 + 2400..]);
-        assert_free_slots_whole(&mut batch);
     }
 
     #[test]
@@ -716,12 +868,14 @@ mod tests {
             ),
         ];
         for (what, hdr, packet, says) in cases {
-            let (mut batch, taken) = read_and_take(&hdr, &packet);
-            let e = taken.expect_err(what);
-            assert!(!is_fatal(&e), "{what}: counted, not fatal");
-            assert!(e.to_string().contains(says), "{what}: {e}");
-            assert!(batch.is_empty(), "{what}: nothing taken");
-            assert_free_slots_whole(&mut batch);
+            for bulk in [false, true] {
+                let (mut batch, taken) = read_and_take(bulk, &hdr, &packet);
+                let e = taken.expect_err(what);
+                assert!(!is_fatal(&e), "{what}: counted, not fatal");
+                assert!(e.to_string().contains(says), "{what}: {e}");
+                assert!(batch.is_empty(), "{what}: nothing taken");
+                assert_free_slots_whole(&mut batch);
+            }
         }
     }
 
@@ -748,13 +902,14 @@ mod tests {
                 proptest::prelude::any::<u8>(),
             ],
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            bulk in proptest::prelude::any::<bool>(),
         ) {
             let hdr = VirtioNetHdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset };
             let mut packet = body;
             if let Some(first) = packet.first_mut() {
                 *first = version;
             }
-            let (batch, taken) = read_and_take(&hdr, &packet);
+            let (batch, taken) = read_and_take(bulk, &hdr, &packet);
             match taken {
                 Ok(n) => {
                     proptest::prop_assert!((1..=SLOTS).contains(&n));
