@@ -286,12 +286,9 @@ impl TunIo for Tun {
         let n = self.ready.read(|| {
             let (slots, sizes, scratch) = batch.unfilled();
             if !vnet {
-                let first = slots
-                    .first_mut()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no free slot"))?;
-                let size = sizes
-                    .first_mut()
-                    .ok_or_else(|| io::Error::other("no size"))?;
+                let (Some(first), Some(size)) = (slots.first_mut(), sizes.first_mut()) else {
+                    return Err(invalid("no free slot".into()));
+                };
                 *size = self.device.recv(&mut first.data[OFFSET..])?;
                 return Ok(1);
             }
