@@ -597,6 +597,16 @@ fn main() -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     let cli = Cli::parse();
+    // A signal (SIGINT, SIGTERM, SIGHUP) unwinds nothing, so no lab would be dropped: the
+    // handler removes them (their daemons, iperf3, namespaces) before the bench exits.
+    ctrlc::set_handler(|| {
+        eprintln!("weft-bench: interrupted; removing its labs");
+        for done in weft::demo::lab::remove_live_labs(Duration::from_secs(5)) {
+            eprintln!("  {done}");
+        }
+        std::process::exit(130);
+    })
+    .map_err(|e| anyhow::anyhow!("installing the signal handler: {e}"))?;
     match cli.command {
         Cmd::Net(o) => run_net(&o, &command)?,
         Cmd::Small(o) => run_small(&o, &command)?,

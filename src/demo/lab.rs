@@ -14,12 +14,22 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The ids of this process's labs that are up (made, not yet dropped or kept), for
+/// [`remove_live_labs`].
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Fails with a clear message unless the process runs as root (namespaces need it).
 pub fn require_root(what: &str) -> anyhow::Result<()> {
@@ -93,6 +103,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("weft-{id}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        live().push(id.clone());
         Ok(Self {
             id,
             dir,
@@ -416,6 +427,7 @@ impl Lab {
         let file = self.dir.join(KEPT_FILE);
         fs::write(&file, list).with_context(|| format!("writing {}", file.display()))?;
         self.kept = true;
+        live().retain(|id| *id != self.id);
         Ok(file)
     }
 }
@@ -485,22 +497,12 @@ pub fn remove_kept(dir: &Path, timeout: Duration) -> anyhow::Result<Vec<String>>
         ) else {
             continue;
         };
-        let pid = nix::unistd::Pid::from_raw(pid);
         // Only a process still running from this lab's directory is ours to stop.
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if !String::from_utf8_lossy(&cmdline).contains(&dir.display().to_string()) {
             continue;
         }
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let gone = wait_for("a kept process to exit", timeout, || {
-            (!Path::new(&format!("/proc/{pid}")).exists()
-                || fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z ")))
-            .then_some(())
-        });
-        if gone.is_err() {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+        stop_pid(pid, timeout);
         done.push(format!("stopped {} (pid {pid})", name.unwrap_or("?")));
     }
     for line in list.lines().rev() {
@@ -515,6 +517,58 @@ pub fn remove_kept(dir: &Path, timeout: Duration) -> anyhow::Result<Vec<String>>
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     done.push(format!("removed {}", dir.display()));
     Ok(done)
+}
+
+/// SIGTERM to process `pid`, then SIGKILL if it has not exited (or become a zombie) within
+/// `timeout`.
+fn stop_pid(pid: i32, timeout: Duration) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let gone = wait_for("a lab process to exit", timeout, || {
+        (!Path::new(&format!("/proc/{pid}")).exists()
+            || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")))
+        .then_some(())
+    });
+    if gone.is_err() {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Removes every lab of this process that is up, as dropping each would, for a process
+/// stopped by a signal (which unwinds nothing, so no lab is dropped): every process in a lab's
+/// namespaces is stopped (SIGTERM, SIGKILL after `timeout`), then the namespaces and the lab's
+/// directory are deleted. Only namespaces named for the labs (`<id>-…`) are touched. Returns
+/// what it removed, for the user.
+pub fn remove_live_labs(timeout: Duration) -> Vec<String> {
+    let ids = std::mem::take(&mut *live());
+    let listed = Command::new("ip").args(["netns", "list"]).output();
+    let listed = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let namespaces: Vec<String> = listed
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    let mut done = Vec::new();
+    for id in ids {
+        let prefix = format!("{id}-");
+        for ns in namespaces.iter().filter(|ns| ns.starts_with(&prefix)) {
+            let pids = Command::new("ip").args(["netns", "pids", ns]).output();
+            let pids = pids.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            for pid in pids.unwrap_or_default().lines() {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    stop_pid(pid, timeout);
+                    done.push(format!("stopped pid {pid} in {ns}"));
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            done.push(format!("deleted namespace {ns}"));
+        }
+        let dir = std::env::temp_dir().join(format!("weft-{id}"));
+        if fs::remove_dir_all(&dir).is_ok() {
+            done.push(format!("removed {}", dir.display()));
+        }
+    }
+    done
 }
 
 impl Drop for Lab {
@@ -532,6 +586,7 @@ impl Drop for Lab {
             keep_logs(&self.dir, &self.id, Path::new(&to));
         }
         let _ = fs::remove_dir_all(&self.dir);
+        live().retain(|id| *id != self.id);
     }
 }
 

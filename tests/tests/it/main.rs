@@ -2,6 +2,7 @@
 //! 100.64.0.0/10), run as root. Build the binaries first: `cargo build --bins`.
 
 mod bad_config;
+mod bench_lab;
 mod claims;
 mod cli;
 mod cni;
