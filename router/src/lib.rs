@@ -28,11 +28,6 @@
 //! - **Its own UDP socket**, all bound to `router.port` in a `SO_REUSEPORT` group. The kernel
 //!   hands each datagram to one socket by a hash of its addresses and ports, so one peer's
 //!   datagrams (one underlay 4-tuple) reach one worker, in order.
-//! - **A few connected sockets of its own** (8 at most) on the same port, for the destinations
-//!   its lone datagrams go to (a ping, a request, a keepalive): the kernel keeps their route,
-//!   where an unconnected `sendto` looks it up each time, and matches the answers to them before
-//!   routing. A peer's datagrams then arrive on the connected socket of the worker that made it.
-//!   The driver's `udp` and `connected` modules say how they are chosen and bounded.
 //! - **One shared [`Router`]** behind a read-write lock. Packets go through under the read
 //!   lock, taken for a batch (a buffer of up to 512 KB out, one receive buffer of up to 64
 //!   datagrams in) and released for every system call. Inside, each peer's session and counters

@@ -2,8 +2,6 @@
 //! (`/proc/<pid>/net/...`): the e2e tests and the benchmarks account for every datagram a kernel
 //! dropped at a full socket buffer with them.
 
-use std::net::{IpAddr, SocketAddr};
-
 use anyhow::Context as _;
 
 /// A `/proc/<pid>/net` file, or `None` for the IPv6 ones of a kernel without IPv6.
@@ -18,18 +16,11 @@ pub fn net_file(pid: u32, name: &str) -> anyhow::Result<Option<String>> {
 
 /// The field `name` of the `Udp:` lines of a `/proc/net/snmp` (a header line, then values).
 pub fn snmp_udp(snmp: &str, name: &str) -> anyhow::Result<u64> {
-    snmp_field(snmp, "Udp", name)
-}
-
-/// The field `name` of the `<section>:` lines of a `/proc/net/snmp` (`Udp`, `Icmp`, ...: a
-/// header line, then values).
-pub fn snmp_field(snmp: &str, section: &str, name: &str) -> anyhow::Result<u64> {
-    let prefix = format!("{section}:");
-    let mut lines = snmp.lines().filter(|l| l.starts_with(&prefix));
-    let (header, values) = (lines.next(), lines.next());
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (header, values) = (udp.next(), udp.next());
     let (header, values) = header
         .zip(values)
-        .with_context(|| format!("no {section} lines in /proc/net/snmp"))?;
+        .context("no Udp lines in /proc/net/snmp")?;
     let at = header
         .split_whitespace()
         .position(|f| f == name)
@@ -37,7 +28,7 @@ pub fn snmp_field(snmp: &str, section: &str, name: &str) -> anyhow::Result<u64> 
     let value = values
         .split_whitespace()
         .nth(at)
-        .with_context(|| format!("short {section} line"))?;
+        .context("short Udp line")?;
     value
         .parse()
         .with_context(|| format!("{name} = {value:?} in /proc/net/snmp"))
@@ -77,44 +68,6 @@ pub fn udp_socket_drops(table: &str) -> anyhow::Result<Vec<(u16, u64)>> {
         .collect()
 }
 
-/// Each socket of a `/proc/net/udp` or `/proc/net/udp6` table: its local port and the address
-/// it is connected to (`None`: not connected). An IPv4-mapped address is given as IPv4.
-pub fn udp_socket_remotes(table: &str) -> anyhow::Result<Vec<(u16, Option<SocketAddr>)>> {
-    table
-        .lines()
-        .skip(1)
-        .map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local = f.get(1).and_then(|a| a.rsplit_once(':'));
-            let port = local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            let remote = f.get(2).and_then(|a| table_addr(a));
-            port.zip(remote)
-                .with_context(|| format!("a UDP table line {line:?}"))
-        })
-        .collect()
-}
-
-/// An `ADDR:PORT` of a `/proc/net/udp*` table: the address as the kernel's 32-bit words, each
-/// printed in the host's byte order. All zeros is no address (`Some(None)`); `None` is a field
-/// that is not one.
-fn table_addr(field: &str) -> Option<Option<SocketAddr>> {
-    let (addr, port) = field.rsplit_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let words = (0..addr.len() / 8)
-        .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
-        .collect::<Option<Vec<u32>>>()?;
-    let mut bytes = Vec::with_capacity(16);
-    for w in &words {
-        bytes.extend_from_slice(&w.to_ne_bytes());
-    }
-    let ip = match words.len() {
-        1 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
-        4 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?).to_canonical(),
-        _ => return None,
-    };
-    Some((!ip.is_unspecified() || port != 0).then_some(SocketAddr::new(ip, port)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,8 +79,6 @@ mod tests {
                     Udp: 10 0 7 12 5 0\n";
         assert_eq!(snmp_udp(snmp, "RcvbufErrors").expect("read"), 5);
         assert_eq!(snmp_udp(snmp, "InErrors").expect("read"), 7);
-        let icmp = "Icmp: InMsgs InErrors InDestUnreachs\nIcmp: 9 0 4\n";
-        assert_eq!(snmp_field(icmp, "Icmp", "InDestUnreachs").expect("read"), 4);
         let e = snmp_udp("Ip: a\nIp: 1\n", "RcvbufErrors").unwrap_err();
         assert!(e.to_string().contains("no Udp lines"), "{e}");
         let e = snmp_udp("Udp: InErrors\nUdp: x\n", "InErrors").unwrap_err();
@@ -145,33 +96,5 @@ mod tests {
         assert_eq!(udp_socket_drops(table).expect("read"), [(6100, 17)]);
         let e = udp_socket_drops("header\n 1: 01024064:ZZZZ x 17\n").unwrap_err();
         assert!(e.to_string().contains("ZZZZ"), "{e}");
-    }
-
-    #[test]
-    fn each_udp_socket_is_read_with_the_address_it_is_connected_to() {
-        // 198.18.1.2 is c6 12 01 02 in memory: 0x020112C6 on a little-endian host.
-        let word = u32::from_ne_bytes([198, 18, 1, 2]);
-        let mapped = format!(
-            "0000000000000000{:08X}{word:08X}",
-            u32::from_ne_bytes([0, 0, 0xff, 0xff])
-        );
-        let table = format!(
-            "header\n\
-             \x20 1: 00000000000000000000000000000000:CA6C 00000000000000000000000000000000:0000 07 x\n\
-             \x20 2: 0000000000000000{ffff:08X}{word:08X}:CA6C {mapped}:CA6C 01 x\n\
-             \x20 3: 00000000:CA6C {word:08X}:1F90 01 x\n",
-            ffff = u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-        );
-        let peer: SocketAddr = "198.18.1.2:51820".parse().expect("addr");
-        assert_eq!(
-            udp_socket_remotes(&table).expect("read"),
-            [
-                (51820, None),
-                (51820, Some(peer)),
-                (51820, Some("198.18.1.2:8080".parse().expect("addr")))
-            ]
-        );
-        let e = udp_socket_remotes("header\n 1: 00000000:CA6C 0000ZZ00:0000 07\n").unwrap_err();
-        assert!(e.to_string().contains("0000ZZ00"), "{e}");
     }
 }

@@ -59,7 +59,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use weft_config::Offload;
 
-pub use self::poll::{Bell, Watched, Watcher};
+pub use self::poll::{Bell, Watched};
 pub use self::tun::{
     MAX_SPLIT, OFFSET, Packets, SLOTS, Tun, TunIo, TunWait, is_fatal, open_tun, open_tun_queues,
 };
@@ -75,7 +75,6 @@ use crate::{
 };
 
 pub mod channel;
-mod connected;
 mod poll;
 mod tun;
 mod udp;
@@ -441,7 +440,6 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
     ) -> io::Result<()> {
         info!(worker = self.worker, udp = %self.udp.local_addr()?, "data plane running");
         let mut poller = Poller::new(&self.tun, &self.udp, bell)?;
-        self.udp.watch_extras(poller.watcher());
         while !stop.load(Ordering::Acquire) {
             let timeout = match commands {
                 Some(_) => read(&self.router)
@@ -458,9 +456,6 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
             }
             if ready.udp {
                 self.udp.set_ready();
-            }
-            if ready.extras != 0 {
-                self.udp.set_extras_ready(ready.extras);
             }
             let woke = if ready.tun { Woke::Tun } else { Woke::Other };
             if finish(self.turn(commands.as_mut(), woke))? == Turn::Stop {

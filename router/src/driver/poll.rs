@@ -5,14 +5,9 @@
 //! The set is level-triggered: a source the turn left unread (its share of the turn used up) is
 //! reported again at once, so nothing waits for a new event to be served. The sources are
 //! watched for reading only (see module `udp`).
-//!
-//! A source may add descriptors of its own to the set while the worker runs, through a
-//! [`Watcher`]: the UDP side's connected sockets (module `udp`), up to [`EXTRA`]. `epoll` reports
-//! them by their index, and the source is told which were readable.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -54,38 +49,6 @@ impl Bell {
 pub trait Watched: AsFd {
     /// `epoll` reported it readable.
     fn set_ready(&self);
-    /// The worker's `epoll` set, for descriptors the source adds while it runs (its extras,
-    /// reported to [`set_extras_ready`](Self::set_extras_ready)). A source without extras
-    /// ignores it.
-    fn watch_extras(&self, _watcher: Watcher) {}
-    /// `epoll` reported the extras whose bits (1 << index) `mask` has readable.
-    fn set_extras_ready(&self, _mask: u32) {}
-}
-
-/// The most descriptors a source may add to its worker's set ([`Watcher`]).
-pub(super) const EXTRA: usize = 16;
-
-/// Adds a source's own descriptors to its worker's `epoll` set, each under an index below
-/// `EXTRA` (16).
-#[derive(Debug, Clone)]
-pub struct Watcher(Arc<Epoll>);
-
-impl Watcher {
-    /// Watches `fd` for reading, reported as extra `index`. The set holds the descriptor until
-    /// it is closed.
-    pub fn add(&self, fd: BorrowedFd<'_>, index: usize) -> io::Result<()> {
-        if index >= EXTRA {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("extra descriptor index {index} is not below {EXTRA}"),
-            ));
-        }
-        self.0.add(
-            fd,
-            EpollEvent::new(EpollFlags::EPOLLIN, FIRST_EXTRA + index as u64),
-        )?;
-        Ok(())
-    }
 }
 
 /// Whether a watched source may have something to read: set when `epoll` says so, cleared by
@@ -99,11 +62,6 @@ impl Readiness {
     /// `epoll` reported the source readable.
     pub(super) fn set(&self) {
         self.0.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the source may have something to read.
-    pub(super) fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
     }
 
     /// A read found the source empty.
@@ -136,20 +94,17 @@ pub(super) struct Ready {
     pub udp: bool,
     /// The bell rang.
     pub rung: bool,
-    /// The extras readable, bit `i` for index `i` ([`Watcher`]).
-    pub extras: u32,
 }
 
 const TUN: u64 = 0;
 const UDP: u64 = 1;
 const BELL: u64 = 2;
-const FIRST_EXTRA: u64 = 3;
 
-/// One worker's `epoll` set: its TUN queue, its socket, its bell and the socket's extras.
+/// One worker's `epoll` set: its TUN queue, its socket and its bell.
 #[derive(Debug)]
 pub(super) struct Poller {
-    epoll: Arc<Epoll>,
-    events: [EpollEvent; 3 + EXTRA],
+    epoll: Epoll,
+    events: [EpollEvent; 3],
 }
 
 impl Poller {
@@ -160,14 +115,9 @@ impl Poller {
         epoll.add(udp, EpollEvent::new(EpollFlags::EPOLLIN, UDP))?;
         epoll.add(&bell.fd, EpollEvent::new(EpollFlags::EPOLLIN, BELL))?;
         Ok(Self {
-            epoll: Arc::new(epoll),
-            events: [EpollEvent::empty(); 3 + EXTRA],
+            epoll,
+            events: [EpollEvent::empty(); 3],
         })
-    }
-
-    /// For a source to add its extras to this set.
-    pub(super) fn watcher(&self) -> Watcher {
-        Watcher(Arc::clone(&self.epoll))
     }
 
     /// Waits until a source is ready or `timeout` has passed (none: [`LONGEST`]); a ring is
@@ -183,9 +133,7 @@ impl Poller {
             match event.data() {
                 TUN => ready.tun = true,
                 UDP => ready.udp = true,
-                BELL => ready.rung = true,
-                // Below FIRST_EXTRA + EXTRA, as `Watcher::add` allows.
-                extra => ready.extras |= 1 << (extra - FIRST_EXTRA).min(EXTRA as u64 - 1),
+                _ => ready.rung = true,
             }
         }
         if ready.rung {
@@ -302,8 +250,7 @@ mod tests {
             Ready {
                 tun: true,
                 udp: false,
-                rung: true,
-                extras: 0,
+                rung: true
             }
         );
         tun.recv(&mut buf).expect("recv");
@@ -313,56 +260,13 @@ mod tests {
         assert_eq!(heard, Ready::default(), "both rings were heard at once");
     }
 
-    /// Local datagram pairs stand in for the connected sockets: no network.
-    #[test]
-    fn extras_added_while_running_are_reported_by_their_index_and_a_bad_index_is_refused() {
-        let (tun, _a) = UnixDatagram::pair().expect("pair");
-        let (udp, _b) = UnixDatagram::pair().expect("pair");
-        let bell = Bell::new().expect("eventfd");
-        let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
-        let watcher = poller.watcher();
-        let (first, first_peer) = UnixDatagram::pair().expect("pair");
-        let (last, last_peer) = UnixDatagram::pair().expect("pair");
-        watcher.add(first.as_fd(), 0).expect("index 0");
-        watcher
-            .add(last.as_fd(), EXTRA - 1)
-            .expect("the last index");
-        let (other, _c) = UnixDatagram::pair().expect("pair");
-        let refused = watcher.add(other.as_fd(), EXTRA).expect_err("index EXTRA");
-        assert!(
-            refused.to_string().contains(&EXTRA.to_string()),
-            "the error names the index: {refused}"
-        );
-
-        last_peer.send(b"x").expect("send");
-        let got = poller.wait(&bell, Some(LONG)).expect("wait");
-        assert_eq!(
-            got,
-            Ready {
-                extras: 1 << (EXTRA - 1),
-                ..Ready::default()
-            }
-        );
-        first_peer.send(b"y").expect("send");
-        let got = poller.wait(&bell, Some(LONG)).expect("wait");
-        assert_eq!(got.extras, 1 | 1 << (EXTRA - 1), "both, unread: {got:?}");
-        assert!(!got.tun && !got.udp && !got.rung);
-        let mut buf = [0; 4];
-        first.recv(&mut buf).expect("recv");
-        last.recv(&mut buf).expect("recv");
-        let quiet = poller
-            .wait(&bell, Some(Duration::from_millis(5)))
-            .expect("wait");
-        assert_eq!(quiet, Ready::default(), "read, they are quiet");
-    }
-
     #[test]
     fn a_bell_rung_from_another_thread_ends_a_wait_without_a_deadline() {
         let (tun, _a) = UnixDatagram::pair().expect("pair");
         let (udp, _b) = UnixDatagram::pair().expect("pair");
-        let bell = Arc::new(Bell::new().expect("eventfd"));
+        let bell = std::sync::Arc::new(Bell::new().expect("eventfd"));
         let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
-        let ringer = Arc::clone(&bell);
+        let ringer = std::sync::Arc::clone(&bell);
         let t = std::thread::spawn(move || ringer.ring());
         let got = poller
             .wait(&bell, Some(Duration::from_secs(10)))

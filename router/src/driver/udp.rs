@@ -6,16 +6,6 @@
 //! veth or any local path is during the send itself: every send would then cost one more
 //! wake-up that serves nothing. Sends are tried directly; the rare full buffer is waited on
 //! with `poll(2)`, bounded, on the worker's own thread.
-//!
-//! A lone datagram (one send of one datagram: a ping's, a request's, a keepalive) leaves on a
-//! socket connected to its destination when the worker has one for it or can make one (module
-//! `connected` says which and why). Those sockets are bound to the same port (they join the
-//! workers' `SO_REUSEPORT` group until `connect` gives them an address of their own), added to
-//! the worker's `epoll` as they are made, and read in turn with the worker's own socket, one
-//! receive each (a peer flooding its connected socket cannot starve the others). A connected
-//! socket also hears the ICMP errors its destination sends back (port unreachable while a peer
-//! restarts): such a send is made again on the worker's own socket, and a receive's error is
-//! counted like any other, never fatal.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr};
@@ -23,14 +13,12 @@ use std::net::{Ipv6Addr, SocketAddr};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::connected::{Choice, OWN, SLOTS, Table, next_source};
-use super::poll::{Readiness, Watcher};
+use super::poll::Readiness;
 use weft_config::Offload;
 
 /// Socket buffer size asked for; root may exceed `net.core.[rw]mem_max`.
@@ -179,23 +167,32 @@ const CONGESTED_FOR: Duration = Duration::from_millis(100);
 /// ends the congestion.
 #[derive(Debug, Default)]
 struct Congestion {
-    until: Mutex<Option<Instant>>,
+    until: std::sync::Mutex<Option<Instant>>,
     marked: AtomicBool,
 }
 
 impl Congestion {
     fn is_congested(&self, now: Instant) -> bool {
-        let until = *self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        let until = *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         until.is_some_and(|t| now < t)
     }
     fn mark(&self, now: Instant) {
-        *self.until.lock().unwrap_or_else(PoisonError::into_inner) = Some(now + CONGESTED_FOR);
+        *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now + CONGESTED_FOR);
         self.marked.store(true, Ordering::Relaxed);
     }
     /// A send went through; cheap when nothing was marked.
     fn clear(&self) {
         if self.marked.swap(false, Ordering::Relaxed) {
-            *self.until.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            *self
+                .until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         }
     }
 }
@@ -204,7 +201,6 @@ impl Congestion {
 /// `poll`), with quinn-udp for the system calls. Like [`Tun`](super::Tun) it remembers whether
 /// datagrams may be queued (a `Readiness`, cleared also by a receive that fills fewer buffers
 /// than it had: it emptied the queue), so that asking an empty socket costs no system call.
-/// With it, the worker's connected sockets for lone datagrams (module docs).
 #[derive(Debug)]
 pub struct Udp {
     socket: Socket,
@@ -212,7 +208,6 @@ pub struct Udp {
     gso: usize,
     congestion: Congestion,
     ready: Readiness,
-    connected: Connected,
 }
 
 /// A bound socket not yet handed to its worker ([`Udp::from`]).
@@ -222,24 +217,6 @@ pub struct BoundUdp {
     state: UdpSocketState,
     gso: usize,
     gro: bool,
-    /// What the worker's connected sockets are opened with: the same.
-    offload: Offload,
-    buffers: usize,
-}
-
-/// One worker's connected sockets (module `connected`), opened on its socket's port as lone
-/// datagrams call for them, and only once its `epoll` can watch them.
-#[derive(Debug)]
-struct Connected {
-    table: Mutex<Table>,
-    sockets: [OnceLock<Socket>; SLOTS],
-    /// Bit `i`: `epoll` reported slot `i`'s socket readable and no receive has emptied it.
-    ready: AtomicU32,
-    /// The source the next receive asks first ([`next_source`]).
-    next: AtomicUsize,
-    watcher: OnceLock<Watcher>,
-    offload: Offload,
-    buffers: usize,
 }
 
 impl BoundUdp {
@@ -265,15 +242,6 @@ impl From<BoundUdp> for Udp {
             gso: bound.gso,
             congestion: Congestion::default(),
             ready: Readiness::default(),
-            connected: Connected {
-                table: Mutex::default(),
-                sockets: Default::default(),
-                ready: AtomicU32::new(0),
-                next: AtomicUsize::new(0),
-                watcher: OnceLock::new(),
-                offload: bound.offload,
-                buffers: bound.buffers,
-            },
         }
     }
 }
@@ -281,96 +249,6 @@ impl From<BoundUdp> for Udp {
 impl super::Watched for Udp {
     fn set_ready(&self) {
         self.ready.set();
-    }
-    fn watch_extras(&self, watcher: Watcher) {
-        let _ = self.connected.watcher.set(watcher);
-    }
-    fn set_extras_ready(&self, mask: u32) {
-        self.connected.ready.fetch_or(mask, Ordering::Relaxed);
-    }
-}
-
-impl Udp {
-    /// The connected socket a lone datagram to `to` leaves on, connecting one if the table
-    /// says so; `None`: the worker's own socket. Without an `epoll` to watch them (the worker
-    /// not running yet) there are none.
-    fn connected_to(&self, to: SocketAddr) -> Option<&Socket> {
-        let c = &self.connected;
-        let watcher = c.watcher.get()?;
-        let now = super::clock();
-        let mut table = c.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let i = match table.choose(to, now) {
-            Choice::Use(i) => return c.sockets.get(i)?.get(),
-            Choice::Unconnected => return None,
-            Choice::Open(i) | Choice::Reconnect(i) => i,
-        };
-        let made = match c.sockets.get(i)?.get() {
-            Some(socket) => socket.connect(&to.into()).map(|()| socket),
-            None => self.open_connected(to, i, watcher).and_then(|socket| {
-                c.sockets[i]
-                    .set(socket)
-                    .map_err(|_| io::Error::other("slot already has a socket"))?;
-                c.sockets[i]
-                    .get()
-                    .ok_or_else(|| io::Error::other("slot has no socket"))
-            }),
-        };
-        match made {
-            Ok(socket) => {
-                table.opened(i, to, now);
-                debug!(%to, slot = i, open = table.open(), "lone datagrams to it leave on a connected socket");
-                Some(socket)
-            }
-            Err(e) => {
-                table.failed(now);
-                warn!(%to, error = %e, hold_off = ?super::connected::HOLD_OFF,
-                    "could not connect a socket for lone datagrams; they go out on the worker's socket");
-                None
-            }
-        }
-    }
-
-    /// A socket on this one's port, set up as it is, connected to `to` and watched as extra
-    /// `slot` by the worker's `epoll`.
-    fn open_connected(&self, to: SocketAddr, slot: usize, watcher: &Watcher) -> io::Result<Socket> {
-        let c = &self.connected;
-        let port = bound_addr(&self.socket)?.port();
-        let bound = bind_one(port, &c.offload, true, c.buffers)?;
-        bound.socket.connect(&to.into())?;
-        watcher.add(bound.socket.as_fd(), slot)?;
-        Ok(bound.socket)
-    }
-
-    /// Fills `rx` from `socket` with up to `n` datagrams; how many.
-    fn recv_on(&self, socket: &Socket, rx: &mut Datagrams, n: usize) -> io::Result<usize> {
-        let mut offered = rx.bufs[..n].iter_mut();
-        let mut iovs: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
-            IoSliceMut::new(offered.next().map_or(&mut [][..], Vec::as_mut_slice))
-        });
-        self.state
-            .recv(socket.into(), &mut iovs[..n], &mut rx.meta[..n])
-    }
-
-    /// Fills `rx` from connected socket `slot`, if `epoll` reported it readable since a
-    /// receive last emptied it; else `WouldBlock`, without a system call.
-    fn recv_slot(&self, slot: usize, rx: &mut Datagrams, n: usize) -> io::Result<usize> {
-        let c = &self.connected;
-        let socket = c.sockets.get(slot).and_then(OnceLock::get);
-        let got = match socket {
-            Some(socket) if c.ready.load(Ordering::Relaxed) & (1 << slot) != 0 => {
-                self.recv_on(socket, rx, n)
-            }
-            _ => Err(io::ErrorKind::WouldBlock.into()),
-        };
-        // Emptied (fewer than offered, or none): not asked again until `epoll` says so. An
-        // error (an ICMP error the destination sent back) leaves it ready.
-        if got.as_ref().map_or_else(
-            |e| e.kind() == io::ErrorKind::WouldBlock,
-            |&count| count < n,
-        ) {
-            c.ready.fetch_and(!(1 << slot), Ordering::Relaxed);
-        }
-        got
     }
 }
 
@@ -394,16 +272,14 @@ fn size_buffers(socket: &Socket, bytes: usize) {
 /// Opens the UDP socket on `port`: dual-stack `[::]` when the host has IPv6, else `0.0.0.0`; with
 /// the offloads `offload` allows and the kernel has.
 pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<BoundUdp> {
-    let mut one = bind_udp_workers(port, offload, 1)?;
-    one.pop()
-        .ok_or_else(|| io::Error::other("no socket was bound"))
+    bind_one(port, offload, false, SOCKET_BUFFER)
 }
 
-/// Opens `n` UDP sockets on one port, one per data-path worker. They join a `SO_REUSEPORT`
-/// group (the workers' connected sockets join it too, module docs): the kernel hands each
-/// datagram to one of them by a hash of its addresses and ports, so one peer's datagrams (one
-/// underlay 4-tuple) all reach one worker, in order. Only sockets of the same user may join the
-/// group. Port 0 binds the first to a free port and the others to the same.
+/// Opens `n` UDP sockets on one port, one per data-path worker. With more than one they join a
+/// `SO_REUSEPORT` group: the kernel hands each datagram to one of them by a hash of its
+/// addresses and ports, so one peer's datagrams (one underlay 4-tuple) all reach one worker, in
+/// order. Only sockets of the same user may join the group. Port 0 binds the first to a free
+/// port and the others to the same.
 ///
 /// A port some socket already holds is refused, even one with `SO_REUSEPORT` set (another weft,
 /// another program of the same user): the group would take it in and the kernel would hand it a
@@ -413,7 +289,9 @@ pub fn bind_udp(port: u16, offload: &Offload) -> io::Result<BoundUdp> {
 /// Each socket's buffers are the single socket's 8 MB split between the `n`, at least 1 MB: the
 /// workers together queue about what one socket would.
 pub fn bind_udp_workers(port: u16, offload: &Offload, n: usize) -> io::Result<Vec<BoundUdp>> {
-    let n = n.max(1);
+    if n <= 1 {
+        return Ok(vec![bind_udp(port, offload)?]);
+    }
     let group = || {
         let buffers = (SOCKET_BUFFER / n).max(MIN_WORKER_BUFFER);
         if port != 0 {
@@ -505,76 +383,33 @@ fn bind_one(port: u16, offload: &Offload, reuse: bool, buffers: usize) -> io::Re
         state,
         gso,
         gro,
-        offload: *offload,
-        buffers,
     })
 }
 
 impl UdpIo for Udp {
-    /// Takes turns between the sockets with datagrams (the connected ones by slot, then the
-    /// worker's own, module `connected`): a peer flooding its connected socket gets one receive in
-    /// every round, not the whole turn.
     fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
         rx.count = 0;
         let n = rx.offer;
-        let c = &self.connected;
-        let mut from = c.next.load(Ordering::Relaxed);
-        // Each pass either receives or clears the source it asked: at most every source once.
-        for _ in 0..=OWN {
-            let ready = c.ready.load(Ordering::Relaxed) | u32::from(self.ready.is_set()) << OWN;
-            let Some(source) = next_source(from, ready) else {
-                break;
-            };
-            let got = if source == OWN {
-                let got = self.ready.read(|| self.recv_on(&self.socket, rx, n));
-                // Fewer than it had buffers for: the queue is empty now.
-                if got.as_ref().is_ok_and(|&count| count < n) {
-                    self.ready.drained();
-                }
-                got
-            } else {
-                self.recv_slot(source, rx, n)
-            };
-            from = (source + 1) % (OWN + 1);
-            match got {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Ok(count) => {
-                    c.next.store(from, Ordering::Relaxed);
-                    rx.received(n, count);
-                    return Ok(());
-                }
-                Err(e) => {
-                    c.next.store(from, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
+        let count = self.ready.read(|| {
+            let mut offered = rx.bufs[..n].iter_mut();
+            let mut iovs: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
+                IoSliceMut::new(offered.next().map_or(&mut [][..], Vec::as_mut_slice))
+            });
+            self.state
+                .recv((&self.socket).into(), &mut iovs[..n], &mut rx.meta[..n])
+        })?;
+        // Fewer than it had buffers for: the queue is empty now.
+        if count < n {
+            self.ready.drained();
         }
-        Err(io::ErrorKind::WouldBlock.into())
+        rx.received(n, count);
+        Ok(())
     }
     async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let socket = &self.socket;
         if segment >= contents.len() {
-            // One datagram (a ping's): a plain send, without the TOS control message quinn-udp
-            // attaches to every send for ECN, which weft does not use; on a connected socket
-            // where there is one (module docs).
-            if let Some(connected) = self.connected_to(to) {
-                let sent =
-                    send_or_wait(connected, SEND_WAIT, &self.congestion, super::clock, || {
-                        loop {
-                            match connected.send(contents) {
-                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                r => return r.map(|_| ()),
-                            }
-                        }
-                    });
-                match sent {
-                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
-                        // An ICMP error from the destination, reported instead of sending.
-                        debug!(%to, error = %e, "connected send refused; sent unconnected");
-                    }
-                    r => return r,
-                }
-            }
+            // One datagram (a ping's): a plain sendto, without the TOS control message
+            // quinn-udp attaches to every send for ECN, which weft does not use.
             let to = socket2::SockAddr::from(to);
             return send_or_wait(socket, SEND_WAIT, &self.congestion, super::clock, || {
                 loop {
