@@ -519,19 +519,46 @@ pub fn remove_kept(dir: &Path, timeout: Duration) -> anyhow::Result<Vec<String>>
     Ok(done)
 }
 
+/// Whether process `pid` has exited: gone, or a zombie no one has reaped yet.
+pub fn process_gone(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+        || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
 /// SIGTERM to process `pid`, then SIGKILL if it has not exited (or become a zombie) within
 /// `timeout`.
 fn stop_pid(pid: i32, timeout: Duration) {
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let gone = wait_for("a lab process to exit", timeout, || {
-        (!Path::new(&format!("/proc/{pid}")).exists()
-            || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")))
-        .then_some(())
+        process_gone(pid).then_some(())
     });
     if gone.is_err() {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
+}
+
+/// The network namespaces on this machine (`ip netns list`), by name.
+pub fn namespaces() -> anyhow::Result<Vec<String>> {
+    let out = run(Command::new("ip").args(["netns", "list"]))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+/// The processes in network namespace `ns` (`ip netns pids`).
+pub fn namespace_pids(ns: &str) -> anyhow::Result<Vec<i32>> {
+    let out = run(Command::new("ip").args(["netns", "pids", ns]))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|p| p.trim().parse().ok())
+        .collect())
 }
 
 /// Removes every lab of this process that is up, as dropping each would, for a process
@@ -541,24 +568,14 @@ fn stop_pid(pid: i32, timeout: Duration) {
 /// what it removed, for the user.
 pub fn remove_live_labs(timeout: Duration) -> Vec<String> {
     let ids = std::mem::take(&mut *live());
-    let listed = Command::new("ip").args(["netns", "list"]).output();
-    let listed = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    let namespaces: Vec<String> = listed
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect();
+    let namespaces = namespaces().unwrap_or_default();
     let mut done = Vec::new();
     for id in ids {
         let prefix = format!("{id}-");
         for ns in namespaces.iter().filter(|ns| ns.starts_with(&prefix)) {
-            let pids = Command::new("ip").args(["netns", "pids", ns]).output();
-            let pids = pids.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-            for pid in pids.unwrap_or_default().lines() {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    stop_pid(pid, timeout);
-                    done.push(format!("stopped pid {pid} in {ns}"));
-                }
+            for pid in namespace_pids(ns).unwrap_or_default() {
+                stop_pid(pid, timeout);
+                done.push(format!("stopped pid {pid} in {ns}"));
             }
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
             done.push(format!("deleted namespace {ns}"));

@@ -1,27 +1,24 @@
 //! `weft-bench` stopped by a signal: its lab (daemons, iperf3, namespaces) goes with it.
 
 use std::io::{BufRead as _, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
+use weft::demo::lab;
 
 /// The namespaces of the first lab process `pid` made: `wl<pid>0<tag>-…`, the tag a letter on
 /// (so another process whose pid starts with `pid` never matches).
 fn lab_namespaces(pid: u32) -> anyhow::Result<Vec<String>> {
-    let out = Command::new("ip").args(["netns", "list"]).output()?;
     let prefix = format!("wl{pid}0");
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
+    Ok(lab::namespaces()?
+        .into_iter()
         .filter(|ns| {
             ns.strip_prefix(&prefix)
                 .and_then(|rest| rest.chars().next())
                 .is_some_and(|c| c.is_ascii_lowercase())
         })
-        .map(str::to_owned)
         .collect())
 }
 
@@ -37,7 +34,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn a_bench_stopped_by_sigterm_removes_its_daemons_iperf3_and_namespaces() -> anyhow::Result<()> {
-    weft::demo::lab::require_root("stopping a bench's lab")?;
+    lab::require_root("stopping a bench's lab")?;
     let bench = weft_tests::weft_bin()?.with_file_name("weft-bench");
     ensure!(
         bench.exists(),
@@ -68,7 +65,7 @@ fn a_bench_stopped_by_sigterm_removes_its_daemons_iperf3_and_namespaces() -> any
     });
     // Up: the first RSS sample is taken once both daemons and the iperf3 load run.
     let mut seen = String::new();
-    weft::demo::lab::wait_for("the soak's first sample", Duration::from_secs(90), || {
+    lab::wait_for("the soak's first sample", Duration::from_secs(90), || {
         while let Ok(line) = rx.try_recv() {
             seen.push_str(&line);
             seen.push('\n');
@@ -86,12 +83,7 @@ fn a_bench_stopped_by_sigterm_removes_its_daemons_iperf3_and_namespaces() -> any
     ensure!(!namespaces.is_empty(), "no namespace of the bench's lab");
     let mut pids = Vec::new();
     for ns in &namespaces {
-        let out = Command::new("ip").args(["netns", "pids", ns]).output()?;
-        pids.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|p| p.trim().parse::<i32>().ok()),
-        );
+        pids.extend(lab::namespace_pids(ns)?);
     }
     ensure!(
         pids.len() >= 3,
@@ -102,7 +94,7 @@ fn a_bench_stopped_by_sigterm_removes_its_daemons_iperf3_and_namespaces() -> any
         nix::unistd::Pid::from_raw(i32::try_from(pid)?),
         nix::sys::signal::Signal::SIGTERM,
     )?;
-    let status = weft::demo::lab::wait_for("weft-bench to exit", Duration::from_secs(60), || {
+    let status = lab::wait_for("weft-bench to exit", Duration::from_secs(60), || {
         child.0.try_wait().ok().flatten()
     })?;
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
@@ -120,15 +112,10 @@ fn a_bench_stopped_by_sigterm_removes_its_daemons_iperf3_and_namespaces() -> any
     let left = lab_namespaces(pid)?;
     ensure!(left.is_empty(), "namespaces left behind: {left:?}\n{seen}");
     for p in pids {
-        weft::demo::lab::wait_for(
+        lab::wait_for(
             &format!("lab process {p} to be gone"),
             Duration::from_secs(10),
-            || {
-                let stat = std::fs::read_to_string(format!("/proc/{p}/stat"));
-                (!Path::new(&format!("/proc/{p}")).exists()
-                    || stat.is_ok_and(|s| s.contains(") Z ")))
-                .then_some(())
-            },
+            || lab::process_gone(p).then_some(()),
         )?;
     }
     let _ = std::fs::remove_file(&out);

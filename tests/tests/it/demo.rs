@@ -39,9 +39,11 @@ impl Drop for BarePath {
     }
 }
 
-fn netns_list() -> anyhow::Result<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Whether a network namespace of lab `id` is still there.
+fn lab_namespace_left(id: &str) -> anyhow::Result<bool> {
+    Ok(weft::demo::lab::namespaces()?
+        .iter()
+        .any(|ns| ns.contains(id)))
 }
 
 fn lab_id(stdout: &str) -> anyhow::Result<String> {
@@ -129,10 +131,7 @@ fn weft_demo_with_only_iproute2_on_path_shows_status_ping_and_tcp_between_pods_a
     }
     assert!(stdout.contains("done: the lab is gone"), "{stdout}");
     let id = lab_id(&stdout)?;
-    assert!(
-        !netns_list()?.contains(&id),
-        "namespaces of {id} left behind"
-    );
+    assert!(!lab_namespace_left(&id)?, "namespaces of {id} left behind");
     assert!(
         !std::env::temp_dir().join(format!("weft-{id}")).exists(),
         "lab directory left behind"
@@ -188,10 +187,7 @@ fn weft_demo_keep_leaves_the_lab_running_and_demo_down_removes_it() -> anyhow::R
     let text = String::from_utf8_lossy(&down.stdout);
     assert!(down.status.success(), "{text}");
     assert!(text.contains("done: the kept lab is gone"), "{text}");
-    assert!(
-        !netns_list()?.contains(&id),
-        "namespaces of {id} left behind"
-    );
+    assert!(!lab_namespace_left(&id)?, "namespaces of {id} left behind");
     assert!(!dir.exists(), "lab directory left behind");
     let procs = Command::new("pgrep")
         .args(["-f", &dir.display().to_string()])
@@ -245,10 +241,7 @@ fn weft_demo_nat_shows_a_mapping_followed_a_hole_punched_and_a_relayed_path_and_
     );
     assert!(stdout.contains("done: the lab is gone"), "{stdout}");
     let id = lab_id(&stdout)?;
-    assert!(
-        !netns_list()?.contains(&id),
-        "namespaces of {id} left behind"
-    );
+    assert!(!lab_namespace_left(&id)?, "namespaces of {id} left behind");
     Ok(())
 }
 
