@@ -5,7 +5,8 @@
 //!
 //! Over the real devices a worker is a thread of its own that waits in its own `epoll` (module
 //! `poll`, [`Driver::serve_blocking`]): its TUN queue, its socket, a [`Bell`] rung for commands
-//! and to stop, and the router's next deadline as the timeout. A packet's wake-up leads straight
+//! and to stop, and a `timerfd` set to the router's next deadline (set again only when the
+//! deadline moves, so a wait sets no timer and reads no clock). A packet's wake-up leads straight
 //! to its turn, with no async runtime's scheduler, I/O driver, timer wheel and wakers in
 //! between (about a sixth of the CPU weft spent per ping when its workers ran on tokio). The
 //! in-memory devices of the tests are awaited instead ([`Driver::serve`]); both run the same
@@ -441,13 +442,11 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
         info!(worker = self.worker, udp = %self.udp.local_addr()?, "data plane running");
         let mut poller = Poller::new(&self.tun, &self.udp, bell)?;
         while !stop.load(Ordering::Acquire) {
-            let timeout = match commands {
-                Some(_) => read(&self.router)
-                    .poll_timeout()
-                    .map(|t| t.saturating_duration_since(clock())),
+            let deadline = match commands {
+                Some(_) => read(&self.router).poll_timeout(),
                 None => None,
             };
-            let ready = poller.wait(bell, timeout)?;
+            let ready = poller.wait(bell, deadline, clock)?;
             if stop.load(Ordering::Acquire) {
                 break;
             }

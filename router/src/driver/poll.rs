@@ -1,23 +1,27 @@
-//! How a worker over the real devices waits: its own `epoll` on its TUN queue, its UDP socket and
-//! an `eventfd` the rest of the daemon rings ([`Bell`]), with the router's next deadline as the
-//! timeout. No async runtime sits between a packet's wake-up and its turn.
+//! How a worker over the real devices waits: its own `epoll` on its TUN queue, its UDP socket,
+//! an `eventfd` the rest of the daemon rings ([`Bell`]) and a `timerfd` set to the router's next
+//! deadline. No async runtime sits between a packet's wake-up and its turn.
 //!
 //! The set is level-triggered: a source the turn left unread (its share of the turn used up) is
 //! reported again at once, so nothing waits for a new event to be served. The sources are
 //! watched for reading only (see module `udp`).
+//!
+//! The deadline is a `timerfd` rather than `epoll_wait`'s timeout: a timeout is a kernel timer
+//! set up and torn down on every wait, and a clock read to work it out, for a deadline (the
+//! router's tick, a quarter of a second away) that moves a few times a second. The `timerfd` is
+//! set again only when the deadline moves, and a wait sets nothing.
 
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::PollTimeout;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-
-/// The longest single wait; a wait with no deadline ends after it and starts again.
-const LONGEST: Duration = Duration::from_secs(3600);
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 /// Wakes a worker from its wait: for a command, or to stop. Rings are counted by the kernel
 /// until the worker hears them, so none is lost between its last look and its wait.
@@ -94,36 +98,59 @@ pub(super) struct Ready {
     pub udp: bool,
     /// The bell rang.
     pub rung: bool,
+    /// The deadline passed.
+    pub due: bool,
 }
 
 const TUN: u64 = 0;
 const UDP: u64 = 1;
 const BELL: u64 = 2;
+const TIMER: u64 = 3;
 
-/// One worker's `epoll` set: its TUN queue, its socket and its bell.
+/// One worker's `epoll` set: its TUN queue, its socket, its bell and its deadline.
 #[derive(Debug)]
 pub(super) struct Poller {
     epoll: Epoll,
-    events: [EpollEvent; 3],
+    events: [EpollEvent; 4],
+    timer: TimerFd,
+    /// The deadline the timer is set to; none when it is not set (or went off).
+    set: Option<Instant>,
 }
 
 impl Poller {
-    /// A set watching `tun` and `udp` for reading, and `bell`.
+    /// A set watching `tun` and `udp` for reading, `bell`, and a deadline not yet set.
     pub(super) fn new(tun: impl AsFd, udp: impl AsFd, bell: &Bell) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
         epoll.add(tun, EpollEvent::new(EpollFlags::EPOLLIN, TUN))?;
         epoll.add(udp, EpollEvent::new(EpollFlags::EPOLLIN, UDP))?;
         epoll.add(&bell.fd, EpollEvent::new(EpollFlags::EPOLLIN, BELL))?;
+        epoll.add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, TIMER))?;
         Ok(Self {
             epoll,
-            events: [EpollEvent::empty(); 3],
+            events: [EpollEvent::empty(); 4],
+            timer,
+            set: None,
         })
     }
 
-    /// Waits until a source is ready or `timeout` has passed (none: [`LONGEST`]); a ring is
-    /// heard here. A signal ending the wait early is nothing ready.
-    pub(super) fn wait(&mut self, bell: &Bell, timeout: Option<Duration>) -> io::Result<Ready> {
-        let n = match self.epoll.wait(&mut self.events, millis(timeout)) {
+    /// Waits until a source is ready or `deadline` has passed (none: for as long as nothing is
+    /// ready); a ring is heard here. A signal ending the wait early is nothing ready. The timer
+    /// is set again only when `deadline` is not the one it holds; `now` (read only then) gives
+    /// the time to it.
+    pub(super) fn wait(
+        &mut self,
+        bell: &Bell,
+        deadline: Option<Instant>,
+        now: impl FnOnce() -> Instant,
+    ) -> io::Result<Ready> {
+        if deadline != self.set {
+            self.arm(deadline, now())?;
+        }
+        let n = match self.epoll.wait(&mut self.events, PollTimeout::NONE) {
             Ok(n) => n,
             Err(Errno::EINTR) => 0,
             Err(e) => return Err(e.into()),
@@ -133,24 +160,39 @@ impl Poller {
             match event.data() {
                 TUN => ready.tun = true,
                 UDP => ready.udp = true,
+                TIMER => ready.due = true,
                 _ => ready.rung = true,
             }
         }
         if ready.rung {
             bell.hush();
         }
+        if ready.due {
+            // Heard, so that it is not reported again; a one-shot timer that went off is unset.
+            let _ = self.timer.wait();
+            self.set = None;
+        }
         Ok(ready)
     }
-}
 
-/// A wait's timeout in whole milliseconds, rounded up: a deadline 0.3 ms away waits 1 ms rather
-/// than returning at once and spinning until it passes.
-fn millis(timeout: Option<Duration>) -> PollTimeout {
-    let t = timeout.unwrap_or(LONGEST).min(LONGEST);
-    // In 64 bits: a 128-bit division is a library call, once per wait.
-    let ms = t.as_secs() * 1000 + u64::from(t.subsec_nanos().div_ceil(1_000_000));
-    // At most an hour's milliseconds, which fit.
-    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+    /// Sets the timer to go off at `deadline` (at once if it has passed), or unsets it.
+    fn arm(&mut self, deadline: Option<Instant>, now: Instant) -> io::Result<()> {
+        match deadline {
+            Some(at) => {
+                // A zero time would unset the timer: a deadline passed goes off in 1 ns.
+                let left = at
+                    .saturating_duration_since(now)
+                    .max(Duration::from_nanos(1));
+                self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(left)),
+                    TimerSetTimeFlags::empty(),
+                )?;
+            }
+            None => self.timer.unset()?,
+        }
+        self.set = deadline;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -194,40 +236,46 @@ mod tests {
         assert_eq!(called.get(), 4);
     }
 
-    #[test]
-    fn a_timeout_is_rounded_up_to_whole_milliseconds_and_bounded() {
-        let ms = |t| i32::from(millis(t));
-        assert_eq!(ms(Some(Duration::ZERO)), 0, "a past deadline does not wait");
-        assert_eq!(ms(Some(Duration::from_micros(300))), 1, "no spinning");
-        assert_eq!(
-            ms(Some(Duration::from_nanos(1))),
-            1,
-            "not even for a nanosecond"
-        );
-        assert_eq!(ms(Some(Duration::from_micros(1001))), 2);
-        assert_eq!(ms(Some(Duration::from_secs(7 * 24 * 3600))), 3_600_000);
-        assert_eq!(ms(None), 3_600_000);
+    fn clock() -> Instant {
+        super::super::clock()
+    }
+
+    /// A deadline `after` from now.
+    fn in_(after: Duration) -> Option<Instant> {
+        Some(clock() + after)
     }
 
     /// Local datagram pairs stand in for the TUN queue and the socket: no network.
-    #[test]
-    fn a_wait_reports_what_is_readable_and_the_bell_and_ends_at_its_timeout() {
+    fn quiet_set() -> (UnixDatagram, UnixDatagram, Bell, [UnixDatagram; 2]) {
         let (tun, tun_peer) = UnixDatagram::pair().expect("pair");
         let (udp, udp_peer) = UnixDatagram::pair().expect("pair");
-        let bell = Bell::new().expect("eventfd");
+        (
+            tun,
+            udp,
+            Bell::new().expect("eventfd"),
+            [tun_peer, udp_peer],
+        )
+    }
+
+    #[test]
+    fn a_wait_reports_what_is_readable_and_the_bell_and_ends_at_its_deadline() {
+        let (tun, udp, bell, [tun_peer, udp_peer]) = quiet_set();
         let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
 
         let quiet = poller
-            .wait(&bell, Some(Duration::from_millis(5)))
+            .wait(&bell, in_(Duration::from_millis(5)), clock)
             .expect("wait");
         assert_eq!(
             quiet,
-            Ready::default(),
-            "nothing ready: the timeout ends it"
+            Ready {
+                due: true,
+                ..Ready::default()
+            },
+            "nothing ready: the deadline ends it"
         );
 
         udp_peer.send(b"x").expect("send");
-        let got = poller.wait(&bell, None).expect("wait");
+        let got = poller.wait(&bell, None, clock).expect("wait");
         assert_eq!(
             got,
             Ready {
@@ -236,7 +284,7 @@ mod tests {
             }
         );
         // Level-triggered: unread, it is reported again.
-        let again = poller.wait(&bell, None).expect("wait");
+        let again = poller.wait(&bell, None, clock).expect("wait");
         assert_eq!(again, got, "a source left unread is reported again");
         let mut buf = [0; 4];
         udp.recv(&mut buf).expect("recv");
@@ -244,33 +292,93 @@ mod tests {
         tun_peer.send(b"y").expect("send");
         bell.ring();
         bell.ring();
-        let got = poller.wait(&bell, Some(LONG)).expect("wait");
+        let got = poller.wait(&bell, in_(LONG), clock).expect("wait");
         assert_eq!(
             got,
             Ready {
                 tun: true,
-                udp: false,
-                rung: true
+                rung: true,
+                ..Ready::default()
             }
         );
         tun.recv(&mut buf).expect("recv");
         let heard = poller
-            .wait(&bell, Some(Duration::from_millis(5)))
+            .wait(&bell, in_(Duration::from_millis(5)), clock)
             .expect("wait");
-        assert_eq!(heard, Ready::default(), "both rings were heard at once");
+        assert_eq!(
+            heard,
+            Ready {
+                due: true,
+                ..Ready::default()
+            },
+            "both rings were heard at once"
+        );
+    }
+
+    /// The timer is set when the deadline moves and only then (the clock is read for it), goes
+    /// off no earlier than the deadline, at once for one passed, and not at all once unset.
+    #[test]
+    fn the_deadline_timer_is_set_only_when_the_deadline_moves_and_goes_off_at_it() {
+        let (tun, udp, bell, _peers) = quiet_set();
+        let bell = std::sync::Arc::new(bell);
+        let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
+        let reads = std::cell::Cell::new(0);
+        let counted = || {
+            reads.set(reads.get() + 1);
+            clock()
+        };
+
+        let t0 = clock();
+        let at = t0 + Duration::from_millis(20);
+        let got = poller.wait(&bell, Some(at), counted).expect("wait");
+        assert!(got.due, "{got:?}");
+        assert!(clock() >= at, "not before its deadline");
+        assert_eq!(reads.get(), 1, "the clock read once, to set the timer");
+
+        // Gone off, the timer is unset: the same deadline, now passed, is set again and is due
+        // at once.
+        let got = poller.wait(&bell, Some(at), counted).expect("wait");
+        assert!(got.due, "a passed deadline goes off at once: {got:?}");
+        assert_eq!(reads.get(), 2);
+
+        // A deadline still ahead is not set again for each wait.
+        let later = in_(LONG);
+        bell.ring();
+        assert!(poller.wait(&bell, later, counted).expect("wait").rung);
+        bell.ring();
+        let got = poller.wait(&bell, later, counted).expect("wait");
+        assert_eq!(
+            (got.rung, got.due, reads.get()),
+            (true, false, 3),
+            "set once for two waits"
+        );
+
+        // Unset: a deadline that would have gone off at 5 ms does not, before a ring at 50 ms.
+        let soon = in_(Duration::from_millis(5));
+        bell.ring();
+        assert!(poller.wait(&bell, soon, counted).expect("wait").rung);
+        let ringer = std::sync::Arc::clone(&bell);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            ringer.ring();
+        });
+        let got = poller.wait(&bell, None, counted).expect("wait");
+        t.join().expect("ringer");
+        assert_eq!(
+            (got.rung, got.due),
+            (true, false),
+            "no deadline: the timer was unset"
+        );
     }
 
     #[test]
     fn a_bell_rung_from_another_thread_ends_a_wait_without_a_deadline() {
-        let (tun, _a) = UnixDatagram::pair().expect("pair");
-        let (udp, _b) = UnixDatagram::pair().expect("pair");
-        let bell = std::sync::Arc::new(Bell::new().expect("eventfd"));
+        let (tun, udp, bell, _peers) = quiet_set();
+        let bell = std::sync::Arc::new(bell);
         let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
         let ringer = std::sync::Arc::clone(&bell);
         let t = std::thread::spawn(move || ringer.ring());
-        let got = poller
-            .wait(&bell, Some(Duration::from_secs(10)))
-            .expect("wait");
+        let got = poller.wait(&bell, in_(LONG), clock).expect("wait");
         assert!(
             got.rung,
             "the ring ends the wait, long before 10 s: {got:?}"

@@ -343,3 +343,48 @@ fn a_read_that_fills_the_batch_counts_as_load_and_the_next_turn_batches() {
         "the turn after a full read batches: {seen:?}"
     );
 }
+
+/// The worker with the commands runs the router's timers at their deadline from its own
+/// `epoll` (a `timerfd`, module `poll`), with no packet or command to wake it: a peer with a
+/// persistent keepalive of 1 s and no session gets a handshake initiation from the timers
+/// alone.
+#[test]
+fn a_worker_in_epoll_runs_the_routers_timers_with_nothing_else_to_wake_it() {
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    let mut router = crate::Router::new(StaticSecret::from([7; 32]), 7);
+    let mut config = crate::testing::peer_config(
+        "b",
+        PublicKey::from(&StaticSecret::from([8; 32])).to_bytes(),
+        Some("198.18.0.2:51820"),
+        &["100.64.2.0/24"],
+    );
+    config.persistent_keepalive = Some(1);
+    router.add_peer(Instant::now(), config).expect("peer");
+    let log = Log::default();
+    let udp = Quiet {
+        sent: Some(log.clone()),
+        ..quiet()
+    };
+    let mut worker = Driver::new(router, quiet(), udp, Offload::AUTO).expect("driver");
+    let bell = Arc::new(Bell::new().expect("eventfd"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(1);
+    let (b, s) = (bell.clone(), stop.clone());
+    let thread = std::thread::spawn(move || worker.serve_blocking(Some(commands), &b, &s));
+    // Bounded: the keepalive's initiation within 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sends(&log.lock().expect("log")) < 1 && Instant::now() < deadline && !thread.is_finished()
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Release);
+    bell.ring();
+    let ended = thread.join().expect("no panic");
+    drop(commands_tx);
+    assert!(ended.is_ok(), "the worker failed: {ended:?}");
+    let sent = sends(&log.lock().expect("log"));
+    assert!(
+        sent >= 1,
+        "the timers ran and sent an initiation with nothing else waking the worker: {sent} sent"
+    );
+}
