@@ -21,8 +21,11 @@
 //! packets); up to [`TURN_COMMANDS`] commands. A source that is always ready (a pod sending
 //! faster than weft encrypts, a flood of datagrams) gets its bounded share of each turn and
 //! cannot starve the others: inbound traffic, handshake responses and WireGuard's timers go on.
-//! Asking a source that is not ready costs no system call (its readiness is known). A dropped
-//! shutdown sender or a closed command channel means the daemon is gone: the driver stops.
+//! Asking a source that is not ready costs no system call (its readiness is known). A worker in
+//! `epoll` knows more: it runs the timers only when their `timerfd` went off and looks for
+//! commands only when the bell rang, so a packet's turn touches neither (nor reads the router's
+//! deadline again: only the timers and the commands move it). A dropped shutdown sender or a
+//! closed command channel means the daemon is gone: the driver stops.
 //!
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
 //! the wake-up read leave before the read that finds the queue empty; the timer is one
@@ -277,13 +280,34 @@ pub struct Driver<T = Tun, U = Udp> {
     /// `now` was read at the turn's start and no step has used it yet: the first step (the
     /// packet that woke the worker) takes it rather than reading the clock again.
     fresh: bool,
+    /// A turn ran the timers or served commands, the only steps that move the router's
+    /// deadline: the worker in `epoll` reads the deadline again before its next wait, and not
+    /// after the other turns (a packet's).
+    deadline_moved: bool,
 }
 
-/// What woke a worker: its TUN queue, or anything else (a datagram, a command, the timer).
+/// What woke a worker, and so what its turn looks at besides the TUN queue and the socket
+/// (which know their own readiness).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Woke {
-    Tun,
-    Other,
+struct Woke {
+    /// The TUN queue: its packets are served first.
+    tun: bool,
+    /// The router's deadline may have passed: the timers are run if it has.
+    timers: bool,
+    /// The bell rang: commands may be waiting.
+    commands: bool,
+}
+
+impl Woke {
+    /// The async driver's wake-up: the turn looks at every source, as the async driver knows
+    /// no more than which future finished first.
+    fn any(tun: bool) -> Self {
+        Self {
+            tun,
+            timers: true,
+            commands: true,
+        }
+    }
 }
 
 /// Whether the driver goes on after a turn.
@@ -393,28 +417,28 @@ impl<T: TunWait, U: UdpWait> Driver<T, U> {
                     if r.is_err() || *shutdown.borrow() {
                         break;
                     }
-                    Woke::Other
+                    Woke::any(false)
                 }
                 cmd = next_command(&mut commands) => match cmd {
                     Some(cmd) => {
                         self.command(cmd);
                         // Its output now: the turn only flushes after commands it serves.
                         self.flush().await;
-                        Woke::Other
+                        Woke::any(false)
                     }
                     None => break,
                 },
                 r = self.tun.recv(&mut self.tun_in) => {
                     self.tun_result(r)?;
-                    Woke::Tun
+                    Woke::any(true)
                 }
                 r = self.udp.recv(&mut self.udp_in) => {
                     udp_result(r);
-                    Woke::Other
+                    Woke::any(false)
                 }
                 () = &mut sleep => {
                     fired = true;
-                    Woke::Other
+                    Woke::any(false)
                 }
             };
             if self.turn(commands.as_mut(), woke).await? == Turn::Stop {
@@ -441,11 +465,12 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
     ) -> io::Result<()> {
         info!(worker = self.worker, udp = %self.udp.local_addr()?, "data plane running");
         let mut poller = Poller::new(&self.tun, &self.udp, bell)?;
+        let mut deadline = None;
+        self.deadline_moved = true;
         while !stop.load(Ordering::Acquire) {
-            let deadline = match commands {
-                Some(_) => read(&self.router).poll_timeout(),
-                None => None,
-            };
+            if commands.is_some() && std::mem::take(&mut self.deadline_moved) {
+                deadline = read(&self.router).poll_timeout();
+            }
             let ready = poller.wait(bell, deadline, clock)?;
             if stop.load(Ordering::Acquire) {
                 break;
@@ -456,13 +481,19 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
             if ready.udp {
                 self.udp.set_ready();
             }
-            let woke = if ready.tun { Woke::Tun } else { Woke::Other };
+            // The timers only when their `timerfd` went off, the commands only when the bell
+            // rang (each command rings it once it is queued): a packet's turn looks at neither.
+            let woke = Woke {
+                tun: ready.tun,
+                timers: ready.due,
+                commands: ready.rung,
+            };
             if finish(self.turn(commands.as_mut(), woke))? == Turn::Stop {
                 break;
             }
             // A turn serves a bounded share of the commands, and the bell rang once for all of
             // them: the rest are served at once, not at the next packet or tick.
-            if commands.as_ref().is_some_and(|c| !c.is_empty()) {
+            if ready.rung && commands.as_ref().is_some_and(|c| !c.is_empty()) {
                 bell.ring();
             }
         }
@@ -514,14 +545,16 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             start: now,
             now,
             fresh: false,
+            deadline_moved: true,
         })
     }
 
     /// One turn: TUN packets first when they woke the worker (a ping's packet leaves before
-    /// anything else is looked at); then the timers if due (the commands' worker only);
-    /// datagrams (those the wake-up received and, with batching, up to [`TURN_PACKETS`] more);
-    /// TUN packets (likewise up to a batch) unless served first; up to [`TURN_COMMANDS`]
-    /// commands. No source gets more than its share before the next is served.
+    /// anything else is looked at); then the timers if due (the commands' worker only, when
+    /// `woke` says they may be); datagrams (those the wake-up received and, with batching, up
+    /// to [`TURN_PACKETS`] more); TUN packets (likewise up to a batch) unless served first; up
+    /// to [`TURN_COMMANDS`] commands (when `woke` says some may wait). No source gets more
+    /// than its share before the next is served.
     ///
     /// The clock is read once at the start, and that reading serves the first step (and once at
     /// the end of a turn that read a TUN packet, for [`LONE_GAP`]); the router's output is
@@ -534,19 +567,23 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     ) -> io::Result<Turn> {
         self.now = clock();
         self.fresh = true;
-        if woke == Woke::Tun {
+        if woke.tun {
             self.serve_tun().await?;
         }
         let now = self.now;
-        if commands.is_some() && read(&self.router).poll_timeout().is_some_and(|t| t <= now) {
+        if commands.is_some()
+            && woke.timers
+            && read(&self.router).poll_timeout().is_some_and(|t| t <= now)
+        {
             write(&self.router).handle_timeout(now);
+            self.deadline_moved = true;
             self.flush().await;
         }
         self.serve_udp().await;
-        if woke != Woke::Tun {
+        if !woke.tun {
             self.serve_tun().await?;
         }
-        if let Some(commands) = commands {
+        if let Some(commands) = commands.filter(|_| woke.commands) {
             let mut served = 0;
             for _ in 0..TURN_COMMANDS {
                 match commands.try_recv() {
@@ -559,6 +596,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 }
             }
             if served > 0 {
+                self.deadline_moved = true;
                 self.flush().await;
             }
         }

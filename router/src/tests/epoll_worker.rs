@@ -388,3 +388,53 @@ fn a_worker_in_epoll_runs_the_routers_timers_with_nothing_else_to_wake_it() {
         "the timers ran and sent an initiation with nothing else waking the worker: {sent} sent"
     );
 }
+
+/// A packet's turn does not look for commands: they are looked for when the bell rings, which
+/// the daemon does for each one it queues. Here a command is queued without a ring: the packet
+/// goes out and the command waits, until a ring. Before, every turn asked the command channel.
+#[test]
+fn a_packets_turn_leaves_the_commands_to_the_bell() {
+    let router = super::pairwise::Pair::connected(b"up").a.router;
+    let log = Log::default();
+    let (tun, kernel) = polled_tun(log.clone());
+    let udp = Quiet {
+        sent: Some(log.clone()),
+        ..quiet()
+    };
+    let mut worker = Driver::new(router, tun, udp, Offload::AUTO).expect("driver");
+    let bell = Arc::new(Bell::new().expect("eventfd"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(4);
+    let (reply, mut answer) = tokio::sync::oneshot::channel();
+    commands_tx
+        .try_send(crate::driver::Command::Status(reply))
+        .expect("room");
+    let (b, s) = (bell.clone(), stop.clone());
+    let thread = std::thread::spawn(move || worker.serve_blocking(Some(commands), &b, &s));
+    kernel.feed(packet(1));
+    // Bounded: the packet's send within 10 s, then the ring's answer within 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sends(&log.lock().expect("log")) < 1 && Instant::now() < deadline && !thread.is_finished()
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let before_ring = answer.try_recv().is_ok();
+    bell.ring();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after_ring = false;
+    while !after_ring && Instant::now() < deadline && !thread.is_finished() {
+        after_ring = answer.try_recv().is_ok();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Release);
+    bell.ring();
+    let ended = thread.join().expect("no panic");
+    drop(commands_tx);
+    assert!(ended.is_ok(), "the worker failed: {ended:?}");
+    assert_eq!(sends(&log.lock().expect("log")), 1, "the packet was sent");
+    assert!(
+        !before_ring,
+        "the packet's turn left the command for the bell"
+    );
+    assert!(after_ring, "the ring had the command answered");
+}
