@@ -15,8 +15,8 @@
 //! # Turns
 //!
 //! The driver waits until any source is ready (shutdown, a command, the TUN device, the socket,
-//! the router's timer), then runs one turn that serves every source, whichever woke it: the
-//! timers if due; the datagrams received and, with batching, more up to [`TURN_PACKETS`]; the
+//! the router's timer), then runs one turn that serves every source that may be ready,
+//! whichever woke it: the timers if due; the datagrams received and, with batching, more up to [`TURN_PACKETS`]; the
 //! TUN packets read and, with batching, more up to one batch ([`BATCH`] reads, [`SLOTS`]
 //! packets); up to [`TURN_COMMANDS`] commands. A source that is always ready (a pod sending
 //! faster than weft encrypts, a flood of datagrams) gets its bounded share of each turn and
@@ -28,14 +28,16 @@
 //! closed command channel means the daemon is gone: the driver stops.
 //!
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
-//! the wake-up read leave before the read that finds the queue empty; the timer is one
-//! `Sleep` moved only when the router's deadline moves. So a lone packet (a ping) goes from
-//! the wake-up to its send with nothing else in between. Sparse traffic (one packet per
-//! wake-up, [`LONE_GAP`] or more apart) skips that read altogether: the queue is taken for
-//! empty until `epoll` says otherwise, so a ping costs one read, not two. The other way, a
-//! receive that did not fill every buffer found the socket empty, so its packets are written
-//! to the TUN device before another receive is tried. The socket is registered for reading
-//! only, so a send's datagram leaving its buffer does not wake the worker again (module `udp`).
+//! the wake-up read leave before the read that finds the queue empty; the timer (a `timerfd`
+//! in `epoll`, one `Sleep` in the async driver) is set only when the router's deadline moves,
+//! and a worker in `epoll` looks at neither the timers nor the commands for a packet's turn.
+//! So a lone packet (a ping) goes from the wake-up to its send with nothing else in between.
+//! Sparse traffic (one packet per wake-up, [`LONE_GAP`] or more apart) skips that read
+//! altogether: the queue is taken for empty until `epoll` says otherwise, so a ping costs one
+//! read, not two. The other way, a receive that did not fill every buffer found the socket
+//! empty, so its packets are written to the TUN device before another receive is tried. The
+//! socket is registered for reading only, so a send's datagram leaving its buffer does not
+//! wake the worker again (module `udp`).
 //!
 //! # Batches
 //!
@@ -454,9 +456,10 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
     /// Serves as [`serve`](Self::serve) does, over the real devices, on the calling thread:
     /// waits in the worker's own `epoll` (module `poll`) rather than in an async runtime, so
     /// that a packet's wake-up leads straight to its turn. Commands are looked at when `bell`
-    /// rings; the worker stops when `stop` is true (checked at every wake-up; ring the bell
-    /// after setting it), when the daemon is gone (its command channel closed) or when the
-    /// TUN device fails.
+    /// rings (ring it after queuing each); the worker stops when `stop` is true (checked at
+    /// every wake-up; ring the bell after setting it), when the daemon is gone (its command
+    /// channel closed, seen at the next ring: ring after closing it) or when the TUN device
+    /// fails.
     pub fn serve_blocking(
         &mut self,
         mut commands: Option<mpsc::Receiver<Command>>,
@@ -492,8 +495,14 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
                 break;
             }
             // A turn serves a bounded share of the commands, and the bell rang once for all of
-            // them: the rest are served at once, not at the next packet or tick.
-            if ready.rung && commands.as_ref().is_some_and(|c| !c.is_empty()) {
+            // them: the rest are served at once, not at the next packet or tick. A closed
+            // channel rings again too: the turn that served the last share may not have seen
+            // it close (its last ring heard with the others), and only a ring has it seen.
+            if ready.rung
+                && commands
+                    .as_ref()
+                    .is_some_and(|c| !c.is_empty() || c.is_closed())
+            {
                 bell.ring();
             }
         }

@@ -199,6 +199,7 @@ impl Poller {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
 
     /// A wait that should end at once is bounded by this, so that a regression fails rather
     /// than hangs.
@@ -246,21 +247,32 @@ mod tests {
     }
 
     /// Local datagram pairs stand in for the TUN queue and the socket: no network.
-    fn quiet_set() -> (UnixDatagram, UnixDatagram, Bell, [UnixDatagram; 2]) {
+    fn quiet_set() -> (UnixDatagram, UnixDatagram, Arc<Bell>, [UnixDatagram; 2]) {
         let (tun, tun_peer) = UnixDatagram::pair().expect("pair");
         let (udp, udp_peer) = UnixDatagram::pair().expect("pair");
-        (
-            tun,
-            udp,
-            Bell::new().expect("eventfd"),
-            [tun_peer, udp_peer],
-        )
+        let bell = Arc::new(Bell::new().expect("eventfd"));
+        (tun, udp, bell, [tun_peer, udp_peer])
+    }
+
+    /// Rings `bell` after [`LONG`] unless dropped first: a wait only the timer should end is
+    /// ended by a ring instead if the timer never goes off, so that the test fails (it finds
+    /// the bell, not the deadline) rather than hangs.
+    fn watchdog(bell: &Arc<Bell>) -> std::sync::mpsc::Sender<()> {
+        let (guard, dropped) = std::sync::mpsc::channel::<()>();
+        let bell = Arc::clone(bell);
+        std::thread::spawn(move || {
+            if dropped.recv_timeout(LONG) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                bell.ring();
+            }
+        });
+        guard
     }
 
     #[test]
     fn a_wait_reports_what_is_readable_and_the_bell_and_ends_at_its_deadline() {
         let (tun, udp, bell, [tun_peer, udp_peer]) = quiet_set();
         let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
+        let _watchdog = watchdog(&bell);
 
         let quiet = poller
             .wait(&bell, in_(Duration::from_millis(5)), clock)
@@ -320,8 +332,8 @@ mod tests {
     #[test]
     fn the_deadline_timer_is_set_only_when_the_deadline_moves_and_goes_off_at_it() {
         let (tun, udp, bell, _peers) = quiet_set();
-        let bell = std::sync::Arc::new(bell);
         let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
+        let _watchdog = watchdog(&bell);
         let reads = std::cell::Cell::new(0);
         let counted = || {
             reads.set(reads.get() + 1);
@@ -331,14 +343,18 @@ mod tests {
         let t0 = clock();
         let at = t0 + Duration::from_millis(20);
         let got = poller.wait(&bell, Some(at), counted).expect("wait");
-        assert!(got.due, "{got:?}");
+        assert_eq!((got.due, got.rung), (true, false), "{got:?}");
         assert!(clock() >= at, "not before its deadline");
         assert_eq!(reads.get(), 1, "the clock read once, to set the timer");
 
         // Gone off, the timer is unset: the same deadline, now passed, is set again and is due
         // at once.
         let got = poller.wait(&bell, Some(at), counted).expect("wait");
-        assert!(got.due, "a passed deadline goes off at once: {got:?}");
+        assert_eq!(
+            (got.due, got.rung),
+            (true, false),
+            "a passed deadline goes off at once: {got:?}"
+        );
         assert_eq!(reads.get(), 2);
 
         // A deadline still ahead is not set again for each wait.
@@ -357,7 +373,7 @@ mod tests {
         let soon = in_(Duration::from_millis(5));
         bell.ring();
         assert!(poller.wait(&bell, soon, counted).expect("wait").rung);
-        let ringer = std::sync::Arc::clone(&bell);
+        let ringer = Arc::clone(&bell);
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             ringer.ring();
@@ -374,9 +390,8 @@ mod tests {
     #[test]
     fn a_bell_rung_from_another_thread_ends_a_wait_without_a_deadline() {
         let (tun, udp, bell, _peers) = quiet_set();
-        let bell = std::sync::Arc::new(bell);
         let mut poller = Poller::new(&tun, &udp, &bell).expect("epoll");
-        let ringer = std::sync::Arc::clone(&bell);
+        let ringer = Arc::clone(&bell);
         let t = std::thread::spawn(move || ringer.ring());
         let got = poller.wait(&bell, in_(LONG), clock).expect("wait");
         assert!(

@@ -253,6 +253,45 @@ mod tests {
         );
     }
 
+    /// The daemon gone after a turn's exact share of commands: the channel's close comes with
+    /// their rings, heard all at once, and the turn that serves the share does not see it. The
+    /// worker still stops, at the ring it gives itself for the closed channel. Reviewed: the
+    /// closed channel went unseen, and the worker waited on with nothing left to ring it.
+    #[test]
+    fn a_channel_closed_behind_a_turns_share_of_commands_stops_the_worker() {
+        let bell = Arc::new(Bell::new().expect("eventfd"));
+        let stop = stop_for(&bell);
+        let (tx, rx) = mpsc::channel(64);
+        let mut replies = Vec::new();
+        for _ in 0..super::super::TURN_COMMANDS {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.try_send(Command::Status(reply)).expect("room");
+            replies.push(answer);
+        }
+        drop(tx);
+        bell.ring();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (b, s) = (Arc::clone(&bell), Arc::clone(&stop));
+        let worker = std::thread::spawn(move || {
+            idle_worker(b, s, Some(rx));
+            let _ = done_tx.send(());
+        });
+        let stopped_alone = done_rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        // So that a failure ends the test rather than hanging it on the worker's thread.
+        stop.now();
+        worker.join().expect("worker");
+        assert!(
+            stopped_alone,
+            "the closed channel stopped the worker, with no stop flag set"
+        );
+        for mut answer in replies {
+            assert!(
+                answer.try_recv().is_ok(),
+                "every command was answered first"
+            );
+        }
+    }
+
     /// The supervisor dropped (its runtime gone, say) stops the worker threads: they would
     /// otherwise wait on, and the runtime's shutdown would wait for them.
     #[tokio::test]
