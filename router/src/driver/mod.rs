@@ -16,16 +16,16 @@
 //!
 //! The driver waits until any source is ready (shutdown, a command, the TUN device, the socket,
 //! the router's timer), then runs one turn that serves every source that may be ready,
-//! whichever woke it: the timers if due; the datagrams received and, with batching, more up to [`TURN_PACKETS`]; the
-//! TUN packets read and, with batching, more up to one batch ([`BATCH`] reads, [`SLOTS`]
-//! packets); up to [`TURN_COMMANDS`] commands. A source that is always ready (a pod sending
-//! faster than weft encrypts, a flood of datagrams) gets its bounded share of each turn and
-//! cannot starve the others: inbound traffic, handshake responses and WireGuard's timers go on.
-//! Asking a source that is not ready costs no system call (its readiness is known). A worker in
-//! `epoll` knows more: it runs the timers only when their `timerfd` went off and looks for
-//! commands only when the bell rang, so a packet's turn touches neither (nor reads the router's
-//! deadline again: only the timers and the commands move it). A dropped shutdown sender or a
-//! closed command channel means the daemon is gone: the driver stops.
+//! whichever woke it: the timers if due; the datagrams received and, with batching, more up to
+//! [`TURN_PACKETS`]; the TUN packets read and, with batching, more up to one batch ([`BATCH`]
+//! reads, [`SLOTS`] packets); up to [`TURN_COMMANDS`] commands. A source that is always ready
+//! (a pod sending faster than weft encrypts, a flood of datagrams) gets its bounded share of
+//! each turn and cannot starve the others: inbound traffic, handshake responses and WireGuard's
+//! timers go on. Asking a source that is not ready costs no system call (its readiness is
+//! known). A worker in `epoll` knows more: it runs the timers only when their `timerfd` went
+//! off and looks for commands only when the bell rang, so a packet's turn touches neither (nor
+//! reads the router's deadline again: only the timers and the commands move it). A dropped
+//! shutdown sender or a closed command channel means the daemon is gone: the driver stops.
 //!
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
 //! the wake-up read leave before the read that finds the queue empty; the timer (a `timerfd`
