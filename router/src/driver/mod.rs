@@ -35,8 +35,11 @@
 //! Sparse traffic (one packet per wake-up, [`LONE_GAP`] or more apart) skips that read
 //! altogether: the queue is taken for empty until `epoll` says otherwise, so a ping costs one
 //! read, not two. The other way, a receive that did not fill every buffer found the socket
-//! empty, so its packets are written to the TUN device before another receive is tried. The
-//! socket is registered for reading only, so a send's datagram leaving its buffer does not
+//! empty, so its packets are written to the TUN device before another receive is tried; and a
+//! lone datagram ([`LONE_GAP`] or more after the last turn that received one, which got one
+//! buffer) is taken with one plain `recvmsg` (no batch's message headers set up, no receive
+//! that finds the socket empty) and the socket taken for empty until `epoll` says otherwise.
+//! The socket is registered for reading only, so a send's datagram leaving its buffer does not
 //! wake the worker again (module `udp`).
 //!
 //! # Batches
@@ -96,8 +99,10 @@ pub const TURN_PACKETS: usize = SLOTS;
 pub const TURN_COMMANDS: usize = 16;
 /// A TUN wake-up at least this long after the end of the last turn that read a packet, reading
 /// one lone packet while the last turn found the queue empty after its first read, is sparse
-/// traffic (a ping, a request): the queue is taken for empty without a read to see it. Under
-/// load `epoll` returns at once after each turn, well within this, however long the turns.
+/// traffic (a ping, a request): the queue is taken for empty without a read to see it. Likewise
+/// for the socket: a receive this long after the last turn that received, when the last
+/// receive got one buffer, takes one buffer with a plain `recvmsg`. Under load `epoll` returns
+/// at once after each turn, well within this, however long the turns.
 pub const LONE_GAP: Duration = Duration::from_millis(1);
 /// The shared buffer the router encapsulates a batch into.
 const NET_OUT: usize = 512 << 10;
@@ -263,6 +268,12 @@ pub struct Driver<T = Tun, U = Udp> {
     /// the next is how long the queue stayed quiet, whatever a turn's own length: under load
     /// `epoll` returns at once and the gap is near nothing, however slow each turn is.
     last_tun: Option<Instant>,
+    /// This turn received a datagram.
+    read_udp: bool,
+    /// When the last turn that received a datagram ended; `None` before the first. As
+    /// `last_tun`, for the socket: a receive [`LONE_GAP`] or more after it, when the last
+    /// filled one buffer, takes one buffer with the cheapest receive there is.
+    last_udp: Option<Instant>,
     /// [`LONE_GAP`], or another gap in tests.
     lone_gap: Duration,
     /// Packets for the device.
@@ -544,6 +555,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             tun_sparse: true,
             read_tun: false,
             last_tun: None,
+            read_udp: false,
+            last_udp: None,
             lone_gap: LONE_GAP,
             tun_out: Packets::new(),
             udp_in: Datagrams::new(rx),
@@ -609,8 +622,18 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 self.flush().await;
             }
         }
-        if std::mem::take(&mut self.read_tun) {
-            self.last_tun = Some(clock());
+        let (tun, udp) = (
+            std::mem::take(&mut self.read_tun),
+            std::mem::take(&mut self.read_udp),
+        );
+        if tun || udp {
+            let end = Some(clock());
+            if tun {
+                self.last_tun = end;
+            }
+            if udp {
+                self.last_udp = end;
+            }
         }
         Ok(Turn::Continue)
     }
@@ -633,12 +656,36 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// Network → TUN: the datagrams received, more while they are ready (one receive without
     /// batching, else up to [`TURN_PACKETS`] datagrams), then the TUN batch they filled. A
     /// receive that did not fill every buffer found the socket's queue empty: its packets are
-    /// written before the next receive is tried, so a lone packet (a ping) reaches the pod
-    /// before the receive that finds nothing; under load receives come back full and the TUN
-    /// batch stays whole.
+    /// written before the next receive is tried; under load receives come back full and the
+    /// TUN batch stays whole. Sparse traffic ([`LONE_GAP`] or more after the last turn that
+    /// received, which got one buffer) is received one buffer at a time
+    /// ([`UdpIo::try_recv_one`]) with no receive that finds the socket empty: a lone datagram
+    /// (a ping's) costs one plain receive and reaches the pod right after it.
     async fn serve_udp(&mut self) {
         let mut drained = !self.udp_in.is_full();
         let mut handled = self.on_datagrams().await;
+        let now = self.now;
+        if handled == 0
+            && self.udp_in.is_sparse()
+            && self
+                .last_udp
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.lone_gap)
+        {
+            // Sparse traffic, quiet for a while: one receive of one buffer, and the queue
+            // taken for empty (`epoll` reports a datagram still queued at once, and that
+            // wake-up, close behind this one, receives in batches again).
+            match self.udp.try_recv_one(&mut self.udp_in) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                r => udp_result(r),
+            }
+            handled = self.on_datagrams().await;
+            self.read_udp |= handled > 0;
+            write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
+            if handled > 0 {
+                self.flush().await;
+            }
+            return;
+        }
         let receives = if self.offload.udp_batch { BATCH } else { 1 };
         for _ in 0..receives {
             if handled >= TURN_PACKETS || (!self.offload.udp_batch && handled > 0) {
@@ -656,6 +703,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         }
         write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
         if handled > 0 {
+            self.read_udp = true;
             self.flush().await;
         }
     }

@@ -1,5 +1,6 @@
 //! The UDP side of the driver: [`UdpIo`], the receive batch it fills, and its implementation over
-//! a socket driven by quinn-udp (`recvmmsg`, `UDP_SEGMENT` sends, `UDP_GRO` receives).
+//! a socket driven by quinn-udp (`recvmmsg`, `UDP_SEGMENT` sends, `UDP_GRO` receives), with a plain
+//! `recvmsg` (nix) for a lone datagram.
 //!
 //! The worker's `epoll` (module `poll`) waits on the socket for reading only. A socket waited on
 //! for writing too gets an `EPOLLOUT` each time a datagram sent leaves its buffer, which on a
@@ -29,6 +30,9 @@ const MIN_WORKER_BUFFER: usize = 1 << 20;
 pub const RX_BATCH: usize = 32;
 /// The fewest buffers a batching receive is offered (see [`Datagrams`]).
 const MIN_OFFER: usize = 2;
+/// Room for a single receive's control messages: the GRO segment size's (24 bytes) with room to
+/// spare for one the kernel adds unasked.
+const CONTROL: usize = 128;
 /// One receive buffer: a GRO run of up to 64 datagrams of an Ethernet MTU, or one datagram of
 /// any size.
 const RX_BUF: usize = 128 << 10;
@@ -51,6 +55,9 @@ pub struct Datagrams {
     offer: usize,
     /// Buffers the last receive was offered.
     offered: usize,
+    /// Room for the control messages of a single receive ([`UdpIo::try_recv_one`]): the GRO
+    /// segment size.
+    control: Vec<u8>,
 }
 
 impl Datagrams {
@@ -64,7 +71,15 @@ impl Datagrams {
             count: 0,
             offer: n.min(MIN_OFFER),
             offered: n,
+            control: vec![0; CONTROL],
         }
+    }
+
+    /// Whether the last receive filled at most one buffer (an idle socket's first receive, a
+    /// ping's, a request's): traffic is sparse, and the next receive is offered the fewest
+    /// buffers.
+    pub fn is_sparse(&self) -> bool {
+        self.offer <= MIN_OFFER
     }
 
     /// Records that a receive offered `offered` buffers filled `count`, and sizes the next
@@ -134,6 +149,15 @@ impl Datagrams {
 pub trait UdpIo: Send + Sync + 'static {
     /// Datagrams if some are ready (replacing `rx`'s contents), else `WouldBlock`.
     fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()>;
+    /// One buffer's worth (a datagram, or one GRO run of them) if ready, replacing `rx`'s
+    /// contents, else `WouldBlock`; the queue is then taken for empty without a receive to see
+    /// it (`epoll` is level-triggered: a datagram still queued is reported at the next wait).
+    /// For sparse traffic (a ping's datagram), where a batch's set-up and the receive that
+    /// finds the queue empty are all cost. Sockets without a cheaper receive (the in-memory
+    /// ones) receive as [`try_recv`](Self::try_recv) does.
+    fn try_recv_one(&self, rx: &mut Datagrams) -> io::Result<()> {
+        self.try_recv(rx)
+    }
     /// Sends `contents` to `to` as datagrams of `segment` bytes (the last may be shorter): one
     /// datagram when `segment` is its length, else one GSO send.
     fn send(
@@ -405,6 +429,19 @@ impl UdpIo for Udp {
         rx.received(n, count);
         Ok(())
     }
+    /// A plain `recvmsg` into the first buffer: no message headers prepared for a batch, no
+    /// receive that finds the queue empty.
+    fn try_recv_one(&self, rx: &mut Datagrams) -> io::Result<()> {
+        rx.count = 0;
+        let Datagrams { bufs, control, .. } = rx;
+        let meta = self
+            .ready
+            .read(|| recv_one(&self.socket, &mut bufs[0], control))?;
+        self.ready.drained();
+        rx.meta[0] = meta;
+        rx.received(1, 1);
+        Ok(())
+    }
     async fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let socket = &self.socket;
         if segment >= contents.len() {
@@ -438,6 +475,45 @@ impl UdpIo for Udp {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         bound_addr(&self.socket)
     }
+}
+
+/// Receives one buffer's worth into `buf` with `recvmsg`: its sender, its length and, for a
+/// GRO run, the segment size (the only control message read). A control message cut short
+/// (`MSG_CTRUNC`) could have been the segment size: the buffer is then refused as an error,
+/// its datagrams lost, rather than handed on as one datagram.
+fn recv_one(socket: &Socket, buf: &mut [u8], control: &mut [u8]) -> io::Result<RecvMeta> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut iov = [IoSliceMut::new(buf)];
+    let fd = socket.as_raw_fd();
+    let msg = loop {
+        match recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut *control), MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => {}
+            r => break r?,
+        }
+    };
+    let mut meta = RecvMeta::default();
+    meta.len = msg.bytes;
+    meta.stride = msg.bytes;
+    let cmsgs = msg
+        .cmsgs()
+        .map_err(|_| io::Error::other("a received datagram's control messages were cut short"))?;
+    for cmsg in cmsgs {
+        if let ControlMessageOwned::UdpGroSegments(size) = cmsg {
+            meta.stride = usize::try_from(size).unwrap_or(0);
+        }
+    }
+    let from = msg.address.as_ref().and_then(|a| match a.family() {
+        Some(nix::sys::socket::AddressFamily::Inet6) => {
+            a.as_sockaddr_in6().map(|a| SocketAddr::from(*a))
+        }
+        Some(nix::sys::socket::AddressFamily::Inet) => {
+            a.as_sockaddr_in().map(|a| SocketAddr::from(*a))
+        }
+        _ => None,
+    });
+    meta.addr = from.ok_or_else(|| io::Error::other("a datagram without an IP sender"))?;
+    Ok(meta)
 }
 
 /// The address `socket` is bound to.
@@ -501,6 +577,86 @@ fn wait_writable(socket: &Socket, limit: Duration) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::Watched;
+
+    /// Runs `test` on a thread of its own in a network namespace of its own (root only), with
+    /// `198.18.0.1/32` on its loopback device: traffic the test sends stays in it.
+    fn in_own_namespace(test: impl FnOnce(SocketAddr) + Send + 'static) {
+        let thread = std::thread::spawn(move || {
+            use nix::sched::{CloneFlags, unshare};
+            if let Err(e) = unshare(CloneFlags::CLONE_NEWNET) {
+                panic!("this test needs root to make its own network namespace: unshare: {e}");
+            }
+            // `ip` runs in this thread's namespace: a child takes its parent thread's.
+            for args in [
+                &["link", "set", "lo", "up"][..],
+                &["addr", "add", "198.18.0.1/32", "dev", "lo"],
+            ] {
+                let status = std::process::Command::new("ip").args(args).status();
+                assert!(
+                    status.as_ref().is_ok_and(|s| s.success()),
+                    "ip {args:?}: {status:?} (iproute2 is needed)"
+                );
+            }
+            test(SocketAddr::from(([198, 18, 0, 1], 0)));
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// The single receive of a lone datagram ([`UdpIo::try_recv_one`]) reads what the batch's
+    /// receive reads: a datagram alone, with its sender, and a GRO run whole with its segment
+    /// size (here a GSO send of 100 + 100 + 40 bytes, which the loopback device hands the
+    /// socket as one), so that the run is split into its datagrams, not taken for one. It takes
+    /// the socket for empty after each, and a socket found empty answers `WouldBlock`.
+    #[test]
+    fn a_single_receive_reads_a_datagram_alone_and_a_gro_run_with_its_segment_size() {
+        in_own_namespace(|local| {
+            let udp = Udp::from(bind_udp(0, &Offload::AUTO).expect("bind"));
+            let port = udp.local_addr().expect("bound").port();
+            let to = SocketAddr::new(local.ip(), port);
+            let mut rx = Datagrams::new(RX_BATCH);
+            udp.set_ready();
+            assert_eq!(
+                udp.try_recv_one(&mut rx).map_err(|e| e.kind()),
+                Err(io::ErrorKind::WouldBlock),
+                "nothing sent yet"
+            );
+
+            super::super::finish(udp.send(to, &[7; 60], 60)).expect("send one");
+            udp.set_ready();
+            udp.try_recv_one(&mut rx).expect("a datagram");
+            let (from, bytes, stride) = rx.get(0).expect("one buffer");
+            assert_eq!(rx.len(), 1);
+            assert_eq!((bytes, stride), (&[7; 60][..], 60));
+            let canonical = SocketAddr::new(from.ip().to_canonical(), from.port());
+            assert_eq!(
+                canonical, to,
+                "the sender, as the batch's receive gives it: {from}"
+            );
+            assert!(rx.is_sparse(), "one buffer keeps the next receive sparse");
+
+            let mut run = vec![1; 100];
+            run.extend([2; 100]);
+            run.extend([3; 40]);
+            super::super::finish(udp.send(to, &run, 100)).expect("send a GSO run");
+            udp.set_ready();
+            udp.try_recv_one(&mut rx).expect("the run");
+            let (_, bytes, stride) = rx.get(0).expect("one buffer");
+            assert_eq!(bytes, &run[..], "the run whole");
+            if udp.max_segments() > 1 {
+                assert_eq!(stride, 100, "split at the segment size");
+            }
+            let datagrams: Vec<usize> = bytes.chunks(stride).map(<[u8]>::len).collect();
+            assert_eq!(datagrams, [100, 100, 40], "the run's datagrams");
+            // Taken for empty: no system call until `epoll` says the socket is readable.
+            assert_eq!(
+                udp.try_recv_one(&mut rx).map_err(|e| e.kind()),
+                Err(io::ErrorKind::WouldBlock)
+            );
+        });
+    }
 
     #[test]
     fn a_lone_datagram_is_received_with_few_buffers_and_a_burst_doubles_the_offer() {

@@ -290,11 +290,27 @@ fn run_until(
     };
     let mut worker = Driver::new(router, tun, udp, Offload::AUTO).expect("driver");
     worker.set_lone_gap(lone_gap);
+    serve_until(worker, &log, || feed(&kernel, &log), done)
+}
+
+/// Runs `worker` on a thread of its own, waiting in `epoll` without commands; `feed` then
+/// hands it its input, until `done` says what was logged is enough (or 10 s pass); stops it and
+/// returns the log.
+fn serve_until<T, U>(
+    mut worker: Driver<T, U>,
+    log: &Log,
+    feed: impl FnOnce(),
+    done: impl Fn(&[&'static str]) -> bool,
+) -> Vec<&'static str>
+where
+    T: TunIo + Watched,
+    U: UdpIo + Watched,
+{
     let bell = Arc::new(Bell::new().expect("eventfd"));
     let stop = Arc::new(AtomicBool::new(false));
     let (b, s) = (bell.clone(), stop.clone());
     let thread = std::thread::spawn(move || worker.serve_blocking(None, &b, &s));
-    feed(&kernel, &log);
+    feed();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !done(&log.lock().expect("log")) && Instant::now() < deadline && !thread.is_finished() {
         std::thread::sleep(Duration::from_millis(1));
@@ -443,4 +459,204 @@ fn a_packets_turn_leaves_the_commands_to_the_bell() {
         "the packet's turn left the command for the bell"
     );
     assert!(after_ring, "the ring had the command answered");
+}
+
+/// A UDP socket in memory that `epoll` can watch (a local datagram socket holds one byte per
+/// queued datagram, so it is readable exactly while one waits), logging its receives: `recv`
+/// (a batch's receive that got a datagram), `recv one` (a single one's) and `empty` (a receive
+/// that found nothing).
+struct PolledUdp {
+    queue: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    signal: UnixDatagram,
+    log: Log,
+}
+
+/// The network's side of a [`PolledUdp`]: queues datagrams from b.
+struct Wire {
+    queue: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    feeder: UnixDatagram,
+}
+
+impl Wire {
+    fn deliver(&self, datagram: Vec<u8>) {
+        self.queue.lock().expect("queue").push_back(datagram);
+        self.feeder.send(&[0]).expect("signal");
+    }
+}
+
+impl PolledUdp {
+    fn take(&self, rx: &mut Datagrams, what: &'static str) -> io::Result<()> {
+        let Some(datagram) = self.queue.lock().expect("queue").pop_front() else {
+            note(&self.log, "empty");
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        note(&self.log, what);
+        let _ = self.signal.recv(&mut [0]);
+        let from = super::pairwise::B_ADDR.parse().expect("address");
+        rx.set_one(from, &datagram)
+    }
+}
+
+impl AsFd for PolledUdp {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.signal.as_fd()
+    }
+}
+
+impl Watched for PolledUdp {
+    fn set_ready(&self) {}
+}
+
+impl UdpIo for PolledUdp {
+    fn try_recv(&self, rx: &mut Datagrams) -> io::Result<()> {
+        self.take(rx, "recv")
+    }
+    fn try_recv_one(&self, rx: &mut Datagrams) -> io::Result<()> {
+        self.take(rx, "recv one")
+    }
+    async fn send(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn max_segments(&self) -> usize {
+        1
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(SocketAddr::from(([198, 18, 1, 1], 51820)))
+    }
+}
+
+/// A TUN device that never has anything to read and logs each packet written (`write`), each
+/// write taking `write_time` (a slow device).
+struct WrittenTun {
+    quiet: Quiet,
+    log: Log,
+    write_time: Duration,
+}
+
+impl AsFd for WrittenTun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.quiet.as_fd()
+    }
+}
+
+impl Watched for WrittenTun {
+    fn set_ready(&self) {}
+}
+
+impl TunIo for WrittenTun {
+    fn try_recv(&self, _: &mut Packets) -> io::Result<()> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    async fn send(&self, batch: &mut Packets) -> io::Result<()> {
+        for _ in 0..batch.len() {
+            note(&self.log, "write");
+        }
+        batch.clear();
+        // A slow device is the scenario's input, not a wait for a condition.
+        std::thread::sleep(self.write_time);
+        Ok(())
+    }
+}
+
+/// The writes in a log.
+fn writes(seen: &[&str]) -> usize {
+    seen.iter().filter(|w| **w == "write").count()
+}
+
+/// Runs a worker around a's router (a session with b up) over a [`PolledUdp`] and a
+/// [`WrittenTun`] logging to one log, with `lone_gap` for [`LONE_GAP`](crate::driver::LONE_GAP)
+/// and TUN writes taking `write_time`; `deliver` then hands it b's datagrams (made up front,
+/// `n` of them), until `done` says what was logged is enough (or 10 s pass); returns that log.
+fn receive_until(
+    (lone_gap, write_time): (Duration, Duration),
+    n: usize,
+    deliver: impl FnOnce(&Wire, Vec<Vec<u8>>, &Log),
+    done: impl Fn(&[&'static str]) -> bool,
+) -> Vec<&'static str> {
+    let mut pair = super::pairwise::Pair::connected(b"up");
+    let datagrams = pair.datagrams_to_a(n);
+    let log = Log::default();
+    let (signal, feeder) = UnixDatagram::pair().expect("pair");
+    signal.set_nonblocking(true).expect("nonblocking");
+    let queue = Arc::new(Mutex::new(VecDeque::new()));
+    let udp = PolledUdp {
+        queue: queue.clone(),
+        signal,
+        log: log.clone(),
+    };
+    let wire = Wire { queue, feeder };
+    let tun = WrittenTun {
+        quiet: quiet(),
+        log: log.clone(),
+        write_time,
+    };
+    let mut worker = Driver::new(pair.a.router, tun, udp, Offload::AUTO).expect("driver");
+    worker.set_lone_gap(lone_gap);
+    serve_until(worker, &log, || deliver(&wire, datagrams, &log), done)
+}
+
+/// Waits (bounded: 10 s) until `log` shows `n` TUN writes.
+fn wait_writes(log: &Log, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writes(&log.lock().expect("log")) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sparse datagrams ([`LONE_GAP`](crate::driver::LONE_GAP) or more apart; here any gap counts)
+/// cost one receive each, a single one's: the socket is taken for empty rather than asked again
+/// to see it, and no batch's receive is set up. Before, each lone datagram (each ping's) was
+/// received with a batch's receive, and the receive that found the socket empty came after.
+#[test]
+fn a_lone_datagram_costs_one_single_receive_and_none_that_finds_the_socket_empty() {
+    let seen = receive_until(
+        (Duration::ZERO, Duration::ZERO),
+        2,
+        |wire, datagrams, log| {
+            for (n, datagram) in datagrams.into_iter().enumerate() {
+                wire.deliver(datagram);
+                wait_writes(log, n + 1);
+            }
+        },
+        |seen| writes(seen) == 2,
+    );
+    assert_eq!(
+        seen,
+        ["recv one", "write", "recv one", "write"],
+        "one single receive per lone datagram: {seen:?}"
+    );
+}
+
+/// A burst behind a lone datagram is received with a batch's receives, however long each turn
+/// takes (here each TUN write takes 1.5 ms, longer than [`LONE_GAP`](crate::driver::LONE_GAP)):
+/// the quiet before a wake-up makes its datagram lone, not the time since the last turn began.
+/// Measured from the turns' starts, the burst would go one single receive per wake-up.
+#[test]
+fn a_burst_behind_a_lone_datagram_is_received_in_batches_however_slow_the_turns() {
+    const BURST: usize = 20;
+    let seen = receive_until(
+        (crate::driver::LONE_GAP, Duration::from_micros(1500)),
+        1 + BURST,
+        |wire, datagrams, log| {
+            let mut datagrams = datagrams.into_iter();
+            wire.deliver(datagrams.next().expect("the lone one"));
+            wait_writes(log, 1);
+            for datagram in datagrams {
+                wire.deliver(datagram);
+            }
+        },
+        |seen| writes(seen) == 1 + BURST,
+    );
+    assert_eq!(writes(&seen), 1 + BURST, "every datagram written: {seen:?}");
+    assert_eq!(
+        seen.first(),
+        Some(&"recv one"),
+        "the first is lone: {seen:?}"
+    );
+    let singles = seen.iter().filter(|w| **w == "recv one").count();
+    assert!(
+        singles < 1 + BURST / 2,
+        "the burst was received one single receive per wake-up ({singles} of {}): {seen:?}",
+        1 + BURST
+    );
 }

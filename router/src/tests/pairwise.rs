@@ -14,7 +14,7 @@ use crate::{
 };
 
 const A_ADDR: &str = "198.18.1.1:51820";
-const B_ADDR: &str = "198.18.1.2:51820";
+pub(super) const B_ADDR: &str = "198.18.1.2:51820";
 
 fn peer(name: &str, key: &StaticSecret, endpoint: Option<&str>, allowed: &[&str]) -> PeerConfig {
     peer_config(name, PublicKey::from(key).to_bytes(), endpoint, allowed)
@@ -90,6 +90,23 @@ impl Pair {
             "the handshake completed and the packet crossed"
         );
         p
+    }
+
+    /// The datagrams of `n` packets b's pod sends a's (100.64.2.1 to 100.64.1.1), in order and
+    /// not delivered: for a worker around a's router to receive, from [`B_ADDR`].
+    #[cfg(feature = "driver")]
+    pub(super) fn datagrams_to_a(&mut self, n: usize) -> Vec<Vec<u8>> {
+        let mut out = vec![0; 2048];
+        (0..n)
+            .map(|i| {
+                let payload = [u8::try_from(i % 256).unwrap_or(0)];
+                let pkt = test_packet(ip("100.64.2.1"), ip("100.64.1.1"), &payload);
+                match self.b.router.handle_tun_packet(self.now, &pkt, &mut out) {
+                    TunAction::Transmit(t) => out[..t.len].to_vec(),
+                    other => panic!("b did not send its packet at once: {other:?}"),
+                }
+            })
+            .collect()
     }
 
     fn node(&mut self, addr: SocketAddr) -> &mut Node {
