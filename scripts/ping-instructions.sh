@@ -10,6 +10,12 @@
 # end, start-up and teardown cancelling out. Prints the total per ping for each tool's first
 # end, then weft's `top` functions (default 25). Timings under callgrind mean nothing; only
 # the counts are read.
+#
+# With HOT_SYMBOLS=FILE it also writes FILE: the symbols of every function of the weft binary
+# that a ping runs (one instruction or more per ping), hottest first, for the linker to lay out
+# side by side (link/README.md); weft's names are then shown mangled.
+#
+#   HOT_SYMBOLS=link/hot-symbols.txt scripts/ping-instructions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-target/release}
@@ -26,9 +32,10 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$work/tools/bin" "$work/out"
 cp "$dir/weft-bench" "$work/bin/"
 real_weft=$(realpath "$dir/weft")
+demangle=$([ -n "${HOT_SYMBOLS:-}" ] && echo no || echo yes)
 cat >"$work/bin/weft" <<EOF
 #!/bin/sh
-exec valgrind --tool=callgrind --callgrind-out-file=$work/out/weft.%p.out $real_weft "\$@"
+exec valgrind --tool=callgrind --demangle=$demangle --callgrind-out-file=$work/out/weft.%p.out $real_weft "\$@"
 EOF
 real_bt=$(realpath bench/.tools/bin/boringtun-cli 2>/dev/null || true)
 if [ ! -x "$real_bt" ]; then
@@ -77,3 +84,19 @@ echo
 echo "weft's top $top (instructions per ping, file:function):"
 per_ping weft | head -"$top" |
   sed -E 's#/root/.cargo/registry/src/[^/]+/##; s#/rustc/[0-9a-f]+/##; s#^( +[0-9]+  )/.*/([^/:]+:)#\1\2#'
+
+if [ -n "${HOT_SYMBOLS:-}" ]; then
+  # Only the binary's own functions (libc's, the vDSO's cannot be placed), hottest first.
+  # Summed per symbol over the source files its code came from; half an instruction per ping
+  # or more.
+  symbols() { costs "$1" | sed -E 's/\t.*:([^:]+)$/\t\1/' |
+    awk -F '\t' '{ sum[$2] += $1 } END { for (k in sum) print sum[k] "\t" k }' |
+    LC_ALL=C sort -t $'\t' -k2; }
+  LC_ALL=C join -t $'\t' -1 2 -2 2 -a 2 -e 0 -o 0,1.1,2.1 \
+    <(symbols "$work/weft-300.txt") <(symbols "$work/weft-1300.txt") |
+    awk -F '\t' '{ d = ($3 - $2) / 1000; if (d >= 0.5) printf "%.1f\t%s\n", d, $1 }' |
+    sort -rn | cut -f2 |
+    grep -Fx -f <(nm --defined-only "$real_weft" | awk '{ print $3 }') >"$HOT_SYMBOLS" || true
+  echo
+  echo "$(wc -l <"$HOT_SYMBOLS") symbols written to $HOT_SYMBOLS"
+fi
