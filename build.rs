@@ -4,8 +4,10 @@
 //! project's machines took about 0.025x off weft's critical path against boringtun-cli's.
 //!
 //! Only where the linker is LLD (`rust-lld`, the default for `x86_64-unknown-linux-gnu` from
-//! Rust 1.90; GNU ld has no `--symbol-ordering-file`) and only for release builds (a debug
-//! build's symbols are other ones). `WEFT_NO_SYMBOL_ORDER=1` turns it off.
+//! Rust 1.90 where the toolchain ships it; GNU ld has no `--symbol-ordering-file`), with no other
+//! linker asked for in RUSTFLAGS or `CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER`, and only for
+//! release builds (a debug build's symbols are other ones). A linker set in a cargo config file
+//! is not seen here: set `WEFT_NO_SYMBOL_ORDER=1` with it, which turns the ordering off.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +20,10 @@ fn main() {
         || var("TARGET") != "x86_64-unknown-linux-gnu"
         || var("PROFILE") != "release"
         || !default_linker_is_lld(&var("RUSTC"))
-        || var("CARGO_ENCODED_RUSTFLAGS").contains("linker")
+        || ["linker", "fuse-ld"]
+            .iter()
+            .any(|flag| var("CARGO_ENCODED_RUSTFLAGS").contains(flag))
+        || std::env::var_os("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_some()
     {
         return;
     }
@@ -33,9 +38,19 @@ fn main() {
     }
 }
 
-/// Whether `rustc` links with LLD by default on x86_64 Linux: from 1.90.
+/// Whether `rustc` links with its own LLD by default on x86_64 Linux: from 1.90, and only
+/// where the toolchain ships it (`gcc-ld/ld.lld` in its sysroot, as rustup's do; a distribution's
+/// rustc may link with the system's GNU ld).
 fn default_linker_is_lld(rustc: &str) -> bool {
     let rustc = if rustc.is_empty() { "rustc" } else { rustc };
+    let Ok(sysroot) = Command::new(rustc).args(["--print", "sysroot"]).output() else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
+    let lld = Path::new(&sysroot).join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld/ld.lld");
+    if !lld.exists() {
+        return false;
+    }
     let Ok(out) = Command::new(rustc).arg("--version").output() else {
         return false;
     };

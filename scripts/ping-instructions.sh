@@ -12,7 +12,7 @@
 # the counts are read.
 #
 # With HOT_SYMBOLS=FILE it also writes FILE: the symbols of every function of the weft binary
-# that a ping runs (one instruction or more per ping), hottest first, for the linker to lay out
+# that a ping runs (half an instruction or more per ping), hottest first, for the linker to lay out
 # side by side (link/README.md); weft's names are then shown mangled.
 #
 #   HOT_SYMBOLS=link/hot-symbols.txt scripts/ping-instructions.sh
@@ -96,7 +96,8 @@ if [ -n "${HOT_SYMBOLS:-}" ]; then
     <(symbols "$work/weft-300.txt") <(symbols "$work/weft-1300.txt") |
     awk -F '\t' '{ d = ($3 - $2) / 1000; if (d >= 0.5) printf "%.1f\t%s\n", d, $1 }' |
     sort -rn | cut -f2 |
-    grep -Fx -f <(nm --defined-only "$real_weft" | awk '{ print $3 }') >"$HOT_SYMBOLS" || true
+    grep -Fx -f <(nm --defined-only "$real_weft" | awk '{ print $3 }') >"$HOT_SYMBOLS" ||
+    { echo "no symbol of $real_weft found among a ping's functions: $HOT_SYMBOLS left empty" >&2; exit 1; }
   echo
   echo "$(wc -l <"$HOT_SYMBOLS") symbols written to $HOT_SYMBOLS"
 fi

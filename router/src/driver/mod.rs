@@ -290,6 +290,10 @@ pub struct Driver<T = Tun, U = Udp> {
     start: Instant,
     /// The time the clock was last read: at the start of each turn, then by each step.
     now: Instant,
+    /// The clock's reading at the start of this turn: how long the TUN queue and the socket
+    /// stayed quiet before it ([`LONE_GAP`]) is measured to it, not to a later step's reading
+    /// (this turn's own work is no quiet).
+    woke_at: Instant,
     /// `now` was read at the turn's start and no step has used it yet: the first step (the
     /// packet that woke the worker) takes it rather than reading the clock again.
     fresh: bool,
@@ -566,6 +570,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             events: Vec::new(),
             start: now,
             now,
+            woke_at: now,
             fresh: false,
             deadline_moved: true,
         })
@@ -578,8 +583,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// to [`TURN_COMMANDS`] commands (when `woke` says some may wait). No source gets more
     /// than its share before the next is served.
     ///
-    /// The clock is read once at the start, and that reading serves the first step (and once at
-    /// the end of a turn that read a TUN packet, for [`LONE_GAP`]); the router's output is
+    /// The clock is read once at the start, and that reading serves the first step and the
+    /// [`LONE_GAP`] checks (and once at the end of a turn that read a TUN packet or received a
+    /// datagram, for the next turn's checks); the router's output is
     /// flushed by each step that may have made some (the timers, the datagrams, the TUN
     /// packets, the commands), and not looked for otherwise.
     async fn turn(
@@ -588,6 +594,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         woke: Woke,
     ) -> io::Result<Turn> {
         self.now = clock();
+        self.woke_at = self.now;
         self.fresh = true;
         if woke.tun {
             self.serve_tun().await?;
@@ -638,8 +645,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         Ok(Turn::Continue)
     }
 
-    /// Sets the gap that makes a TUN wake-up's packet lone ([`LONE_GAP`]): 0 makes every
-    /// sparse one lone; a long one none but the first.
+    /// Sets the gap that makes a wake-up's TUN packet or datagram lone ([`LONE_GAP`]): 0 makes
+    /// every sparse one lone; a long one none but the first.
     #[cfg(test)]
     pub(crate) fn set_lone_gap(&mut self, gap: Duration) {
         self.lone_gap = gap;
@@ -664,7 +671,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     async fn serve_udp(&mut self) {
         let mut drained = !self.udp_in.is_full();
         let mut handled = self.on_datagrams().await;
-        let now = self.now;
+        let now = self.woke_at;
         if handled == 0
             && self.udp_in.is_sparse()
             && self
@@ -730,7 +737,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         let first = self.tun_in.len();
         if first > 0 {
             done = 1;
-            let now = self.now;
+            let now = self.woke_at;
             let lone = self.tun_sparse
                 && first == 1
                 && self
