@@ -652,6 +652,12 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         self.lone_gap = gap;
     }
 
+    /// Whether the source whose last busy turn ended at `last` (`None`: never) stayed quiet for
+    /// [`LONE_GAP`] or more before this turn began.
+    fn quiet_since(&self, last: Option<Instant>) -> bool {
+        last.is_none_or(|t| self.woke_at.saturating_duration_since(t) >= self.lone_gap)
+    }
+
     /// The time for a step: the turn's reading for its first, the clock's after that.
     fn step_now(&mut self) -> Instant {
         if !std::mem::take(&mut self.fresh) {
@@ -671,29 +677,22 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     async fn serve_udp(&mut self) {
         let mut drained = !self.udp_in.is_full();
         let mut handled = self.on_datagrams().await;
-        let now = self.woke_at;
-        if handled == 0
-            && self.udp_in.is_sparse()
-            && self
-                .last_udp
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.lone_gap)
-        {
+        let lone = handled == 0 && self.udp_in.is_sparse() && self.quiet_since(self.last_udp);
+        if lone {
             // Sparse traffic, quiet for a while: one receive of one buffer, and the queue
             // taken for empty (`epoll` reports a datagram still queued at once, and that
-            // wake-up, close behind this one, receives in batches again).
+            // wake-up, close behind this one, receives in batches again): no more receives.
             match self.udp.try_recv_one(&mut self.udp_in) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 r => udp_result(r),
             }
             handled = self.on_datagrams().await;
-            self.read_udp |= handled > 0;
-            write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
-            if handled > 0 {
-                self.flush().await;
-            }
-            return;
         }
-        let receives = if self.offload.udp_batch { BATCH } else { 1 };
+        let receives = match (lone, self.offload.udp_batch) {
+            (true, _) => 0,
+            (false, true) => BATCH,
+            (false, false) => 1,
+        };
         for _ in 0..receives {
             if handled >= TURN_PACKETS || (!self.offload.udp_batch && handled > 0) {
                 break;
@@ -737,12 +736,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         let first = self.tun_in.len();
         if first > 0 {
             done = 1;
-            let now = self.woke_at;
-            let lone = self.tun_sparse
-                && first == 1
-                && self
-                    .last_tun
-                    .is_none_or(|t| now.saturating_duration_since(t) >= self.lone_gap);
+            let lone = self.tun_sparse && first == 1 && self.quiet_since(self.last_tun);
             self.read_tun = true;
             if self.tun_sparse {
                 self.on_tun_packets().await;
