@@ -40,6 +40,7 @@
 //!   circle). Otherwise a worker preempted between encrypting a batch and sending it could send
 //!   it after the others sent more than the receiver's replay window (1024 counters) of later
 //!   ones, and lose it all. A turn held past [`HOLD_LIMIT`] (a stalled worker) is taken over.
+//!   A worker alone (`workers = 1`) has nobody to keep in order and takes no turns.
 //!   Commands, timers and
 //!   queued output (handshake answers, packets a handshake released) take the write lock,
 //!   briefly, and only when there is something. `weft-bench router` measures what the sharing

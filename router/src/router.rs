@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,11 @@ pub struct Router {
     /// The initiation of a probe being sent, and the addresses it is still to go to.
     probing: Option<(Vec<u8>, Vec<SocketAddr>)>,
     events: Mutex<VecDeque<Event>>,
+    /// `flush` or `events` may hold something: set after each push made under the read lock,
+    /// cleared once both are polled empty (under the write lock, so no push comes between).
+    /// [`has_output`](Self::has_output) locks them only when it is set: a packet's turn, which
+    /// queues nothing, takes neither lock to find that out.
+    queued: AtomicBool,
     /// Send turns taken over from a stalled worker.
     takeovers: AtomicU64,
 }
@@ -281,6 +286,7 @@ impl Router {
             probe: VecDeque::new(),
             probing: None,
             events: Mutex::default(),
+            queued: AtomicBool::new(false),
             takeovers: AtomicU64::new(0),
         }
     }
@@ -310,12 +316,17 @@ impl Router {
     /// Whether the router has output to poll ([`poll_transmit`](Self::poll_transmit),
     /// [`poll_event`](Self::poll_event)), so that a worker takes the write lock only then.
     pub fn has_output(&self) -> bool {
-        !lock(&self.flush).is_empty()
-            || !self.connect.is_empty()
+        let queued = || !lock(&self.flush).is_empty() || !lock(&self.events).is_empty();
+        !self.connect.is_empty()
             || !self.probe.is_empty()
             || self.probing.is_some()
             || !self.timers.is_empty()
-            || !lock(&self.events).is_empty()
+            || (self.queued.load(Ordering::Acquire) && queued())
+    }
+
+    /// Notes that `flush` or `events` got something (see `queued`).
+    fn note_queued(&self) {
+        self.queued.store(true, Ordering::Release);
     }
 
     /// A snapshot of every peer, in index order.
@@ -599,6 +610,13 @@ impl Router {
         }
     }
 
+    /// The worker that holds `peer`'s send turn, if any.
+    #[cfg(all(test, feature = "driver"))]
+    pub(crate) fn turn_holder(&self, peer: PeerId) -> Option<u16> {
+        let slot = self.peers.get(&peer)?;
+        lock(slot).held.map(|(worker, _)| worker)
+    }
+
     /// How many send turns were taken over from a worker that held one past [`HOLD_LIMIT`].
     pub fn takeovers(&self) -> u64 {
         self.takeovers.load(Ordering::Relaxed)
@@ -783,6 +801,7 @@ impl Router {
                     lock(&self.events).push_back(Event::HandshakeCompleted { peer: id });
                     debug!(peer = %id, name = %peer.config.name, "handshake completed");
                 }
+                self.note_queued();
                 peer.counters.tx_bytes += len as u64;
                 (
                     NetAction::Transmit(Transmit {
@@ -829,6 +848,7 @@ impl Router {
                     peer: id,
                     endpoint: from,
                 });
+                self.note_queued();
             }
         }
         action
@@ -995,6 +1015,7 @@ impl Router {
                     peer.expired = true;
                     debug!(peer = %id, name = %peer.config.name, "session expired");
                     inner(&mut self.events).push_back(Event::SessionExpired { peer: id });
+                    *self.queued.get_mut() = true;
                 }
                 TunnResult::Err(e) => trace!(peer = %id, error = ?e, "timer error"),
                 _ => {}
@@ -1046,6 +1067,10 @@ impl Router {
 
     /// The next event for the control plane.
     pub fn poll_event(&mut self) -> Option<Event> {
-        inner(&mut self.events).pop_front()
+        let event = inner(&mut self.events).pop_front();
+        if event.is_none() && inner(&mut self.flush).is_empty() {
+            *self.queued.get_mut() = false;
+        }
+        event
     }
 }

@@ -264,16 +264,18 @@ pub struct Driver<T = Tun, U = Udp> {
     tun_sparse: bool,
     /// This turn read a TUN packet.
     read_tun: bool,
-    /// When the last turn that read a TUN packet ended; `None` before the first. The gap to
-    /// the next is how long the queue stayed quiet, whatever a turn's own length: under load
-    /// `epoll` returns at once and the gap is near nothing, however slow each turn is.
-    last_tun: Option<Instant>,
+    /// When the TUN queue counts as quiet: [`LONE_GAP`] after the last turn that read a
+    /// packet ended; `None` before the first (quiet). Measured from the end of that turn, so
+    /// the gap is how long the queue stayed quiet, whatever a turn's own length: under load
+    /// `epoll` returns at once and the gap is near nothing, however slow each turn is. Kept as
+    /// the instant rather than the turn's end so that each check is a comparison.
+    quiet_tun: Option<Instant>,
     /// This turn received a datagram.
     read_udp: bool,
-    /// When the last turn that received a datagram ended; `None` before the first. As
-    /// `last_tun`, for the socket: a receive [`LONE_GAP`] or more after it, when the last
-    /// filled one buffer, takes one buffer with the cheapest receive there is.
-    last_udp: Option<Instant>,
+    /// As `quiet_tun`, for the socket, from the last turn that received a datagram: a receive
+    /// from then on, when the last filled one buffer, takes one buffer with the cheapest
+    /// receive there is.
+    quiet_udp: Option<Instant>,
     /// [`LONE_GAP`], or another gap in tests.
     lone_gap: Duration,
     /// Packets for the device.
@@ -285,6 +287,9 @@ pub struct Driver<T = Tun, U = Udp> {
     pending: Vec<Out>,
     /// Peers whose send turn this worker holds: it encrypted for them and has not sent yet.
     held: Vec<PeerId>,
+    /// The only worker on its router: nothing else encrypts for its peers, so it neither
+    /// takes send turns ([`Router::handle_tun_packet`]) nor has any to give back.
+    alone: bool,
     /// The router's events, logged once its lock is released.
     events: Vec<Event>,
     start: Instant,
@@ -535,7 +540,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     }
 
     /// Worker `worker` of several sharing `router` and `errors`, over its own TUN queue and UDP
-    /// socket.
+    /// socket. `errors` counts for every worker on `router` ([`IoCounters::new`]): counted for
+    /// one, the worker is alone and takes no send turns.
     pub fn worker(
         worker: usize,
         router: SharedRouter,
@@ -547,6 +553,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         let udp_v6 = udp.local_addr()?.is_ipv6();
         let rx = if offload.udp_batch { RX_BATCH } else { 1 };
         let now = clock();
+        let alone = errors.workers.len() == 1;
         Ok(Self {
             router,
             errors,
@@ -558,15 +565,16 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             tun_in: Packets::new(),
             tun_sparse: true,
             read_tun: false,
-            last_tun: None,
+            quiet_tun: None,
             read_udp: false,
-            last_udp: None,
+            quiet_udp: None,
             lone_gap: LONE_GAP,
             tun_out: Packets::new(),
             udp_in: Datagrams::new(rx),
             net_out: vec![0; NET_OUT + ONE_OUT],
             pending: Vec::with_capacity(SLOTS),
             held: Vec::with_capacity(SLOTS),
+            alone,
             events: Vec::new(),
             start: now,
             now,
@@ -634,12 +642,12 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             std::mem::take(&mut self.read_udp),
         );
         if tun || udp {
-            let end = Some(clock());
+            let quiet = clock().checked_add(self.lone_gap);
             if tun {
-                self.last_tun = end;
+                self.quiet_tun = quiet;
             }
             if udp {
-                self.last_udp = end;
+                self.quiet_udp = quiet;
             }
         }
         Ok(Turn::Continue)
@@ -652,10 +660,11 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         self.lone_gap = gap;
     }
 
-    /// Whether the source whose last busy turn ended at `last` (`None`: never) stayed quiet for
-    /// [`LONE_GAP`] or more before this turn began.
-    fn quiet_since(&self, last: Option<Instant>) -> bool {
-        last.is_none_or(|t| self.woke_at.saturating_duration_since(t) >= self.lone_gap)
+    /// Whether this turn began once the source counted as quiet (`quiet_tun`, `quiet_udp`):
+    /// [`LONE_GAP`] or more after its last busy turn, or before it ever had one (`None`, which
+    /// a gap too long for the clock to add also gives).
+    fn quiet_at(&self, quiet: Option<Instant>) -> bool {
+        quiet.is_none_or(|t| self.woke_at >= t)
     }
 
     /// The time for a step: the turn's reading for its first, the clock's after that.
@@ -677,7 +686,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     async fn serve_udp(&mut self) {
         let mut drained = !self.udp_in.is_full();
         let mut handled = self.on_datagrams().await;
-        let lone = handled == 0 && self.udp_in.is_sparse() && self.quiet_since(self.last_udp);
+        let lone = handled == 0 && self.udp_in.is_sparse() && self.quiet_at(self.quiet_udp);
         if lone {
             // Sparse traffic, quiet for a while: one receive of one buffer, and the queue
             // taken for empty (`epoll` reports a datagram still queued at once, and that
@@ -736,7 +745,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         let first = self.tun_in.len();
         if first > 0 {
             done = 1;
-            let lone = self.tun_sparse && first == 1 && self.quiet_since(self.last_tun);
+            let lone = self.tun_sparse && first == 1 && self.quiet_at(self.quiet_tun);
             self.read_tun = true;
             if self.tun_sparse {
                 self.on_tun_packets().await;
@@ -834,7 +843,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// is encapsulated, unlocked while it is sent. A packet for a peer whose send turn another
     /// worker holds ([`Router::handle_tun_packet_as`]) waits: this worker sends (and gives
     /// back) what it holds, lets the other run, and tries again; the router hands a turn held
-    /// past [`crate::HOLD_LIMIT`] over, so the wait is bounded.
+    /// past [`crate::HOLD_LIMIT`] over, so the wait is bounded. A worker alone takes no turns.
     async fn on_tun_packets(&mut self) {
         let (n, mut i) = (self.tun_in.len(), 0);
         self.errors.count(self.worker, false, n);
@@ -848,7 +857,12 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 while i < n && used <= NET_OUT {
                     let packet = self.tun_in.get(i);
                     let out = &mut self.net_out[used..];
-                    match router.handle_tun_packet_as(me, now, packet, out) {
+                    let action = if self.alone {
+                        router.handle_tun_packet(now, packet, out)
+                    } else {
+                        router.handle_tun_packet_as(me, now, packet, out)
+                    };
+                    match action {
                         TunAction::Transmit(t) => {
                             self.pending.push(Out {
                                 to: t.destination,
@@ -857,6 +871,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                             });
                             used += t.len;
                             if let Some(peer) = t.peer
+                                && !self.alone
                                 && self.held.last() != Some(&peer)
                             {
                                 self.held.push(peer);

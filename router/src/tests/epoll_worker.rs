@@ -8,12 +8,15 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use weft_config::Offload;
 
-use crate::driver::{Bell, Datagrams, Driver, Packets, TunIo, UdpIo, Watched};
+use crate::PeerId;
+use crate::driver::{
+    Bell, Datagrams, Driver, IoCounters, Packets, SharedRouter, TunIo, UdpIo, Watched,
+};
 use crate::packet::test_packet;
 
 /// What the worker did, in order: `read` (a TUN read that got a packet), `try` (one that found
@@ -104,6 +107,9 @@ pub(crate) struct Quiet {
     sent: Option<Log>,
     /// How long each send takes (a slow device).
     send_time: Duration,
+    /// A router and one of its peers: each send is logged with whether some worker holds the
+    /// peer's send turn as it is made (`send, turn held` or `send, no turn`).
+    turns: Option<(SharedRouter, PeerId)>,
 }
 
 /// A [`Quiet`] device.
@@ -114,6 +120,7 @@ pub(crate) fn quiet() -> Quiet {
         _other,
         sent: None,
         send_time: Duration::ZERO,
+        turns: None,
     }
 }
 
@@ -143,7 +150,14 @@ impl UdpIo for Quiet {
     }
     async fn send(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
         if let Some(log) = &self.sent {
-            note(log, "send");
+            let what = match &self.turns {
+                None => "send",
+                Some((router, peer)) => match router.read().expect("router").turn_holder(*peer) {
+                    Some(_) => "send, turn held",
+                    None => "send, no turn",
+                },
+            };
+            note(log, what);
         }
         // A slow device is the scenario's input, not a wait for a condition.
         std::thread::sleep(self.send_time);
@@ -154,6 +168,35 @@ impl UdpIo for Quiet {
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(SocketAddr::from(([198, 18, 0, 1], 51820)))
+    }
+}
+
+/// A worker alone on its router takes no send turns: nothing else encrypts for its peers, so
+/// there is no order to keep, and no lock, lookup and peer lock per batch to give a turn back.
+/// One of two workers holds the peer's turn while it sends, as before.
+#[test]
+fn a_worker_alone_takes_no_send_turns_and_one_of_two_holds_the_turn_while_it_sends() {
+    for (workers, expected) in [(1, "send, no turn"), (2, "send, turn held")] {
+        let pair = super::pairwise::Pair::connected(b"up");
+        let peer = pair.b_id;
+        let shared: SharedRouter = Arc::new(RwLock::new(pair.a.router));
+        let log = Log::default();
+        let (tun, kernel) = polled_tun(log.clone());
+        let udp = Quiet {
+            sent: Some(log.clone()),
+            turns: Some((shared.clone(), peer)),
+            ..quiet()
+        };
+        let counters = Arc::new(IoCounters::new(workers));
+        let worker = Driver::worker(0, shared, counters, tun, udp, Offload::AUTO).expect("driver");
+        let seen = serve_until(
+            worker,
+            &log,
+            || kernel.feed(packet(1)),
+            |seen| seen.iter().any(|w| w.starts_with("send")),
+        );
+        let sends: Vec<_> = seen.iter().filter(|w| w.starts_with("send")).collect();
+        assert_eq!(sends, [&expected], "{workers} worker(s): {seen:?}");
     }
 }
 

@@ -33,7 +33,7 @@ pub(super) struct Pair {
     pub(super) a: Node,
     b: Node,
     a_id: PeerId,
-    b_id: PeerId,
+    pub(super) b_id: PeerId,
     wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// Every datagram that crossed the wire, for replay and inspection.
     seen: Vec<Vec<u8>>,
@@ -626,6 +626,51 @@ fn workers_sharing_a_peer_send_in_counter_order_so_its_replay_window_drops_nothi
     let lost = 5 * 600 - without.iter().map(Vec::len).sum::<usize>();
     assert!(lost > 0, "nothing lost without turns");
     assert!(p.b.drops.contains(&DropReason::Replay), "{:?}", p.b.drops);
+}
+
+/// `has_output` says when a datagram's handling queued output (a peer to flush after a
+/// handshake, an event) and, once that is all polled, that nothing is left; a data message,
+/// which queues nothing, leaves it false. Workers take the write lock only on its word.
+#[test]
+fn has_output_reports_what_a_datagram_queued_until_it_is_polled() {
+    let mut p = Pair::new();
+    let mut out = vec![0; 2048];
+    let drained = |r: &mut Router, out: &mut [u8]| {
+        while r.poll_transmit(p.now, out).is_some() {}
+        while r.poll_event().is_some() {}
+        !r.has_output()
+    };
+    assert!(drained(&mut p.b.router, &mut out), "b starts with nothing");
+    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"first");
+    let TunAction::Transmit(t) = p.a.router.handle_tun_packet(p.now, &pkt, &mut out) else {
+        panic!("a sends an initiation");
+    };
+    let initiation = out[..t.len].to_vec();
+    let answer =
+        p.b.router
+            .handle_datagram(p.now, sa(A_ADDR), &initiation, &mut out);
+    assert!(matches!(answer, NetAction::Transmit(_)), "{answer:?}");
+    assert!(p.b.router.has_output(), "b queued its flush and events");
+    while p.b.router.poll_transmit(p.now, &mut out).is_some() {}
+    assert!(p.b.router.has_output(), "the events are still queued");
+    assert!(matches!(
+        p.b.router.poll_event(),
+        Some(Event::HandshakeCompleted { .. } | Event::EndpointChanged { .. })
+    ));
+    assert!(drained(&mut p.b.router, &mut out), "all polled");
+    // A data message, once the session is up, queues nothing.
+    let mut p = Pair::connected(b"up");
+    assert!(drained(&mut p.a.router, &mut out));
+    let pkt = test_packet(ip("100.64.2.1"), ip("100.64.1.1"), b"data");
+    let TunAction::Transmit(t) = p.b.router.handle_tun_packet(p.now, &pkt, &mut out) else {
+        panic!("b sends at once");
+    };
+    let data = out[..t.len].to_vec();
+    let got =
+        p.a.router
+            .handle_datagram(p.now, sa(B_ADDR), &data, &mut out);
+    assert!(matches!(got, NetAction::WriteTun(_)), "{got:?}");
+    assert!(!p.a.router.has_output(), "a data message queued nothing");
 }
 
 #[test]
