@@ -195,7 +195,8 @@ pub struct Router {
     probing: Option<(Vec<u8>, Vec<SocketAddr>)>,
     events: Mutex<VecDeque<Event>>,
     /// `flush` or `events` may hold something: set after each push made under the read lock,
-    /// cleared once both are polled empty (under the write lock, so no push comes between).
+    /// cleared once both are found empty (polled, or a peer removed; under the write lock, so
+    /// no push comes between).
     /// [`has_output`](Self::has_output) locks them only when it is set: a packet's turn, which
     /// queues nothing, takes neither lock to find that out.
     queued: AtomicBool,
@@ -453,6 +454,7 @@ impl Router {
         self.by_key.remove(&peer.config.public_key);
         self.by_addr.retain(|_, p| *p != id);
         inner(&mut self.flush).retain(|p| *p != id);
+        self.settle_queued();
         self.timers.retain(|p| *p != id);
         self.connect.retain(|p| *p != id);
         self.probe.retain(|(p, _)| *p != id);
@@ -572,7 +574,10 @@ impl Router {
     /// Routes one packet read from the TUN device; the datagram to send is written into `out`,
     /// which must hold at least `packet.len() + 32` and [`MIN_BUFFER`] bytes. For a single
     /// caller: it neither takes nor respects send turns (see
-    /// [`handle_tun_packet_as`](Self::handle_tun_packet_as)).
+    /// [`handle_tun_packet_as`](Self::handle_tun_packet_as)). It queues no output
+    /// ([`has_output`](Self::has_output)): what it makes is in the action it returns (a packet
+    /// that waits for a handshake stays in the session, which a datagram releases), so a
+    /// driver need not ask for output after packets from the device.
     pub fn handle_tun_packet(&self, now: Instant, packet: &[u8], out: &mut [u8]) -> TunAction {
         self.encapsulate(None, now, packet, out)
     }
@@ -1022,6 +1027,7 @@ impl Router {
             }
         }
         let _ = now;
+        self.settle_queued();
         None
     }
 
@@ -1068,9 +1074,16 @@ impl Router {
     /// The next event for the control plane.
     pub fn poll_event(&mut self) -> Option<Event> {
         let event = inner(&mut self.events).pop_front();
-        if event.is_none() && inner(&mut self.flush).is_empty() {
-            *self.queued.get_mut() = false;
+        if event.is_none() {
+            self.settle_queued();
         }
         event
+    }
+
+    /// Clears `queued` once `flush` and `events` are both empty (under `&mut self`: no push
+    /// can come between the look and the clear).
+    fn settle_queued(&mut self) {
+        let empty = inner(&mut self.flush).is_empty() && inner(&mut self.events).is_empty();
+        *self.queued.get_mut() = !empty;
     }
 }

@@ -22,9 +22,14 @@
 //! (a pod sending faster than weft encrypts, a flood of datagrams) gets its bounded share of
 //! each turn and cannot starve the others: inbound traffic, handshake responses and WireGuard's
 //! timers go on. Asking a source that is not ready costs no system call (its readiness is
-//! known). A worker in `epoll` knows more: it runs the timers only when their `timerfd` went
-//! off and looks for commands only when the bell rang, so a packet's turn touches neither (nor
-//! reads the router's deadline again: only the timers and the commands move it). A dropped
+//! known). A worker in `epoll` knows more: it serves the TUN queue and the socket only when
+//! `epoll` reports them (level-triggered: what a turn leaves is reported at the next wait), runs
+//! the timers only when their `timerfd` went off and looks for commands only when the bell rang,
+//! so a packet's turn touches nothing else (nor reads the router's deadline again: only the
+//! timers and the commands move it), and after its packet's send or write it goes back to wait
+//! at once: a worker woken on the same CPU (the other tunnel end, the pod) waits for that. The
+//! router is asked for output only after steps that may have made some, and after datagrams
+//! under the lock their handling already held. A dropped
 //! shutdown sender or a closed command channel means the daemon is gone: the driver stops.
 //!
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
@@ -292,6 +297,10 @@ pub struct Driver<T = Tun, U = Udp> {
     alone: bool,
     /// The router's events, logged once its lock is released.
     events: Vec<Event>,
+    /// The datagrams' handling left the router with output (asked under the batch's own read
+    /// lock): the turn flushes it. A data message makes none, and then no lock is taken to
+    /// find that out after its write.
+    output: bool,
     start: Instant,
     /// The time the clock was last read: at the start of each turn, then by each step.
     now: Instant,
@@ -314,6 +323,11 @@ pub struct Driver<T = Tun, U = Udp> {
 struct Woke {
     /// The TUN queue: its packets are served first.
     tun: bool,
+    /// The TUN queue may hold packets though it did not wake the worker: it is served after
+    /// the socket.
+    tun_later: bool,
+    /// The socket may hold datagrams: it is served.
+    udp: bool,
     /// The router's deadline may have passed: the timers are run if it has.
     timers: bool,
     /// The bell rang: commands may be waiting.
@@ -326,6 +340,8 @@ impl Woke {
     fn any(tun: bool) -> Self {
         Self {
             tun,
+            tun_later: !tun,
+            udp: true,
             timers: true,
             commands: true,
         }
@@ -506,8 +522,13 @@ impl<T: TunIo + Watched, U: UdpIo + Watched> Driver<T, U> {
             }
             // The timers only when their `timerfd` went off, the commands only when the bell
             // rang (each command rings it once it is queued): a packet's turn looks at neither.
+            // Likewise the TUN queue and the socket only when `epoll` reports them (it is
+            // level-triggered: whatever a turn leaves queued is reported at the next wait), so
+            // a hop's turn ends right after its packet's write or send.
             let woke = Woke {
                 tun: ready.tun,
+                tun_later: false,
+                udp: ready.udp,
                 timers: ready.due,
                 commands: ready.rung,
             };
@@ -576,6 +597,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             held: Vec::with_capacity(SLOTS),
             alone,
             events: Vec::new(),
+            output: false,
             start: now,
             now,
             woke_at: now,
@@ -587,15 +609,18 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// One turn: TUN packets first when they woke the worker (a ping's packet leaves before
     /// anything else is looked at); then the timers if due (the commands' worker only, when
     /// `woke` says they may be); datagrams (those the wake-up received and, with batching, up
-    /// to [`TURN_PACKETS`] more); TUN packets (likewise up to a batch) unless served first; up
-    /// to [`TURN_COMMANDS`] commands (when `woke` says some may wait). No source gets more
-    /// than its share before the next is served.
+    /// to [`TURN_PACKETS`] more) when the socket may hold some; TUN packets (likewise up to a
+    /// batch) when the queue may hold some and was not served first; up to [`TURN_COMMANDS`]
+    /// commands (when `woke` says some may wait). No source gets more than its share before
+    /// the next is served.
     ///
     /// The clock is read once at the start, and that reading serves the first step and the
     /// [`LONE_GAP`] checks (and once at the end of a turn that read a TUN packet or received a
     /// datagram, for the next turn's checks); the router's output is
-    /// flushed by each step that may have made some (the timers, the datagrams, the TUN
-    /// packets, the commands), and not looked for otherwise.
+    /// flushed by each step that may have made some (the timers, the datagrams, the commands),
+    /// and not looked for otherwise: TUN packets make none ([`Router::handle_tun_packet`]).
+    /// Each step that makes output sends it itself, on whichever worker, so none waits for
+    /// another worker's turn.
     async fn turn(
         &mut self,
         commands: Option<&mut mpsc::Receiver<Command>>,
@@ -616,8 +641,10 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             self.deadline_moved = true;
             self.flush().await;
         }
-        self.serve_udp().await;
-        if !woke.tun {
+        if woke.udp {
+            self.serve_udp().await;
+        }
+        if woke.tun_later {
             self.serve_tun().await?;
         }
         if let Some(commands) = commands.filter(|_| woke.commands) {
@@ -657,7 +684,9 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// every sparse one lone; a long one none but the first.
     #[cfg(test)]
     pub(crate) fn set_lone_gap(&mut self, gap: Duration) {
-        self.lone_gap = gap;
+        // Up to a day: the clock can add that to any reading (past what it can add, every
+        // packet would count as lone).
+        self.lone_gap = gap.min(Duration::from_secs(86_400));
     }
 
     /// Whether this turn began once the source counted as quiet (`quiet_tun`, `quiet_udp`):
@@ -719,6 +748,8 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         write_batch(&self.tun, &mut self.tun_out, &self.errors).await;
         if handled > 0 {
             self.read_udp = true;
+        }
+        if std::mem::take(&mut self.output) {
             self.flush().await;
         }
     }
@@ -730,6 +761,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
     /// a lone packet (a ping, a request) leaves before the read that finds the queue empty, not
     /// after it, while under load, where that would cost a send per turn, the batch stays whole.
     /// A lone packet [`LONE_GAP`] or more after the last is not followed by that read at all.
+    /// The router is not asked for output afterwards: packets from the device make none.
     async fn serve_tun(&mut self) -> io::Result<()> {
         let reads = if self.offload.udp_batch { BATCH } else { 1 };
         if self.tun_in.is_empty() {
@@ -741,7 +773,6 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             }
         }
         let mut done = 0;
-        let mut handled = false;
         let first = self.tun_in.len();
         if first > 0 {
             done = 1;
@@ -749,14 +780,12 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
             self.read_tun = true;
             if self.tun_sparse {
                 self.on_tun_packets().await;
-                handled = true;
             }
             if lone {
                 // Sparse traffic: no read to find the queue empty. `epoll` is level-triggered,
                 // so a packet still queued wakes the worker at once, and that wake-up, close
                 // behind this one, reads on.
                 self.tun.assume_empty();
-                self.flush().await;
                 return Ok(());
             }
         }
@@ -779,10 +808,6 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
         }
         if !self.tun_in.is_empty() {
             self.on_tun_packets().await;
-            handled = true;
-        }
-        if handled {
-            self.flush().await;
         }
         Ok(())
     }
@@ -988,6 +1013,7 @@ impl<T: TunIo, U: UdpIo> Driver<T, U> {
                 NetAction::Done | NetAction::Dropped(_) => {}
             }
         }
+        self.output |= router.has_output();
         handled
     }
 

@@ -173,9 +173,10 @@ impl UdpIo for Quiet {
 
 /// A worker alone on its router takes no send turns: nothing else encrypts for its peers, so
 /// there is no order to keep, and no lock, lookup and peer lock per batch to give a turn back.
-/// One of two workers holds the peer's turn while it sends, as before.
+/// A worker counted as one of two holds the peer's turn while it sends, as before (the switch
+/// between the two; turns among workers that compete are the pairwise tests').
 #[test]
-fn a_worker_alone_takes_no_send_turns_and_one_of_two_holds_the_turn_while_it_sends() {
+fn a_worker_alone_takes_no_send_turns_and_one_among_others_holds_the_turn_while_it_sends() {
     for (workers, expected) in [(1, "send, no turn"), (2, "send, turn held")] {
         let pair = super::pairwise::Pair::connected(b"up");
         let peer = pair.b_id;
@@ -654,6 +655,37 @@ fn wait_writes(log: &Log, n: usize) {
     while writes(&log.lock().expect("log")) < n && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// A hop's turn serves only what `epoll` reported: a TUN packet's turn does not try the
+/// socket, a datagram's turn does not read the TUN queue (`epoll` is level-triggered: what is
+/// left is reported at the next wait). Before, each turn looked at both after its packet's
+/// send or write, which delayed the worker's next wait, and so a worker woken on the same CPU
+/// (the other tunnel end, the pod) waited longer to run.
+#[test]
+fn a_packets_turn_looks_only_at_the_device_or_socket_epoll_reported() {
+    let mut pair = super::pairwise::Pair::connected(b"up");
+    let datagram = pair.datagrams_to_a(1).remove(0);
+    let log = Log::default();
+    let (tun, kernel) = polled_tun(log.clone());
+    let (udp, wire) = polled_udp(log.clone(), Duration::ZERO);
+    let mut worker = Driver::new(pair.a.router, tun, udp, Offload::AUTO).expect("driver");
+    worker.set_lone_gap(Duration::ZERO);
+    let feed = || {
+        kernel.feed(packet(1));
+        // Bounded: the packet read within 10 s, then the datagram.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.lock().expect("log").contains(&"read") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        wire.deliver(datagram);
+    };
+    let seen = serve_until(worker, &log, feed, |seen| seen.contains(&"recv one"));
+    assert_eq!(
+        seen,
+        ["read", "recv one"],
+        "each turn looks at its own source only: {seen:?}"
+    );
 }
 
 /// Sparse datagrams ([`LONE_GAP`](crate::driver::LONE_GAP) or more apart; here any gap counts)

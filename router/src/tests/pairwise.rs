@@ -671,6 +671,51 @@ fn has_output_reports_what_a_datagram_queued_until_it_is_polled() {
             .handle_datagram(p.now, sa(B_ADDR), &data, &mut out);
     assert!(matches!(got, NetAction::WriteTun(_)), "{got:?}");
     assert!(!p.a.router.has_output(), "a data message queued nothing");
+    // The same peer from a new address (it roamed): the endpoint's change is an event.
+    let TunAction::Transmit(t) = p.b.router.handle_tun_packet(p.now, &pkt, &mut out) else {
+        panic!("b sends at once");
+    };
+    let data = out[..t.len].to_vec();
+    let roamed = sa("198.18.1.22:51820");
+    let got = p.a.router.handle_datagram(p.now, roamed, &data, &mut out);
+    assert!(matches!(got, NetAction::WriteTun(_)), "{got:?}");
+    assert!(p.a.router.has_output(), "the roam's event is reported");
+    assert!(matches!(
+        p.a.router.poll_event(),
+        Some(Event::EndpointChanged { endpoint, .. }) if endpoint == roamed
+    ));
+    assert!(drained(&mut p.a.router, &mut out), "all polled");
+}
+
+/// Packets from the device queue no output, whatever the session's state: the first
+/// starts a handshake (its initiation is the action), the next waits in the session, and once
+/// the session is up each is sent at once. A worker relies on it and does not ask the router
+/// for output after TUN packets.
+#[test]
+fn packets_from_the_device_queue_no_output_before_during_or_after_a_handshake() {
+    let mut p = Pair::new();
+    let mut out = vec![0; 2048];
+    while p.a.router.poll_transmit(p.now, &mut out).is_some() {}
+    while p.a.router.poll_event().is_some() {}
+    let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"x");
+    let mut send = |r: &Router, want: &str| {
+        let action = r.handle_tun_packet(p.now, &pkt, &mut out);
+        assert!(!r.has_output(), "{want}: {action:?} queued output");
+        (action, out[0])
+    };
+    let (first, kind) = send(&p.a.router, "no session");
+    assert!(
+        matches!(first, TunAction::Transmit(_)) && kind == 1,
+        "{first:?}"
+    );
+    let (waits, _) = send(&p.a.router, "handshake in flight");
+    assert_eq!(waits, TunAction::Queued);
+    let mut p = Pair::connected(b"up");
+    while p.a.router.poll_transmit(p.now, &mut out).is_some() {}
+    while p.a.router.poll_event().is_some() {}
+    let up = p.a.router.handle_tun_packet(p.now, &pkt, &mut out);
+    assert!(matches!(up, TunAction::Transmit(_)), "{up:?}");
+    assert!(!p.a.router.has_output(), "session up: {up:?} queued output");
 }
 
 #[test]
