@@ -46,8 +46,9 @@
 //!   briefly, and only when there is something. `weft-bench router` measures what the sharing
 //!   costs: two workers encrypting to two peers through one router against one worker.
 //! - **Timers and commands on worker 0 only**, so WireGuard's timers run once per peer however
-//!   many workers there are. Any worker sends what the router queued (handshake answers,
-//!   packets released by a handshake).
+//!   many workers there are. The worker whose datagram made output sends what the router
+//!   queued (handshake answers, packets released by a handshake), as does worker 0 after the
+//!   timers and the commands.
 //! - A supervisor stops every worker when one stops (the daemon gone, its device failed).
 //!
 //! # Layout

@@ -16,7 +16,7 @@
 //!
 //! The driver waits until any source is ready (shutdown, a command, the TUN device, the socket,
 //! the router's timer), then runs one turn that serves every source that may be ready,
-//! whichever woke it: the timers if due; the datagrams received and, with batching, more up to
+//! whichever woke it (a worker in `epoll` knows which are, below): the timers if due; the datagrams received and, with batching, more up to
 //! [`TURN_PACKETS`]; the TUN packets read and, with batching, more up to one batch ([`BATCH`]
 //! reads, [`SLOTS`] packets); up to [`TURN_COMMANDS`] commands. A source that is always ready
 //! (a pod sending faster than weft encrypts, a flood of datagrams) gets its bounded share of
@@ -26,10 +26,10 @@
 //! `epoll` reports them (level-triggered: what a turn leaves is reported at the next wait), runs
 //! the timers only when their `timerfd` went off and looks for commands only when the bell rang,
 //! so a packet's turn touches nothing else (nor reads the router's deadline again: only the
-//! timers and the commands move it), and after its packet's send or write it goes back to wait
-//! at once: a worker woken on the same CPU (the other tunnel end, the pod) waits for that. The
-//! router is asked for output only after steps that may have made some, and after datagrams
-//! under the lock their handling already held. A dropped
+//! timers and the commands move it), and a lone packet's or datagram's turn goes back to wait
+//! right after its send or write: a worker woken on the same CPU (the other tunnel end, the
+//! pod) waits for that. The router is asked for output only after steps that may have made
+//! some, and after datagrams under the lock their handling already held. A dropped
 //! shutdown sender or a closed command channel means the daemon is gone: the driver stops.
 //!
 //! Latency: when the TUN device woke the worker its packets are served first, and the packets
@@ -317,14 +317,14 @@ pub struct Driver<T = Tun, U = Udp> {
     deadline_moved: bool,
 }
 
-/// What woke a worker, and so what its turn looks at besides the TUN queue and the socket
-/// (which know their own readiness).
+/// What woke a worker, and so what its turn looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Woke {
     /// The TUN queue: its packets are served first.
     tun: bool,
     /// The TUN queue may hold packets though it did not wake the worker: it is served after
-    /// the socket.
+    /// the socket. Only the async driver's wake-ups set it: a worker in `epoll` is told when
+    /// the queue is readable.
     tun_later: bool,
     /// The socket may hold datagrams: it is served.
     udp: bool,
