@@ -640,15 +640,19 @@ fn has_output_reports_what_a_datagram_queued_until_it_is_polled() {
         while r.poll_event().is_some() {}
         !r.has_output()
     };
+    // `pkt` encrypted at `from` (which must send it at once) and handed to `to` as sent from
+    // `source`, both at `now`: what `to` made of it.
+    let cross = |now, from: &Router, to: &Router, source: &str, pkt: &[u8], out: &mut [u8]| {
+        let TunAction::Transmit(t) = from.handle_tun_packet(now, pkt, out) else {
+            panic!("the packet is not sent at once");
+        };
+        let datagram = out[..t.len].to_vec();
+        to.handle_datagram(now, sa(source), &datagram, out)
+    };
     assert!(drained(&mut p.b.router, &mut out), "b starts with nothing");
     let pkt = test_packet(ip("100.64.1.1"), ip("100.64.2.1"), b"first");
-    let TunAction::Transmit(t) = p.a.router.handle_tun_packet(p.now, &pkt, &mut out) else {
-        panic!("a sends an initiation");
-    };
-    let initiation = out[..t.len].to_vec();
-    let answer =
-        p.b.router
-            .handle_datagram(p.now, sa(A_ADDR), &initiation, &mut out);
+    // The first packet's action is a's initiation.
+    let answer = cross(p.now, &p.a.router, &p.b.router, A_ADDR, &pkt, &mut out);
     assert!(matches!(answer, NetAction::Transmit(_)), "{answer:?}");
     assert!(p.b.router.has_output(), "b queued its flush and events");
     while p.b.router.poll_transmit(p.now, &mut out).is_some() {}
@@ -662,27 +666,17 @@ fn has_output_reports_what_a_datagram_queued_until_it_is_polled() {
     let mut p = Pair::connected(b"up");
     assert!(drained(&mut p.a.router, &mut out));
     let pkt = test_packet(ip("100.64.2.1"), ip("100.64.1.1"), b"data");
-    let TunAction::Transmit(t) = p.b.router.handle_tun_packet(p.now, &pkt, &mut out) else {
-        panic!("b sends at once");
-    };
-    let data = out[..t.len].to_vec();
-    let got =
-        p.a.router
-            .handle_datagram(p.now, sa(B_ADDR), &data, &mut out);
+    let got = cross(p.now, &p.b.router, &p.a.router, B_ADDR, &pkt, &mut out);
     assert!(matches!(got, NetAction::WriteTun(_)), "{got:?}");
     assert!(!p.a.router.has_output(), "a data message queued nothing");
     // The same peer from a new address (it roamed): the endpoint's change is an event.
-    let TunAction::Transmit(t) = p.b.router.handle_tun_packet(p.now, &pkt, &mut out) else {
-        panic!("b sends at once");
-    };
-    let data = out[..t.len].to_vec();
-    let roamed = sa("198.18.1.22:51820");
-    let got = p.a.router.handle_datagram(p.now, roamed, &data, &mut out);
+    let roamed = "198.18.1.22:51820";
+    let got = cross(p.now, &p.b.router, &p.a.router, roamed, &pkt, &mut out);
     assert!(matches!(got, NetAction::WriteTun(_)), "{got:?}");
     assert!(p.a.router.has_output(), "the roam's event is reported");
     assert!(matches!(
         p.a.router.poll_event(),
-        Some(Event::EndpointChanged { endpoint, .. }) if endpoint == roamed
+        Some(Event::EndpointChanged { endpoint, .. }) if endpoint == sa(roamed)
     ));
     assert!(drained(&mut p.a.router, &mut out), "all polled");
 }
