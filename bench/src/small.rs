@@ -291,7 +291,7 @@ fn report(samples: &mut [Samples]) -> String {
     };
     let _ = write!(
         s,
-        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (pooled) | ping p99 (pooled) | tunnel CPU per ping (ours / theirs) | UDP 64 B read | UDP 64 B delivered | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "\n## Against {}\n\n| path | ping p50 (median of the rounds' ratios) | ping p50 (the rounds' lowest–highest; rounds at or under 1×) | ping p50 (pooled) | ping p99 (pooled) | tunnel CPU per ping (ours / theirs) | UDP 64 B read | UDP 64 B delivered | tunnel CPU per packet (theirs / ours) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         bt.label
     );
     for p in samples.iter().filter(|p| p.label != bt.label) {
@@ -301,11 +301,18 @@ fn report(samples: &mut [Samples]) -> String {
             .zip(&bt.round_p50)
             .map(|(a, b)| a / b)
             .collect();
+        let lowest = per_round.iter().copied().fold(f64::NAN, f64::min);
+        let highest = per_round.iter().copied().fold(f64::NAN, f64::max);
+        let under = per_round.iter().filter(|r| **r <= 1.0).count();
         let _ = writeln!(
             s,
-            "| {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
+            "| {} | {:.2}× | {:.2}–{:.2}×; {} of {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
             p.label,
-            median(per_round),
+            median(per_round.clone()),
+            lowest,
+            highest,
+            under,
+            per_round.len(),
             percentile(&p.rtts, 0.5) / percentile(&bt.rtts, 0.5),
             percentile(&p.rtts, 0.99) / percentile(&bt.rtts, 0.99),
             median(p.ping_us.clone()) / median(bt.ping_us.clone()),
@@ -351,11 +358,11 @@ mod tests {
             },
         ];
         let r = report(&mut samples);
-        // Rounds: 0.5, 1.5, 1.0 → median 1.0; pooled 200/200; CPU per ping 40/25; read 2×,
-        // delivered 3×; CPU per packet 4/1.
+        // Rounds: 0.5, 1.5, 1.0 → median 1.0, from 0.5 to 1.5, two of three at or under 1×;
+        // pooled 200/200; CPU per ping 40/25; read 2×, delivered 3×; CPU per packet 4/1.
         assert!(
             r.contains(
-                "| weft encrypted | 1.00× | 1.00× | 1.50× | 1.60× | 2.00× | 3.00× | 4.00× |"
+                "| weft encrypted | 1.00× | 0.50–1.50×; 2 of 3 | 1.00× | 1.50× | 1.60× | 2.00× | 3.00× | 4.00× |"
             ),
             "{r}"
         );
