@@ -118,15 +118,34 @@ enum DemoCmd {
 /// nothing about. Its errors still show.
 const QUIETED: &str = "netlink_packet_route::link::buffer_tool=error";
 
-/// The log filter `spec` (`WEFT_LOG`'s, or the config's `log_level`) asks for, with
-/// [`QUIETED`] held back unless `spec` names `netlink_packet_route`.
-fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, anyhow::Error> {
-    let full = if spec.contains("netlink_packet_route") {
+/// `spec` (`WEFT_LOG`'s, or the config's `log_level`) with [`QUIETED`] held back, unless
+/// `spec` names `netlink_packet_route`.
+fn with_quieted(spec: &str) -> String {
+    if spec.contains("netlink_packet_route") {
         spec.to_owned()
     } else {
         format!("{QUIETED},{spec}")
-    };
-    tracing_subscriber::EnvFilter::try_new(full).with_context(|| format!("log filter {spec:?}"))
+    }
+}
+
+/// The log filter `spec` asks for ([`with_quieted`]); an error names `spec`.
+fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, anyhow::Error> {
+    tracing_subscriber::EnvFilter::try_new(with_quieted(spec))
+        .with_context(|| format!("log filter {spec:?}"))
+}
+
+/// The filter at start, and whether `WEFT_LOG` fixed it: `env`'s (`WEFT_LOG`) when it parses,
+/// else `level`'s; a `level` that does not parse whole (the config's check is looser than the
+/// parser) keeps the directives that do, [`QUIETED`] among them.
+fn initial_filter(env: Option<&str>, level: &str) -> (tracing_subscriber::EnvFilter, bool) {
+    match env.and_then(|spec| log_filter(spec).ok()) {
+        Some(filter) => (filter, true),
+        None => {
+            let filter = log_filter(level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(with_quieted(level)));
+            (filter, false)
+        }
+    }
 }
 
 /// Logs to stderr, one line per event with its fields (journald takes stderr as is): the
@@ -136,14 +155,7 @@ fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, anyhow::Error
 fn init_logging(config_level: &str) -> Option<app::reload::SetLog> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let from_env = std::env::var("WEFT_LOG")
-        .ok()
-        .and_then(|spec| log_filter(&spec).ok());
-    let fixed = from_env.is_some();
-    let filter = from_env.unwrap_or_else(|| {
-        log_filter(config_level)
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config_level))
-    });
+    let (filter, fixed) = initial_filter(std::env::var("WEFT_LOG").ok().as_deref(), config_level);
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
@@ -297,5 +309,22 @@ mod tests {
         assert!(!asked.contains("buffer_tool"), "{asked}");
         let e = log_filter("weft=loudest").unwrap_err();
         assert!(format!("{e:#}").contains("\"weft=loudest\""), "{e:#}");
+    }
+
+    /// A `log_level` the config's check takes and the parser does not (`weft[=debug`: a bad
+    /// span) keeps its good directives and the hold-back; on the old code the fallback dropped
+    /// the hold-back. `WEFT_LOG` fixes the filter when it parses, and is ignored when not.
+    #[test]
+    fn the_start_filter_holds_back_the_netlink_warnings_on_every_path() {
+        let (f, fixed) = initial_filter(None, "info,weft[=debug");
+        let shown = f.to_string();
+        assert!(!fixed);
+        assert!(shown.contains(QUIETED) && shown.contains("info"), "{shown}");
+        let (f, fixed) = initial_filter(Some("debug"), "info");
+        assert!(fixed);
+        assert!(f.to_string().contains(QUIETED), "{f}");
+        let (f, fixed) = initial_filter(Some("weft=loudest"), "warn");
+        assert!(!fixed, "a WEFT_LOG that does not parse is ignored");
+        assert!(f.to_string().contains("warn"), "{f}");
     }
 }
