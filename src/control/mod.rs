@@ -519,6 +519,10 @@ impl Reconciler {
         }
         let Some((shims, down)) = relay
             .plan(
+                snap.members
+                    .iter()
+                    .map(|m| m.record.wireguard_key)
+                    .collect(),
                 round.register.iter().map(|r| r.addr).collect(),
                 peers.iter().map(|(k, r)| (*k, r.addr)).collect(),
             )

@@ -15,7 +15,8 @@
 //! roaming keeps the shim as the endpoint).
 //!
 //! - [`wire`]: the datagrams on the relay port (the router's port + 1): data, MAC'd with a key
-//!   from the cluster secret, and registrations, signed by the node's own identity.
+//!   from the cluster secret, and registrations, signed by the node's own identity and MAC'd like
+//!   data; a relay holds registrations only for the mesh's members.
 //! - [`registry`]: the relay's side, pure: who registered from where, and where data goes.
 //! - [`service`]: the tokio driver: the relay socket, the shims, the registrations.
 

@@ -1,9 +1,12 @@
 //! The relay's side, pure: which node registered from where, and where data goes.
 //!
-//! A registration counts only when its signature checks, it is newer than the one held for
-//! that node, and its time is within [`MAX_SKEW`] of the relay's clock (an old one replayed by
-//! someone on the path is refused); it holds for [`REGISTRATION_TTL`]. Data goes, unchanged,
-//! to where its destination last registered from, and is counted on that entry.
+//! A registration counts only when it names a member of the mesh ([`Registry::set_members`],
+//! from the mesh's members at each round: so the registry holds at most one entry per member,
+//! and a key made up for the purpose costs the relay no signature check), its signature
+//! checks, it is newer than the one held for that node, and its time is within [`MAX_SKEW`] of
+//! the relay's clock (an old one replayed by someone on the path is refused); it holds for
+//! [`REGISTRATION_TTL`]. Data goes, unchanged, to where its destination last registered from,
+//! and is counted on that entry. A node that leaves the mesh loses its registration at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,6 +39,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Registry {
     by: HashMap<Short, Entry>,
+    /// The members' WireGuard keys, by their short form: who may register.
+    members: HashMap<Short, [u8; 32]>,
 }
 
 /// A registered node as status shows it: its key, where it registered from, and what was
@@ -53,6 +58,20 @@ pub struct Registered {
 }
 
 impl Registry {
+    /// The mesh's members now (their WireGuard keys): only they may register; the
+    /// registrations of nodes no longer among them are forgotten.
+    pub fn set_members(&mut self, keys: impl IntoIterator<Item = [u8; 32]>) {
+        self.members = keys.into_iter().map(|k| (short(&k), k)).collect();
+        let members = &self.members;
+        self.by
+            .retain(|s, e| members.get(s).is_some_and(|k| *k == e.key));
+    }
+
+    /// Whether the key that starts with `s` is a member's.
+    pub fn is_member(&self, s: Short) -> bool {
+        self.members.contains_key(&s)
+    }
+
     /// Takes `reg`, received from `from` at `now` (`now_ms` on the wall clock).
     pub fn register(
         &mut self,
@@ -66,6 +85,9 @@ impl Registry {
             return Err(DropReason::Stale);
         }
         let s = short(&reg.key);
+        if self.members.get(&s) != Some(&reg.key) {
+            return Err(DropReason::NotMember);
+        }
         let held = self.by.get(&s);
         if held.is_some_and(|e| e.key == reg.key && e.at_ms >= reg.at_ms) {
             return Err(DropReason::Stale);
@@ -158,6 +180,7 @@ mod tests {
         let t = Instant::now();
         let a = Identity::from_wireguard_key(&[1; 32]);
         let mut r = Registry::default();
+        r.set_members([a.wireguard_key()]);
         let dst = short(&a.wireguard_key());
         assert_eq!(r.forward(t, dst, 100), Err(DropReason::Unregistered));
         r.register(
@@ -194,6 +217,7 @@ mod tests {
         let a = Identity::from_wireguard_key(&[1; 32]);
         let b = Identity::from_wireguard_key(&[2; 32]);
         let mut r = Registry::default();
+        r.set_members([a.wireguard_key(), b.wireguard_key()]);
         let reg = Register::sign(&a, NOW_MS);
         r.register(t, NOW_MS, addr("198.19.0.101:40000"), &reg)
             .unwrap();
@@ -209,15 +233,7 @@ mod tests {
             Err(DropReason::Stale)
         );
         // b's signature presented as a's: refused.
-        let mut forged = Register::sign(&b, NOW_MS + 1);
-        let mut bytes = forged.encode();
-        bytes[1..33].copy_from_slice(&a.wireguard_key());
-        let Ok(super::super::wire::Message::Register(f)) =
-            super::super::wire::decode(&super::super::wire::MacKey::new(&[0; 32]), &bytes)
-        else {
-            panic!("a registration");
-        };
-        forged = f;
+        let forged = Register::sign(&b, NOW_MS + 1).forged_as(a.wireguard_key());
         assert_eq!(
             r.register(t, NOW_MS, addr("198.19.0.66:1"), &forged),
             Err(DropReason::Unauthenticated)
@@ -226,5 +242,75 @@ mod tests {
             r.forward(t, short(&a.wireguard_key()), 1),
             Ok(addr("198.19.0.101:40000"))
         );
+    }
+
+    #[test]
+    fn only_members_register_and_a_node_that_leaves_loses_its_registration_at_once() {
+        let t = Instant::now();
+        let a = Identity::from_wireguard_key(&[1; 32]);
+        let mut r = Registry::default();
+        // Before the first round knows any member: nobody.
+        assert_eq!(
+            r.register(
+                t,
+                NOW_MS,
+                addr("198.19.0.101:40000"),
+                &Register::sign(&a, NOW_MS)
+            ),
+            Err(DropReason::NotMember)
+        );
+        r.set_members([a.wireguard_key()]);
+        // An outsider's (or a member's made-up) keys, each validly signed by its own key, as
+        // many as the registry could ever hold: none is held, and the member still registers.
+        for i in 0..2_000u32 {
+            let mut k = [7; 32];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            let stranger = Identity::from_wireguard_key(&k);
+            assert_eq!(
+                r.register(
+                    t,
+                    NOW_MS,
+                    addr("203.0.113.9:1"),
+                    &Register::sign(&stranger, NOW_MS)
+                ),
+                Err(DropReason::NotMember),
+                "stranger {i}"
+            );
+        }
+        // A key that shares a member's first 8 bytes is no member either.
+        let mut lookalike = a.wireguard_key();
+        lookalike[31] ^= 1;
+        assert!(r.is_member(short(&lookalike)));
+        assert_eq!(
+            r.register(
+                t,
+                NOW_MS,
+                addr("203.0.113.9:1"),
+                &Register::sign(&a, NOW_MS).forged_as(lookalike)
+            ),
+            Err(DropReason::NotMember)
+        );
+        // A non-member's registration with a bad signature is refused as a stranger: its
+        // signature is never checked.
+        let forged = Register::sign(&a, NOW_MS).forged_as([9; 32]);
+        assert_eq!(
+            r.register(t, NOW_MS, addr("203.0.113.9:1"), &forged),
+            Err(DropReason::NotMember)
+        );
+        r.register(
+            t,
+            NOW_MS,
+            addr("198.19.0.101:40000"),
+            &Register::sign(&a, NOW_MS),
+        )
+        .unwrap();
+        assert_eq!(r.registered().len(), 1);
+        let dst = short(&a.wireguard_key());
+        assert_eq!(r.forward(t, dst, 1), Ok(addr("198.19.0.101:40000")));
+        // a leaves the mesh: its registration goes with it, well before its TTL.
+        r.set_members([]);
+        assert!(r.registered().is_empty());
+        assert_eq!(r.forward(t, dst, 1), Err(DropReason::Unregistered));
+        assert!(!r.is_member(dst));
     }
 }

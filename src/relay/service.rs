@@ -62,9 +62,11 @@ pub type PlanReply = (HashMap<[u8; 32], SocketAddr>, Vec<SocketAddr>);
 #[derive(Debug)]
 pub enum Command {
     /// Register with `homes` (relay addresses); reach each of `peers` (WireGuard key, relay
-    /// address) through its relay. Replies with each peer's shim address (its endpoint for
-    /// the router).
+    /// address) through its relay; hold registrations for, and take relayed data from, only
+    /// `members`. Replies with each peer's shim address (its endpoint for the router).
     Plan {
+        /// The mesh's members' WireGuard keys.
+        members: Vec<[u8; 32]>,
         /// Where to register.
         homes: Vec<SocketAddr>,
         /// The relayed peers and the relay for each.
@@ -115,16 +117,18 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// Sends the plan; each relayed peer's shim address, and the relays in use that answer
-    /// no probe.
+    /// Sends the plan ([`Command::Plan`]); each relayed peer's shim address, and the relays in
+    /// use that answer no probe.
     pub async fn plan(
         &self,
+        members: Vec<[u8; 32]>,
         homes: Vec<SocketAddr>,
         peers: Vec<([u8; 32], SocketAddr)>,
     ) -> Option<PlanReply> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Plan {
+                members,
                 homes,
                 peers,
                 reply,
@@ -270,10 +274,12 @@ impl Service {
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Plan {
+                members,
                 homes,
                 peers,
                 reply,
             } => {
+                self.registry.set_members(members);
                 if homes != self.homes {
                     info!(homes = ?homes, "relays this node registers with");
                     self.homes = homes;
@@ -284,7 +290,7 @@ impl Service {
                 }
                 let mut out = HashMap::new();
                 for (key, via) in peers {
-                    if let Some(shim) = self.shim(wire::short(&key)).await {
+                    if let Some(shim) = self.shim(wire::short(&key), true).await {
                         shim.key = Some(key);
                         shim.planned = true;
                         if shim.via != Some(via) {
@@ -374,12 +380,28 @@ impl Service {
         }
     }
 
-    /// The shim of the peer whose key starts with `short`, opened if need be.
-    async fn shim(&mut self, short: Short) -> Option<&mut Shim> {
+    /// The shim of the peer whose key starts with `short`, opened if need be. When the shims
+    /// are at [`MAX_SHIMS`], a shim a plan names (`planned`) takes the place of the unplanned
+    /// one used longest ago: peers that reached this node through a relay of their own choice
+    /// never keep out the relayed peers the plan needs.
+    async fn shim(&mut self, short: Short, planned: bool) -> Option<&mut Shim> {
         if !self.shims.contains_key(&short) {
             if self.shims.len() >= MAX_SHIMS {
-                self.count(DropReason::Full);
-                return None;
+                let oldest = planned
+                    .then(|| {
+                        oldest_unplanned(self.shims.iter().map(|(k, s)| (*k, s.planned, s.used)))
+                    })
+                    .flatten();
+                match oldest {
+                    Some(k) => {
+                        debug!(peer = ?k, "unplanned relay shim closed for a planned one");
+                        self.shims.remove(&k);
+                    }
+                    None => {
+                        self.count(DropReason::Full);
+                        return None;
+                    }
+                }
             }
             let socket = match UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await {
                 Ok(s) => Arc::new(s),
@@ -421,9 +443,13 @@ impl Service {
         #[expect(clippy::disallowed_methods, reason = "a driver owns the clock")]
         let now = Instant::now();
         match wire::decode(&self.config.key, bytes) {
+            Ok(Message::Data { src, .. }) if !self.registry.is_member(src) => {
+                // From a key no member holds (made up by a member, to open shims): dropped.
+                self.count(DropReason::NotMember);
+            }
             Ok(Message::Data { dst, src, inner }) if dst == self.me => {
                 let router = SocketAddr::from((Ipv4Addr::LOCALHOST, self.config.router_port));
-                let Some(shim) = self.shim(src).await else {
+                let Some(shim) = self.shim(src, false).await else {
                     return;
                 };
                 // A peer that reached this node through a relay is answered through it.
@@ -526,7 +552,8 @@ impl Service {
         if self.homes.is_empty() {
             return;
         }
-        let reg = Register::sign(&self.config.identity, crate::control::now_millis()).encode();
+        let reg = Register::sign(&self.config.identity, crate::control::now_millis())
+            .encode(&self.config.key);
         for home in &self.homes {
             if let Err(e) = self.socket.send_to(&reg, *home).await {
                 debug!(error = %e, relay = %home, "registration not sent");
@@ -535,7 +562,43 @@ impl Service {
     }
 }
 
+/// Of shims (short key, planned, last used), the unplanned one used longest ago.
+fn oldest_unplanned(shims: impl Iterator<Item = (Short, bool, Instant)>) -> Option<Short> {
+    shims
+        .filter(|&(_, planned, _)| !planned)
+        .min_by_key(|&(_, _, used)| used)
+        .map(|(k, _, _)| k)
+}
+
 fn base64_key(key: &[u8; 32]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::disallowed_methods,
+        reason = "tests start their clock from a real instant"
+    )]
+    use super::*;
+
+    #[test]
+    fn a_planned_shim_takes_the_place_of_the_unplanned_one_used_longest_ago() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        let shims = [
+            ([1; 8], true, t),
+            ([2; 8], false, t + 3 * s),
+            ([3; 8], false, t + s),
+            ([4; 8], false, t + 2 * s),
+        ];
+        // The planned shim used longest ago stays: only unplanned ones give way.
+        assert_eq!(oldest_unplanned(shims.into_iter()), Some([3; 8]));
+        // Every shim planned: nothing gives way (the new one is refused as full).
+        assert_eq!(
+            oldest_unplanned(shims.into_iter().map(|(k, _, u)| (k, true, u))),
+            None
+        );
+    }
 }

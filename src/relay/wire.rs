@@ -3,15 +3,20 @@
 //! ```text
 //! data     = 1 dst:8 src:8 inner mac:16   (dst, src: the first 8 bytes of WireGuard keys;
 //!                                          mac: keyed BLAKE2s over everything before it)
-//! register = 2 key:32 at_ms:u64 sig:64    (key's own signature, context "weft relay register v1")
+//! register = 2 key:32 at_ms:u64 sig:64 mac:16
+//!                                         (sig: key's own signature, context "weft relay register v1";
+//!                                          mac: as data's, over everything before it)
 //! probe    = 3 nonce:8 mac:16             (is the relay there?)
 //! answer   = 4 nonce:8 mac:16             (the relay's answer, same nonce)
 //! ```
 //!
 //! The MAC key comes from the cluster secret, so no outsider can make a relay forward
-//! anything; the inner datagram is the two ends' WireGuard, so no member can read or forge it
-//! either. A registration is signed by the node it names, so no member can register as another
-//! and take its relayed traffic.
+//! anything, nor register: a registration without the MAC is dropped before its signature is
+//! checked, so an outsider costs a relay a MAC per datagram, never a signature check. The inner
+//! datagram is the two ends' WireGuard, so no member can read or forge it either. A
+//! registration is signed by the node it names, so no member can register as another and take
+//! its relayed traffic (and the relay holds registrations only for members' keys:
+//! [`super::registry`]).
 
 use blake2::digest::{KeyInit, Mac};
 use weft_mesh::{Identity, NodeId};
@@ -26,7 +31,7 @@ pub const MAC_LEN: usize = 16;
 /// Bytes a relay adds to a WireGuard datagram.
 pub const OVERHEAD: usize = DATA_HEADER + MAC_LEN;
 /// Bytes of a registration.
-pub const REGISTER_LEN: usize = 1 + 32 + 8 + 64;
+pub const REGISTER_LEN: usize = 1 + 32 + 8 + 64 + MAC_LEN;
 /// What a registration signature is for.
 const REGISTER_CONTEXT: &[u8] = b"weft relay register v1";
 
@@ -83,6 +88,8 @@ pub enum DropReason {
     Unregistered,
     /// A registration when the registry is full.
     Full,
+    /// A registration, or data, from a key that is no member of the mesh.
+    NotMember,
 }
 
 impl DropReason {
@@ -94,6 +101,7 @@ impl DropReason {
             Self::Stale => "stale",
             Self::Unregistered => "unregistered",
             Self::Full => "full",
+            Self::NotMember => "not_member",
         }
     }
 }
@@ -179,6 +187,16 @@ impl Register {
         m
     }
 
+    /// This registration's signature presented under `key`: what a member forging another's
+    /// registration would send.
+    #[cfg(test)]
+    pub fn forged_as(&self, key: [u8; 32]) -> Self {
+        Self {
+            key,
+            ..self.clone()
+        }
+    }
+
     /// Whether the node it names signed it.
     pub fn verify(&self) -> bool {
         NodeId::from_wireguard_key(&self.key).is_some_and(|id| {
@@ -192,13 +210,15 @@ impl Register {
         })
     }
 
-    /// Its bytes.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Its bytes, MAC'd with `key`.
+    pub fn encode(&self, key: &MacKey) -> Vec<u8> {
         let mut b = Vec::with_capacity(REGISTER_LEN);
         b.push(2);
         b.extend_from_slice(&self.key);
         b.extend_from_slice(&self.at_ms.to_be_bytes());
         b.extend_from_slice(&self.signature);
+        let mac = key.mac(&b);
+        b.extend_from_slice(&mac);
         b
     }
 }
@@ -213,8 +233,8 @@ fn authenticated<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<&'a [u8], DropR
     Ok(body)
 }
 
-/// Reads one datagram: data only when its MAC checks (in constant time); a registration as
-/// it claims, for [`Register::verify`] once the cheap checks passed.
+/// Reads one datagram: only when its MAC checks (in constant time); a registration as it
+/// claims, for [`Register::verify`] once the cheap checks passed.
 pub fn decode<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<Message<'a>, DropReason> {
     match datagram.first() {
         Some(1) if datagram.len() >= OVERHEAD => {
@@ -241,12 +261,13 @@ pub fn decode<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<Message<'a>, DropR
             })
         }
         Some(2) if datagram.len() == REGISTER_LEN => {
+            let body = authenticated(key, datagram)?;
             let mut key = [0; 32];
-            key.copy_from_slice(&datagram[1..33]);
+            key.copy_from_slice(&body[1..33]);
             let mut at = [0; 8];
-            at.copy_from_slice(&datagram[33..41]);
+            at.copy_from_slice(&body[33..41]);
             let mut signature = [0; 64];
-            signature.copy_from_slice(&datagram[41..]);
+            signature.copy_from_slice(&body[41..]);
             Ok(Message::Register(Register {
                 key,
                 at_ms: u64::from_be_bytes(at),
@@ -303,15 +324,27 @@ mod tests {
     }
 
     #[test]
-    fn a_registration_verifies_only_for_the_key_that_signed_it() {
+    fn a_registration_verifies_only_for_the_key_that_signed_it_and_with_the_cluster_mac() {
         let key = MacKey::new(&[7; 32]);
         let a = Identity::from_wireguard_key(&[1; 32]);
         let b = Identity::from_wireguard_key(&[2; 32]);
         let reg = Register::sign(&a, 1_000);
-        let Ok(Message::Register(back)) = decode(&key, &reg.encode()) else {
+        let Ok(Message::Register(back)) = decode(&key, &reg.encode(&key)) else {
             panic!("a registration");
         };
         assert!(back.verify());
+        // Signed by its node but MAC'd with another cluster's key (or none: an outsider's):
+        // refused before its signature is looked at.
+        assert_eq!(
+            decode(&key, &reg.encode(&MacKey::new(&[8; 32]))),
+            Err(DropReason::Unauthenticated)
+        );
+        let mut flipped = reg.encode(&key);
+        flipped[40] ^= 1;
+        assert_eq!(decode(&key, &flipped), Err(DropReason::Unauthenticated));
+        // The registration of the format before the MAC (no MAC at all): malformed.
+        let old = &reg.encode(&key)[..REGISTER_LEN - MAC_LEN];
+        assert_eq!(decode(&key, old), Err(DropReason::Malformed));
         // b's signature under a's key: refused.
         let mut forged = Register::sign(&b, 1_000);
         forged.key = a.wireguard_key();
@@ -321,7 +354,7 @@ mod tests {
         later.at_ms += 1;
         assert!(!later.verify());
         // Wrong length: malformed.
-        let mut long = reg.encode();
+        let mut long = reg.encode(&key);
         long.push(0);
         assert_eq!(decode(&key, &long), Err(DropReason::Malformed));
     }
