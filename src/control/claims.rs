@@ -46,11 +46,13 @@
 //! - a member publishing versions far behind its clock (weft never does; a modified build
 //!   could), or one that set a long `mesh.record_refresh`, widens its own window.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use ipnet::IpNet;
 use weft_mesh::{Authority, CertError, Member, NodeCert};
+
+use super::{ClusterNode, ClusterNodes};
 
 /// How far in the future a claim time may be (clock skew between honest nodes).
 pub const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
@@ -80,6 +82,14 @@ pub enum Refusal {
         claim: IpNet,
         /// The node block size of its family.
         mask: u8,
+    },
+    /// With Kubernetes: the member names a Node whose published WireGuard key
+    /// (`weft.dev/public-key`) is another, or none yet.
+    NotTheNodeKey {
+        /// The Node it names.
+        node: String,
+        /// The key the Node carries, if any.
+        published: Option<String>,
     },
     /// With Kubernetes: the claims are not the Node's `spec.podCIDRs`.
     NotTheNodes {
@@ -147,6 +157,7 @@ impl Refusal {
             Self::OutsidePool(_) => "outside_pool",
             Self::TooBroad { .. } => "too_broad",
             Self::NotTheNodes { .. } => "not_the_nodes",
+            Self::NotTheNodeKey { .. } => "not_the_node_key",
             Self::Future { .. } => "future",
             Self::Unstamped { .. } => "unstamped",
             Self::TooMany { .. } => "too_many",
@@ -168,6 +179,11 @@ impl fmt::Display for Refusal {
             Self::TooBroad { claim, mask } => write!(
                 f,
                 "its pod CIDR {claim} is broader than a node block (/{mask})"
+            ),
+            Self::NotTheNodeKey { node, published } => write!(
+                f,
+                "it names Node {node}, whose weft.dev/public-key is {}, not this member's key",
+                published.as_deref().unwrap_or("not set yet")
             ),
             Self::NotTheNodes { claims, node } => write!(
                 f,
@@ -369,13 +385,15 @@ impl ClaimPolicy {
 
     /// Keeps the members whose claims are believed; returns the refused ones with why. A
     /// member that left claims nothing and is kept as it is. `nodes` is the Kubernetes view
-    /// (Node name → `spec.podCIDRs`), `None` without Kubernetes; `history` is what this node
-    /// has seen of the members' claims before (updated here).
+    /// (Node name → `spec.podCIDRs` and published key), `None` without Kubernetes: a member
+    /// that names a Node is that Node only with the key the Node published, so a member
+    /// cannot take another node's blocks by taking its name; `history` is what this node has
+    /// seen of the members' claims before (updated here).
     pub fn vet(
         &self,
         history: &mut ClaimHistory,
         members: Vec<Member>,
-        nodes: Option<&BTreeMap<String, Vec<IpNet>>>,
+        nodes: Option<&ClusterNodes>,
         now_ms: u64,
     ) -> (Vec<Member>, Vec<(Member, Refusal)>) {
         history.forget_all_but(&members, now_ms);
@@ -388,9 +406,12 @@ impl ClaimPolicy {
                 continue;
             }
             let backdated = history.observe(&m, now_ms);
-            let node = nodes.and_then(|n| n.get(&m.record.name)).map(Vec::as_slice);
-            match self
-                .check_with(&m, node, now_ms, &mut history.signatures)
+            let node = nodes.and_then(|n| n.get(&m.record.name));
+            match node_key(&m, node)
+                .and_then(|()| {
+                    let cidrs = node.map(|n| n.pod_cidrs.as_slice());
+                    self.check_with(&m, cidrs, now_ms, &mut history.signatures)
+                })
                 .and(backdated.map_or(Ok(()), Err))
             {
                 Ok(()) => kept.push(m),
@@ -410,6 +431,20 @@ pub struct OwnSuperseded {
     pub member: String,
     /// When that certificate was issued (ms since the epoch).
     pub issued_at: u64,
+}
+
+/// Whether `m` is the Node it names (`node`, with Kubernetes): the Node published `m`'s key.
+fn node_key(m: &Member, node: Option<&ClusterNode>) -> Result<(), Refusal> {
+    let Some(node) = node else {
+        return Ok(());
+    };
+    if node.key.as_deref() == Some(crate::host::keys::encode(&m.record.wireguard_key).as_str()) {
+        return Ok(());
+    }
+    Err(Refusal::NotTheNodeKey {
+        node: m.record.name.clone(),
+        published: node.key.clone(),
+    })
 }
 
 /// A member's certificate, unless it left.
@@ -1609,6 +1644,55 @@ mod tests {
         assert!(policy().check(&thief, Some(&[]), NOW).is_ok());
         let greedy = member("b", &[("0.0.0.0/0", 0)]);
         assert!(policy().check(&greedy, Some(&[]), NOW).is_err());
+    }
+
+    #[test]
+    fn with_kubernetes_a_member_is_the_node_it_names_only_with_the_key_that_node_published() {
+        let real = member("node-b", &[("100.64.5.0/24", 5)]);
+        // A member with its own key that calls itself node-b and claims node-b's block,
+        // earlier: the name is only what its signer says.
+        let mut thief = member("node-b", &[("100.64.5.0/24", 1)]);
+        thief.record.wireguard_key = [77; 32];
+        thief.id = NodeId([77; 32]);
+        let node = |key: Option<[u8; 32]>| {
+            let n = ClusterNode {
+                pod_cidrs: vec!["100.64.5.0/24".parse().unwrap()],
+                key: key.map(|k| crate::host::keys::encode(&k)),
+            };
+            ClusterNodes::from([("node-b".to_owned(), n)])
+        };
+        let vet = |nodes: &ClusterNodes| {
+            let (kept, refused) = policy().vet(
+                &mut ClaimHistory::default(),
+                vec![real.clone(), thief.clone()],
+                Some(nodes),
+                NOW,
+            );
+            let kept: Vec<[u8; 32]> = kept.iter().map(|m| m.record.wireguard_key).collect();
+            let refused: Vec<([u8; 32], Refusal)> = refused
+                .into_iter()
+                .map(|(m, why)| (m.record.wireguard_key, why))
+                .collect();
+            (kept, refused)
+        };
+        let (kept, refused) = vet(&node(Some(real.record.wireguard_key)));
+        assert_eq!(kept, [real.record.wireguard_key]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, [77; 32]);
+        assert_eq!(refused[0].1.reason(), "not_the_node_key");
+        assert!(
+            refused[0].1.to_string().contains("Node node-b"),
+            "{}",
+            refused[0].1
+        );
+        // A Node with no key published yet: neither is believed to be it.
+        let (kept, refused) = vet(&node(None));
+        assert!(kept.is_empty(), "{kept:?}");
+        assert_eq!(refused.len(), 2);
+        assert!(refused[0].1.to_string().contains("not set yet"));
+        // Without Kubernetes, nothing to check against (names do not route there).
+        let (kept, _) = policy().vet(&mut ClaimHistory::default(), vec![real.clone()], None, NOW);
+        assert_eq!(kept.len(), 1);
     }
 
     #[test]

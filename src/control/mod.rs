@@ -158,8 +158,18 @@ pub struct Inputs {
     pub relay_policy: relays::Policy,
 }
 
-/// The cluster's Nodes by name, with their `spec.podCIDRs`.
-pub type ClusterNodes = BTreeMap<String, Vec<ipnet::IpNet>>;
+/// The cluster's Nodes by name.
+pub type ClusterNodes = BTreeMap<String, ClusterNode>;
+
+/// What the claims are checked against on another Node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterNode {
+    /// Its `spec.podCIDRs`.
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The WireGuard key its weft daemon published (`weft.dev/public-key`), as written: only
+    /// the member with this key is that Node (a name in a record is only what its signer says).
+    pub key: Option<String>,
+}
 
 /// Drops from `snap` the members whose pod-CIDR claims are not believed (so neither IPAM nor
 /// the router sees them), counts each refusal once while it lasts (per member and reason), and
@@ -1033,7 +1043,13 @@ impl KubeView {
         let (region, mesh_port, joined) = (&self.region, self.mesh_port, &mut self.joined);
         let set: ClusterNodes = others
             .iter()
-            .map(|n| (n.name.clone(), n.pod_cidrs.clone()))
+            .map(|n| {
+                let node = ClusterNode {
+                    pod_cidrs: n.pod_cidrs.clone(),
+                    key: n.public_key.clone(),
+                };
+                (n.name.clone(), node)
+            })
             .collect();
         if names.borrow().as_ref() != Some(&set) {
             let _ = names.send(Some(set));

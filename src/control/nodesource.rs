@@ -130,7 +130,7 @@ impl NodeSource {
         let mut stream = watcher(api.clone(), config).default_backoff().boxed();
         let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, NodeView>> = None;
-        let mut published = false;
+        let mut published = None;
         let mut ready = false;
         loop {
             let item = tokio::select! {
@@ -204,21 +204,38 @@ impl NodeSource {
     }
 
     /// Publishes the key and the condition on this node's object, each only if it differs.
-    async fn mark(&self, api: &Api<Node>, n: &Node, published: &mut bool, ready: &mut bool) {
-        let has_key = n
+    /// `published` is the `metadata.uid` of the Node object the key was last published on:
+    /// a Node deleted and made again (a kubelet that registers anew) gets the key again, while
+    /// a view of the same object from before the patch does not patch twice.
+    async fn mark(
+        &self,
+        api: &Api<Node>,
+        n: &Node,
+        published: &mut Option<String>,
+        ready: &mut bool,
+    ) {
+        let carried = n
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(KEY_ANNOTATION))
-            .is_some_and(|k| *k == self.public_key);
-        if !has_key && !*published {
+            .and_then(|a| a.get(KEY_ANNOTATION));
+        let has_key = carried.is_some_and(|k| *k == self.public_key);
+        // Another key on this node's Node: the other nodes would take the member with that
+        // key for this node (claims, `NotTheNodeKey`) and refuse this one. Put back, and said
+        // loudly: something else writes it.
+        let replaced = carried.is_some_and(|k| *k != self.public_key);
+        let uid = n.metadata.uid.clone().unwrap_or_default();
+        if replaced {
+            warn!(node = %self.me, found = ?carried, "this node's Node carries another weft.dev/public-key: putting this node's back; whoever wrote it can make the other nodes route this node's pods elsewhere");
+        }
+        if replaced || (!has_key && published.as_ref() != Some(&uid)) {
             let patch = json!({"metadata": {"annotations": {KEY_ANNOTATION: self.public_key}}});
             match api
                 .patch(&self.me, &patch_params(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
-                    *published = true;
+                    *published = Some(uid);
                     info!(node = %self.me, "published the WireGuard key on the Node");
                 }
                 Err(e) => warn!(error = %e, "could not annotate the Node (patch on nodes)"),

@@ -126,7 +126,14 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
     );
     let u1_conflist = daemons[2].config.with_file_name("10-weft.conflist");
     ensure!(!u1_conflist.exists(), "a conflist without a block");
-    api.lock().expect("fake").put(node_object(2));
+    // The node controller assigns u1's podCIDRs (a patch of the spec: the key u1 published
+    // on its Node stays).
+    {
+        let mut f = api.lock().expect("fake");
+        let mut u1 = f.nodes["u1"].clone();
+        u1["spec"] = node_object(2)["spec"].clone();
+        f.put(u1);
+    }
 
     // Blocks from spec.podCIDRs, and a full mesh found through the Node list.
     for (i, (name, ..)) in NODES.iter().enumerate() {

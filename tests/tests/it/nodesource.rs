@@ -2,7 +2,8 @@
 //! speaks the Kubernetes REST protocol for Nodes (list with resourceVersion, watch event streams,
 //! 410 Gone forcing a re-list, merge and strategic-merge patches, 403, 503): the API down at
 //! start then up, the initial list, a node added, labels and addresses changed, a node deleted,
-//! the watch expired, the key and the condition published once. No sockets: the server is a
+//! the watch expired, the key and the condition published once, the key put back when another
+//! is written over it. No sockets: the server is a
 //! tower service inside the test.
 
 use std::collections::BTreeMap;
@@ -32,6 +33,17 @@ async fn next(
             return Ok(e);
         }
     }
+}
+
+/// The patches the fake received, once there are `n` or 10 s have passed (whichever first).
+async fn patches(st: &Shared, n: usize) -> Vec<(String, String, serde_json::Value)> {
+    for _ in 0..200 {
+        if st.lock().expect("fake").patches.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    st.lock().expect("fake").patches.clone()
 }
 
 fn others(e: &SourceEvent) -> Option<BTreeMap<String, Option<String>>> {
@@ -101,13 +113,7 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
 
     // The key and the condition, each once.
     let patched = |st: &Shared| st.lock().expect("fake").patches.clone();
-    for _ in 0..200 {
-        if patched(&st).len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let p = patched(&st);
+    let p = patches(&st, 2).await;
     ensure!(p.len() == 2, "{p:?}");
     let key = p
         .iter()
@@ -124,6 +130,27 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
     ensure!(cond.1.contains("strategic-merge-patch"), "{}", cond.1);
     ensure!(cond.2["status"]["conditions"][0]["type"] == "NetworkUnavailable");
     ensure!(cond.2["status"]["conditions"][0]["status"] == "False");
+
+    // Someone writes another key on this node's Node (the other nodes would take the member
+    // with that key for n1): the source puts n1's back, once.
+    {
+        let mut f = st.lock().expect("fake");
+        let mut n1 = f.nodes["n1"].clone();
+        n1["metadata"]["annotations"]["weft.dev/public-key"] = json!("THIEF");
+        f.put(n1);
+    }
+    let p = patches(&st, 3).await;
+    ensure!(p.len() == 3, "{p:?}");
+    ensure!(
+        p[2].0 == "/api/v1/nodes/n1"
+            && p[2].2["metadata"]["annotations"]["weft.dev/public-key"] == "KEY1",
+        "{:?}",
+        p[2]
+    );
+    ensure!(
+        st.lock().expect("fake").nodes["n1"]["metadata"]["annotations"]["weft.dev/public-key"]
+            == "KEY1"
+    );
 
     // A node added, a region and an address changed, a node deleted.
     st.lock().expect("fake").put(node(
@@ -169,7 +196,7 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
         "no re-list after 410"
     );
     // No patch repeated: the Node already says both.
-    ensure!(patched(&st).len() == 2, "patched again: {:?}", patched(&st));
+    ensure!(patched(&st).len() == 3, "patched again: {:?}", patched(&st));
 
     stop_tx.send(true)?;
     tokio::time::timeout(Duration::from_secs(5), task).await??;
