@@ -99,6 +99,17 @@ pub enum Problem {
         /// The widest mask of the family.
         max: u8,
     },
+    /// `node.pod_cidr` is broader than a node block of its family: every peer would refuse the
+    /// claim.
+    #[error("{block} is broader than a node block (/{mask}, {mask_key})")]
+    BlockTooBroad {
+        /// The block.
+        block: ipnet::IpNet,
+        /// The node block size of its family.
+        mask: u8,
+        /// The key that sets that size.
+        mask_key: &'static str,
+    },
     /// `node.pod_cidr` lies outside `pod_network_cidr`.
     #[error("{block} is not inside the pod network {pools}")]
     OutsidePool {
@@ -135,8 +146,11 @@ pub enum Problem {
     /// The MTU is below what IPv6 needs or above what a tunnel can carry.
     #[error("{0} is out of range 1280-65455")]
     Mtu(u16),
-    /// An interface name the kernel would refuse.
-    #[error("interface name {0:?} must be 1-15 characters without '/' or whitespace")]
+    /// An interface name the kernel would refuse (its `dev_valid_name`).
+    #[error(
+        "interface name {0:?} is not one the kernel takes: 1-15 bytes, not \".\" or \"..\", \
+         without '/', ':' or whitespace"
+    )]
     InterfaceName(String),
     /// A duration that must not be zero.
     #[error("must be longer than zero")]
@@ -151,9 +165,19 @@ pub enum Problem {
     /// A duration outside its range (the value, the least, the most).
     #[error("{0:?} is out of range {1}-{2}")]
     OutOfRange(std::time::Duration, &'static str, &'static str),
+    /// A duration longer than the most its key takes (the value, the most): more than any
+    /// deployment needs, and past it the timers' arithmetic could overflow.
+    #[error("{0:?} is longer than the most it may be, {1}")]
+    TooLong(std::time::Duration, &'static str),
     /// A member cap of zero, or one whose digest would not fit a gossip frame.
     #[error("{0} is out of range 1-100000")]
     MaxMembers(usize),
+    /// A router port with no port after it for the relay.
+    #[error(
+        "{0} leaves no relay port: with the mesh on (mesh.secret_file present), the relay \
+         listens on router.port + 1; use at most 65534"
+    )]
+    NoRelayPort(u16),
     /// A name that is empty.
     #[error("must not be empty")]
     EmptyName,

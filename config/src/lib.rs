@@ -69,7 +69,8 @@ pub struct Node {
     pub public_address: Option<IpAddr>,
     /// The WireGuard private key file (default `state_dir/private.key`).
     pub key_file: PathBuf,
-    /// A static pod CIDR block, at most one per family.
+    /// A static pod CIDR block, at most one per family, each inside the pod network and no
+    /// broader than a node block of its family (what the peers accept).
     pub pod_cidr: Vec<IpNet>,
 }
 
@@ -82,7 +83,7 @@ pub struct Network {
     pub node_cidr_mask_size_ipv4: u8,
     /// Node block size for IPv6 (default 64).
     pub node_cidr_mask_size_ipv6: u8,
-    /// How long a dead node's block is kept before reclaim (default 24h).
+    /// How long a dead node's block is kept before reclaim (default 24h, at most 365d).
     pub block_expiry: Duration,
     /// Underlay subnets where plaintext is allowed when both ends agree.
     pub trusted_subnets: Vec<IpNet>,
@@ -103,12 +104,14 @@ pub struct Mesh {
     pub peers: Vec<SocketAddr>,
     /// The cluster secret file.
     pub secret_file: PathBuf,
-    /// How often a node gossips its digest to one neighbour (default 1s).
+    /// How often a node gossips its digest to one neighbour (default 1s, at most 1h).
     pub gossip_interval: Duration,
-    /// A member not heard from for this long is down and its routes withdrawn (default 30s).
+    /// A member not heard from for this long is down and its routes withdrawn (default 30s,
+    /// at least three gossip intervals, at most 24h).
     pub liveness_timeout: Duration,
-    /// A member down or departed for this long is forgotten (default 72h; at least
-    /// `network.block_expiry`, so a dead node's block is never forgotten before it expires).
+    /// A member down or departed for this long is forgotten (default 72h, at most 365d; at
+    /// least `network.block_expiry`, so a dead node's block is never forgotten before it
+    /// expires).
     pub tombstone_horizon: Duration,
     /// The most members a node holds; records of further nodes are refused and counted
     /// (default 8192, at most 100000).
@@ -265,9 +268,11 @@ impl<'de> Deserialize<'de> for Offload {
 /// The data plane.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Router {
-    /// UDP port for WireGuard and plaintext encapsulation (default 51820).
+    /// UDP port for WireGuard and plaintext encapsulation (default 51820, at most 65534: with
+    /// the mesh on, the relay listens on the next port).
     pub port: u16,
-    /// The TUN device's name (default `weft0`).
+    /// The TUN device's name (default `weft0`), one the kernel takes: 1 to 15 bytes, not `.`
+    /// or `..`, without `/`, `:` or whitespace.
     pub interface: String,
     /// Which speed-ups the data path may use (default all: `auto`).
     pub offload: Offload,

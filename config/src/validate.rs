@@ -17,6 +17,14 @@ use crate::{
 const DEFAULT_POD_NETWORK: &str = "100.64.0.0/16";
 const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
 
+// The longest each duration may be, as a value and as written in the error: far more than any
+// deployment needs, and short enough that the arithmetic done on it (`3 * gossip_interval`
+// here, `liveness_timeout * BID_WINDOW` in the mesh, deadlines `now + d`) cannot overflow.
+const MAX_GOSSIP_INTERVAL: (Duration, &str) = (Duration::from_secs(3600), "1h");
+const MAX_LIVENESS_TIMEOUT: (Duration, &str) = (Duration::from_secs(24 * 3600), "24h");
+const MAX_TOMBSTONE_HORIZON: (Duration, &str) = (Duration::from_secs(365 * 86400), "365d");
+const MAX_BLOCK_EXPIRY: (Duration, &str) = (Duration::from_secs(365 * 86400), "365d");
+
 /// Builds the error for `key`, locating it in `text`.
 struct Errors<'a> {
     text: &'a str,
@@ -40,6 +48,35 @@ impl Errors<'_> {
 
 fn nets(cidrs: Vec<Cidr>) -> Vec<IpNet> {
     cidrs.into_iter().map(|c| c.0).collect()
+}
+
+/// `d` when it is no longer than `max` (the most, and how the error writes it).
+fn at_most(
+    errs: &Errors<'_>,
+    key: &str,
+    d: Duration,
+    (max, written): (Duration, &'static str),
+) -> Result<Duration, ConfigError> {
+    if d > max {
+        return Err(errs.at(key, Problem::TooLong(d, written)));
+    }
+    Ok(d)
+}
+
+/// Whether the kernel takes `name` for a network interface: its `dev_valid_name` (not empty,
+/// shorter than `IFNAMSIZ` (16) bytes, not `.` or `..`, no `/`, `:` or whitespace as its
+/// `isspace` has it, which includes the byte 0xa0). A NUL byte is refused too: the kernel
+/// would read the name only up to it.
+fn valid_interface_name(name: &str) -> bool {
+    const IFNAMSIZ: usize = 16;
+    let kernel_space = |b: u8| matches!(b, b'\t'..=b'\r' | b' ' | 0xa0);
+    !name.is_empty()
+        && name.len() < IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || kernel_space(b))
 }
 
 /// At most one prefix per family.
@@ -123,14 +160,18 @@ pub(crate) fn validate(
         .or(n.node_cidr_mask_size)
         .unwrap_or(24);
     let mask_v6 = n.node_cidr_mask_size_ipv6.unwrap_or(64);
+    // The node block size of a pool's family, the key that sets it, and the family's width.
+    let v4_key = if n.node_cidr_mask_size_ipv4.is_some() {
+        "network.node_cidr_mask_size_ipv4"
+    } else {
+        "network.node_cidr_mask_size"
+    };
+    let node_mask = |pool: &IpNet| match pool {
+        IpNet::V4(_) => (mask_v4, v4_key, 32),
+        IpNet::V6(_) => (mask_v6, "network.node_cidr_mask_size_ipv6", 128),
+    };
     for pool in &pod_network_cidr {
-        let (mask, key, max) = match pool {
-            IpNet::V4(_) if n.node_cidr_mask_size_ipv4.is_some() => {
-                (mask_v4, "network.node_cidr_mask_size_ipv4", 32)
-            }
-            IpNet::V4(_) => (mask_v4, "network.node_cidr_mask_size", 32),
-            IpNet::V6(_) => (mask_v6, "network.node_cidr_mask_size_ipv6", 128),
-        };
+        let (mask, key, max) = node_mask(pool);
         if mask <= pool.prefix_len() || mask > max {
             return Err(errs.at(
                 key,
@@ -150,9 +191,13 @@ pub(crate) fn validate(
     let network = Network {
         node_cidr_mask_size_ipv4: mask_v4,
         node_cidr_mask_size_ipv6: mask_v6,
-        block_expiry: n
-            .block_expiry
-            .map_or(Duration::from_secs(24 * 3600), |d| d.0),
+        block_expiry: at_most(
+            &errs,
+            "network.block_expiry",
+            n.block_expiry
+                .map_or(Duration::from_secs(24 * 3600), |d| d.0),
+            MAX_BLOCK_EXPIRY,
+        )?,
         trusted_subnets: nets(n.trusted_subnets.unwrap_or_default()),
         mtu: n.mtu,
         nat_outgoing: n.nat_outgoing.unwrap_or(true),
@@ -171,11 +216,11 @@ pub(crate) fn validate(
     let pod_cidr = raw.node.pod_cidr.map(|l| nets(l.0)).unwrap_or_default();
     one_per_family(&errs, "node.pod_cidr", &pod_cidr)?;
     for block in &pod_cidr {
-        if !network
+        let Some(pool) = network
             .pod_network_cidr
             .iter()
-            .any(|pool| pool.contains(block))
-        {
+            .find(|pool| pool.contains(block))
+        else {
             let pools = network
                 .pod_network_cidr
                 .iter()
@@ -187,6 +232,19 @@ pub(crate) fn validate(
                 Problem::OutsidePool {
                     block: *block,
                     pools: pools.join(", "),
+                },
+            ));
+        };
+        // The peers' rule (`ClaimPolicy::check_block`): no broader than a node block of the
+        // pool's family; a narrower one they take.
+        let (mask, mask_key, _) = node_mask(pool);
+        if block.prefix_len() < mask {
+            return Err(errs.at(
+                "node.pod_cidr",
+                Problem::BlockTooBroad {
+                    block: *block,
+                    mask,
+                    mask_key,
                 },
             ));
         }
@@ -218,18 +276,30 @@ pub(crate) fn validate(
             .mesh
             .secret_file
             .unwrap_or_else(|| PathBuf::from("/etc/weft/secret")),
-        gossip_interval: raw
-            .mesh
-            .gossip_interval
-            .map_or(Duration::from_secs(1), |d| d.0),
-        liveness_timeout: raw
-            .mesh
-            .liveness_timeout
-            .map_or(Duration::from_secs(30), |d| d.0),
-        tombstone_horizon: raw
-            .mesh
-            .tombstone_horizon
-            .map_or(Duration::from_secs(72 * 3600), |d| d.0),
+        gossip_interval: at_most(
+            &errs,
+            "mesh.gossip_interval",
+            raw.mesh
+                .gossip_interval
+                .map_or(Duration::from_secs(1), |d| d.0),
+            MAX_GOSSIP_INTERVAL,
+        )?,
+        liveness_timeout: at_most(
+            &errs,
+            "mesh.liveness_timeout",
+            raw.mesh
+                .liveness_timeout
+                .map_or(Duration::from_secs(30), |d| d.0),
+            MAX_LIVENESS_TIMEOUT,
+        )?,
+        tombstone_horizon: at_most(
+            &errs,
+            "mesh.tombstone_horizon",
+            raw.mesh
+                .tombstone_horizon
+                .map_or(Duration::from_secs(72 * 3600), |d| d.0),
+            MAX_TOMBSTONE_HORIZON,
+        )?,
         max_members: raw.mesh.max_members.unwrap_or(8192),
         record_refresh: raw
             .mesh
@@ -271,7 +341,12 @@ pub(crate) fn validate(
     if mesh.gossip_interval.is_zero() {
         return Err(errs.at("mesh.gossip_interval", Problem::ZeroDuration));
     }
-    if mesh.liveness_timeout < 3 * mesh.gossip_interval {
+    // Checked although the bounds above keep it from overflowing.
+    if mesh
+        .gossip_interval
+        .checked_mul(3)
+        .is_none_or(|least| mesh.liveness_timeout < least)
+    {
         return Err(errs.at(
             "mesh.liveness_timeout",
             Problem::LivenessTooShort(mesh.liveness_timeout, mesh.gossip_interval),
@@ -293,15 +368,17 @@ pub(crate) fn validate(
         return Err(errs.at("mesh.max_members", Problem::MaxMembers(mesh.max_members)));
     }
     let interface = raw.router.interface.unwrap_or_else(|| "weft0".to_owned());
-    if interface.is_empty()
-        || interface.len() > 15
-        || interface.contains('/')
-        || interface.contains(char::is_whitespace)
-    {
+    if !valid_interface_name(&interface) {
         return Err(errs.at("router.interface", Problem::InterfaceName(interface)));
     }
+    let port = raw.router.port.map_or(51820, |p| p.0);
+    // With the mesh on, the relay listens on the next port; whether it is on depends on
+    // whether mesh.secret_file exists, which parsing does not look at.
+    if port.checked_add(1).is_none() {
+        return Err(errs.at("router.port", Problem::NoRelayPort(port)));
+    }
     let router = Router {
-        port: raw.router.port.map_or(51820, |p| p.0),
+        port,
         interface,
         offload: raw.router.offload.unwrap_or_default(),
         workers: raw.router.workers.unwrap_or_default(),

@@ -476,3 +476,139 @@ fn an_authority_comes_with_this_nodes_certificate_and_not_with_kubernetes() {
         assert!(e.contains("authority public key"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn durations_past_their_most_are_refused_naming_the_key_and_the_most_never_a_panic() {
+    // Far past any deployment, and past what `3 * gossip_interval` (here) and
+    // `liveness_timeout * BID_WINDOW` (in the mesh) can compute without overflowing.
+    let huge = "7000000000000000000s";
+    let msg = parse(&format!("mesh: {{gossip_interval: {huge}}}\n"))
+        .expect_err("config should be refused")
+        .to_string();
+    assert!(
+        msg.starts_with("/etc/weft/weft.yaml:1:") && msg.contains("mesh.gossip_interval"),
+        "{msg}"
+    );
+    for (section, key, most, over, shown) in [
+        ("mesh", "gossip_interval", "1h", "3601s", "3601s"),
+        ("mesh", "liveness_timeout", "24h", "25h", "90000s"),
+        ("mesh", "tombstone_horizon", "365d", "366d", "31622400s"),
+        ("network", "block_expiry", "365d", "366d", "31622400s"),
+    ] {
+        for (bad, shown) in [(over, shown), (huge, huge)] {
+            let path = format!("{section}.{key}");
+            let msg = refused(&format!("{section}:\n  {key}: {bad}\n"), 2, &path);
+            assert!(
+                msg.contains(&format!(
+                    "{shown} is longer than the most it may be, {most}"
+                )),
+                "{path}: {bad}: {msg}"
+            );
+        }
+    }
+    // The most itself is taken.
+    let c = parse(
+        "network:\n  block_expiry: 365d\nmesh:\n  gossip_interval: 1h\n  liveness_timeout: 24h\n  tombstone_horizon: 365d\n",
+    )
+    .unwrap();
+    assert_eq!(c.mesh.liveness_timeout, Duration::from_secs(24 * 3600));
+    assert_eq!(c.mesh.tombstone_horizon, Duration::from_secs(365 * 86400));
+}
+
+#[test]
+fn a_static_block_broader_than_a_node_block_is_refused_as_every_peer_would() {
+    // The peers' rule (a claim no broader than a node block of its family): /23 under /24.
+    let msg = refused("node:\n  pod_cidr: 100.64.0.0/23\n", 2, "node.pod_cidr");
+    assert!(
+        msg.contains(
+            "100.64.0.0/23 is broader than a node block (/24, network.node_cidr_mask_size)"
+        ),
+        "{msg}"
+    );
+    let msg = refused(
+        "network:\n  pod_network_cidr: [100.64.0.0/16, \"fd00:64::/48\"]\n  node_cidr_mask_size_ipv4: 26\n  node_cidr_mask_size_ipv6: 80\nnode:\n  pod_cidr: [100.64.1.0/26, \"fd00:64::/64\"]\n",
+        6,
+        "node.pod_cidr",
+    );
+    assert!(
+        msg.contains(
+            "fd00:64::/64 is broader than a node block (/80, network.node_cidr_mask_size_ipv6)"
+        ),
+        "{msg}"
+    );
+    let msg = refused(
+        "network:\n  node_cidr_mask_size_ipv4: 25\nnode:\n  pod_cidr: 100.64.1.0/24\n",
+        4,
+        "node.pod_cidr",
+    );
+    assert!(
+        msg.contains("(/25, network.node_cidr_mask_size_ipv4)"),
+        "{msg}"
+    );
+    // A node block, or one narrower (the peers take it), is fine.
+    for ok in ["100.64.1.0/24", "100.64.1.128/25", "100.64.1.1/32"] {
+        let c =
+            parse(&format!("node:\n  pod_cidr: {ok}\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(c.node.pod_cidr, [ok.parse::<ipnet::IpNet>().unwrap()]);
+    }
+}
+
+#[test]
+fn router_port_65535_is_refused_as_the_relay_port_is_the_next_one() {
+    let msg = refused("router:\n  port: 65535\n", 2, "router.port");
+    assert!(
+        msg.contains("65535 leaves no relay port") && msg.contains("router.port + 1"),
+        "{msg}"
+    );
+    assert_eq!(
+        parse("router:\n  port: 65534\n").unwrap().router.port,
+        65534
+    );
+    // Port 0 was already refused, for both ports.
+    let msg = refused("router:\n  port: 0\n", 2, "router.port");
+    assert!(msg.contains("port 0 is out of range 1-65535"), "{msg}");
+}
+
+#[test]
+fn interface_names_the_kernel_refuses_are_refused() {
+    // The kernel's dev_valid_name: 1 to 15 bytes, not "." or "..", no '/', ':' or whitespace
+    // (its isspace: \t \n \v \f \r, space, and the byte 0xa0, which ends U+00A0 and "à").
+    for (yaml, name) in [
+        (r#""weft:0""#, "weft:0"),
+        (r#"".""#, "."),
+        (r#""..""#, ".."),
+        (r#""""#, ""),
+        (r#""a/b""#, "a/b"),
+        (r#""we ft""#, "we ft"),
+        (r#""weft\t0""#, "weft\t0"),
+        (r#""weft\v0""#, "weft\u{b}0"),
+        (r#""weft\u00a00""#, "weft\u{a0}0"),
+        (r#""wà0""#, "wà0"),
+        (r#""weft\00""#, "weft\u{0}0"),
+        (r#""sixteen-chars-xx""#, "sixteen-chars-xx"),
+        // 9 characters, 17 bytes.
+        (r#""wéééééééé""#, "wéééééééé"),
+    ] {
+        let text = format!("router:\n  interface: {yaml}\n");
+        let msg = refused(&text, 2, "router.interface");
+        assert!(
+            msg.contains(&format!(
+                "interface name {name:?} is not one the kernel takes"
+            )),
+            "{name:?}: {msg}"
+        );
+    }
+    // What the kernel takes, up to 15 bytes, dots and dashes included.
+    for ok in [
+        "weft0",
+        "wg.1",
+        "...",
+        "fifteen-chars-x",
+        "wéft0",
+        "veth_a-b@c",
+    ] {
+        let text = format!("router:\n  interface: {ok:?}\n");
+        let c = parse(&text).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        assert_eq!(c.router.interface, ok);
+    }
+}

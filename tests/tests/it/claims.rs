@@ -28,7 +28,7 @@ const HONEST: [Spec; 2] = [
     },
 ];
 
-/// The liar: its own config allows it (a pool of /10), and its state file says it has held the
+/// The liar: its own config allows it (a pool of /10 in /16 node blocks), and its state file says it has held the
 /// whole of the honest nodes' pool (100.64.0.0/16) since the epoch.
 const LIAR: Spec = Spec {
     name: "x",
@@ -52,7 +52,10 @@ fn a_member_claiming_the_whole_pod_network_is_refused_and_honest_nodes_stay_rout
             "private_address: 198.18.1.3\n",
             "private_address: 198.18.1.3\n  pod_cidr: 100.64.0.0/16\n",
         )
-        .replace(weft_tests::meshlab::POOLS, "[100.64.0.0/10]");
+        .replace(
+            weft_tests::meshlab::POOLS,
+            "[100.64.0.0/10]\n  node_cidr_mask_size: 16",
+        );
     std::fs::write(&x.config, config)?;
     let state = x.config.parent().context("state dir")?.join("ipam.json");
     std::fs::write(
