@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use futures::future::{AbortHandle, Abortable};
+use futures::{FutureExt as _, StreamExt as _};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -617,7 +618,8 @@ pub const REFRESH: Duration = Duration::from_secs(1);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection may stay open at all.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-/// Connections served at once; more are closed at accept.
+/// Connections served at once; at the cap a new one is served in place of the one idle longest
+/// (see [`serve`]).
 pub const MAX_CONNECTIONS: usize = 32;
 
 /// Answers HTTP/1 requests on one connection, closing it when its headers take longer than
@@ -626,8 +628,24 @@ pub async fn serve_connection<I>(io: I, src: Sources)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    serve_tracked(io, src, Arc::new(Activity::new(Arc::default()))).await;
+}
+
+/// [`serve_connection`], keeping `activity` up to date.
+async fn serve_tracked<I>(io: I, src: Sources, activity: Arc<Activity>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = hyper_util::rt::TokioIo::new(io);
-    let svc = hyper::service::service_fn(move |req| handle(req, src.clone()));
+    let svc = hyper::service::service_fn(move |req| {
+        let (src, activity) = (src.clone(), activity.clone());
+        activity.mark(true);
+        async move {
+            let response = handle(req, src).await;
+            activity.mark(false);
+            response
+        }
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -636,6 +654,46 @@ where
         Ok(Err(e)) => debug!(error = %e, "metrics connection ended"),
         Ok(Ok(())) => {}
         Err(_) => debug!("metrics connection closed after its lifetime"),
+    }
+}
+
+/// How one open connection is used, on [`serve`]'s own count of changes rather than a clock:
+/// whether a request is being answered on it, and since which change.
+#[derive(Debug)]
+struct Activity {
+    /// The count of changes, shared by the server's connections.
+    changes: Arc<AtomicU64>,
+    /// A request is being answered: its headers are read and its response is not made yet.
+    busy: AtomicBool,
+    /// The change that put the connection in its state (accepted, busy or idle).
+    since: AtomicU64,
+}
+
+impl Activity {
+    /// A connection just accepted: idle.
+    fn new(changes: Arc<AtomicU64>) -> Self {
+        let a = Self {
+            changes,
+            busy: AtomicBool::new(false),
+            since: AtomicU64::new(0),
+        };
+        a.mark(false);
+        a
+    }
+
+    fn mark(&self, busy: bool) {
+        let now = self.changes.fetch_add(1, Ordering::Relaxed);
+        self.since.store(now, Ordering::Relaxed);
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// Which connection to close first: the least of these. Idle ones go before busy ones,
+    /// and among them the one in that state longest.
+    fn rank(&self) -> (bool, u64) {
+        (
+            self.busy.load(Ordering::Relaxed),
+            self.since.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -667,22 +725,64 @@ async fn exposition(src: &Sources) -> Option<String> {
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` turns true, at most
-/// [`MAX_CONNECTIONS`] connections at once. The connections run inside this future (no task
-/// of their own), so they end with it.
+/// [`MAX_CONNECTIONS`] connections at once. At the cap a new connection is still served: the
+/// one idle longest is closed for it (one inside a request only when every one is), so clients
+/// holding every slot cannot keep the liveness probe from an answer. The connections run inside
+/// this future (no task of their own), so they end with it.
 pub async fn serve(listener: TcpListener, src: Sources, mut shutdown: crate::shutdown::Shutdown) {
+    let changes = Arc::new(AtomicU64::new(0));
+    // Each connection's future ends with its number; `open` and `slots` hold the same ones.
     let mut open = futures::stream::FuturesUnordered::new();
+    let mut slots = std::collections::BTreeMap::<u64, (AbortHandle, Arc<Activity>)>::new();
+    let mut next = 0u64;
     loop {
         tokio::select! {
             () = shutdown.wait() => return,
-            Some(()) = open.next(), if !open.is_empty() => {}
+            Some(n) = open.next(), if !open.is_empty() => {
+                slots.remove(&n);
+            }
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) if open.len() >= MAX_CONNECTIONS => {
-                    debug!(%peer, "metrics connection refused: {MAX_CONNECTIONS} already open");
-                    drop(stream);
+                Ok((stream, peer)) => {
+                    if open.len() >= MAX_CONNECTIONS {
+                        make_room(&mut open, &mut slots).await;
+                        debug!(%peer, "metrics connection idle longest closed: {MAX_CONNECTIONS} open");
+                    }
+                    let activity = Arc::new(Activity::new(changes.clone()));
+                    let (abort, registration) = AbortHandle::new_pair();
+                    let conn = serve_tracked(stream, src.clone(), activity.clone());
+                    let n = next;
+                    next += 1;
+                    open.push(Abortable::new(conn, registration).map(move |_| n));
+                    slots.insert(n, (abort, activity));
                 }
-                Ok((stream, _)) => open.push(serve_connection(stream, src.clone())),
                 Err(e) => warn!(error = %e, "metrics accept failed"),
             }
+        }
+    }
+}
+
+/// Closes the connection [`Activity::rank`] puts first and waits until `open` has room (the
+/// closed one is dropped, its socket with it).
+async fn make_room<F>(
+    open: &mut futures::stream::FuturesUnordered<F>,
+    slots: &mut std::collections::BTreeMap<u64, (AbortHandle, Arc<Activity>)>,
+) where
+    F: Future<Output = u64>,
+{
+    let first = slots
+        .iter()
+        .min_by_key(|(_, (_, activity))| activity.rank())
+        .map(|(n, _)| *n);
+    if let Some((abort, _)) = first.and_then(|n| slots.remove(&n)) {
+        abort.abort();
+    }
+    // The aborted future ends at its next poll; others may end first.
+    while open.len() >= MAX_CONNECTIONS {
+        match open.next().await {
+            Some(n) => {
+                slots.remove(&n);
+            }
+            None => break,
         }
     }
 }
@@ -795,39 +895,97 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn connections_beyond_the_cap_are_closed_at_once() {
+    /// How long a test waits for the server before it fails.
+    const DEADLINE: Duration = Duration::from_secs(5);
+
+    /// The status line of the answer to `GET path` on `c`, a kept-alive connection; `None`
+    /// when the server closed it instead (end of stream or reset), within [`DEADLINE`].
+    async fn ask(c: &mut tokio::net::TcpStream, path: &str) -> Option<String> {
+        let _ = c
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await;
+        let mut b = [0u8; 12];
+        tokio::time::timeout(DEADLINE, c.read_exact(&mut b))
+            .await
+            .expect("answered or closed within the deadline")
+            .ok()?;
+        // The rest of the answer ("ok\n" after the headers): the connection is idle again.
+        let mut rest = Vec::new();
+        while !rest.ends_with(b"\r\n\r\nok\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(DEADLINE, c.read_exact(&mut byte))
+                .await
+                .expect("the whole answer within the deadline")
+                .ok()?;
+            rest.push(byte[0]);
+        }
+        Some(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// A metrics server on a loopback port, ready; it runs until the test ends.
+    async fn server() -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (src, _rx) = sources(true);
-        let (_stop, stop) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve(listener, src, stop.into()));
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            serve(listener, src, rx.into()).await;
+            drop(stop);
+        });
+        addr
+    }
+
+    /// Was `connections_beyond_the_cap_are_closed_at_once`: a new connection at the cap is now
+    /// served, and the connection idle longest is closed for it, so the cap still holds.
+    #[tokio::test]
+    async fn at_the_cap_a_new_connection_replaces_the_one_idle_longest() {
+        let addr = server().await;
         let mut open = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             // A request answered shows the server holds this connection.
-            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut b = [0u8; 12];
-            c.read_exact(&mut b).await.unwrap();
-            assert_eq!(&b, b"HTTP/1.1 200");
+            assert_eq!(
+                ask(&mut c, "/healthz").await.as_deref(),
+                Some("HTTP/1.1 200")
+            );
             open.push(c);
         }
-        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _ = extra
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await;
-        let mut buf = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf))
-            .await
-            .expect("the extra connection is closed, not served or held");
-        assert!(
-            n.is_err() || buf.is_empty(),
-            "served: {:?}",
-            String::from_utf8_lossy(&buf)
+        // Each newcomer is served; the oldest idle one goes: the first, then the second, ...
+        for i in 0..MAX_CONNECTIONS + 3 {
+            let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let answer = ask(&mut extra, "/healthz").await;
+            assert_eq!(answer.as_deref(), Some("HTTP/1.1 200"), "newcomer {i}");
+            open.push(extra);
+        }
+        // Asking every connection again (no new ones: nothing more is closed) finds exactly
+        // the newest MAX_CONNECTIONS open.
+        let mut served = Vec::new();
+        for (i, c) in open.iter_mut().enumerate() {
+            if ask(c, "/healthz").await.is_some() {
+                served.push(i);
+            }
+        }
+        let newest: Vec<usize> = (MAX_CONNECTIONS + 3..2 * MAX_CONNECTIONS + 3).collect();
+        assert_eq!(served, newest);
+    }
+
+    /// A local process holding every slot with idle kept-alive connections (here: connected,
+    /// silent) cannot keep the kubelet's liveness probe from being answered.
+    #[tokio::test]
+    async fn healthz_is_answered_while_idle_connections_hold_every_slot() {
+        let addr = server().await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted in order: the probe comes after all of them.
+        let mut probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(
+            ask(&mut probe, "/healthz").await.as_deref(),
+            Some("HTTP/1.1 200"),
+            "the probe was closed unanswered"
         );
-        drop(open);
+        drop(held);
     }
 
     async fn get(src: Sources, path: &str) -> String {

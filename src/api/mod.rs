@@ -86,21 +86,35 @@ pub struct ApiSocket {
 
 impl ApiSocket {
     /// Binds `path`, creating its directory. A socket file left by a dead daemon is replaced; a
-    /// live daemon's is not.
+    /// live daemon's is not, and anything at `path` that is not a socket (a file, a directory,
+    /// a symlink) is an error naming it, left as it is.
     pub async fn bind(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::FileTypeExt as _;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the API socket directory {}", dir.display()))?;
         }
-        if path.exists() {
-            if UnixStream::connect(path).await.is_ok() {
-                bail!(
-                    "API socket {} is in use: is another weft daemon running?",
-                    path.display()
-                );
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).await.is_ok() {
+                    bail!(
+                        "API socket {} is in use: is another weft daemon running?",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale API socket {}", path.display()))?;
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale API socket {}", path.display()))?;
+            Ok(_) => bail!(
+                "API socket path {} exists and is not a socket: refusing to replace it \
+                 (move it away or set api_socket to another path)",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("inspecting the API socket path {}", path.display()));
+            }
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding the API socket {}", path.display()))?;
@@ -217,6 +231,30 @@ mod tests {
         let (server, _) = sock.listener.accept().await.unwrap();
         assert!(allowed_peer(&server));
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn binding_over_a_file_that_is_not_a_socket_fails_naming_it_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.sock");
+        std::fs::write(&path, "not a socket\n").unwrap();
+        let e = format!("{:#}", ApiSocket::bind(&path).await.unwrap_err());
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("not a socket"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket\n");
+    }
+
+    #[tokio::test]
+    async fn a_socket_left_by_a_dead_daemon_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.sock");
+        // Bound and closed: the file stays, nobody listens.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let sock = ApiSocket::bind(&path).await.unwrap();
+        let _client = UnixStream::connect(&path).await.unwrap();
+        sock.listener.accept().await.unwrap();
     }
 
     #[test]

@@ -298,10 +298,14 @@ pub struct Target {
     pub ifname: String,
     /// The pod's network namespace (ADD and CHECK only).
     pub netns: Option<PathBuf>,
+    /// `prevResult`, the interface plugin's result, checked to be an object (ADD and CHECK
+    /// only): ADD passes it on.
+    pub prev_result: Option<serde_json::Map<String, Value>>,
 }
 
 /// Checks the environment and config for `env.command`; the netns must exist for ADD and
-/// CHECK (code 3 otherwise), `prevResult` is required for ADD and CHECK (code 7).
+/// CHECK (code 3 otherwise), `prevResult` is required for ADD and CHECK and must be a JSON
+/// object (code 7).
 pub fn target(env: &Env, conf: &NetConf) -> Result<Target, CniError> {
     let container_id = env.need(&env.container_id, "CNI_CONTAINERID")?.to_owned();
     let ifname = env.need(&env.ifname, "CNI_IFNAME")?.to_owned();
@@ -321,22 +325,47 @@ pub fn target(env: &Env, conf: &NetConf) -> Result<Target, CniError> {
                 "",
             ));
         }
-        if conf.prev_result.is_none() {
-            return Err(CniError::new(
-                ErrorCode::InvalidConfig,
-                "prevResult is missing: weft-cni is a chained plugin and runs after an interface plugin (ptp)",
-                "",
-            ));
-        }
         Some(ns)
     } else {
         env.netns.clone()
+    };
+    let prev_result = if needs_netns {
+        Some(prev_object(conf.prev_result.as_ref())?)
+    } else {
+        None
     };
     Ok(Target {
         container_id,
         ifname,
         netns,
+        prev_result,
     })
+}
+
+/// `prevResult` as the object a CNI result is; missing or anything else is code 7, naming
+/// what was given.
+fn prev_object(prev: Option<&Value>) -> Result<serde_json::Map<String, Value>, CniError> {
+    match prev {
+        Some(Value::Object(result)) => Ok(result.clone()),
+        None => Err(CniError::new(
+            ErrorCode::InvalidConfig,
+            "prevResult is missing: weft-cni is a chained plugin and runs after an interface plugin (ptp)",
+            "",
+        )),
+        Some(other) => {
+            const SHOWN: usize = 64;
+            let text = other.to_string();
+            let mut shown: String = text.chars().take(SHOWN).collect();
+            if shown.len() < text.len() {
+                shown.push('…');
+            }
+            Err(CniError::new(
+                ErrorCode::InvalidConfig,
+                format!("prevResult {shown} is not a JSON object (the interface plugin's result)"),
+                "",
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -457,6 +486,33 @@ mod tests {
             .collect();
         assert_eq!(names, ["10-weft.conflist"]);
     }
+
+    #[test]
+    fn a_store_change_that_cannot_be_written_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = |id: &str| Attachment {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            addresses: vec!["100.64.1.2/24".into()],
+        };
+        // The store's directory is a regular file: every write fails (also as root).
+        let blocked = dir.path().join("not-a-dir");
+        std::fs::write(&blocked, "x").unwrap();
+        let store = Store::load(blocked.join("cni.json"));
+        assert!(store.add(a("c1")).is_err());
+        assert_eq!(store.list(), [], "a failed add is remembered");
+
+        // A store that was written, whose directory then turns into a file.
+        let state = dir.path().join("state");
+        let store = Store::load(state.join("cni.json"));
+        store.add(a("c1")).unwrap();
+        std::fs::remove_dir_all(&state).unwrap();
+        std::fs::write(&state, "x").unwrap();
+        assert!(store.add(a("c2")).is_err());
+        assert!(store.del("c1", "eth0").is_err());
+        assert!(store.gc(&[]).is_err());
+        assert_eq!(store.list(), [a("c1")], "failed changes are remembered");
+    }
 }
 
 /// The daemon's attachments, persisted in `state_dir/cni.json` (atomically) so GC and CHECK
@@ -488,17 +544,20 @@ impl Store {
         }
     }
 
+    /// Applies `f` to a copy of the attachments and keeps the copy only once it is written: a
+    /// change that cannot be persisted is not remembered either (the caller reports it failed).
     fn with<T>(&self, f: impl FnOnce(&mut Attachments) -> T) -> std::io::Result<T> {
         let mut map = self
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = map.clone();
-        let out = f(&mut map);
-        if *map != before {
-            let list: Vec<&Attachment> = map.values().collect();
+        let mut next = map.clone();
+        let out = f(&mut next);
+        if next != *map {
+            let list: Vec<&Attachment> = next.values().collect();
             let text = serde_json::to_string_pretty(&list).map_err(std::io::Error::other)?;
             crate::host::files::write_atomic(&self.path, text.as_bytes())?;
+            *map = next;
         }
         Ok(out)
     }

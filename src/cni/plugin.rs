@@ -95,7 +95,10 @@ fn link_mtu(netns: Option<&Path>, ifname: &str, mtu: Option<u16>) -> Result<u32,
 }
 
 fn add(t: &Target, conf: &NetConf) -> Result<Value, CniError> {
-    let mut prev = conf.prev_result.clone().unwrap_or(Value::Null);
+    // `target` checked prevResult is an object, before anything was changed or registered;
+    // from here on nothing depends on its shape.
+    let mut result = t.prev_result.clone().unwrap_or_default();
+    let prev = Value::Object(result.clone());
     if let Some(mtu) = conf.mtu {
         link_mtu(t.netns.as_deref(), &t.ifname, Some(mtu))?;
         for host in cni::host_interfaces(&prev) {
@@ -113,8 +116,8 @@ fn add(t: &Target, conf: &NetConf) -> Result<Value, CniError> {
         &Request::CniAdd { attachment },
         ErrorCode::TryAgainLater,
     )?;
-    prev["cniVersion"] = json!(conf.version);
-    Ok(prev)
+    result.insert("cniVersion".to_owned(), json!(conf.version));
+    Ok(Value::Object(result))
 }
 
 fn check(t: &Target, conf: &NetConf) -> Result<(), CniError> {
@@ -224,5 +227,89 @@ pub fn main() -> ExitCode {
             let _ = writeln!(out, "{}", e.to_json(&version));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::cni::Store;
+
+    /// A daemon on a socket in `dir` that keeps the attachments it is sent in the returned
+    /// store, as the real one does; it serves (one connection at a time) until the test ends.
+    fn daemon_in(dir: &Path) -> (PathBuf, Store) {
+        let socket = dir.join("weft.sock");
+        let store = Store::load(dir.join("cni.json"));
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let kept = store.clone();
+        std::thread::spawn(move || {
+            runtime().unwrap().block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                while let Ok((stream, _)) = listener.accept().await {
+                    let answer = |req| {
+                        let store = kept.clone();
+                        async move {
+                            let served = match req {
+                                Request::CniAdd { attachment } => store.add(attachment),
+                                Request::CniList => Ok(()),
+                                other => panic!("the test sent {other:?}"),
+                            };
+                            match served {
+                                Ok(()) => api::Response {
+                                    ok: true,
+                                    status: None,
+                                    error: None,
+                                    attachments: Some(store.list()),
+                                },
+                                Err(e) => api::Response::refused(e.to_string()),
+                            }
+                        }
+                    };
+                    let _ = api::serve_connection(stream, answer).await;
+                }
+            });
+        });
+        (socket, store)
+    }
+
+    fn add_env() -> Env {
+        Env {
+            command: "ADD".into(),
+            container_id: Some("c1".into()),
+            netns: Some("/proc/self/ns/net".into()),
+            ifname: Some("eth0".into()),
+        }
+    }
+
+    #[test]
+    fn add_with_a_prev_result_that_is_not_an_object_is_refused_before_anything_is_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, store) = daemon_in(dir.path());
+        // No `mtu`: nothing here touches a link.
+        let conf = |prev: Value| {
+            json!({"cniVersion": "1.1.0", "name": "weft", "type": "weft-cni",
+                   "socket": socket, "prevResult": prev})
+            .to_string()
+        };
+        for prev in [json!("x"), json!([1]), json!(7), json!(false)] {
+            let e = run(&add_env(), conf(prev.clone()).as_bytes())
+                .expect_err("a prevResult that is not an object is refused");
+            assert_eq!(e.code, ErrorCode::InvalidConfig, "{prev}: {e}");
+            assert!(
+                e.msg.contains("prevResult") && e.msg.contains(&prev.to_string()),
+                "{prev}: {e}"
+            );
+            assert_eq!(store.list(), [], "{prev}: registered");
+        }
+        // The same daemon registers a well-formed ADD and gets the result passed on.
+        let prev = json!({"cniVersion": "1.0.0", "interfaces": [],
+                          "ips": [{"address": "100.64.1.2/24"}]});
+        let out = run(&add_env(), conf(prev).as_bytes()).unwrap().unwrap();
+        assert_eq!(out["cniVersion"], "1.1.0");
+        assert_eq!(out["ips"][0]["address"], "100.64.1.2/24");
+        assert_eq!(store.list().len(), 1);
     }
 }

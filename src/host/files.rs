@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,7 +20,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    let (tmp, mut f) = create_temporary(path)?;
+    let (tmp, mut f) = create_temporary(path, 0o666)?;
     let written = (|| {
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -33,20 +34,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
 }
 
-/// A new temporary file beside `path` that no other writer has.
-fn create_temporary(path: &Path) -> std::io::Result<(PathBuf, File)> {
+/// A new temporary file beside `path` that no other writer has, created with `mode` (less the
+/// umask) from the start, so a secret is never readable by others even for a moment.
+pub(crate) fn create_temporary(path: &Path, mode: u32) -> std::io::Result<(PathBuf, File)> {
     loop {
-        let mut name = path.as_os_str().to_owned();
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        name.push(format!(".weft-tmp.{}.{n}", std::process::id()));
-        let tmp = PathBuf::from(name);
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        let tmp = temporary_name(path, NEXT.fetch_add(1, Ordering::Relaxed));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+        {
             Ok(f) => return Ok((tmp, f)),
-            // Left by an earlier process with the same pid: take the next number.
+            // Left by an earlier process with the same pid (in a container the daemon is
+            // always pid 1), or another writer's: not ours to remove; take the next number.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The `n`th temporary name of this process beside `path`.
+fn temporary_name(path: &Path, n: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".weft-tmp.{}.{n}", std::process::id()));
+    PathBuf::from(name)
+}
+
+/// The temporary names beside `path` this process tries next (tests leave files there).
+#[cfg(test)]
+pub(crate) fn next_temporary_names(path: &Path, count: u64) -> Vec<PathBuf> {
+    let n = NEXT.load(Ordering::Relaxed);
+    (n..n + count).map(|n| temporary_name(path, n)).collect()
 }
 
 #[cfg(test)]

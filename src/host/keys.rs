@@ -168,13 +168,8 @@ pub fn create(path: &Path, key: &[u8; 32]) -> Result<(), KeyError> {
             .create(dir)
             .map_err(io_err)?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+    let (tmp, mut f) = super::files::create_temporary(path, 0o600).map_err(io_err)?;
+    let mut write = || -> io::Result<()> {
         f.write_all(format!("{}\n", encode(key)).as_bytes())?;
         f.sync_all()?;
         fs::hard_link(&tmp, path)
@@ -231,6 +226,33 @@ mod tests {
         fs::write(&path, "garbage").unwrap();
         let e = load_or_create(&path).err().unwrap().to_string();
         assert!(e.contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_temporary_key_file_left_by_a_killed_process_with_our_pid_does_not_block_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private.key");
+        // In a container the daemon is always pid 1: a SIGKILL between creating the temporary
+        // file and linking it leaves the names the next start tries first.
+        let leftovers = super::super::files::next_temporary_names(&path, 4);
+        for l in &leftovers {
+            fs::write(l, "half a key").unwrap();
+        }
+        let (key, created) = load_or_create(&path).unwrap();
+        assert!(created);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        assert_eq!(load_or_create(&path).unwrap().0.to_bytes(), key.to_bytes());
+        // The leftovers are not ours to remove; our own temporary is gone.
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        let mut want = leftovers;
+        want.push(path.clone());
+        want.sort();
+        assert_eq!(names, want);
     }
 
     #[test]
