@@ -6,6 +6,8 @@
 //! longest-prefix [`PrefixTable`], and keeps per peer either a WireGuard session (boringtun's
 //! `noise::Tunn`, behind the crate-private `Tunnel` trait so routing logic is testable with a fake)
 //! or a plaintext session (the 4-byte header of [`plaintext`], for the trusted-subnet path). It
+//! passes every handshake message through one gate before any Diffie-Hellman (MAC1, cookies past
+//! [`HANDSHAKE_RATE_LIMIT`] a second, then [`PER_SOURCE_LIMIT`] a second per sender address),
 //! identifies handshake initiations from unknown indexes with boringtun's `parse_handshake_anon`,
 //! gives every peer a unique 24-bit session index ([`PeerId`]), runs WireGuard's timers from the
 //! `now` it is given, follows roaming peers, drops spoofed inner sources, and counts everything
@@ -62,6 +64,7 @@
 //! - `tunnel`: the `Tunnel` trait over `noise::Tunn`.
 //! - `driver`: the driver (its workers' threads, and an async form for the in-memory devices).
 
+mod handshakes;
 mod packet;
 mod peer;
 pub mod plaintext;
@@ -80,6 +83,7 @@ mod tests;
 
 pub use boringtun::x25519;
 
+pub use crate::handshakes::{HANDSHAKE_RATE_LIMIT, MAX_SOURCES, PER_SOURCE_LIMIT};
 #[cfg(any(test, feature = "test-util"))]
 pub use crate::packet::test_packet;
 pub use crate::peer::{PathKind, PeerConfig, PeerId, PeerState, PeerStatus, SESSION_LIFETIME};

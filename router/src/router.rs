@@ -3,18 +3,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use foldhash::HashMap as FastMap;
 use ipnet::IpNet;
 use tracing::{debug, trace};
 
+use crate::handshakes::{Gate, Refused};
 use crate::packet;
 use crate::peer::{PathKind, Peer, PeerConfig, PeerId, PeerStatus};
 use crate::plaintext;
@@ -24,14 +24,6 @@ use crate::tunnel::Tunnel;
 
 /// How often WireGuard's timers run (boringtun asks for about every 250 ms).
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Handshake messages accepted per second before the router answers with cookies. A node that
-/// restarts in a mesh of N meets N initiations and N answers to its own at once, a legitimate
-/// burst: at 100 (boringtun's device default) a 60-node mesh already pushed peers into cookie
-/// round trips and a 5 s retry (the chaos lab's restart limit). Kernel WireGuard turns to
-/// cookies at 512 queued handshakes; 1000 a second covers a restart among ~500 peers. Up to the
-/// limit a flood costs its Diffie-Hellmans (about 0.1 of a core at 1000 a second); past it,
-/// only MACs.
-const HANDSHAKE_RATE_LIMIT: u64 = 1000;
 /// WireGuard's message type of a cookie reply.
 const COOKIE_REPLY: u8 = 3;
 /// The smallest output buffer the router accepts: a handshake initiation is 148 bytes.
@@ -163,9 +155,8 @@ pub enum PeerError {
 pub struct Router {
     private_key: StaticSecret,
     public_key: PublicKey,
-    /// Verifies handshake initiations' MAC before the costly anonymous parse, and answers floods
-    /// with cookies.
-    rate_limiter: Arc<RateLimiter>,
+    /// Every handshake message passes it before its Diffie-Hellman (module `handshakes`).
+    handshakes: Gate,
     /// Looked up for every packet: a fast hasher (seeded per process). Its keys are the
     /// router's own indices.
     peers: FastMap<PeerId, Slot>,
@@ -269,7 +260,7 @@ impl Router {
     pub fn new(private_key: StaticSecret, index_seed: u32) -> Self {
         let public_key = PublicKey::from(&private_key);
         Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT)),
+            handshakes: Gate::new(&public_key),
             private_key,
             public_key,
             peers: FastMap::default(),
@@ -352,9 +343,9 @@ impl Router {
                 None,
                 config.persistent_keepalive,
                 id.index(),
-                // One limiter, one cookie secret for the whole router: a cookie this router
-                // sent is valid whichever check reads the retry.
-                Some(self.rate_limiter.clone()),
+                // The router's gate counted and checked the handshake already: the session's
+                // limiter only checks MAC1 again, never under load (module `handshakes`).
+                Some(self.handshakes.for_sessions()),
             ))),
             PathKind::Plaintext => None,
         };
@@ -729,25 +720,10 @@ impl Router {
         }
         let id = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
-                // Check the MAC (and the load) before the Diffie-Hellman of the anonymous parse.
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, out)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        let len = cookie.len();
-                        self.count(DropReason::RateLimited);
-                        return NetAction::Transmit(Transmit {
-                            destination: from,
-                            len,
-                            peer: None,
-                        });
-                    }
-                    Err(_) => {
-                        self.count(DropReason::Unauthenticated);
-                        return NetAction::Dropped(DropReason::Unauthenticated);
-                    }
+                // The MAC, the load and the source before the Diffie-Hellman of the anonymous
+                // parse.
+                if let Err(refused) = self.admit_handshake(from, datagram, out) {
+                    return refused;
                 }
                 match parse_handshake_anon(&self.private_key, &self.public_key, &init) {
                     Ok(half) => match self.by_key.get(&half.peer_static_public) {
@@ -764,7 +740,12 @@ impl Router {
                     }
                 }
             }
-            Ok(Packet::HandshakeResponse(p)) => PeerId::from_receiver_idx(p.receiver_idx),
+            Ok(Packet::HandshakeResponse(p)) => {
+                if let Err(refused) = self.admit_handshake(from, datagram, out) {
+                    return refused;
+                }
+                PeerId::from_receiver_idx(p.receiver_idx)
+            }
             Ok(Packet::PacketCookieReply(p)) => PeerId::from_receiver_idx(p.receiver_idx),
             Ok(Packet::PacketData(p)) => PeerId::from_receiver_idx(p.receiver_idx),
             Err(_) => {
@@ -843,8 +824,14 @@ impl Router {
         if authenticated {
             peer.counters.rx_bytes += datagram.len() as u64;
             peer.last_rx_at = Some(now);
-            // Roaming: the endpoint follows the peer's authenticated packets.
-            if peer.endpoint != Some(from) {
+            // Roaming: the endpoint follows the peer's authenticated packets, but never onto
+            // a plaintext peer's address: plaintext from an address a WireGuard peer is at is
+            // refused, so one authenticated packet with a spoofed source (the peer's own, or
+            // one of its captured by someone on the path and sent first) would cut that
+            // trusted node off.
+            if peer.endpoint != Some(from) && self.by_addr.contains_key(&from.ip()) {
+                debug!(peer = %id, name = %peer.config.name, endpoint = %from, "endpoint not moved: a plaintext peer's address");
+            } else if peer.endpoint != Some(from) {
                 debug!(peer = %id, name = %peer.config.name, endpoint = %from, "endpoint changed");
                 Self::moved(&mut lock(&self.wireguard_at), peer.endpoint, Some(from));
                 peer.endpoint = Some(from);
@@ -873,6 +860,31 @@ impl Router {
         }
         peer.counters.rx_packets += 1;
         NetAction::WriteTun(len)
+    }
+
+    /// The handshake gate's verdict on `datagram` from `from` (module `handshakes`): on, or
+    /// the cookie reply to send back, or a counted drop.
+    fn admit_handshake(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), NetAction> {
+        match self.handshakes.admit(from.ip(), datagram, out) {
+            Ok(()) => Ok(()),
+            Err(Refused::Cookie(len)) => {
+                self.count(DropReason::RateLimited);
+                Err(NetAction::Transmit(Transmit {
+                    destination: from,
+                    len,
+                    peer: None,
+                }))
+            }
+            Err(Refused::Drop(reason)) => {
+                self.count(reason);
+                Err(NetAction::Dropped(reason))
+            }
+        }
     }
 
     fn handle_plaintext(
@@ -931,7 +943,7 @@ impl Router {
             .last_rate_reset
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
         {
-            self.rate_limiter.reset_count();
+            self.handshakes.reset();
             self.last_rate_reset = Some(now);
         }
         let mut due: Vec<PeerId> = self

@@ -396,7 +396,9 @@ fn a_burst_of_initiations_from_hundreds_of_peers_is_answered_without_cookies() {
     let kb = StaticSecret::from([2; 32]);
     let mut b = Router::new(kb.clone(), 200);
     let mut out = vec![0u8; 2048];
-    let n: u32 = 400;
+    // Each initiation counts once against the limit: until session 28 the router's check and
+    // the session's counted it twice, and cookies began at the 501st.
+    let n: u32 = 900;
     let mut cookies = 0;
     for i in 0..n {
         let mut bytes = [7u8; 32];
@@ -420,6 +422,69 @@ fn a_burst_of_initiations_from_hundreds_of_peers_is_answered_without_cookies() {
         }
     }
     assert_eq!(cookies, 0, "{cookies} of {n} peers were sent cookies");
+}
+
+/// Under load, a sender that holds a cookie (it receives at its address) gets only
+/// `PER_SOURCE_LIMIT` handshake messages a second through to their Diffie-Hellman, however
+/// many it sends; another sender is counted apart.
+#[test]
+fn under_load_one_source_with_a_cookie_gets_only_its_share_of_diffie_hellmans() {
+    let now = Instant::now();
+    let kb = StaticSecret::from([2; 32]);
+    let b = Router::new(kb.clone(), 200);
+    let mut out = vec![0u8; 2048];
+    let mut init =
+        |t: &mut boringtun::noise::Tunn| match t.format_handshake_initiation(&mut out, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+    // Keys b does not know: each initiation passes the gate, then its Diffie-Hellman finds an
+    // unknown key (counted), which is what a flood makes b spend.
+    let tunn = |i: u8| {
+        let k = StaticSecret::from([100 + i; 32]);
+        boringtun::noise::Tunn::new(k, PublicKey::from(&kb), None, None, u32::from(i), None)
+    };
+    let (mut t, mut u) = (tunn(1), tunn(2));
+    let first = init(&mut t);
+    let mut buf = vec![0u8; 2048];
+    for i in 0..crate::HANDSHAKE_RATE_LIMIT {
+        let from = sa(&format!("198.18.{}.{}:51820", 20 + i / 250, 1 + i % 250));
+        let r = b.handle_datagram(now, from, &first, &mut buf);
+        assert_eq!(r, NetAction::Dropped(DropReason::UnknownPeer), "{i}");
+    }
+    let dh = |b: &Router| b.drops().get(DropReason::UnknownPeer);
+    assert_eq!(dh(&b), crate::HANDSHAKE_RATE_LIMIT);
+    // Under load now: each sender gets a cookie, and comes back with it (MAC2).
+    let mut with_cookie = |t: &mut boringtun::noise::Tunn, from: SocketAddr| {
+        let NetAction::Transmit(c) = b.handle_datagram(now, from, &init(t), &mut buf) else {
+            panic!("no cookie reply under load");
+        };
+        assert_eq!(buf[0], 3, "a cookie reply");
+        let reply = buf[..c.len].to_vec();
+        let mut scratch = vec![0u8; 2048];
+        let _ = t.decapsulate(Some(from.ip()), &reply, &mut scratch);
+        init(t)
+    };
+    let (s1, s2) = (sa("198.18.7.7:51820"), sa("198.18.7.8:51820"));
+    let flood = with_cookie(&mut t, s1);
+    let other = with_cookie(&mut u, s2);
+    let before = dh(&b);
+    for _ in 0..5000 {
+        match b.handle_datagram(now, s1, &flood, &mut buf) {
+            NetAction::Dropped(DropReason::UnknownPeer | DropReason::RateLimited) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let through = dh(&b) - before;
+    assert_eq!(
+        through,
+        u64::from(crate::PER_SOURCE_LIMIT),
+        "{through} of 5000 reached their Diffie-Hellman"
+    );
+    // Another sender with its own cookie still gets through.
+    let r = b.handle_datagram(now, s2, &other, &mut buf);
+    assert_eq!(r, NetAction::Dropped(DropReason::UnknownPeer));
+    assert_eq!(dh(&b) - before, through + 1);
 }
 
 fn s_drops(r: &Router, now: Instant) -> u64 {

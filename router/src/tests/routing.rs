@@ -346,6 +346,31 @@ fn plaintext_is_accepted_only_from_the_peers_exact_endpoint_and_a_spoof_changes_
 }
 
 #[test]
+fn an_authenticated_packet_from_a_trusted_peers_address_does_not_move_an_endpoint_there() {
+    let mut lab = Lab::new();
+    let (_, dgram, n, inner) = trusted_peer(&mut lab);
+    let (m, _) = lab.add(
+        config("m", 5, Some("198.18.1.9:51820"), &["100.64.5.0/24"]),
+        9,
+    );
+    // One authenticated keepalive of m's, its source the trusted peer's address (spoofed by
+    // m, or a captured packet of m's sent first by someone on the path): taken as m's, but
+    // m's endpoint stays where it was.
+    let keepalive = data_message(m.index() << 8, 0, &[]);
+    assert_eq!(lab.net("198.18.1.4:9999", &keepalive), NetAction::Done);
+    assert_eq!(lab.peer(m).endpoint, Some(sa("198.18.1.9:51820")));
+    // So the trusted peer's plaintext still goes through.
+    assert_eq!(
+        lab.net("198.18.1.4:51820", &dgram[..n]),
+        NetAction::WriteTun(inner.len())
+    );
+    // From anywhere else, m's endpoint follows it as before.
+    let keepalive = data_message(m.index() << 8, 1, &[]);
+    assert_eq!(lab.net("198.18.1.10:51820", &keepalive), NetAction::Done);
+    assert_eq!(lab.peer(m).endpoint, Some(sa("198.18.1.10:51820")));
+}
+
+#[test]
 fn plaintext_is_refused_from_an_address_that_has_a_wireguard_session() {
     let mut lab = Lab::new();
     let (id, dgram, n, inner) = trusted_peer(&mut lab);
