@@ -86,7 +86,7 @@ fn script(name: &str, root: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 #[test]
-fn install_puts_binaries_unit_and_a_valid_config_in_place_and_uninstall_takes_them_away()
+fn install_puts_binaries_unit_and_a_valid_config_in_place_and_uninstall_takes_them_and_the_conflist_away()
 -> anyhow::Result<()> {
     let root = scratch("install")?;
     let text = script("install.sh", &root, &[])?;
@@ -108,10 +108,16 @@ fn install_puts_binaries_unit_and_a_valid_config_in_place_and_uninstall_takes_th
     ensure!(text.contains("kept the existing"), "{text}");
     ensure!(std::fs::read_to_string(root.join("etc/weft/weft.yaml"))?.contains("edited"));
 
+    put_conflists(&root)?;
     script("uninstall.sh", &root, &[])?;
-    for f in ["usr/local/bin/weft", "etc/systemd/system/weft.service"] {
+    for f in [
+        "usr/local/bin/weft",
+        "usr/local/bin/weft-cni",
+        "etc/systemd/system/weft.service",
+    ] {
         ensure!(!root.join(f).exists(), "{f} left behind");
     }
+    only_weft_conflist_gone(&root)?;
     ensure!(
         root.join("etc/weft/weft.yaml").exists(),
         "the config went without --purge"
@@ -119,6 +125,71 @@ fn install_puts_binaries_unit_and_a_valid_config_in_place_and_uninstall_takes_th
     script("uninstall.sh", &root, &["--purge"])?;
     ensure!(!root.join("etc/weft").exists(), "--purge left the config");
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// The Debian package's postrm under `DPKG_ROOT`: a remove takes the conflist that names
+/// weft-cni and keeps the config and state; a purge takes those too; another plugin's conflist
+/// stays either way.
+#[test]
+fn the_debian_postrm_takes_the_weft_conflist_on_remove_and_the_state_on_purge() -> anyhow::Result<()>
+{
+    let root = scratch("postrm")?;
+    put_conflists(&root)?;
+    for (rel, text) in [("etc/weft/secret", "s"), ("var/lib/weft/private.key", "k")] {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().context("parent")?)?;
+        std::fs::write(p, text)?;
+    }
+    let postrm = |arg: &str| -> anyhow::Result<()> {
+        let out = Command::new("sh")
+            .arg(deploy_dir().join("debian/postrm"))
+            .arg(arg)
+            .env("DPKG_ROOT", &root)
+            .output()?;
+        ensure!(out.status.success(), "postrm {arg}: {out:?}");
+        Ok(())
+    };
+    postrm("remove")?;
+    only_weft_conflist_gone(&root)?;
+    ensure!(
+        root.join("etc/weft/secret").exists(),
+        "a remove took the config"
+    );
+    postrm("purge")?;
+    ensure!(!root.join("etc/weft").exists() && !root.join("var/lib/weft").exists());
+    only_weft_conflist_gone(&root)?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// The conflist the daemon writes (it names weft-cni) and another plugin's, under `root`.
+fn put_conflists(root: &Path) -> anyhow::Result<()> {
+    let net_d = root.join("etc/cni/net.d");
+    std::fs::create_dir_all(&net_d)?;
+    std::fs::write(
+        net_d.join("10-weft.conflist"),
+        r#"{"plugins": [{"type": "ptp"}, {"type": "weft-cni"}]}"#,
+    )?;
+    std::fs::write(
+        net_d.join("99-other.conflist"),
+        r#"{"plugins": [{"type": "bridge"}]}"#,
+    )?;
+    Ok(())
+}
+
+/// After a removal: weft's conflist is gone (without weft-cni it would fail every pod's
+/// set-up), the other plugin's stays.
+fn only_weft_conflist_gone(root: &Path) -> anyhow::Result<()> {
+    let net_d = root.join("etc/cni/net.d");
+    ensure!(
+        !net_d.join("10-weft.conflist").exists(),
+        "the weft conflist stayed"
+    );
+    ensure!(
+        net_d.join("99-other.conflist").exists(),
+        "another plugin's conflist went"
+    );
     Ok(())
 }
 
