@@ -1,8 +1,10 @@
 //! [`Membership`]: the sans-IO gossip state machine.
 //!
-//! - `accept`: records in, stalest check first, signature last; a node's own identity coming
-//!   back from another daemon; forgotten members and the member cap.
-//! - `digest`: anti-entropy, and full-state answers cut into bounded frames.
+//! - `accept`: records in, stalest check first, signature last (the newest of each signer in
+//!   a frame only, and none after one that fails); a node's own identity coming back from
+//!   another daemon; forgotten members and the member cap.
+//! - `digest`: anti-entropy, and full-state answers cut into bounded frames, at most one per
+//!   connection per gossip interval.
 //! - `clash`: the same identity on two daemons, and two members advertising one address.
 //! - `liveness`: beats to neighbours, suspicions and refutations spread as rumours.
 
@@ -16,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::trace;
+use tracing::{debug, trace};
 
 pub use self::clash::{AddressClash, BID_WINDOW, IdentityClash, MAX_BIDS};
 pub use self::digest::MAX_MEMBERS_LIMIT;
@@ -40,8 +42,10 @@ pub struct MeshConfig {
     /// [`STALE_ANNOUNCES`] of these is down: the backstop for a member that died where no
     /// neighbour saw it, or that a partition cut off unwatched.
     pub announce_interval: Duration,
-    /// How many gossip connections a node dials; it accepts up to twice as many and closes
-    /// the excess, so no node becomes a hub.
+    /// How many proven peers (distinct nodes whose own signed beat arrived on a connection)
+    /// a node dials up to; connections whose peer has not proved who it is do not count. It
+    /// holds up to twice as many connections and closes the excess at once (see
+    /// [`Membership`]), so no node becomes a hub and none is cut off by held slots.
     pub max_connections: usize,
     /// How often a node short of connections dials another member.
     pub dial_interval: Duration,
@@ -133,6 +137,10 @@ pub enum Event {
     },
 }
 
+/// The most proven connections one node keeps to this one (two nodes that dial each other at
+/// once hold two): a further one is closed as soon as its peer proves itself on it.
+const CONNECTIONS_PER_NODE: usize = 2;
+
 /// Rounds between sweeps of every member (the stale backstop and forgetting): both act on
 /// horizons of minutes or days, so a node's per-round work stays independent of the mesh size.
 const SWEEP_EVERY: u32 = 10;
@@ -195,6 +203,17 @@ struct Conn {
     watch: bool,
     /// When an observed endpoint was last heard on it.
     observed_at: Option<Instant>,
+    /// When a digest was last answered on it (one answer per gossip interval).
+    answered_at: Option<Instant>,
+}
+
+impl Conn {
+    /// Its peer, once it proved who it is (a beat it signed came on it): only such a
+    /// connection counts toward the dial target, and it is closed before unproven ones only as
+    /// a node's extra connection or beyond the dial target.
+    fn proven(&self) -> Option<NodeId> {
+        self.peer.filter(|_| self.watch)
+    }
 }
 
 /// The least time between two observed endpoints heard on one connection: the daemon weighs
@@ -227,6 +246,18 @@ pub const OBSERVED_MIN_GAP: Duration = Duration::from_secs(5);
 /// changes travel the whole mesh, plus each member's announce every `announce_interval`,
 /// which is what keeps members nobody watches from staying alive forever. A new record
 /// version starts a new heartbeat space.
+///
+/// Connections: a node dials until it has `max_connections` proven peers (distinct nodes
+/// whose own signed beat came on a connection; the unsigned `Hello` proves nothing). It holds
+/// at most twice that many connections: one more, dialled or accepted, closes one at once,
+/// chosen in this order: an unproven connection that has had a dial interval to prove itself
+/// (the oldest first: an honest peer proves itself within a round trip); a proven peer's
+/// connection beyond its first (the newest first); while more than `max_connections` peers
+/// are proven, the newest of them (it knows the mesh and dials elsewhere, and the newcomer
+/// gets the greeting it needs to learn the mesh); an unproven one still within its dial
+/// interval (the newest first, so a flood of new connections closes itself and is never
+/// greeted); last the newest. A node proving itself on a third connection has that one
+/// closed.
 pub struct Membership {
     identity: Identity,
     me: NodeId,
@@ -452,7 +483,8 @@ impl Membership {
     }
 
     /// A connection (dialled or accepted) is up; greets it with our newest beat and a
-    /// digest.
+    /// digest. Beyond twice `max_connections` one connection is closed at once (see
+    /// [`Membership`]); when that is this one, it is not greeted.
     pub fn handle_connected(&mut self, now: Instant, conn: ConnId) {
         self.conns.insert(
             conn,
@@ -461,8 +493,18 @@ impl Membership {
                 since: now,
                 watch: false,
                 observed_at: None,
+                answered_at: None,
             },
         );
+        if self.conns.len() > self.config.max_connections * 2
+            && let Some(c) = self.excess(now)
+        {
+            debug!(closed = ?c, "too many gossip connections: one closed");
+            self.close(c);
+            if c == conn {
+                return;
+            }
+        }
         let hello = Frame::Hello {
             node: self.me,
             mesh_port: self.own.record.mesh_port,
@@ -476,6 +518,55 @@ impl Membership {
             frame: Frame::SignedBeats(vec![self.own_beat]).encode(),
         });
         self.send_digest(conn, true);
+    }
+
+    /// Closes `conn` here and asks the driver to. Closed by this node, not broken, it leaves
+    /// no lost watch: its peer is not suspect, and this node merely stops watching it (the
+    /// peer, short of a connection, dials elsewhere).
+    fn close(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+        self.handle_disconnected(conn);
+        self.closes.push_back(conn);
+    }
+
+    /// The connection to close when there are too many, in the order [`Membership`] states.
+    fn excess(&self, now: Instant) -> Option<ConnId> {
+        let grace = self.config.dial_interval;
+        let unproven = || self.conns.iter().filter(|(_, c)| c.proven().is_none());
+        let key = |(id, c): (&ConnId, &Conn)| (c.since, *id);
+        let stale = unproven()
+            .filter(|(_, c)| now.saturating_duration_since(c.since) >= grace)
+            .min_by_key(|e| key(*e));
+        if let Some((id, _)) = stale {
+            return Some(*id);
+        }
+        // Each proven peer's first connection; the others are duplicates.
+        let mut first: HashMap<NodeId, (Instant, ConnId)> = HashMap::new();
+        for (id, c) in &self.conns {
+            if let Some(p) = c.proven() {
+                let k = key((id, c));
+                first.entry(p).and_modify(|f| *f = k.min(*f)).or_insert(k);
+            }
+        }
+        let duplicate = self
+            .conns
+            .iter()
+            .filter(|(id, c)| {
+                c.proven()
+                    .is_some_and(|p| first.get(&p).is_some_and(|f| f.1 != **id))
+            })
+            .max_by_key(|e| key(*e));
+        // Proven peers beyond the dial target: this node needs only that many, and a slot
+        // must open for a newcomer to learn the mesh (one that joins through this node alone
+        // would otherwise never get in once its slots were proven).
+        let spare = (first.len() > self.config.max_connections)
+            .then(|| first.values().max().map(|f| f.1))
+            .flatten();
+        duplicate
+            .map(|(id, _)| *id)
+            .or(spare)
+            .or_else(|| unproven().max_by_key(|e| key(*e)).map(|(id, _)| *id))
+            .or_else(|| self.conns.iter().max_by_key(|e| key(*e)).map(|(id, _)| *id))
     }
 
     /// A connection is gone: a peer watched through it stays watched (see `liveness`).
@@ -526,7 +617,9 @@ impl Membership {
             }
             _ if c.peer.is_none() => self.drops.count(Rejected::BeforeHello),
             Frame::Records(records) => self.handle_records(now, conn, records),
-            Frame::Digest { reply, entries } => self.handle_digest(conn, reply, &entries),
+            Frame::Digest { reply, entries } => {
+                self.handle_digest(now, conn, reply, &entries);
+            }
             Frame::Beats(_) => self.drops.count(Rejected::UnsignedBeat),
             // The rest of a frame is dropped at the first beat that fails its check, so that a
             // frame of forged beats costs one check, not one each.
@@ -633,7 +726,7 @@ impl Membership {
             let interval = self.config.dial_interval;
             let jitter = interval.mul_f64(self.random(1000) as f64 / 1000.0);
             self.next_dial = now + interval / 2 + jitter;
-            self.dial();
+            self.dial(now);
         }
     }
 
@@ -670,21 +763,31 @@ impl Membership {
         }
     }
 
-    fn dial(&mut self) {
-        if self.conns.is_empty() {
+    fn dial(&mut self, now: Instant) {
+        // Only proven peers count: connections that never proved who they are hold no slot.
+        let proven: BTreeSet<NodeId> = self.conns.values().filter_map(Conn::proven).collect();
+        if proven.is_empty() {
             self.dial_bootstrap();
         }
-        // Too many connections (others dialled us): close the excess, newest first.
+        // Too many connections: close the excess (kept at the cap as they come; see
+        // `handle_connected`).
         let cap = self.config.max_connections * 2;
         while self.conns.len() > cap {
-            let Some((&c, _)) = self.conns.iter().next_back() else {
+            let Some(c) = self.excess(now) else {
                 break;
             };
-            self.handle_disconnected(c);
-            self.closes.push_back(c);
+            self.close(c);
         }
-        let connected: Vec<NodeId> = self.conns.values().filter_map(|c| c.peer).collect();
-        if self.conns.len() < self.config.max_connections {
+        // Not dialled: proven peers, and those a connection still within its dial interval
+        // says hello as (a hello is unsigned, so it holds a node off only that long).
+        let grace = self.config.dial_interval;
+        let connected: BTreeSet<NodeId> = self
+            .conns
+            .values()
+            .filter(|c| c.watch || now.saturating_duration_since(c.since) < grace)
+            .filter_map(|c| c.peer)
+            .collect();
+        if proven.len() < self.config.max_connections {
             let candidates: Vec<SocketAddr> = self
                 .known
                 .iter()

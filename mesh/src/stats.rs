@@ -13,7 +13,8 @@ pub enum Rejected {
     BadSignature,
     /// A record carrying a WireGuard key that is not its signer's.
     UnboundKey,
-    /// A record not newer than the one held (replays, echoes).
+    /// A record not newer than the one held (replays, echoes), or than another record of its
+    /// signer in the same frame.
     Stale,
     /// A heartbeat without a signature (the old `Beats` frame): it decides nothing.
     UnsignedBeat,
@@ -95,7 +96,8 @@ pub struct Drops {
     /// Records and beats whose signature did not verify, or whose WireGuard key is not their
     /// signer's.
     pub unauthenticated: u64,
-    /// Records not newer than the one held (replays, echoes).
+    /// Records not newer than the one held (replays, echoes), or than another record of
+    /// their signer in the same frame.
     pub stale: u64,
     /// Frames on a connection that had not said hello.
     pub unexpected: u64,

@@ -10,7 +10,10 @@
 //! are capped: [`PENDING_MAX`] in all and [`PENDING_PER_SOURCE`] per source address, beyond which
 //! a new socket is closed at once and counted; each pending one costs a few hundred bytes for
 //! at most [`transport::HANDSHAKE_TIMEOUT`]. An accept that fails for want of descriptors or
-//! memory pauses accepting for [`ACCEPT_BACKOFF`] instead of spinning. A proven connection is
+//! memory pauses accepting for [`ACCEPT_BACKOFF`] instead of spinning. Connections past the
+//! handshake are capped by the core as each comes up (at most twice
+//! [`MeshConfig::max_connections`](crate::MeshConfig::max_connections); the one it closes is
+//! dropped here when the core's `poll_close` names it). A proven connection is
 //! closed after [`IDLE_TIMEOUT`] of silence, or when one frame takes longer than
 //! [`WRITE_TIMEOUT`] to write (a peer that stops reading cannot pin its task).
 

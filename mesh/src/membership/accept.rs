@@ -1,36 +1,67 @@
 //! Records in: what would be applied is decided from the decoded record first (newer than the
-//! one held, not forgotten, room for a new member), and only that is signature-checked.
+//! one held, not forgotten, room for a new member), and only that is signature-checked. Of a
+//! frame's records of one signer only the newest is considered (the others are stale), and
+//! the first record whose signature fails ends the frame: a frame costs at most one check per
+//! signer in it, and a frame of forged records costs one.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, warn};
 
 use super::{ConnId, Event, Forgotten, Known, Membership, Transmit};
-use crate::record::{SignedRecord, UnverifiedRecord, VerifyError};
+use crate::record::{NodeId, SignedRecord, UnverifiedRecord, VerifyError};
 use crate::stats::Rejected;
 use crate::wire::Frame;
 
 impl Membership {
-    /// A `Records` frame: applies what is newer, and pushes what was applied to every other
-    /// connection.
+    /// A `Records` frame: applies what is newer (the newest of each signer in it), and pushes
+    /// what was applied to every other connection. A record whose signature fails ends the
+    /// frame: the sender relayed a forgery, so the rest is not worth a check.
     pub(super) fn handle_records(
         &mut self,
         now: Instant,
         conn: ConnId,
         records: Vec<Result<UnverifiedRecord, VerifyError>>,
     ) {
-        let mut forward = Vec::new();
+        let mut newest: Vec<UnverifiedRecord> = Vec::with_capacity(records.len());
+        let mut slot: HashMap<NodeId, usize> = HashMap::with_capacity(records.len());
         for r in records {
             match r {
-                Ok(u) => {
-                    if let Some(s) = self.accept(now, u) {
-                        forward.push(Ok(s.into()));
+                Ok(u) => match slot.entry(u.signer()) {
+                    Entry::Vacant(v) => {
+                        v.insert(newest.len());
+                        newest.push(u);
                     }
-                }
+                    Entry::Occupied(o) => {
+                        // Another of its signer's records in the same frame: the older of the
+                        // two is stale.
+                        self.drops.count(Rejected::Stale);
+                        let held = &mut newest[*o.get()];
+                        if u.record().version > held.record().version {
+                            *held = u;
+                        }
+                    }
+                },
                 Err(e) => {
                     debug!(?conn, error = %e, "record refused");
                     self.drops.count(refusal(&e));
+                }
+            }
+        }
+        let mut forward = Vec::new();
+        for u in newest {
+            match self.accept(now, u) {
+                Ok(Some(s)) => forward.push(Ok(s.into())),
+                Ok(None) => {}
+                Err(Forged) => {
+                    debug!(
+                        ?conn,
+                        "a record failed its signature check: rest of the frame dropped"
+                    );
+                    break;
                 }
             }
         }
@@ -48,18 +79,22 @@ impl Membership {
         }
     }
 
-    /// Applies a record that is newer than the one held and verifies; returns it to pass on.
-    fn accept(&mut self, now: Instant, u: UnverifiedRecord) -> Option<Arc<SignedRecord>> {
+    /// Applies a record that is newer than the one held and verifies; returns it to pass on,
+    /// or [`Forged`] when its signature fails.
+    fn accept(
+        &mut self,
+        now: Instant,
+        u: UnverifiedRecord,
+    ) -> Result<Option<Arc<SignedRecord>>, Forged> {
         let id = u.signer();
         if id == self.me {
-            self.own_record_back(now, u);
-            return None;
+            return self.own_record_back(now, u).map(|()| None);
         }
         let version = u.record().version;
         match self.known.get(&id) {
             Some(k) if k.signed.record.version >= version => {
                 self.drops.count(Rejected::Stale);
-                return None;
+                return Ok(None);
             }
             Some(_) => {}
             None => {
@@ -68,7 +103,7 @@ impl Membership {
                     && f.version >= version
                 {
                     self.drops.count(Rejected::Forgotten);
-                    return None;
+                    return Ok(None);
                 }
                 if self.known.len() >= self.config.max_members {
                     self.drops.count(Rejected::MemberLimit);
@@ -80,11 +115,11 @@ impl Membership {
                             "mesh.max_members reached: records of further nodes are refused"
                         );
                     }
-                    return None;
+                    return Ok(None);
                 }
             }
         }
-        let s = self.verified(u)?;
+        let s = self.verified(u).ok_or(Forged)?;
         let left = s.record.left;
         let old = self.known.get(&id).map(|k| k.signed.clone());
         if let Some(old) = &old {
@@ -137,7 +172,7 @@ impl Membership {
             });
         }
         self.note_liveness(id);
-        Some(s)
+        Ok(Some(s))
     }
 
     /// Checks a record's signature, counting the check and a failure.
@@ -190,6 +225,9 @@ impl Membership {
         }
     }
 }
+
+/// A record whose signature failed its check (already counted).
+pub(super) struct Forged;
 
 /// The counter for a record refused before or at its signature check.
 fn refusal(e: &VerifyError) -> Rejected {

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use tracing::{debug, error};
 
+use super::accept::Forged;
 use super::{Event, Membership};
 use crate::record::{NodeId, NodeRecord, UnverifiedRecord};
 use crate::stats::Rejected;
@@ -113,8 +114,13 @@ impl Membership {
     /// A record signed with this node's identity came back. Our current record (over a second
     /// connection, say) or an older one changes nothing and costs no signature check. A newer
     /// or different one is an earlier life's, or another daemon's with our key: outdo it,
-    /// unless that has happened [`MAX_BIDS`] times lately.
-    pub(super) fn own_record_back(&mut self, now: Instant, u: UnverifiedRecord) {
+    /// unless that has happened [`MAX_BIDS`] times lately. [`Forged`] when its signature
+    /// fails.
+    pub(super) fn own_record_back(
+        &mut self,
+        now: Instant,
+        u: UnverifiedRecord,
+    ) -> Result<(), Forged> {
         let earlier_life = {
             let (theirs, ours) = (u.record(), &self.own.record);
             // The signed bytes, not the decoded records: a record does not always decode to
@@ -124,15 +130,13 @@ impl Membership {
                 || (theirs.version == ours.version && u.body() != self.own.body.as_slice())
         };
         if !earlier_life {
-            return;
+            return Ok(());
         }
         if self.bids.clash.is_some() {
             self.drops.count(Rejected::IdentityClash);
-            return;
+            return Ok(());
         }
-        let Some(s) = self.verified(u) else {
-            return;
-        };
+        let s = self.verified(u).ok_or(Forged)?;
         let window = self.config.liveness_timeout * BID_WINDOW;
         self.bids
             .times
@@ -159,6 +163,7 @@ impl Membership {
         let mut r = self.own.record.clone();
         r.version = s.record.version + 1;
         self.update(r);
+        Ok(())
     }
 
     /// Counts `r`'s addresses in (or out of) the tally of every address advertised, which

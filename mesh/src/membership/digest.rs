@@ -1,9 +1,21 @@
 //! Anti-entropy: a digest names every member held with its version and heartbeat; the answer
 //! carries whatever the other side lacks (records, then signed beats), cut into frames of at
 //! most [`FRAME_BUDGET`] bytes so that a full-state answer to a new node always decodes.
+//!
+//! A digest costs its sender 20 bytes a member, or nothing (an empty one asks for every
+//! record), and its answer can be the whole state, so answers are bounded: each member is
+//! answered at most once per digest however often it is named, and each connection gets at
+//! most one answer (records, beats and a digest back) per gossip interval. A digest sooner on
+//! the same connection is read (it can still show this node caught up) but not answered, and
+//! no frame is encoded for it. Honest peers send one digest on connecting, one in answer, and one
+//! every `digest_every` rounds, so what goes unanswered is a repeat of what was just answered,
+//! and the next periodic digest repairs anything else.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::trace;
 
 use super::{ConnId, Membership, Transmit};
 use crate::beat::{Beat, Rumour};
@@ -73,15 +85,40 @@ impl Membership {
     /// Answers a digest with what the sender lacks, and with our own digest when asked or when
     /// the sender holds something we lack. Nothing in a digest changes liveness: its
     /// heartbeats are the sender's word, not the members'. Only this node's own heartbeat is
-    /// compared (its newest beat goes back when the sender's is older).
-    pub(super) fn handle_digest(&mut self, conn: ConnId, reply: bool, entries: &[Entry]) {
+    /// compared (its newest beat goes back when the sender's is older). At most one answer per
+    /// gossip interval on a connection, each member in it at most once (see the module doc).
+    pub(super) fn handle_digest(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        reply: bool,
+        entries: &[Entry],
+    ) {
+        let interval = self.config.gossip_interval;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let answer = c
+            .answered_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= interval);
+        if answer {
+            c.answered_at = Some(now);
+        } else {
+            trace!(
+                ?conn,
+                "digest within a gossip interval of the last answered: not answered"
+            );
+        }
         let mut records = Vec::new();
         let mut beats = Vec::new();
         let mut seen = HashSet::with_capacity(entries.len());
         let mut they_know_more = false;
         let me = self.me.short();
         for e in entries {
-            seen.insert(e.node);
+            // Each member once, however often the digest names it.
+            if !seen.insert(e.node) {
+                continue;
+            }
             if e.node == me {
                 if e.version < self.own.record.version {
                     records.push(Arc::new(self.own.clone()));
@@ -116,6 +153,10 @@ impl Membership {
                 }
             }
         }
+        self.synced |= !they_know_more;
+        if !answer {
+            return;
+        }
         if !seen.contains(&me) {
             records.push(Arc::new(self.own.clone()));
             beats.push(self.own_beat);
@@ -129,7 +170,6 @@ impl Membership {
         for frame in record_frames(records).into_iter().chain(beat_frames(beats)) {
             self.out.push_back(Transmit { conn, frame });
         }
-        self.synced |= !they_know_more;
         // Our digest back only when asked, or when they hold something we lack.
         if reply || they_know_more {
             self.send_digest(conn, false);

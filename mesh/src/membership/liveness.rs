@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use super::{ConnId, Event, Membership, STALE_ANNOUNCES, Transmit};
+use super::{CONNECTIONS_PER_NODE, ConnId, Event, Membership, STALE_ANNOUNCES, Transmit};
 use crate::beat::{Beat, Rumour};
 use crate::record::NodeId;
 use crate::stats::Rejected;
@@ -103,14 +103,26 @@ impl Membership {
     }
 
     /// `b` arrived on `conn`, from `peer` as its `Hello` said: if it is the peer's own beat,
-    /// held here (so it verified), the connection is a watch of the peer.
+    /// held here (so it verified), the connection is a watch of the peer (it is proven). A
+    /// peer proving itself on more than [`CONNECTIONS_PER_NODE`] connections has this one
+    /// closed.
     pub(super) fn watch_through(&mut self, conn: ConnId, peer: Option<NodeId>, b: &Beat) {
         if let Some(p) = peer
             && b.node == p.short()
             && self.known.get(&p).is_some_and(|k| k.beat == Some(*b))
             && let Some(c) = self.conns.get_mut(&conn)
+            && !c.watch
         {
             c.watch = true;
+            let held = self
+                .conns
+                .values()
+                .filter(|c| c.proven() == Some(p))
+                .count();
+            if held > CONNECTIONS_PER_NODE {
+                debug!(node = %p, ?conn, "a further connection of one node: closed");
+                self.close(conn);
+            }
         }
     }
 

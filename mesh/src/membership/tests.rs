@@ -23,17 +23,22 @@ fn node(seed: u8) -> Membership {
     )
 }
 
+/// Connects `conn` to `b` and says hello on it as the node of key `[key; 32]`.
+fn connect_as(b: &mut Membership, now: Instant, conn: ConnId, key: u8) {
+    b.handle_connected(now, conn);
+    let hello = Frame::Hello {
+        node: Identity::from_wireguard_key(&[key; 32]).id(),
+        mesh_port: 6783,
+    };
+    b.handle_frame(now, conn, &hello.encode());
+}
+
 /// b with one connection that has said hello as node 9.
 fn greeted() -> (Membership, ConnId, Instant) {
     let mut b = node(2);
     let now = Instant::now();
     let conn = ConnId(1);
-    b.handle_connected(now, conn);
-    let hello = Frame::Hello {
-        node: Identity::from_wireguard_key(&[9; 32]).id(),
-        mesh_port: 6783,
-    };
-    b.handle_frame(now, conn, &hello.encode());
+    connect_as(&mut b, now, conn, 9);
     while b.poll_transmit().is_some() {}
     (b, conn, now)
 }
@@ -306,4 +311,288 @@ fn an_observed_endpoint_is_heard_only_with_its_members_signature_for_this_node()
     assert_eq!((o.by, o.endpoint, o.at_ms), (me, at, 99));
     assert!(o.verify(&nine.id()).is_ok());
     assert!(!b.tell_observed(other, at, 100), "no connection to it");
+}
+
+/// Everything `m` sends now.
+fn sent(m: &mut Membership) -> Vec<Transmit> {
+    std::iter::from_fn(|| m.poll_transmit()).collect()
+}
+
+/// The records and the bytes of every `Records` frame in `out`.
+fn records_in(out: &[Transmit]) -> (usize, usize) {
+    out.iter()
+        .filter_map(|t| match Frame::decode(&t.frame) {
+            Ok(Frame::Records(rs)) => Some((rs.len(), t.frame.len())),
+            _ => None,
+        })
+        .fold((0, 0), |(n, b), (rn, rb)| (n + rn, b + rb))
+}
+
+/// `who`'s record and newest beat come on a new connection `conn` after its hello: the peer
+/// has proved who it is there.
+fn prove(m: &mut Membership, now: Instant, conn: ConnId, who: &Identity) {
+    m.handle_connected(now, conn);
+    let hello = Frame::Hello {
+        node: who.id(),
+        mesh_port: 6783,
+    };
+    m.handle_frame(now, conn, &hello.encode());
+    let name = format!("p{}", who.id().short().0);
+    m.handle_frame(now, conn, &records(&[&who.sign(&record(&name, 1))]));
+    let beat = Frame::SignedBeats(vec![Beat::sign(who, 1, 1)]);
+    m.handle_frame(now, conn, &beat.encode());
+    while m.poll_transmit().is_some() {}
+}
+
+/// Rule: a digest is answered for each member it names at most once, however often it names
+/// it: the answer to a member named a thousand times is the answer to it named once.
+#[test]
+fn a_digest_naming_one_member_many_times_is_answered_as_if_it_named_it_once() {
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    let rc = c.sign(&record("c", 4));
+    let entry = Entry {
+        node: c.id().short(),
+        version: 0,
+        heartbeat: 0,
+    };
+    let answer = |n: usize| {
+        let (mut b, conn, now) = greeted();
+        b.handle_frame(now, conn, &records(&[&rc]));
+        while b.poll_transmit().is_some() {}
+        let digest = Frame::Digest {
+            reply: false,
+            entries: vec![entry; n],
+        };
+        b.handle_frame(now, conn, &digest.encode());
+        let out = sent(&mut b);
+        (
+            records_in(&out),
+            out.iter().map(|t| t.frame.len()).sum::<usize>(),
+        )
+    };
+    let once = answer(1);
+    assert_eq!(once.0.0, 2, "c's record and b's own");
+    assert_eq!(answer(1000), once);
+}
+
+/// Rule: one connection gets at most one digest answer per gossip interval; digests it sends
+/// sooner (an empty one asks for the whole state) are read but not answered.
+#[test]
+fn empty_digests_on_one_connection_get_one_full_answer_per_gossip_interval() {
+    let (mut b, conn, now) = greeted();
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    b.handle_frame(now, conn, &records(&[&c.sign(&record("c", 4))]));
+    while b.poll_transmit().is_some() {}
+    let empty = |reply| {
+        Frame::Digest {
+            reply,
+            entries: vec![],
+        }
+        .encode()
+    };
+    b.handle_frame(now, conn, &empty(true));
+    let first = sent(&mut b);
+    assert_eq!(
+        records_in(&first).0,
+        2,
+        "the whole state: c's record and b's own"
+    );
+    let interval = MeshConfig::default().gossip_interval;
+    let mut more = Vec::new();
+    for k in 0..100u32 {
+        b.handle_frame(now + interval * k / 100, conn, &empty(k % 2 == 0));
+        more.extend(sent(&mut b));
+    }
+    assert_eq!(
+        more.iter().map(|t| t.frame.len()).sum::<usize>(),
+        0,
+        "{} more frames within the interval",
+        more.len()
+    );
+    // A gossip interval later, it is answered again.
+    b.handle_frame(now + interval, conn, &empty(false));
+    assert_eq!(records_in(&sent(&mut b)).0, 2);
+}
+
+/// Rule: of the records of one signer in a frame only the newest is checked, and the first
+/// record whose signature fails ends the frame: a frame of forged records costs one check.
+#[test]
+fn a_frame_of_a_thousand_forged_newer_records_of_one_member_costs_one_signature_check() {
+    let (mut b, conn, now) = greeted();
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    b.handle_frame(now, conn, &records(&[&c.sign(&record("c", 1))]));
+    while b.poll_transmit().is_some() {}
+    while b.poll_event().is_some() {}
+    let forged: Vec<SignedRecord> = (2..1002)
+        .map(|v| {
+            let mut s = c.sign(&record("c", v));
+            s.signature[0] ^= 1;
+            s
+        })
+        .collect();
+    let before = b.drops().verifications;
+    b.handle_frame(now, conn, &records(&forged.iter().collect::<Vec<_>>()));
+    assert_eq!(b.drops().verifications - before, 1);
+    assert_eq!(b.members()[0].record.version, 1);
+    assert_eq!(b.poll_event(), None);
+    assert_eq!(b.poll_transmit(), None, "nothing forwarded");
+    // After a forged record, the rest of the frame is not checked, valid or not.
+    let d = Identity::from_wireguard_key(&[4; 32]);
+    let before = b.drops().verifications;
+    b.handle_frame(
+        now,
+        conn,
+        &records(&[&forged[0], &d.sign(&record("d", 1)), &forged[1]]),
+    );
+    assert_eq!(b.drops().verifications - before, 1);
+    assert_eq!(b.members().len(), 1, "d was not applied");
+}
+
+/// Rule: a member's many versions of its own record in one frame cost one check, and only
+/// the newest is applied (one event) and forwarded.
+#[test]
+fn a_frame_of_a_thousand_valid_versions_of_one_member_applies_and_forwards_only_the_newest() {
+    let (mut b, conn, now) = greeted();
+    let other = ConnId(2);
+    connect_as(&mut b, now, other, 8);
+    while b.poll_transmit().is_some() {}
+    let c = Identity::from_wireguard_key(&[3; 32]);
+    let versions: Vec<SignedRecord> = (1..=1000).map(|v| c.sign(&record("c", v))).collect();
+    let before = b.drops().verifications;
+    b.handle_frame(now, conn, &records(&versions.iter().collect::<Vec<_>>()));
+    assert_eq!(b.drops().verifications - before, 1);
+    assert_eq!(b.members()[0].record.version, 1000);
+    let events: Vec<Event> = std::iter::from_fn(|| b.poll_event()).collect();
+    assert_eq!(events, vec![Event::Joined(c.id())]);
+    let out = sent(&mut b);
+    assert_eq!(out.len(), 1, "one frame forwarded");
+    assert_eq!(out[0].conn, other);
+    let Ok(Frame::Records(rs)) = Frame::decode(&out[0].frame) else {
+        panic!("records")
+    };
+    let forwarded: Vec<u64> = rs
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|r| r.record().version))
+        .collect();
+    assert_eq!(forwarded, vec![1000]);
+}
+
+/// From the review: connections that never said who they are must not stop a node dialling
+/// the members it knows.
+#[test]
+fn connections_that_never_proved_who_they_are_do_not_stop_a_node_dialling() {
+    let (mut b, conn, mut now) = greeted();
+    for i in 0..10u8 {
+        let m = Identity::from_wireguard_key(&[10 + i; 32]);
+        b.handle_frame(
+            now,
+            conn,
+            &records(&[&m.sign(&record(&format!("m{i}"), 1))]),
+        );
+    }
+    for c in 100..=103 {
+        b.handle_connected(now, ConnId(c));
+    }
+    b.handle_disconnected(conn);
+    while b.poll_transmit().is_some() {}
+    let _ = dials(&mut b);
+    let mut dialled = Vec::new();
+    for _ in 0..20 {
+        now += MeshConfig::default().dial_interval;
+        b.handle_timeout(now);
+        dialled.extend(dials(&mut b));
+    }
+    assert!(
+        !dialled.is_empty(),
+        "no dial with only unproven connections"
+    );
+}
+
+/// Rule: beyond twice `max_connections`, a node closes first an unproven connection that
+/// has had a dial interval to prove itself (the oldest), then a third connection of one
+/// node, and keeps its proven peers.
+#[test]
+fn a_full_node_closes_stale_unproven_and_duplicate_connections_before_proven_ones() {
+    let mut b = node(2);
+    let now = Instant::now();
+    let cap = 2 * MeshConfig::default().max_connections;
+    let peers: Vec<Identity> = (0..4u8)
+        .map(|i| Identity::from_wireguard_key(&[20 + i; 32]))
+        .collect();
+    for (i, p) in peers.iter().enumerate() {
+        prove(&mut b, now, ConnId(10 + i as u64), p);
+    }
+    for c in 0..(cap as u64 - 4) {
+        b.handle_connected(now, ConnId(100 + c));
+    }
+    while b.poll_transmit().is_some() {}
+    assert_eq!(b.connections(), cap);
+    assert_eq!(b.poll_close(), None);
+    // A newcomer after the unproven had their chance: the oldest unproven goes, not a peer.
+    let later = now + MeshConfig::default().dial_interval * 2;
+    b.handle_connected(later, ConnId(200));
+    assert_eq!(b.poll_close(), Some(ConnId(100)));
+    assert_eq!(b.poll_close(), None);
+    assert_eq!(b.connections(), cap);
+    assert!(
+        sent(&mut b).iter().any(|t| t.conn == ConnId(200)),
+        "greeted"
+    );
+    // One node proving itself on a third connection: that one is closed.
+    prove(&mut b, later, ConnId(300), &peers[0]);
+    prove(&mut b, later, ConnId(301), &peers[0]);
+    let closed: Vec<ConnId> = std::iter::from_fn(|| b.poll_close()).collect();
+    assert!(closed.contains(&ConnId(301)), "{closed:?}");
+    assert!(
+        (10..14).all(|c| !closed.contains(&ConnId(c))),
+        "a proven peer was closed: {closed:?}"
+    );
+}
+
+/// Rule: the connection cap holds at once, not at the next dial tick: a flood of
+/// connections costs at most twice `max_connections` of them, and the refused ones are
+/// never greeted.
+#[test]
+fn a_thousand_connections_at_once_leave_at_most_twice_max_connections() {
+    let (mut b, _, now) = greeted();
+    let cap = 2 * MeshConfig::default().max_connections;
+    let mut transmits = 0;
+    for c in 0..1000 {
+        b.handle_connected(now, ConnId(1000 + c));
+        transmits += sent(&mut b).len();
+    }
+    assert!(b.connections() <= cap, "{} connections", b.connections());
+    assert!(transmits <= 3 * cap, "{transmits} transmits");
+}
+
+/// Rule: a node full of proven peers still lets a newcomer in while it holds more proven
+/// peers than it dials: the newest of them is closed (it knows the mesh and dials
+/// elsewhere), so a node that joins through this one alone is greeted and learns the mesh.
+#[test]
+fn a_newcomer_to_a_node_full_of_proven_peers_takes_the_newest_spare_slot() {
+    let mut b = node(2);
+    let mut now = Instant::now();
+    let cap = 2 * MeshConfig::default().max_connections;
+    for i in 0..cap as u8 {
+        now += Duration::from_millis(10);
+        prove(
+            &mut b,
+            now,
+            ConnId(10 + u64::from(i)),
+            &Identity::from_wireguard_key(&[30 + i; 32]),
+        );
+    }
+    assert_eq!(b.connections(), cap);
+    assert_eq!(b.poll_close(), None);
+    b.handle_connected(now, ConnId(100));
+    assert_eq!(
+        b.poll_close(),
+        Some(ConnId(10 + cap as u64 - 1)),
+        "the newest proven"
+    );
+    assert!(
+        sent(&mut b).iter().any(|t| t.conn == ConnId(100)),
+        "greeted"
+    );
+    assert_eq!(b.connections(), cap);
 }
