@@ -6,6 +6,19 @@
 //! agrees, see [`vetted_addresses`]), the pod blocks (`spec.podCIDRs`, else `spec.podCIDR`) and the WireGuard key a
 //! weft daemon published (`weft.dev/public-key`). The node source ([`crate::control::nodesource`]) builds
 //! on this, and [`own_facts`] says where each of this node's facts came from.
+//!
+//! # A Node with a bad value
+//!
+//! Only what leaves nothing to go on refuses a Node ([`NodeError`]): a Node without a name
+//! (nothing could be said of it), and `spec.podCIDRs` that are not CIDRs (the blocks the node
+//! owns are unknown, and a member's claims must be its Node's; the API server validates
+//! them, so only a broken API server sends one). A refused Node is out of the view, so its
+//! member is not routed. Any other value that cannot be read is ignored as if it were absent,
+//! and the Node is read without it: an address annotation or a status address (`InternalIP`,
+//! `ExternalIP`) that is not an IP address (an annotation that is, say, a CIDR leaves the
+//! Node at its `InternalIP` or `ExternalIP`; an empty annotation counts as none). Each value
+//! ignored is listed in [`NodeView::ignored`], which the node source warns of once per Node
+//! and value: one bad annotation never takes a Node out of the cluster.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -13,6 +26,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use tracing::debug;
+
+use crate::control::claims::{ClaimPolicy, Refusal};
 
 /// The region label.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
@@ -48,6 +63,35 @@ pub struct NodeView {
     pub internal_ip: Option<IpAddr>,
     /// The Node's `ExternalIP`, whatever the annotations say.
     pub external_ip: Option<IpAddr>,
+    /// The values weft could not read and read the Node without (module docs).
+    pub ignored: Vec<Ignored>,
+}
+
+/// A value on a Node that weft cannot read, and reads the Node without.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    /// The field: `annotation weft.dev/private-address`, `status.addresses[InternalIP]`.
+    pub field: String,
+    /// The value as written (at most [`MAX_SHOWN`] characters of it).
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: &'static str,
+    /// What weft uses in its place, if anything.
+    pub used: Option<IpAddr>,
+}
+
+/// The most characters of an ignored value kept to show (an annotation may be 256 KiB).
+pub const MAX_SHOWN: usize = 100;
+
+impl Ignored {
+    fn new(field: String, value: &str, problem: &'static str, used: Option<IpAddr>) -> Self {
+        Self {
+            field,
+            value: value.chars().take(MAX_SHOWN).collect(),
+            problem,
+            used,
+        }
+    }
 }
 
 /// Where one of this node's facts came from, as `weft status --json` names it.
@@ -85,13 +129,18 @@ pub struct NodeError {
 }
 
 impl NodeView {
-    /// Reads `node`.
+    /// Reads `node`: refused only without a name or with unreadable `spec.podCIDRs`; any other
+    /// value that cannot be read is left out and listed in [`NodeView::ignored`] (module docs).
     pub fn from_node(node: &Node) -> Result<Self, NodeError> {
-        let name = node.metadata.name.clone().unwrap_or_default();
-        let bad = |field: &str, problem: String| NodeError {
-            node: name.clone(),
-            field: field.to_owned(),
-            problem,
+        let name = match node.metadata.name.as_deref() {
+            Some(n) if !n.is_empty() => n.to_owned(),
+            _ => {
+                return Err(NodeError {
+                    node: "(no name)".into(),
+                    field: "metadata.name".into(),
+                    problem: "missing: a Node is known by its name".into(),
+                });
+            }
         };
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let annotations = node.metadata.annotations.clone().unwrap_or_default();
@@ -100,59 +149,49 @@ impl NodeView {
             .or_else(|| labels.get(REGION_LABEL_DEPRECATED))
             .filter(|r| !r.is_empty())
             .cloned();
-        let status_address = |kind: &str| -> Result<Option<IpAddr>, NodeError> {
-            let Some(a) = node
-                .status
-                .as_ref()
-                .and_then(|s| s.addresses.as_ref())
-                .and_then(|a| a.iter().find(|a| a.type_ == kind))
-            else {
-                return Ok(None);
-            };
-            a.address.parse().map(Some).map_err(|_| {
-                bad(
-                    &format!("status.addresses[{kind}]"),
-                    format!("{:?} is not an IP address", a.address),
-                )
-            })
-        };
-        let annotated = |key: &str| -> Result<Option<IpAddr>, NodeError> {
-            annotations
-                .get(key)
-                .map(|v| {
-                    v.parse().map_err(|_| {
-                        bad(
-                            &format!("annotation {key}"),
-                            format!("{v:?} is not an IP address"),
-                        )
-                    })
-                })
-                .transpose()
+        let mut ignored = Vec::new();
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_deref())
+            .unwrap_or_default();
+        // The first address of `kind` that is one; those before it are ignored.
+        let mut status_address = |kind: &str| -> Option<IpAddr> {
+            let before = ignored.len();
+            let found = addresses.iter().filter(|a| a.type_ == kind).find_map(|a| {
+                match a.address.parse::<IpAddr>() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        let field = format!("status.addresses[{kind}]");
+                        ignored.push(Ignored::new(field, &a.address, NOT_AN_IP, None));
+                        None
+                    }
+                }
+            });
+            for i in &mut ignored[before..] {
+                i.used = found;
+            }
+            found
         };
         let (internal_ip, external_ip) =
-            (status_address("InternalIP")?, status_address("ExternalIP")?);
-        let (private_address, private_annotated) = match annotated(PRIVATE_ANNOTATION)? {
-            Some(a) => (Some(a), true),
-            None => (internal_ip, false),
+            (status_address("InternalIP"), status_address("ExternalIP"));
+        // An annotation's address, else `status` (and whether the annotation gave it).
+        let mut annotated = |key: &str, status: Option<IpAddr>| -> (Option<IpAddr>, bool) {
+            let Some(v) = annotations.get(key).filter(|v| !v.is_empty()) else {
+                return (status, false);
+            };
+            match v.parse() {
+                Ok(a) => (Some(a), true),
+                Err(_) => {
+                    let field = format!("annotation {key}");
+                    ignored.push(Ignored::new(field, v, NOT_AN_IP, status));
+                    (status, false)
+                }
+            }
         };
-        let (public_address, public_annotated) = match annotated(PUBLIC_ANNOTATION)? {
-            Some(a) => (Some(a), true),
-            None => (external_ip, false),
-        };
-        let spec = node.spec.clone().unwrap_or_default();
-        let cidrs = match (spec.pod_cidrs, spec.pod_cidr) {
-            (Some(list), _) if !list.is_empty() => list,
-            (_, Some(one)) if !one.is_empty() => vec![one],
-            _ => Vec::new(),
-        };
-        let pod_cidrs = cidrs
-            .iter()
-            .map(|c| {
-                c.parse::<IpNet>()
-                    .map(|n| n.trunc())
-                    .map_err(|_| bad("spec.podCIDRs", format!("{c:?} is not a CIDR")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let (private_address, private_annotated) = annotated(PRIVATE_ANNOTATION, internal_ip);
+        let (public_address, public_annotated) = annotated(PUBLIC_ANNOTATION, external_ip);
+        let pod_cidrs = pod_cidrs_of(&name, node)?;
         Ok(Self {
             name,
             region,
@@ -164,8 +203,44 @@ impl NodeView {
             public_annotated,
             internal_ip,
             external_ip,
+            ignored,
         })
     }
+}
+
+/// Node `name`'s blocks: `spec.podCIDRs`, else `spec.podCIDR`; one that is not a CIDR refuses
+/// the Node (its blocks would be unknown).
+fn pod_cidrs_of(name: &str, node: &Node) -> Result<Vec<IpNet>, NodeError> {
+    let spec = node.spec.clone().unwrap_or_default();
+    let cidrs = match (spec.pod_cidrs, spec.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list,
+        (_, Some(one)) if !one.is_empty() => vec![one],
+        _ => Vec::new(),
+    };
+    cidrs
+        .iter()
+        .map(|c| {
+            c.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| NodeError {
+                    node: name.to_owned(),
+                    field: "spec.podCIDRs".into(),
+                    problem: format!("{c:?} is not a CIDR"),
+                })
+        })
+        .collect()
+}
+
+/// Why an address is ignored.
+const NOT_AN_IP: &str = "not an IP address";
+
+/// Whether this node may take its Node's `spec.podCIDRs` as its blocks: each must be a block
+/// the peers accept of a member ([`ClaimPolicy::check_block`]: inside
+/// `network.pod_network_cidr`, no broader than a node block of its family). Any other would
+/// carry this node's TUN address, state, masquerade and CNI config while every peer refused
+/// its claims. The first refused, with why.
+pub fn check_pod_cidrs(pod_cidrs: &[IpNet], policy: &ClaimPolicy) -> Result<(), Refusal> {
+    pod_cidrs.iter().try_for_each(|c| policy.check_block(c))
 }
 
 /// This node's facts once the config has had its say: an explicit `node.region`,
@@ -347,6 +422,7 @@ mod tests {
             public_annotated: false,
             internal_ip: Some(private.parse().unwrap()),
             external_ip: public.map(|p| p.parse().unwrap()),
+            ignored: vec![],
         };
         let me = view("n1", "eu", "198.18.1.1", Some("198.19.0.1"));
         let mut cfg = weft_config::Config::parse(
@@ -458,18 +534,140 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_address_or_cidr_names_the_node_and_the_field() {
+    fn a_bad_address_annotation_is_ignored_and_the_node_kept_with_its_status_addresses() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n3",
+                "annotations": {"weft.dev/private-address": "10.0.0.5/24",
+                                "weft.dev/public-address": "not-an-ip"}},
+            "spec": {"podCIDRs": ["100.64.3.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.3"},
+                                     {"type": "ExternalIP", "address": "198.19.0.3"}]}
+        }));
+        let v = NodeView::from_node(&n).expect("the Node is kept");
+        assert_eq!(v.name, "n3");
+        assert_eq!(v.pod_cidrs, ["100.64.3.0/24".parse::<IpNet>().unwrap()]);
+        // As without the annotations: InternalIP and ExternalIP.
+        assert_eq!(v.private_address, Some("198.18.1.3".parse().unwrap()));
+        assert_eq!(v.public_address, Some("198.19.0.3".parse().unwrap()));
+        assert!(!v.private_annotated && !v.public_annotated);
+        // Each named with its field, its value and what is used instead.
+        let ip = |a: &str| Some(a.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            v.ignored,
+            [
+                Ignored::new(
+                    "annotation weft.dev/private-address".into(),
+                    "10.0.0.5/24",
+                    "not an IP address",
+                    ip("198.18.1.3")
+                ),
+                Ignored::new(
+                    "annotation weft.dev/public-address".into(),
+                    "not-an-ip",
+                    "not an IP address",
+                    ip("198.19.0.3")
+                ),
+            ]
+        );
+        // A bad status address is left out the same way: the next InternalIP, or none.
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n4", "annotations": {"weft.dev/private-address": ""}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "bogus"},
+                                     {"type": "InternalIP", "address": "198.18.1.4"},
+                                     {"type": "ExternalIP", "address": "x".repeat(300)}]}
+        }));
+        let v = NodeView::from_node(&n).expect("the Node is kept");
+        assert_eq!(
+            v.private_address,
+            ip("198.18.1.4"),
+            "an empty annotation is none"
+        );
+        assert_eq!((v.internal_ip, v.external_ip), (ip("198.18.1.4"), None));
+        let shown: Vec<(&str, usize, Option<IpAddr>)> = v
+            .ignored
+            .iter()
+            .map(|i| (i.field.as_str(), i.value.len(), i.used))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("status.addresses[InternalIP]", 5, ip("198.18.1.4")),
+                ("status.addresses[ExternalIP]", MAX_SHOWN, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_nodes_pod_cidrs_are_taken_only_where_the_peers_accept_them() {
+        let policy = |pools: &[&str]| ClaimPolicy {
+            pools: pools.iter().map(|p| p.parse().unwrap()).collect(),
+            mask_v4: 24,
+            mask_v6: 64,
+            authorities: vec![],
+        };
+        let nets = |c: &[&str]| -> Vec<IpNet> { c.iter().map(|c| c.parse().unwrap()).collect() };
+        let dual = policy(&["100.64.0.0/16", "fd00:64::/48"]);
+        for ok in [
+            &["100.64.1.0/24"][..],
+            &["100.64.1.0/24", "fd00:64:0:1::/64"],
+            &["100.64.1.0/26"],
+            &[],
+        ] {
+            assert_eq!(check_pod_cidrs(&nets(ok), &dual), Ok(()), "{ok:?}");
+        }
+        // Outside the pool (a cluster CIDR that is not pod_network_cidr), or of a family
+        // without one: refused, naming the CIDR, as every peer refuses it.
+        let v4 = policy(&["100.64.0.0/16"]);
+        for (bad, why) in [
+            (
+                &["10.244.1.0/24"][..],
+                Refusal::OutsidePool(nets(&["10.244.1.0/24"])[0]),
+            ),
+            (
+                &["100.64.1.0/24", "fd00:64:0:1::/64"],
+                Refusal::OutsidePool(nets(&["fd00:64:0:1::/64"])[0]),
+            ),
+            (
+                &["100.64.0.0/20"],
+                Refusal::TooBroad {
+                    claim: nets(&["100.64.0.0/20"])[0],
+                    mask: 24,
+                },
+            ),
+        ] {
+            assert_eq!(check_pod_cidrs(&nets(bad), &v4), Err(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_without_a_name_is_refused() {
+        for meta in [serde_json::json!({}), serde_json::json!({"name": ""})] {
+            let n = node(serde_json::json!({"metadata": meta,
+                "spec": {"podCIDRs": ["100.64.1.0/24"]}}));
+            let e = NodeView::from_node(&n).expect_err("no name").to_string();
+            assert!(e.contains("metadata.name"), "{e}");
+        }
+    }
+
+    /// Was `a_bad_address_or_cidr_names_the_node_and_the_field`, which asserted that a bad
+    /// address annotation refused the whole Node: now only a bad CIDR does, and a bad address
+    /// is ignored, named with its field ([`NodeView::ignored`]).
+    #[test]
+    fn a_bad_cidr_refuses_the_node_naming_it_and_a_bad_address_is_only_ignored() {
         let n = node(serde_json::json!({"metadata": {"name": "n3",
             "annotations": {"weft.dev/private-address": "not-an-ip"}}}));
-        let e = NodeView::from_node(&n).unwrap_err().to_string();
-        assert!(
-            e.contains("n3") && e.contains("weft.dev/private-address") && e.contains("not-an-ip"),
-            "{e}"
-        );
+        let v = NodeView::from_node(&n).expect("a bad address does not refuse the Node");
+        assert_eq!(v.private_address, None);
+        assert_eq!(v.ignored.len(), 1);
+        assert_eq!(v.ignored[0].field, "annotation weft.dev/private-address");
+        assert_eq!(v.ignored[0].value, "not-an-ip");
         let n = node(
             serde_json::json!({"metadata": {"name": "n4"}, "spec": {"podCIDRs": ["100.64.1.0/33"]}}),
         );
         let e = NodeView::from_node(&n).unwrap_err().to_string();
-        assert!(e.contains("n4") && e.contains("spec.podCIDRs"), "{e}");
+        assert!(
+            e.contains("n4") && e.contains("spec.podCIDRs") && e.contains("100.64.1.0/33"),
+            "{e}"
+        );
     }
 }

@@ -618,7 +618,7 @@ impl Reconciler {
             &self.ipam.counters,
         );
         self.save_history(false);
-        if let Some(blocks) = self.ipam.step(&snap).await {
+        if let Some(blocks) = self.ipam.step(&snap, &self.inputs.claims).await {
             let cidrs: Vec<ipnet::IpNet> = blocks.iter().map(|b| b.block).collect();
             let since: Vec<u64> = blocks.iter().map(|b| b.since).collect();
             snap.record.pod_cidrs.clone_from(&cidrs);
@@ -655,6 +655,16 @@ impl Reconciler {
         self.choices.set_members(
             std::iter::once(&snap.record).chain(snap.members.iter().map(|m| &m.record)),
         );
+        // No candidate is this node's own address or in the pod network (the pools, not
+        // `no_masquerade`, which may hold underlay ranges).
+        self.choices.set_own(observed::Own {
+            local: self.own.local.clone(),
+            pod_network: self.inputs.claims.pools.clone(),
+        });
+        let members = snap.members.iter().map(|m| &m.record);
+        for (member, address, why) in self.choices.note_unusable(&snap.record, members) {
+            warn!(member = %member, %address, reason = why.as_str(), "mesh member advertises an address no datagram may go to: not used as its endpoint");
+        }
         let cands: HashMap<[u8; 32], usize> = snap
             .members
             .iter()
@@ -1032,7 +1042,8 @@ impl KubeView {
             }
         }
         if node.pod_cidr.is_empty() && *blocks.borrow() != me.pod_cidrs {
-            info!(pod_cidrs = ?me.pod_cidrs, "pod blocks from the Node's spec.podCIDRs");
+            // IPAM takes them if the peers would accept them ([`Ipam::step`]).
+            info!(pod_cidrs = ?me.pod_cidrs, "the Node's spec.podCIDRs");
             let _ = blocks.send(me.pod_cidrs.clone());
         }
     }
@@ -1121,9 +1132,14 @@ pub struct Ipam {
 
 impl Ipam {
     /// One round: decides per pool, applies a change (state file, TUN address), and returns
-    /// the new blocks when they changed.
-    pub async fn step(&mut self, snap: &MeshSnapshot) -> Option<Vec<SavedBlock>> {
-        let (next, events) = self.next(snap)?;
+    /// the new blocks when they changed. `policy` is what the peers accept of a member's blocks
+    /// (a Kubernetes assignment it refuses is not taken).
+    pub async fn step(
+        &mut self,
+        snap: &MeshSnapshot,
+        policy: &ClaimPolicy,
+    ) -> Option<Vec<SavedBlock>> {
+        let (next, events) = self.next(snap, policy)?;
         self.report(events, snap);
         if next == self.blocks.held || !self.move_to(&next).await {
             return None;
@@ -1132,8 +1148,13 @@ impl Ipam {
     }
 
     /// The next blocks and what happened: Kubernetes' assignment, else a round of the blocks
-    /// against the members; `None` while Kubernetes has not assigned any.
-    fn next(&mut self, snap: &MeshSnapshot) -> Option<(Vec<SavedBlock>, Vec<BlockEvent>)> {
+    /// against the members; `None` while Kubernetes has not assigned any, or has assigned
+    /// blocks `policy` refuses ([`k8s::check_pod_cidrs`]: the blocks held are kept).
+    fn next(
+        &mut self,
+        snap: &MeshSnapshot,
+        policy: &ClaimPolicy,
+    ) -> Option<(Vec<SavedBlock>, Vec<BlockEvent>)> {
         #[expect(clippy::disallowed_methods, reason = "the control loop is a driver")]
         let now = std::time::Instant::now();
         let settled = blocks::settled(
@@ -1150,6 +1171,22 @@ impl Ipam {
             if self.reported.insert("waiting for podCIDRs".into()) {
                 info!(
                     "waiting for the Node's spec.podCIDRs (kube-controller-manager --allocate-node-cidrs)"
+                );
+            }
+            return None;
+        }
+        if let Err(why) = k8s::check_pod_cidrs(&assigned, policy) {
+            if self
+                .reported
+                .insert(format!("refused podCIDRs {assigned:?}"))
+            {
+                let held: Vec<ipnet::IpNet> = self.blocks.held.iter().map(|b| b.block).collect();
+                error!(
+                    pod_cidrs = ?assigned, pool = ?policy.pools, reason = %why, held = ?held,
+                    "the Node's spec.podCIDRs are not taken (every peer would refuse them): \
+                     set network.pod_network_cidr and node_cidr_mask_size to the cluster's \
+                     (kube-controller-manager --cluster-cidr, --node-cidr-mask-size); \
+                     waiting for podCIDRs inside the pool"
                 );
             }
             return None;

@@ -11,6 +11,11 @@
 //! server ends after a quiet spell resumes without listing every Node again. It keeps a small
 //! [`NodeView`] per Node, never the Node objects.
 //!
+//! A Node with a value weft cannot read is read without it (see [`crate::control::k8s`]) and
+//! stays in the view; a Node that cannot be read at all is left out. Either is warned of once
+//! per Node and value, not at every watch event: the source keeps, for each Node read with a
+//! fault now, which faults it said.
+//!
 //! [`wait_for_node`] reads this node's Node once before the daemon creates its TUN device, when
 //! the Node's private address decides the MTU.
 //!
@@ -18,7 +23,7 @@
 //! daemon forwards with what it knows; each failure is reported ([`SourceEvent::Trouble`]),
 //! a 403 naming the permission the ServiceAccount lacks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -29,7 +34,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::control::k8s::{KEY_ANNOTATION, NodeView};
 
@@ -87,15 +92,21 @@ fn explain_text(text: &str) -> String {
 }
 
 /// Reads this node's Node (`me`) until the API answers with one weft can read, retrying with a
-/// backoff capped at 10 s and logging every miss (the API down or refusing, no such Node yet, a
-/// bad address annotation).
+/// backoff capped at 10 s and logging every miss (the API down or refusing, no such Node yet,
+/// unreadable `spec.podCIDRs`). A value it reads the Node without (a bad address annotation)
+/// is only a debug line here: the source warns of it once it lists the Node.
 pub async fn wait_for_node(client: Client, me: &str) -> NodeView {
     let api: Api<Node> = Api::all(client);
     let mut delay = Duration::from_millis(250);
     loop {
         let miss = match api.get_opt(me).await {
             Ok(Some(n)) => match NodeView::from_node(&n) {
-                Ok(v) => return v,
+                Ok(v) => {
+                    for i in &v.ignored {
+                        debug!(node = %me, field = %i.field, value = ?i.value, used = ?i.used, "read this node's Node without a value that is {}", i.problem);
+                    }
+                    return v;
+                }
                 Err(e) => e.to_string(),
             },
             Ok(None) => format!("no Node {me} yet (node.name must be the Kubernetes node name)"),
@@ -104,6 +115,57 @@ pub async fn wait_for_node(client: Client, me: &str) -> NodeView {
         warn!(node = %me, error = %miss, retry_in = ?delay, "waiting for this node's Node");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(WAIT_BACKOFF_MAX);
+    }
+}
+
+/// One fault of a Node read: a value ignored (its field and value), or the Node refused (the
+/// field and what is wrong).
+type Fault = (String, String);
+
+/// The faults said of each Node read with one now, so that each is said once per Node and
+/// value rather than at every watch event. Holds nothing for a Node read cleanly.
+#[derive(Debug, Default)]
+struct Said(BTreeMap<String, BTreeSet<Fault>>);
+
+impl Said {
+    /// Reads Node `n`, warning of each of its faults not said of it before; returns its name,
+    /// its view (`None` when it cannot be read at all) and its faults now.
+    fn read(&self, n: &Node) -> (String, Option<NodeView>, BTreeSet<Fault>) {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let before = self.0.get(&name);
+        let new = |f: &Fault| before.is_none_or(|b| !b.contains(f));
+        let mut faults = BTreeSet::new();
+        let view = match NodeView::from_node(n) {
+            Ok(v) => {
+                for i in &v.ignored {
+                    let f = (i.field.clone(), i.value.clone());
+                    if new(&f) {
+                        warn!(node = %v.name, field = %i.field, value = ?i.value, used = ?i.used,
+                              "a value on the Node is {}: ignored, the Node is read without it", i.problem);
+                    }
+                    faults.insert(f);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                let f = (e.field.clone(), e.problem.clone());
+                if new(&f) {
+                    warn!(error = %e, "ignoring a Node weft cannot read: its member is not routed");
+                }
+                faults.insert(f);
+                None
+            }
+        };
+        (name, view, faults)
+    }
+
+    /// Sets Node `name`'s faults (none: forgets it).
+    fn set(&mut self, name: String, faults: BTreeSet<Fault>) {
+        if faults.is_empty() {
+            self.0.remove(&name);
+        } else {
+            self.0.insert(name, faults);
+        }
     }
 }
 
@@ -129,7 +191,10 @@ impl NodeSource {
         config.bookmarks = true;
         let mut stream = watcher(api.clone(), config).default_backoff().boxed();
         let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
-        let mut listing: Option<BTreeMap<String, NodeView>> = None;
+        let mut said = Said::default();
+        // A new list: the Nodes, and the faults said of them (what was said of a Node before
+        // is not said again; a Node gone from the list is forgotten).
+        let mut listing: Option<(BTreeMap<String, NodeView>, Said)> = None;
         let mut published = None;
         let mut ready = false;
         loop {
@@ -146,12 +211,16 @@ impl NodeSource {
                     continue;
                 }
                 Ok(watcher::Event::Init) => {
-                    listing = Some(BTreeMap::new());
+                    listing = Some((BTreeMap::new(), Said::default()));
                     None
                 }
                 Ok(watcher::Event::InitApply(n)) => {
-                    if let (Some(l), Some(v)) = (listing.as_mut(), self.view(&n)) {
-                        l.insert(v.name.clone(), v);
+                    if let Some((l, now)) = listing.as_mut() {
+                        let (name, view, faults) = said.read(&n);
+                        now.set(name.clone(), faults);
+                        if let Some(v) = view {
+                            l.insert(name, v);
+                        }
                     }
                     if n.metadata.name.as_deref() == Some(self.me.as_str()) {
                         self.mark(&api, &n, &mut published, &mut ready).await;
@@ -159,7 +228,7 @@ impl NodeSource {
                     None
                 }
                 Ok(watcher::Event::InitDone) => {
-                    nodes = listing.take().unwrap_or_default();
+                    (nodes, said) = listing.take().unwrap_or_default();
                     info!(nodes = nodes.len(), "Kubernetes nodes listed");
                     Some(())
                 }
@@ -167,40 +236,38 @@ impl NodeSource {
                     if n.metadata.name.as_deref() == Some(self.me.as_str()) {
                         self.mark(&api, &n, &mut published, &mut ready).await;
                     }
-                    self.view(&n).map(|v| {
-                        nodes.insert(v.name.clone(), v);
+                    let (name, view, faults) = said.read(&n);
+                    said.set(name.clone(), faults);
+                    view.map(|v| {
+                        nodes.insert(name, v);
                     })
                 }
                 Ok(watcher::Event::Delete(n)) => {
                     let name = n.metadata.name.unwrap_or_default();
                     info!(node = %name, "Kubernetes node deleted");
+                    said.set(name.clone(), BTreeSet::new());
                     nodes.remove(&name).map(drop)
                 }
             };
             if changed.is_some() {
-                if let Some(me) = nodes.get(&self.me) {
-                    let _ = events.send(SourceEvent::Me(me.clone())).await;
-                } else {
-                    warn!(node = %self.me, "this node has no Node object (node.name must be the Kubernetes node name)");
-                }
-                let others = nodes
-                    .values()
-                    .filter(|v| v.name != self.me)
-                    .cloned()
-                    .collect();
-                let _ = events.send(SourceEvent::Others(others)).await;
+                self.report(&nodes, &events).await;
             }
         }
     }
 
-    fn view(&self, n: &Node) -> Option<NodeView> {
-        match NodeView::from_node(n) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                warn!(error = %e, "ignoring a Node weft cannot read");
-                None
-            }
+    /// Sends this node's view and the others' after a change.
+    async fn report(&self, nodes: &BTreeMap<String, NodeView>, events: &mpsc::Sender<SourceEvent>) {
+        if let Some(me) = nodes.get(&self.me) {
+            let _ = events.send(SourceEvent::Me(me.clone())).await;
+        } else {
+            warn!(node = %self.me, "this node has no Node object (node.name must be the Kubernetes node name)");
         }
+        let others = nodes
+            .values()
+            .filter(|v| v.name != self.me)
+            .cloned()
+            .collect();
+        let _ = events.send(SourceEvent::Others(others)).await;
     }
 
     /// Publishes the key and the condition on this node's object, each only if it differs.
@@ -267,5 +334,102 @@ impl NodeSource {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// The warnings logged while `f` runs.
+    fn warnings(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("buffer").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(buf.0.lock().expect("buffer").clone()).expect("utf-8");
+        text.lines().map(str::to_owned).collect()
+    }
+
+    fn node(name: &str, private: &str, cidr: &str) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"weft.dev/private-address": private}},
+            "spec": {"podCIDRs": [cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.1.1"}]}
+        }))
+        .expect("a Node")
+    }
+
+    #[test]
+    fn a_bad_value_is_warned_of_once_per_node_and_value_not_at_every_event() {
+        let mut said = Said::default();
+        let event = |said: &mut Said, n: &Node| {
+            let mut view = None;
+            let w = warnings(|| {
+                let (name, v, faults) = said.read(n);
+                said.set(name, faults);
+                view = v;
+            });
+            (view.is_some(), w)
+        };
+        let bad = node("n1", "10.0.0.5/24", "100.64.1.0/24");
+        let (kept, w) = event(&mut said, &bad);
+        assert!(kept, "the Node stays in the view");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("n1")
+                && w[0].contains("weft.dev/private-address")
+                && w[0].contains("10.0.0.5/24")
+                && w[0].contains("198.18.1.1"),
+            "names the Node, the annotation, the value and what is used: {}",
+            w[0]
+        );
+        // The same value at the next events (a label changed, a heartbeat): said already.
+        assert_eq!(event(&mut said, &bad).1.len(), 0);
+        assert_eq!(event(&mut said, &bad).1.len(), 0);
+        // The same value on another Node, or another value on this one: said once each.
+        assert_eq!(
+            event(&mut said, &node("n2", "10.0.0.5/24", "100.64.2.0/24"))
+                .1
+                .len(),
+            1
+        );
+        let other = node("n1", "10.0.0.6/24", "100.64.1.0/24");
+        assert_eq!(event(&mut said, &other).1.len(), 1);
+        assert_eq!(event(&mut said, &other).1.len(), 0);
+        // Fixed: nothing said, nothing kept; broken again later: said again.
+        assert_eq!(
+            event(&mut said, &node("n1", "198.18.1.9", "100.64.1.0/24"))
+                .1
+                .len(),
+            0
+        );
+        assert!(!said.0.contains_key("n1"), "a clean Node holds no state");
+        assert_eq!(event(&mut said, &bad).1.len(), 1);
+        // A Node that cannot be read at all: left out, said once.
+        let refused = node("n3", "198.18.1.3", "100.64.3.0/33");
+        let (kept, w) = event(&mut said, &refused);
+        assert!(
+            !kept && w.len() == 1 && w[0].contains("spec.podCIDRs"),
+            "{w:?}"
+        );
+        assert_eq!(event(&mut said, &refused).1.len(), 0);
     }
 }

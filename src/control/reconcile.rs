@@ -7,6 +7,13 @@
 //! when this node's address toward the peer and the peer's chosen address both lie in this
 //! node's trusted subnets AND in the peer's (as its record says), so both ends agree; region
 //! labels alone never make a path plaintext.
+//!
+//! An address a record advertises (its own, or a NAT mapping it publishes) is a candidate only
+//! when a datagram may go there ([`usable`]): a unicast address with a port ([`observed::vet`]:
+//! not unspecified, loopback, multicast, broadcast or link-local), none of this node's own
+//! addresses (its record's, and those on its interfaces as last read), and outside the pod
+//! network. Anything else would send every node's handshakes to itself, to a local port, or
+//! into the overlay; the address is left out as if the record did not advertise it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +22,8 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use weft_mesh::{Member, NodeRecord};
 use weft_router::{PathKind, PeerConfig, PeerState};
+
+use crate::control::observed::{self, Own, Refused};
 
 /// How long an endpoint may go without a handshake before the next candidate is tried.
 pub const FALLBACK_AFTER: Duration = Duration::from_secs(10);
@@ -93,14 +102,46 @@ fn same_region(me: &NodeRecord, peer: &NodeRecord) -> bool {
     me.region.is_some() && me.region == peer.region
 }
 
+/// Whether a datagram from this node (`me`, with `own`) may go to `endpoint`, one of a peer's
+/// addresses: [`observed::vet`] passes it, and it is none of `me`'s advertised addresses.
+pub fn usable(me: &NodeRecord, own: &Own, endpoint: SocketAddr) -> Result<(), Refused> {
+    let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
+    observed::vet(endpoint, own)?;
+    let mine = [me.private_address, me.public_address]
+        .into_iter()
+        .flatten()
+        .any(|a| a.to_canonical() == endpoint.ip());
+    if mine {
+        return Err(Refused::Local);
+    }
+    Ok(())
+}
+
+/// The addresses `peer`'s record advertises as its own (private, public) that are no
+/// endpoint ([`usable`]), with why.
+pub fn unusable(me: &NodeRecord, own: &Own, peer: &NodeRecord) -> Vec<(IpAddr, Refused)> {
+    [peer.private_address, peer.public_address]
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            usable(me, own, SocketAddr::new(a, peer.router_port))
+                .err()
+                .map(|why| (a, why))
+        })
+        .collect()
+}
+
 /// The peer's endpoints in order of preference, each with its reason: its own addresses (the
 /// private one first within the region, the public one first across regions), with the NAT
 /// mappings its record publishes ([`NodeRecord::observed`]) ranked as a public address: after
-/// the public one, and before the private one across regions. A published mapping that is one
-/// of its addresses, or not unicast, is left out.
-pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(SocketAddr, Reason)> {
+/// the public one, and before the private one across regions. An address no datagram may go
+/// to ([`usable`], with this node's `own`) is left out as if the record did not have it, and
+/// so is a published mapping that is one of its addresses.
+pub fn candidates(me: &NodeRecord, peer: &NodeRecord, own: &Own) -> Vec<(SocketAddr, Reason)> {
     let port = peer.router_port;
-    let own: Vec<(IpAddr, Reason)> = match (peer.private_address, peer.public_address) {
+    let ok = |a: Option<IpAddr>| a.filter(|a| usable(me, own, SocketAddr::new(*a, port)).is_ok());
+    let (private, public) = (ok(peer.private_address), ok(peer.public_address));
+    let own_addresses: Vec<(IpAddr, Reason)> = match (private, public) {
         (Some(p), Some(q)) if p == q => vec![(p, Reason::OnlyAddress)],
         (Some(p), Some(q)) if same_region(me, peer) => {
             vec![(p, Reason::SameRegion), (q, Reason::Fallback)]
@@ -120,14 +161,14 @@ pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(SocketAddr, Reason
         .take(weft_mesh::MAX_OBSERVED)
         .filter(|e| {
             let e = SocketAddr::new(e.ip().to_canonical(), e.port());
-            crate::control::observed::vet(e, &Default::default()).is_ok()
-                && !own
+            usable(me, own, e).is_ok()
+                && !own_addresses
                     .iter()
                     .any(|(a, _)| SocketAddr::new(a.to_canonical(), port) == e)
         })
         .map(|e| (*e, mapped))
         .collect();
-    let mut out: Vec<(SocketAddr, Reason)> = own
+    let mut out: Vec<(SocketAddr, Reason)> = own_addresses
         .iter()
         .map(|(a, r)| (SocketAddr::new(*a, port), *r))
         .collect();
@@ -136,7 +177,7 @@ pub fn candidates(me: &NodeRecord, peer: &NodeRecord) -> Vec<(SocketAddr, Reason
     let at = if same_region(me, peer) {
         out.len()
     } else {
-        usize::from(peer.public_address.is_some()).min(out.len())
+        usize::from(public.is_some()).min(out.len())
     };
     out.splice(at..at, nat);
     out
@@ -183,6 +224,11 @@ pub struct Choices {
     /// Where each peer whose session is up has it now: the endpoint its authenticated packets
     /// come from ([`Choices::learn`]).
     learned: HashMap<[u8; 32], SocketAddr>,
+    /// This node's addresses and pod network: no candidate is one of them ([`usable`]).
+    own: Own,
+    /// The members advertising addresses that are no endpoint, with those addresses, as last
+    /// reported ([`Choices::note_unusable`]).
+    unusable: HashMap<[u8; 32], Vec<IpAddr>>,
 }
 
 /// How often a peer reached through a relay is offered its direct candidates again
@@ -238,6 +284,39 @@ impl Choices {
             .collect();
     }
 
+    /// Learns this node's addresses (those on its interfaces) and pod network, which no
+    /// candidate may be ([`usable`]).
+    pub fn set_own(&mut self, own: Own) {
+        self.own = own;
+    }
+
+    /// The addresses among `members`' records that are no endpoint ([`unusable`]) and were not
+    /// reported at the last call, by member name, with why: each is reported once while its
+    /// record advertises it.
+    pub fn note_unusable<'a>(
+        &mut self,
+        me: &NodeRecord,
+        members: impl IntoIterator<Item = &'a NodeRecord>,
+    ) -> Vec<(String, IpAddr, Refused)> {
+        let mut news = Vec::new();
+        let mut now = HashMap::new();
+        for r in members.into_iter().filter(|r| !r.left) {
+            let bad = unusable(me, &self.own, r);
+            if bad.is_empty() {
+                continue;
+            }
+            let before = self.unusable.get(&r.wireguard_key);
+            for (a, why) in &bad {
+                if before.is_none_or(|b| !b.contains(a)) {
+                    news.push((r.name.clone(), *a, *why));
+                }
+            }
+            now.insert(r.wireguard_key, bad.into_iter().map(|(a, _)| a).collect());
+        }
+        self.unusable = now;
+        news
+    }
+
     /// Learns where peer `key`'s session is up now (`live`, where its authenticated packets
     /// come from), or that it is not up (`None`).
     pub fn learn(&mut self, key: [u8; 32], live: Option<SocketAddr>) {
@@ -247,7 +326,8 @@ impl Choices {
         };
     }
 
-    /// Peer `r`'s candidates ([`candidates`]) but for a mapping at an address another member
+    /// Peer `r`'s candidates ([`candidates`], with this node's addresses as [`Choices::set_own`]
+    /// gave them) but for a mapping at an address another member
     /// advertises as its own (a member that says so, or a record that publishes it, would
     /// point a WireGuard endpoint at that member's address: the router then refuses its
     /// plaintext there); then, while its session is up at an endpoint none of those is (it
@@ -261,7 +341,7 @@ impl Choices {
         // Canonical, as the router has every source address: an IPv4-mapped spelling in a
         // record is the plain address its session is followed to.
         let canonical = |a: &SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-        let mut c: Vec<(SocketAddr, Reason)> = candidates(me, r)
+        let mut c: Vec<(SocketAddr, Reason)> = candidates(me, r, &self.own)
             .into_iter()
             .map(|(a, reason)| (canonical(&a), reason))
             .collect();
@@ -989,6 +1069,86 @@ mod tests {
     }
 
     #[test]
+    fn an_address_no_datagram_should_go_to_is_no_candidate_and_a_normal_one_still_is() {
+        let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
+        let ch = Choices::default();
+        let addrs = |c: &[(SocketAddr, Reason)]| -> Vec<String> {
+            c.iter()
+                .map(|(a, r)| format!("{a} {}", r.as_str()))
+                .collect()
+        };
+        // Loopback, unspecified, multicast, broadcast, and this node's own addresses: nothing
+        // to send handshakes to, whichever field advertises them.
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "ff02::1",
+            "198.18.1.1",
+            "198.19.0.1",
+            "::ffff:127.0.0.1",
+        ] {
+            let mut b = rec("b", "us", "198.18.2.2", "198.19.0.2", 2, 2);
+            b.public_address = Some(bad.parse().unwrap());
+            assert_eq!(
+                addrs(&ch.candidates(&me, &b)),
+                ["198.18.2.2:51820 only-address"],
+                "public {bad}: the private address alone, as without it"
+            );
+            b.private_address = Some(bad.parse().unwrap());
+            assert!(
+                ch.candidates(&me, &b).is_empty(),
+                "private and public {bad}: no candidate"
+            );
+            let (d, _) = desired(&me, [1; 32], &[member(b)], &[], &ch);
+            assert_eq!(d[0].config.endpoint, None, "{bad}: no endpoint");
+        }
+        // A normal record still has both.
+        let b = rec("b", "us", "198.18.2.2", "198.19.0.2", 2, 2);
+        assert_eq!(
+            addrs(&ch.candidates(&me, &b)),
+            ["198.19.0.2:51820 other-region", "198.18.2.2:51820 fallback"]
+        );
+        // An address on one of this node's interfaces (a docker bridge every node has), or
+        // in the pod network, is this node's too once the reconciler says so.
+        let mut ch = Choices::default();
+        ch.set_own(Own {
+            local: vec!["172.17.0.1".parse().unwrap()],
+            pod_network: vec!["100.64.0.0/16".parse().unwrap()],
+        });
+        for bad in ["172.17.0.1", "100.64.2.1"] {
+            let mut b = rec("b", "us", "198.18.2.2", "198.19.0.2", 2, 2);
+            b.public_address = Some(bad.parse().unwrap());
+            assert_eq!(
+                addrs(&ch.candidates(&me, &b)),
+                ["198.18.2.2:51820 only-address"],
+                "{bad}"
+            );
+        }
+        // Each such address is reported once while a record advertises it.
+        let mut b = rec("b", "us", "198.18.2.2", "127.0.0.1", 2, 2);
+        let c = rec("c", "us", "198.18.2.3", "198.19.0.3", 3, 3);
+        let news = ch.note_unusable(&me, [&b, &c]);
+        assert_eq!(
+            news,
+            [(
+                "b".into(),
+                "127.0.0.1".parse().unwrap(),
+                Refused::NotUnicast
+            )]
+        );
+        assert!(ch.note_unusable(&me, [&b, &c]).is_empty(), "said already");
+        b.private_address = Some("198.18.1.1".parse().unwrap());
+        assert_eq!(
+            ch.note_unusable(&me, [&b, &c]),
+            [("b".into(), "198.18.1.1".parse().unwrap(), Refused::Local)]
+        );
+    }
+
+    #[test]
     fn colliding_members_are_skipped_with_a_reason() {
         let me = rec("a", "eu", "198.18.1.1", "198.19.0.1", 1, 1);
         let same_block = rec("b", "eu", "198.18.1.2", "198.19.0.2", 1, 2);
@@ -1087,7 +1247,7 @@ mod nat_tests {
         let me = behind_nat("me", "cloud", "198.19.0.1", &[]);
         let peer = behind_nat("peer", "home", "198.18.101.2", &["198.19.0.101:40000"]);
         assert_eq!(
-            candidates(&me, &peer),
+            candidates(&me, &peer, &Own::default()),
             vec![
                 (ep("198.19.0.101:40000"), Reason::Observed),
                 (ep("198.18.101.2:51820"), Reason::OnlyAddress),
@@ -1095,7 +1255,7 @@ mod nat_tests {
         );
         let neighbour = behind_nat("me", "home", "198.18.101.3", &["198.19.0.101:40001"]);
         assert_eq!(
-            candidates(&neighbour, &peer),
+            candidates(&neighbour, &peer, &Own::default()),
             vec![
                 (ep("198.18.101.2:51820"), Reason::OnlyAddress),
                 (ep("198.19.0.101:40000"), Reason::HolePunched),
@@ -1118,7 +1278,7 @@ mod nat_tests {
             ],
         );
         assert_eq!(
-            candidates(&me, &peer),
+            candidates(&me, &peer, &Own::default()),
             vec![
                 (ep("198.19.0.102:51820"), Reason::HolePunched),
                 (ep("198.18.102.2:51820"), Reason::OnlyAddress),
@@ -1179,7 +1339,11 @@ mod nat_tests {
         // A NAT that maps the public address to another port: that mapping is a candidate.
         let mut nat_public = behind_nat("p2", "home", "198.18.101.9", &["198.19.0.101:40000"]);
         nat_public.public_address = Some("198.19.0.101".parse().unwrap());
-        let c = candidates(&behind_nat("x", "cloud", "198.19.0.1", &[]), &nat_public);
+        let c = candidates(
+            &behind_nat("x", "cloud", "198.19.0.1", &[]),
+            &nat_public,
+            &Own::default(),
+        );
         assert!(
             c.iter().any(|(e, _)| *e == ep("198.19.0.101:40000")),
             "{c:?}"

@@ -126,6 +126,38 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
     );
     let u1_conflist = daemons[2].config.with_file_name("10-weft.conflist");
     ensure!(!u1_conflist.exists(), "a conflist without a block");
+    // A podCIDR outside weft's pod network (a cluster CIDR that is not pod_network_cidr) is
+    // refused, naming it and the pool: every peer would refuse it, so u1 does not take it for
+    // its TUN address, state or CNI config, and keeps waiting.
+    {
+        let mut f = api.lock().expect("fake");
+        let mut u1 = f.nodes["u1"].clone();
+        u1["spec"]["podCIDRs"] = json!(["10.244.1.0/24"]);
+        f.put(u1);
+    }
+    wait_for(
+        "u1 to refuse a podCIDR outside the pod network",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&u1_log).ok().filter(|l| {
+                l.lines().any(|l| {
+                    l.contains("ERROR")
+                        && l.contains("10.244.1.0/24")
+                        && l.contains("100.64.0.0/16")
+                })
+            })
+        },
+    )
+    .map_err(|e| {
+        let st = status(2).map(|s| s.to_string()).unwrap_or_default();
+        anyhow::anyhow!("{e}\nu1's status: {st}")
+    })?;
+    ensure!(
+        status(2)?["node"]["pod_cidrs"] == json!([]),
+        "u1 took a podCIDR outside the pod network: {}",
+        status(2)?["node"]
+    );
+    ensure!(!u1_conflist.exists(), "a conflist for a refused podCIDR");
     // The node controller assigns u1's podCIDRs (a patch of the spec: the key u1 published
     // on its Node stays).
     {

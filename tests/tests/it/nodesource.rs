@@ -35,6 +35,24 @@ async fn next(
     }
 }
 
+/// The source for node n1 (key KEY1) against `st`: its events, its stop, its task.
+fn start(
+    st: &Shared,
+) -> (
+    mpsc::Receiver<SourceEvent>,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let source = NodeSource {
+        client: client(st),
+        me: "n1".into(),
+        public_key: "KEY1".into(),
+    };
+    (rx, stop_tx, tokio::spawn(source.run(tx, stop_rx.into())))
+}
+
 /// The patches the fake received, once there are `n` or 10 s have passed (whichever first).
 async fn patches(st: &Shared, n: usize) -> Vec<(String, String, serde_json::Value)> {
     for _ in 0..200 {
@@ -77,14 +95,7 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
         ));
         f.fail = Some(503);
     }
-    let (tx, mut rx) = mpsc::channel(64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let source = NodeSource {
-        client: client(&st),
-        me: "n1".into(),
-        public_key: "KEY1".into(),
-    };
-    let task = tokio::spawn(source.run(tx, stop_rx.into()));
+    let (mut rx, stop_tx, task) = start(&st);
 
     // Down at start: reported, retried.
     let e = next(&mut rx, "a trouble report", |e| {
@@ -225,6 +236,60 @@ async fn a_forbidden_api_is_reported_naming_the_missing_permission() -> anyhow::
     ensure!(
         msg.contains("403") && msg.contains("list and watch on nodes"),
         "{msg}"
+    );
+    stop_tx.send(true)?;
+    tokio::time::timeout(Duration::from_secs(5), task).await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_with_a_bad_address_annotation_stays_in_the_view_at_its_status_addresses()
+-> anyhow::Result<()> {
+    let st: Shared = Arc::default();
+    {
+        let mut f = st.lock().expect("fake");
+        let mut n1 = node("n1", "topology.kubernetes.io/region", "eu", "198.18.1.1");
+        n1["metadata"]["annotations"]["weft.dev/private-address"] = json!("10.0.0.5/24");
+        f.put(n1);
+        let mut n2 = node("n2", "topology.kubernetes.io/region", "eu", "198.18.1.2");
+        n2["metadata"]["annotations"]["weft.dev/public-address"] = json!("not-an-ip");
+        f.put(n2);
+    }
+    let (mut rx, stop_tx, task) = start(&st);
+    // Listed: this node and the other, each at its InternalIP.
+    let me = next(&mut rx, "this node", |e| matches!(e, SourceEvent::Me(_))).await?;
+    let SourceEvent::Me(me) = me else {
+        unreachable!()
+    };
+    ensure!(
+        me.private_address == Some("198.18.1.1".parse()?) && me.pod_cidrs.len() == 1,
+        "{me:?}"
+    );
+    let addresses = |e: &SourceEvent| match e {
+        SourceEvent::Others(v) => Some(
+            v.iter()
+                .map(|n| (n.name.clone(), n.private_address, n.public_address))
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    };
+    let o = next(&mut rx, "the others", |e| addresses(e).is_some()).await?;
+    ensure!(
+        addresses(&o) == Some(vec![("n2".into(), Some("198.18.1.2".parse()?), None)]),
+        "{o:?}"
+    );
+    // Watched: a Node that arrives with a bad annotation is kept too.
+    let mut n3 = node("n3", "topology.kubernetes.io/region", "eu", "198.18.1.3");
+    n3["metadata"]["annotations"]["weft.dev/private-address"] = json!("198.18.1.300");
+    st.lock().expect("fake").put(n3);
+    let n3_ip: std::net::IpAddr = "198.18.1.3".parse()?;
+    let o = next(&mut rx, "n3 added", |e| {
+        addresses(e).is_some_and(|v| v.iter().any(|n| n.0 == "n3"))
+    })
+    .await?;
+    ensure!(
+        addresses(&o).is_some_and(|v| v.contains(&("n3".into(), Some(n3_ip), None))),
+        "{o:?}"
     );
     stop_tx.send(true)?;
     tokio::time::timeout(Duration::from_secs(5), task).await??;
