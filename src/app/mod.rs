@@ -475,7 +475,11 @@ fn start_kubernetes(
     tasks.spawn(
         "kubernetes",
         control::kubernetes_loop(
-            config.node.clone(),
+            (
+                config.node.clone(),
+                // Only the pools and block sizes: what the peers accept of a Node's blocks.
+                control::claims::ClaimPolicy::from_config(&config.network, Vec::new()),
+            ),
             (config.mesh.port, config.mesh.peers.clone()),
             src_rx,
             mesh,

@@ -958,9 +958,10 @@ impl OwnNode {
 /// Applies what the Kubernetes node source reports: this node's region and addresses into its
 /// record and its status (the config's explicit values win), its `spec.podCIDRs` to IPAM
 /// (`blocks`, unless the config pins `node.pod_cidr`), and the other nodes as bootstrap peers of
-/// the mesh. Ends when the source does.
+/// the mesh; status says `ok`, the source's trouble, or why IPAM does not take the Node's
+/// podCIDRs (`policy`: what the peers accept of a member's blocks). Ends when the source does.
 pub async fn kubernetes_loop(
-    node: weft_config::Node,
+    (node, policy): (weft_config::Node, ClaimPolicy),
     (mesh_port, configured): (u16, Vec<std::net::SocketAddr>),
     mut source: mpsc::Receiver<nodesource::SourceEvent>,
     mesh: MeshHandle,
@@ -989,19 +990,40 @@ pub async fn kubernetes_loop(
             *a = s;
         }
     };
+    // Why this node's Node is not usable as it stands, for status (IPAM logs it).
+    let mut refused = None;
     while let Some(event) = source.recv().await {
         match event {
             SourceEvent::Me(me) => {
-                say("ok".into());
+                refused = refused_pod_cidrs(&k.node, &me, &policy);
+                say(refused.clone().unwrap_or_else(|| "ok".into()));
                 k.on_me(&me).await;
             }
             SourceEvent::Others(others) => {
-                say("ok".into());
+                say(refused.clone().unwrap_or_else(|| "ok".into()));
                 k.on_others(&others).await;
             }
             SourceEvent::Trouble(msg) => say(msg),
         }
     }
+}
+
+/// What status says of this node's Node when IPAM will not take its `spec.podCIDRs` (every
+/// peer would refuse them: [`k8s::check_pod_cidrs`]); `None` when it takes them, or uses
+/// `node.pod_cidr` from the config instead.
+fn refused_pod_cidrs(
+    node: &weft_config::Node,
+    me: &k8s::NodeView,
+    policy: &ClaimPolicy,
+) -> Option<String> {
+    if !node.pod_cidr.is_empty() {
+        return None;
+    }
+    let why = k8s::check_pod_cidrs(&me.pod_cidrs, policy).err()?;
+    Some(format!(
+        "this Node's spec.podCIDRs {:?} are not taken: {why}",
+        me.pod_cidrs
+    ))
 }
 
 /// The Kubernetes loop's state.

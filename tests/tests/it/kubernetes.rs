@@ -158,6 +158,12 @@ fn nodes_take_blocks_regions_and_peers_from_the_kubernetes_api_and_follow_label_
         status(2)?["node"]
     );
     ensure!(!u1_conflist.exists(), "a conflist for a refused podCIDR");
+    let k = status(2)?["kubernetes"].clone();
+    ensure!(
+        k.as_str()
+            .is_some_and(|k| k.contains("10.244.1.0/24") && k.contains("not taken")),
+        "u1's status says kubernetes {k}"
+    );
     // The node controller assigns u1's podCIDRs (a patch of the spec: the key u1 published
     // on its Node stays).
     {
