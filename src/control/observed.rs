@@ -6,14 +6,9 @@
 //! endpoint on one of this node's own interfaces, in the pod network, or not a unicast
 //! address is never taken: it cannot be a NAT mapping of this node, and publishing it would
 //! only send peers' handshakes somewhere useless. The endpoints reported by the most members
-//! (then the newest) are published, at most [`PUBLISHED`]. While some member sees this node at
-//! one of its own addresses (no NAT in between for it), a mapping is published only when at
-//! least two members report its IP address: publishing any makes this node "behind NAT" to
-//! the mesh, which then stops using it as a relay ([`crate::control::relays`]), and one
-//! member's word must not do that to a node the others reach directly. A dishonest member can
-//! therefore add one useless candidate that peers try and fall back from (alone, or beside a
-//! real mapping); it cannot take the node's traffic, which WireGuard authenticates end to end,
-//! nor, alone, take a directly reached node out of the relays.
+//! (then the newest) are published, at most [`PUBLISHED`]. A dishonest member can therefore
+//! add one useless candidate that peers try and fall back from; it cannot take the node's
+//! traffic, which WireGuard authenticates end to end.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -111,8 +106,6 @@ pub fn vet(endpoint: SocketAddr, own: &Own) -> Result<(), Refused> {
 #[derive(Debug, Default)]
 pub struct Observations {
     by: HashMap<NodeId, (SocketAddr, Instant)>,
-    /// The members whose newest report is one of this node's own addresses, and when.
-    direct: HashMap<NodeId, Instant>,
     /// The signing time of each member's newest report taken.
     last_ms: HashMap<NodeId, u64>,
 }
@@ -137,12 +130,10 @@ impl Observations {
             // A member that sees this node's own address sees no NAT: its earlier word goes.
             if why == Refused::Local {
                 self.by.remove(&by);
-                self.direct.insert(by, now);
             }
             return Err(why);
         }
         let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
-        self.direct.remove(&by);
         self.by.insert(by, (endpoint, now));
         Ok(())
     }
@@ -154,27 +145,19 @@ impl Observations {
 
     /// The endpoints to publish at `now`: reports younger than [`OBSERVATION_TTL`] that
     /// [`vet`] still passes, by number of members (then by address, so that the order does
-    /// not move with who spoke last), at most [`PUBLISHED`]; while a member sees this node
-    /// directly, only those whose IP address two members or more report (module docs).
+    /// not move with who spoke last), at most [`PUBLISHED`].
     pub fn endpoints(&mut self, now: Instant, own: &Own) -> Vec<SocketAddr> {
-        let young = |at: &Instant| now.saturating_duration_since(*at) < OBSERVATION_TTL;
-        self.by.retain(|_, (_, at)| young(at));
-        self.direct.retain(|_, at| young(at));
-        let (by, direct) = (&self.by, &self.direct);
-        self.last_ms
-            .retain(|k, _| by.contains_key(k) || direct.contains_key(k));
+        self.by
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < OBSERVATION_TTL);
+        let by = &self.by;
+        self.last_ms.retain(|k, _| by.contains_key(k));
         let mut tally: HashMap<SocketAddr, usize> = HashMap::new();
-        let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
         for (endpoint, _) in self.by.values() {
             if vet(*endpoint, own).is_ok() {
                 *tally.entry(*endpoint).or_default() += 1;
-                *per_ip.entry(endpoint.ip()).or_default() += 1;
             }
         }
-        let mut ranked: Vec<(SocketAddr, usize)> = tally
-            .into_iter()
-            .filter(|(e, _)| direct.is_empty() || per_ip.get(&e.ip()).is_some_and(|n| *n >= 2))
-            .collect();
+        let mut ranked: Vec<(SocketAddr, usize)> = tally.into_iter().collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         ranked.into_iter().take(PUBLISHED).map(|(e, _)| e).collect()
     }
@@ -340,37 +323,6 @@ mod tests {
         say(&mut o, t, id(3), ep("198.19.0.101:40000"), &own()).unwrap();
         assert_eq!(o.endpoints(t, &own())[0], ep("198.19.0.101:40000"));
         assert!(!o.endpoints(t, &own()).contains(&ep("198.19.0.101:51820")));
-    }
-
-    #[test]
-    fn one_members_mapping_is_not_published_while_another_sees_this_node_directly() {
-        let t = Instant::now();
-        let mut o = Observations::default();
-        let direct = ep("198.18.101.2:51820");
-        // A liar's made-up mapping, alone: published (nothing says otherwise; a node behind a
-        // NAT with one peer outside is in this case too).
-        say(&mut o, t, id(1), ep("198.19.0.66:9"), &own()).unwrap();
-        assert_eq!(o.endpoints(t, &own()), vec![ep("198.19.0.66:9")]);
-        // Another member reaches this node at its own address: one member's word no longer
-        // makes it "behind NAT".
-        assert_eq!(say(&mut o, t, id(2), direct, &own()), Err(Refused::Local));
-        assert!(o.endpoints(t, &own()).is_empty());
-        // Two members that see one NAT's address (a symmetric NAT: a port each) outweigh it.
-        say(&mut o, t, id(3), ep("198.19.0.101:40001"), &own()).unwrap();
-        assert!(o.endpoints(t, &own()).is_empty());
-        say(&mut o, t, id(4), ep("198.19.0.101:40002"), &own()).unwrap();
-        let got = o.endpoints(t, &own());
-        assert_eq!(
-            got,
-            vec![ep("198.19.0.101:40001"), ep("198.19.0.101:40002")]
-        );
-        // The direct member's word expires with its report: the liar's counts again.
-        let later = t + OBSERVATION_TTL - Duration::from_secs(1);
-        say(&mut o, later, id(1), ep("198.19.0.66:9"), &own()).unwrap();
-        assert_eq!(
-            o.endpoints(t + OBSERVATION_TTL, &own()),
-            vec![ep("198.19.0.66:9")]
-        );
     }
 
     #[test]
