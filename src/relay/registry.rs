@@ -89,6 +89,11 @@ impl Registry {
             return Err(DropReason::NotMember);
         }
         let held = self.by.get(&s);
+        // The same registration again from the same place (a node sends it in both forms
+        // through an upgrade, wire docs): nothing to do, and nothing wrong.
+        if held.is_some_and(|e| e.key == reg.key && e.at_ms == reg.at_ms && e.from == from) {
+            return Ok(());
+        }
         if held.is_some_and(|e| e.key == reg.key && e.at_ms >= reg.at_ms) {
             return Err(DropReason::Stale);
         }
@@ -221,6 +226,15 @@ mod tests {
         let reg = Register::sign(&a, NOW_MS);
         r.register(t, NOW_MS, addr("198.19.0.101:40000"), &reg)
             .unwrap();
+        // The same again from the same place (its legacy form): taken, nothing moves.
+        let later = t + Duration::from_secs(30);
+        r.register(later, NOW_MS, addr("198.19.0.101:40000"), &reg)
+            .unwrap();
+        assert_eq!(
+            r.forward(t + REGISTRATION_TTL, short(&a.wireguard_key()), 1),
+            Err(DropReason::Unregistered),
+            "a repeat does not renew a registration"
+        );
         // The same registration replayed from elsewhere (someone on the path): refused.
         assert_eq!(
             r.register(t, NOW_MS, addr("198.19.0.66:1"), &reg),

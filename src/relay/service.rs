@@ -552,11 +552,15 @@ impl Service {
         if self.homes.is_empty() {
             return;
         }
-        let reg = Register::sign(&self.config.identity, crate::control::now_millis())
-            .encode(&self.config.key);
+        let reg = Register::sign(&self.config.identity, crate::control::now_millis());
+        // Both forms, through a rolling upgrade: a relay from before the MAC reads only the
+        // legacy one; a newer relay takes the first and finds the second stale.
+        let forms = [reg.encode(&self.config.key), reg.encode_legacy()];
         for home in &self.homes {
-            if let Err(e) = self.socket.send_to(&reg, *home).await {
-                debug!(error = %e, relay = %home, "registration not sent");
+            for form in &forms {
+                if let Err(e) = self.socket.send_to(form, *home).await {
+                    debug!(error = %e, relay = %home, "registration not sent");
+                }
             }
         }
     }

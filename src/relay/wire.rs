@@ -6,13 +6,18 @@
 //! register = 2 key:32 at_ms:u64 sig:64 mac:16
 //!                                         (sig: key's own signature, context "weft relay register v1";
 //!                                          mac: as data's, over everything before it)
+//! register (legacy, without the MAC: what nodes before the MAC sent; still taken, see below)
 //! probe    = 3 nonce:8 mac:16             (is the relay there?)
 //! answer   = 4 nonce:8 mac:16             (the relay's answer, same nonce)
 //! ```
 //!
 //! The MAC key comes from the cluster secret, so no outsider can make a relay forward
-//! anything, nor register: a registration without the MAC is dropped before its signature is
-//! checked, so an outsider costs a relay a MAC per datagram, never a signature check. The inner
+//! anything, nor register with a MAC'd registration. A legacy registration (no MAC) is still
+//! taken, so that relays and nodes of both versions keep working together through a rolling
+//! upgrade (a node sends both forms; an older relay reads only the legacy one): the relay's
+//! member check ([`super::registry`]) runs first, so an outsider's made-up keys cost a lookup,
+//! and only a member's key (which an outsider must know) costs a signature check. The legacy
+//! form goes in a later release. The inner
 //! datagram is the two ends' WireGuard, so no member can read or forge it either. A
 //! registration is signed by the node it names, so no member can register as another and take
 //! its relayed traffic (and the relay holds registrations only for members' keys:
@@ -31,7 +36,9 @@ pub const MAC_LEN: usize = 16;
 /// Bytes a relay adds to a WireGuard datagram.
 pub const OVERHEAD: usize = DATA_HEADER + MAC_LEN;
 /// Bytes of a registration.
-pub const REGISTER_LEN: usize = 1 + 32 + 8 + 64 + MAC_LEN;
+pub const REGISTER_LEN: usize = LEGACY_REGISTER_LEN + MAC_LEN;
+/// Bytes of a legacy registration (without the MAC).
+pub const LEGACY_REGISTER_LEN: usize = 1 + 32 + 8 + 64;
 /// What a registration signature is for.
 const REGISTER_CONTEXT: &[u8] = b"weft relay register v1";
 
@@ -212,14 +219,35 @@ impl Register {
 
     /// Its bytes, MAC'd with `key`.
     pub fn encode(&self, key: &MacKey) -> Vec<u8> {
+        let mut b = self.encode_legacy();
+        let mac = key.mac(&b);
+        b.extend_from_slice(&mac);
+        b
+    }
+
+    /// Its bytes in the legacy form, without the MAC (for relays from before it).
+    pub fn encode_legacy(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(REGISTER_LEN);
         b.push(2);
         b.extend_from_slice(&self.key);
         b.extend_from_slice(&self.at_ms.to_be_bytes());
         b.extend_from_slice(&self.signature);
-        let mac = key.mac(&b);
-        b.extend_from_slice(&mac);
         b
+    }
+}
+
+/// The registration in `body` (its type byte first, [`LEGACY_REGISTER_LEN`] bytes).
+fn register(body: &[u8]) -> Register {
+    let mut key = [0; 32];
+    key.copy_from_slice(&body[1..33]);
+    let mut at = [0; 8];
+    at.copy_from_slice(&body[33..41]);
+    let mut signature = [0; 64];
+    signature.copy_from_slice(&body[41..LEGACY_REGISTER_LEN]);
+    Register {
+        key,
+        at_ms: u64::from_be_bytes(at),
+        signature,
     }
 }
 
@@ -261,18 +289,10 @@ pub fn decode<'a>(key: &MacKey, datagram: &'a [u8]) -> Result<Message<'a>, DropR
             })
         }
         Some(2) if datagram.len() == REGISTER_LEN => {
-            let body = authenticated(key, datagram)?;
-            let mut key = [0; 32];
-            key.copy_from_slice(&body[1..33]);
-            let mut at = [0; 8];
-            at.copy_from_slice(&body[33..41]);
-            let mut signature = [0; 64];
-            signature.copy_from_slice(&body[41..]);
-            Ok(Message::Register(Register {
-                key,
-                at_ms: u64::from_be_bytes(at),
-                signature,
-            }))
+            Ok(Message::Register(register(authenticated(key, datagram)?)))
+        }
+        Some(2) if datagram.len() == LEGACY_REGISTER_LEN => {
+            Ok(Message::Register(register(datagram)))
         }
         _ => Err(DropReason::Malformed),
     }
@@ -324,7 +344,8 @@ mod tests {
     }
 
     #[test]
-    fn a_registration_verifies_only_for_the_key_that_signed_it_and_with_the_cluster_mac() {
+    fn a_registration_verifies_only_for_the_key_that_signed_it_and_with_the_cluster_mac_or_in_the_legacy_form()
+     {
         let key = MacKey::new(&[7; 32]);
         let a = Identity::from_wireguard_key(&[1; 32]);
         let b = Identity::from_wireguard_key(&[2; 32]);
@@ -342,9 +363,18 @@ mod tests {
         let mut flipped = reg.encode(&key);
         flipped[40] ^= 1;
         assert_eq!(decode(&key, &flipped), Err(DropReason::Unauthenticated));
-        // The registration of the format before the MAC (no MAC at all): malformed.
-        let old = &reg.encode(&key)[..REGISTER_LEN - MAC_LEN];
-        assert_eq!(decode(&key, old), Err(DropReason::Malformed));
+        // The legacy form (no MAC, from nodes before it): read, for the member check and the
+        // signature, so that both versions register with each other through an upgrade.
+        assert_eq!(reg.encode_legacy(), reg.encode(&key)[..LEGACY_REGISTER_LEN]);
+        let Ok(Message::Register(legacy)) = decode(&key, &reg.encode_legacy()) else {
+            panic!("a legacy registration");
+        };
+        assert_eq!(legacy, reg);
+        // Any other length: malformed.
+        assert_eq!(
+            decode(&key, &reg.encode(&key)[..LEGACY_REGISTER_LEN + 1]),
+            Err(DropReason::Malformed)
+        );
         // b's signature under a's key: refused.
         let mut forged = Register::sign(&b, 1_000);
         forged.key = a.wireguard_key();
