@@ -10,15 +10,19 @@
 //!    no further. A sender must receive at its address to get a cookie, so a spoofed flood stops
 //!    here.
 //! 3. Under load, a sender that does hold a cookie (it receives at its address) still gets at
-//!    most [`PER_SOURCE_LIMIT`] messages a second through, counted by IP address in a table of
-//!    at most [`MAX_SOURCES`] addresses (a new address finds it full: refused until the next
-//!    second). So one host cannot keep every worker busy with Diffie-Hellmans, as kernel
-//!    WireGuard's ratelimiter does not let it either.
+//!    most [`PER_SOURCE_LIMIT`] messages a second through, counted by IP address (an IPv6
+//!    address by its /64, as one host may hold them all) in a table of at most [`MAX_SOURCES`]
+//!    (a new address finds it full: refused until the next second). So one host cannot keep
+//!    every worker busy with Diffie-Hellmans, as kernel WireGuard's ratelimiter does not let it
+//!    either. Loopback is not counted: it is the relay's shims, whose datagrams every relayed
+//!    peer shares and only members (holding the cluster secret) can send.
 //!
-//! Every handshake message (initiation and response) is counted once, here; the sessions'
-//! own check in `Tunn::decapsulate` uses a limiter that is never under load (it checks MAC1
-//! again and nothing else), so a message is never counted twice and only this gate's cookie
-//! secret is ever used.
+//! Every handshake message (initiation and response) is counted once, here, and this count
+//! alone says whether the router is under load: under it, boringtun's `RateLimiter` checks
+//! MAC1 only (a limiter never under load); past it, a limiter always under load checks MAC2 and
+//! makes the cookies (its secret makes and checks them alike). The sessions' own check in
+//! `Tunn::decapsulate` uses the first, so a message is never counted twice and no other
+//! cookie secret is ever used.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -58,13 +62,13 @@ pub(crate) enum Refused {
 
 /// See the module docs.
 pub(crate) struct Gate {
-    /// The router's limiter: MAC1, MAC2 and the cookies.
-    limiter: RateLimiter,
-    /// A limiter for the sessions' own check: never under load.
-    sessions: Arc<RateLimiter>,
-    /// Handshake messages this second (the limiter keeps its own count, private).
+    /// Checks MAC1; never under load (also the sessions' limiter).
+    mac1: Arc<RateLimiter>,
+    /// Always under load: checks MAC2, answers with cookies.
+    cookies: RateLimiter,
+    /// Handshake messages this second.
     count: AtomicU64,
-    /// Under load: messages this second by source address.
+    /// Under load: messages this second by source ([`source`]).
     sources: Mutex<HashMap<IpAddr, u32>>,
 }
 
@@ -72,8 +76,8 @@ impl Gate {
     /// The gate of the router with `public_key`.
     pub(crate) fn new(public_key: &PublicKey) -> Self {
         Self {
-            limiter: RateLimiter::new(public_key, HANDSHAKE_RATE_LIMIT),
-            sessions: Arc::new(RateLimiter::new(public_key, u64::MAX)),
+            mac1: Arc::new(RateLimiter::new(public_key, u64::MAX)),
+            cookies: RateLimiter::new(public_key, 0),
             count: AtomicU64::new(0),
             sources: Mutex::default(),
         }
@@ -81,12 +85,11 @@ impl Gate {
 
     /// The limiter to give each session (`Tunn`): checks MAC1, never asks for a cookie.
     pub(crate) fn for_sessions(&self) -> Arc<RateLimiter> {
-        self.sessions.clone()
+        self.mac1.clone()
     }
 
     /// Starts a new second (call about once a second).
     pub(crate) fn reset(&self) {
-        self.limiter.reset_count();
         self.count.store(0, Ordering::Relaxed);
         self.sources
             .lock()
@@ -102,8 +105,13 @@ impl Gate {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Result<(), Refused> {
-        // Counted as the limiter counts: once MAC1 checks, answered or not.
-        match self.limiter.verify_packet(Some(from), datagram, out) {
+        let under_load = self.count.load(Ordering::Relaxed) >= HANDSHAKE_RATE_LIMIT;
+        let limiter = if under_load {
+            &self.cookies
+        } else {
+            &*self.mac1
+        };
+        match limiter.verify_packet(Some(from), datagram, out) {
             Ok(_) => {}
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -111,19 +119,45 @@ impl Gate {
             }
             Err(_) => return Err(Refused::Drop(DropReason::Unauthenticated)),
         }
-        let under_load = self.count.fetch_add(1, Ordering::Relaxed) >= HANDSHAKE_RATE_LIMIT;
-        if !under_load {
+        // Counted once MAC1 checks, answered or not.
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if !under_load || from.is_loopback() {
             return Ok(());
         }
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
         let full = sources.len() >= MAX_SOURCES;
-        match sources.get_mut(&from) {
+        match sources.get_mut(&source(from)) {
             Some(n) if *n < PER_SOURCE_LIMIT => *n += 1,
             None if !full => {
-                sources.insert(from, 1);
+                sources.insert(source(from), 1);
             }
             _ => return Err(Refused::Drop(DropReason::RateLimited)),
         }
         Ok(())
+    }
+}
+
+/// What one sender is counted as: its IPv4 address, or its IPv6 address's /64.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !((1u128 << 64) - 1)).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_sender_is_counted_by_its_64_and_an_ipv4_one_by_its_address() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(c));
+        assert_eq!(source(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "198.18.7.7".parse().unwrap();
+        assert_eq!(source(v4), v4);
     }
 }

@@ -424,67 +424,106 @@ fn a_burst_of_initiations_from_hundreds_of_peers_is_answered_without_cookies() {
     assert_eq!(cookies, 0, "{cookies} of {n} peers were sent cookies");
 }
 
+/// A handshake initiation of `t`'s (with its cookie's MAC2 once it holds one).
+fn initiation(t: &mut boringtun::noise::Tunn) -> Vec<u8> {
+    let mut out = vec![0u8; 2048];
+    match t.format_handshake_initiation(&mut out, true) {
+        boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no initiation"),
+    }
+}
+
+/// Under load at `b`: `t`'s initiation from `from` is answered with a cookie, which `t` takes;
+/// its next initiation, which carries the cookie's MAC2.
+fn with_cookie(
+    b: &Router,
+    now: Instant,
+    t: &mut boringtun::noise::Tunn,
+    from: SocketAddr,
+) -> Vec<u8> {
+    let mut buf = vec![0u8; 2048];
+    let NetAction::Transmit(c) = b.handle_datagram(now, from, &initiation(t), &mut buf) else {
+        panic!("no cookie reply under load");
+    };
+    assert_eq!(buf[0], 3, "a cookie reply");
+    let mut scratch = vec![0u8; 2048];
+    let _ = t.decapsulate(Some(from.ip()), &buf[..c.len], &mut scratch);
+    initiation(t)
+}
+
+/// `b` under load at `now`: `HANDSHAKE_RATE_LIMIT` initiations of an unknown key, each from an
+/// address of its own, each reaching its Diffie-Hellman.
+fn load(b: &Router, now: Instant, init: &[u8]) {
+    let mut buf = vec![0u8; 2048];
+    for i in 0..crate::HANDSHAKE_RATE_LIMIT {
+        let from = sa(&format!("198.18.{}.{}:51820", 20 + i / 250, 1 + i % 250));
+        let r = b.handle_datagram(now, from, init, &mut buf);
+        assert_eq!(r, NetAction::Dropped(DropReason::UnknownPeer), "{i}");
+    }
+}
+
 /// Under load, a sender that holds a cookie (it receives at its address) gets only
 /// `PER_SOURCE_LIMIT` handshake messages a second through to their Diffie-Hellman, however
-/// many it sends; another sender is counted apart.
+/// many it sends; another sender is counted apart, the relay's shims (loopback) not at all,
+/// and the share holds again in the next second.
 #[test]
 fn under_load_one_source_with_a_cookie_gets_only_its_share_of_diffie_hellmans() {
     let now = Instant::now();
     let kb = StaticSecret::from([2; 32]);
-    let b = Router::new(kb.clone(), 200);
-    let mut out = vec![0u8; 2048];
-    let mut init =
-        |t: &mut boringtun::noise::Tunn| match t.format_handshake_initiation(&mut out, true) {
-            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => panic!("no initiation"),
-        };
+    let mut b = Router::new(kb.clone(), 200);
+    // A peer, so that the router's timers (and its second) run.
+    b.add_peer(
+        now,
+        peer("p", &StaticSecret::from([9; 32]), None, &["100.65.9.0/24"]),
+    )
+    .expect("a peer");
+    let mut buf = vec![0u8; 2048];
     // Keys b does not know: each initiation passes the gate, then its Diffie-Hellman finds an
     // unknown key (counted), which is what a flood makes b spend.
     let tunn = |i: u8| {
         let k = StaticSecret::from([100 + i; 32]);
         boringtun::noise::Tunn::new(k, PublicKey::from(&kb), None, None, u32::from(i), None)
     };
-    let (mut t, mut u) = (tunn(1), tunn(2));
-    let first = init(&mut t);
-    let mut buf = vec![0u8; 2048];
-    for i in 0..crate::HANDSHAKE_RATE_LIMIT {
-        let from = sa(&format!("198.18.{}.{}:51820", 20 + i / 250, 1 + i % 250));
-        let r = b.handle_datagram(now, from, &first, &mut buf);
-        assert_eq!(r, NetAction::Dropped(DropReason::UnknownPeer), "{i}");
-    }
+    let (mut t, mut u, mut r) = (tunn(1), tunn(2), tunn(3));
+    let first = initiation(&mut t);
+    load(&b, now, &first);
     let dh = |b: &Router| b.drops().get(DropReason::UnknownPeer);
     assert_eq!(dh(&b), crate::HANDSHAKE_RATE_LIMIT);
-    // Under load now: each sender gets a cookie, and comes back with it (MAC2).
-    let mut with_cookie = |t: &mut boringtun::noise::Tunn, from: SocketAddr| {
-        let NetAction::Transmit(c) = b.handle_datagram(now, from, &init(t), &mut buf) else {
-            panic!("no cookie reply under load");
-        };
-        assert_eq!(buf[0], 3, "a cookie reply");
-        let reply = buf[..c.len].to_vec();
-        let mut scratch = vec![0u8; 2048];
-        let _ = t.decapsulate(Some(from.ip()), &reply, &mut scratch);
-        init(t)
-    };
     let (s1, s2) = (sa("198.18.7.7:51820"), sa("198.18.7.8:51820"));
-    let flood = with_cookie(&mut t, s1);
-    let other = with_cookie(&mut u, s2);
-    let before = dh(&b);
-    for _ in 0..5000 {
-        match b.handle_datagram(now, s1, &flood, &mut buf) {
-            NetAction::Dropped(DropReason::UnknownPeer | DropReason::RateLimited) => {}
-            other => panic!("{other:?}"),
+    let shim = sa("127.0.0.1:40000");
+    let flood = with_cookie(&b, now, &mut t, s1);
+    let other = with_cookie(&b, now, &mut u, s2);
+    let relayed = with_cookie(&b, now, &mut r, shim);
+    let mut through = |b: &Router, now: Instant, from: SocketAddr, init: &[u8], n: u32| {
+        let before = dh(b);
+        for _ in 0..n {
+            match b.handle_datagram(now, from, init, &mut buf) {
+                NetAction::Dropped(DropReason::UnknownPeer | DropReason::RateLimited) => {}
+                other => panic!("{other:?}"),
+            }
         }
-    }
-    let through = dh(&b) - before;
+        dh(b) - before
+    };
+    let limit = u64::from(crate::PER_SOURCE_LIMIT);
     assert_eq!(
-        through,
-        u64::from(crate::PER_SOURCE_LIMIT),
-        "{through} of 5000 reached their Diffie-Hellman"
+        through(&b, now, s1, &flood, 5000),
+        limit,
+        "of 5000 from one source"
     );
     // Another sender with its own cookie still gets through.
-    let r = b.handle_datagram(now, s2, &other, &mut buf);
-    assert_eq!(r, NetAction::Dropped(DropReason::UnknownPeer));
-    assert_eq!(dh(&b) - before, through + 1);
+    assert_eq!(through(&b, now, s2, &other, 1), 1);
+    // The relay's shims carry every relayed peer: not counted as one sender.
+    assert_eq!(through(&b, now, shim, &relayed, 100), 100);
+    // The next second: the count starts again, and so does each sender's share, whatever the
+    // wall clock did meanwhile.
+    b.handle_timeout(now + std::time::Duration::from_secs(1));
+    let next = now + std::time::Duration::from_secs(1);
+    load(&b, next, &first);
+    assert_eq!(
+        through(&b, next, s1, &flood, 5000),
+        limit,
+        "the next second"
+    );
 }
 
 fn s_drops(r: &Router, now: Instant) -> u64 {
