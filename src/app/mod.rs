@@ -470,6 +470,7 @@ fn start_kubernetes(
         client,
         me: config.node.name.clone(),
         public_key: p.public_key.to_owned(),
+        mark_again_after: control::nodesource::MARK_AGAIN_AFTER,
     };
     tasks.spawn("kubernetes source", source.run(src_tx, tasks.shutdown()));
     tasks.spawn(

@@ -2,7 +2,10 @@
 //! node's view (region, addresses, `spec.podCIDRs`) and every other node's, and marks this node
 //! ready for the cluster: the `weft.dev/public-key` annotation (merge patch) and the
 //! `NetworkUnavailable=False` condition (strategic merge patch of the status), each only when
-//! the Node does not say so already — never on a timer.
+//! the Node does not say so already — never on a timer. A Node event that shows either missing
+//! (removed, the Node made anew, replaced whole) patches it again, unless weft patched it less
+//! than [`NodeSource::mark_again_after`] ago: an event from before its own patch is not taken
+//! for a removal. Another key written over this node's is put back at once.
 //!
 //! Both patches name weft as their field manager (`fieldManager=weft`), so the Node's
 //! `managedFields` say which fields weft owns. The watcher lists with a consistent read (no
@@ -24,7 +27,7 @@
 //! a 403 naming the permission the ServiceAccount lacks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
@@ -65,7 +68,14 @@ pub struct NodeSource {
     pub me: String,
     /// This node's WireGuard public key, base64, to publish.
     pub public_key: String,
+    /// How long after its own patch a Node seen without the key or the condition is taken
+    /// for a view from before the patch ([`MARK_AGAIN_AFTER`] but in tests).
+    pub mark_again_after: Duration,
 }
+
+/// How long after its own patch the source takes a Node without the key or the condition for
+/// a view from before the patch: watch events follow a patch within moments.
+pub const MARK_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for NodeSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -195,8 +205,7 @@ impl NodeSource {
         // A new list: the Nodes, and the faults said of them (what was said of a Node before
         // is not said again; a Node gone from the list is forgotten).
         let mut listing: Option<(BTreeMap<String, NodeView>, Said)> = None;
-        let mut published = None;
-        let mut ready = false;
+        let (mut published, mut ready) = (None, None);
         loop {
             let item = tokio::select! {
                 () = shutdown.wait() => return,
@@ -270,17 +279,20 @@ impl NodeSource {
         let _ = events.send(SourceEvent::Others(others)).await;
     }
 
-    /// Publishes the key and the condition on this node's object, each only if it differs.
-    /// `published` is the `metadata.uid` of the Node object the key was last published on:
-    /// a Node deleted and made again (a kubelet that registers anew) gets the key again, while
-    /// a view of the same object from before the patch does not patch twice.
+    /// Publishes the key and the condition on this node's object, each only if it differs;
+    /// `published` and `ready` are when each was last patched (module docs).
     async fn mark(
         &self,
         api: &Api<Node>,
         n: &Node,
-        published: &mut Option<String>,
-        ready: &mut bool,
+        published: &mut Option<Instant>,
+        ready: &mut Option<Instant>,
     ) {
+        #[expect(clippy::disallowed_methods, reason = "the node source is a driver")]
+        let now = Instant::now();
+        let due = |last: &Option<Instant>| {
+            last.is_none_or(|t| now.saturating_duration_since(t) >= self.mark_again_after)
+        };
         let carried = n
             .metadata
             .annotations
@@ -291,18 +303,17 @@ impl NodeSource {
         // key for this node (claims, `NotTheNodeKey`) and refuse this one. Put back, and said
         // loudly: something else writes it.
         let replaced = carried.is_some_and(|k| *k != self.public_key);
-        let uid = n.metadata.uid.clone().unwrap_or_default();
         if replaced {
             warn!(node = %self.me, found = ?carried, "this node's Node carries another weft.dev/public-key: putting this node's back; whoever wrote it can make the other nodes route this node's pods elsewhere");
         }
-        if replaced || (!has_key && published.as_ref() != Some(&uid)) {
+        if replaced || (!has_key && due(published)) {
             let patch = json!({"metadata": {"annotations": {KEY_ANNOTATION: self.public_key}}});
             match api
                 .patch(&self.me, &patch_params(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
-                    *published = Some(uid);
+                    *published = Some(now);
                     info!(node = %self.me, "published the WireGuard key on the Node");
                 }
                 Err(e) => warn!(error = %e, "could not annotate the Node (patch on nodes)"),
@@ -314,19 +325,19 @@ impl NodeSource {
             .and_then(|s| s.conditions.as_ref())
             .and_then(|c| c.iter().find(|c| c.type_ == "NetworkUnavailable"))
             .is_some_and(|c| c.status == "False" && c.reason.as_deref() == Some("WeftIsUp"));
-        if !available && !*ready {
-            let now = jiff::Timestamp::now().to_string();
+        if !available && due(ready) {
+            let stamp = jiff::Timestamp::now().to_string();
             let patch = json!({"status": {"conditions": [{
                 "type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp",
                 "message": "weft is running on this node",
-                "lastTransitionTime": now, "lastHeartbeatTime": now,
+                "lastTransitionTime": stamp, "lastHeartbeatTime": stamp,
             }]}});
             match api
                 .patch_status(&self.me, &patch_params(), &Patch::Strategic(&patch))
                 .await
             {
                 Ok(_) => {
-                    *ready = true;
+                    *ready = Some(now);
                     info!(node = %self.me, "set NetworkUnavailable=False on the Node");
                 }
                 Err(e) => {
