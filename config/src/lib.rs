@@ -83,7 +83,7 @@ pub struct Network {
     pub node_cidr_mask_size_ipv4: u8,
     /// Node block size for IPv6 (default 64).
     pub node_cidr_mask_size_ipv6: u8,
-    /// How long a dead node's block is kept before reclaim (default 24h, at most 365d).
+    /// How long a dead node's block is kept before reclaim (default 24h, at most 36500d: a hundred years stands for never).
     pub block_expiry: Duration,
     /// Underlay subnets where plaintext is allowed when both ends agree.
     pub trusted_subnets: Vec<IpNet>,
@@ -109,7 +109,7 @@ pub struct Mesh {
     /// A member not heard from for this long is down and its routes withdrawn (default 30s,
     /// at least three gossip intervals, at most 24h).
     pub liveness_timeout: Duration,
-    /// A member down or departed for this long is forgotten (default 72h, at most 365d; at
+    /// A member down or departed for this long is forgotten (default 72h, at most 36500d; at
     /// least `network.block_expiry`, so a dead node's block is never forgotten before it
     /// expires).
     pub tombstone_horizon: Duration,

@@ -22,8 +22,8 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
 // here, `liveness_timeout * BID_WINDOW` in the mesh, deadlines `now + d`) cannot overflow.
 const MAX_GOSSIP_INTERVAL: (Duration, &str) = (Duration::from_secs(3600), "1h");
 const MAX_LIVENESS_TIMEOUT: (Duration, &str) = (Duration::from_secs(24 * 3600), "24h");
-const MAX_TOMBSTONE_HORIZON: (Duration, &str) = (Duration::from_secs(365 * 86400), "365d");
-const MAX_BLOCK_EXPIRY: (Duration, &str) = (Duration::from_secs(365 * 86400), "365d");
+const MAX_TOMBSTONE_HORIZON: (Duration, &str) = (Duration::from_secs(36_500 * 86400), "36500d");
+const MAX_BLOCK_EXPIRY: (Duration, &str) = (Duration::from_secs(36_500 * 86400), "36500d");
 
 /// Builds the error for `key`, locating it in `text`.
 struct Errors<'a> {

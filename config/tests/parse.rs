@@ -492,8 +492,14 @@ fn durations_past_their_most_are_refused_naming_the_key_and_the_most_never_a_pan
     for (section, key, most, over, shown) in [
         ("mesh", "gossip_interval", "1h", "3601s", "3601s"),
         ("mesh", "liveness_timeout", "24h", "25h", "90000s"),
-        ("mesh", "tombstone_horizon", "365d", "366d", "31622400s"),
-        ("network", "block_expiry", "365d", "366d", "31622400s"),
+        (
+            "mesh",
+            "tombstone_horizon",
+            "36500d",
+            "36501d",
+            "3153686400s",
+        ),
+        ("network", "block_expiry", "36500d", "36501d", "3153686400s"),
     ] {
         for (bad, shown) in [(over, shown), (huge, huge)] {
             let path = format!("{section}.{key}");
@@ -508,11 +514,14 @@ fn durations_past_their_most_are_refused_naming_the_key_and_the_most_never_a_pan
     }
     // The most itself is taken.
     let c = parse(
-        "network:\n  block_expiry: 365d\nmesh:\n  gossip_interval: 1h\n  liveness_timeout: 24h\n  tombstone_horizon: 365d\n",
+        "network:\n  block_expiry: 36500d\nmesh:\n  gossip_interval: 1h\n  liveness_timeout: 24h\n  tombstone_horizon: 36500d\n",
     )
     .unwrap();
     assert_eq!(c.mesh.liveness_timeout, Duration::from_secs(24 * 3600));
-    assert_eq!(c.mesh.tombstone_horizon, Duration::from_secs(365 * 86400));
+    assert_eq!(
+        c.mesh.tombstone_horizon,
+        Duration::from_secs(36_500 * 86400)
+    );
 }
 
 #[test]
