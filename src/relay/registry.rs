@@ -88,13 +88,15 @@ impl Registry {
         if self.members.get(&s) != Some(&reg.key) {
             return Err(DropReason::NotMember);
         }
+        // An entry held under `s` is `reg.key`'s: only the member with that short form
+        // registers, and `set_members` drops the entry of a key that is no longer it.
         let held = self.by.get(&s);
         // The same registration again from the same place (a node sends it in both forms
         // through an upgrade, wire docs): nothing to do, and nothing wrong.
-        if held.is_some_and(|e| e.key == reg.key && e.at_ms == reg.at_ms && e.from == from) {
+        if held.is_some_and(|e| e.at_ms == reg.at_ms && e.from == from) {
             return Ok(());
         }
-        if held.is_some_and(|e| e.key == reg.key && e.at_ms >= reg.at_ms) {
+        if held.is_some_and(|e| e.at_ms >= reg.at_ms) {
             return Err(DropReason::Stale);
         }
         if held.is_none() && self.by.len() >= MAX_REGISTERED {
@@ -115,12 +117,6 @@ impl Registry {
             bytes: 0,
             packets: 0,
         });
-        if e.key != reg.key {
-            // Another key with the same first 8 bytes: the newest registration holds.
-            e.key = reg.key;
-            e.bytes = 0;
-            e.packets = 0;
-        }
         e.from = from;
         e.at_ms = reg.at_ms;
         e.seen = now;
