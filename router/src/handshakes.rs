@@ -125,11 +125,11 @@ impl Gate {
             return Ok(());
         }
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        let full = sources.len() >= MAX_SOURCES;
-        match sources.get_mut(&source(from)) {
+        let (full, sender) = (sources.len() >= MAX_SOURCES, source(from));
+        match sources.get_mut(&sender) {
             Some(n) if *n < PER_SOURCE_LIMIT => *n += 1,
             None if !full => {
-                sources.insert(source(from), 1);
+                sources.insert(sender, 1);
             }
             _ => return Err(Refused::Drop(DropReason::RateLimited)),
         }
