@@ -6,6 +6,7 @@
 # maintainer scripts of deploy/debian/.
 #
 #   cargo build --release --bins && scripts/deb.sh && sudo dpkg -i target/deb/weft_*.deb
+#   sudo scripts/pgo.sh && BIN_DIR=target/pgo/release scripts/deb.sh   # profile-guided (scripts/pgo.sh)
 #
 # Environment: BIN_DIR (default target/release) holds weft and weft-cni; OUT_DIR (default
 # target/deb) receives the package. It prints the package's path.

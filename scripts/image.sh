@@ -5,6 +5,7 @@
 # host's CA bundle (the Kubernetes client will not start without system roots).
 #
 #   cargo build --release --bins && scripts/image.sh
+#   sudo scripts/pgo.sh && BIN_DIR=target/pgo/release scripts/image.sh   # profile-guided (scripts/pgo.sh)
 #
 # It tags localhost/weft:<version>, the image deploy/kubernetes/daemonset.yaml runs. Load it on
 # the nodes (podman save localhost/weft:0.1.0 | ssh node sudo ctr -n k8s.io images import -) or
