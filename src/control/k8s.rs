@@ -15,8 +15,10 @@
 //! them, so only a broken API server sends one). A refused Node is out of the view, so its
 //! member is not routed. Any other value that cannot be read is ignored as if it were absent,
 //! and the Node is read without it: an address annotation or a status address (`InternalIP`,
-//! `ExternalIP`) that is not an IP address (an annotation that is, say, a CIDR leaves the
-//! Node at its `InternalIP` or `ExternalIP`; an empty annotation counts as none). Each value
+//! `ExternalIP`) that is not an IP address, or is one no node is reached at (loopback,
+//! unspecified, multicast, broadcast, link-local) (an annotation that is, say, a CIDR or
+//! `127.0.0.1` leaves the Node at its `InternalIP` or `ExternalIP`; an empty annotation counts
+//! as none). Each value
 //! ignored is listed in [`NodeView::ignored`], which the node source warns of once per Node
 //! and value: one bad annotation never takes a Node out of the cluster.
 
@@ -158,16 +160,17 @@ impl NodeView {
         // The first address of `kind` that is one; those before it are ignored.
         let mut status_address = |kind: &str| -> Option<IpAddr> {
             let before = ignored.len();
-            let found = addresses.iter().filter(|a| a.type_ == kind).find_map(|a| {
-                match a.address.parse::<IpAddr>() {
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        let field = format!("status.addresses[{kind}]");
-                        ignored.push(Ignored::new(field, &a.address, NOT_AN_IP, None));
-                        None
+            let found =
+                addresses.iter().filter(|a| a.type_ == kind).find_map(|a| {
+                    match underlay_ip(&a.address) {
+                        Ok(ip) => Some(ip),
+                        Err(why) => {
+                            let field = format!("status.addresses[{kind}]");
+                            ignored.push(Ignored::new(field, &a.address, why, None));
+                            None
+                        }
                     }
-                }
-            });
+                });
             for i in &mut ignored[before..] {
                 i.used = found;
             }
@@ -180,11 +183,11 @@ impl NodeView {
             let Some(v) = annotations.get(key).filter(|v| !v.is_empty()) else {
                 return (status, false);
             };
-            match v.parse() {
+            match underlay_ip(v) {
                 Ok(a) => (Some(a), true),
-                Err(_) => {
+                Err(why) => {
                     let field = format!("annotation {key}");
-                    ignored.push(Ignored::new(field, v, NOT_AN_IP, status));
+                    ignored.push(Ignored::new(field, v, why, status));
                     (status, false)
                 }
             }
@@ -233,6 +236,20 @@ fn pod_cidrs_of(name: &str, node: &Node) -> Result<Vec<IpNet>, NodeError> {
 
 /// Why an address is ignored.
 const NOT_AN_IP: &str = "not an IP address";
+const NOT_UNICAST: &str = "not an address a node is reached at (loopback, unspecified, multicast, broadcast or link-local)";
+
+/// A Node's address as weft may use it (this node's own in its record, another's to dial and
+/// route to): an IP address that [`observed::unicast`] allows, IPv4-mapped ones as IPv4. A
+/// loopback annotation would have this node publish an address every peer refuses, and have
+/// the others dial themselves.
+fn underlay_ip(v: &str) -> Result<IpAddr, &'static str> {
+    let ip = v.parse::<IpAddr>().map_err(|_| NOT_AN_IP)?.to_canonical();
+    if super::observed::unicast(ip) {
+        Ok(ip)
+    } else {
+        Err(NOT_UNICAST)
+    }
+}
 
 /// Whether this node may take its Node's `spec.podCIDRs` as its blocks: each must be a block
 /// the peers accept of a member ([`ClaimPolicy::check_block`]: inside
@@ -647,6 +664,48 @@ mod tests {
             let e = NodeView::from_node(&n).expect_err("no name").to_string();
             assert!(e.contains("metadata.name"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_address_no_node_is_reached_at_is_ignored_and_the_status_address_used() {
+        let n = node(serde_json::json!({"metadata": {"name": "n5",
+                "annotations": {"weft.dev/private-address": "127.0.0.1",
+                                "weft.dev/public-address": "ff02::1"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.5.1"},
+                                     {"type": "ExternalIP", "address": "169.254.1.1"}]}}));
+        let v = NodeView::from_node(&n).expect("ignored, not refused");
+        assert_eq!(v.private_address, Some("198.18.5.1".parse().unwrap()));
+        assert!(!v.private_annotated, "the annotation was not used");
+        assert_eq!(
+            v.public_address, None,
+            "neither the annotation nor the status address"
+        );
+        let fields: Vec<(&str, &str)> = v
+            .ignored
+            .iter()
+            .map(|i| (i.field.as_str(), i.value.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("status.addresses[ExternalIP]", "169.254.1.1"),
+                ("annotation weft.dev/private-address", "127.0.0.1"),
+                ("annotation weft.dev/public-address", "ff02::1"),
+            ]
+        );
+        assert!(
+            v.ignored.iter().all(|i| i.problem == NOT_UNICAST),
+            "{:?}",
+            v.ignored
+        );
+        // Nothing of it is dialled: the Node's only usable address is its InternalIP.
+        let only_loopback = node(serde_json::json!({"metadata": {"name": "n6"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "::ffff:127.0.0.1"}]}}));
+        let w = NodeView::from_node(&only_loopback).expect("view");
+        assert_eq!(
+            bootstrap(&[v, w], None, 7946, &SignedAddresses::new()),
+            ["198.18.5.1:7946".parse().unwrap()]
+        );
     }
 
     /// Was `a_bad_address_or_cidr_names_the_node_and_the_field`, which asserted that a bad

@@ -69,7 +69,9 @@ pub struct Own {
     pub pod_network: Vec<IpNet>,
 }
 
-fn unicast(ip: IpAddr) -> bool {
+/// Whether `ip` may be a node's address on the underlay: not unspecified, loopback, multicast,
+/// broadcast or link-local.
+pub(crate) fn unicast(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
             !(a.is_unspecified()
