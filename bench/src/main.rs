@@ -586,16 +586,24 @@ fn run_net(o: &NetOpts, command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let run = if cfg!(debug_assertions) {
-        "cargo run -p weft-bench --"
-    } else {
-        "cargo run --release -p weft-bench --"
+/// The command a report names: the `cargo run` form when cargo ran the bench (`CARGO` set),
+/// else the binary as it was invoked (a profile-guided build's `target/pgo/release/weft-bench`
+/// measures the `weft` beside it, not the one `cargo run` would build).
+fn command_line(through_cargo: bool, mut args: impl Iterator<Item = String>) -> String {
+    let invoked = args.next().unwrap_or_else(|| "weft-bench".to_owned());
+    let run = match (through_cargo, cfg!(debug_assertions)) {
+        (true, true) => "cargo run -p weft-bench --".to_owned(),
+        (true, false) => "cargo run --release -p weft-bench --".to_owned(),
+        (false, _) => invoked,
     };
-    let command = std::iter::once(run.to_owned())
-        .chain(std::env::args().skip(1))
+    std::iter::once(run)
+        .chain(args)
         .collect::<Vec<_>>()
-        .join(" ");
+        .join(" ")
+}
+
+fn main() -> anyhow::Result<()> {
+    let command = command_line(std::env::var_os("CARGO").is_some(), std::env::args());
     let cli = Cli::parse();
     // A signal (SIGINT, SIGTERM, SIGHUP) unwinds nothing, so no lab would be dropped: the
     // handler removes them (their daemons, iperf3, namespaces) before the bench exits.
@@ -738,6 +746,21 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_names_cargo_run_only_when_cargo_ran_the_bench() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let direct = command_line(
+            false,
+            args(&["target/pgo/release/weft-bench", "small", "--rounds", "2"]).into_iter(),
+        );
+        assert_eq!(direct, "target/pgo/release/weft-bench small --rounds 2");
+        let cargo = command_line(true, args(&["/x/weft-bench", "small"]).into_iter());
+        assert!(
+            cargo.starts_with("cargo run") && cargo.ends_with("-p weft-bench -- small"),
+            "{cargo}"
+        );
+    }
 
     #[test]
     fn a_weft_path_names_its_offloads_workers_and_masquerade() {
