@@ -13,7 +13,7 @@
 #    network namespaces the bench makes;
 # 3. the counts merged (target/pgo/weft.profdata);
 # 4. every binary of the workspace built with it into target/pgo/release, beside a plain
-#    `cargo build --release` (which this does not touch).
+#    `cargo build --release` (of which this builds only weft-bench, the training's driver).
 #
 # Measured (bench/results/small.md, session 29): 0.03-0.04 off the ping p50's ratio to
 # boringtun-cli's, from 127 fewer instruction-cache lines per ping at each end (of 478).
