@@ -77,6 +77,11 @@ async fn patches_within(
     st.lock().expect("fake").patches.clone()
 }
 
+/// Whether patch `p` (path, content type, body) writes n1's key, KEY1, on n1's Node.
+fn writes_n1_key(p: &(String, String, serde_json::Value)) -> bool {
+    p.0 == "/api/v1/nodes/n1" && p.2["metadata"]["annotations"]["weft.dev/public-key"] == "KEY1"
+}
+
 fn others(e: &SourceEvent) -> Option<BTreeMap<String, Option<String>>> {
     match e {
         SourceEvent::Others(v) => Some(
@@ -144,8 +149,8 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
         .find(|(path, ..)| path == "/api/v1/nodes/n1")
         .context("annotation patch")?;
     ensure!(
-        key.1.contains("merge-patch")
-            && key.2["metadata"]["annotations"]["weft.dev/public-key"] == "KEY1"
+        key.1.contains("merge-patch") && writes_n1_key(key),
+        "{key:?}"
     );
     let cond = p
         .iter()
@@ -165,12 +170,7 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
     }
     let p = patches(&st, 3).await;
     ensure!(p.len() == 3, "{p:?}");
-    ensure!(
-        p[2].0 == "/api/v1/nodes/n1"
-            && p[2].2["metadata"]["annotations"]["weft.dev/public-key"] == "KEY1",
-        "{:?}",
-        p[2]
-    );
+    ensure!(writes_n1_key(&p[2]), "{:?}", p[2]);
     ensure!(
         st.lock().expect("fake").nodes["n1"]["metadata"]["annotations"]["weft.dev/public-key"]
             == "KEY1"
@@ -195,12 +195,7 @@ async fn the_source_follows_nodes_through_api_downtime_changes_deletions_and_exp
         }
     }
     ensure!(again.len() == 4, "{again:?}");
-    ensure!(
-        again[3].0 == "/api/v1/nodes/n1"
-            && again[3].2["metadata"]["annotations"]["weft.dev/public-key"] == "KEY1",
-        "{:?}",
-        again[3]
-    );
+    ensure!(writes_n1_key(&again[3]), "{:?}", again[3]);
 
     // A node added, a region and an address changed, a node deleted.
     st.lock().expect("fake").put(node(
