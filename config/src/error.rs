@@ -118,6 +118,22 @@ pub enum Problem {
         /// The pools, comma separated.
         pools: String,
     },
+    /// A node address no peer can send to.
+    #[error(
+        "{0} is not a unicast address a peer can reach (loopback, unspecified, multicast, \
+         broadcast and link-local addresses are refused)"
+    )]
+    NotUnicast(std::net::IpAddr),
+    /// A node address inside the pod network: traffic to it would be routed into the overlay.
+    #[error(
+        "{address} is inside the pod network {pool}; a node's underlay address must lie outside it"
+    )]
+    InPodNetwork {
+        /// The address.
+        address: std::net::IpAddr,
+        /// The pool it falls in.
+        pool: ipnet::IpNet,
+    },
     /// Two `wireguard_peers` have the same name.
     #[error("duplicate peer name {0:?}")]
     DuplicateName(String),

@@ -1,14 +1,14 @@
 //! Turns a [`RawConfig`] into a [`Config`]: defaults filled in, values checked against each other.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 
 use crate::raw::RawConfig;
-use crate::value::Cidr;
+use crate::value::{Address, Cidr, unicast};
 use crate::{
     Cni, Config, ConfigError, Kubernetes, Location, Mesh, Network, Node, Problem, Router,
     WireguardPeer,
@@ -106,6 +106,37 @@ fn valid_log_filter(text: &str) -> bool {
             );
             LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
         })
+}
+
+/// This node's address under `key`, IPv4-mapped ones as the IPv4 address they are, when peers
+/// can reach it: unicast ([`crate::value::unicast`]) and outside the pod network. Peers refuse
+/// any other in this node's record, so it is refused here, by name.
+fn node_address(
+    errs: &Errors<'_>,
+    key: &str,
+    address: Option<Address>,
+    network: &Network,
+) -> Result<Option<IpAddr>, ConfigError> {
+    let Some(address) = address.map(|a| a.0.to_canonical()) else {
+        return Ok(None);
+    };
+    if !unicast(address) {
+        return Err(errs.at(key, Problem::NotUnicast(address)));
+    }
+    if let Some(pool) = network
+        .pod_network_cidr
+        .iter()
+        .find(|pool| pool.contains(&address))
+    {
+        return Err(errs.at(
+            key,
+            Problem::InPodNetwork {
+                address,
+                pool: *pool,
+            },
+        ));
+    }
+    Ok(Some(address))
 }
 
 /// Whether one prefix contains the other.
@@ -252,8 +283,18 @@ pub(crate) fn validate(
     let node = Node {
         name,
         region: raw.node.region.filter(|r| !r.trim().is_empty()),
-        private_address: raw.node.private_address.map(|a| a.0),
-        public_address: raw.node.public_address.map(|a| a.0),
+        private_address: node_address(
+            &errs,
+            "node.private_address",
+            raw.node.private_address,
+            &network,
+        )?,
+        public_address: node_address(
+            &errs,
+            "node.public_address",
+            raw.node.public_address,
+            &network,
+        )?,
         key_file: raw
             .node
             .key_file

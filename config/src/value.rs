@@ -77,6 +77,27 @@ impl FromStr for Address {
 }
 deserialize_from_str!(Address, "IP address");
 
+/// Whether `ip` may be a node's address on the underlay: not unspecified, loopback, multicast,
+/// broadcast or link-local. The one rule for an address the node is reached at, whoever states
+/// it: this config, a Kubernetes Node, a peer's signed record, a NAT report.
+pub fn unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_link_local())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_unicast_link_local())
+        }
+    }
+}
+
 /// A UDP or TCP port, 1 to 65535.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Port(pub u16);

@@ -201,6 +201,40 @@ fn static_block_outside_the_pool_is_refused() {
 }
 
 #[test]
+fn a_node_address_no_peer_can_reach_is_refused() {
+    // Peers refuse such an address in this node's record; the config names it instead.
+    for (key, value, why) in [
+        ("private_address", "127.0.0.1", "not a unicast address"),
+        ("public_address", "0.0.0.0", "not a unicast address"),
+        ("private_address", "169.254.1.1", "not a unicast address"),
+        ("public_address", "224.0.0.1", "not a unicast address"),
+        ("public_address", "255.255.255.255", "not a unicast address"),
+        ("private_address", "::1", "not a unicast address"),
+        ("private_address", "fe80::1", "not a unicast address"),
+        (
+            "public_address",
+            "::ffff:127.0.0.1",
+            "not a unicast address",
+        ),
+        (
+            "private_address",
+            "100.64.3.9",
+            "inside the pod network 100.64.0.0/16",
+        ),
+    ] {
+        let text = format!("node:\n  {key}: \"{value}\"\n");
+        let msg = refused(&text, 2, &format!("node.{key}"));
+        assert!(msg.contains(why), "{value}: {msg}");
+    }
+    // An IPv4-mapped address is kept as the IPv4 address it is.
+    let cfg = parse("node:\n  private_address: \"::ffff:198.18.1.1\"\n").unwrap();
+    assert_eq!(
+        cfg.node.private_address,
+        Some("198.18.1.1".parse().unwrap())
+    );
+}
+
+#[test]
 fn peers_may_not_share_names_keys_or_prefixes() {
     let k1 = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
     let k2 = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";

@@ -239,12 +239,12 @@ const NOT_AN_IP: &str = "not an IP address";
 const NOT_UNICAST: &str = "not an address a node is reached at (loopback, unspecified, multicast, broadcast or link-local)";
 
 /// A Node's address as weft may use it (this node's own in its record, another's to dial and
-/// route to): an IP address that [`observed::unicast`] allows, IPv4-mapped ones as IPv4. A
+/// route to): an IP address that [`weft_config::value::unicast`] allows, IPv4-mapped ones as IPv4. A
 /// loopback annotation would have this node publish an address every peer refuses, and have
 /// the others dial themselves.
 fn underlay_ip(v: &str) -> Result<IpAddr, &'static str> {
     let ip = v.parse::<IpAddr>().map_err(|_| NOT_AN_IP)?.to_canonical();
-    if super::observed::unicast(ip) {
+    if weft_config::value::unicast(ip) {
         Ok(ip)
     } else {
         Err(NOT_UNICAST)

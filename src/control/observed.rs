@@ -15,6 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use weft_config::value::unicast;
 use weft_mesh::NodeId;
 
 /// How long a member's report counts without being repeated.
@@ -67,26 +68,6 @@ pub struct Own {
     pub local: Vec<IpAddr>,
     /// The pod network (pools and blocks).
     pub pod_network: Vec<IpNet>,
-}
-
-/// Whether `ip` may be a node's address on the underlay: not unspecified, loopback, multicast,
-/// broadcast or link-local.
-pub(crate) fn unicast(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            !(a.is_unspecified()
-                || a.is_loopback()
-                || a.is_multicast()
-                || a.is_broadcast()
-                || a.is_link_local())
-        }
-        IpAddr::V6(a) => {
-            !(a.is_unspecified()
-                || a.is_loopback()
-                || a.is_multicast()
-                || a.is_unicast_link_local())
-        }
-    }
 }
 
 /// Whether `endpoint` may be a NAT mapping of this node.
