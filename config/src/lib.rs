@@ -63,9 +63,10 @@ pub struct Node {
     pub name: String,
     /// The region, when known from the config.
     pub region: Option<String>,
-    /// The address peers in the same region use.
+    /// The address peers in the same region use: unicast ([`value::unicast`]) and outside
+    /// the pod network; an IPv4-mapped one is kept as the IPv4 address it is.
     pub private_address: Option<IpAddr>,
-    /// The address peers in other regions use.
+    /// The address peers in other regions use; the same rule as `private_address`.
     pub public_address: Option<IpAddr>,
     /// The WireGuard private key file (default `state_dir/private.key`).
     pub key_file: PathBuf,
