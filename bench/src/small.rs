@@ -203,7 +203,9 @@ fn pings_together(
     let step = net::PING_INTERVAL / u32::try_from(order.len().max(1)).unwrap_or(u32::MAX);
     let w0 = wall();
     let mut running = Running(benches.iter().map(|_| None).collect());
-    let mut outputs = Vec::with_capacity(benches.len());
+    // Each path's ping's output and errors, in `benches`' order like `running`.
+    let mut files: Vec<Option<(std::fs::File, std::fs::File)>> =
+        benches.iter().map(|_| None).collect();
     for (k, &i) in order.iter().enumerate() {
         if k > 0 {
             std::thread::sleep(step);
@@ -215,7 +217,7 @@ fn pings_together(
             .spawn()
             .context("starting ping")?;
         running.0[i] = Some(child);
-        outputs.push((i, stdout, stderr));
+        files[i] = Some((stdout, stderr));
     }
     // Read only once every ping is done: a pipe read while they run would wake this process
     // at each reply of the path read first, on the cores the pings share, and slow that
@@ -225,9 +227,9 @@ fn pings_together(
         let mut child = slot.take().context("a path's ping was not started")?;
         statuses.push(child.wait().context("waiting for ping")?);
     }
-    outputs.sort_by_key(|(i, _, _)| *i);
     let mut rtts = Vec::with_capacity(benches.len());
-    for (status, (_, stdout, stderr)) in statuses.into_iter().zip(outputs) {
+    for (status, slot) in statuses.into_iter().zip(files) {
+        let (stdout, stderr) = slot.context("a path's ping was not started")?;
         let out = std::process::Output {
             status,
             stdout: read_all(stdout)?,
